@@ -1,0 +1,1 @@
+"""Retention enforcement for the IIS privacy notice: policy, rule engine, connectors, ledger."""
