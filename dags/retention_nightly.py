@@ -1,0 +1,141 @@
+"""
+### Nightly retention enforcement
+
+Enforces the privacy notice's retention rules (`include/policies/retention.yaml`) in the
+newsletter provider, the CRM and the ticketing system, as of the end of the run's data
+interval. Per system: **extract** → **plan** (quarantine, rules, holds) → **validate**
+(Great Expectations, plan-size guard) → **erase** (write-ahead ledger) → **verify**; then one
+**report** with counts per rule and status.
+
+Params: `dry_run` plans and validates but erases nothing; `max_plan_share` overrides the
+policy's plan-size guard for this run; `systems` limits the run to some systems.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+SYSTEMS = ("newsletter", "crm", "ticketing")
+
+
+def _run_info(run: dict):
+    from retention.pipeline import RunInfo
+
+    return RunInfo.from_dict(run)
+
+
+def _adapter(system: str):
+    from retention.systems import build_adapter
+
+    return build_adapter(system)
+
+
+@task
+def open_run() -> dict:
+    from retention.pipeline import open_run as open_
+
+    ctx = get_current_context()
+    params = ctx["params"]
+    as_of = ctx.get("data_interval_end") or ctx.get("logical_date")
+    try:
+        return open_(ctx["dag"].dag_id, ctx["run_id"], as_of, dry_run=params["dry_run"], max_plan_share=params["max_plan_share"])
+    except ValueError as exc:  # a broken policy or param will not fix itself on retry
+        raise AirflowFailException(str(exc)) from None
+
+
+@task_group
+def system_run(system: str, run: dict):
+    @task(task_id="extract")
+    def extract_(run: dict) -> dict:
+        from retention.pipeline import extract
+
+        if system not in get_current_context()["params"]["systems"]:
+            raise AirflowSkipException(f"{system} is not among this run's systems")
+        adapter = _adapter(system)
+        try:
+            return extract(_run_info(run), system, adapter)
+        finally:
+            adapter.close()
+
+    @task(task_id="plan")
+    def plan_(run: dict, _extracted: dict) -> dict:
+        from retention.pipeline import plan
+
+        return plan(_run_info(run), system)
+
+    @task(task_id="validate", retries=0)
+    def validate_(run: dict, _planned: dict) -> dict:
+        from retention.pipeline import validate
+        from retention.validation import PlanRejected
+
+        try:
+            return validate(_run_info(run), system)
+        except PlanRejected as exc:
+            raise AirflowFailException(str(exc)) from None
+
+    @task(task_id="erase")
+    def erase_(run: dict, _validated: dict) -> dict:
+        from retention.pipeline import erase
+
+        adapter = _adapter(system)
+        try:
+            return erase(_run_info(run), system, adapter)
+        finally:
+            adapter.close()
+
+    @task(task_id="verify")
+    def verify_(run: dict, _erased: dict) -> dict:
+        from retention.pipeline import verify
+
+        adapter = _adapter(system)
+        try:
+            return verify(_run_info(run), system, adapter)
+        finally:
+            adapter.close()
+
+    extracted = extract_(run)
+    planned = plan_(run, extracted)
+    validated = validate_(run, planned)
+    erased = erase_(run, validated)
+    return verify_(run, erased)
+
+
+@task(trigger_rule="all_done")
+def report(run: dict) -> dict:
+    from retention.pipeline import report as report_
+
+    systems = tuple(get_current_context()["params"]["systems"])
+    result = report_(_run_info(run), systems)
+    if result["state"] != "success":
+        raise AirflowFailException(f"run incomplete, see report {result['report']}")
+    return result
+
+
+@dag(
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="Europe/Stockholm"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    params={
+        "dry_run": Param(False, type="boolean", description="Plan and validate, erase nothing."),
+        "max_plan_share": Param(
+            None, type=["null", "number"], minimum=0, maximum=1,
+            description="Override the policy's plan-size guard (share of extracted records) for this run.",
+        ),
+        "systems": Param(list(SYSTEMS), type="array", items={"type": "string", "enum": list(SYSTEMS)}),
+    },
+    tags=["privacy", "retention"],
+)
+def retention_nightly():
+    run = open_run()
+    groups = [system_run.override(group_id=system)(system, run) for system in SYSTEMS]
+    groups >> report(run)
+
+
+retention_nightly()

@@ -1,0 +1,204 @@
+"""The erasure ledger: a write-ahead record of every erasure, keyed by pseudonyms.
+
+Before the pipeline touches a batch of records it writes one ``planned`` entry per record
+and commits; after the source system answers it completes each entry (``erased``,
+``already_gone``, ``failed``, ``held``, ``deferred``). A run that is killed in between is
+resumed by the task's retry: completed entries are skipped, ``planned`` ones are tried again
+(erasure is idempotent, so a record that did go counts as ``already_gone``). Nothing in the
+ledger identifies a person without the pseudonym key.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Iterable, Sequence
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+STATUSES = ("planned", "erased", "already_gone", "failed", "held", "deferred")
+DONE = ("erased", "already_gone", "held")
+
+erasure_run = sa.Table(
+    "erasure_run",
+    metadata,
+    sa.Column("run_id", sa.String(250), primary_key=True),
+    sa.Column("dag_id", sa.String(250), nullable=False),
+    sa.Column("as_of", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("policy_version", sa.String(64), nullable=False),
+    sa.Column("policy_label", sa.String(100)),
+    sa.Column("dry_run", sa.Boolean, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("state", sa.String(20), nullable=False, default="running"),
+    sa.Column("report", sa.Text),
+)
+
+erasure_ledger = sa.Table(
+    "erasure_ledger",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("policy_version", sa.String(64), nullable=False),
+    sa.Column("system", sa.String(20), nullable=False),
+    sa.Column("record_type", sa.String(40), nullable=False),
+    sa.Column("record_key", sa.String(64), nullable=False),
+    sa.Column("rule_id", sa.String(60), nullable=False),
+    sa.Column("action", sa.String(20), nullable=False),
+    sa.Column("hold", sa.String(200)),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("completed_at", sa.DateTime(timezone=True)),
+    sa.Column("detail", sa.String(200)),
+    sa.UniqueConstraint("run_id", "system", "record_type", "record_key", name="uq_ledger_run_record"),
+    sa.Index("ix_ledger_record_key", "record_key"),
+    sa.Index("ix_ledger_status", "status"),
+)
+
+legal_hold = sa.Table(
+    "legal_hold",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("record_type", sa.String(40), nullable=False),
+    sa.Column("record_key", sa.String(64), nullable=False),
+    sa.Column("reason", sa.String(200), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_hold_key", "record_type", "record_key"),
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+class Ledger:
+    def __init__(self, url_or_engine: str | sa.Engine):
+        if isinstance(url_or_engine, sa.Engine):
+            self.engine = url_or_engine
+        else:
+            kwargs = {"connect_args": {"timeout": 60}} if str(url_or_engine).startswith("sqlite") else {}
+            self.engine = sa.create_engine(url_or_engine, **kwargs)
+        metadata.create_all(self.engine)
+
+    # -- runs ---------------------------------------------------------------------------
+    def open_run(self, run_id: str, dag_id: str, as_of: datetime, policy_version: str, policy_label: str, dry_run: bool) -> None:
+        """Record the run (idempotent: a retried task finds it already there)."""
+        with self.engine.begin() as conn:
+            exists = conn.execute(sa.select(erasure_run.c.run_id).where(erasure_run.c.run_id == run_id)).first()
+            if exists:
+                conn.execute(
+                    erasure_run.update().where(erasure_run.c.run_id == run_id).values(state="running", finished_at=None)
+                )
+                return
+            conn.execute(
+                erasure_run.insert().values(
+                    run_id=run_id, dag_id=dag_id, as_of=as_of, policy_version=policy_version,
+                    policy_label=policy_label, dry_run=dry_run, started_at=utcnow(), state="running",
+                )
+            )
+
+    def close_run(self, run_id: str, state: str, report: dict) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                erasure_run.update()
+                .where(erasure_run.c.run_id == run_id)
+                .values(state=state, finished_at=utcnow(), report=json.dumps(report, default=str))
+            )
+
+    def run(self, run_id: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(erasure_run).where(erasure_run.c.run_id == run_id)).mappings().first()
+        return dict(row) if row else None
+
+    # -- entries ------------------------------------------------------------------------
+    def statuses(self, run_id: str, system: str) -> dict[tuple[str, str], str]:
+        """(record_type, record_key) -> status for this run and system."""
+        q = sa.select(erasure_ledger.c.record_type, erasure_ledger.c.record_key, erasure_ledger.c.status).where(
+            erasure_ledger.c.run_id == run_id, erasure_ledger.c.system == system
+        )
+        with self.engine.connect() as conn:
+            return {(t, k): s for t, k, s in conn.execute(q)}
+
+    def write_ahead(self, run_id: str, policy_version: str, system: str, rows: Sequence[dict], status: str = "planned") -> None:
+        """Insert entries (record_type, record_key, rule_id, action, hold) before acting on them."""
+        if not rows:
+            return
+        now = utcnow()
+        payload = [
+            {
+                "run_id": run_id, "policy_version": policy_version, "system": system, "status": status,
+                "planned_at": now, "completed_at": now if status in DONE else None, **r,
+            }
+            for r in rows
+        ]
+        with self.engine.begin() as conn:
+            for chunk in _chunks(payload, 5000):
+                conn.execute(erasure_ledger.insert(), list(chunk))
+
+    def complete(self, run_id: str, system: str, record_type: str, outcomes: dict[str, str], detail: dict[str, str] | None = None) -> None:
+        """Set the final status of entries: ``outcomes`` maps record_key -> status."""
+        if not outcomes:
+            return
+        by_status: dict[str, list[str]] = {}
+        for key, status in outcomes.items():
+            if status not in STATUSES:
+                raise ValueError(f"unknown ledger status {status!r}")
+            by_status.setdefault(status, []).append(key)
+        now = utcnow()
+        t = erasure_ledger
+        with self.engine.begin() as conn:
+            for status, keys in by_status.items():
+                for chunk in _chunks(keys, 900):
+                    conn.execute(
+                        t.update()
+                        .where(t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type, t.c.record_key.in_(chunk))
+                        .values(status=status, completed_at=now if status != "planned" else None)
+                    )
+            if detail:
+                for key, text in detail.items():
+                    conn.execute(
+                        t.update()
+                        .where(t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type, t.c.record_key == key)
+                        .values(detail=text[:200])
+                    )
+
+    def counts(self, run_id: str) -> list[dict]:
+        t = erasure_ledger
+        q = (
+            sa.select(t.c.system, t.c.rule_id, t.c.status, sa.func.count().label("n"))
+            .where(t.c.run_id == run_id)
+            .group_by(t.c.system, t.c.rule_id, t.c.status)
+            .order_by(t.c.system, t.c.rule_id, t.c.status)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def erased_keys(self, record_type: str | None = None) -> set[tuple[str, str]]:
+        """Every (record_type, record_key) any run has erased: for replay after a restore."""
+        t = erasure_ledger
+        q = sa.select(t.c.record_type, t.c.record_key).where(t.c.status.in_(("erased", "already_gone"))).distinct()
+        if record_type:
+            q = q.where(t.c.record_type == record_type)
+        with self.engine.connect() as conn:
+            return {(a, b) for a, b in conn.execute(q)}
+
+    # -- manual holds -------------------------------------------------------------------
+    def add_hold(self, record_type: str, record_key: str, reason: str, expires_at: datetime | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                legal_hold.insert().values(
+                    record_type=record_type, record_key=record_key, reason=reason, expires_at=expires_at, created_at=utcnow()
+                )
+            )
+
+    def holds(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(sa.select(legal_hold)).mappings()]

@@ -1,0 +1,389 @@
+"""The steps of a retention run, one function per DAG task: open, extract, plan, validate,
+erase, verify, report. Each reads its inputs from the run's staging area and returns a small
+dict of counts (safe for XCom). Systems are reached only through the ``SourceSystem``
+interface; which adapter serves a system is the caller's choice (``adapter_factory``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import pandas as pd
+
+from retention import config
+from retention.engine import active_holds, empty_holds, plan_record_type
+from retention.ledger import DONE, Ledger
+from retention.policy import Policy, PolicyError, load_policy
+from retention.progress import Progress
+from retention.pseudonym import Pseudonymizer
+from retention.quality import split_quarantine
+from retention.staging import RunStaging
+from retention.systems import derive_frame
+from retention.systems.base import SourceSystem
+from retention.validation import PlanRejected, plan_check_frame, validate_extract, validate_plan
+
+log = logging.getLogger("retention")
+
+AdapterFactory = Callable[[str], SourceSystem]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every task of a run needs to know; travels through XCom as a small dict."""
+
+    dag_id: str
+    run_id: str
+    as_of: str
+    policy_file: str
+    policy_version: str
+    policy_label: str
+    dry_run: bool
+    max_plan_share: float
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunInfo":
+        return cls(**d)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def as_of_ts(self) -> pd.Timestamp:
+        return pd.Timestamp(self.as_of)
+
+    @property
+    def staging(self) -> RunStaging:
+        return RunStaging(self.dag_id, self.run_id)
+
+    def policy(self) -> Policy:
+        """The run's policy, refusing a file that changed since the run began."""
+        policy = load_policy(self.policy_file)
+        if policy.version != self.policy_version:
+            raise PolicyError(
+                f"{self.policy_file}: policy changed during run {self.run_id} "
+                f"(was {self.policy_version}, now {policy.version}); start a new run"
+            )
+        return policy
+
+
+def _ledger() -> Ledger:
+    return Ledger(config.ledger_url())
+
+
+def open_run(dag_id: str, run_id: str, as_of: datetime | None, *, dry_run: bool, max_plan_share: float | None) -> dict:
+    """Load and check the policy, fix the run's as-of time, record the run in the ledger."""
+    policy_path = config.policy_file()
+    policy = load_policy(policy_path)
+    config.pseudonym_key()  # fail now, not after extracting, when the key is missing
+    now = datetime.now(timezone.utc)
+    # A run never enforces at a time that has not come yet.
+    as_of_ts = min(pd.Timestamp(as_of or now), pd.Timestamp(now)).tz_convert("UTC")
+    share = policy.plan_guard.max_share if max_plan_share is None else float(max_plan_share)
+    if not 0 < share <= 1:
+        raise ValueError(f"max_plan_share must be in (0, 1], got {share}")
+    info = RunInfo(
+        dag_id=dag_id, run_id=run_id, as_of=as_of_ts.isoformat(), policy_file=str(policy_path),
+        policy_version=policy.version, policy_label=policy.version_label, dry_run=bool(dry_run), max_plan_share=share,
+    )
+    _ledger().open_run(run_id, dag_id, as_of_ts.to_pydatetime(), policy.version, policy.version_label, bool(dry_run))
+    log.info(
+        "run %s: policy %s (%s, %d rules), as of %s, dry_run=%s, plan guard %.0f%%",
+        run_id, policy.version, policy.version_label, len(policy.rules), info.as_of, info.dry_run, 100 * share,
+    )
+    return info.as_dict()
+
+
+def extract(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
+    staging = run.staging
+    staging.reset_extract(system)
+    writer = staging.extract_writer(system)
+    started = time.monotonic()
+    now = datetime.now(timezone.utc)
+    for record_type in adapter.record_types:
+        writer.declare(record_type)
+    adapter.extract(writer.write, now)
+    counts = writer.close()
+    summary = {"extracted": counts, "extracted_at": now.isoformat(), "seconds": round(time.monotonic() - started, 2)}
+    staging.write_json(system, "extract", summary)
+    log.info("%s: extracted %s in %.1fs", system, counts, summary["seconds"])
+    return summary
+
+
+def _live_ledger_holds(ledger: Ledger, as_of: pd.Timestamp) -> pd.DataFrame:
+    rows = ledger.holds()
+    if not rows:
+        return pd.DataFrame(columns=["record_type", "record_key", "reason", "expires_at"])
+    frame = pd.DataFrame(rows)
+    frame = frame.rename(columns={"record_key": "record_id"})
+    live = active_holds(frame, as_of)
+    return live.rename(columns={"record_id": "record_key"})
+
+
+def plan(run: RunInfo, system: str) -> dict:
+    """Quarantine malformed records, evaluate the rules, pseudonymise, apply every hold."""
+    policy = run.policy()
+    staging = run.staging
+    extracted = staging.read_json(system, "extract") or {}
+    now = pd.Timestamp(extracted.get("extracted_at") or datetime.now(timezone.utc))
+    source_holds = staging.read_extract(system, "legal_hold")
+    source_holds = active_holds(source_holds, run.as_of_ts) if source_holds is not None else empty_holds()
+    pseudo = Pseudonymizer(config.pseudonym_key())
+    from retention.records import record_types_of
+
+    plans, quarantined, qcounts, clean_counts = [], [], {}, {}
+    plan_so_far = pd.DataFrame(columns=["record_type", "record_id", "action"])
+    for record_type in record_types_of(system):
+        frame = staging.read_extract(system, record_type)
+        if frame is None:
+            continue
+        frame = derive_frame(record_type, frame, plan_so_far)
+        clean, bad, counts = split_quarantine(frame, record_type, policy, now)
+        staging.write_frame(system, f"clean_{record_type}", clean)
+        p = plan_record_type(clean, record_type, policy, run.as_of_ts, source_holds)
+        plans.append(p)
+        plan_so_far = pd.concat([plan_so_far, p[["record_type", "record_id", "action"]]], ignore_index=True)
+        if len(bad):
+            quarantined.append(bad.assign(record_type=record_type))
+            qcounts[record_type] = counts
+        clean_counts[record_type] = len(clean)
+    result = pd.concat(plans, ignore_index=True) if plans else plan_record_type(pd.DataFrame(), "", policy, run.as_of_ts)
+    result["record_key"] = pseudo.column(result["record_type"], result["record_id"])
+
+    holds = _live_ledger_holds(_ledger(), run.as_of_ts)
+    if len(holds) and len(result):
+        reasons = holds.drop_duplicates(["record_type", "record_key"]).set_index(["record_type", "record_key"])["reason"]
+        idx = pd.MultiIndex.from_frame(result[["record_type", "record_key"]])
+        held = idx.isin(reasons.index)
+        if held.any():
+            result.loc[held, "action"] = "hold"
+            result.loc[held, "hold"] = [reasons[k] for k in idx[held]]
+    staging.write_frame(system, "plan", result)
+    if quarantined:
+        qframe = pd.concat(quarantined, ignore_index=True)
+        qframe["record_key"] = pseudo.column(qframe["record_type"], qframe["record_id"])
+        staging.write_frame(system, "quarantine", qframe)
+    by_rule = result.groupby(["rule_id", "action"]).size().reset_index(name="n") if len(result) else pd.DataFrame()
+    summary = {
+        "planned": {f"{r.rule_id}/{r.action}": int(r.n) for r in by_rule.itertuples()} if len(by_rule) else {},
+        "quarantined": qcounts,
+        "clean": clean_counts,
+        "as_of": run.as_of,
+    }
+    staging.write_json(system, "plan", summary)
+    log.info("%s: plan %s; quarantined %s", system, summary["planned"] or "empty", qcounts or "none")
+    return summary
+
+
+def validate(run: RunInfo, system: str) -> dict:
+    """Great Expectations on the extract and the plan, and the plan-size guard."""
+    from retention.records import record_types_of
+    from retention.validation import run_guard
+
+    policy = run.policy()
+    staging = run.staging
+    plan_frame = staging.read_frame(system, "plan")
+    extracted = staging.read_json(system, "extract") or {}
+    now = pd.Timestamp(extracted.get("extracted_at") or datetime.now(timezone.utc))
+    source_holds = staging.read_extract(system, "legal_hold")
+    hold_ids = set()
+    if source_holds is not None:
+        hold_ids = set(active_holds(source_holds, run.as_of_ts)["record_id"].astype(str))
+    ledger_holds = _live_ledger_holds(_ledger(), run.as_of_ts)
+    held_keys = set(ledger_holds["record_key"]) if len(ledger_holds) else set()
+    outcomes = []
+    total_extracted = sum(extracted.get("extracted", {}).values())
+    for record_type in record_types_of(system):
+        try:
+            clean = staging.read_frame(system, f"clean_{record_type}")
+        except FileNotFoundError:
+            continue
+        outcomes.append(validate_extract(clean, record_type, now))
+        check = plan_check_frame(plan_frame, clean, record_type, hold_ids)
+        if held_keys:
+            destructive = check["action"].isin(["erase", "minimise"]).to_numpy()
+            check["erases_held_record"] |= destructive & check["record_key"].isin(held_keys).to_numpy()
+        outcomes.append(validate_plan(check, record_type, policy, run.as_of_ts))
+    destructive = int(plan_frame["action"].isin(["erase", "minimise"]).sum())
+    guard = run_guard(destructive, total_extracted, run.max_plan_share)
+    outcomes.append(guard)
+    success = all(o.success for o in outcomes)
+    summary = {"success": success, "suites": [o.as_dict() for o in outcomes]}
+    staging.write_json(system, "validation", summary)
+    for o in outcomes:
+        for c in o.failures():
+            log.error("%s: validation %s failed: %s", system, o.name, json.dumps(c, default=str))
+    if not success:
+        failed = sorted({o.name for o in outcomes if not o.success})
+        raise PlanRejected(f"{system}: validation failed ({', '.join(failed)}); nothing was erased")
+    log.info("%s: validation passed (%d suites)", system, len(outcomes))
+    return {"success": True, "suites": len(outcomes), "destructive": destructive, "extracted": total_extracted}
+
+
+def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
+    """Write-ahead ledger, erase batch by batch, complete the ledger. Resumable and idempotent."""
+    staging = run.staging
+    validation = staging.read_json(system, "validation")
+    if not validation or not validation.get("success"):
+        raise PlanRejected(f"{system}: no successful validation in this run; refusing to erase")
+    plan_frame = staging.read_frame(system, "plan")
+    if run.dry_run:
+        would = plan_frame.groupby(["rule_id", "action"]).size().to_dict() if len(plan_frame) else {}
+        summary = {"dry_run": True, "would": {f"{k[0]}/{k[1]}": int(v) for k, v in would.items()}}
+        staging.write_json(system, "erase", summary)
+        log.info("%s: dry run, nothing erased; would act on %s", system, summary["would"] or "nothing")
+        return summary
+    ledger = _ledger()
+    done = ledger.statuses(run.run_id, system)
+    destructive_total = int(plan_frame["action"].isin(["erase", "minimise"]).sum())
+    progress = Progress(log, f"{system}: erasing", total=destructive_total)
+    outcome_counts: dict[str, int] = {}
+    for record_type in adapter.record_types:
+        rows = plan_frame[plan_frame["record_type"] == record_type]
+        if rows.empty:
+            continue
+        held = rows[rows["action"] == "hold"]
+        new_held = held[[(record_type, k) not in done for k in held["record_key"]]]
+        ledger.write_ahead(run.run_id, run.policy_version, system, _ledger_rows(new_held), status="held")
+        outcome_counts["held"] = outcome_counts.get("held", 0) + len(held)
+        for action in ("minimise", "erase"):
+            todo = rows[rows["action"] == action]
+            status = [done.get((record_type, k)) for k in todo["record_key"]]
+            finished = pd.Series([s in DONE for s in status], index=todo.index, dtype=bool)
+            for s in status:
+                if s in DONE:
+                    outcome_counts[s] = outcome_counts.get(s, 0) + 1
+            progress.add(int(finished.sum()))
+            todo = todo[~finished]
+            unseen = todo[[done.get((record_type, k)) is None for k in todo["record_key"]]]
+            ledger.write_ahead(run.run_id, run.policy_version, system, _ledger_rows(unseen))
+            for start in range(0, len(todo), adapter.erase_batch):
+                batch = todo.iloc[start : start + adapter.erase_batch]
+                ids = batch["record_id"].tolist()
+                outcomes = adapter.erase(record_type, action, ids)
+                key_of = dict(zip(ids, batch["record_key"]))
+                by_key = {key_of[i]: outcomes.get(i, "failed") for i in ids}
+                ledger.complete(run.run_id, system, record_type, by_key)
+                for s in by_key.values():
+                    outcome_counts[s] = outcome_counts.get(s, 0) + 1
+                progress.add(len(ids))
+    seconds = progress.finish()
+    summary = {"dry_run": False, "outcomes": outcome_counts, "seconds": round(seconds, 2)}
+    staging.write_json(system, "erase", summary)
+    failed = outcome_counts.get("failed", 0)
+    if failed:
+        raise RuntimeError(f"{system}: {failed} erasures failed (see the ledger); retry the task to resume")
+    return summary
+
+
+def _ledger_rows(frame: pd.DataFrame) -> list[dict]:
+    if frame.empty:
+        return []
+    hold = frame["hold"].astype(object).where(frame["hold"].notna(), None)
+    return [
+        {"record_type": t, "record_key": k, "rule_id": r, "action": a, "hold": h}
+        for t, k, r, a, h in zip(frame["record_type"], frame["record_key"], frame["rule_id"], frame["action"], hold)
+    ]
+
+
+def verify(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
+    """Every record this run erased is gone from the source."""
+    staging = run.staging
+    if run.dry_run:
+        summary = {"dry_run": True, "checked": 0, "still_present": 0}
+        staging.write_json(system, "verify", summary)
+        return summary
+    plan_frame = staging.read_frame(system, "plan")
+    statuses = _ledger().statuses(run.run_id, system)
+    checked = still = 0
+    for record_type in adapter.record_types:
+        rows = plan_frame[(plan_frame["record_type"] == record_type) & plan_frame["action"].isin(["erase", "minimise"])]
+        gone = [rid for rid, key in zip(rows["record_id"], rows["record_key"]) if statuses.get((record_type, key)) in ("erased", "already_gone")]
+        if not gone:
+            continue
+        present = adapter.still_present(record_type, gone)
+        checked += len(gone)
+        still += len(present)
+        if present:
+            log.error("%s: %d %s records the ledger marks erased are still present", system, len(present), record_type)
+    summary = {"dry_run": False, "checked": checked, "still_present": still}
+    staging.write_json(system, "verify", summary)
+    if still:
+        raise RuntimeError(f"{system}: verification failed: {still} erased records are still present")
+    log.info("%s: verified %d erasures, none present", system, checked)
+    return summary
+
+
+STEPS = ("extract", "plan", "validation", "erase", "verify")
+
+
+def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
+    """Counts only: per system and rule, per status; validation outcome; policy version; time."""
+    staging = run.staging
+    ledger = _ledger()
+    started = (ledger.run(run.run_id) or {}).get("started_at")
+    per_system = {}
+    complete = True
+    for system in systems:
+        parts = {step: staging.read_json(system, step) for step in STEPS}
+        ok = all(parts[s] is not None for s in STEPS) and parts["validation"].get("success")
+        complete &= bool(ok)
+        per_system[system] = {
+            "completed": bool(ok),
+            "extracted": (parts["extract"] or {}).get("extracted"),
+            "quarantined": (parts["plan"] or {}).get("quarantined"),
+            "planned": (parts["plan"] or {}).get("planned"),
+            "validation": None if parts["validation"] is None else ("passed" if parts["validation"]["success"] else "failed"),
+            "erase": parts["erase"],
+            "verify": parts["verify"],
+        }
+    ledger_counts: dict = {}
+    for row in ledger.counts(run.run_id):
+        ledger_counts.setdefault(row["system"], {}).setdefault(row["rule_id"], {})[row["status"]] = row["n"]
+    finished = datetime.now(timezone.utc)
+    seconds = None
+    if started is not None:
+        started = started if started.tzinfo else started.replace(tzinfo=timezone.utc)
+        seconds = round((finished - started).total_seconds(), 1)
+    state = "success" if complete else "failed"
+    rep = {
+        "run_id": run.run_id, "dag_id": run.dag_id, "as_of": run.as_of, "dry_run": run.dry_run,
+        "policy_version": run.policy_version, "policy_label": run.policy_label,
+        "state": state, "seconds": seconds, "systems": per_system, "ledger": ledger_counts,
+    }
+    text = render_report(rep)
+    out = config.reports_dir()
+    stem = f"{run.dag_id}__{run.run_id}".replace(":", "_").replace("+", "_")
+    (out / f"{stem}.json").write_text(json.dumps(rep, indent=2, default=str))
+    (out / f"{stem}.txt").write_text(text)
+    (out / "latest.json").write_text(json.dumps(rep, indent=2, default=str))
+    for line in text.splitlines():
+        log.info("%s", line)
+    ledger.close_run(run.run_id, state, rep)
+    if complete and not os.environ.get("RETENTION_KEEP_STAGING"):
+        staging.remove()
+    return {"state": state, "report": str(out / f"{stem}.json")}
+
+
+def render_report(rep: dict) -> str:
+    lines = [
+        f"Retention run {rep['run_id']} ({'DRY RUN, nothing erased' if rep['dry_run'] else 'erasing'})",
+        f"  as of {rep['as_of']}, policy {rep['policy_version']} ({rep['policy_label']}), state {rep['state']}, {rep['seconds']}s",
+    ]
+    for system, s in rep["systems"].items():
+        lines.append(f"  {system}: extracted {s['extracted']}, validation {s['validation']}")
+        if s["quarantined"]:
+            lines.append(f"    quarantined (never erased): {s['quarantined']}")
+        for rule, statuses in sorted(rep["ledger"].get(system, {}).items()):
+            lines.append(f"    {rule:<26} " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
+        if rep["dry_run"] and s["erase"]:
+            for rule, n in sorted(s["erase"].get("would", {}).items()):
+                lines.append(f"    would {rule:<32} {n}")
+        if not s["planned"] and not rep["ledger"].get(system):
+            lines.append("    nothing due")
+    return "\n".join(lines)

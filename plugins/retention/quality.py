@@ -1,0 +1,60 @@
+"""Row-level checks before planning: malformed records are quarantined, counted, never erased.
+
+A record is quarantined when it has no key, shares its key with another record, lacks a
+column its record type needs, has no usable clock for a rule that applies to it, records a
+past event at a time after the extract, or (newsletter) has no e-mail address. Quarantine is
+the safe side: a record that cannot be judged is left alone and reported.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pandas as pd
+
+from retention.engine import _when_mask
+from retention.policy import Policy
+from retention.records import RECORD_TYPES
+
+# Clock skew between the source system and this machine that is not yet "in the future".
+FUTURE_TOLERANCE = timedelta(days=1)
+
+
+def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, now: datetime) -> pd.Series:
+    """One reason per row (the first that applies), or <NA> for a clean row."""
+    rt = RECORD_TYPES[record_type]
+    reason = pd.Series(pd.NA, index=frame.index, dtype="string")
+
+    def mark(mask, text: str) -> None:
+        mask = np.asarray(mask, dtype=bool) & reason.isna().to_numpy()
+        if mask.any():
+            reason[mask] = text
+
+    key = frame["record_id"]
+    mark(key.isna().to_numpy() | (key.astype("string").str.strip() == "").fillna(True).to_numpy(), "missing key")
+    mark(key.duplicated(keep=False).to_numpy(), "duplicate key")
+    for col in rt.required:
+        mark(frame[col].isna().to_numpy(), f"missing or invalid {col}")
+    if "has_email" in frame and record_type == "newsletter_member":
+        mark(~frame["has_email"].fillna(False).to_numpy(dtype=bool), "no e-mail address")
+    limit = pd.Timestamp(now) + FUTURE_TOLERANCE
+    for col in rt.past_only:
+        if col in frame:
+            mark((pd.to_datetime(frame[col], utc=True) > limit).fillna(False).to_numpy(dtype=bool), f"{col} in the future")
+    for rule in policy.rules_for(record_type):
+        applies = _when_mask(frame, rule)
+        no_clock = np.ones(len(frame), dtype=bool)
+        for col in rule.clocks:
+            no_clock &= frame[col].isna().to_numpy()
+        mark(applies & no_clock, f"no {'/'.join(rule.clocks)} for rule {rule.id}")
+    return reason
+
+
+def split_quarantine(frame: pd.DataFrame, record_type: str, policy: Policy, now: datetime):
+    """(clean frame, quarantined record ids with reasons, counts per reason)."""
+    reason = quarantine_reasons(frame, record_type, policy, now)
+    bad = reason.notna().to_numpy()
+    quarantined = pd.DataFrame({"record_id": frame["record_id"][bad].astype("string"), "reason": reason[bad]})
+    counts = quarantined["reason"].value_counts().to_dict()
+    return frame.loc[~bad], quarantined.reset_index(drop=True), {str(k): int(v) for k, v in counts.items()}

@@ -1,0 +1,39 @@
+"""Source systems behind the ``SourceSystem`` interface, and how the pipeline builds them."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def derive_frame(record_type: str, frame: pd.DataFrame, plan_so_far: pd.DataFrame) -> pd.DataFrame:
+    """Complete a frame from the plan of the record types planned before it.
+
+    Ticket requesters can only be judged once their tickets are: a requester is erasable when
+    none of their tickets will remain after this run.
+    """
+    if record_type == "ticket_user":
+        from retention.systems.ticketing import derive_ticket_users
+
+        return derive_ticket_users(frame, plan_so_far)
+    return frame
+
+
+def build_adapter(system: str):
+    """The adapter for a system, built from its Airflow Connection (task run time only)."""
+    if system == "newsletter":
+        from retention.hooks.mailchimp import MailchimpHook
+        from retention.systems.newsletter import NewsletterAdapter
+
+        hook = MailchimpHook()
+        return NewsletterAdapter(hook.get_conn(), hook.list_id)
+    if system == "crm":
+        from retention.hooks.crm import CrmHook
+        from retention.systems.crm import CrmAdapter
+
+        return CrmAdapter(CrmHook().get_conn())
+    if system == "ticketing":
+        from retention.hooks.zendesk import ZendeskHook
+        from retention.systems.ticketing import TicketingAdapter
+
+        return TicketingAdapter(ZendeskHook().get_conn())
+    raise ValueError(f"unknown system {system!r}")
