@@ -1,0 +1,83 @@
+"""Command line: ``python -m retention.cli <command>`` (with ``plugins`` on PYTHONPATH).
+
+    policy validate [FILE]        check a policy file; exit 2 with file/rule/field on error
+    hold add --record-type T --record-id ID --reason TEXT [--expires YYYY-MM-DD]
+                                  put one record on the manual legal-hold list (stored by pseudonym)
+    hold list                     the manual holds (pseudonyms, reasons, expiry)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+
+from retention import config
+from retention.policy import PolicyError, load_policy
+from retention.records import RECORD_TYPES
+
+
+def _policy_validate(args) -> int:
+    try:
+        policy = load_policy(args.file or config.policy_file())
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    decisions = [r.id for r in policy.rules if r.period_source == "decision"]
+    print(f"{policy.source}: valid, {len(policy.rules)} rules, version {policy.version} ({policy.version_label})")
+    for r in policy.rules:
+        opt = f", {r.period_if_opted_out} if opted out" if r.period_if_opted_out else ""
+        print(f"  {r.id:<26} clause {r.clause:<10} {r.records:<24} {r.period}{opt} after {'/'.join(r.clocks)} [{r.period_source}]")
+    print(f"  organisation's decisions (not in the notice): {', '.join(decisions)}")
+    return 0
+
+
+def _hold_add(args) -> int:
+    from retention.ledger import Ledger
+    from retention.pseudonym import Pseudonymizer
+
+    if args.record_type not in RECORD_TYPES:
+        print(f"unknown record type {args.record_type!r}; known: {', '.join(RECORD_TYPES)}", file=sys.stderr)
+        return 2
+    expires = pd.Timestamp(args.expires, tz="Europe/Stockholm").tz_convert("UTC").to_pydatetime() if args.expires else None
+    key = Pseudonymizer(config.pseudonym_key()).key_for(args.record_type, args.record_id)
+    Ledger(config.ledger_url()).add_hold(args.record_type, key, args.reason, expires)
+    print(f"hold added: {args.record_type} {key} until {args.expires or 'further notice'}")
+    return 0
+
+
+def _hold_list(args) -> int:
+    from retention.ledger import Ledger
+
+    for h in Ledger(config.ledger_url()).holds():
+        print(f"{h['record_type']:<24} {h['record_key']} {h['expires_at'] or 'no expiry'}  {h['reason']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="retention", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    pol = sub.add_parser("policy").add_subparsers(dest="action", required=True)
+    v = pol.add_parser("validate", help="validate a policy file")
+    v.add_argument("file", nargs="?")
+    v.set_defaults(func=_policy_validate)
+    hold = sub.add_parser("hold").add_subparsers(dest="action", required=True)
+    a = hold.add_parser("add", help="add a manual legal hold")
+    a.add_argument("--record-type", required=True)
+    a.add_argument("--record-id", required=True)
+    a.add_argument("--reason", required=True)
+    a.add_argument("--expires", help="date (Europe/Stockholm) the hold ends; none = until lifted")
+    a.set_defaults(func=_hold_add)
+    lst = hold.add_parser("list", help="list manual holds")
+    lst.set_defaults(func=_hold_list)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except config.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

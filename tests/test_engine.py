@@ -1,0 +1,236 @@
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retention.engine import explain_record, plan_record_type, plan_records
+from retention.policy import DEFAULT_POLICY, load_policy, parse_policy
+
+POLICY = load_policy()
+UTC = timezone.utc
+
+
+def ts(s):
+    return pd.Timestamp(s, tz="UTC")
+
+
+def members(rows):
+    """rows: (id, status, last_changed, timestamp_signup)"""
+    return pd.DataFrame(
+        {
+            "record_id": pd.Series([r[0] for r in rows], dtype="string"),
+            "status": pd.Series([r[1] for r in rows], dtype="string"),
+            "last_changed": pd.to_datetime([r[2] for r in rows], utc=True),
+            "timestamp_signup": pd.to_datetime([r[3] for r in rows], utc=True),
+            "has_email": True,
+        }
+    )
+
+
+def planned(plan):
+    return dict(zip(plan["record_id"], plan["rule_id"]))
+
+
+def test_newsletter_rules():
+    frame = members(
+        [
+            ("a", "unsubscribed", "2026-11-24T10:00:00Z", "2020-01-01T00:00:00Z"),
+            ("b", "subscribed", "2020-01-01T00:00:00Z", "2020-01-01T00:00:00Z"),
+            ("c", "cleaned", "2026-11-25T00:00:00Z", "2020-01-01T00:00:00Z"),
+            ("d", "archived", "2021-01-01T00:00:00Z", "2020-01-01T00:00:00Z"),
+            ("e", "pending", "2026-10-26T00:00:00Z", "2026-10-26T00:00:00Z"),  # 30 days before as_of, Stockholm midnight+1h
+            ("f", "pending", "2026-10-27T00:00:00Z", "2026-10-27T00:00:00Z"),  # 29 days
+            ("g", "transactional", "2019-01-01T00:00:00Z", "2019-01-01T00:00:00Z"),
+            ("h", "unsubscribed", "2026-11-26T00:00:00Z", "2020-01-01T00:00:00Z"),  # after as_of: next run
+        ]
+    )
+    plan = plan_record_type(frame, "newsletter_member", POLICY, ts("2026-11-25T00:00:00Z"))
+    assert planned(plan) == {
+        "a": "newsletter-unsubscribed", "c": "newsletter-unsubscribed", "d": "newsletter-unsubscribed",
+        "e": "newsletter-pending",
+    }
+    assert set(plan["action"]) == {"erase"}
+    row = plan.set_index("record_id").loc["e"]
+    assert row["deadline"] == ts("2026-11-25T00:00:00Z")  # same Stockholm wall clock, 30 days on
+
+
+def test_calendar_year_from_leap_day_and_dst():
+    frame = members([("x", "unsubscribed", "2024-02-29T12:00:00Z", "2024-01-01T00:00:00Z")])
+    text = DEFAULT_POLICY.read_text().replace("    period: P0D\n    period_source: notice\n    action: erase\n\n  - id: newsletter-pending",
+                                               "    period: P1Y\n    period_source: notice\n    action: erase\n\n  - id: newsletter-pending")
+    policy = parse_policy(text, "p1y.yaml")
+    plan = plan_record_type(frame, "newsletter_member", policy, ts("2025-03-01T00:00:00Z"))
+    # 29 Feb 2024 13:00 Stockholm + P1Y = 28 Feb 2025 13:00 Stockholm = 12:00 UTC
+    assert plan["deadline"].iloc[0] == ts("2025-02-28T12:00:00Z")
+    assert plan_record_type(frame, "newsletter_member", policy, ts("2025-02-28T11:59:59Z")).empty
+    # 30 days across the spring DST change keep the wall-clock time: 23:00 UTC+1 -> 23:00 UTC+2
+    pend = members([("p", "pending", "2026-03-10T22:00:00Z", "2026-03-10T22:00:00Z")])
+    deadline = plan_record_type(pend, "newsletter_member", POLICY, ts("2026-05-01T00:00:00Z"))["deadline"].iloc[0]
+    assert deadline == ts("2026-04-09T21:00:00Z")
+
+
+def contacts(rows):
+    """rows: (id, kind, active, membership_end, last_interaction, opted_out, has_invoice)"""
+    return pd.DataFrame(
+        {
+            "record_id": pd.Series([r[0] for r in rows], dtype="string"),
+            "kind": [r[1] for r in rows],
+            "organisation_id": pd.array([1 if r[1] == "member" else None for r in rows], dtype="Int64"),
+            "membership_active": [r[2] for r in rows],
+            "membership_end": pd.to_datetime([r[3] for r in rows], utc=True),
+            "is_customer": [r[1] == "member" for r in rows],
+            "last_interaction_at": pd.to_datetime([r[4] for r in rows], utc=True),
+            "opted_out": [r[5] for r in rows],
+            "has_email": True,
+            "created_at": ts("2015-01-01"),
+            "has_invoice": [r[6] for r in rows],
+        }
+    )
+
+
+def test_crm_contact_rules_opt_out_invoice_and_active_member():
+    as_of = ts("2026-11-25T12:00:00Z")
+    frame = contacts(
+        [
+            ("1", "member", False, "2025-11-24", "2020-01-01", False, False),  # ended > 1 year ago
+            ("2", "member", False, "2025-11-26", "2020-01-01", False, False),  # not yet a year
+            ("3", "member", False, "2026-11-01", "2020-01-01", True, False),  # opted out: at once
+            ("4", "member", True, None, "2010-01-01", True, False),  # active: never
+            ("5", "lead", False, None, "2025-11-01", False, False),  # lead, no activity for a year
+            ("6", "lead", False, None, "2026-11-01", True, False),  # opted-out lead
+            ("7", "lead", False, None, "2026-11-01", False, False),  # recent lead
+            ("8", "member", False, "2020-01-01", "2020-01-01", False, True),  # has invoice: minimise
+        ]
+    )
+    plan = plan_record_type(frame, "crm_contact", POLICY, as_of)
+    assert planned(plan) == {"1": "former-member-contact", "3": "former-member-contact", "5": "lead", "6": "lead", "8": "former-member-contact"}
+    actions = dict(zip(plan["record_id"], plan["action"]))
+    assert actions["8"] == "minimise" and actions["1"] == "erase"
+    assert plan.set_index("record_id").loc["8", "hold"] == "bookkeeping"
+
+
+def test_invoice_erasable_from_first_january_of_fy_end_year_plus_eight():
+    frame = pd.DataFrame(
+        {
+            "record_id": pd.Series(["cal", "june", "june19", "cal19"], dtype="string"),
+            "contact_id": [1, 2, 3, 4],
+            "financial_year_end": pd.to_datetime(["2018-12-31", "2018-06-30", "2019-06-30", "2019-12-31"], utc=True),
+        }
+    )
+    # FY ending in 2018: kept through 31 Dec 2025 (seventh year after 2018), erasable 1 Jan 2026.
+    assert plan_record_type(frame, "crm_invoice", POLICY, ts("2025-12-31T22:59:59Z")).empty  # 23:59:59 Stockholm
+    plan = plan_record_type(frame, "crm_invoice", POLICY, ts("2025-12-31T23:00:00Z"))  # 2026-01-01 00:00 Stockholm
+    assert set(plan["record_id"]) == {"cal", "june"}
+    assert set(plan_record_type(frame, "crm_invoice", POLICY, ts("2026-12-31T22:59:59Z"))["record_id"]) == {"cal", "june"}
+    assert set(plan_record_type(frame, "crm_invoice", POLICY, ts("2026-12-31T23:00:00Z"))["record_id"]) == {"cal", "june", "june19", "cal19"}
+
+
+def test_event_participation_uses_later_of_event_and_relationship_end():
+    frame = pd.DataFrame(
+        {
+            "record_id": pd.Series(["guest", "former", "active", "optout"], dtype="string"),
+            "contact_id": [1, 2, 3, 4],
+            "event_date": pd.to_datetime(["2025-10-01", "2023-01-01", "2020-01-01", "2026-10-01"], utc=True),
+            "membership_active": [False, False, True, False],
+            "membership_end": pd.to_datetime([None, "2026-01-01", None, None], utc=True),
+            "is_customer": [False, True, True, False],
+            "opted_out": [False, False, False, True],
+        }
+    )
+    plan = plan_record_type(frame, "crm_event_participation", POLICY, ts("2026-11-25"))
+    assert set(plan["record_id"]) == {"guest", "optout"}
+
+
+def test_manual_hold_blocks_erasure_until_it_expires():
+    frame = members([("a", "unsubscribed", "2025-01-01T00:00:00Z", "2020-01-01T00:00:00Z")])
+    holds = pd.DataFrame(
+        {"record_type": ["newsletter_member"], "record_id": ["a"], "reason": ["litigation"], "expires_at": pd.to_datetime(["2026-12-01"], utc=True)}
+    )
+    plan = plan_record_type(frame, "newsletter_member", POLICY, ts("2026-11-25"), holds)
+    assert list(plan["action"]) == ["hold"] and list(plan["hold"]) == ["litigation"]
+    plan = plan_record_type(frame, "newsletter_member", POLICY, ts("2026-12-02"), holds)
+    assert list(plan["action"]) == ["erase"]
+
+
+def test_protection_wins_even_over_a_policy_that_targets_subscribers():
+    text = DEFAULT_POLICY.read_text().replace("when: {status: [unsubscribed, cleaned, archived]}", "when: {status: [subscribed, unsubscribed]}")
+    text = text.replace("  - {records: newsletter_member, column: status, in: [subscribed, transactional], clause: \"2\", reason: still a subscriber}\n", "")
+    policy = parse_policy(text, "greedy.yaml")
+    frame = members([("s", "subscribed", "2020-01-01T00:00:00Z", "2020-01-01T00:00:00Z")])
+    assert plan_record_type(frame, "newsletter_member", policy, ts("2026-11-25")).empty
+
+
+def test_explain_says_why():
+    frame = members(
+        [
+            ("s", "subscribed", "2020-01-01T00:00:00Z", "2020-01-01T00:00:00Z"),
+            ("u", "unsubscribed", "2026-01-01T00:00:00Z", "2020-01-01T00:00:00Z"),
+        ]
+    )
+    e = explain_record(frame, "newsletter_member", "s", POLICY, ts("2026-11-25"))
+    assert e["protected"] and e["decision"].startswith("protected")
+    e = explain_record(frame, "newsletter_member", "u", POLICY, ts("2026-11-25"))
+    assert e["decision"] == "planned: erase under rule newsletter-unsubscribed"
+    assert e["policy_version"] == POLICY.version
+    assert explain_record(frame, "newsletter_member", "zz", POLICY, ts("2026-11-25"))["found"] is False
+
+
+# --- properties -------------------------------------------------------------------------
+
+STATUSES = ["subscribed", "unsubscribed", "cleaned", "pending", "archived", "transactional"]
+EPOCH = pd.Timestamp("2020-01-01", tz="UTC")
+
+
+@st.composite
+def member_frames(draw):
+    n = draw(st.integers(min_value=0, max_value=60))
+    status = draw(st.lists(st.sampled_from(STATUSES), min_size=n, max_size=n))
+    changed = draw(st.lists(st.integers(0, 7 * 365 * 86400), min_size=n, max_size=n))
+    signup = draw(st.lists(st.integers(0, 7 * 365 * 86400), min_size=n, max_size=n))
+    return pd.DataFrame(
+        {
+            "record_id": pd.Series([f"m{i}" for i in range(n)], dtype="string"),
+            "status": pd.Series(status, dtype="string"),
+            "last_changed": EPOCH + pd.to_timedelta(np.array(changed, dtype="int64"), unit="s"),
+            "timestamp_signup": EPOCH + pd.to_timedelta(np.array(signup, dtype="int64"), unit="s"),
+            "has_email": True,
+        }
+    )
+
+
+as_of_seconds = st.integers(0, 8 * 365 * 86400)
+
+
+@settings(max_examples=150, deadline=None)
+@given(member_frames(), as_of_seconds)
+def test_property_subscribed_member_is_never_planned(frame, secs):
+    plan = plan_records({"newsletter_member": frame}, POLICY, EPOCH + pd.Timedelta(seconds=secs))
+    protected = set(frame.loc[frame["status"].isin(["subscribed", "transactional"]), "record_id"])
+    assert not protected & set(plan["record_id"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(member_frames(), as_of_seconds, as_of_seconds)
+def test_property_earlier_as_of_plans_a_subset(frame, a, b):
+    early, late = sorted((a, b))
+    p_early = plan_records({"newsletter_member": frame}, POLICY, EPOCH + pd.Timedelta(seconds=early))
+    p_late = plan_records({"newsletter_member": frame}, POLICY, EPOCH + pd.Timedelta(seconds=late))
+    assert set(p_early["record_id"]) <= set(p_late["record_id"])
+
+
+def _with_pending_period(period: str):
+    text = DEFAULT_POLICY.read_text().replace("    period: P30D\n", f"    period: {period}\n", 1)
+    return parse_policy(text, f"pending-{period}.yaml")
+
+
+@settings(max_examples=100, deadline=None)
+@given(member_frames(), as_of_seconds, st.integers(0, 400), st.integers(0, 400), st.sampled_from(["D", "M", "W"]))
+def test_property_longer_period_never_plans_more(frame, secs, n1, n2, unit):
+    short, long_ = sorted((n1, n2))
+    as_of = EPOCH + pd.Timedelta(seconds=secs)
+    p_short = plan_records({"newsletter_member": frame}, _with_pending_period(f"P{short}{unit}"), as_of)
+    p_long = plan_records({"newsletter_member": frame}, _with_pending_period(f"P{long_}{unit}"), as_of)
+    assert set(p_long["record_id"]) <= set(p_short["record_id"])
