@@ -1,0 +1,31 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: a virtualenv with the pinned requirements,
+# and the environment the project runs in (Airflow home, DAG and plugin folders, pseudonym key).
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$ROOT/.venv"
+PYTHON_BIN=${PYTHON:-python3}
+
+want=$(cat "$ROOT/requirements.txt" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha" 2>/dev/null)" != "$want" ]; then
+  echo "==> installing dependencies into .venv (first time: about two minutes)"
+  "$PYTHON_BIN" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$ROOT/requirements.txt" -c "$ROOT/constraints.txt"
+  echo "$want" > "$VENV/.requirements.sha"
+fi
+export PATH="$VENV/bin:$PATH"
+export PYTHONPATH="$ROOT/plugins:$ROOT/dags${PYTHONPATH:+:$PYTHONPATH}"
+export AIRFLOW_HOME=${AIRFLOW_HOME:-$ROOT/.airflow}
+export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
+export AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__CORE__UNIT_TEST_MODE=False
+export GX_ANALYTICS_ENABLED=false
+export RETENTION_HOME=${RETENTION_HOME:-$ROOT/.retention}
+mkdir -p "$RETENTION_HOME"
+# The pseudonym key is configuration, never code: one random key per checkout, outside git.
+if [ -z "${RETENTION_PSEUDONYM_KEY:-}" ] && [ -z "${RETENTION_PSEUDONYM_KEY_FILE:-}" ]; then
+  if [ ! -s "$RETENTION_HOME/pseudonym.key" ]; then
+    (umask 077 && "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32))' > "$RETENTION_HOME/pseudonym.key")
+  fi
+  export RETENTION_PSEUDONYM_KEY_FILE="$RETENTION_HOME/pseudonym.key"
+fi
