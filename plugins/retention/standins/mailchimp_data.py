@@ -86,14 +86,32 @@ def iso(ts: int) -> str:
 
 
 def iso_column(ts: np.ndarray) -> np.ndarray:
-    """Vectorised :func:`iso` as an ``S25`` array (``b""`` for ``NO_TIME``)."""
+    """Vectorised :func:`iso` as an ``S25`` array (``b""`` for ``NO_TIME``).
+
+    Dates are formatted once per distinct day, the time of day arithmetically, so a page of
+    a thousand timestamps costs well under a millisecond.
+    """
+    ts = np.asarray(ts, dtype=np.int64)
     n = len(ts)
-    text = np.datetime_as_string(np.asarray(ts).astype("datetime64[s]"), unit="s").astype("S19")
+    if n == 0:
+        return np.zeros(0, dtype="S25")
+    valid = ts != NO_TIME
+    days, secs = np.divmod(np.where(valid, ts, 0), _DAY)
+    unique_days, inverse = np.unique(days, return_inverse=True)
+    dates = np.datetime_as_string(unique_days.astype("datetime64[D]")).astype("S10")
     buf = np.empty((n, 25), dtype=np.uint8)
-    buf[:, :19] = text.view(np.uint8).reshape(n, 19)
+    buf[:, :10] = dates.view(np.uint8).reshape(-1, 10)[inverse.ravel()]
+    hours, rest = np.divmod(secs, 3600)
+    minutes, seconds = np.divmod(rest, 60)
+    zero = ord("0")
+    for col, value in ((11, hours), (14, minutes), (17, seconds)):
+        buf[:, col] = zero + value // 10
+        buf[:, col + 1] = zero + value % 10
+    buf[:, 10] = ord("T")
+    buf[:, 13] = buf[:, 16] = ord(":")
     buf[:, 19:] = np.frombuffer(b"+00:00", dtype=np.uint8)
     out = buf.view("S25").ravel()
-    out[np.asarray(ts) == NO_TIME] = b""
+    out[~valid] = b""
     return out
 
 
