@@ -1,0 +1,367 @@
+"""ZendeskClient against the Zendesk stand-in over real HTTP."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import requests
+from retention.connectors.zendesk import Pacer, ZendeskClient, _classify_result
+from retention.standins.process import StandIn
+
+FAST = ("--job-seconds", "0.03")
+HIGH = (
+    "--requests-per-minute", "100000",
+    "--incremental-per-minute", "100000",
+    "--deleted-list-per-minute", "100000",
+)
+
+
+def start(tmp_path, *args: str, tickets: int = 400) -> StandIn:
+    return StandIn(
+        "zendesk", "--port", "0", "--state-file", str(tmp_path / "zd.npz"), "--tickets", str(tickets), "--seed", "5",
+        *FAST, *HIGH, *args,
+    ).start()
+
+
+def client_for(server: StandIn, **kw) -> ZendeskClient:
+    options = {
+        "base_url": server.base_url,
+        "email": "agent@example.org",
+        "api_token": "token",
+        "requests_per_minute": 100000,
+        "incremental_per_minute": 100000,
+        "deleted_list_per_minute": 100000,
+        "user_deletes_per_10min": 100000,
+        "job_poll_interval": 0.03,
+    }
+    options.update(kw)
+    return ZendeskClient(**options)
+
+
+def stats(server: StandIn) -> dict:
+    return requests.get(f"{server.base_url}/_standin/stats").json()
+
+
+def faults(server: StandIn, **spec) -> None:
+    requests.post(f"{server.base_url}/_standin/faults", json=spec).raise_for_status()
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = start(tmp_path)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    c = client_for(server)
+    yield c
+    c.close()
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+def test_incremental_export_reads_every_ticket_exactly_once(tmp_path):
+    s = start(tmp_path, tickets=2500)
+    try:
+        with client_for(s) as c:
+            pages = list(c.iter_ticket_pages(0))
+            ids = [t["id"] for page in pages for t in page]
+            assert len(pages) == 3 and len(ids) == 2500 and set(ids) == set(range(1, 2501))
+            first = pages[0][0]
+            assert set(first) == {"id", "status", "requester_id", "created_at", "updated_at", "solved_at"}
+            by_status = {}
+            for page in pages:
+                for t in page:
+                    by_status.setdefault(t["status"], []).append(t)
+            assert all(t["solved_at"] for t in by_status["closed"] + by_status["solved"])
+            assert not any(t["solved_at"] for t in by_status["open"] + by_status["new"])
+            assert c.request_counts["incremental"] == 3
+
+            users = [u for page in c.iter_user_pages(0) for u in page]
+            assert len(users) == len({u["id"] for u in users}) == sum(stats(s)["users"].values())
+            assert set(users[0]) == {"id", "role", "active", "created_at", "updated_at"}
+
+            # Resuming from the last cursor sees only what changed since, deletions included.
+            cursor = c.last_ticket_cursor
+            c.erase_tickets([7])
+            requests.put(f"{s.base_url}/api/v2/tickets/8.json", json={"ticket": {"status": "hold"}})
+            later = [t for page in c.iter_ticket_pages(cursor=cursor) for t in page]
+            assert [(t["id"], t["status"]) for t in later] == [(8, "hold")]
+    finally:
+        s.stop()
+
+
+def test_soft_deleted_tickets_show_as_deleted_in_export(server, client):
+    job = requests.delete(f"{server.base_url}/api/v2/tickets/destroy_many", params={"ids": "3"}).json()
+    client._wait_job(job["job_status"])
+    exported = {t["id"]: t["status"] for page in client.iter_ticket_pages(0) for t in page}
+    assert exported[3] == "deleted"
+    assert list(client.iter_deleted_ticket_ids()) == [3]
+
+
+# --- ticket erasure -----------------------------------------------------------------------
+
+
+def test_erase_tickets_chunks_soft_then_permanent(server, client):
+    ids = list(range(1, 251))
+    seen = []
+    outcomes = client.erase_tickets(ids, on_result=lambda tid, outcome: seen.append((tid, outcome)))
+    assert outcomes == {tid: "erased" for tid in ids}
+    assert sorted(seen) == sorted(outcomes.items())
+    st = stats(server)
+    assert st["soft_ticket_deletions"] == 250 and st["permanent_ticket_deletions"] == 250
+    by = st["requests_by_endpoint"]
+    assert by["tickets.destroy_many"] == 3 and by["deleted_tickets.destroy_many"] == 3  # chunks of <= 100
+    assert st["tickets_soft_deleted"] == 0 and st["tickets_permanently_deleted"] == 250
+    assert client.remaining_tickets(ids) == set()
+    assert client.remaining_tickets([300, 1]) == {300}
+    assert client.stats()["requests"] == stats(server)["requests"]
+
+
+def test_job_status_is_polled_to_completion(tmp_path):
+    s = start(tmp_path, "--job-seconds", "0.4")
+    try:
+        with client_for(s, job_poll_interval=0.1) as c:
+            assert c.erase_tickets([1, 2]) == {1: "erased", 2: "erased"}
+            polls = c.request_counts["job_statuses.get"]
+            assert 4 <= polls <= 10  # several polls per job, but not a busy loop
+            assert stats(s)["jobs"] == {"completed": 2}
+    finally:
+        s.stop()
+
+
+def test_already_soft_deleted_ticket_goes_straight_to_permanent(server, client):
+    # An earlier run was killed between the soft and the permanent step.
+    job = requests.delete(f"{server.base_url}/api/v2/tickets/destroy_many", params={"ids": "11,12"}).json()
+    client._wait_job(job["job_status"])
+    assert client.remaining_tickets([11, 12, 13]) == {11, 12, 13}
+    assert client.erase_tickets([11, 12, 13]) == {11: "erased", 12: "erased", 13: "erased"}
+    st = stats(server)
+    assert st["soft_ticket_deletions"] == 3 and st["permanent_ticket_deletions"] == 3
+    assert client.remaining_tickets([11, 12, 13]) == set()
+
+
+def test_already_gone_ids_are_success_not_failure(server, client):
+    assert client.erase_tickets([20, 21]) == {20: "erased", 21: "erased"}
+    assert client.erase_tickets([20, 21, 10**7, 22]) == {20: "already_gone", 21: "already_gone", 10**7: "already_gone",
+                                                         22: "erased"}
+    assert stats(server)["permanent_ticket_deletions"] == 3
+
+
+@pytest.mark.parametrize("match", ["/tickets/destroy_many", "deleted_tickets/destroy_many"])
+def test_job_failing_part_way_then_rerun_neither_repeats_nor_loses(server, match):
+    ids = list(range(50, 150))  # one chunk of 100
+    faults(server, fail_job_next=1, fail_job_after=30, match=match)
+    with client_for(server, max_job_attempts=1) as c:  # no retry inside the call: the run ends short
+        first = c.erase_tickets(ids)
+    failed = [tid for tid, outcome in first.items() if outcome == "failed"]
+    assert len(failed) == 70 and all(first[tid] == "erased" for tid in ids if tid not in failed)
+    assert stats(server)["jobs"].get("failed") == 1
+
+    with client_for(server) as c:
+        second = c.erase_tickets(ids)
+        assert {second[tid] for tid in failed} == {"erased"}
+        assert {outcome for tid, outcome in second.items() if tid not in failed} == {"already_gone"}
+        assert c.remaining_tickets(ids) == set()
+    st = stats(server)
+    assert st["soft_ticket_deletions"] == 100 and st["permanent_ticket_deletions"] == 100
+
+
+def test_job_failing_part_way_is_resubmitted_within_one_call(server, client):
+    ids = list(range(200, 300))
+    faults(server, fail_job_next=2, fail_job_after=40, match="destroy_many")
+    assert set(client.erase_tickets(ids).values()) == {"erased"}
+    st = stats(server)
+    assert st["jobs"]["failed"] == 2
+    assert st["soft_ticket_deletions"] == 100 and st["permanent_ticket_deletions"] == 100
+    # Each resubmission carried only the unprocessed ids: soft 100 -> 60 -> 20, then permanent 100.
+    assert st["requests_by_endpoint"]["tickets.destroy_many"] == 3
+    assert st["requests_by_endpoint"]["deleted_tickets.destroy_many"] == 1
+
+
+def test_server_error_bursts_are_retried(server):
+    with client_for(server) as c:
+        c.session.backoff = 0.01
+        faults(server, error_next=6, error_status=503)
+        assert set(c.erase_tickets(range(1, 121)).values()) == {"erased"}
+        assert c.stats()["server_errors"] == 6
+        faults(server, error_next=3, error_status=502, match="incremental")
+        assert sum(len(p) for p in c.iter_ticket_pages(0)) == 400 - 120  # purged tickets are not exported
+    assert stats(server)["permanent_ticket_deletions"] == 120
+
+
+def test_chunk_that_keeps_failing_is_reported_failed(server):
+    with client_for(server, max_retries=1) as c:
+        c.session.backoff = 0.01
+        faults(server, error_next=1000, error_status=500, match="deleted_tickets/destroy_many")
+        outcomes = c.erase_tickets([1, 2, 3])
+        assert outcomes == {1: "failed", 2: "failed", 3: "failed"}
+    faults(server)
+    with client_for(server) as c:
+        assert c.erase_tickets([1, 2, 3]) == {1: "erased", 2: "erased", 3: "erased"}
+
+
+def test_on_result_failure_stops_the_run(server, client):
+    def boom(tid, outcome):
+        raise RuntimeError("ledger unavailable")
+
+    with pytest.raises(RuntimeError, match="ledger unavailable"):
+        client.erase_tickets(range(1, 1001), on_result=boom)
+
+
+# --- rate limits --------------------------------------------------------------------------
+
+
+def test_429_retry_after_is_honoured(tmp_path):
+    s = start(tmp_path, "--requests-per-minute", "8", "--window-seconds", "2")
+    try:
+        # Misconfigured: the client believes it may send far more than the server allows.
+        with client_for(s, requests_per_minute=100000, window_seconds=2) as c:
+            t0 = time.monotonic()
+            found = c.remaining_tickets(range(1, 1201))  # 12 show_many + 1 deleted list
+            elapsed = time.monotonic() - t0
+            assert found == set(range(1, 401))
+            st = c.stats()
+            assert st["throttled"] >= 1 and st["requests"] == 13 + st["throttled"]
+            assert elapsed >= 1.0  # it waited for the Retry-After
+        assert stats(s)["throttled"] == st["throttled"]
+    finally:
+        s.stop()
+
+
+def test_injected_429_waits_for_retry_after(server, client):
+    faults(server, throttle_next=1, match="show_many")
+    t0 = time.monotonic()
+    assert client.remaining_tickets([1]) == {1}
+    assert time.monotonic() - t0 >= 1.0 and client.stats()["throttled"] == 1
+
+
+def test_pacer_keeps_a_well_configured_run_clear_of_429(tmp_path):
+    s = start(tmp_path, "--requests-per-minute", "20", "--window-seconds", "1", "--incremental-per-minute", "3")
+    try:
+        with client_for(s, requests_per_minute=20, incremental_per_minute=3, window_seconds=1) as c:
+            t0 = time.monotonic()
+            c.remaining_tickets(range(1, 3001))  # 30 show_many + 1 list
+            elapsed = time.monotonic() - t0
+            for _ in range(2):  # one page each (400 tickets < 1000 a page)
+                list(c.iter_ticket_pages(0))
+            assert c.stats().get("throttled", 0) == 0 and stats(s)["throttled"] == 0
+            assert 1.3 <= elapsed <= 3.0  # 31 requests at 20 a second
+    finally:
+        s.stop()
+
+
+def test_erasure_throughput_reaches_the_limit(tmp_path):
+    # 300 requests per 5-second "minute" = 60 a second; a chunk of 100 costs 4 requests.
+    s = start(tmp_path, "--requests-per-minute", "300", "--window-seconds", "5", tickets=6000)
+    try:
+        with client_for(s, requests_per_minute=300, window_seconds=5, job_poll_interval=0.05) as c:
+            t0 = time.monotonic()
+            outcomes = c.erase_tickets(range(1, 6001))
+            elapsed = time.monotonic() - t0
+            assert set(outcomes.values()) == {"erased"}
+            st = c.stats()
+            assert st.get("throttled", 0) == 0
+            rate = st["requests"] / elapsed
+            assert rate >= 0.9 * 60, (st, elapsed)
+            assert st["requests"] <= 60 * 4 * 1.1  # polls stay sparse
+    finally:
+        s.stop()
+
+
+def test_pacer_spaces_calls():
+    now = [0.0]
+    slept = []
+
+    def sleep(d):
+        slept.append(d)
+        now[0] += d
+
+    p = Pacer(10, 60.0, safety=1.0, min_slack=0.0, clock=lambda: now[0], sleep=sleep)
+    for _ in range(11):
+        p.acquire()
+    assert now[0] == pytest.approx(60.0) and len(slept) == 10
+    p.defer(30)
+    p.acquire()
+    assert now[0] == pytest.approx(90.0)
+
+
+# --- users --------------------------------------------------------------------------------
+
+
+def test_erase_user_not_yet_then_erased(server, client):
+    edge = stats(server)["edge_cases"]
+    user = edge["user_due_and_open"]  # one due ticket (id 3), one open ticket (id 4)
+    assert client.erase_user(user) == "not_yet"
+    assert client.erase_tickets([3]) == {3: "erased"}
+    assert client.erase_user(user) == "not_yet"  # the open ticket still holds it
+    requests.put(f"{server.base_url}/api/v2/tickets/4.json", json={"ticket": {"status": "closed"}})
+    assert client.erase_user(user) == "erased"
+    assert client.erase_user(user) == "already_gone"
+    assert client.remaining_users([user]) == set()
+    assert stats(server)["permanent_user_deletions"] == 1
+
+
+def test_erase_users_bulk_and_half_done_users(server, client):
+    edge = stats(server)["edge_cases"]
+    idle = edge["users_without_tickets"][:4]
+    # A killed run left the first one soft-deleted only.
+    assert requests.delete(f"{server.base_url}/api/v2/users/{idle[0]}.json").status_code == 200
+    assert client.remaining_users(idle) == set(idle)
+    seen = {}
+    outcomes = client.erase_users([*idle, edge["user_due_and_open"], 10**12], on_result=seen.__setitem__)
+    assert outcomes == {**{uid: "erased" for uid in idle}, edge["user_due_and_open"]: "not_yet", 10**12: "already_gone"}
+    assert seen == outcomes
+    assert client.remaining_users([*idle, edge["user_due_and_open"]]) == {edge["user_due_and_open"]}
+    st = stats(server)
+    assert st["permanent_user_deletions"] == 4 and st["soft_user_deletions"] == 4
+
+
+def test_permanent_user_deletes_are_paced(tmp_path):
+    # 3 permanent deletions per "10 minutes" of 10 x 0.2 s = 2 s.
+    s = start(tmp_path, "--user-deletes-per-10min", "3", "--window-seconds", "0.2")
+    try:
+        with client_for(s, user_deletes_per_10min=3, window_seconds=0.2) as c:
+            idle = stats(s)["edge_cases"]["users_without_tickets"][:5]
+            t0 = time.monotonic()
+            assert set(c.erase_users(idle).values()) == {"erased"}
+            assert time.monotonic() - t0 >= 2.0  # five deletions at 3 per 2 s
+            assert c.stats().get("throttled", 0) == 0
+    finally:
+        s.stop()
+
+
+# --- odds and ends ------------------------------------------------------------------------
+
+
+def test_nothing_personal_in_logs(server, client, caplog):
+    caplog.set_level(logging.DEBUG)
+    faults(server, error_next=2, throttle_next=1)
+    client.session.backoff = 0.01
+    list(client.iter_user_pages(0))
+    list(client.iter_ticket_pages(0))
+    client.erase_tickets(range(1, 50))
+    edge = stats(server)["edge_cases"]
+    client.erase_users(edge["users_without_tickets"][:2])
+    text = caplog.text
+    assert "@example" not in text and "Synthetic ticket" not in text and "Example User" not in text
+
+
+def test_result_classification_and_constructor_checks():
+    assert _classify_result({"id": 1, "success": True}) == "ok"
+    assert _classify_result({"id": 1, "status": "Deleted"}) == "ok"
+    assert _classify_result({"id": 1, "success": False, "error": "RecordNotFound"}) == "missing"
+    assert _classify_result({"id": 1, "success": False, "errors": "Ticket not found"}) == "missing"
+    assert _classify_result({"id": 1, "success": False, "error": "PermissionDenied"}) == "failed"
+    with pytest.raises(ValueError):
+        ZendeskClient(email="a@example.org", api_token="t")
+    with pytest.raises(ValueError):
+        ZendeskClient(subdomain="acme", api_token="t")
+    c = ZendeskClient(subdomain="acme", oauth_token="abc")
+    assert c.base_url == "https://acme.zendesk.com" and c.session.session.headers["Authorization"] == "Bearer abc"
+    c.close()
