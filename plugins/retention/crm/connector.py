@@ -547,12 +547,12 @@ def _log_outcomes(action: str, record_type: str, outcome: dict[int, str]) -> Non
 
 def _frame(rows: Sequence[Any], columns: dict[str, str]) -> pd.DataFrame:
     names = list(columns)
-    raw = pd.DataFrame.from_records(list(rows), columns=names) if rows else pd.DataFrame(
-        {n: pd.Series([], dtype=object) for n in names}
-    )
+    data = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     out = {}
-    for name, dtype in columns.items():
-        s = raw[name]
+    for name, values, dtype in zip(names, data, columns.values(), strict=True):
+        raw = np.empty(len(values), dtype=object)
+        raw[:] = values
+        s = pd.Series(raw, dtype=object)
         if dtype == TS:
             out[name] = _to_utc(s)
         elif dtype == "bool":
@@ -594,12 +594,16 @@ def _to_bool(s: pd.Series) -> pd.Series:
         return s
     if s.dtype.kind in "iuf":
         return s.fillna(0).astype(bool)
+    values = s.to_numpy(dtype=object)
+    null = pd.isna(values)
+    present = values[~null]
+    if len(present) and isinstance(present[0], str):  # a database column has one type
+        out = np.array([_text_bool(v) for v in np.where(null, False, values)], dtype=bool)
+    else:
+        out = np.zeros(len(values), dtype=bool)
+        out[~null] = present.astype(bool)
+    return pd.Series(out, index=s.index, dtype=bool)
 
-    def one(v: Any) -> bool:
-        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
-            return False
-        if isinstance(v, str):
-            return v.strip().lower() in _TRUE_STRINGS
-        return bool(v)
 
-    return pd.Series([one(v) for v in s], index=s.index, dtype=bool)
+def _text_bool(v: Any) -> bool:
+    return v.strip().lower() in _TRUE_STRINGS if isinstance(v, str) else bool(v)
