@@ -133,7 +133,7 @@ class _Writer:
         s = np.datetime_as_string(np.asarray(epoch_s, dtype="int64").astype("datetime64[s]"), unit="s")
         if self.pg or s.size == 0:
             return s
-        return np.char.add(np.char.replace(s, "T", " "), ".000000")
+        return _cat(np.char.replace(s, "T", " "), ".000000")
 
     def finish(self) -> None:
         if self.pg:
@@ -164,6 +164,23 @@ def _pylist(v: Any) -> list:
             return v.astype(int).tolist()
         return v.tolist()
     return [int(x) if isinstance(x, (bool, np.bool_)) else x for x in v]
+
+
+def _cat(*parts: Any) -> np.ndarray:
+    """Element-wise string concatenation of arrays and scalars (empty arrays allowed, which
+    numpy's own string functions reject)."""
+    arrays = [p for p in parts if isinstance(p, np.ndarray)]
+    n = len(arrays[0]) if arrays else 1
+    if n == 0:
+        return np.array([], dtype=str)
+    out = np.full(n, "", dtype=str)
+    for p in parts:
+        out = np.strings.add(out, p.astype(str) if isinstance(p, np.ndarray) else str(p))
+    return out
+
+
+def _zfill(a: np.ndarray, width: int) -> np.ndarray:
+    return np.char.zfill(a.astype(str), width) if a.size else a.astype(str)
 
 
 def _dates(d: np.ndarray) -> np.ndarray:
@@ -444,7 +461,7 @@ class _Bulk:
         kinds = np.array(["active"] * n_active + ["recent"] * n_recent + ["old"] * n_old)
         rng.shuffle(kinds)
         w = self.w
-        w.write("organisation", {"id": ids, "name": np.char.add("Synthetic Org ", ids.astype(str))})
+        w.write("organisation", {"id": ids, "name": _cat("Synthetic Org ", ids)})
 
         today = self.today
         org_ids, starts, ends = [], [], []  # ends: days from today (None = open)
@@ -521,9 +538,7 @@ class _Bulk:
         last = now_s - ago
         created = last - rng.integers(0, 4 * 365 * DAY, n)
         mail = rng.random(n)
-        email = np.char.add(
-            np.char.add("contact", ids.astype(str)), np.char.add("@", DOMAINS[ids % len(DOMAINS)])
-        ).astype(object)
+        email = _cat("contact", ids, "@", DOMAINS[ids % len(DOMAINS)]).astype(object)
         email[mail < 0.02] = ""
         first = FIRST_NAMES[rng.integers(0, len(FIRST_NAMES), n)]
         last_name = LAST_NAMES[rng.integers(0, len(LAST_NAMES), n)]
@@ -536,11 +551,9 @@ class _Bulk:
                 "first_name": first,
                 "last_name": last_name,
                 "email": email,
-                "phone": np.char.add("555-", np.char.zfill((ids % 10_000).astype(str), 4)),
-                "workplace": np.where(member, np.char.add("Synthetic Org ", org.astype(str)), "Example Prospects AB"),
-                "address": np.char.add(
-                    np.char.add((ids % 97 + 1).astype(str), " "), STREETS[ids % len(STREETS)]
-                ),
+                "phone": _cat("555-", _zfill(ids % 10_000, 4)),
+                "workplace": np.where(member, _cat("Synthetic Org ", org), "Example Prospects AB"),
+                "address": _cat(ids % 97 + 1, " ", STREETS[ids % len(STREETS)]),
                 "role": ROLES[rng.integers(0, len(ROLES), n)],
                 "last_interaction_at": w.ts(last),
                 "opted_out": opted,
@@ -556,7 +569,7 @@ class _Bulk:
         nid = self.take("communication_note", len(cid))
         w.write(
             "communication_note",
-            {"id": nid, "contact_id": cid, "noted_at": w.ts(noted), "body": np.char.add("Synthetic note ", nid.astype(str))},
+            {"id": nid, "contact_id": cid, "noted_at": w.ts(noted), "body": _cat("Synthetic note ", nid)},
         )
         # Event participation tags.
         cnt = rng.poisson(self.tags, n)
@@ -594,7 +607,7 @@ class _Bulk:
                 "contact_id": cid,
                 "survey_name": SURVEYS[rng.integers(0, len(SURVEYS), m)],
                 "survey_closed_at": w.ts(now_s - rng.integers(0, 730 * DAY, m)),
-                "answers": np.char.add('{"q1": ', np.char.add(rng.integers(1, 6, m).astype(str), "}")),
+                "answers": _cat('{"q1": ', rng.integers(1, 6, m), "}"),
             },
         )
         # Invoices: financial years ending 31 Dec or 30 Jun, 1..10 years back.
@@ -613,12 +626,12 @@ class _Bulk:
             {
                 "id": iid,
                 "contact_id": cid,
-                "invoice_number": np.char.add("INV-", np.char.zfill(iid.astype(str), 8)),
+                "invoice_number": _cat("INV-", _zfill(iid, 8)),
                 "issued_on": _dates(fy_end - rng.integers(0, 365, m).astype("timedelta64[D]")),
                 "financial_year_end": _dates(fy_end),
-                "amount": np.char.mod("%.2f", rng.integers(50_000, 2_000_000, m) / 100),
-                "billing_name": np.char.add("Synthetic Billing ", cid.astype(str)),
-                "billing_address": np.char.add(np.char.add((cid % 89 + 1).astype(str), " "), STREETS[cid % len(STREETS)]),
+                "amount": _cat(rng.integers(500, 20_000, m), ".", _zfill(rng.integers(0, 100, m), 2)),
+                "billing_name": _cat("Synthetic Billing ", cid),
+                "billing_address": _cat(cid % 89 + 1, " ", STREETS[cid % len(STREETS)]),
             },
         )
         # Manual holds on a few contacts: no expiry, live, expired.
