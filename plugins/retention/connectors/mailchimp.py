@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Self, TypeVar
@@ -87,9 +86,9 @@ class MailchimpClient:
             max_retries=max_retries,
             backoff=backoff,
             timeout=timeout,
-            sleep=self._sleep_before_retry,
         )
         self._freeze_environment()
+        self._watch_attempts()
 
     def __repr__(self) -> str:  # never show the key
         return f"MailchimpClient(base_url={self.base_url!r}, max_connections={self.max_connections})"
@@ -117,11 +116,29 @@ class MailchimpClient:
         inner.verify = env.get("verify", True)
         inner.trust_env = False
 
-    def _sleep_before_retry(self, seconds: float) -> None:
-        # RetryingSession calls this before every retry: remember, per thread, that the current
-        # call needed one (delete_permanent reads it to interpret a 404).
-        self._attempts.retried = True
-        time.sleep(seconds)
+    def _watch_attempts(self) -> None:
+        """Note, per thread, when an attempt ended ambiguously (5xx or a lost connection).
+
+        After such an attempt the server may or may not have applied the request; after a 429
+        it has not (Mailchimp refuses before doing anything). :meth:`delete_permanent` uses
+        this to read a 404 on a retry. Wraps the inner ``requests.Session.request`` that
+        :class:`~retention.http.RetryingSession` calls once per attempt.
+        """
+        inner = self.session.session
+        send = inner.request
+        attempts = self._attempts
+
+        def request(*args: Any, **kwargs: Any) -> Any:
+            try:
+                response = send(*args, **kwargs)
+            except Exception:
+                attempts.ambiguous = True
+                raise
+            if response.status_code >= 500:
+                attempts.ambiguous = True
+            return response
+
+        inner.request = request
 
     @staticmethod
     def subscriber_hash(email: str) -> str:
@@ -263,25 +280,29 @@ class MailchimpClient:
     def delete_permanent(self, list_id: str, subscriber_hash: str) -> str:
         """Erase one member for good: ``"erased"`` (204) or ``"already_gone"`` (404).
 
-        A 404 on the *first* attempt means the member was not there: ``"already_gone"``. A
-        404 after a retry (the earlier attempt was throttled, failed with 5xx or lost its
-        connection) is reported as ``"erased"``: the usual cause is that an earlier attempt of
-        this very call went through and only its response was lost. Callers treat both as
-        success. Raises :class:`~retention.http.HTTPError` when the call fails for good.
+        A 404 means the member is not (any longer) there. It is reported as
+        ``"already_gone"``, unless an earlier attempt of this same call ended ambiguously (a
+        5xx or a lost connection, after which the erasure may have been applied with only its
+        response lost): then it is reported as ``"erased"``, since the usual cause is that our
+        own earlier attempt went through. A 404 after 429s only is ``"already_gone"`` (a 429
+        is refused before anything happens). Callers treat both outcomes as success. Raises
+        :class:`~retention.http.HTTPError` when the call fails for good.
         """
-        self._attempts.retried = False
-        response = self.session.request(
-            "POST",
-            f"{self._member_path(list_id, subscriber_hash)}/actions/delete-permanent",
-            endpoint="delete-permanent",
-            ok=(204, 200),
-            accept=(404,),
-        )
-        retried = getattr(self._attempts, "retried", False)
-        self._attempts.retried = False
+        self._attempts.ambiguous = False
+        try:
+            response = self.session.request(
+                "POST",
+                f"{self._member_path(list_id, subscriber_hash)}/actions/delete-permanent",
+                endpoint="delete-permanent",
+                ok=(204, 200),
+                accept=(404,),
+            )
+            ambiguous = getattr(self._attempts, "ambiguous", False)
+        finally:
+            self._attempts.ambiguous = False
         response.close()
         if response.status_code == 404:
-            return ERASED if retried else ALREADY_GONE
+            return ERASED if ambiguous else ALREADY_GONE
         return ERASED
 
     def delete_permanent_many(

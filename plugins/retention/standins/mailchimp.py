@@ -31,7 +31,7 @@ Admin endpoints (no auth, not under ``/3.0``):
   ``drops``, ``max_in_flight``, ``in_flight``.
 * ``POST /_standin/faults`` with JSON, all keys optional: ``throttle_next``, ``error_next``,
   ``error_status`` (default 503), ``drop_next``, ``slow_ms``, ``match`` (a substring of
-  ``"METHOD /path"``; default: every API request). The next N matching API requests get a 429,
+  ``"METHOD /path?query"``; default: every API request). The next N matching API requests get a 429,
   a 5xx or a dropped connection (in that order of precedence); a drop happens *after* the
   request took effect and before the response is written (a delete-permanent is applied, then
   the connection is cut). ``slow_ms`` delays every matching response until cleared. ``{}``
@@ -608,7 +608,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         left = False
         try:
-            fault, delay, error_status = control.take_fault(f"{method} {path}")
+            fault, delay, error_status = control.take_fault(f"{method} {self.path}")
             if delay:
                 time.sleep(delay)
             if fault == "throttle":
