@@ -1,0 +1,158 @@
+"""CrmHook: an Airflow Connection (from AIRFLOW_CONN_CRM_DEFAULT) → a working CrmConnector."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import yaml
+from retention.crm import schema, synthetic
+from retention.crm.connector import CrmConnector
+from retention.crm.mapping import MappingError
+
+ROOT = Path(__file__).resolve().parents[1]
+NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    url = os.environ.get("RETENTION_TEST_PG_URL")
+    if not url:
+        proc = subprocess.run(
+            [str(ROOT / "scripts" / "postgres.sh"), "retention_crm_test"],
+            check=False, capture_output=True, text=True, timeout=600,
+        )
+        if proc.returncode != 0 or not proc.stdout.strip():
+            pytest.fail(f"PostgreSQL for the CRM tests could not be started:\n{proc.stderr}", pytrace=False)
+        url = proc.stdout.strip().splitlines()[-1]
+    return sa.make_url(url)
+
+
+@pytest.fixture
+def crm_db(tmp_path):
+    path = tmp_path / "crm.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    synthetic.generate(engine, contacts=120, seed=4, now=NOW)
+    engine.dispose()
+    return path
+
+
+def set_conn(monkeypatch, **conn) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_CRM_DEFAULT", json.dumps(conn))
+
+
+def test_import_reads_nothing(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_CRM_DEFAULT", raising=False)
+    sys.modules.pop("retention.hooks.crm", None)
+    module = importlib.import_module("retention.hooks.crm")
+    hook = module.CrmHook()  # no connection needed until get_conn()
+    assert hook.crm_conn_id == "crm_default"
+    assert (module.CrmHook.conn_name_attr, module.CrmHook.default_conn_name, module.CrmHook.conn_type) == (
+        "crm_conn_id", "crm_default", "crm"
+    )
+
+
+def test_crm_connection_with_sqlalchemy_url_mapping_and_chunk_size(monkeypatch, crm_db):
+    from retention.hooks.crm import CrmHook
+
+    set_conn(
+        monkeypatch,
+        conn_type="crm",
+        extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "mapping": "include/crm_mapping.yaml", "chunk_size": 25},
+    )
+    connector = CrmHook().get_conn()
+    assert isinstance(connector, CrmConnector)
+    assert connector.chunk_size == 25
+    assert Path(connector.mapping.source).resolve() == ROOT / "include" / "crm_mapping.yaml"
+    frames = list(connector.iter_frames("crm_contact", now=NOW))
+    assert len(frames) == 5 and sum(len(f) for f in frames) == 120
+
+
+def test_sqlite_uri_connection(monkeypatch, crm_db):
+    from retention.hooks.crm import CrmHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_CRM_DEFAULT", f"sqlite:///{crm_db}")
+    hook = CrmHook()
+    assert hook.get_sqlalchemy_url().database == str(crm_db)
+    connector = hook.get_conn()
+    assert connector.chunk_size == 50_000
+    assert len(connector.read_frame("crm_invoice", now=NOW)) > 0
+    assert hook.test_connection()[0]
+
+
+def test_postgres_uri_connection(monkeypatch, pg_url):
+    from retention.hooks.crm import CrmHook
+
+    namespace = f"crm_hook_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{namespace}"')
+    try:
+        # JSON form of a postgres Connection; the extra URL pins the test's namespace.
+        url = pg_url.set(query={"options": f"-csearch_path={namespace}"})
+        set_conn(
+            monkeypatch,
+            conn_type="postgres", host=pg_url.host, port=pg_url.port, login=pg_url.username,
+            schema=pg_url.database,
+        )
+        hook = CrmHook()
+        built = hook.get_sqlalchemy_url()
+        assert (built.drivername, built.host, built.port, built.database) == (
+            "postgresql+psycopg2", pg_url.host, pg_url.port, pg_url.database
+        )
+        set_conn(monkeypatch, conn_type="postgres", host="unused.invalid",
+                 extra={"sqlalchemy_url": url.render_as_string(hide_password=False)})
+        hook = CrmHook()
+        engine = hook.get_engine()
+        schema.create_schema(engine)
+        synthetic.generate(engine, contacts=50, seed=1, now=NOW)
+        connector = hook.get_conn()
+        assert connector.dialect == "postgresql"
+        assert len(connector.read_frame("crm_contact", now=NOW)) == 50
+        engine.dispose()
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+        admin.dispose()
+
+
+def test_postgresql_uri_form_is_understood(monkeypatch):
+    from retention.hooks.crm import CrmHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_CRM_DEFAULT", "postgresql://crm_user:secret@db.example.org:5433/crm")
+    url = CrmHook().get_sqlalchemy_url()
+    assert (url.drivername, url.username, url.host, url.port, url.database) == (
+        "postgresql+psycopg2", "crm_user", "db.example.org", 5433, "crm"
+    )
+
+
+def test_mapping_path_errors_are_clear(monkeypatch, crm_db, tmp_path):
+    from retention.hooks.crm import CrmHook
+
+    bad = tmp_path / "crm_mapping.yaml"
+    bad.write_text(yaml.safe_dump({"tables": {"contact": {"columns": {"email": "mail"}}}}), encoding="utf-8")
+    set_conn(monkeypatch, conn_type="crm", extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "mapping": str(bad)})
+    connector = CrmHook().get_conn()
+    with pytest.raises(MappingError, match=r"crm_mapping\.yaml.*'contact'.*'email'.*'mail'"):
+        connector.read_frame("crm_contact", now=NOW)
+    ok, message = CrmHook().test_connection()
+    assert not ok and "MappingError" in message
+    set_conn(monkeypatch, conn_type="crm", extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "mapping": "nope.yaml"})
+    with pytest.raises(MappingError, match="nope.yaml"):
+        CrmHook().get_conn()
+
+
+def test_unsupported_connection_type(monkeypatch):
+    from retention.hooks.crm import CrmHook
+
+    set_conn(monkeypatch, conn_type="http", host="crm.example.org")
+    with pytest.raises(ValueError, match="unsupported conn_type"):
+        CrmHook().get_conn()
