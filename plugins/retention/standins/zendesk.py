@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -77,6 +78,8 @@ CLOSED = zd.STATUS_CODE["closed"]
 ACTIVE, SOFT_DELETED, USER_GONE = 0, 1, 2
 MAX_IDS = 100
 MAX_EXPORT_PAGE = 1000
+JOB_RETENTION_SECONDS = 86_400  # Zendesk keeps job statuses for a day
+MAX_FINISHED_JOBS = 20_000
 _SHIFT = 32
 _LOW = (1 << _SHIFT) - 1
 STATE_VERSION = 1
@@ -86,6 +89,13 @@ def iso(ts: int) -> str | None:
     if ts is None or ts < 0:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(ts)))
+
+
+def iso_many(ts: np.ndarray) -> list[str | None]:
+    """:func:`iso` for a whole column at once (an export page)."""
+    ts = np.asarray(ts, dtype=np.int64)
+    text = np.datetime_as_string(np.maximum(ts, 0).astype("datetime64[s]"), unit="s").tolist()
+    return [None if t < 0 else f"{x}Z" for t, x in zip(ts.tolist(), text, strict=True)]
 
 
 def _encode_cursor(key: int) -> str:
@@ -165,16 +175,19 @@ class State:
         self.by_req_start = np.searchsorted(req_row[self.by_req_order], np.arange(n_u + 1))
         self.n_tickets, self.n_users = n_t, n_u
         # Jobs.
-        self.jobs: dict[str, dict] = {}
+        self.jobs: dict[str, dict] = {}  # insertion (= start) order
+        self.active: set[str] = set()
+        self.finished: Counter = Counter()
         self.job_heap: list[tuple[float, str]] = []
         self.job_cond = threading.Condition(self.lock)
         now = time.time()
         for job in meta.get("jobs", []):
-            self.jobs[job["id"]] = job
-            if job["state"] in ("queued", "working"):
+            if job["state"] in ("queued", "working"):  # interrupted by a restart: run again
+                job["state"] = "queued"
                 job["started"] = now
                 job["due"] = now + self.job_seconds
                 heapq.heappush(self.job_heap, (job["due"], job["id"]))
+            self._track(job)
         self.faults: dict = {}
 
     # --- construction / persistence --------------------------------------------------
@@ -290,16 +303,56 @@ class State:
             "tags": [],
         }
 
-    def metric_set_json(self, row: int) -> dict:
-        return {
-            "id": 500_000_000 + row + 1,
-            "ticket_id": row + 1,
-            "created_at": iso(self.t_created[row]),
-            "updated_at": iso(self.t_updated[row]),
-            "solved_at": iso(self.t_solved[row]),
-            "reopens": 0,
-            "replies": 1,
-        }
+    def tickets_page(self, rows: np.ndarray, base: str) -> list[dict]:
+        statuses = [zd.TICKET_STATUSES[min(int(c), DELETED)] for c in self.t_status[rows]]
+        requesters = self.t_requester[rows].tolist()
+        return [
+            {
+                "id": tid,
+                "url": f"{base}/api/v2/tickets/{tid}.json",
+                "status": status,
+                "requester_id": req,
+                "submitter_id": req,
+                "subject": f"Synthetic ticket {tid}",
+                "created_at": created,
+                "updated_at": updated,
+                "tags": [],
+            }
+            for tid, status, req, created, updated in zip(
+                (rows + 1).tolist(), statuses, requesters, iso_many(self.t_created[rows]),
+                iso_many(self.t_updated[rows]), strict=True,
+            )
+        ]
+
+    def metric_sets_page(self, rows: np.ndarray) -> list[dict]:
+        return [
+            {"id": 500_000_000 + tid, "ticket_id": tid, "created_at": created, "updated_at": updated,
+             "solved_at": solved, "reopens": 0, "replies": 1}
+            for tid, created, updated, solved in zip(
+                (rows + 1).tolist(), iso_many(self.t_created[rows]), iso_many(self.t_updated[rows]),
+                iso_many(self.t_solved[rows]), strict=True,
+            )
+        ]
+
+    def users_page(self, rows: np.ndarray, base: str) -> list[dict]:
+        roles = [zd.ROLES[int(c)] for c in self.u_role[rows]]
+        active = (self.u_state[rows] == ACTIVE).tolist()
+        return [
+            {
+                "id": uid,
+                "url": f"{base}/api/v2/users/{uid}.json",
+                "name": f"Example User {uid}",
+                "email": f"user{uid}@example.org",
+                "role": role,
+                "active": act,
+                "created_at": created,
+                "updated_at": updated,
+            }
+            for uid, role, act, created, updated in zip(
+                (rows + 1 + zd.USER_ID_BASE).tolist(), roles, active, iso_many(self.u_created[rows]),
+                iso_many(self.u_updated[rows]), strict=True,
+            )
+        ]
 
     def user_json(self, row: int, base: str) -> dict:
         uid = zd.USER_ID_BASE + row + 1
@@ -315,8 +368,29 @@ class State:
         }
 
     # --- jobs ------------------------------------------------------------------------
+    # A job keeps its ids, how many it processed and which of those were not found; the
+    # per-id ``results`` are rendered on request. Finished jobs are kept for a day (as Zendesk
+    # does), at most MAX_FINISHED_JOBS of them.
     def active_jobs(self) -> int:
-        return sum(1 for job in self.jobs.values() if job["state"] in ("queued", "working"))
+        return len(self.active)
+
+    def _track(self, job: dict) -> None:
+        self.jobs[job["id"]] = job
+        if job["state"] in ("queued", "working"):
+            self.active.add(job["id"])
+        else:
+            self.finished[job["state"]] += 1
+
+    def prune_jobs(self, now: float) -> None:
+        while self.jobs:
+            job_id, job = next(iter(self.jobs.items()))
+            if job_id in self.active:
+                break
+            too_many = len(self.jobs) - len(self.active) > MAX_FINISHED_JOBS
+            if not too_many and now - job["started"] < JOB_RETENTION_SECONDS:
+                break
+            del self.jobs[job_id]
+            self.finished[job["state"]] -= 1
 
     def new_job(self, job_type: str, ids: list[int], base: str, fail_after: int | None) -> dict:
         now = time.time()
@@ -328,31 +402,46 @@ class State:
             "started": now,
             "due": now + self.job_seconds,
             "fail_after": fail_after,
-            "results": None,
-            "progress": None,
+            "progress": 0,
+            "missing": [],
             "message": None,
             "base": base,
         }
-        self.jobs[job["id"]] = job
+        self._track(job)
         heapq.heappush(self.job_heap, (job["due"], job["id"]))
         self.counters[f"jobs_created_{job_type}"] += 1
         self.job_cond.notify_all()
+        self.prune_jobs(now)
         return job
 
-    def job_json(self, job: dict) -> dict:
+    def job_state(self, job: dict) -> str:
         state = job["state"]
         if state == "queued" and time.time() >= job["started"] + 0.2 * self.job_seconds:
-            state = "working"
+            return "working"
+        return state
+
+    def job_json(self, job: dict) -> dict:
+        state = self.job_state(job)
         done = state in ("completed", "failed")
+        results = None
+        if done:
+            missing = set(job["missing"])
+            results = []
+            for tid in job["ids"][: job["progress"]]:
+                if tid in missing:
+                    results.append({"id": tid, "action": "delete", "success": False, "status": "Failed",
+                                    "error": "RecordNotFound", "details": "Ticket not found"})
+                else:
+                    results.append({"id": tid, "action": "delete", "success": True, "status": "Deleted"})
         return {
             "id": job["id"],
             "url": f"{job['base']}/api/v2/job_statuses/{job['id']}.json",
             "job_type": job["job_type"],
             "status": state,
             "total": len(job["ids"]) if state != "queued" else None,
-            "progress": (job["progress"] if done else 0) if state != "queued" else None,
+            "progress": job["progress"] if state != "queued" else None,
             "message": job["message"],
-            "results": job["results"] if done else None,
+            "results": results,
         }
 
     def run_due_jobs(self, now: float) -> None:
@@ -367,7 +456,7 @@ class State:
         limit = job["fail_after"]
         todo = ids if limit is None else ids[: max(0, limit)]
         now = self.clock()
-        results = []
+        missing = []
         for tid in todo:
             row = self.ticket_row(tid)
             if job["job_type"] == "ticket_deletion":
@@ -386,14 +475,9 @@ class State:
                     self.t_status[row] = GONE
                     self.soft_tickets.discard(tid)
                     self.counters["permanent_ticket_deletions"] += 1
-            if ok:
-                results.append({"id": tid, "action": "delete", "success": True, "status": "Deleted"})
-            else:
-                results.append(
-                    {"id": tid, "action": "delete", "success": False, "status": "Failed", "error": "RecordNotFound",
-                     "details": "Ticket not found"}
-                )
-        job["results"] = results
+            if not ok:
+                missing.append(tid)
+        job["missing"] = missing
         job["progress"] = len(todo)
         if limit is not None:
             job["state"] = "failed"
@@ -401,12 +485,14 @@ class State:
         else:
             job["state"] = "completed"
             job["message"] = f"Completed at {iso(now)}"
+        self.active.discard(job["id"])
+        self.finished[job["state"]] += 1
         self.counters[f"jobs_{job['state']}"] += 1
 
     def jobs_by_status(self) -> dict[str, int]:
-        out = Counter()
-        for job in self.jobs.values():
-            out[self.job_json(job)["status"]] += 1
+        out = Counter({state: n for state, n in self.finished.items() if n})
+        for job_id in self.active:
+            out[self.job_state(self.jobs[job_id])] += 1
         return dict(out)
 
     # --- stats -----------------------------------------------------------------------
@@ -774,11 +860,11 @@ class App:
         keys = list(itertools.islice(index.irange(lower, upper, inclusive=(False, True)), per_page + 1))
         more = len(keys) > per_page
         keys = keys[:per_page]
-        rows = [(k & _LOW) - 1 for k in keys]
+        rows = np.array([(k & _LOW) - 1 for k in keys], dtype=np.int64)
         after = keys[-1] if keys else lower
         name = "tickets" if tickets else "users"
         body = {
-            name: [st.ticket_json(r, base) if tickets else st.user_json(r, base) for r in rows],
+            name: st.tickets_page(rows, base) if tickets else st.users_page(rows, base),
             "after_cursor": _encode_cursor(after),
             "after_url": f"{base}/api/v2/incremental/{name}/cursor.json?cursor={_encode_cursor(after)}",
             "before_cursor": None,
@@ -787,7 +873,7 @@ class App:
         }
         includes = ",".join(query.get("include", [])).split(",")
         if tickets and "metric_sets" in includes:
-            body["metric_sets"] = [st.metric_set_json(r) for r in rows]
+            body["metric_sets"] = st.metric_sets_page(rows)
         return body
 
 
@@ -850,6 +936,12 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "ZendeskStandIn/1"
     app: App  # set on the subclass made in serve()
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes: without this, Nagle's algorithm and the
+        # client's delayed ACK add ~40 ms to every keep-alive response.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format, *args):
         pass
