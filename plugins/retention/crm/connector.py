@@ -429,7 +429,9 @@ class CrmConnector:
         keeps invoice_number, issued_on, financial_year_end, amount, billing_name,
         billing_address), delete their notes, event participations, course registrations and
         survey responses, and the contact row. Outcome ``minimised`` (had invoices),
-        ``erased`` (had none), ``already_gone`` or ``held_legal_hold``.
+        ``erased`` (had none), ``already_gone`` or ``held_legal_hold`` (live manual hold on the
+        contact or on a child record that would be deleted; a manual hold on one of its
+        invoices does not block minimisation, since the invoice itself is kept).
         """
         ids = _distinct_ids(ids)
         if not ids:

@@ -46,6 +46,7 @@ class CrmHook(BaseHook):
         super().__init__(**kwargs)
         self.crm_conn_id = crm_conn_id
         self._engine: sa.Engine | None = None
+        self._conn: Any = None
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -65,9 +66,15 @@ class CrmHook(BaseHook):
             raise TypeError(f"connection {self.crm_conn_id!r}: extra must be a JSON object")
         return extra
 
+    def _connection(self) -> Any:
+        """The Airflow Connection, fetched once per hook."""
+        if self._conn is None:
+            self._conn = self.get_connection(self.crm_conn_id)
+        return self._conn
+
     def get_sqlalchemy_url(self) -> sa.URL:
         """The database URL from the Connection (``extra.sqlalchemy_url`` wins)."""
-        conn = self.get_connection(self.crm_conn_id)
+        conn = self._connection()
         return self._url(conn, self._extra(conn))
 
     def _url(self, conn: Any, extra: dict[str, Any]) -> sa.URL:
@@ -93,9 +100,8 @@ class CrmHook(BaseHook):
 
     def get_engine(self) -> sa.Engine:
         if self._engine is None:
-            conn = self.get_connection(self.crm_conn_id)
-            url = self._url(conn, self._extra(conn))
-            kwargs: dict[str, Any] = {"future": True}
+            url = self.get_sqlalchemy_url()
+            kwargs: dict[str, Any] = {}
             if url.get_backend_name() != "sqlite":
                 kwargs["pool_pre_ping"] = True
             self._engine = sa.create_engine(url, **kwargs)
@@ -103,16 +109,14 @@ class CrmHook(BaseHook):
         return self._engine
 
     def get_mapping(self) -> CrmMapping:
-        conn = self.get_connection(self.crm_conn_id)
-        path = self._extra(conn).get("mapping")
+        path = self._extra(self._connection()).get("mapping")
         if not path:
             return CrmMapping.default()
         return CrmMapping.load(resolve_path(str(path)))
 
     def get_conn(self) -> CrmConnector:
         """A connector on the Connection's database, with its mapping and chunk size."""
-        conn = self.get_connection(self.crm_conn_id)
-        extra = self._extra(conn)
+        extra = self._extra(self._connection())
         chunk_size = int(extra.get("chunk_size") or 50_000)
         return CrmConnector(self.get_engine(), self.get_mapping(), chunk_size=chunk_size)
 
