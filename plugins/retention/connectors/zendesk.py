@@ -116,6 +116,8 @@ class _PacedAdapter(HTTPAdapter):
 
 
 class ZendeskClient:
+    """Zendesk Support API client; thread safe. See the module docstring for the API facts."""
+
     def __init__(
         self,
         *,
@@ -199,10 +201,13 @@ class ZendeskClient:
         self.session.stats.add("requests")
 
     def stats(self) -> dict:
-        """Requests sent (``requests``, by family) and what the retry layer absorbed."""
+        """Requests sent (``requests``, ``by_family``), what the retry layer absorbed
+        (``throttled``, ``server_errors``, ``retries``) and seconds spent waiting for the pacers."""
         out = self.session.stats.as_dict()
         with self._count_lock:
             out["by_family"] = dict(self.request_counts)
+        pacers = (self.general, self.incremental, self.deleted_list, self.user_deletes)
+        out["paced_seconds"] = round(sum(p.waited for p in pacers), 3)
         return out
 
     def close(self) -> None:
