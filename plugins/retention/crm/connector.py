@@ -562,7 +562,10 @@ def _frame(rows: Sequence[Any], columns: dict[str, str]) -> pd.DataFrame:
         elif dtype == "int64":
             out[name] = pd.to_numeric(s, errors="raise").astype("int64")
         elif dtype == "Int64":
-            out[name] = pd.to_numeric(s, errors="coerce").astype("Int64")
+            try:  # exact for any 64-bit id (no detour through float)
+                out[name] = pd.Series(pd.array(raw, dtype="Int64"))
+            except (TypeError, ValueError):  # text or junk in an id column of a foreign CRM
+                out[name] = pd.to_numeric(s, errors="coerce").astype("Int64")
         else:
             out[name] = s.astype("str")
     return pd.DataFrame(out, columns=names)
