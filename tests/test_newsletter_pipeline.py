@@ -1,0 +1,170 @@
+"""retention_nightly end to end for the newsletter: real Airflow runs (dag.test) against the
+Mailchimp stand-in over real HTTP, with faults, dry run, the plan guard, and no personal data
+in logs, XComs, the ledger or the report."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from airflow_run import run_dag, task_states, xcom_values
+from retention.standins.mailchimp_data import generate_members
+from retention.standins.process import StandIn
+
+SEED = 11
+MEMBERS = 1500
+NOW = "2026-11-20T12:00:00+00:00"
+KEY = "standin-key-us0"
+GONE = ("unsubscribed", "cleaned", "archived")
+
+
+@pytest.fixture
+def mailchimp(tmp_path, monkeypatch, retention_home):
+    standin = StandIn(
+        "mailchimp", "--port", "0", "--state-file", str(tmp_path / "mc.state"), "--members", str(MEMBERS),
+        "--seed", str(SEED), "--now", NOW, "--api-key", KEY,
+    ).start()
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MAILCHIMP_DEFAULT",
+        json.dumps({"conn_type": "mailchimp", "host": f"{standin.base_url}/3.0", "password": KEY, "extra": {"list_id": "demo-list"}}),
+    )
+    yield standin
+    standin.stop()
+
+
+def stats(standin) -> dict:
+    return requests.get(f"{standin.base_url}/_standin/stats", timeout=10).json()
+
+
+def faults(standin, **spec) -> None:
+    requests.post(f"{standin.base_url}/_standin/faults", json=spec, timeout=10).raise_for_status()
+
+
+def all_members(standin) -> dict[str, str]:
+    out, offset = {}, 0
+    while True:
+        page = requests.get(
+            f"{standin.base_url}/3.0/lists/demo-list/members",
+            params={"count": 1000, "offset": offset, "fields": "members.id,members.status,total_items"},
+            auth=("x", KEY), timeout=30,
+        ).json()
+        out.update({m["id"]: m["status"] for m in page["members"]})
+        offset += 1000
+        if offset >= page["total_items"]:
+            return out
+
+
+def ledger_rows(home) -> list[dict]:
+    engine = sa.create_engine(f"sqlite:///{home / 'ledger.db'}")
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.text("select * from erasure_ledger")).mappings()]
+
+
+def expected_due(members_before: dict[str, str]) -> set[str]:
+    return {h for h, s in members_before.items() if s in GONE}
+
+
+def assert_only_due_erased(before: dict[str, str], after: dict[str, str]) -> None:
+    assert not {s for s in after.values()} & set(GONE), "an unsubscribed/cleaned/archived member survived"
+    for h, status in before.items():
+        if status in ("subscribed", "transactional"):
+            assert after.get(h) == status, "a subscribed member was touched"
+    # Nothing disappeared that was not due: everything gone was unsubscribed/cleaned/archived or old pending.
+    vanished = set(before) - set(after)
+    assert {before[h] for h in vanished} <= {*GONE, "pending"}
+
+
+@pytest.mark.airflow
+def test_nightly_run_erases_due_members_once_and_second_run_nothing(mailchimp, retention_home, capfd):
+    before = all_members(mailchimp)
+    dr = run_dag({"systems": ["newsletter"]})
+    assert dr.state == "success", task_states(dr)
+    after = all_members(mailchimp)
+    assert_only_due_erased(before, after)
+    erased = set(before) - set(after)
+    assert expected_due(before) <= erased
+    s = stats(mailchimp)
+    assert s["permanent_deletes"] == len(erased)
+    assert s["archives"] == 0, "the archiving DELETE must never be used"
+    assert s["max_in_flight"] <= 10
+
+    rows = ledger_rows(retention_home)
+    assert len(rows) == len(erased)
+    assert {r["status"] for r in rows} == {"erased"}
+    assert all(r["completed_at"] and r["policy_version"] and len(r["record_key"]) == 32 for r in rows)
+    assert not {r["record_key"] for r in rows} & set(before), "the ledger must hold pseudonyms, not subscriber hashes"
+
+    report = json.loads((retention_home / "reports" / "latest.json").read_text())
+    assert report["state"] == "success"
+    per_rule = report["ledger"]["newsletter"]
+    assert sum(v.get("erased", 0) for v in per_rule.values()) == len(erased)
+
+    # No seeded e-mail address or name anywhere we leave text behind.
+    members = generate_members(MEMBERS, seed=SEED, now=datetime.fromisoformat(NOW))
+    emails = {m["email_address"].lower() for m in members}
+    names = {m["full_name"].lower() for m in members}
+    out, err = capfd.readouterr()
+    texts = {
+        "task output": (out + err).lower(),
+        "xcom": " ".join(xcom_values(dr)).lower(),
+        "ledger": json.dumps(rows, default=str).lower(),
+        "report": "\n".join(p.read_text() for p in (retention_home / "reports").iterdir()).lower(),
+    }
+    for where, text in texts.items():
+        assert not [e for e in emails if e in text], f"an e-mail address leaked into the {where}"
+        assert not [n for n in names if n in text], f"a name leaked into the {where}"
+        assert not [h for h in erased if h in text], f"a subscriber hash leaked into the {where}"
+
+    dr2 = run_dag({"systems": ["newsletter"]})
+    assert dr2.state == "success", task_states(dr2)
+    assert stats(mailchimp)["permanent_deletes"] == len(erased), "the second run erased something"
+    assert len(ledger_rows(retention_home)) == len(erased)
+
+
+@pytest.mark.airflow
+def test_faults_still_erase_every_planned_member_exactly_once(mailchimp, retention_home):
+    before = all_members(mailchimp)
+    faults(mailchimp, throttle_next=40, error_next=25, drop_next=15, match="delete-permanent")
+    dr = run_dag({"systems": ["newsletter"]})
+    assert dr.state == "success", task_states(dr)
+    after = all_members(mailchimp)
+    assert_only_due_erased(before, after)
+    erased = set(before) - set(after)
+    s = stats(mailchimp)
+    assert s["throttled_injected"] == 40 and s["errors_injected"] == 25 and s["drops"] == 15
+    assert s["permanent_deletes"] == len(erased), "a member was deleted twice or a deletion was lost"
+    rows = ledger_rows(retention_home)
+    assert len(rows) == len(erased)
+    assert {r["status"] for r in rows} <= {"erased", "already_gone"}
+
+
+@pytest.mark.airflow
+def test_dry_run_erases_nothing(mailchimp, retention_home):
+    before = all_members(mailchimp)
+    dr = run_dag({"systems": ["newsletter"], "dry_run": True})
+    assert dr.state == "success", task_states(dr)
+    assert all_members(mailchimp) == before
+    assert stats(mailchimp)["permanent_deletes"] == 0
+    assert ledger_rows(retention_home) == []
+    report = json.loads((retention_home / "reports" / "latest.json").read_text())
+    assert report["dry_run"] is True
+    assert sum(report["systems"]["newsletter"]["erase"]["would"].values()) >= len(expected_due(before))
+
+
+@pytest.mark.airflow
+def test_plan_guard_halts_the_run_before_any_erasure(mailchimp, retention_home):
+    before = all_members(mailchimp)
+    dr = run_dag({"systems": ["newsletter"], "max_plan_share": 0.01})
+    assert dr.state == "failed"
+    states = task_states(dr)
+    assert states["newsletter.validate"] == "failed"
+    assert states["newsletter.erase"] == "upstream_failed"
+    assert all_members(mailchimp) == before
+    assert stats(mailchimp)["permanent_deletes"] == 0
+    assert ledger_rows(retention_home) == []
+    validation = json.loads((retention_home / "reports" / "latest.json").read_text())
+    assert validation["systems"]["newsletter"]["validation"] == "failed"
