@@ -13,7 +13,8 @@ What it mirrors of real Zendesk (see the Zendesk Support API reference):
   soft-deleted tickets appear with status ``"deleted"``, soft-deleted users with
   ``active: false``. Limited to ``--incremental-per-minute`` (10) requests per rolling minute.
 * ``GET /api/v2/tickets/show_many?ids=`` (<= 100, live tickets only), ``GET|PUT
-  /api/v2/tickets/{id}`` (PUT changes ``status``; used to close a ticket).
+  /api/v2/tickets/{id}`` (PUT changes ``status``; used to close a ticket), ``DELETE
+  /api/v2/tickets/{id}`` (single soft delete, 204).
 * ``DELETE /api/v2/tickets/destroy_many?ids=`` (<= 100, else 400): soft delete as a job.
   ``GET /api/v2/deleted_tickets`` lists soft-deleted tickets (cursor ``page[size]``/``page[after]``
   or offset ``page``/``per_page``; <= 100 a page; ``--deleted-list-per-minute`` (10) requests a
@@ -682,8 +683,8 @@ class App:
                     return 200, {"ticket": st.ticket_json(row, base)}
                 if method == "PUT":
                     return 200, {"ticket": self.update_ticket(row, base, body)}
-                if method == "DELETE":
-                    self.submit_job("ticket_deletion", [row + 1], base, fault_match)
+                if method == "DELETE":  # single soft delete: synchronous, 204
+                    st.execute(st.new_job("ticket_deletion", [row + 1], base, None))
                     return 204, None
         if head == "deleted_tickets":
             if len(seg) == 1 and method == "GET":
