@@ -191,9 +191,10 @@ def validate(run: RunInfo, system: str) -> dict:
     extracted = staging.read_json(system, "extract") or {}
     now = pd.Timestamp(extracted.get("extracted_at") or datetime.now(timezone.utc))
     source_holds = staging.read_extract(system, "legal_hold")
-    hold_ids = set()
+    hold_pairs: set[tuple[str, str]] = set()
     if source_holds is not None:
-        hold_ids = set(active_holds(source_holds, run.as_of_ts)["record_id"].astype(str))
+        live = active_holds(source_holds, run.as_of_ts)
+        hold_pairs = set(zip(live["record_type"].astype(str), live["record_id"].astype(str)))
     ledger_holds = _live_ledger_holds(_ledger(), run.as_of_ts)
     held_keys = set(ledger_holds["record_key"]) if len(ledger_holds) else set()
     outcomes = []
@@ -204,6 +205,7 @@ def validate(run: RunInfo, system: str) -> dict:
         except FileNotFoundError:
             continue
         outcomes.append(validate_extract(clean, record_type, now))
+        hold_ids = {rid for rt, rid in hold_pairs if rt == record_type}
         check = plan_check_frame(plan_frame, clean, record_type, hold_ids)
         if held_keys:
             destructive = check["action"].isin(["erase", "minimise"]).to_numpy()
