@@ -23,7 +23,7 @@ import requests
 from retention import config
 from retention.standins.process import StandIn
 
-SYSTEMS = ("newsletter", "crm")
+SYSTEMS = ("newsletter", "crm", "ticketing")
 MAILCHIMP_KEY = "standin-key-us0"
 LIST_ID = "demo-list"
 
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="plan and validate, erase nothing")
     p.add_argument("--reset", action="store_true", help="forget the demo systems' state and seed them afresh")
     p.add_argument("--members", type=int, default=5000, help="newsletter members to seed")
+    p.add_argument("--tickets", type=int, default=3000, help="support tickets to seed")
     p.add_argument("--contacts", type=int, default=3000, help="CRM contacts to seed")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
@@ -94,8 +95,22 @@ def main(argv: list[str] | None = None) -> int:
         "mailchimp", "--port", "0", "--state-file", str(demo / "mailchimp.state"), "--members", str(args.members),
         "--seed", str(args.seed), "--list-id", LIST_ID, "--api-key", MAILCHIMP_KEY,
     ).start()
+    say("starting the Zendesk stand-in")
+    zendesk = StandIn(
+        "zendesk", "--port", "0", "--state-file", str(demo / "zendesk.state"), "--tickets", str(args.tickets),
+        "--seed", str(args.seed), "--job-seconds", "0.2", "--incremental-per-minute", "600", "--user-deletes-per-10min", "7000",
+    ).start()
     try:
         before = _mailchimp_counts(mailchimp)
+        say(f"ticketing before the run: {_zendesk_counts(zendesk)}")
+        env["AIRFLOW_CONN_ZENDESK_DEFAULT"] = json.dumps(
+            {
+                "conn_type": "zendesk", "host": zendesk.base_url, "login": "agent@example.org", "password": "standin-token",
+                # The demo stand-in allows more than Zendesk's documented limits, so the demo is quick;
+                # the defaults of the client are the real ones.
+                "extra": {"incremental_per_minute": 600, "user_deletes_per_10min": 7000, "job_poll_interval": 0.2},
+            }
+        )
         say(f"newsletter before the run: {before}")
         env["AIRFLOW_CONN_MAILCHIMP_DEFAULT"] = json.dumps(
             {"conn_type": "mailchimp", "host": f"{mailchimp.base_url}/3.0", "password": MAILCHIMP_KEY, "extra": {"list_id": LIST_ID}}
@@ -108,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         code = _airflow("dags", "test", "retention_nightly", "--conf", conf, env=env, stream=True)
         say(f"airflow dags test finished with exit code {code} in {time.monotonic() - started:.0f}s")
         after = _mailchimp_counts(mailchimp)
+        say(f"ticketing after the run: {_zendesk_counts(zendesk)}")
     finally:
         mailchimp.stop()
+        zendesk.stop()
     say(f"newsletter after the run: {after}")
     say(f"CRM after the run: {_crm_counts(crm_url)}")
     latest = config.reports_dir() / "latest.json"
@@ -126,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{system}/{rule}": statuses.get("erased", 0)
         for system, rules in rep["ledger"].items()
         for rule, statuses in rules.items()
+        if statuses.get("erased")
     }
     say(f"erased per rule: {erased or 'nothing (nothing was due)'}")
     say(f"report: {config.reports_dir()}; ledger: {config.ledger_url()}")
@@ -154,6 +172,11 @@ def _crm_counts(url: str) -> dict:
         counts = {t.name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar() for t in metadata.sorted_tables}
     engine.dispose()
     return counts
+
+
+def _zendesk_counts(standin: StandIn) -> dict:
+    stats = requests.get(f"{standin.base_url}/_standin/stats", timeout=10).json()
+    return {k: stats[k] for k in ("tickets", "tickets_soft_deleted", "users", "users_soft_deleted") if k in stats}
 
 
 def _mailchimp_counts(standin: StandIn) -> dict:

@@ -137,17 +137,21 @@ def plan(run: RunInfo, system: str) -> dict:
     from retention.records import record_types_of
 
     plans, quarantined, qcounts, clean_counts = [], [], {}, {}
-    plan_so_far = pd.DataFrame(columns=["record_type", "record_id", "action"])
+    plan_so_far = pd.DataFrame(columns=["record_type", "record_id", "action", "deadline"])
+    frames_so_far: dict[str, pd.DataFrame] = {}
     for record_type in record_types_of(system):
         frame = staging.read_extract(system, record_type)
         if frame is None:
             continue
-        frame = derive_frame(record_type, frame, plan_so_far)
+        frame = derive_frame(record_type, frame, plan_so_far, frames_so_far)
+        frames_so_far[record_type] = frame
         clean, bad, counts = split_quarantine(frame, record_type, policy, now)
         staging.write_frame(system, f"clean_{record_type}", clean)
         p = plan_record_type(clean, record_type, policy, run.as_of_ts, source_holds)
         plans.append(p)
-        plan_so_far = pd.concat([plan_so_far, p[["record_type", "record_id", "action"]]], ignore_index=True)
+        if len(p):
+            cols = ["record_type", "record_id", "action", "deadline"]
+            plan_so_far = p[cols] if plan_so_far.empty else pd.concat([plan_so_far, p[cols]], ignore_index=True)
         if len(bad):
             quarantined.append(bad.assign(record_type=record_type))
             qcounts[record_type] = counts

@@ -42,12 +42,19 @@ def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, no
     for col in rt.past_only:
         if col in frame:
             mark((pd.to_datetime(frame[col], utc=True) > limit).fillna(False).to_numpy(dtype=bool), f"{col} in the future")
-    for rule in policy.rules_for(record_type):
+    # A record no applicable rule can judge (every such rule lacks its clock) is malformed.
+    applies_any = np.zeros(len(frame), dtype=bool)
+    judged = np.zeros(len(frame), dtype=bool)
+    rules = policy.rules_for(record_type)
+    for rule in rules:
         applies = _when_mask(frame, rule)
-        no_clock = np.ones(len(frame), dtype=bool)
+        has_clock = np.zeros(len(frame), dtype=bool)
         for col in rule.clocks:
-            no_clock &= frame[col].isna().to_numpy()
-        mark(applies & no_clock, f"no {'/'.join(rule.clocks)} for rule {rule.id}")
+            has_clock |= frame[col].notna().to_numpy()
+        applies_any |= applies
+        judged |= applies & has_clock
+    if rules:
+        mark(applies_any & ~judged, f"no clock for the rule that applies ({', '.join(sorted({c for r in rules for c in r.clocks}))})")
     return reason
 
 

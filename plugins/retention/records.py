@@ -76,8 +76,8 @@ RECORD_TYPES: dict[str, RecordType] = {
         RecordType(
             "ticket_user",
             "ticketing",
-            columns=("role", "tickets_remaining", "last_ticket_gone_at", "created_at"),
-            clocks=("last_ticket_gone_at", "created_at"),
+            columns=("role", "tickets_remaining", "last_ticket_gone_at", "created_at", "updated_at"),
+            clocks=("last_ticket_gone_at", "created_at", "updated_at"),
             required=("role",),
             protected={"role": ("agent", "admin")},
         ),

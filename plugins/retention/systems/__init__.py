@@ -5,16 +5,20 @@ from __future__ import annotations
 import pandas as pd
 
 
-def derive_frame(record_type: str, frame: pd.DataFrame, plan_so_far: pd.DataFrame) -> pd.DataFrame:
-    """Complete a frame from the plan of the record types planned before it.
+def derive_frame(record_type: str, frame: pd.DataFrame, plan_so_far: pd.DataFrame, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Complete a frame from the frames and plan of the record types planned before it.
 
     Ticket requesters can only be judged once their tickets are: a requester is erasable when
     none of their tickets will remain after this run.
     """
+    if record_type == "support_ticket":
+        from retention.systems.ticketing import latest_tickets
+
+        return latest_tickets(frame)
     if record_type == "ticket_user":
         from retention.systems.ticketing import derive_ticket_users
 
-        return derive_ticket_users(frame, plan_so_far)
+        return derive_ticket_users(frame, plan_so_far, frames)
     return frame
 
 
