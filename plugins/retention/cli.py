@@ -4,6 +4,9 @@
     hold add --record-type T --record-id ID --reason TEXT [--expires YYYY-MM-DD]
                                   put one record on the manual legal-hold list (stored by pseudonym)
     hold list                     the manual holds (pseudonyms, reasons, expiry)
+    explain --record-type T (--record-id ID | --record-key KEY) [--as-of ISO]
+                                  why one record is or is not planned (reads the system through
+                                  its Airflow Connection; erases nothing)
 """
 
 from __future__ import annotations
@@ -55,6 +58,31 @@ def _hold_list(args) -> int:
     return 0
 
 
+def _explain(args) -> int:
+    import json
+
+    from retention.explain import explain
+    from retention.records import RECORD_TYPES
+    from retention.systems import build_adapter
+
+    if args.record_type not in RECORD_TYPES:
+        print(f"unknown record type {args.record_type!r}; known: {', '.join(RECORD_TYPES)}", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(args.policy or config.policy_file())
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    adapter = build_adapter(RECORD_TYPES[args.record_type].system)
+    try:
+        as_of = pd.Timestamp(args.as_of).to_pydatetime() if args.as_of else None
+        result = explain(adapter, policy, args.record_type, record_id=args.record_id, record_key=args.record_key, as_of=as_of)
+    finally:
+        adapter.close()
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="retention", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     a.set_defaults(func=_hold_add)
     lst = hold.add_parser("list", help="list manual holds")
     lst.set_defaults(func=_hold_list)
+    ex = sub.add_parser("explain", help="why one record is or is not planned")
+    ex.add_argument("--record-type", required=True)
+    who = ex.add_mutually_exclusive_group(required=True)
+    who.add_argument("--record-id", help="the record's id in its system")
+    who.add_argument("--record-key", help="the pseudonymous key from the ledger or a report")
+    ex.add_argument("--as-of", help="ISO 8601 time to evaluate at (default: now)")
+    ex.add_argument("--policy", help="policy file (default: the configured one)")
+    ex.set_defaults(func=_explain)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
