@@ -35,9 +35,9 @@ def run_dag(conf: dict, dag_id: str = "retention_nightly"):
 
 
 def task_states(dagrun) -> dict[str, str]:
-    from airflow.utils.session import create_session
-    from airflow.models.taskinstance import TaskInstance
     import sqlalchemy as sa
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
 
     with create_session() as session:
         rows = session.execute(
@@ -49,9 +49,9 @@ def task_states(dagrun) -> dict[str, str]:
 
 
 def xcom_values(dagrun) -> list[str]:
+    import sqlalchemy as sa
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
-    import sqlalchemy as sa
 
     with create_session() as session:
         rows = session.execute(

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 import yaml
+
 from retention.crm import schema, synthetic
 from retention.crm.connector import FRAME_COLUMNS, RECORD_TYPES, CrmConnector
 from retention.crm.mapping import CrmMapping, MappingError

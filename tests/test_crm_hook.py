@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import yaml
+
 from retention.crm import schema, synthetic
 from retention.crm.connector import CrmConnector
 from retention.crm.mapping import MappingError

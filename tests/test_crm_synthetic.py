@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+
 from retention.crm import schema, synthetic
 from retention.crm.connector import RECORD_TYPES, CrmConnector
 

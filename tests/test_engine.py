@@ -1,8 +1,7 @@
-from datetime import datetime, timezone
+from datetime import UTC
 
 import numpy as np
 import pandas as pd
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,7 +9,7 @@ from retention.engine import explain_record, plan_record_type, plan_records
 from retention.policy import DEFAULT_POLICY, load_policy, parse_policy
 
 POLICY = load_policy()
-UTC = timezone.utc
+UTC = UTC
 
 
 def ts(s):

@@ -18,7 +18,7 @@ from retention.policy import load_policy
 from retention.pseudonym import Pseudonymizer
 from retention.systems.crm import CrmAdapter
 
-AS_OF = dt.datetime(2026, 11, 25, 12, tzinfo=dt.timezone.utc)
+AS_OF = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
 POLICY = load_policy()
 
 
@@ -26,7 +26,7 @@ POLICY = load_policy()
 def crm(tmp_path):
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
     schema.create_schema(engine)
-    ts = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+    ts = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
     with engine.begin() as c:
         c.execute(schema.organisation.insert(), [{"id": 1, "name": "Active Org"}, {"id": 2, "name": "Former Org"}])
         c.execute(
@@ -71,7 +71,7 @@ def test_explain_names_rule_deadline_and_decision(crm):
 
     by_key = explain(adapter, POLICY, "crm_contact", record_key=due["record_key"], as_of=AS_OF)
     assert by_key["decision"] == due["decision"]
-    before = explain(adapter, POLICY, "crm_contact", record_id="20", as_of=dt.datetime(2025, 2, 1, tzinfo=dt.timezone.utc))
+    before = explain(adapter, POLICY, "crm_contact", record_id="20", as_of=dt.datetime(2025, 2, 1, tzinfo=dt.UTC))
     assert before["decision"] == "not planned: no rule is due"
     with crm.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(schema.contact)).scalar() == 4, "explain erased something"

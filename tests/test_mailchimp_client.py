@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 import requests
+
 from retention.connectors.mailchimp import MailchimpClient, base_url_for_key
 from retention.http import HTTPError
 from retention.standins import mailchimp_data as md

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from retention.connectors.mailchimp import MailchimpClient
 from retention.hooks.mailchimp import MailchimpHook
 from retention.standins.process import StandIn

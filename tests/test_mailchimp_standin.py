@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 import requests
+
 from retention.standins import mailchimp_data as md
 from retention.standins.process import StandIn
 

@@ -5,8 +5,9 @@ in logs, XComs, the ledger or the report."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 
+import pandas as pd
 import pytest
 import requests
 import sqlalchemy as sa
@@ -168,3 +169,113 @@ def test_plan_guard_halts_the_run_before_any_erasure(mailchimp, retention_home):
     assert ledger_rows(retention_home) == []
     validation = json.loads((retention_home / "reports" / "latest.json").read_text())
     assert validation["systems"]["newsletter"]["validation"] == "failed"
+
+
+# --- pipeline steps called directly (no Airflow) ------------------------------------------
+
+def _adapter(standin):
+    from retention.connectors.mailchimp import MailchimpClient
+    from retention.systems.newsletter import NewsletterAdapter
+
+    return NewsletterAdapter(MailchimpClient(KEY, base_url=f"{standin.base_url}/3.0"), "demo-list")
+
+
+def _prepare(standin, run_id: str, adapter=None):
+    from retention import pipeline
+
+    run = pipeline.RunInfo.from_dict(pipeline.open_run("test", run_id, None, dry_run=False, max_plan_share=0.5))
+    pipeline.extract(run, "newsletter", adapter or _adapter(standin))
+    pipeline.plan(run, "newsletter")
+    pipeline.validate(run, "newsletter")
+    return run
+
+
+class KilledAfter:
+    """An adapter whose task 'dies' right after its n-th batch reached the provider."""
+
+    def __init__(self, inner, batches: int):
+        self.inner, self.left = inner, batches
+        self.system, self.record_types, self.erase_batch = inner.system, inner.record_types, 40
+
+    def erase(self, record_type, action, ids):
+        outcomes = self.inner.erase(record_type, action, ids)
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt("task killed")
+        return outcomes
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_killed_erase_resumes_without_repeating_or_losing_work(mailchimp, retention_home):
+    from retention import pipeline
+
+    before = all_members(mailchimp)
+    run = _prepare(mailchimp, "killed")
+    planned = len(run.staging.read_frame("newsletter", "plan"))
+    killer = KilledAfter(_adapter(mailchimp), batches=2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.erase(run, "newsletter", killer)
+    rows = ledger_rows(retention_home)
+    assert len(rows) == planned, "the write-ahead entries must all be there before the kill"
+    assert {r["status"] for r in rows} == {"erased", "planned"}
+    erased_before_kill = stats(mailchimp)["permanent_deletes"]
+    assert erased_before_kill == 80  # two batches of 40 reached the provider
+
+    resumed = _adapter(mailchimp)
+    resumed.erase_batch = 40
+    pipeline.erase(run, "newsletter", resumed)
+    pipeline.verify(run, "newsletter", resumed)
+    rows = ledger_rows(retention_home)
+    assert len(rows) == planned
+    assert {r["status"] for r in rows} <= {"erased", "already_gone"}
+    assert sum(r["status"] == "already_gone" for r in rows) == 40, "the killed batch went through before the kill"
+    assert stats(mailchimp)["permanent_deletes"] == planned, "a member was deleted twice or not at all"
+    assert_only_due_erased(before, all_members(mailchimp))
+
+
+class Corrupting:
+    """Hands the pipeline a few malformed records, as a misbehaving provider might."""
+
+    def __init__(self, inner, victims: list[str]):
+        self.inner, self.victims = inner, victims
+        self.system, self.record_types, self.erase_batch = inner.system, inner.record_types, inner.erase_batch
+
+    def extract(self, write, now):
+        def corrupt(record_type, frame):
+            no_email, bad_time, duplicate = self.victims
+            frame = frame.copy()
+            frame.loc[frame["record_id"] == no_email, "has_email"] = False
+            frame.loc[frame["record_id"] == bad_time, "last_changed"] = pd.NaT
+            dup = frame[frame["record_id"] == duplicate]
+            write(record_type, pd.concat([frame, dup], ignore_index=True))
+
+        self.inner.extract(corrupt, now)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_malformed_records_are_quarantined_counted_and_never_erased(mailchimp, retention_home):
+    from retention import pipeline
+
+    before = all_members(mailchimp)
+    victims = sorted(h for h, s in before.items() if s == "unsubscribed")[:3]
+    adapter = Corrupting(_adapter(mailchimp), victims)
+    run = _prepare(mailchimp, "malformed", adapter)
+    summary = run.staging.read_json("newsletter", "plan")
+    assert summary["quarantined"]["newsletter_member"] == {
+        "no e-mail address": 1,
+        "missing or invalid last_changed": 1,
+        "duplicate key": 2,
+    }
+    pipeline.erase(run, "newsletter", adapter)
+    pipeline.verify(run, "newsletter", adapter)
+    rep = pipeline.report(run, ("newsletter",))
+    assert rep["state"] == "success"
+    after = all_members(mailchimp)
+    assert set(victims) <= set(after), "a quarantined record was erased"
+    report = json.loads((retention_home / "reports" / "latest.json").read_text())
+    assert report["systems"]["newsletter"]["quarantined"]["newsletter_member"]["duplicate key"] == 2
+    assert not set(victims) & {r["record_key"] for r in ledger_rows(retention_home)}

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import requests
+
 from retention.connectors.zendesk import Pacer, ZendeskClient, _classify_result
 from retention.standins.process import StandIn
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from airflow.sdk.bases.hook import BaseHook
+
 from retention.connectors.zendesk import ZendeskClient
 from retention.hooks.zendesk import ZendeskHook
 from retention.standins.process import StandIn

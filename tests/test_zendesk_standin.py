@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 import requests
+
 from retention.standins import zendesk_data as zd
 from retention.standins.process import StandIn
 

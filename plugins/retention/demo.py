@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import requests
 
@@ -158,7 +158,7 @@ def _seed_crm(url: str, contacts: int, seed: int) -> None:
 
     engine = sa.create_engine(url)
     create_schema(engine)
-    generate(engine, contacts=contacts, seed=seed, now=datetime.now(timezone.utc))
+    generate(engine, contacts=contacts, seed=seed, now=datetime.now(UTC))
     engine.dispose()
 
 

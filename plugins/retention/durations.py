@@ -27,7 +27,7 @@ class Duration:
     text: str = "P0D"
 
     @classmethod
-    def parse(cls, text: str) -> "Duration":
+    def parse(cls, text: str) -> Duration:
         if not isinstance(text, str):
             raise ValueError(f"{text!r} is not an ISO 8601 duration (expected a string such as 'P1Y' or 'P90D')")
         m = _ISO.match(text.strip())

@@ -15,9 +15,9 @@ today would not.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Mapping
 
 import numpy as np
 import pandas as pd

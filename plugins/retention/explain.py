@@ -8,7 +8,7 @@ system or by the pseudonymous key the ledger and reports show.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 
@@ -39,7 +39,7 @@ def explain(
 ) -> dict:
     if record_type not in RECORD_TYPES:
         raise ValueError(f"unknown record type {record_type!r}; known: {', '.join(RECORD_TYPES)}")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     as_of_ts = pd.Timestamp(as_of or now)
     if as_of_ts.tzinfo is None:
         as_of_ts = as_of_ts.tz_localize("UTC")

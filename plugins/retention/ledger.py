@@ -11,8 +11,8 @@ ledger identifies a person without the pseudonym key.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
@@ -71,7 +71,7 @@ legal_hold = sa.Table(
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _chunks(seq: Sequence, size: int) -> Iterable[Sequence]:

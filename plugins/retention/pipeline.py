@@ -10,9 +10,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 import pandas as pd
 
@@ -47,7 +47,7 @@ class RunInfo:
     max_plan_share: float
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunInfo":
+    def from_dict(cls, d: dict) -> RunInfo:
         return cls(**d)
 
     def as_dict(self) -> dict:
@@ -81,7 +81,7 @@ def open_run(dag_id: str, run_id: str, as_of: datetime | None, *, dry_run: bool,
     policy_path = config.policy_file()
     policy = load_policy(policy_path)
     config.pseudonym_key()  # fail now, not after extracting, when the key is missing
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     # A run never enforces at a time that has not come yet.
     as_of_ts = min(pd.Timestamp(as_of or now), pd.Timestamp(now)).tz_convert("UTC")
     share = policy.plan_guard.max_share if max_plan_share is None else float(max_plan_share)
@@ -104,7 +104,7 @@ def extract(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     staging.reset_extract(system)
     writer = staging.extract_writer(system)
     started = time.monotonic()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for record_type in adapter.record_types:
         writer.declare(record_type)
     adapter.extract(writer.write, now)
@@ -130,7 +130,7 @@ def plan(run: RunInfo, system: str) -> dict:
     policy = run.policy()
     staging = run.staging
     extracted = staging.read_json(system, "extract") or {}
-    now = pd.Timestamp(extracted.get("extracted_at") or datetime.now(timezone.utc))
+    now = pd.Timestamp(extracted.get("extracted_at") or datetime.now(UTC))
     source_holds = staging.read_extract(system, "legal_hold")
     source_holds = active_holds(source_holds, run.as_of_ts) if source_holds is not None else empty_holds()
     pseudo = Pseudonymizer(config.pseudonym_key())
@@ -193,7 +193,7 @@ def validate(run: RunInfo, system: str) -> dict:
     staging = run.staging
     plan_frame = staging.read_frame(system, "plan")
     extracted = staging.read_json(system, "extract") or {}
-    now = pd.Timestamp(extracted.get("extracted_at") or datetime.now(timezone.utc))
+    now = pd.Timestamp(extracted.get("extracted_at") or datetime.now(UTC))
     source_holds = staging.read_extract(system, "legal_hold")
     hold_pairs: set[tuple[str, str]] = set()
     if source_holds is not None:
@@ -351,10 +351,10 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
     ledger_counts: dict = {}
     for row in ledger.counts(run.run_id):
         ledger_counts.setdefault(row["system"], {}).setdefault(row["rule_id"], {})[row["status"]] = row["n"]
-    finished = datetime.now(timezone.utc)
+    finished = datetime.now(UTC)
     seconds = None
     if started is not None:
-        started = started if started.tzinfo else started.replace(tzinfo=timezone.utc)
+        started = started if started.tzinfo else started.replace(tzinfo=UTC)
         seconds = round((finished - started).total_seconds(), 1)
     state = "success" if complete else "failed"
     rep = {

@@ -75,7 +75,7 @@ class Rule(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Rule":
+    def _consistent(self) -> Rule:
         rt = RECORD_TYPES[self.records]
         if rt.system != self.system:
             raise ValueError(f"field 'system': records {self.records!r} belong to system {rt.system!r}, not {self.system!r}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -37,7 +37,7 @@ class RunStaging:
     def reset_extract(self, system: str) -> None:
         shutil.rmtree(self.system_dir(system) / "extract", ignore_errors=True)
 
-    def extract_writer(self, system: str) -> "ExtractWriter":
+    def extract_writer(self, system: str) -> ExtractWriter:
         return ExtractWriter(self.system_dir(system) / "extract")
 
     def read_extract(self, system: str, record_type: str) -> pd.DataFrame | None:

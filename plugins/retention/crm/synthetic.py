@@ -275,7 +275,8 @@ class _EdgeCases:
         today, now = self.today, self.now
         one_year_ago = _minus_years(today, 1)
         rows: dict[str, list[dict[str, Any]]] = {t: [] for t in schema.metadata.tables}
-        ts = lambda d: now - d
+        def ts(d):
+            return now - d
 
         def org(name: str, periods: Sequence[tuple[dt.date, dt.date | None]]) -> int:
             oid = self._id("organisation")

@@ -32,7 +32,7 @@ class StandIn:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "StandIn":
+    def start(self) -> StandIn:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS_DIR), env.get("PYTHONPATH")]))
         env.update(self.env or {})
@@ -69,7 +69,7 @@ class StandIn:
         if self.proc.stdout:
             self.proc.stdout.close()
 
-    def __enter__(self) -> "StandIn":
+    def __enter__(self) -> StandIn:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import pandas as pd
 

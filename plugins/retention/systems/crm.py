@@ -9,8 +9,8 @@ plan was made still stops the erasure.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Sequence
 
 from retention.crm.connector import CrmConnector
 from retention.progress import Progress

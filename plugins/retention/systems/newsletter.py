@@ -6,8 +6,8 @@ member has one, and dropped at once: nothing downstream of the extract sees them
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Sequence
 
 import pandas as pd
 
