@@ -4,6 +4,8 @@
     hold add --record-type T --record-id ID --reason TEXT [--expires YYYY-MM-DD]
                                   put one record on the manual legal-hold list (stored by pseudonym)
     hold list                     the manual holds (pseudonyms, reasons, expiry)
+    crm init [--demo-contacts N]  create the reference CRM schema where missing (crm_default), and
+                                  seed N synthetic contacts into an empty CRM (demo / compose)
     explain --record-type T (--record-id ID | --record-key KEY) [--as-of ISO]
                                   why one record is or is not planned (reads the system through
                                   its Airflow Connection; erases nothing)
@@ -83,6 +85,26 @@ def _explain(args) -> int:
     return 0
 
 
+def _crm_init(args) -> int:
+    from datetime import datetime, timezone
+
+    import sqlalchemy as sa
+
+    from retention.crm import schema
+    from retention.crm.synthetic import generate
+    from retention.hooks.crm import CrmHook
+
+    engine = CrmHook().get_engine()
+    schema.create_schema(engine)
+    with engine.connect() as conn:
+        contacts = conn.execute(sa.select(sa.func.count()).select_from(schema.contact)).scalar()
+    print(f"CRM schema ready ({contacts} contacts)")
+    if args.demo_contacts and not contacts:
+        counts = generate(engine, contacts=args.demo_contacts, seed=args.seed, now=datetime.now(timezone.utc))
+        print(f"seeded synthetic CRM: {counts}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="retention", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     a.set_defaults(func=_hold_add)
     lst = hold.add_parser("list", help="list manual holds")
     lst.set_defaults(func=_hold_list)
+    crm = sub.add_parser("crm").add_subparsers(dest="action", required=True)
+    ci = crm.add_parser("init", help="create the CRM schema where missing; optionally seed demo data")
+    ci.add_argument("--demo-contacts", type=int, default=0)
+    ci.add_argument("--seed", type=int, default=42)
+    ci.set_defaults(func=_crm_init)
     ex = sub.add_parser("explain", help="why one record is or is not planned")
     ex.add_argument("--record-type", required=True)
     who = ex.add_mutually_exclusive_group(required=True)
