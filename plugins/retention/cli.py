@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC
 
 import pandas as pd
 
@@ -86,7 +87,7 @@ def _explain(args) -> int:
 
 
 def _crm_init(args) -> int:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import sqlalchemy as sa
 
@@ -100,7 +101,7 @@ def _crm_init(args) -> int:
         contacts = conn.execute(sa.select(sa.func.count()).select_from(schema.contact)).scalar()
     print(f"CRM schema ready ({contacts} contacts)")
     if args.demo_contacts and not contacts:
-        counts = generate(engine, contacts=args.demo_contacts, seed=args.seed, now=datetime.now(timezone.utc))
+        counts = generate(engine, contacts=args.demo_contacts, seed=args.seed, now=datetime.now(UTC))
         print(f"seeded synthetic CRM: {counts}")
     return 0
 

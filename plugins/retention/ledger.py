@@ -11,8 +11,9 @@ ledger identifies a person without the pseudonym key.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
@@ -68,6 +69,22 @@ legal_hold = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_hold_key", "record_type", "record_key"),
 )
+
+
+# One run at a time per system, across the nightly schedule, backfills and manual runs (Airflow
+# counts backfill runs apart from the DAG's max_active_runs). Held from extract to verify, so a
+# run plans against what the previous run left.
+system_lock = sa.Table(
+    "system_lock",
+    metadata,
+    sa.Column("system", sa.String(20), primary_key=True),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+class LockTimeout(RuntimeError):
+    pass
 
 
 def utcnow() -> datetime:
@@ -189,6 +206,54 @@ class Ledger:
             q = q.where(t.c.record_type == record_type)
         with self.engine.connect() as conn:
             return {(a, b) for a, b in conn.execute(q)}
+
+    # -- one run per system at a time ------------------------------------------------------
+    def acquire_system(
+        self, system: str, run_id: str, *, wait_seconds: float = 6 * 3600, poll_seconds: float = 5.0,
+        stale_after: timedelta = timedelta(hours=12), on_wait=None,
+    ) -> None:
+        """Take the system for this run, waiting while another running run holds it.
+
+        Re-entrant for the same run (a retried task). A lock whose run has ended (its report
+        released nothing because it was killed) or that is older than ``stale_after`` is taken over.
+        """
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            holder = None
+            try:
+                with self.engine.begin() as conn:
+                    row = conn.execute(sa.select(system_lock).where(system_lock.c.system == system)).mappings().first()
+                    if row is None:
+                        conn.execute(system_lock.insert().values(system=system, run_id=run_id, acquired_at=utcnow()))
+                        return
+                    if row["run_id"] == run_id:
+                        return
+                    state = conn.execute(sa.select(erasure_run.c.state).where(erasure_run.c.run_id == row["run_id"])).scalar()
+                    acquired = row["acquired_at"] if row["acquired_at"].tzinfo else row["acquired_at"].replace(tzinfo=UTC)
+                    if state != "running" or utcnow() - acquired > stale_after:
+                        taken = conn.execute(
+                            system_lock.update()
+                            .where(system_lock.c.system == system, system_lock.c.run_id == row["run_id"])
+                            .values(run_id=run_id, acquired_at=utcnow())
+                        ).rowcount
+                        if taken:
+                            return
+                    holder = row["run_id"]
+            except sa.exc.IntegrityError:
+                pass  # another run inserted first: look again
+            if time.monotonic() > deadline:
+                raise LockTimeout(f"{system} is still held by run {holder} after {wait_seconds:.0f}s")
+            if on_wait and holder:
+                on_wait(holder)
+            time.sleep(poll_seconds)
+
+    def release_system(self, system: str, run_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(system_lock.delete().where(system_lock.c.system == system, system_lock.c.run_id == run_id))
+
+    def release_run(self, run_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(system_lock.delete().where(system_lock.c.run_id == run_id))
 
     # -- manual holds -------------------------------------------------------------------
     def add_hold(self, record_type: str, record_key: str, reason: str, expires_at: datetime | None) -> None:

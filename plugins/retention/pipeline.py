@@ -100,6 +100,14 @@ def open_run(dag_id: str, run_id: str, as_of: datetime | None, *, dry_run: bool,
 
 
 def extract(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
+    last_note = [0.0]
+
+    def waiting(holder: str) -> None:
+        if time.monotonic() - last_note[0] > 60:
+            last_note[0] = time.monotonic()
+            log.info("%s: waiting for run %s to finish with this system", system, holder)
+
+    _ledger().acquire_system(system, run.run_id, on_wait=waiting)
     staging = run.staging
     staging.reset_extract(system)
     writer = staging.extract_writer(system)
@@ -303,6 +311,7 @@ def verify(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     if run.dry_run:
         summary = {"dry_run": True, "checked": 0, "still_present": 0}
         staging.write_json(system, "verify", summary)
+        _ledger().release_system(system, run.run_id)
         return summary
     plan_frame = staging.read_frame(system, "plan")
     statuses = _ledger().statuses(run.run_id, system)
@@ -319,6 +328,7 @@ def verify(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
             log.error("%s: %d %s records the ledger marks erased are still present", system, len(present), record_type)
     summary = {"dry_run": False, "checked": checked, "still_present": still}
     staging.write_json(system, "verify", summary)
+    _ledger().release_system(system, run.run_id)
     if still:
         raise RuntimeError(f"{system}: verification failed: {still} erased records are still present")
     log.info("%s: verified %d erasures, none present", system, checked)
@@ -371,6 +381,7 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
     for line in text.splitlines():
         log.info("%s", line)
     ledger.close_run(run.run_id, state, rep)
+    ledger.release_run(run.run_id)  # whatever failed on the way, the systems are free again
     if complete and not os.environ.get("RETENTION_KEEP_STAGING"):
         staging.remove()
     return {"state": state, "report": str(out / f"{stem}.json")}
