@@ -14,6 +14,10 @@ What it relies on, from the Zendesk Support API reference:
   requester of a ticket that is not closed; ``DELETE /api/v2/deleted_users/{id}`` then deletes
   for good, at most 700 users per 10 minutes.
 * Account-wide limit of N requests per minute by plan; 429 with ``Retry-After`` beyond it.
+* Erasure requests: ``GET /api/v2/users/search?query=email:{address}`` finds a user by e-mail
+  (offset pagination, ``next_page``); ``GET /api/v2/users/{id}/tickets/requested`` lists the
+  tickets a user requested (cursor pagination ``page[size]``/``page[after]``). Zendesk leaves
+  archived tickets (closed for 120 days) out of that list; they stay reachable by id.
 
 Rate limits are kept on the client side by :class:`Pacer` (one per limit), wired into the HTTP
 adapter so that retries are paced too and a 429 pushes the pacer back by ``Retry-After``.
@@ -275,6 +279,53 @@ class ZendeskClient:
             if not meta.get("has_more") or not meta.get("after_cursor"):
                 return
             params = {"page[size]": MAX_IDS, "page[after]": meta["after_cursor"]}
+
+    # --- look-ups for an erasure request ----------------------------------------------
+    def find_user_ids_by_email(self, email: str, *, roles: tuple[str, ...] | None = ("end-user",)) -> list[int]:
+        """Ids of the users whose e-mail address is ``email`` (case-insensitive), ascending.
+
+        Only users of ``roles`` count (default: end users; ``None``: any role), and only exact
+        matches of the user's primary address: the search's other hits are dropped, so a loose
+        match never names someone else. The address goes to Zendesk in the query string and
+        nowhere else (never logged).
+        """
+        needle = (email or "").strip().lower()
+        if not needle:
+            return []
+        found: set[int] = set()
+        url: str | None = "/api/v2/users/search.json"
+        params: dict | None = {"query": f"email:{needle}"}
+        while url:
+            body = self._get(url, endpoint="users.search", params=params).json()
+            for user in body.get("users") or []:
+                if str(user.get("email") or "").strip().lower() != needle:
+                    continue
+                if roles is not None and user.get("role") not in roles:
+                    continue
+                found.add(int(user["id"]))
+            url, params = body.get("next_page"), None  # next_page carries the query itself
+        return sorted(found)
+
+    def iter_requested_tickets(self, user_id: int) -> Iterator[dict]:
+        """The tickets ``user_id`` requested (id, status, requester_id, created_at, updated_at),
+        a cursor page of 100 at a time; nothing when the user is unknown or deleted (404)."""
+        path = f"/api/v2/users/{int(user_id)}/tickets/requested.json"
+        params: dict = {"page[size]": MAX_IDS}
+        while True:
+            resp = self._get(path, endpoint="users.tickets_requested", params=params, accept=(404,))
+            if resp.status_code == 404:
+                return
+            body = resp.json()
+            for ticket in body.get("tickets") or []:
+                yield {name: ticket.get(name) for name in TICKET_FIELDS}
+            meta = body.get("meta") or {}
+            if not meta.get("has_more") or not meta.get("after_cursor"):
+                return
+            params = {"page[size]": MAX_IDS, "page[after]": meta["after_cursor"]}
+
+    def requested_ticket_ids(self, user_id: int) -> list[int]:
+        """Ids of the tickets ``user_id`` requested (see :meth:`iter_requested_tickets`)."""
+        return [int(t["id"]) for t in self.iter_requested_tickets(user_id)]
 
     # --- ticket erasure --------------------------------------------------------------
     def erase_tickets(

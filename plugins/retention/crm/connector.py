@@ -390,6 +390,50 @@ class CrmConnector:
                 ids = [int(i) for i in conn.execute(stmt2).scalars()]
         return ids
 
+    def contact_records(self, contact_ids: Sequence[int]) -> dict[str, pd.DataFrame]:
+        """What belongs to these contacts, for an erasure request: one frame per record type.
+
+        ``crm_event_participation``, ``crm_course_registration``, ``crm_survey_response``:
+        record_id (int64), contact_id (Int64); ``crm_invoice`` also financial_year_end (ts);
+        ``communication_note``: contact_id (Int64) and n (int64), the number of notes per
+        contact (notes have no record type of their own: they go with their contact).
+        """
+        ids = _distinct_ids(contact_ids)
+        self._ensure_checked()
+        owned = {
+            "crm_event_participation": "event_participation",
+            "crm_course_registration": "course_registration",
+            "crm_survey_response": "survey_response",
+            "crm_invoice": "invoice",
+        }
+        out: dict[str, pd.DataFrame] = {}
+        with self.engine.connect() as conn:
+            for record_type, logical in owned.items():
+                t = self._t(logical)
+                columns = {"record_id": "int64", "contact_id": "Int64"}
+                cols = [t.c.id.label("record_id"), t.c.contact_id.label("contact_id")]
+                if record_type == "crm_invoice":
+                    columns["financial_year_end"] = TS
+                    cols.append(t.c.financial_year_end.label("financial_year_end"))
+                rows = (
+                    conn.execute(sa.select(*cols).where(self._in_ids(t.c.contact_id, ids, "ids")).order_by(t.c.id)).all()
+                    if ids
+                    else []
+                )
+                out[record_type] = _frame(rows, columns)
+            n = self._t("communication_note")
+            rows = (
+                conn.execute(
+                    sa.select(n.c.contact_id, sa.func.count().label("n"))
+                    .where(self._in_ids(n.c.contact_id, ids, "ids"))
+                    .group_by(n.c.contact_id)
+                ).all()
+                if ids
+                else []
+            )
+            out["communication_note"] = _frame(rows, {"contact_id": "Int64", "n": "int64"})
+        return out
+
     # ------------------------------------------------------------------ erasure
     def erase(self, record_type: str, ids: Sequence[int]) -> dict[int, str]:
         """Delete the records ``ids`` of ``record_type`` in one transaction.

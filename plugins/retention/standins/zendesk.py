@@ -30,6 +30,12 @@ What it mirrors of real Zendesk (see the Zendesk Support API reference):
   ``DELETE /api/v2/deleted_users/{id}`` deletes a soft-deleted user for good, at most
   ``--user-deletes-per-10min`` (700) per rolling 10 minutes (429 with ``Retry-After``).
   ``GET /api/v2/users/{id}``, ``/users/show_many``, ``/deleted_users/{id}``, ``/deleted_users``.
+* ``GET /api/v2/users/search?query=email:{address}`` (``query`` may also be the bare address):
+  the active users with that address (case-insensitive); users' addresses are the placeholders
+  ``user{id}@example.org``. Other search syntax is refused with 400 (not modelled).
+  ``GET /api/v2/users/{id}/tickets/requested``: the user's live (not soft-deleted) tickets,
+  by id, cursor (``page[size]``/``page[after]``) or offset (``page``/``per_page``) pagination,
+  <= 100 a page; 404 for an unknown or deleted user.
 * All API requests: ``--requests-per-minute`` per rolling minute (``--window-seconds``, 60, sets
   the length of that "minute" so that tests need not wait for real minutes), 429 + ``Retry-After`` beyond,
   ``X-Rate-Limit``/``X-Rate-Limit-Remaining``/``ratelimit-*`` headers; 404 for unknown records.
@@ -54,6 +60,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -84,6 +91,8 @@ MAX_FINISHED_JOBS = 20_000
 _SHIFT = 32
 _LOW = (1 << _SHIFT) - 1
 STATE_VERSION = 1
+# Users' addresses are derived from their ids (see user_json); the search matches these.
+_PLACEHOLDER_EMAIL = re.compile(r"user(\d+)@example\.org")
 
 
 def iso(ts: int) -> str | None:
@@ -283,6 +292,20 @@ class State:
         self.u_updated[row] = now
         if self.u_state[row] != USER_GONE:
             self.u_index.add((now << _SHIFT) | (row + 1))
+
+    def requested_ticket_ids(self, user_row: int) -> list[int]:
+        """Ids of the user's live (not soft-deleted) tickets, ascending."""
+        rows = self.by_req_order[self.by_req_start[user_row] : self.by_req_start[user_row + 1]]
+        rows = np.sort(rows[self.t_status[rows] < DELETED])
+        return (rows + 1).tolist()
+
+    def user_rows_with_email(self, address: str) -> list[int]:
+        """Rows of the active users whose placeholder address is ``address`` (any case)."""
+        m = _PLACEHOLDER_EMAIL.fullmatch(address.strip().lower())
+        if not m:
+            return []
+        row = self.user_row(int(m.group(1)))
+        return [row] if row is not None and self.u_state[row] == ACTIVE else []
 
     def open_tickets_of(self, user_row: int) -> int:
         rows = self.by_req_order[self.by_req_start[user_row] : self.by_req_start[user_row + 1]]
@@ -701,6 +724,17 @@ class App:
                 raise ApiError(404, "RecordNotFound", "Not found")
             return 200, {"job_status": st.job_json(job)}
         if head == "users":
+            if seg[1:] == ["search"] and method == "GET":
+                return 200, self.search_users(query, base)
+            if len(seg) == 4 and seg[1].isdigit() and seg[2:] == ["tickets", "requested"] and method == "GET":
+                row = st.user_row(int(seg[1]))
+                if row is None or st.u_state[row] != ACTIVE:
+                    raise ApiError(404, "RecordNotFound", "Not found")
+                ids = SortedList(st.requested_ticket_ids(row))
+                return 200, self.list_soft(
+                    ids, "tickets", query, base, lambda tid, b: st.ticket_json(tid - 1, b),
+                    path=f"users/{seg[1]}/tickets/requested",
+                )
             if seg[1:] == ["show_many"] and method == "GET":
                 rows = [st.user_row(i) for i in _ids(query)]
                 return 200, {"users": [st.user_json(r, base) for r in rows if r is not None and st.u_state[r] == ACTIVE]}
@@ -805,8 +839,10 @@ class App:
         out["active"] = False
         return out
 
-    def list_soft(self, ids: SortedList, key: str, query: dict, base: str, render) -> dict:
-        """Cursor (``page[size]``/``page[after]``) or offset (``page``/``per_page``) listing."""
+    def list_soft(self, ids: SortedList, key: str, query: dict, base: str, render, *, path: str | None = None) -> dict:
+        """Cursor (``page[size]``/``page[after]``) or offset (``page``/``per_page``) listing;
+        ``path`` (under ``/api/v2/``, default ``key``) is where the page links point."""
+        path = path or key
         if "page[size]" in query or "page[after]" in query:
             size = _int(query.get("page[size]", ["100"])[0], "page[size]")
             if not 1 <= size <= 100:
@@ -825,7 +861,7 @@ class App:
                 key: [render(r, base) for r in page],
                 "meta": {"has_more": has_more, "after_cursor": after_cursor,
                          "before_cursor": _encode_cursor(page[0]) if page else None},
-                "links": {"next": f"{base}/api/v2/{key}.json?page[size]={size}&page[after]={after_cursor}"
+                "links": {"next": f"{base}/api/v2/{path}.json?page[size]={size}&page[after]={after_cursor}"
                           if has_more else None, "prev": None},
             }
         page_no = _int(query.get("page", ["1"])[0], "page")
@@ -835,10 +871,22 @@ class App:
         more = start + per_page < len(ids)
         return {
             key: [render(r, base) for r in page],
-            "next_page": f"{base}/api/v2/{key}.json?page={page_no + 1}&per_page={per_page}" if more else None,
-            "previous_page": f"{base}/api/v2/{key}.json?page={page_no - 1}&per_page={per_page}" if page_no > 1 else None,
+            "next_page": f"{base}/api/v2/{path}.json?page={page_no + 1}&per_page={per_page}" if more else None,
+            "previous_page": f"{base}/api/v2/{path}.json?page={page_no - 1}&per_page={per_page}" if page_no > 1 else None,
             "count": len(ids),
         }
+
+    def search_users(self, query: dict, base: str) -> dict:
+        """``GET /api/v2/users/search``: only ``email:{address}`` (or a bare address) is modelled."""
+        st = self.state
+        text = query.get("query", [""])[0].strip()
+        address = text[len("email:"):] if text.lower().startswith("email:") else text
+        address = address.strip().strip('"')
+        if "@" not in address or any(c.isspace() for c in address):
+            raise ApiError(400, "InvalidValue", "the stand-in models only email:{address} user searches")
+        rows = st.user_rows_with_email(address)
+        return {"users": [st.user_json(r, base) for r in rows], "next_page": None, "previous_page": None,
+                "count": len(rows)}
 
     def export(self, query: dict, base: str, *, tickets: bool) -> dict:
         st = self.state
@@ -893,6 +941,8 @@ def _family(method: str, path: str) -> str:
         if len(seg) == 1:
             return "deleted_users.list"
         return "deleted_users.destroy" if method == "DELETE" else "deleted_users.show"
+    if seg[0] == "users" and seg[2:] == ["tickets", "requested"]:
+        return "users.tickets_requested"
     if seg[0] in ("tickets", "users"):
         if len(seg) > 1 and not seg[1].isdigit():
             return f"{seg[0]}.{seg[1]}"

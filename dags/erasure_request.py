@@ -1,0 +1,102 @@
+"""
+### Erasure on request
+
+Trigger with one e-mail address, `{"email": "name@example.org"}`: the person is found in the
+CRM, the newsletter provider (Mailchimp) and the ticketing system (Zendesk), and everything of
+theirs that no legal hold keeps is erased. The request overrides retention periods (the person
+asked), never a legal hold:
+
+* **CRM**: contacts with the address go with their notes, event participations, course
+  registrations and survey responses. An invoice still under the bookkeeping period stays with its
+  legal fields, detached from the person (contact minimised); an older invoice is erased. Records
+  on a manual hold stay (a held contact keeps all its records).
+* **Newsletter**: the member is deleted permanently, whatever its status.
+* **Ticketing**: the end user's solved and closed tickets are erased, then the user. An unsolved
+  ticket is never erased: it and its requester are reported **deferred**; trigger the request
+  again once the ticket is solved.
+
+Tasks: **check_request** (the address, the policy, the pseudonym key; nothing runs when it
+fails) → **crm**, **newsletter**, **ticketing** (write-ahead ledger under this run, rule
+`erasure-request`; retried tasks resume) → **report** (counts per system and record type, in
+`RETENTION_HOME/reports/erasure_request__<run id>.json` and in the ledger). The same request
+again erases nothing and succeeds. `dry_run` finds and counts, erases nothing.
+
+A malformed address is refused by Airflow before the run is created (the `email` param's
+pattern) and again by `check_request`. The address never goes into a log line, an XCom, the
+ledger or the report (they carry the request key, a keyed pseudonym of the address). **Airflow
+keeps the trigger conf, and so the address, with this DAG run in its metadata database**:
+delete the DAG run once the request is closed.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from retention.erasure_request import EMAIL_MAX_LENGTH, EMAIL_PATTERN, SYSTEMS
+
+
+@task(retries=0)
+def check_request() -> dict:
+    from retention.erasure_request import open_request
+
+    ctx = get_current_context()
+    params = ctx["params"]
+    try:
+        return open_request(ctx["dag"].dag_id, ctx["run_id"], params.get("email"), dry_run=params["dry_run"])
+    except ValueError as exc:  # a malformed address or a broken policy will not fix itself on retry
+        raise AirflowFailException(str(exc)) from None
+
+
+def system_task(system: str):
+    @task(task_id=system)
+    def erase_() -> dict:
+        from retention.erasure_request import erase_system, load_run
+
+        ctx = get_current_context()
+        run = load_run(ctx["dag"].dag_id, ctx["run_id"])
+        return erase_system(run, system, ctx["params"]["email"])
+
+    return erase_()
+
+
+@task(trigger_rule="all_done", retries=0)
+def report() -> dict:
+    from retention.erasure_request import report as report_
+
+    ctx = get_current_context()
+    result = report_(ctx["dag"].dag_id, ctx["run_id"], ctx["params"].get("email"))
+    if result is None:
+        # Fail, not skip: a skipped last task would let a rejected request's run count as a success.
+        raise AirflowFailException("the request was not accepted (see check_request): nothing ran, no report")
+    if result["state"] != "success":
+        raise AirflowFailException(f"erasure request incomplete ({result['failed']} records not done); see the report")
+    return result
+
+
+@dag(
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="Europe/Stockholm"),
+    catchup=False,
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    params={
+        "email": Param(
+            type="string", pattern=EMAIL_PATTERN, maxLength=EMAIL_MAX_LENGTH,
+            description="The e-mail address of the person who asked to be erased (one address).",
+        ),
+        "dry_run": Param(False, type="boolean", description="Find and count, erase nothing."),
+    },
+    tags=["privacy", "erasure"],
+)
+def erasure_request():
+    checked = check_request()
+    erased = [system_task(system) for system in SYSTEMS]
+    checked >> erased
+    erased >> report()
+
+
+erasure_request()
