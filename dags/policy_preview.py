@@ -1,0 +1,102 @@
+"""
+### Policy-change preview (dry run)
+
+What would a new version of the retention policy erase that the current one does not, and what
+would it stop erasing? Reads each selected system once, plans its records under both policies
+as of the same time, and writes the difference per system and rule (counts and pseudonymous
+keys, never source ids) to `RETENTION_HOME/previews/<run>.json` and `.txt`.
+**Nothing is erased**, no ledger entry is written, no staging is left behind.
+
+Params:
+- `old_policy`: a file path, or `REV:PATH` read from the project's git repository
+  (default `HEAD:include/policies/retention.yaml`, the policy as last committed);
+- `new_policy`: a file path or `REV:PATH` (empty: the configured policy file,
+  `RETENTION_POLICY_FILE` or `include/policies/retention.yaml`);
+- `systems`: which systems to read; `as_of`: ISO 8601 time (empty: now).
+
+Tasks: **prepare** (loads and validates both policies; a broken one fails here, before any
+system is read) → one **preview** per system → **summary** (the written file's path and the
+counts are its XCom).
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+SYSTEMS = ("newsletter", "crm", "ticketing")
+
+
+def _preview_id() -> str:
+    from retention.preview import safe_id
+
+    ctx = get_current_context()
+    return safe_id(f"{ctx['dag'].dag_id}__{ctx['run_id']}")
+
+
+@task(retries=0)
+def prepare() -> dict:
+    from retention.config import ConfigError
+    from retention.policy import PolicyError
+    from retention.preview import PreviewError, check_systems
+    from retention.preview import prepare as prepare_
+
+    params = get_current_context()["params"]
+    try:
+        check_systems(params["systems"])
+        return prepare_(_preview_id(), params["old_policy"], params.get("new_policy") or None, params.get("as_of") or None)
+    except (PolicyError, PreviewError, ConfigError) as exc:  # will not fix itself on retry
+        raise AirflowFailException(str(exc)) from None
+
+
+def _preview_task(system: str):
+    @task(task_id=f"preview_{system}")
+    def preview_(_prepared: dict) -> dict:
+        from retention.preview import preview_one
+
+        if system not in get_current_context()["params"]["systems"]:
+            raise AirflowSkipException(f"{system} is not among this preview's systems")
+        return preview_one(_preview_id(), system)
+
+    return preview_
+
+
+@task(trigger_rule="all_done", retries=0)
+def summary() -> dict:
+    from retention.preview import PreviewError, finish
+
+    params = get_current_context()["params"]
+    try:
+        return finish(_preview_id(), params["systems"])
+    except PreviewError as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+@dag(
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="Europe/Stockholm"),
+    catchup=False,
+    doc_md=__doc__,
+    default_args={"retries": 1},
+    params={
+        "old_policy": Param(
+            "HEAD:include/policies/retention.yaml", type="string", minLength=1,
+            description="The current policy: a file path, or REV:PATH from the project's git repository.",
+        ),
+        "new_policy": Param(
+            None, type=["null", "string"],
+            description="The proposed policy: a file path or REV:PATH. Empty: the configured policy file.",
+        ),
+        "systems": Param(list(SYSTEMS), type="array", items={"type": "string", "enum": list(SYSTEMS)}, minItems=1),
+        "as_of": Param(None, type=["null", "string"], description="ISO 8601 time to evaluate both policies at. Empty: now."),
+    },
+    tags=["privacy", "retention", "dry-run"],
+)
+def policy_preview():
+    prepared = prepare()
+    previews = [_preview_task(system)(prepared) for system in SYSTEMS]
+    previews >> summary()
+
+
+policy_preview()
