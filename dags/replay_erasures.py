@@ -1,0 +1,121 @@
+"""
+### Replay erasures after a restore
+
+Run this after restoring a system from a backup. Records erased after the backup was taken
+come back with the restore; the erasure ledger knows them by pseudonymous key. Per system:
+**find** (extract, pseudonymise, join with the ledger's erased keys; a record is replayed only
+when none of its own clocks is later than the erasure it survived, so a person who subscribed
+again is left alone; live manual holds are respected) → **erase** (the original decision again,
+`replay:<rule>` under a new ledger run, write-ahead, resumable) → **verify**; then one
+**report** with counts per system and record type: found, replayed, left alone, held.
+
+Not scheduled: trigger it by hand. Params: `systems` (the restored systems), `dry_run` (find
+and count, erase nothing, write no ledger entry).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+SYSTEMS = ("newsletter", "crm", "ticketing")
+
+
+def _run_info(run: dict):
+    from retention.pipeline import RunInfo
+
+    return RunInfo.from_dict(run)
+
+
+def _adapter(system: str):
+    from retention.systems import build_adapter
+
+    return build_adapter(system)
+
+
+@task
+def open_run() -> dict:
+    from retention.replay import open_run as open_
+
+    ctx = get_current_context()
+    try:
+        # The ledger run id follows the Airflow run: a retried task resumes the same replay.
+        return open_(f"replay__{ctx['run_id']}", dry_run=ctx["params"]["dry_run"], dag_id=ctx["dag"].dag_id)
+    except ValueError as exc:  # a broken policy will not fix itself on retry
+        raise AirflowFailException(str(exc)) from None
+
+
+@task_group
+def system_replay(system: str, run: dict):
+    @task(task_id="find")
+    def find_(run: dict) -> dict:
+        from retention.replay import find
+
+        if system not in get_current_context()["params"]["systems"]:
+            raise AirflowSkipException(f"{system} is not among this replay's systems")
+        adapter = _adapter(system)
+        try:
+            return find(_run_info(run), system, adapter)
+        finally:
+            adapter.close()
+
+    @task(task_id="erase")
+    def erase_(run: dict, _found: dict) -> dict:
+        from retention.replay import erase
+
+        adapter = _adapter(system)
+        try:
+            return erase(_run_info(run), system, adapter)
+        finally:
+            adapter.close()
+
+    @task(task_id="verify")
+    def verify_(run: dict, _erased: dict) -> dict:
+        from retention.replay import verify
+
+        adapter = _adapter(system)
+        try:
+            return verify(_run_info(run), system, adapter)
+        finally:
+            adapter.close()
+
+    return verify_(run, erase_(run, find_(run)))
+
+
+@task(trigger_rule="all_done")
+def report(run: dict) -> dict:
+    from retention.replay import report as report_
+
+    systems = tuple(get_current_context()["params"]["systems"])
+    result = report_(_run_info(run), systems)
+    if result["state"] != "success":
+        raise AirflowFailException(f"replay incomplete, see report {result['report']}")
+    return result
+
+
+@dag(
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="Europe/Stockholm"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    params={
+        "systems": Param(
+            list(SYSTEMS), type="array", items={"type": "string", "enum": list(SYSTEMS)},
+            description="The systems restored from a backup.",
+        ),
+        "dry_run": Param(False, type="boolean", description="Find and count, erase nothing."),
+    },
+    tags=["privacy", "retention"],
+)
+def replay_erasures():
+    run = open_run()
+    groups = [system_replay.override(group_id=system)(system, run) for system in SYSTEMS]
+    groups >> report(run)
+
+
+replay_erasures()
