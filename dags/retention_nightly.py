@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
 SYSTEMS = ("newsletter", "crm", "ticketing")
 
@@ -51,13 +51,18 @@ def open_run() -> dict:
 def system_run(system: str, run: dict):
     @task(task_id="extract")
     def extract_(run: dict) -> dict:
+        from retention.ledger import LockTimeout
         from retention.pipeline import extract
 
         if system not in get_current_context()["params"]["systems"]:
             raise AirflowSkipException(f"{system} is not among this run's systems")
         adapter = _adapter(system)
         try:
-            return extract(_run_info(run), system, adapter)
+            # Another run (a backfill beside the schedule) holds the system: give the worker
+            # slot back and try again in a minute rather than wait in it.
+            return extract(_run_info(run), system, adapter, lock_wait_seconds=0)
+        except LockTimeout:
+            raise AirflowRescheduleException(pendulum.now("UTC").add(seconds=60)) from None
         finally:
             adapter.close()
 

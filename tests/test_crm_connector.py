@@ -222,7 +222,7 @@ def test_frames_have_exact_columns_and_dtypes(small):
     assert str(c["last_interaction_at"].dt.tz) == "UTC"
     # dates come through as midnight UTC
     inv = frame(small, "crm_invoice").set_index("record_id")
-    assert inv.loc[1, "financial_year_end"] == pd.Timestamp("2023-06-30", tz="UTC")
+    assert inv.loc[1, "financial_year_end"] == pd.Timestamp("2023-06-30", tz="Europe/Stockholm")
 
 
 def test_empty_table_yields_one_empty_typed_frame(engine):
@@ -247,10 +247,10 @@ def test_contact_relationship_columns(small):
     assert c.loc[2, "membership_active"] and pd.isna(c.loc[2, "membership_end"])
     # ended yesterday, latest period wins
     assert not c.loc[3, "membership_active"]
-    assert c.loc[3, "membership_end"] == pd.Timestamp(TODAY - dt.timedelta(days=1), tz="UTC")
+    assert c.loc[3, "membership_end"] == pd.Timestamp(TODAY - dt.timedelta(days=1), tz="Europe/Stockholm")
     assert c.loc[3, "opted_out"]
     assert c.loc[4, "membership_active"]  # fixed term running
-    assert c.loc[5, "membership_end"] == pd.Timestamp("2024-02-29", tz="UTC")
+    assert c.loc[5, "membership_end"] == pd.Timestamp("2024-02-29", tz="Europe/Stockholm")
     assert not c.loc[5, "has_email"] and not c.loc[6, "has_email"] and c.loc[1, "has_email"]
     assert c.loc[5, "has_invoice"] and not c.loc[1, "has_invoice"]
     # organisation without any membership: not a customer
@@ -266,7 +266,7 @@ def test_membership_day_is_the_stockholm_calendar_day(small):
     late = dt.datetime(2025, 6, 1, 22, 30, tzinfo=UTC)
     c = frame(small, "crm_contact", now=late).set_index("record_id")
     assert not c.loc[2, "membership_active"]
-    assert c.loc[2, "membership_end"] == pd.Timestamp("2025-06-01", tz="UTC")
+    assert c.loc[2, "membership_end"] == pd.Timestamp("2025-06-01", tz="Europe/Stockholm")
     early = dt.datetime(2025, 6, 1, 21, 30, tzinfo=UTC)  # 23:30 in Stockholm
     assert frame(small, "crm_contact", now=early).set_index("record_id").loc[2, "membership_active"]
 
@@ -274,10 +274,10 @@ def test_membership_day_is_the_stockholm_calendar_day(small):
 def test_event_participation_carries_the_contacts_relationship(small):
     e = frame(small, "crm_event_participation").set_index("record_id")
     assert e.loc[1, "contact_id"] == 3 and e.loc[1, "opted_out"] and not e.loc[1, "membership_active"]
-    assert e.loc[1, "membership_end"] == pd.Timestamp(TODAY - dt.timedelta(days=1), tz="UTC")
+    assert e.loc[1, "membership_end"] == pd.Timestamp(TODAY - dt.timedelta(days=1), tz="Europe/Stockholm")
     assert not e.loc[3, "is_customer"]  # a lead
     assert e.loc[4, "membership_active"] and e.loc[4, "is_customer"]
-    assert e.loc[2, "event_date"] == pd.Timestamp("2024-05-01", tz="UTC")
+    assert e.loc[2, "event_date"] == pd.Timestamp("2024-05-01", tz="Europe/Stockholm")
 
 
 def test_legal_hold_frame(small):

@@ -764,14 +764,6 @@ def test_leap_day_plus_one_year_is_28_february(crm, retention_home):
     assert present() == {march}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: calendar-date clocks come out of the connector as midnight UTC, which the "
-        "engine reads as 01:00/02:00 Europe/Stockholm, so a date-clocked deadline falls 1-2 h after "
-        "local midnight and the nightly run (as of local midnight) enforces it a day late"
-    ),
-)
 def test_date_deadlines_fall_at_local_midnight(crm, retention_home):
     """As of today 00:00 Europe/Stockholm (a scheduled run's data_interval_end), a membership
     that ended exactly one year ago and a course that ended exactly 90 days ago are due."""

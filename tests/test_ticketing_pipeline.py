@@ -821,20 +821,15 @@ def test_manual_hold_from_the_cli_keeps_a_due_ticket(zendesk, retention_home):
     assert report["ledger"]["ticketing"]["support-ticket"]["held"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: derive_ticket_users counts a ticket under manual hold as gone (ledger holds are "
-    "applied after every record type is planned), so its requester is erased while the held ticket stays",
-)
 def test_requester_of_a_held_ticket_is_kept(zendesk, retention_home):
     z = zendesk
     uid, held, _ = held_and_other(z, z.tickets())
     hold_from_cli(retention_home, held)
     run = planned_run(z, "manual__held_requester")
     assert held in plan_ids(run, "support_ticket", "hold")
+    assert uid not in plan_ids(run, "ticket_user"), "the requester of a held ticket was planned for erasure"
     finish(run, z)
     assert held in z.tickets().index
-    assert uid not in plan_ids(run, "ticket_user"), "the requester of a held ticket was planned for erasure"
     assert uid in z.users().index, "the requester of a held ticket was erased"
 
 

@@ -17,14 +17,12 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from retention import config
-from retention.engine import active_holds, empty_holds, plan_record_type
+from retention.engine import active_holds
 from retention.ledger import DONE, Ledger
 from retention.policy import Policy, PolicyError, load_policy
 from retention.progress import Progress
 from retention.pseudonym import Pseudonymizer
-from retention.quality import split_quarantine
 from retention.staging import RunStaging
-from retention.systems import derive_frame
 from retention.systems.base import SourceSystem
 from retention.validation import PlanRejected, plan_check_frame, validate_extract, validate_plan
 
@@ -99,7 +97,9 @@ def open_run(dag_id: str, run_id: str, as_of: datetime | None, *, dry_run: bool,
     return info.as_dict()
 
 
-def extract(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
+def extract(run: RunInfo, system: str, adapter: SourceSystem, *, lock_wait_seconds: float = 6 * 3600) -> dict:
+    """Take the system for this run (raises ``LockTimeout`` after ``lock_wait_seconds``), then
+    stream every record to staging."""
     last_note = [0.0]
 
     def waiting(holder: str) -> None:
@@ -107,7 +107,7 @@ def extract(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
             last_note[0] = time.monotonic()
             log.info("%s: waiting for run %s to finish with this system", system, holder)
 
-    _ledger().acquire_system(system, run.run_id, on_wait=waiting)
+    _ledger().acquire_system(system, run.run_id, wait_seconds=lock_wait_seconds, on_wait=waiting)
     staging = run.staging
     staging.reset_extract(system)
     writer = staging.extract_writer(system)
@@ -135,60 +135,26 @@ def _live_ledger_holds(ledger: Ledger, as_of: pd.Timestamp) -> pd.DataFrame:
 
 def plan(run: RunInfo, system: str) -> dict:
     """Quarantine malformed records, evaluate the rules, pseudonymise, apply every hold."""
+    from retention.planning import plan_system
+    from retention.records import record_types_of
+
     policy = run.policy()
     staging = run.staging
     extracted = staging.read_json(system, "extract") or {}
     now = pd.Timestamp(extracted.get("extracted_at") or datetime.now(UTC))
-    source_holds = staging.read_extract(system, "legal_hold")
-    source_holds = active_holds(source_holds, run.as_of_ts) if source_holds is not None else empty_holds()
-    pseudo = Pseudonymizer(config.pseudonym_key())
-    from retention.records import record_types_of
-
-    plans, quarantined, qcounts, clean_counts = [], [], {}, {}
-    plan_so_far = pd.DataFrame(columns=["record_type", "record_id", "action", "deadline"])
-    frames_so_far: dict[str, pd.DataFrame] = {}
-    for record_type in record_types_of(system):
-        frame = staging.read_extract(system, record_type)
-        if frame is None:
-            continue
-        frame = derive_frame(record_type, frame, plan_so_far, frames_so_far)
-        frames_so_far[record_type] = frame
-        clean, bad, counts = split_quarantine(frame, record_type, policy, now)
+    frames = {rt: f for rt in (*record_types_of(system), "legal_hold") if (f := staging.read_extract(system, rt)) is not None}
+    sp = plan_system(
+        system, frames, policy, run.as_of_ts, now=now,
+        ledger_holds=pd.DataFrame(_ledger().holds()), pseudonymizer=Pseudonymizer(config.pseudonym_key()),
+    )
+    for record_type, clean in sp.clean.items():
         staging.write_frame(system, f"clean_{record_type}", clean)
-        p = plan_record_type(clean, record_type, policy, run.as_of_ts, source_holds)
-        plans.append(p)
-        if len(p):
-            cols = ["record_type", "record_id", "action", "deadline"]
-            plan_so_far = p[cols] if plan_so_far.empty else pd.concat([plan_so_far, p[cols]], ignore_index=True)
-        if len(bad):
-            quarantined.append(bad.assign(record_type=record_type))
-            qcounts[record_type] = counts
-        clean_counts[record_type] = len(clean)
-    result = pd.concat(plans, ignore_index=True) if plans else plan_record_type(pd.DataFrame(), "", policy, run.as_of_ts)
-    result["record_key"] = pseudo.column(result["record_type"], result["record_id"])
-
-    holds = _live_ledger_holds(_ledger(), run.as_of_ts)
-    if len(holds) and len(result):
-        reasons = holds.drop_duplicates(["record_type", "record_key"]).set_index(["record_type", "record_key"])["reason"]
-        idx = pd.MultiIndex.from_frame(result[["record_type", "record_key"]])
-        held = idx.isin(reasons.index)
-        if held.any():
-            result.loc[held, "action"] = "hold"
-            result.loc[held, "hold"] = [reasons[k] for k in idx[held]]
-    staging.write_frame(system, "plan", result)
-    if quarantined:
-        qframe = pd.concat(quarantined, ignore_index=True)
-        qframe["record_key"] = pseudo.column(qframe["record_type"], qframe["record_id"])
-        staging.write_frame(system, "quarantine", qframe)
-    by_rule = result.groupby(["rule_id", "action"]).size().reset_index(name="n") if len(result) else pd.DataFrame()
-    summary = {
-        "planned": {f"{r.rule_id}/{r.action}": int(r.n) for r in by_rule.itertuples()} if len(by_rule) else {},
-        "quarantined": qcounts,
-        "clean": clean_counts,
-        "as_of": run.as_of,
-    }
+    staging.write_frame(system, "plan", sp.plan)
+    if len(sp.quarantined):
+        staging.write_frame(system, "quarantine", sp.quarantined)
+    summary = {**sp.summary(), "as_of": run.as_of}
     staging.write_json(system, "plan", summary)
-    log.info("%s: plan %s; quarantined %s", system, summary["planned"] or "empty", qcounts or "none")
+    log.info("%s: plan %s; quarantined %s", system, summary["planned"] or "empty", summary["quarantined"] or "none")
     return summary
 
 

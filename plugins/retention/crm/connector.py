@@ -7,7 +7,7 @@ The rule engine decides what is due; this module only
 * erases (or minimises) the records the engine hands back, idempotently and set-based.
 
 Frames (``iter_frames``) — every clock column is ``datetime64[us, UTC]``; calendar dates come
-through as midnight UTC of that date; NULL, impossible or unparsable stored values come
+through as midnight Europe/Stockholm of that date; NULL, impossible or unparsable stored values come
 through as ``NaT`` (the pipeline quarantines them) instead of failing the extract:
 
 =========================== =================================================================
@@ -617,7 +617,9 @@ def _frame(rows: Sequence[Any], columns: dict[str, str]) -> pd.DataFrame:
 
 def _to_utc(s: pd.Series) -> pd.Series:
     """Any stored clock value (date, datetime, text, NULL) → ``datetime64[us, UTC]``; NaT when
-    NULL, impossible or unparsable. Naive values are taken as UTC; dates as midnight UTC."""
+    NULL, impossible or unparsable. Naive datetimes are taken as UTC. A calendar date (a date
+    object, or text ``YYYY-MM-DD``) is the start of that day in Europe/Stockholm, so a period
+    counted from it ends at local midnight, when the nightly run looks."""
     if isinstance(s.dtype, pd.DatetimeTZDtype) or s.dtype.kind == "M":
         conv = s if getattr(s.dt, "tz", None) is not None else s.dt.tz_localize("UTC")
         return conv.dt.tz_convert("UTC").dt.as_unit("us")
@@ -626,7 +628,17 @@ def _to_utc(s: pd.Series) -> pd.Series:
         conv = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
     except (ValueError, TypeError, OverflowError):
         conv = pd.Series([_one_ts(v) for v in values], index=s.index, dtype=TS)
-    return conv.astype(TS)
+    conv = conv.astype(TS)
+    is_date = np.fromiter(
+        ((isinstance(v, dt.date) and not isinstance(v, dt.datetime)) or (isinstance(v, str) and len(v) == 10) for v in values),
+        dtype=bool,
+        count=len(values),
+    )
+    if is_date.any():
+        days = pd.to_datetime(values[is_date].astype(str), errors="coerce", format="%Y-%m-%d")
+        local = days.dt.tz_localize(LOCAL_TZ, nonexistent="shift_forward", ambiguous=False).dt.tz_convert("UTC")
+        conv[is_date] = local.astype(TS)
+    return conv
 
 
 def _one_ts(v: Any) -> pd.Timestamp:
