@@ -1,0 +1,148 @@
+"""Backfills with a real scheduler on a PostgreSQL metadata database, beside the nightly schedule."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from airflow_services import AirflowServices
+from retention.crm import schema as crm_schema
+from retention.crm.synthetic import generate as generate_crm
+from retention.policy import load_policy
+from retention.standins.process import StandIn
+
+DAG = "retention_nightly"
+
+
+def fresh_database(url: str) -> str:
+    """Drop and recreate the database of ``url``; return the URL."""
+    u = sa.engine.make_url(url)
+    admin = sa.create_engine(u.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{u.database}" WITH (FORCE)'))
+        conn.execute(sa.text(f'CREATE DATABASE "{u.database}"'))
+    admin.dispose()
+    return url
+
+
+@pytest.fixture
+def systems(tmp_path, retention_home, monkeypatch):
+    now = datetime.now(UTC).replace(microsecond=0).isoformat()
+    mailchimp = StandIn("mailchimp", "--port", "0", "--members", "600", "--seed", "5", "--now", now, "--state-file", str(tmp_path / "mc.state")).start()
+    zendesk = StandIn(
+        "zendesk", "--port", "0", "--tickets", "400", "--seed", "5", "--now", now, "--job-seconds", "0.1",
+        "--incremental-per-minute", "600", "--user-deletes-per-10min", "7000", "--state-file", str(tmp_path / "zd.state"),
+    ).start()
+    crm_url = f"sqlite:///{tmp_path / 'crm.db'}"
+    engine = sa.create_engine(crm_url)
+    crm_schema.create_schema(engine)
+    generate_crm(engine, contacts=300, seed=5, now=datetime.fromisoformat(now))
+    conns = {
+        "AIRFLOW_CONN_MAILCHIMP_DEFAULT": {"conn_type": "mailchimp", "host": f"{mailchimp.base_url}/3.0", "password": "standin-key-us0", "extra": {"list_id": "demo-list"}},
+        "AIRFLOW_CONN_ZENDESK_DEFAULT": {
+            "conn_type": "zendesk", "host": zendesk.base_url, "login": "agent@example.org", "password": "t",
+            "extra": {"incremental_per_minute": 600, "user_deletes_per_10min": 7000, "job_poll_interval": 0.1},
+        },
+        "AIRFLOW_CONN_CRM_DEFAULT": {"conn_type": "crm", "extra": {"sqlalchemy_url": crm_url}},
+    }
+    for k, v in conns.items():
+        monkeypatch.setenv(k, json.dumps(v))
+    yield {"mailchimp": mailchimp, "zendesk": zendesk, "crm": engine}
+    mailchimp.stop()
+    zendesk.stop()
+    engine.dispose()
+
+
+def _runs(af: AirflowServices) -> list[dict]:
+    out = af.airflow("dags", "list-runs", DAG, "-o", "json", check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("[{") or line.strip() == "[]"]
+    return json.loads(lines[-1]) if lines else []
+
+
+def _plan_now_is_empty(as_of) -> dict:
+    """What a run as of ``as_of`` would still erase from the systems' final contents."""
+    from retention import pipeline
+    from retention.systems import build_adapter
+
+    run = pipeline.RunInfo.from_dict(pipeline.open_run("check", f"check_{time.time()}", as_of, dry_run=True, max_plan_share=1.0))
+    destructive = {}
+    for system in ("newsletter", "crm", "ticketing"):
+        adapter = build_adapter(system)
+        try:
+            pipeline.extract(run, system, adapter)
+            pipeline.plan(run, system)
+            plan = run.staging.read_frame(system, "plan")
+            destructive[system] = int(plan["action"].isin(["erase", "minimise"]).sum())
+            pipeline.validate(run, system)
+            pipeline.erase(run, system, adapter)
+            pipeline.verify(run, system, adapter)
+        finally:
+            adapter.close()
+    pipeline.report(run, ("newsletter", "crm", "ticketing"))
+    return destructive
+
+
+@pytest.mark.airflow
+@pytest.mark.postgres
+@pytest.mark.timeout(1800)
+def test_backfill_beside_the_nightly_schedule(tmp_path, postgres_url_for, retention_home, systems):
+    meta = fresh_database(postgres_url_for("retention_airflow_meta"))
+    af = AirflowServices(tmp_path / "airflow", meta, {}).start()
+    print(f"airflow logs: {af.home}", flush=True)
+    try:
+        af.wait_for_dag(DAG)
+        today = pd.Timestamp.now(tz="Europe/Stockholm").normalize()
+        # Backfill dates are read in UTC: four days back to two days back gives three runs
+        # (logical dates at Stockholm midnight, 23:00 UTC the day before).
+        first, last = (today - timedelta(days=5)).date(), (today - timedelta(days=2)).date()
+        # Unpausing lets the scheduler create tonight's run (the latest interval) beside the backfill;
+        # the backfill may run all of its runs at once: only the system lock keeps them apart.
+        af.airflow("dags", "unpause", DAG)
+        af.airflow("backfill", "create", "--dag-id", DAG, "--from-date", str(first), "--to-date", str(last), "--max-active-runs", "3")
+        deadline = time.monotonic() + 1500
+        while time.monotonic() < deadline:
+            runs = _runs(af)
+            backfilled = [r for r in runs if r["run_id"].startswith("backfill__")]
+            if len(backfilled) >= 3 and len(runs) > len(backfilled) and all(r["state"] in ("success", "failed") for r in runs):
+                break
+            print(time.strftime("%H:%M:%S"), sorted((r["logical_date"], r["state"]) for r in runs), flush=True)
+            time.sleep(15)
+        else:
+            pytest.fail(f"runs did not finish: {_runs(af)}\n{af.tail()}")
+    finally:
+        af.stop()
+
+    assert len([r for r in runs if r["run_id"].startswith("backfill__")]) >= 3, runs
+    assert [r for r in runs if r["run_id"].startswith("scheduled__")], "the nightly schedule did not run beside the backfill"
+    assert {r["state"] for r in runs} == {"success"}, (runs, af.tail())
+    meta_engine = sa.create_engine(meta)
+    with meta_engine.connect() as conn:
+        interval_end = dict(
+            conn.execute(sa.text("select run_id, data_interval_end from dag_run where dag_id = :d"), {"d": DAG}).all()
+        )
+    meta_engine.dispose()
+    for r in runs:
+        r["data_interval_end"] = interval_end[r["run_id"]]
+    policy = load_policy()
+    ledger = sa.create_engine(f"sqlite:///{retention_home / 'ledger.db'}")
+    with ledger.connect() as conn:
+        recorded = {r.run_id: r for r in conn.execute(sa.text("select * from erasure_run"))}
+        entries = conn.execute(sa.text("select run_id, record_type, record_key, status, policy_version from erasure_ledger")).all()
+    for r in runs:
+        rec = recorded[r["run_id"]]
+        assert rec.state == "success" and rec.policy_version == policy.version
+        assert pd.Timestamp(rec.as_of, tz="UTC") == pd.Timestamp(r["data_interval_end"]).tz_convert("UTC"), "a run must enforce as of its own data interval end"
+    assert {e.policy_version for e in entries} == {policy.version}
+    erased = [(e.record_type, e.record_key) for e in entries if e.status in ("erased", "already_gone")]
+    assert erased, "the backfill erased nothing: the test data has no due records"
+    assert len(erased) == len(set(erased)), "a record was erased by two runs"
+    assert not [e for e in entries if e.status == "already_gone"], "two runs planned the same records concurrently"
+
+    # The systems now hold what one run as of the latest logical time would leave.
+    latest = max(pd.Timestamp(r["data_interval_end"]) for r in runs)
+    assert _plan_now_is_empty(latest.to_pydatetime()) == {"newsletter": 0, "crm": 0, "ticketing": 0}
