@@ -836,11 +836,6 @@ def test_requester_of_a_held_ticket_is_kept(zendesk, retention_home):
 # --- a ticket reopened between plan and erase ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: erase acts on the plan's ids without re-reading their status; Zendesk's destroy_many "
-    "deletes a ticket reopened since the extract",
-)
 def test_ticket_reopened_after_the_plan_is_not_erased(zendesk, retention_home):
     """A requester replies to a solved ticket after the plan was made (or before a retried erase
     task): Zendesk reopens it, and an unsolved ticket is never erased, whatever the plan says."""

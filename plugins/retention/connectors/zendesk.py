@@ -502,6 +502,18 @@ class ZendeskClient:
         return {uid: outcomes[uid] for uid in order}
 
     # --- verification ----------------------------------------------------------------
+    def ticket_statuses(self, ids: Iterable[int]) -> dict[int, str]:
+        """Current status of each live ticket (``tickets/show_many``, 100 ids a call)."""
+        ordered = sorted({int(i) for i in ids})
+        out: dict[int, str] = {}
+        for i in range(0, len(ordered), MAX_IDS):
+            chunk = ordered[i : i + MAX_IDS]
+            body = self._get(
+                "/api/v2/tickets/show_many.json", endpoint="tickets.show_many", params={"ids": ",".join(map(str, chunk))}
+            ).json()
+            out.update({int(t["id"]): str(t.get("status")) for t in body.get("tickets") or []})
+        return out
+
     def remaining_tickets(self, ids: Iterable[int]) -> set[int]:
         """The ids that are still live or soft-deleted."""
         wanted = {int(i) for i in ids}

@@ -20,6 +20,7 @@ from retention.progress import Progress
 
 log = logging.getLogger("retention")
 
+UNSOLVED = ("new", "open", "pending", "hold")
 _OUTCOMES = {"erased": "erased", "already_gone": "already_gone", "not_yet": "deferred"}
 
 
@@ -114,7 +115,12 @@ class TicketingAdapter:
             raise ValueError(f"ticketing cannot {action} {record_type}")
         ids = [int(i) for i in record_ids]
         if record_type == "support_ticket":
-            result = self.client.erase_tickets(ids)
+            # A ticket reopened since the plan (a customer replied) is unsolved again, and an
+            # unsolved ticket is never erased: read the statuses right before deleting.
+            statuses = self.client.ticket_statuses(ids)
+            reopened = {i for i in ids if statuses.get(i) in UNSOLVED}
+            result = self.client.erase_tickets([i for i in ids if i not in reopened])
+            result.update({i: "not_yet" for i in reopened})
         elif record_type == "ticket_user":
             result = self.client.erase_users(ids)
         else:
