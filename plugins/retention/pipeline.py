@@ -124,13 +124,10 @@ def extract(run: RunInfo, system: str, adapter: SourceSystem, *, lock_wait_secon
 
 
 def _live_ledger_holds(ledger: Ledger, as_of: pd.Timestamp) -> pd.DataFrame:
-    rows = ledger.holds()
-    if not rows:
-        return pd.DataFrame(columns=["record_type", "record_key", "reason", "expires_at"])
-    frame = pd.DataFrame(rows)
-    frame = frame.rename(columns={"record_key": "record_id"})
-    live = active_holds(frame, as_of)
-    return live.rename(columns={"record_id": "record_key"})
+    """The ledger's manual holds (by pseudonym) in force at ``as_of``: one definition, planning's."""
+    from retention.planning import live_key_holds
+
+    return live_key_holds(pd.DataFrame(ledger.holds()), as_of)
 
 
 def plan(run: RunInfo, system: str) -> dict:
