@@ -84,6 +84,8 @@ def due_hashes(base: str, total: int, limit: int) -> list[str]:
 
 def _step(name: str, run: dict, env: dict, queue) -> None:
     os.environ.update(env)
+    import airflow.sdk  # noqa: F401 - an Airflow task process has Airflow loaded before the task starts
+
     from retention import pipeline
     from retention.connectors.mailchimp import MailchimpClient
     from retention.systems.newsletter import NewsletterAdapter
@@ -184,8 +186,16 @@ def main() -> int:
         print(f"{'step':<10}{'wall s':>9}{'records':>12}{'records/s':>13}{'peak RSS MB':>13}  share")
         for step, wall, n, rate, rss, share in rows:
             print(f"{step:<10}{wall:9.2f}{n:12,}{rate:13,.0f}{rss:13.0f}  {share}")
-        rules_validation = (total - len(victims)) / (figures["plan"]["wall"] + figures["validate"]["wall"])
-        print(f"\nrules + validation: {rules_validation:,.0f} records/s (target >= 1,000,000)")
+        judged = total - len(victims)
+        rules_s = figures["plan"]["result"]["seconds"]["rules"]
+        checks_s = figures["validate"]["result"]["seconds"]["checks"]
+        print(
+            f"\nrules + validation: {judged / (rules_s + checks_s):,.0f} records/s (target >= 1,000,000)"
+            f"\n  rules {rules_s:.2f}s (quarantine, rules, pseudonyms, holds) + validation {checks_s:.2f}s"
+            " (GX suites on extract and plan, guard); staging reads/writes and the GX import not included"
+        )
+        steps_s = figures["plan"]["wall"] + figures["validate"]["wall"]
+        print(f"plan + validate tasks, whole: {steps_s:.2f}s = {judged / steps_s:,.0f} records/s (Parquet staging included)")
         print(f"peak RSS of any step: {max(r[4] for r in rows):.0f} MB (target < 1024)")
         stats = requests.get(f"{base}/_standin/stats").json()
         print(f"stand-in after: {stats['statuses']}, max in flight {stats['max_in_flight']}, 429s {stats['throttled']}")

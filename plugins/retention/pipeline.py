@@ -70,6 +70,22 @@ class RunInfo:
         return policy
 
 
+class _Stopwatch:
+    """Seconds spent per phase of a step (``lap(name)`` adds the time since the last lap)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(self.laps.get(name, 0.0) + now - self._last, 3)
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.2f}s" for k, v in self.laps.items())
+
+
 def _ledger() -> Ledger:
     return Ledger(config.ledger_url())
 
@@ -137,21 +153,29 @@ def plan(run: RunInfo, system: str) -> dict:
 
     policy = run.policy()
     staging = run.staging
+    clock = _Stopwatch()
     extracted = staging.read_json(system, "extract") or {}
     now = pd.Timestamp(extracted.get("extracted_at") or datetime.now(UTC))
     frames = {rt: f for rt in (*record_types_of(system), "legal_hold") if (f := staging.read_extract(system, rt)) is not None}
+    ledger_holds = pd.DataFrame(_ledger().holds())
+    clock.lap("read")
     sp = plan_system(
         system, frames, policy, run.as_of_ts, now=now,
-        ledger_holds=pd.DataFrame(_ledger().holds()), pseudonymizer=Pseudonymizer(config.pseudonym_key()),
+        ledger_holds=ledger_holds, pseudonymizer=Pseudonymizer(config.pseudonym_key()),
     )
+    clock.lap("rules")
     for record_type, clean in sp.clean.items():
         staging.write_frame(system, f"clean_{record_type}", clean)
     staging.write_frame(system, "plan", sp.plan)
     if len(sp.quarantined):
         staging.write_frame(system, "quarantine", sp.quarantined)
-    summary = {**sp.summary(), "as_of": run.as_of}
+    clock.lap("write")
+    summary = {**sp.summary(), "as_of": run.as_of, "seconds": clock.laps}
     staging.write_json(system, "plan", summary)
-    log.info("%s: plan %s; quarantined %s", system, summary["planned"] or "empty", summary["quarantined"] or "none")
+    log.info(
+        "%s: plan %s; quarantined %s (%s)",
+        system, summary["planned"] or "empty", summary["quarantined"] or "none", clock,
+    )
     return summary
 
 
@@ -162,6 +186,7 @@ def validate(run: RunInfo, system: str) -> dict:
 
     policy = run.policy()
     staging = run.staging
+    clock = _Stopwatch()
     plan_frame = staging.read_frame(system, "plan")
     extracted = staging.read_json(system, "extract") or {}
     now = pd.Timestamp(extracted.get("extracted_at") or datetime.now(UTC))
@@ -174,11 +199,13 @@ def validate(run: RunInfo, system: str) -> dict:
     held_keys = set(ledger_holds["record_key"]) if len(ledger_holds) else set()
     outcomes = []
     total_extracted = sum(extracted.get("extracted", {}).values())
+    clock.lap("read")
     for record_type in record_types_of(system):
         try:
             clean = staging.read_frame(system, f"clean_{record_type}")
         except FileNotFoundError:
             continue
+        clock.lap("read")
         outcomes.append(validate_extract(clean, record_type, now))
         hold_ids = {rid for rt, rid in hold_pairs if rt == record_type}
         check = plan_check_frame(plan_frame, clean, record_type, hold_ids)
@@ -186,11 +213,13 @@ def validate(run: RunInfo, system: str) -> dict:
             destructive = check["action"].isin(["erase", "minimise"]).to_numpy()
             check["erases_held_record"] |= destructive & check["record_key"].isin(held_keys).to_numpy()
         outcomes.append(validate_plan(check, record_type, policy, run.as_of_ts))
+        clock.lap("checks")
     destructive = int(plan_frame["action"].isin(["erase", "minimise"]).sum())
     guard = run_guard(destructive, total_extracted, run.max_plan_share)
     outcomes.append(guard)
+    clock.lap("checks")
     success = all(o.success for o in outcomes)
-    summary = {"success": success, "suites": [o.as_dict() for o in outcomes]}
+    summary = {"success": success, "suites": [o.as_dict() for o in outcomes], "seconds": clock.laps}
     staging.write_json(system, "validation", summary)
     for o in outcomes:
         for c in o.failures():
@@ -198,8 +227,11 @@ def validate(run: RunInfo, system: str) -> dict:
     if not success:
         failed = sorted({o.name for o in outcomes if not o.success})
         raise PlanRejected(f"{system}: validation failed ({', '.join(failed)}); nothing was erased")
-    log.info("%s: validation passed (%d suites)", system, len(outcomes))
-    return {"success": True, "suites": len(outcomes), "destructive": destructive, "extracted": total_extracted}
+    log.info("%s: validation passed (%d suites; %s)", system, len(outcomes), clock)
+    return {
+        "success": True, "suites": len(outcomes), "destructive": destructive, "extracted": total_extracted,
+        "seconds": clock.laps,
+    }
 
 
 def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from retention.engine import _when_mask
+from retention.keys import duplicated
 from retention.policy import Policy
 from retention.records import RECORD_TYPES
 
@@ -33,7 +34,7 @@ def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, no
 
     key = frame["record_id"]
     mark(key.isna().to_numpy() | (key.astype("string").str.strip() == "").fillna(True).to_numpy(), "missing key")
-    mark(key.duplicated(keep=False).to_numpy(), "duplicate key")
+    mark(duplicated(key), "duplicate key")
     for col in rt.required:
         mark(frame[col].isna().to_numpy(), f"missing or invalid {col}")
     if "has_email" in frame and record_type == "newsletter_member":

@@ -19,6 +19,14 @@ import pyarrow.parquet as pq
 
 from retention.config import staging_root
 
+# Staging files live for one run: write them fast rather than small. Dictionary encoding is
+# wasted on columns of unique keys, which most of these columns are.
+PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": False}
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, **PARQUET_OPTIONS)
+
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
@@ -56,7 +64,7 @@ class RunStaging:
     def write_frame(self, system: str, name: str, frame: pd.DataFrame) -> Path:
         path = self.system_dir(system) / f"{name}.parquet"
         tmp = path.with_suffix(".tmp")
-        frame.to_parquet(tmp, index=False)
+        _write_parquet(frame, tmp)
         tmp.replace(path)
         return path
 
@@ -113,7 +121,7 @@ class ExtractWriter:
         path.mkdir(parents=True, exist_ok=True)
         n = self.parts.get(record_type, 0)
         self.parts[record_type] = n + 1
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path / f"part-{n:05d}.parquet")
+        _write_parquet(frame, path / f"part-{n:05d}.parquet")
 
     def close(self) -> dict[str, int]:
         for record_type in list(self.buffers):

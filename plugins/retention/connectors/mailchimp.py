@@ -20,13 +20,17 @@ and statuses, never addresses or subscriber hashes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from operator import attrgetter
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
+
+import msgspec
 
 from retention.http import HTTPError, RetryingSession
 
@@ -210,21 +214,60 @@ class MailchimpClient:
         erase from the list while scanning it; read first, then erase. Members added during
         the scan are picked up when the list grew (``total_items`` is re-read on every page).
         """
-        if not 1 <= count <= MAX_PAGE:
-            raise ValueError(f"count must be within 1..{MAX_PAGE}")
         fields = tuple(fields)
 
-        def fetch(offset: int) -> dict:
+        def fetch(offset: int) -> tuple[list[dict], int, int]:
             params = self._members_params(
                 fields=fields, status=status, since_last_changed=since_last_changed, count=count, offset=offset
             )
-            return self._get_page(list_id, params)
+            page = self._get_page(list_id, params)
+            members = page.get("members", [])
+            return members, len(members), int(page.get("total_items", 0))
 
-        first = fetch(0)
-        total = int(first.get("total_items", 0))
-        members = first.get("members", [])
-        if members:
-            yield members
+        return self._paged(fetch, count)
+
+    def iter_member_columns(
+        self,
+        list_id: str,
+        *,
+        fields: Sequence[str] = DEFAULT_MEMBER_FIELDS,
+        status: str | None = None,
+        since_last_changed: str | None = None,
+        count: int = MAX_PAGE,
+    ) -> Iterator[dict[str, list]]:
+        """As :meth:`iter_member_pages`, but each page as columns: ``{field: [value, ...]}``.
+
+        For bulk reads: the response is decoded by ``msgspec`` straight into the requested
+        fields (a field a member lacks is ``None``), several times cheaper than building a
+        dict per member, which matters at a million members. Only top-level member fields.
+        """
+        fields = tuple(fields)
+        decoder = _columns_decoder(fields)
+
+        def fetch(offset: int) -> tuple[dict[str, list], int, int]:
+            params = self._members_params(
+                fields=fields, status=status, since_last_changed=since_last_changed, count=count, offset=offset
+            )
+            response = self.session.request(
+                "GET", self._members_path(list_id), endpoint="list-members", ok=(200,), params=params
+            )
+            try:
+                page = decoder.decode(response.content)
+            except msgspec.DecodeError as exc:
+                # The message names the JSON path, never the value.
+                raise HTTPError("GET", "list-members", response.status_code, f"unexpected page shape: {exc}") from None
+            members = page.members
+            return {f: list(map(attrgetter(f), members)) for f in fields}, len(members), page.total_items
+
+        return self._paged(fetch, count)
+
+    def _paged(self, fetch: Callable[[int], tuple[T, int, int]], count: int) -> Iterator[T]:
+        """Offset paging: ``fetch(offset) -> (page, members in it, total_items)``, pages in order."""
+        if not 1 <= count <= MAX_PAGE:
+            raise ValueError(f"count must be within 1..{MAX_PAGE}")
+        first, n, total = fetch(0)
+        if n:
+            yield first
         if total <= count:
             return
 
@@ -247,11 +290,10 @@ class MailchimpClient:
             top_up()
             offset = count
             while offset in pending:
-                page = pending.pop(offset).result()
-                seen_total = max(seen_total, int(page.get("total_items", 0)))
-                members = page.get("members", [])
-                if members:
-                    yield members
+                page, n, page_total = pending.pop(offset).result()
+                seen_total = max(seen_total, page_total)
+                if n:
+                    yield page
                 offset += count
                 top_up()
             if seen_total != total:
@@ -414,6 +456,14 @@ class MailchimpClient:
                 raise
         if error is not None:
             raise error
+
+
+@functools.cache
+def _columns_decoder(fields: tuple[str, ...]) -> msgspec.json.Decoder:
+    """A decoder of a list-members page that keeps only ``fields`` of each member."""
+    member = msgspec.defstruct("Member", [(f, Any, None) for f in fields])
+    page = msgspec.defstruct("MembersPage", [("members", list[member], []), ("total_items", int, 0)])
+    return msgspec.json.Decoder(page)
 
 
 def _unique(items: Iterable[str]) -> Iterator[str]:

@@ -10,28 +10,46 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from retention.connectors.mailchimp import MailchimpClient
 
 MEMBER_FIELDS = ("id", "email_address", "status", "last_changed", "timestamp_signup")
 
 
-def _parse_times(values: pd.Series) -> pd.Series:
-    # Mailchimp sends "" for a timestamp it does not have; anything unparsable becomes NaT
-    # and the record is quarantined by the plan step.
-    return pd.to_datetime(values.replace("", None), utc=True, errors="coerce", format="ISO8601")
+def _text(values: list) -> pa.Array:
+    try:
+        return pa.array(values, type=pa.string())
+    except (pa.ArrowTypeError, pa.ArrowInvalid):  # a value that is not a string: keep it as text
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
 
 
-def members_frame(members: list[dict]) -> pd.DataFrame:
-    raw = pd.DataFrame.from_records(members, columns=list(MEMBER_FIELDS))
-    email = raw["email_address"].astype("string")
+def _parse_times(values: list) -> pd.Series:
+    # Mailchimp sends "" for a timestamp it does not have; that and anything unparsable (or
+    # impossible, like 30 February) become NaT, and the plan step quarantines the record.
+    text = _text(values)
+    text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+    try:  # Arrow's strict ISO 8601 cast, several times faster than pandas' parser
+        return pd.Series(text.cast(pa.timestamp("us", tz="UTC")).to_pandas())
+    except pa.ArrowInvalid:  # something malformed in this chunk: parse it value by value
+        parsed = pd.to_datetime(text.to_pylist(), utc=True, errors="coerce", format="ISO8601")
+        return pd.Series(parsed).dt.as_unit("us")
+
+
+def members_frame(columns: dict[str, list]) -> pd.DataFrame:
+    """Member columns (as ``MailchimpClient.iter_member_columns`` yields them) as the extract frame.
+
+    The e-mail address is reduced to whether there is one; the address itself goes no further.
+    """
+    has_email = pc.fill_null(pc.match_substring(_text(columns["email_address"]), "@"), False)
     return pd.DataFrame(
         {
-            "record_id": raw["id"].astype("string"),
-            "status": raw["status"].astype("string"),
-            "last_changed": _parse_times(raw["last_changed"]),
-            "timestamp_signup": _parse_times(raw["timestamp_signup"]),
-            "has_email": email.str.contains("@", regex=False).fillna(False).astype(bool),
+            "record_id": pd.Series(_text(columns["id"]), dtype="string"),
+            "status": pd.Series(_text(columns["status"]), dtype="string"),
+            "last_changed": _parse_times(columns["last_changed"]),
+            "timestamp_signup": _parse_times(columns["timestamp_signup"]),
+            "has_email": has_email.to_numpy(zero_copy_only=False),
         }
     )
 
@@ -40,6 +58,7 @@ class NewsletterAdapter:
     system = "newsletter"
     record_types = ("newsletter_member",)
     erase_batch = 1000
+    chunk_rows = 50_000
 
     def __init__(self, client: MailchimpClient, list_id: str, log_every: int = 50):
         self.client = client
@@ -53,9 +72,18 @@ class NewsletterAdapter:
 
         total = self.client.total_members(self.list_id)
         progress = Progress(logging.getLogger("retention"), "newsletter: reading members", total=total)
-        for page in self.client.iter_member_pages(self.list_id, fields=MEMBER_FIELDS):
-            write("newsletter_member", members_frame(page))
-            progress.add(len(page))
+        # Pages are gathered into chunks: building a frame costs about as much for a thousand
+        # members as for tens of thousands.
+        chunk: dict[str, list] = {f: [] for f in MEMBER_FIELDS}
+        for page in self.client.iter_member_columns(self.list_id, fields=MEMBER_FIELDS):
+            for f in MEMBER_FIELDS:
+                chunk[f] += page[f]
+            progress.add(len(page["id"]))
+            if len(chunk["id"]) >= self.chunk_rows:
+                write("newsletter_member", members_frame(chunk))
+                chunk = {f: [] for f in MEMBER_FIELDS}
+        if chunk["id"]:
+            write("newsletter_member", members_frame(chunk))
         progress.finish()
 
     def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> dict[str, str]:

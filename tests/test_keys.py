@@ -1,0 +1,80 @@
+"""retention.keys: the fast duplicate-key check must agree with pandas on every input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retention import keys
+from retention.quality import quarantine_reasons
+
+# Few letters and short widths so that duplicates are common; 5 is not a multiple of 8 (the
+# pandas path), mixed widths in one column also take it.
+key_text = st.one_of(st.none(), st.sampled_from([5, 8, 16, 32]).flatmap(lambda w: st.text("ab", min_size=w, max_size=w)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(key_text, max_size=40), start=st.integers(0, 10))
+def test_duplicated_matches_pandas(values, start):
+    series = pd.Series(values, dtype="string").iloc[start:]  # sliced: an Arrow array with an offset
+    expected = series.duplicated(keep=False).to_numpy()
+    assert (keys.duplicated(series) == expected).all()
+
+
+def test_colliding_fingerprints_are_told_apart(monkeypatch):
+    # Every key gets the same fingerprint: only the exact comparison can find the duplicates.
+    monkeypatch.setattr(keys, "_mix", lambda z: np.zeros_like(z))
+    series = pd.Series(["a" * 32, "b" * 32, "a" * 32, "c" * 32], dtype="string")
+    assert keys.fingerprints(series).tolist() == [0, 0, 0, 0]
+    assert keys.duplicated(series).tolist() == [True, False, True, False]
+
+
+def test_fingerprints_only_for_fixed_width_present_keys():
+    assert keys.fingerprints(pd.Series(["a" * 32, "b" * 32], dtype="string")) is not None
+    assert keys.fingerprints(pd.Series(["a" * 32, "b" * 31], dtype="string")) is None
+    assert keys.fingerprints(pd.Series(["a" * 32, None], dtype="string")) is None
+    assert keys.fingerprints(pd.Series(["12345", "67890"], dtype="string")) is None
+    assert keys.fingerprints(pd.Series([], dtype="string")) is None
+    fp = keys.fingerprints(pd.Series(["x" * 16, "y" * 16, "x" * 16], dtype="string"))
+    assert fp[0] == fp[2] != fp[1]
+
+
+def test_quarantine_finds_duplicate_subscriber_hashes():
+    from retention.policy import load_policy
+
+    policy = load_policy()
+    now = pd.Timestamp("2026-01-01", tz="UTC")
+    ids = [f"{i:032x}" for i in range(1000)]
+    ids[700] = ids[3]
+    frame = pd.DataFrame(
+        {
+            "record_id": pd.Series(ids, dtype="string"),
+            "status": pd.Series(["unsubscribed"] * 1000, dtype="string"),
+            "last_changed": pd.Series([pd.Timestamp("2024-01-01", tz="UTC")] * 1000),
+            "timestamp_signup": pd.Series([pd.Timestamp("2023-01-01", tz="UTC")] * 1000),
+            "has_email": True,
+        }
+    )
+    reasons = quarantine_reasons(frame, "newsletter_member", policy, now)
+    assert reasons[reasons.notna()].to_dict() == {3: "duplicate key", 700: "duplicate key"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.binary(min_size=32, max_size=200),
+    record_type=st.sampled_from(["newsletter_member", "crm_contact", "ticket_user"]),
+    ids=st.lists(st.one_of(st.text(max_size=40), st.integers()), max_size=20),
+)
+def test_bulk_pseudonyms_equal_the_standard_hmac(key, record_type, ids):
+    import hashlib
+    import hmac
+
+    from retention.pseudonym import Pseudonymizer
+
+    p = Pseudonymizer(key)
+    expected = [hmac.new(key, f"{record_type}:{i}".encode(), hashlib.sha256).hexdigest()[:32] for i in ids]
+    assert p.keys_for(record_type, ids) == expected
+    column = p.column(pd.Series([record_type] * len(ids), dtype="string"), pd.Series(ids, dtype=object))
+    assert column.tolist() == expected
