@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from retention.ledger import Ledger, LockTimeout
+from retention.ledger import Ledger, LockTimeout, erasure_ledger
 from retention.pseudonym import Pseudonymizer
 
 
@@ -38,6 +38,32 @@ def test_write_ahead_then_complete(ledger):
         ledger.complete("r1", "newsletter", "newsletter_member", {"k2": "vanished"})
     with pytest.raises(sa.exc.IntegrityError):  # one entry per record and run
         ledger.write_ahead("r1", "v1", "newsletter", rows[:1])
+
+
+def test_entries_keep_every_value_as_written(ledger):
+    # PostgreSQL takes new entries through COPY (CSV): awkward text, NULLs and times survive it.
+    ledger.open_run("r1", "d", NOW, "v1", "label", False)
+    holds = [None, "", 'complaint, "urgent"', "line one\nline two", "åäö \\N"]
+    rows = [
+        {"record_type": "crm_contact", "record_key": f"k{i}", "rule_id": "lead", "action": "hold" if h else "erase", "hold": h}
+        for i, h in enumerate(holds)
+    ]
+    before = datetime.now(UTC)
+    ledger.write_ahead("r1", "v1", "crm", rows[:2])
+    ledger.write_ahead("r1", "v1", "crm", rows[2:], status="held")
+    with ledger.engine.connect() as conn:
+        got = {r["record_key"]: r for r in conn.execute(sa.select(erasure_ledger)).mappings()}
+    assert [got[f"k{i}"]["hold"] for i in range(5)] == [None, None, *holds[2:]]  # "" is no hold
+    assert {r["status"] for k, r in got.items() if k in ("k0", "k1")} == {"planned"}
+    assert {r["status"] for k, r in got.items() if k not in ("k0", "k1")} == {"held"}
+    for r in got.values():
+        planned = r["planned_at"] if r["planned_at"].tzinfo else r["planned_at"].replace(tzinfo=UTC)
+        assert before - timedelta(seconds=1) <= planned <= datetime.now(UTC)
+        assert (r["completed_at"] is None) == (r["status"] == "planned")
+        assert (r["run_id"], r["policy_version"], r["system"], r["rule_id"]) == ("r1", "v1", "crm", "lead")
+    many = {f"k{i}": "erased" for i in range(2)}
+    ledger.complete("r1", "crm", "crm_contact", many)
+    assert ledger.statuses("r1", "crm")[("crm_contact", "k0")] == "erased"
 
 
 def test_one_run_per_system_at_a_time(ledger):

@@ -10,12 +10,15 @@ ledger identifies a person without the pseudonym key.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 metadata = sa.MetaData()
 
@@ -55,7 +58,9 @@ erasure_ledger = sa.Table(
     sa.Column("detail", sa.String(200)),
     sa.UniqueConstraint("run_id", "system", "record_type", "record_key", name="uq_ledger_run_record"),
     sa.Index("ix_ledger_record_key", "record_key"),
-    sa.Index("ix_ledger_status", "status"),
+    # No index on status or completed_at, and pages half full on PostgreSQL: completing an
+    # entry is then a heap-only update that touches no index, several times cheaper.
+    postgresql_with={"fillfactor": 50},
 )
 
 legal_hold = sa.Table(
@@ -96,6 +101,33 @@ def _chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
         yield seq[i : i + size]
 
 
+_COPY_COLUMNS = (
+    "run_id", "policy_version", "system", "status", "planned_at", "completed_at",
+    "record_type", "record_key", "rule_id", "action", "hold",
+)
+
+
+def _copy_entries(conn: sa.Connection, fixed: dict, rows: Sequence[dict]) -> None:
+    """New entries through PostgreSQL's COPY, in the caller's transaction: a hundred thousand
+    entries take a second this way and half a minute as INSERTs."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    head = [fixed[c] for c in _COPY_COLUMNS[:6]]
+    head = ["" if v is None else (v.isoformat() if isinstance(v, datetime) else v) for v in head]
+    for r in rows:
+        hold = r.get("hold")
+        writer.writerow([*head, r["record_type"], r["record_key"], r["rule_id"], r["action"], hold if isinstance(hold, str) else ""])
+    buffer.seek(0)
+    # In CSV, an unquoted empty field is NULL: completed_at and hold when there is none.
+    sql = f"COPY {erasure_ledger.name} ({', '.join(_COPY_COLUMNS)}) FROM STDIN WITH (FORMAT csv)"
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with conn.connection.dbapi_connection.cursor() as cursor:
+            cursor.copy_expert(sql, buffer)
+    except dbapi.Error as exc:  # as SQLAlchemy's own errors (IntegrityError for a duplicate entry)
+        raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
+
+
 class Ledger:
     def __init__(self, url_or_engine: str | sa.Engine):
         if isinstance(url_or_engine, sa.Engine):
@@ -104,6 +136,8 @@ class Ledger:
             kwargs = {"connect_args": {"timeout": 60}} if str(url_or_engine).startswith("sqlite") else {}
             self.engine = sa.create_engine(url_or_engine, **kwargs)
         metadata.create_all(self.engine)
+        # Bulk paths on PostgreSQL through psycopg2: COPY for new entries, arrays for keys.
+        self._postgres = self.engine.dialect.name == "postgresql" and self.engine.dialect.driver == "psycopg2"
 
     # -- runs ---------------------------------------------------------------------------
     def open_run(self, run_id: str, dag_id: str, as_of: datetime, policy_version: str, policy_label: str, dry_run: bool) -> None:
@@ -145,20 +179,26 @@ class Ledger:
             return {(t, k): s for t, k, s in conn.execute(q)}
 
     def write_ahead(self, run_id: str, policy_version: str, system: str, rows: Sequence[dict], status: str = "planned") -> None:
-        """Insert entries (record_type, record_key, rule_id, action, hold) before acting on them."""
+        """Insert entries (record_type, record_key, rule_id, action, hold) before acting on them.
+
+        A hold of ``None`` or ``""`` is stored as no hold (NULL)."""
         if not rows:
             return
         now = utcnow()
-        payload = [
-            {
-                "run_id": run_id, "policy_version": policy_version, "system": system, "status": status,
-                "planned_at": now, "completed_at": now if status in DONE else None, **r,
-            }
-            for r in rows
-        ]
+        fixed = {
+            "run_id": run_id, "policy_version": policy_version, "system": system, "status": status,
+            "planned_at": now, "completed_at": now if status in DONE else None,
+        }
         with self.engine.begin() as conn:
-            for chunk in _chunks(payload, 5000):
-                conn.execute(erasure_ledger.insert(), list(chunk))
+            if self._postgres:
+                _copy_entries(conn, fixed, rows)
+                if len(rows) >= 10_000:
+                    # Fresh statistics, so that completing these entries batch by batch finds
+                    # them through the index rather than by scanning the table each time.
+                    conn.exec_driver_sql(f"ANALYZE {erasure_ledger.name}")
+                return
+            for chunk in _chunks(rows, 5000):
+                conn.execute(erasure_ledger.insert(), [{**fixed, **r, "hold": r.get("hold") or None} for r in chunk])
 
     def complete(self, run_id: str, system: str, record_type: str, outcomes: dict[str, str], detail: dict[str, str] | None = None) -> None:
         """Set the final status of entries: ``outcomes`` maps record_key -> status."""
@@ -171,12 +211,15 @@ class Ledger:
             by_status.setdefault(status, []).append(key)
         now = utcnow()
         t = erasure_ledger
+        # PostgreSQL takes the keys as one array parameter; elsewhere, IN lists within
+        # SQLite's limit on bound parameters.
+        size = 50_000 if self._postgres else 900
         with self.engine.begin() as conn:
             for status, keys in by_status.items():
-                for chunk in _chunks(keys, 900):
+                for chunk in _chunks(keys, size):
                     conn.execute(
                         t.update()
-                        .where(t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type, t.c.record_key.in_(chunk))
+                        .where(t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type, self._key_in(chunk))
                         .values(status=status, completed_at=now if status != "planned" else None)
                     )
             if detail:
@@ -186,6 +229,11 @@ class Ledger:
                         .where(t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type, t.c.record_key == key)
                         .values(detail=text[:200])
                     )
+
+    def _key_in(self, keys: Sequence[str]):
+        if self._postgres:
+            return erasure_ledger.c.record_key == sa.any_(sa.bindparam("keys", list(keys), type_=postgresql.ARRAY(sa.String)))
+        return erasure_ledger.c.record_key.in_(keys)
 
     def counts(self, run_id: str) -> list[dict]:
         t = erasure_ledger

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
+import numpy as np
 import pandas as pd
 
 from retention import config
@@ -253,30 +254,30 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     progress = Progress(log, f"{system}: erasing", total=destructive_total)
     outcome_counts: dict[str, int] = {}
     for record_type in adapter.record_types:
-        rows = plan_frame[plan_frame["record_type"] == record_type]
+        rows = plan_frame[(plan_frame["record_type"] == record_type).to_numpy()]
         if rows.empty:
             continue
-        held = rows[rows["action"] == "hold"]
-        new_held = held[[(record_type, k) not in done for k in held["record_key"]]]
+        held = rows[(rows["action"] == "hold").to_numpy()]
+        new_held = held[np.array([(record_type, k) not in done for k in held["record_key"].tolist()], dtype=bool)]
         ledger.write_ahead(run.run_id, run.policy_version, system, _ledger_rows(new_held), status="held")
         outcome_counts["held"] = outcome_counts.get("held", 0) + len(held)
         for action in ("minimise", "erase"):
-            todo = rows[rows["action"] == action]
-            status = [done.get((record_type, k)) for k in todo["record_key"]]
-            finished = pd.Series([s in DONE for s in status], index=todo.index, dtype=bool)
+            todo = rows[(rows["action"] == action).to_numpy()]
+            # Lists, not per-element Series access: a hundred thousand keys per record type.
+            status = [done.get((record_type, k)) for k in todo["record_key"].tolist()] if done else [None] * len(todo)
+            finished = np.array([s in DONE for s in status], dtype=bool)
             for s in status:
                 if s in DONE:
                     outcome_counts[s] = outcome_counts.get(s, 0) + 1
             progress.add(int(finished.sum()))
+            unseen = todo[np.array([s is None for s in status], dtype=bool)]
             todo = todo[~finished]
-            unseen = todo[[done.get((record_type, k)) is None for k in todo["record_key"]]]
             ledger.write_ahead(run.run_id, run.policy_version, system, _ledger_rows(unseen))
-            for start in range(0, len(todo), adapter.erase_batch):
-                batch = todo.iloc[start : start + adapter.erase_batch]
-                ids = batch["record_id"].tolist()
+            record_ids, record_keys = todo["record_id"].tolist(), todo["record_key"].tolist()
+            for start in range(0, len(record_ids), adapter.erase_batch):
+                ids = record_ids[start : start + adapter.erase_batch]
                 outcomes = adapter.erase(record_type, action, ids)
-                key_of = dict(zip(ids, batch["record_key"]))
-                by_key = {key_of[i]: outcomes.get(i, "failed") for i in ids}
+                by_key = {k: outcomes.get(i, "failed") for i, k in zip(ids, record_keys[start : start + adapter.erase_batch])}
                 ledger.complete(run.run_id, system, record_type, by_key)
                 for s in by_key.values():
                     outcome_counts[s] = outcome_counts.get(s, 0) + 1
@@ -293,10 +294,11 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
 def _ledger_rows(frame: pd.DataFrame) -> list[dict]:
     if frame.empty:
         return []
-    hold = frame["hold"].astype(object).where(frame["hold"].notna(), None)
+    hold = frame["hold"].astype(object).where(frame["hold"].notna(), None).tolist()
+    columns = (frame[c].tolist() for c in ("record_type", "record_key", "rule_id", "action"))
     return [
         {"record_type": t, "record_key": k, "rule_id": r, "action": a, "hold": h}
-        for t, k, r, a, h in zip(frame["record_type"], frame["record_key"], frame["rule_id"], frame["action"], hold)
+        for t, k, r, a, h in zip(*columns, hold)
     ]
 
 
