@@ -122,11 +122,18 @@ def _instrument_ledger(ledger_s: dict, completed_at: dict) -> None:
     write_ahead, complete = Ledger.write_ahead, Ledger.complete
 
     def timed_write_ahead(self, run_id, policy_version, system, rows, status="planned"):
+        seen: list[str] = []
+
+        def tap(rows):  # the record type of the first entry, as the ledger takes them
+            for r in rows:
+                if not seen:
+                    seen.append(r["record_type"])
+                yield r
+
         t = time.perf_counter()
-        write_ahead(self, run_id, policy_version, system, rows, status=status)
-        if rows:
-            rt = rows[0]["record_type"]
-            ledger_s[rt] = ledger_s.get(rt, 0.0) + time.perf_counter() - t
+        write_ahead(self, run_id, policy_version, system, tap(rows), status=status)
+        if seen:
+            ledger_s[seen[0]] = ledger_s.get(seen[0], 0.0) + time.perf_counter() - t
 
     def timed_complete(self, run_id, system, record_type, outcomes, detail=None):
         t = time.perf_counter()

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
@@ -101,6 +102,12 @@ def _chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
         yield seq[i : i + size]
 
 
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
 _COPY_COLUMNS = (
     "run_id", "policy_version", "system", "status", "planned_at", "completed_at",
     "record_type", "record_key", "rule_id", "action", "hold",
@@ -178,27 +185,30 @@ class Ledger:
         with self.engine.connect() as conn:
             return {(t, k): s for t, k, s in conn.execute(q)}
 
-    def write_ahead(self, run_id: str, policy_version: str, system: str, rows: Sequence[dict], status: str = "planned") -> None:
-        """Insert entries (record_type, record_key, rule_id, action, hold) before acting on them.
-
-        A hold of ``None`` or ``""`` is stored as no hold (NULL)."""
-        if not rows:
-            return
+    def write_ahead(
+        self, run_id: str, policy_version: str, system: str, rows: Iterable[dict], status: str = "planned"
+    ) -> None:
+        """Insert entries (record_type, record_key, rule_id, action, hold) before acting on them,
+        all in one transaction. ``rows`` may be a generator: it is consumed in chunks, so that a
+        few hundred thousand entries never sit in memory as dicts at once. A hold of ``None`` or
+        ``""`` is stored as no hold (NULL)."""
         now = utcnow()
         fixed = {
             "run_id": run_id, "policy_version": policy_version, "system": system, "status": status,
             "planned_at": now, "completed_at": now if status in DONE else None,
         }
+        written = 0
         with self.engine.begin() as conn:
-            if self._postgres:
-                _copy_entries(conn, fixed, rows)
-                if len(rows) >= 10_000:
-                    # Fresh statistics, so that completing these entries batch by batch finds
-                    # them through the index rather than by scanning the table each time.
-                    conn.exec_driver_sql(f"ANALYZE {erasure_ledger.name}")
-                return
-            for chunk in _chunks(rows, 5000):
-                conn.execute(erasure_ledger.insert(), [{**fixed, **r, "hold": r.get("hold") or None} for r in chunk])
+            for chunk in _batched(rows, 50_000 if self._postgres else 5000):
+                if self._postgres:
+                    _copy_entries(conn, fixed, chunk)
+                else:
+                    conn.execute(erasure_ledger.insert(), [{**fixed, **r, "hold": r.get("hold") or None} for r in chunk])
+                written += len(chunk)
+            if self._postgres and written >= 10_000:
+                # Fresh statistics, so that completing these entries batch by batch finds them
+                # through the index rather than by scanning the table each time.
+                conn.exec_driver_sql(f"ANALYZE {erasure_ledger.name}")
 
     def complete(self, run_id: str, system: str, record_type: str, outcomes: dict[str, str], detail: dict[str, str] | None = None) -> None:
         """Set the final status of entries: ``outcomes`` maps record_key -> status."""

@@ -30,7 +30,7 @@ _OUTCOMES = {
 class CrmAdapter:
     system = "crm"
     record_types = ("crm_event_participation", "crm_course_registration", "crm_survey_response", "crm_invoice", "crm_contact")
-    erase_batch = 20_000
+    erase_batch = 50_000
 
     def __init__(self, connector: CrmConnector):
         self.connector = connector
