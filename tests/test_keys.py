@@ -10,9 +10,15 @@ from hypothesis import strategies as st
 from retention import keys
 from retention.quality import quarantine_reasons
 
-# Few letters and short widths so that duplicates are common; 5 is not a multiple of 8 (the
-# pandas path), mixed widths in one column also take it.
-key_text = st.one_of(st.none(), st.sampled_from([5, 8, 16, 32]).flatmap(lambda w: st.text("ab", min_size=w, max_size=w)))
+# Few letters so that duplicates are common: fixed widths, mixed widths (padded with NUL, so a
+# trailing NUL makes two keys' fingerprints collide), non-ASCII and over-long keys (the pandas
+# path), empty keys and missing ones.
+key_text = st.one_of(
+    st.none(),
+    st.sampled_from([0, 1, 5, 8, 16, 32, 70]).flatmap(lambda w: st.text("ab", min_size=w, max_size=w)),
+    st.text("ab\0", max_size=12),
+    st.text("aé", min_size=1, max_size=4),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -31,14 +37,19 @@ def test_colliding_fingerprints_are_told_apart(monkeypatch):
     assert keys.duplicated(series).tolist() == [True, False, True, False]
 
 
-def test_fingerprints_only_for_fixed_width_present_keys():
+def test_fingerprints_for_present_ascii_keys_up_to_64_bytes():
     assert keys.fingerprints(pd.Series(["a" * 32, "b" * 32], dtype="string")) is not None
-    assert keys.fingerprints(pd.Series(["a" * 32, "b" * 31], dtype="string")) is None
+    assert keys.fingerprints(pd.Series(["12345", "678", "9"], dtype="string")) is not None  # CRM ids
     assert keys.fingerprints(pd.Series(["a" * 32, None], dtype="string")) is None
-    assert keys.fingerprints(pd.Series(["12345", "67890"], dtype="string")) is None
+    assert keys.fingerprints(pd.Series(["a" * 65, "b"], dtype="string")) is None
+    assert keys.fingerprints(pd.Series(["é", "ab"], dtype="string")) is None
+    assert keys.fingerprints(pd.Series(["", ""], dtype="string")) is None
     assert keys.fingerprints(pd.Series([], dtype="string")) is None
     fp = keys.fingerprints(pd.Series(["x" * 16, "y" * 16, "x" * 16], dtype="string"))
     assert fp[0] == fp[2] != fp[1]
+    fp = keys.fingerprints(pd.Series(["7", "70", "7", "7\0"], dtype="string"))
+    assert fp[0] == fp[2] == fp[3] != fp[1]  # "7\0" pads like "7": a collision, told apart below
+    assert keys.duplicated(pd.Series(["7", "70", "7", "7\0"], dtype="string")).tolist() == [True, False, True, False]
 
 
 def test_quarantine_finds_duplicate_subscriber_hashes():

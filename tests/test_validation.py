@@ -29,16 +29,22 @@ def failed(outcome: validation.ValidationOutcome) -> dict[tuple[str, str], int]:
     return {(c["expectation"], c["column"]): c["unexpected_count"] for c in outcome.failures()}
 
 
-@pytest.mark.parametrize("width", [32, 5])  # subscriber hashes (fingerprinted) and other ids
-def test_extract_suite_passes_a_clean_frame_and_counts_duplicates(width):
-    ids = [f"{i:0{width}x}" for i in range(500)]
+@pytest.mark.parametrize(
+    "make_id, column",
+    [
+        (lambda i: f"{i:032x}", "record_id_fingerprint"),  # subscriber hashes
+        (str, "record_id_fingerprint"),  # CRM and Zendesk ids, of different lengths
+        (lambda i: f"é{i}", "record_id"),  # not ASCII: checked as text
+    ],
+)
+def test_extract_suite_passes_a_clean_frame_and_counts_duplicates(make_id, column):
+    ids = [make_id(i) for i in range(500)]
     assert validation.validate_extract(members(ids), "newsletter_member", NOW).success
 
     ids[400] = ids[7]
     ids[401] = ids[7]
     outcome = validation.validate_extract(members(ids), "newsletter_member", NOW)
     assert not outcome.success
-    column = "record_id_fingerprint" if width == 32 else "record_id"
     assert failed(outcome) == {("expect_column_values_to_be_unique", column): 3}
 
 
