@@ -29,46 +29,51 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _fixed_width(arr: pa.StringArray) -> tuple[np.ndarray, int] | None:
-    """The array's bytes as rows of one width (a multiple of 8), or None."""
+def _fixed_width(arr: pa.Array, width: int) -> np.ndarray | None:
+    """The array's bytes as rows of ``width`` bytes each, or None if any row is not."""
     n = len(arr)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
-    widths = np.diff(offsets)
-    width = int(widths[0])
-    if width == 0 or width % 8 or (widths != width).any():
+    offset_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=offset_type)[arr.offset : arr.offset + n + 1]
+    if n and (np.diff(offsets) != width).any():
         return None
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    return data, width
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]] if n else np.empty(0, np.uint8)
+    return data.reshape(n, width)
 
 
 def fingerprints(keys: pd.Series) -> np.ndarray | None:
     """A 64-bit fingerprint per key; None if a key is missing, or the keys are longer than
     64 bytes or not ASCII. Equal keys have equal fingerprints."""
     try:
-        arr = pa.array(keys, type=pa.string())
+        arr = pa.chunked_array(pa.array(keys)) if not isinstance(keys, pa.ChunkedArray) else keys
     except (pa.ArrowTypeError, pa.ArrowInvalid):
         return None
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    n = len(arr)
-    if n == 0 or arr.null_count:
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         return None
-    fixed = _fixed_width(arr)
-    if fixed is None:
-        # Keys of different lengths (CRM and Zendesk ids) are padded with NUL to one width.
-        # Padding counts characters, so only ASCII keys come out all the same width in bytes.
-        longest = int(pc.max(pc.binary_length(arr)).as_py())
-        if longest == 0 or longest > 64:
+    if len(arr) == 0 or arr.null_count:
+        return None
+    lengths = pc.binary_length(arr)
+    shortest, longest = (int(v.as_py()) for v in pc.min_max(lengths).values())
+    if longest == 0 or longest > 64:
+        return None
+    width = -(-longest // 8) * 8
+    parts = []
+    for chunk in arr.chunks:  # chunk by chunk: no copy of all the keys into one buffer
+        if shortest != width or longest != width:
+            # Keys of different lengths (CRM and Zendesk ids) are padded with NUL to one width.
+            # Padding counts characters, so only ASCII keys come out all the same width in bytes.
+            chunk = pc.utf8_rpad(chunk, width=width, padding="\0")
+        rows = _fixed_width(chunk, width)
+        if rows is None:
             return None
-        fixed = _fixed_width(pc.utf8_rpad(arr, width=-(-longest // 8) * 8, padding="\0"))
-        if fixed is None:
-            return None
-    data, width = fixed
-    words = data.view(np.uint64).reshape(n, width // 8)
-    fp = np.zeros(n, dtype=np.uint64)
-    for j in range(words.shape[1]):
-        fp = _mix(fp ^ words[:, j])
-    return fp
+        parts.append(rows)
+    fp = []
+    for rows in parts:
+        words = rows.reshape(-1).view(np.uint64).reshape(len(rows), width // 8)
+        h = np.zeros(len(rows), dtype=np.uint64)
+        for j in range(words.shape[1]):
+            h = _mix(h ^ words[:, j])
+        fp.append(h)
+    return np.concatenate(fp) if len(fp) > 1 else fp[0]
 
 
 def duplicated(keys: pd.Series) -> np.ndarray:
@@ -76,9 +81,12 @@ def duplicated(keys: pd.Series) -> np.ndarray:
     fp = fingerprints(keys)
     if fp is None:
         return keys.duplicated(keep=False).to_numpy(dtype=bool)
-    candidates = pd.Series(fp).duplicated(keep=False).to_numpy()
-    if not candidates.any():
-        return candidates
+    # Sorting 64-bit integers is several times cheaper than hashing them.
+    ordered = np.sort(fp)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(repeated):
+        return np.zeros(len(keys), dtype=bool)
+    candidates = np.isin(fp, repeated)
     rows = np.flatnonzero(candidates)
     out = np.zeros(len(keys), dtype=bool)
     out[rows] = keys.iloc[rows].duplicated(keep=False).to_numpy(dtype=bool)

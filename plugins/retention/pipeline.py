@@ -172,7 +172,7 @@ def plan(run: RunInfo, system: str) -> dict:
     if len(sp.quarantined):
         staging.write_frame(system, "quarantine", sp.quarantined)
     clock.lap("write")
-    summary = {**sp.summary(), "as_of": run.as_of, "seconds": clock.laps}
+    summary = {**sp.summary(), "as_of": run.as_of, "seconds": clock.laps, "rules_seconds": sp.seconds}
     staging.write_json(system, "plan", summary)
     log.info(
         "%s: plan %s; quarantined %s (%s)",

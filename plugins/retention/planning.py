@@ -12,6 +12,7 @@ requester frame from the tickets planned before it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +39,7 @@ class SystemPlan:
     quarantined: pd.DataFrame = field(default_factory=pd.DataFrame)  # record_type, record_id, reason[, record_key]
     quarantine_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # record type -> reason -> n
     clean_counts: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # time per phase, summed over record types
 
     @property
     def destructive(self) -> pd.DataFrame:
@@ -118,15 +120,24 @@ def plan_system(
         frame = frames.get(record_type)
         if frame is None:
             continue
+        started = time.perf_counter()
         frame = derive_frame(record_type, frame, plan_so_far, derived)
         derived[record_type] = frame
         clean, bad, counts = split_quarantine(frame, record_type, policy, now_ts)
         result.clean[record_type] = clean
         result.clean_counts[record_type] = len(clean)
+        quarantined_at = time.perf_counter()
         p = plan_record_type(clean, record_type, policy, as_of_ts, source_holds)
+        ruled_at = time.perf_counter()
         if pseudonymizer is not None:
             p["record_key"] = pseudonymizer.column(p["record_type"], p["record_id"])
             p = apply_key_holds(p, key_holds[key_holds["record_type"] == record_type])
+        for phase, took in (
+            ("quarantine", quarantined_at - started),
+            ("rules", ruled_at - quarantined_at),
+            ("pseudonyms_and_holds", time.perf_counter() - ruled_at),
+        ):
+            result.seconds[phase] = round(result.seconds.get(phase, 0.0) + took, 3)
         plans.append(p)
         if len(p):
             plan_so_far = p[_SO_FAR] if plan_so_far.empty else pd.concat([plan_so_far, p[_SO_FAR]], ignore_index=True)

@@ -65,4 +65,5 @@ def split_quarantine(frame: pd.DataFrame, record_type: str, policy: Policy, now:
     bad = reason.notna().to_numpy()
     quarantined = pd.DataFrame({"record_id": frame["record_id"][bad].astype("string"), "reason": reason[bad]})
     counts = quarantined["reason"].value_counts().to_dict()
-    return frame.loc[~bad], quarantined.reset_index(drop=True), {str(k): int(v) for k, v in counts.items()}
+    clean = frame.loc[~bad] if bad.any() else frame  # nothing quarantined: no copy of every row
+    return clean, quarantined.reset_index(drop=True), {str(k): int(v) for k, v in counts.items()}
