@@ -392,25 +392,35 @@ def test_nightly_run_erases_exactly_what_is_due_once_and_a_second_run_nothing(ze
 
 class Trace:
     """Every call the client makes through its retrying session, in the order answered, with the
-    ids it carried and, for jobs, the job id, state and the ids the job reported on."""
+    ids it carried and, for jobs, the job id, state and the ids the job reported on. A job-status
+    poll (``job_statuses/show_many``) reports on many jobs: it is recorded as one entry per job
+    (``poll`` numbers the request they came in)."""
 
     def __init__(self, adapter: TicketingAdapter):
         self.calls: list[dict] = []
+        self.polls = 0
         self._lock = threading.Lock()
         session = adapter.client.session
         inner = session.request
 
+        def job_entry(job: dict) -> dict:
+            return {"job": job["id"], "state": job["status"], "job_type": job["job_type"],
+                    "processed": [r["id"] for r in job["results"] or []],
+                    "done": [r["id"] for r in job["results"] or [] if r.get("success")]}
+
         def request(method, path, **kw):
             resp = inner(method, path, **kw)
             ids = (kw.get("params") or {}).get("ids")
-            call = {"method": method, "path": path.split("?")[0], "status": resp.status_code,
-                    "ids": [int(i) for i in ids.split(",")] if ids else []}
-            if resp.status_code == 200 and ("destroy_many" in path or "job_statuses" in path):
-                job = resp.json()["job_status"]
-                call.update(job=job["id"], state=job["status"], job_type=job["job_type"],
-                            processed=[r["id"] for r in job["results"] or []],
-                            done=[r["id"] for r in job["results"] or [] if r.get("success")])
+            call = {"method": method, "path": path.split("?")[0], "status": resp.status_code}
             with self._lock:
+                if resp.status_code == 200 and "job_statuses/show_many" in path:
+                    self.polls += 1
+                    for job in resp.json()["job_statuses"]:
+                        self.calls.append({**call, "ids": [], "poll": self.polls, **job_entry(job)})
+                    return resp
+                call["ids"] = [int(i) for i in ids.split(",")] if ids else []
+                if resp.status_code == 200 and "destroy_many" in path:
+                    call.update(job_entry(resp.json()["job_status"]))
                 self.calls.append(call)
             return resp
 
@@ -496,7 +506,11 @@ def test_soft_then_permanent_deletion_with_job_statuses_polled_to_completion(zen
         assert all(soft_done_at[tid] < position[id(sub)] for tid in sub["ids"]), "permanent deletion before the soft job ended"
     polls = [c for c in trace.calls if c["path"].startswith("/api/v2/job_statuses/")]
     assert {c["state"] for c in polls} <= {"queued", "working", "completed"}
-    assert s1["requests_by_endpoint"]["job_statuses"] - s0["requests_by_endpoint"].get("job_statuses", 0) == len(polls)
+    sent = s1["requests_by_endpoint"]["job_statuses.show_many"] - s0["requests_by_endpoint"].get("job_statuses.show_many", 0)
+    assert sent == trace.polls and "job_statuses" not in s1["requests_by_endpoint"]
+    assert trace.polls < len(soft_subs) + len(perm_subs), "one poll per job: job statuses were not read together"
+    peak = adapter.client.jobs_in_flight_peak
+    assert 1 <= peak <= adapter.client.max_jobs_in_flight <= 30
 
     # Users after their tickets: soft, then permanent, one each.
     users = plan_ids(run, "ticket_user")

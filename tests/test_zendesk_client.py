@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pytest
@@ -129,11 +130,29 @@ def test_job_status_is_polled_to_completion(tmp_path):
     try:
         with client_for(s, job_poll_interval=0.1) as c:
             assert c.erase_tickets([1, 2]) == {1: "erased", 2: "erased"}
-            polls = c.request_counts["job_statuses.get"]
-            assert 4 <= polls <= 10  # several polls per job, but not a busy loop
+            polls = c.request_counts["job_statuses.show_many"]
+            # The first job: polled at 0.1 s, then backing off (0.1, 0.15, 0.225 s) until it
+            # ended; the second is first polled at 1.1 times the age the first was seen ended.
+            assert 2 <= polls <= 8  # several polls, but not a busy loop
+            assert c.request_counts["job_statuses.get"] == 0
             assert stats(s)["jobs"] == {"completed": 2}
+            assert c.erase_tickets([3]) == {3: "erased"}
+            assert c.request_counts["job_statuses.show_many"] - polls <= 4  # learnt: about one poll a job
     finally:
         s.stop()
+
+
+def test_unsolved_tickets_are_deferred_not_erased(server, client):
+    ids = list(range(1, 201))
+    shown = client.ticket_statuses(ids)
+    unsolved = {t for t, status in shown.items() if status in ("new", "open", "pending", "hold")}
+    assert unsolved and len(unsolved) < len(ids)
+    outcomes = client.erase_tickets(ids, defer_statuses=("new", "open", "pending", "hold"))
+    assert {t for t, o in outcomes.items() if o == "not_yet"} == unsolved
+    assert {o for t, o in outcomes.items() if t not in unsolved} == {"erased"}
+    assert client.remaining_tickets(ids) == unsolved
+    by = stats(server)["requests_by_endpoint"]
+    assert by["tickets.show_many"] == 2 + 2 + 2  # the test's read, one re-read per chunk, remaining_tickets
 
 
 def test_already_soft_deleted_ticket_goes_straight_to_permanent(server, client):
@@ -258,19 +277,56 @@ def test_pacer_keeps_a_well_configured_run_clear_of_429(tmp_path):
 
 
 def test_erasure_throughput_reaches_the_limit(tmp_path):
-    # 300 requests per 5-second "minute" = 60 a second; a chunk of 100 costs 4 requests.
-    s = start(tmp_path, "--requests-per-minute", "300", "--window-seconds", "5", tickets=6000)
+    # 300 requests per 5-second "minute" = 60 a second. A chunk of 100 tickets needs two
+    # destroy_many calls and its two jobs seen ended, at best by one poll per 30 jobs: at most
+    # 60 / (2 + 2/30) chunks a second, i.e. 2,903 tickets a second.
+    s = start(tmp_path, "--requests-per-minute", "300", "--window-seconds", "5", tickets=15000)
     try:
         with client_for(s, requests_per_minute=300, window_seconds=5, job_poll_interval=0.05) as c:
             t0 = time.monotonic()
-            outcomes = c.erase_tickets(range(1, 6001))
+            outcomes = c.erase_tickets(range(1, 15001))
             elapsed = time.monotonic() - t0
             assert set(outcomes.values()) == {"erased"}
             st = c.stats()
-            assert st.get("throttled", 0) == 0
-            rate = st["requests"] / elapsed
-            assert rate >= 0.9 * 60, (st, elapsed)
-            assert st["requests"] <= 60 * 4 * 1.1  # polls stay sparse
+            assert st.get("throttled", 0) == 0 and stats(s)["throttled"] == 0
+            allowed = 60 / (2 + 2 / 30) * 100
+            assert 15000 / elapsed >= 0.8 * allowed, (st, elapsed)
+            polls = st["by_family"]["job_statuses.show_many"]
+            assert polls <= 0.1 * st["requests"], st  # one poll reports many jobs
+            assert st["jobs_in_flight_peak"] <= 30
+    finally:
+        s.stop()
+
+
+def test_jobs_in_flight_never_exceed_the_job_limit(tmp_path):
+    """Zendesk lets an account have 30 jobs queued or running; the stand-in refuses more
+    with 429 TooManyJobs. Asked for more, the client keeps to 30, and never meets a 429."""
+    s = start(tmp_path, "--job-seconds", "0.3", tickets=6000)
+    try:
+        samples, stop = [], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                jobs = stats(s)["jobs"]
+                samples.append(jobs.get("queued", 0) + jobs.get("working", 0))
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        with client_for(s, max_jobs_in_flight=45) as c:
+            assert c.max_jobs_in_flight == 30
+            sampler.start()
+            try:
+                assert set(c.erase_tickets(range(1, 6001)).values()) == {"erased"}
+            finally:
+                stop.set()
+                sampler.join()
+            assert c.jobs_in_flight_peak == 30 and c.jobs_in_flight == 0
+            assert c.stats().get("throttled", 0) == 0
+        assert max(samples) <= 30 and max(samples) >= 20  # the limit was used, never passed
+        assert stats(s)["throttled"] == 0
+        with client_for(s, max_jobs_in_flight=4) as c:
+            assert set(c.erase_tickets(range(1, 2001)).values()) == {"already_gone"}
+            assert c.jobs_in_flight_peak == 4
     finally:
         s.stop()
 
@@ -290,6 +346,33 @@ def test_pacer_spaces_calls():
     p.defer(30)
     p.acquire()
     assert now[0] == pytest.approx(90.0)
+
+
+def test_pacer_serves_waiting_calls_by_priority_without_adding_slots():
+    p = Pacer(20, 1.0, safety=1.0, min_slack=0.0)  # a slot every 50 ms
+    order, times, lock = [], [], threading.Lock()
+
+    def call(name, priority):
+        p.acquire(priority)
+        with lock:
+            order.append(name)
+            times.append(time.monotonic())
+
+    p.acquire()  # the first slot is taken: everyone below waits
+    low = [threading.Thread(target=call, args=(f"low{i}", 0)) for i in range(4)]
+    for t in low:
+        t.start()
+        time.sleep(0.005)
+    high = threading.Thread(target=call, args=("high", 3))
+    high.start()
+    for t in [*low, high]:
+        t.join()
+    assert order.index("high") <= 1  # ahead of the low-priority calls still waiting
+    assert [n for n in order if n != "high"] == ["low0", "low1", "low2", "low3"]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 0.045  # the slots stay one interval apart
+    time.sleep(0.06)
+    assert not p.busy()  # nobody waits and the next slot is due
 
 
 # --- users --------------------------------------------------------------------------------

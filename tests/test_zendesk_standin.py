@@ -171,6 +171,50 @@ def test_job_goes_queued_working_completed(tmp_path):
         s.stop()
 
 
+def test_job_statuses_show_many_reports_many_jobs_at_once(tmp_path):
+    s = start(tmp_path, "--job-seconds", "0.3")
+    try:
+        base = s.base_url
+        jobs = [
+            requests.delete(f"{base}/api/v2/tickets/destroy_many.json", params={"ids": str(i)}).json()["job_status"]
+            for i in (5, 6, 7)
+        ]
+        ids = [j["id"] for j in jobs]
+        shown = requests.get(f"{base}/api/v2/job_statuses/show_many.json", params={"ids": ",".join([*ids, "nope"])})
+        assert shown.status_code == 200
+        body = shown.json()["job_statuses"]
+        assert [j["id"] for j in body] == ids  # the unknown id is left out
+        assert {j["status"] for j in body} <= {"queued", "working"} and all(j["results"] is None for j in body)
+        time.sleep(0.45)
+        body = requests.get(f"{base}/api/v2/job_statuses/show_many", params={"ids": ",".join(ids)}).json()["job_statuses"]
+        assert [j["status"] for j in body] == ["completed"] * 3
+        assert [j["results"][0]["id"] for j in body] == [5, 6, 7]
+        assert requests.get(f"{base}/api/v2/job_statuses/show_many", params={"ids": ""}).status_code == 400
+        too_many = ",".join(f"j{i}" for i in range(101))
+        assert requests.get(f"{base}/api/v2/job_statuses/show_many", params={"ids": too_many}).status_code == 400
+        assert stats(base)["requests_by_endpoint"]["job_statuses.show_many"] == 4
+    finally:
+        s.stop()
+
+
+def test_job_limit_30_queued_or_running_then_429(tmp_path):
+    s = start(tmp_path, "--job-seconds", "1.5")
+    try:
+        base = s.base_url
+        for i in range(30):
+            resp = requests.delete(f"{base}/api/v2/tickets/destroy_many.json", params={"ids": str(i + 1)})
+            assert resp.status_code == 200
+        resp = requests.delete(f"{base}/api/v2/deleted_tickets/destroy_many.json", params={"ids": "1"})
+        assert resp.status_code == 429 and resp.json()["error"] == "TooManyJobs"
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert sum(stats(base)["jobs"].values()) == 30  # the refused job was not created
+        time.sleep(1.6)  # the 30 have ended: room again
+        resp = requests.delete(f"{base}/api/v2/deleted_tickets/destroy_many.json", params={"ids": "1"})
+        assert resp.status_code == 200
+    finally:
+        s.stop()
+
+
 def test_requester_of_unclosed_ticket_cannot_be_deleted(server):
     base = server.base_url
     edge = stats(base)["edge_cases"]

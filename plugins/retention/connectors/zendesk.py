@@ -8,8 +8,9 @@ What it relies on, from the Zendesk Support API reference:
   tickets are exported with status ``"deleted"``.
 * ``DELETE /api/v2/tickets/destroy_many?ids=`` (<= 100 ids) soft-deletes as a background job;
   ``DELETE /api/v2/deleted_tickets/destroy_many?ids=`` (<= 100) deletes soft-deleted tickets for
-  good, also as a job; ``GET /api/v2/job_statuses/{id}`` reports queued/working/completed/failed.
-  At most 30 jobs may be queued or running per account.
+  good, also as a job; ``GET /api/v2/job_statuses/{id}`` reports queued/working/completed/failed,
+  ``GET /api/v2/job_statuses/show_many?ids=`` (comma-separated job ids) reports many at once.
+  At most 30 jobs may be queued or running per account (the "job limit"; beyond it, 429).
 * ``DELETE /api/v2/users/{id}`` soft-deletes a user and is refused (422) while the user is the
   requester of a ticket that is not closed; ``DELETE /api/v2/deleted_users/{id}`` then deletes
   for good, at most 700 users per 10 minutes.
@@ -20,17 +21,23 @@ What it relies on, from the Zendesk Support API reference:
   archived tickets (closed for 120 days) out of that list; they stay reachable by id.
 
 Rate limits are kept on the client side by :class:`Pacer` (one per limit), wired into the HTTP
-adapter so that retries are paced too and a 429 pushes the pacer back by ``Retry-After``.
+adapter so that retries are paced too and a 429 pushes the pacer back by ``Retry-After``. The job
+limit is kept by ``max_jobs_in_flight`` (<= 30) job slots, each held from a job's submission
+until a poll saw it end. One watcher thread polls every job being waited for with one
+``job_statuses/show_many`` call; while requests queue for the budget, polls take at most
+``POLL_BUDGET_SHARE`` of it, and go ahead of the queue (see :meth:`ZendeskClient.job_poll_spacing`).
 Nothing personal is logged or kept: exported records are cut down to ids, roles, statuses and
 times; log lines name endpoint families and counts only.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Self
@@ -42,6 +49,9 @@ from retention.http import HTTPError, RetryingSession, retry_after_seconds
 log = logging.getLogger(__name__)
 
 MAX_IDS = 100
+MAX_JOBS = 30  # Zendesk's job limit: queued or running background jobs per account
+POLL_BUDGET_SHARE = 0.04  # job-status polls take at most this share of the request budget
+JOB_STATUSES = "/api/v2/job_statuses/show_many.json"
 SOFT_DELETE = "/api/v2/tickets/destroy_many.json"
 PERMANENT_DELETE = "/api/v2/deleted_tickets/destroy_many.json"
 TICKET_FIELDS = ("id", "status", "requester_id", "created_at", "updated_at")
@@ -53,10 +63,12 @@ ERASED, ALREADY_GONE, FAILED, NOT_YET = "erased", "already_gone", "failed", "not
 class Pacer:
     """Spaces calls so that no rolling ``window`` of seconds sees more than ``limit`` of them.
 
-    A reservation scheduler (GCRA with a burst of one): each call takes the next free slot, one
-    interval after the previous one, and sleeps until it. The interval leaves a margin of
-    ``1 - safety`` of the window, and at least ``min_slack`` seconds per window, for the jitter
-    between taking a slot and the request reaching the server. Thread safe.
+    A slot scheduler (GCRA with a burst of one): slots are one interval apart, each call takes
+    the next free one and waits for it. The interval leaves a margin of ``1 - safety`` of the
+    window, and at least ``min_slack`` seconds per window, for the jitter between taking a slot
+    and the request reaching the server. Calls waiting for a slot get it by ``priority``
+    (higher first, then in arrival order): who is served next changes, the slots do not.
+    Thread safe.
     """
 
     def __init__(
@@ -75,28 +87,66 @@ class Pacer:
         self.clock = clock
         self.sleep = sleep
         self._next = 0.0
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue: list[tuple[int, int]] = []  # (-priority, arrival) of the calls waiting
+        self._arrivals = itertools.count()
         self.waited = 0.0
 
-    def reserve(self) -> float:
-        """Take the next slot; returns how long to wait for it."""
-        with self._lock:
-            now = self.clock()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-            delay = slot - now
-            self.waited += delay
-            return delay
+    def acquire(self, priority: int = 0) -> None:
+        """Wait for a slot; calls of higher ``priority`` waiting at the same time go first."""
+        with self._cond:
+            start = self.clock()
+            if not self._queue and self._next <= start:
+                self._next = start + self.interval
+                return
+            me = (-priority, next(self._arrivals))
+            heapq.heappush(self._queue, me)
+            try:
+                while True:
+                    if self._queue[0] != me:
+                        self._cond.wait()
+                        continue
+                    now = self.clock()
+                    if self._next <= now:
+                        heapq.heappop(self._queue)
+                        self._next = now + self.interval
+                        self.waited += now - start
+                        return
+                    delay = self._next - now
+                    # First in line: wait for the slot without the lock; a call of higher
+                    # priority arriving meanwhile becomes first in line and takes it instead.
+                    self._cond.release()
+                    try:
+                        self.sleep(delay)
+                    finally:
+                        self._cond.acquire()
+            finally:
+                if me in self._queue:
+                    self._queue.remove(me)
+                    heapq.heapify(self._queue)
+                self._cond.notify_all()
 
-    def acquire(self) -> None:
-        delay = self.reserve()
-        if delay > 0:
-            self.sleep(delay)
+    def busy(self) -> bool:
+        """Whether calls are waiting for a slot, or the next one is in the future."""
+        with self._cond:
+            return bool(self._queue) or self._next > self.clock()
 
     def defer(self, seconds: float) -> None:
         """No slot before ``seconds`` from now (the server said so with ``Retry-After``)."""
-        with self._lock:
+        with self._cond:
             self._next = max(self._next, self.clock() + seconds)
+            self._cond.notify_all()
+
+
+# Who goes first when calls wait for the request budget: the job-status poll (every job
+# waiting on it holds a job slot), then job submissions (their job slot is taken already;
+# permanent before soft, so that begun tickets finish first), then the rest.
+_PRIORITY = {
+    "job_statuses.show_many": 3,
+    "job_statuses.get": 3,
+    "deleted_tickets.destroy_many.delete": 2,
+    "tickets.destroy_many.delete": 1,
+}
 
 
 class _PacedAdapter(HTTPAdapter):
@@ -108,8 +158,9 @@ class _PacedAdapter(HTTPAdapter):
 
     def send(self, request, **kwargs):
         family, pacers = self._client._classify(request.method, request.path_url)
+        priority = _PRIORITY.get(family, 0)
         for pacer in pacers:
-            pacer.acquire()
+            pacer.acquire(priority)
         self._client._count(family)
         response = super().send(request, **kwargs)
         if response.status_code == 429:
@@ -117,6 +168,136 @@ class _PacedAdapter(HTTPAdapter):
             if wait_s:
                 pacers[0].defer(wait_s)  # the most specific limit that applies
         return response
+
+
+class _Waiter:
+    __slots__ = ("job_id", "submitted", "next_check", "backoff", "done", "result", "error")
+
+    def __init__(self, job_id: str, now: float, first_delay: float, backoff: float):
+        self.job_id = job_id
+        self.submitted = now
+        self.next_check = now + first_delay
+        self.backoff = backoff
+        self.done = threading.Event()
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+
+
+class _JobWatcher:
+    """Polls the jobs a client waits for, all of them in one ``job_statuses/show_many`` call.
+
+    A poll goes out once some job is due for a check, never sooner than
+    ``client.job_poll_spacing()`` after the previous poll, and reports on every job waited for,
+    the ones not yet due included. A job is first due at 1.1 times the age at which the
+    quickest of the last 64 jobs was seen ended (``job_poll_interval`` until one was), then,
+    while it runs, again after ``job_poll_interval``, growing by half each time up to five
+    times that. The thread starts on the first wait and ends with :meth:`close` (jobs still
+    waited for then count as failed).
+    """
+
+    def __init__(self, client: ZendeskClient):
+        self.client = client
+        self.cond = threading.Condition()
+        self.pending: dict[str, _Waiter] = {}
+        self.thread: threading.Thread | None = None
+        self.closed = False
+        self.last_poll = float("-inf")
+        self.polls = 0
+        self.seen_ending: deque[float] = deque(maxlen=64)  # ages at which recent jobs were seen ended
+
+    def wait(self, job: dict) -> dict:
+        if job.get("status") in ("completed", "failed"):
+            return job
+        job_id = job.get("id")
+        if job_id is None:
+            log.warning("job status: a job without an id")
+            return {"status": "failed", "results": None}
+        job_id = str(job_id)
+        interval = self.client.job_poll_interval
+        with self.cond:
+            first = 1.1 * min(self.seen_ending) if self.seen_ending else interval
+            waiter = _Waiter(job_id, time.monotonic(), first, interval)
+            if self.closed:
+                return {"status": "failed", "results": None}
+            self.pending[job_id] = waiter
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="zendesk-jobs", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+        if not waiter.done.wait(self.client.job_timeout):
+            with self.cond:
+                self.pending.pop(job_id, None)
+            log.warning("job status: gave up waiting")
+            return {"status": "failed", "results": None}
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result or {"status": "failed", "results": None}
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+            thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self.client.job_timeout)
+
+    def _finish(self, waiter: _Waiter, result: dict | None = None, error: BaseException | None = None) -> None:
+        self.pending.pop(waiter.job_id, None)
+        waiter.result = result
+        waiter.error = error
+        waiter.done.set()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed:
+                    if self.pending:
+                        now = time.monotonic()
+                        due = min(w.next_check for w in self.pending.values())
+                        at = max(due, self.last_poll + self.client.job_poll_spacing())
+                        if at <= now:
+                            break
+                        # Look again soon: the spacing shrinks once the request budget idles.
+                        self.cond.wait(min(at - now, 0.05))
+                    else:
+                        self.cond.wait()
+                if self.closed:
+                    for waiter in list(self.pending.values()):
+                        self._finish(waiter, {"status": "failed", "results": None})
+                    return
+                waiters = sorted(self.pending.values(), key=lambda w: w.submitted)
+                self.last_poll = time.monotonic()
+            for i in range(0, len(waiters), MAX_IDS):
+                self._poll(waiters[i : i + MAX_IDS])
+
+    def _poll(self, waiters: list[_Waiter]) -> None:
+        self.polls += 1
+        try:
+            body = self.client._get(
+                JOB_STATUSES, endpoint="job_statuses.show_many", params={"ids": ",".join(w.job_id for w in waiters)}
+            ).json()
+        except Exception as exc:  # noqa: BLE001 - handed to each waiting thread, raised there
+            with self.cond:
+                for waiter in waiters:
+                    self._finish(waiter, error=exc)
+            return
+        found = {str(j.get("id")): j for j in body.get("job_statuses") or [] if isinstance(j, dict)}
+        now = time.monotonic()
+        with self.cond:
+            for waiter in waiters:
+                job = found.get(waiter.job_id)
+                if job is None:  # expired or unknown: failed without results
+                    self._finish(waiter, {"status": "failed", "results": None})
+                elif job.get("status") in ("completed", "failed"):
+                    self.seen_ending.append(now - waiter.submitted)
+                    self._finish(waiter, job)
+                elif waiter.next_check <= now:  # due and still running: look again later
+                    waiter.next_check = now + waiter.backoff
+                    waiter.backoff = min(waiter.backoff * 1.5, self.client.job_poll_interval * 5)
 
 
 class ZendeskClient:
@@ -135,16 +316,24 @@ class ZendeskClient:
         max_connections: int = 4,
         max_retries: int = 10,
         timeout: float = 60.0,
-        job_poll_interval: float = 1.0,
+        job_poll_interval: float = 0.1,
         deleted_list_per_minute: int = 10,
         user_deletes_per_10min: int = 700,
-        max_jobs_in_flight: int = 8,
+        max_jobs_in_flight: int = MAX_JOBS,
         max_job_attempts: int = 5,
         job_timeout: float = 900.0,
         window_seconds: float = 60.0,
     ):
         """``window_seconds`` scales the rate windows (60 s; 600 s for permanent user
-        deletes); only tests change it, against a stand-in with the same scaling."""
+        deletes); only tests change it, against a stand-in with the same scaling.
+
+        ``max_jobs_in_flight`` caps this client's queued or running jobs: Zendesk's job limit
+        of 30 per account by default (more is refused); set it lower where other integrations
+        of the account run jobs too (their jobs and ours would otherwise meet 429s, which are
+        waited out and retried). ``job_poll_interval`` (0.1 s): the spacing of job-status polls
+        while the request budget has room to spare, a job's first poll before the client has
+        seen how long jobs take, and the step by which polls of a job still running back off
+        (growing by half up to five times it)."""
         if base_url:
             url = base_url.rstrip("/")
         elif subdomain:
@@ -160,8 +349,10 @@ class ZendeskClient:
                 raise ValueError("an API token needs the agent's e-mail address")
             auth = (f"{email}/token", api_token)
         self.base_url = url
-        self.job_poll_interval = job_poll_interval
-        self.max_jobs_in_flight = max(1, max_jobs_in_flight)
+        self.job_poll_interval = max(0.01, float(job_poll_interval))
+        if max_jobs_in_flight > MAX_JOBS:
+            log.warning("max_jobs_in_flight %d is above Zendesk's job limit; using %d", max_jobs_in_flight, MAX_JOBS)
+        self.max_jobs_in_flight = min(MAX_JOBS, max(1, max_jobs_in_flight))
         self.max_connections = max(1, max_connections)
         self.max_job_attempts = max(1, max_job_attempts)
         self.job_timeout = job_timeout
@@ -179,6 +370,11 @@ class ZendeskClient:
         self.session.session.mount("https://", adapter)
         self.request_counts: Counter = Counter()
         self._count_lock = threading.Lock()
+        self._job_slots = threading.BoundedSemaphore(self.max_jobs_in_flight)
+        self._jobs_lock = threading.Lock()
+        self.jobs_in_flight = 0
+        self.jobs_in_flight_peak = 0
+        self._watcher = _JobWatcher(self)
         self.last_ticket_cursor: str | None = None
         self.last_user_cursor: str | None = None
 
@@ -195,7 +391,7 @@ class ZendeskClient:
         if head == "deleted_users" and len(parts) == 2 and method == "DELETE":
             return "deleted_users.destroy", [self.user_deletes, self.general]
         if head == "job_statuses":
-            return "job_statuses.get", [self.general]
+            return ("job_statuses.show_many" if parts[1:] == ["show_many"] else "job_statuses.get"), [self.general]
         family = ".".join(p for p in parts[:2] if p and not p.isdigit())
         return f"{family}.{method.lower()}", [self.general]
 
@@ -212,9 +408,28 @@ class ZendeskClient:
             out["by_family"] = dict(self.request_counts)
         pacers = (self.general, self.incremental, self.deleted_list, self.user_deletes)
         out["paced_seconds"] = round(sum(p.waited for p in pacers), 3)
+        out["jobs_in_flight_peak"] = self.jobs_in_flight_peak
         return out
 
+    def job_poll_spacing(self) -> float:
+        """Seconds from one job-status poll to the next.
+
+        ``job_poll_interval`` while the request budget has room to spare (a poll then delays
+        nothing). While requests queue for the budget, each poll takes the place of a useful
+        request: polls are then spaced to take at most ``POLL_BUDGET_SHARE`` of the budget while
+        job slots run short (a slot is given back only once a poll saw its job end, so a late
+        poll holds up submissions), and 2.5 times further apart while slots are to spare.
+        """
+        if not self.general.busy():
+            return self.job_poll_interval
+        spacing = max(self.job_poll_interval, self.general.interval / POLL_BUDGET_SHARE)
+        return spacing if self._slots_short() else 2.5 * spacing
+
+    def _slots_short(self) -> bool:
+        return self.jobs_in_flight >= self.max_jobs_in_flight - max(1, self.max_jobs_in_flight // 10)
+
     def close(self) -> None:
+        self._watcher.close()
         self.session.close()
 
     def __enter__(self) -> Self:
@@ -329,17 +544,29 @@ class ZendeskClient:
 
     # --- ticket erasure --------------------------------------------------------------
     def erase_tickets(
-        self, ids: Iterable[int], *, on_result: Callable[[int, str], None] | None = None
+        self,
+        ids: Iterable[int],
+        *,
+        on_result: Callable[[int, str], None] | None = None,
+        defer_statuses: Iterable[str] = (),
     ) -> dict[int, str]:
         """Soft-delete, then permanently delete, each ticket; returns ``{id: outcome}``.
 
-        Outcomes: ``"erased"``, ``"already_gone"`` (neither live nor soft-deleted any more) or
-        ``"failed"`` (a job reported an error for it, or the API kept failing). A ticket that is
-        already soft-deleted goes straight to permanent deletion. Up to ``max_jobs_in_flight``
-        chunks of 100 run at once, so the next job is submitted while others run. ``on_result``
-        is called once per id as soon as its outcome is known (serialised, from worker threads).
+        Outcomes: ``"erased"``, ``"already_gone"`` (neither live nor soft-deleted any more),
+        ``"not_yet"`` (its status, re-read right before its deletion, is in ``defer_statuses``:
+        left alone) or ``"failed"`` (a job reported an error for it, or the API kept failing). A
+        ticket that is already soft-deleted goes straight to permanent deletion.
+
+        The ids go in chunks of 100, each through its own steps: statuses re-read with
+        ``tickets/show_many`` (when ``defer_statuses`` is given) immediately before its soft
+        deletion, the soft-deletion job, then the permanent-deletion job. Chunks run side by
+        side, so while one chunk's job runs the next chunks are submitted and polled; at most
+        ``max_jobs_in_flight`` jobs are queued or running at any time (each holds a slot from
+        its submission until a poll saw it end). ``on_result`` is called once per id as soon
+        as its outcome is known (serialised, from worker threads).
         """
         order = list(dict.fromkeys(int(i) for i in ids))
+        defer = frozenset(defer_statuses)
         outcomes: dict[int, str] = {}
         lock = threading.Lock()
 
@@ -353,9 +580,12 @@ class ZendeskClient:
 
         chunks = [order[i : i + MAX_IDS] for i in range(0, len(order), MAX_IDS)]
         if chunks:
-            workers = min(self.max_jobs_in_flight, len(chunks))
+            # One thread per chunk under way, two per job slot: while the slots' chunks wait
+            # for their jobs, the others re-read statuses, so the request budget never idles
+            # (job polls and submissions go ahead of status re-reads: see _PRIORITY).
+            workers = min(2 * self.max_jobs_in_flight, len(chunks))
             with ThreadPoolExecutor(workers, thread_name_prefix="zendesk-erase") as pool:
-                futures = {pool.submit(self._erase_chunk, chunk, report): chunk for chunk in chunks}
+                futures = {pool.submit(self._erase_chunk, chunk, report, defer): chunk for chunk in chunks}
                 for fut in as_completed(futures):
                     exc = fut.exception()
                     if exc is None:
@@ -371,7 +601,13 @@ class ZendeskClient:
         log.info("ticket erasure: %s", dict(counts))
         return {tid: outcomes[tid] for tid in order}
 
-    def _erase_chunk(self, chunk: list[int], report: Callable[[int, str], None]) -> None:
+    def _erase_chunk(self, chunk: list[int], report: Callable[[int, str], None], defer: frozenset[str]) -> None:
+        if defer:
+            statuses = self.ticket_statuses(chunk)
+            for tid in chunk:
+                if statuses.get(tid) in defer:
+                    report(tid, NOT_YET)
+            chunk = [tid for tid in chunk if statuses.get(tid) not in defer]
         soft_ok, soft_missing, soft_failed = self._run_jobs(SOFT_DELETE, chunk, "tickets.destroy_many")
         for tid in soft_failed:
             report(tid, FAILED)
@@ -385,6 +621,35 @@ class ZendeskClient:
             report(tid, ALREADY_GONE if tid in missing_before else ERASED)
         for tid in perm_failed:
             report(tid, FAILED)
+
+    def _take_job_slot(self) -> None:
+        self._job_slots.acquire()
+        with self._jobs_lock:
+            self.jobs_in_flight += 1
+            self.jobs_in_flight_peak = max(self.jobs_in_flight_peak, self.jobs_in_flight)
+        if self._slots_short():
+            self._watcher.wake()  # a poll may be due sooner now
+
+    def _submit_job(self, path: str, batch: list[int], endpoint: str):
+        """``DELETE path?ids=batch`` holding a job slot: ``(response, job)``. The slot is kept
+        (``job`` not None) while the job is queued or running, and given back otherwise."""
+        self._take_job_slot()
+        try:
+            resp = self.session.request(
+                "DELETE", path, endpoint=endpoint, params={"ids": ",".join(map(str, batch))}, accept=(400, 404, 422)
+            )
+            job = None if resp.status_code in (400, 404, 422) else (resp.json().get("job_status") or {})
+        except BaseException:
+            self._release_job_slot()
+            raise
+        if job is None:
+            self._release_job_slot()
+        return resp, job
+
+    def _release_job_slot(self) -> None:
+        with self._jobs_lock:
+            self.jobs_in_flight -= 1
+        self._job_slots.release()
 
     def _run_jobs(self, path: str, ids: list[int], endpoint: str) -> tuple[list[int], list[int], list[int]]:
         """Run a destroy_many job over ``ids`` to the end: (succeeded, not found, failed).
@@ -402,17 +667,18 @@ class ZendeskClient:
             attempts = 0
             while batch:
                 attempts += 1
-                resp = self.session.request(
-                    "DELETE", path, endpoint=endpoint, params={"ids": ",".join(map(str, batch))}, accept=(400, 404, 422)
-                )
-                if resp.status_code in (400, 404, 422):
+                resp, job = self._submit_job(path, batch, endpoint)
+                if job is None:
                     if len(batch) == 1:
                         (missing if resp.status_code == 404 else failed).append(batch[0])
                     else:
                         half = len(batch) // 2
                         stack.extend([batch[half:], batch[:half]])
                     break
-                job = self._wait_job(resp.json().get("job_status") or {})
+                try:
+                    job = self._wait_job(job)
+                finally:
+                    self._release_job_slot()
                 results = job.get("results")
                 wanted = set(batch)
                 settled: set[int] = set()
@@ -439,21 +705,10 @@ class ZendeskClient:
         return ok, missing, failed
 
     def _wait_job(self, job: dict) -> dict:
-        """Poll a job status until it completes or fails; sparing: the interval grows to 5x."""
-        delay = self.job_poll_interval
-        deadline = time.monotonic() + self.job_timeout
-        job_id = job.get("id")
-        while job.get("status") not in ("completed", "failed"):
-            if job_id is None or time.monotonic() > deadline:
-                log.warning("job status: gave up waiting")
-                return {"status": "failed", "results": None}
-            time.sleep(delay)
-            resp = self._get(f"/api/v2/job_statuses/{job_id}.json", endpoint="job_statuses", accept=(404,))
-            if resp.status_code == 404:  # expired or unknown: treat as failed without results
-                return {"status": "failed", "results": None}
-            job = resp.json().get("job_status") or {}
-            delay = min(delay * 1.5, self.job_poll_interval * 5)
-        return job
+        """The job's final status (completed or failed), polled by the client's job watcher
+        together with every other job being waited for; ``{"status": "failed", "results":
+        None}`` when it cannot be had (no id, expired or unknown, ``job_timeout`` passed)."""
+        return self._watcher.wait(job)
 
     # --- user erasure ----------------------------------------------------------------
     def erase_user(self, user_id: int) -> str:

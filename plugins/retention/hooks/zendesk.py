@@ -9,8 +9,9 @@ Connection (type ``zendesk``, default id ``zendesk_default``):
   none;
 * ``extra`` (JSON, all optional): ``requests_per_minute`` (700: the plan's limit),
   ``incremental_per_minute`` (10), ``deleted_list_per_minute`` (10), ``user_deletes_per_10min``
-  (700), ``max_connections`` (4), ``max_jobs_in_flight`` (8), ``max_retries`` (10), ``timeout``
-  (60), ``job_poll_interval`` (1.0), ``oauth_token``.
+  (700), ``max_connections`` (4), ``max_jobs_in_flight`` (30: Zendesk's job limit per account;
+  lower it where other integrations of the account run jobs too), ``max_retries`` (10),
+  ``timeout`` (60), ``job_poll_interval`` (0.1), ``oauth_token``.
 
 For example (JSON form)::
 

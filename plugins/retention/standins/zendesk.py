@@ -19,7 +19,8 @@ What it mirrors of real Zendesk (see the Zendesk Support API reference):
   ``GET /api/v2/deleted_tickets`` lists soft-deleted tickets (cursor ``page[size]``/``page[after]``
   or offset ``page``/``per_page``; <= 100 a page; ``--deleted-list-per-minute`` (10) requests a
   minute) until ``DELETE /api/v2/deleted_tickets/destroy_many?ids=`` (<= 100) removes them for
-  good, again as a job. ``GET /api/v2/job_statuses/{id}``: ``queued`` -> ``working`` ->
+  good, again as a job. ``GET /api/v2/job_statuses/{id}`` (and ``/job_statuses/show_many?ids=``,
+  comma-separated job ids, <= 100; unknown ids are left out): ``queued`` -> ``working`` ->
   ``completed``/``failed`` over ``--job-seconds``; ``results`` lists one entry per id
   (``{"id", "action", "success", "status"}``, or ``"error": "RecordNotFound"``). At most
   ``--max-jobs`` (30) jobs queued or working at once, beyond that 429.
@@ -718,6 +719,9 @@ class App:
             if len(seg) == 2 and seg[1].isdigit() and method == "DELETE":
                 job = self.submit_job("permanent_ticket_deletion", [int(seg[1])], base, fault_match)
                 return 200, {"job_status": st.job_json(job)}
+        if head == "job_statuses" and seg[1:] == ["show_many"] and method == "GET":
+            wanted = _job_ids(query)
+            return 200, {"job_statuses": [st.job_json(st.jobs[j]) for j in wanted if j in st.jobs]}
         if head == "job_statuses" and len(seg) == 2 and method == "GET":
             job = st.jobs.get(seg[1])
             if job is None:
@@ -943,6 +947,8 @@ def _family(method: str, path: str) -> str:
         return "deleted_users.destroy" if method == "DELETE" else "deleted_users.show"
     if seg[0] == "users" and seg[2:] == ["tickets", "requested"]:
         return "users.tickets_requested"
+    if seg[0] == "job_statuses":
+        return "job_statuses.show_many" if seg[1:] == ["show_many"] else "job_statuses"
     if seg[0] in ("tickets", "users"):
         if len(seg) > 1 and not seg[1].isdigit():
             return f"{seg[0]}.{seg[1]}"
@@ -968,6 +974,16 @@ def _ids(query: dict) -> list[int]:
         return [int(p) for p in parts]
     except ValueError:
         raise ApiError(400, "InvalidValue", "ids must be integers") from None
+
+
+def _job_ids(query: dict) -> list[str]:
+    raw = ",".join(query.get("ids", []))
+    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    if not parts:
+        raise ApiError(400, "InvalidValue", "ids is required")
+    if len(parts) > MAX_IDS:
+        raise ApiError(400, "TooManyValues", f"at most {MAX_IDS} ids per request")
+    return list(dict.fromkeys(parts))
 
 
 def _rate_headers(limit: int, remaining: int, reset: int, *, retry: int | None = None) -> dict:
