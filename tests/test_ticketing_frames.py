@@ -56,3 +56,16 @@ def test_unparsable_times_become_nat():
     t = _tickets()
     row = t[t["record_id"] == "6"].iloc[0]
     assert pd.isna(row["updated_at"]) and pd.isna(row["solved_at"])
+
+
+def test_requesters_go_in_small_batches_tickets_in_large_ones():
+    # A requester batch is committed to the ledger when its call returns: at Zendesk's pace of
+    # user deletions a ticket-sized batch would hold that back for days.
+    from retention.systems.base import batch_size
+    from retention.systems.newsletter import NewsletterAdapter
+    from retention.systems.ticketing import TicketingAdapter
+
+    adapter = TicketingAdapter(client=None)
+    assert batch_size(adapter, "ticket_user") == 1000
+    assert batch_size(adapter, "support_ticket") == adapter.erase_batch == 100_000
+    assert batch_size(NewsletterAdapter(client=None, list_id="x"), "newsletter_member") == 1000  # no overrides

@@ -25,7 +25,7 @@ from retention.policy import Policy, PolicyError, load_policy
 from retention.progress import Progress
 from retention.pseudonym import Pseudonymizer
 from retention.staging import RunStaging
-from retention.systems.base import SourceSystem
+from retention.systems.base import SourceSystem, batch_size
 from retention.validation import PlanRejected, plan_check_frame, validate_extract, validate_plan
 
 log = logging.getLogger("retention")
@@ -279,10 +279,11 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
             todo = todo[~finished]
             ledger.write_ahead(run.run_id, run.policy_version, system, _ledger_rows(unseen))
             record_ids, record_keys = todo["record_id"].tolist(), todo["record_key"].tolist()
-            for start in range(0, len(record_ids), adapter.erase_batch):
-                ids = record_ids[start : start + adapter.erase_batch]
+            size = batch_size(adapter, record_type)
+            for start in range(0, len(record_ids), size):
+                ids = record_ids[start : start + size]
                 outcomes = adapter.erase(record_type, action, ids)
-                by_key = {k: outcomes.get(i, "failed") for i, k in zip(ids, record_keys[start : start + adapter.erase_batch])}
+                by_key = {k: outcomes.get(i, "failed") for i, k in zip(ids, record_keys[start : start + size])}
                 ledger.complete(run.run_id, system, record_type, by_key)
                 for s in by_key.values():
                     outcome_counts[s] = outcome_counts.get(s, 0) + 1

@@ -51,7 +51,7 @@ from retention.pipeline import extract as extract_step
 from retention.pipeline import open_run as open_pipeline_run
 from retention.progress import Progress
 from retention.pseudonym import Pseudonymizer
-from retention.systems.base import SourceSystem
+from retention.systems.base import SourceSystem, batch_size
 
 log = logging.getLogger("retention")
 
@@ -278,8 +278,9 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
             progress.add(sum(finished))
             todo = _rows(todo, [not f for f in finished])
             _write_ahead(ledger, run, system, _rows(todo, [done.get((record_type, k)) is None for k in todo["record_key"]]))
-            for start in range(0, len(todo), adapter.erase_batch):
-                batch = todo.iloc[start : start + adapter.erase_batch]
+            size = batch_size(adapter, record_type)
+            for start in range(0, len(todo), size):
+                batch = todo.iloc[start : start + size]
                 ids = batch["record_id"].tolist()
                 result = adapter.erase(record_type, action, ids)
                 by_key = {k: result.get(i, "failed") for i, k in zip(ids, batch["record_key"])}

@@ -19,7 +19,8 @@ class SourceSystem(Protocol):
     system: str
     # Planning and erasure order: children before parents, tickets before their requesters.
     record_types: tuple[str, ...]
-    # How many records one erase() call should get (the provider's batch size).
+    # How many records one erase() call should get (the provider's batch size); an adapter may
+    # also have ``erase_batches``, a mapping record type -> size that overrides it per type.
     erase_batch: int
 
     def extract(self, write: Write, now: datetime) -> None:
@@ -32,6 +33,11 @@ class SourceSystem(Protocol):
         """Which of these ids the system still holds (for verification)."""
 
     def close(self) -> None: ...
+
+
+def batch_size(adapter: SourceSystem, record_type: str) -> int:
+    """Records per ``erase()`` call for this record type."""
+    return getattr(adapter, "erase_batches", {}).get(record_type, adapter.erase_batch)
 
 
 def derive_frame(adapter: SourceSystem, record_type: str, frame: pd.DataFrame, plan_so_far: pd.DataFrame) -> pd.DataFrame:
