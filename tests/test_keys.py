@@ -89,3 +89,13 @@ def test_bulk_pseudonyms_equal_the_standard_hmac(key, record_type, ids):
     assert p.keys_for(record_type, ids) == expected
     column = p.column(pd.Series([record_type] * len(ids), dtype="string"), pd.Series(ids, dtype=object))
     assert column.tolist() == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.one_of(st.none(), st.text(" \t\n\u00a0\u2003ab", max_size=4)), max_size=30))
+def test_blank_keys_are_what_stripping_leaves_empty(values):
+    from retention.quality import _blank
+
+    series = pd.Series(values, dtype="string")
+    expected = series.isna().to_numpy() | (series.str.strip() == "").fillna(True).to_numpy()
+    assert _blank(series).tolist() == expected.tolist()

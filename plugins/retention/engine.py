@@ -142,21 +142,25 @@ def plan_record_type(
     pieces = []
     for rule in rules:
         # Judge only the records the rule applies to: cheaper, and the clock of a record a rule
-        # does not cover (an unconfirmed signup of a subscriber, say) never matters.
-        candidates = frame.loc[_when_mask(frame, rule) & eligible]
-        if candidates.empty:
+        # does not cover (an unconfirmed signup of a subscriber, say) never matters. Only the
+        # columns the clock needs are taken row by row; record ids only for the records due.
+        rows = np.flatnonzero(_when_mask(frame, rule) & eligible)
+        if not len(rows):
             continue
-        out = evaluate_rule(candidates, rule, as_of_local, tz)
-        if not out.due.any():
+        needed = [c for c in (*rule.clocks, "opted_out") if c in frame]
+        candidates = frame[needed].iloc[rows]
+        clock = _clock(candidates, rule)
+        deadline_local = _deadline(clock, candidates, rule, tz)
+        due = (deadline_local.notna() & (deadline_local <= as_of_local)).fillna(False).to_numpy(dtype=bool)
+        if not due.any():
             continue
-        due = pd.Series(out.due, index=candidates.index)
         pieces.append(
             pd.DataFrame(
                 {
-                    "record_id": candidates["record_id"][due],
+                    "record_id": frame["record_id"].iloc[rows[due]].reset_index(drop=True),
                     "rule_id": rule.id,
-                    "clock": out.clock[due],
-                    "deadline": local_naive_to_utc(out.deadline_local[due], tz),
+                    "clock": clock[due].reset_index(drop=True),
+                    "deadline": local_naive_to_utc(deadline_local[due], tz).reset_index(drop=True),
                 }
             )
         )

@@ -12,6 +12,8 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from retention.engine import _when_mask
 from retention.keys import duplicated
@@ -20,6 +22,18 @@ from retention.records import RECORD_TYPES
 
 # Clock skew between the source system and this machine that is not yet "in the future".
 FUTURE_TOLERANCE = timedelta(days=1)
+
+
+def _blank(key: pd.Series) -> np.ndarray:
+    """Missing, empty or only whitespace."""
+    try:
+        text = pa.chunked_array(pa.array(key, type=pa.large_string()))
+    except (pa.ArrowTypeError, pa.ArrowInvalid):  # not text: judge it as text
+        key = key.astype("string")
+        return key.isna().to_numpy() | (key.str.strip() == "").fillna(True).to_numpy()
+    # Arrow's checks make no stripped copy of every key, as str.strip() would.
+    blank = pc.or_kleene(pc.equal(pc.binary_length(text), 0), pc.utf8_is_space(text))
+    return pc.fill_null(blank, True).to_numpy()
 
 
 def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, now: datetime) -> pd.Series:
@@ -33,7 +47,7 @@ def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, no
             reason[mask] = text
 
     key = frame["record_id"]
-    mark(key.isna().to_numpy() | (key.astype("string").str.strip() == "").fillna(True).to_numpy(), "missing key")
+    mark(_blank(key), "missing key")
     mark(duplicated(key), "duplicate key")
     for col in rt.required:
         mark(frame[col].isna().to_numpy(), f"missing or invalid {col}")
