@@ -244,28 +244,35 @@ class MailchimpClient:
         fields = tuple(fields)
         decoder = _columns_decoder(fields)
 
-        def fetch(offset: int) -> tuple[dict[str, list], int, int]:
+        def fetch(offset: int) -> bytes:
             params = self._members_params(
                 fields=fields, status=status, since_last_changed=since_last_changed, count=count, offset=offset
             )
             response = self.session.request(
                 "GET", self._members_path(list_id), endpoint="list-members", ok=(200,), params=params
             )
+            return response.content
+
+        def parse(content: bytes) -> tuple[dict[str, list], int, int]:
             try:
-                page = decoder.decode(response.content)
+                page = decoder.decode(content)
             except msgspec.DecodeError as exc:
                 # The message names the JSON path, never the value.
-                raise HTTPError("GET", "list-members", response.status_code, f"unexpected page shape: {exc}") from None
+                raise HTTPError("GET", "list-members", 200, f"unexpected page shape: {exc}") from None
             members = page.members
             return {f: list(map(attrgetter(f), members)) for f in fields}, len(members), page.total_items
 
-        return self._paged(fetch, count)
+        # Decoded by the consumer, not by the fetching threads: ten threads decoding at once
+        # mostly wait for each other (Python's GIL), and that slowed the reads by a sixth.
+        return self._paged(fetch, count, parse)
 
-    def _paged(self, fetch: Callable[[int], tuple[T, int, int]], count: int) -> Iterator[T]:
-        """Offset paging: ``fetch(offset) -> (page, members in it, total_items)``, pages in order."""
+    def _paged(self, fetch: Callable[[int], Any], count: int, parse: Callable[[Any], tuple[T, int, int]] | None = None) -> Iterator[T]:
+        """Offset paging, pages in order: ``parse(fetch(offset)) -> (page, members in it,
+        total_items)``; ``fetch`` runs on worker threads, ``parse`` in the consumer's thread."""
         if not 1 <= count <= MAX_PAGE:
             raise ValueError(f"count must be within 1..{MAX_PAGE}")
-        first, n, total = fetch(0)
+        parse = parse or (lambda fetched: fetched)
+        first, n, total = parse(fetch(0))
         if n:
             yield first
         if total <= count:
@@ -290,7 +297,7 @@ class MailchimpClient:
             top_up()
             offset = count
             while offset in pending:
-                page, n, page_total = pending.pop(offset).result()
+                page, n, page_total = parse(pending.pop(offset).result())
                 seen_total = max(seen_total, page_total)
                 if n:
                     yield page
