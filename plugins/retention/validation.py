@@ -146,9 +146,9 @@ def plan_check_frame(plan: pd.DataFrame, clean: pd.DataFrame, record_type: str, 
     mine = plan[plan["record_type"] == record_type]
     cols = [c for c in rt.protected if c in clean]
     if cols:
-        ids = pa.array(clean["record_id"].astype("string"), type=pa.string())
+        ids = pa.array(clean["record_id"].astype("string"), type=pa.large_string())
         # Arrow's is_in: pandas' isin walks a large value set element by element.
-        planned = pc.is_in(ids, value_set=pa.array(mine["record_id"].astype("string"), type=pa.string()))
+        planned = pc.is_in(ids, value_set=pa.array(mine["record_id"].astype("string"), type=pa.large_string()))
         lookup = clean.loc[planned.to_numpy(zero_copy_only=False), ["record_id", *cols]]
         mine = mine.merge(lookup.assign(record_id=lookup["record_id"].astype("string")), on="record_id", how="left")
     destructive = mine["action"].isin(["erase", "minimise"]).to_numpy()
