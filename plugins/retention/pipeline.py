@@ -316,18 +316,8 @@ def verify(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
         _ledger().release_system(system, run.run_id)
         return summary
     plan_frame = staging.read_frame(system, "plan")
-    statuses = _ledger().statuses(run.run_id, system)
-    checked = still = 0
-    for record_type in adapter.record_types:
-        rows = plan_frame[(plan_frame["record_type"] == record_type) & plan_frame["action"].isin(["erase", "minimise"])]
-        gone = [rid for rid, key in zip(rows["record_id"], rows["record_key"]) if statuses.get((record_type, key)) in ("erased", "already_gone")]
-        if not gone:
-            continue
-        present = adapter.still_present(record_type, gone)
-        checked += len(gone)
-        still += len(present)
-        if present:
-            log.error("%s: %d %s records the ledger marks erased are still present", system, len(present), record_type)
+    destructive = plan_frame[plan_frame["action"].isin(["erase", "minimise"]).to_numpy()]
+    checked, still = count_still_present(system, adapter, destructive, _ledger().statuses(run.run_id, system), "erased")
     summary = {"dry_run": False, "checked": checked, "still_present": still}
     staging.write_json(system, "verify", summary)
     _ledger().release_system(system, run.run_id)
@@ -335,6 +325,26 @@ def verify(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
         raise RuntimeError(f"{system}: verification failed: {still} erased records are still present")
     log.info("%s: verified %d erasures, none present", system, checked)
     return summary
+
+
+def count_still_present(
+    system: str, adapter: SourceSystem, rows: pd.DataFrame, statuses: dict[tuple[str, str], str], what: str
+) -> tuple[int, int]:
+    """Of ``rows`` (record_type, record_id, record_key), those the ledger marks erased or already
+    gone: how many there are, and how many of them the system still holds."""
+    checked = still = 0
+    for record_type in adapter.record_types:
+        mine = rows[(rows["record_type"] == record_type).to_numpy()]
+        keys = zip(mine["record_id"].tolist(), mine["record_key"].tolist())
+        gone = [rid for rid, key in keys if statuses.get((record_type, key)) in ("erased", "already_gone")]
+        if not gone:
+            continue
+        present = adapter.still_present(record_type, gone)
+        checked += len(gone)
+        still += len(present)
+        if present:
+            log.error("%s: %d %s records the ledger marks %s are still present", system, len(present), record_type, what)
+    return checked, still
 
 
 STEPS = ("extract", "plan", "validation", "erase", "verify")

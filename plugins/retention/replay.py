@@ -46,7 +46,7 @@ import sqlalchemy as sa
 from retention import config
 from retention.engine import active_holds
 from retention.ledger import DONE, Ledger, erasure_ledger
-from retention.pipeline import RunInfo, _live_ledger_holds
+from retention.pipeline import RunInfo, _live_ledger_holds, count_still_present
 from retention.pipeline import extract as extract_step
 from retention.pipeline import open_run as open_pipeline_run
 from retention.progress import Progress
@@ -307,18 +307,8 @@ def verify(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
         _ledger().release_system(system, run.run_id)
         return summary
     plan = staging.read_frame(system, "replay_plan")
-    statuses = _ledger().statuses(run.run_id, system)
-    checked = still = 0
-    for record_type in adapter.record_types:
-        rows = plan[(plan["record_type"] == record_type) & (plan["decision"] == REPLAY)]
-        gone = [i for i, k in zip(rows["record_id"], rows["record_key"]) if statuses.get((record_type, k)) in ERASED]
-        if not gone:
-            continue
-        present = adapter.still_present(record_type, gone)
-        checked += len(gone)
-        still += len(present)
-        if present:
-            log.error("%s: %d replayed %s records are still present", system, len(present), record_type)
+    replayed = plan[(plan["decision"] == REPLAY).to_numpy()]
+    checked, still = count_still_present(system, adapter, replayed, _ledger().statuses(run.run_id, system), "replayed")
     summary = {"dry_run": False, "checked": checked, "still_present": still}
     staging.write_json(system, "replay_verify", summary)
     _ledger().release_system(system, run.run_id)
