@@ -1,6 +1,6 @@
 """CRM benchmark: 1,000,000 contacts with their notes and tags on PostgreSQL, about 10% due.
 
-Generates the synthetic CRM once (``retention.crm.synthetic``, COPY) into
+Generates the synthetic CRM once (``tools.synthetic.crm``, COPY) into
 ``retention_bench_crm_pipeline`` and clones it (``CREATE DATABASE ... TEMPLATE``) into
 ``retention_bench_crm_hand``, so both hold the same rows. In the first it runs the pipeline's
 steps (extract, plan, validate, erase, verify), each in a fresh spawned process as Airflow
@@ -47,7 +47,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from retention.systems.crm import CrmAdapter  # noqa: E402
+from retention.systems.crm.adapter import CrmAdapter  # noqa: E402
 
 DAG_ID = "bench_crm"
 CRM_BATCH = CrmAdapter.erase_batch
@@ -117,7 +117,7 @@ class _TimedAdapter:
 
 def _instrument_ledger(ledger_s: dict, completed_at: dict) -> None:
     """Time the ledger's writes per record type (step process only)."""
-    from retention.ledger import Ledger
+    from retention.store.ledger import Ledger
 
     write_ahead, complete = Ledger.write_ahead, Ledger.complete
 
@@ -147,12 +147,12 @@ def _instrument_ledger(ledger_s: dict, completed_at: dict) -> None:
 
 def _step(name: str, run: dict, env: dict, queue) -> None:
     os.environ.update(env)
-    logging.getLogger("retention.crm.connector").setLevel(logging.WARNING)  # one line per batch otherwise
+    logging.getLogger("retention.systems.crm.client").setLevel(logging.WARNING)  # one line per batch otherwise
     import airflow.sdk  # noqa: F401 - an Airflow task process has Airflow loaded before the task starts
 
-    from retention import pipeline
-    from retention.crm.connector import CrmConnector
-    from retention.systems.crm import CrmAdapter
+    from retention.runs import nightly as pipeline
+    from retention.systems.crm.client import CrmConnector
+    from retention.systems.crm.adapter import CrmAdapter
 
     info = pipeline.RunInfo.from_dict(run)
     extra: dict = {}
@@ -180,7 +180,7 @@ def _step(name: str, run: dict, env: dict, queue) -> None:
                 "ledger_s": ledger_s,
             }
     elif name == "validate":
-        from retention import validation
+        from retention.checks import validation
 
         validation.start_up()  # GX's one-time import and set-up, reported apart from the validation itself
         imported = time.perf_counter()
@@ -296,7 +296,8 @@ def main() -> int:
     }
     os.environ.update(env)
 
-    from retention.crm import schema, synthetic
+    from retention.systems.crm import schema
+    from tools.synthetic import crm as synthetic
 
     url_p, url_h = pg_url(DB_PIPELINE), pg_url(DB_HAND)
     admin = admin_engine(url_p)
@@ -330,7 +331,7 @@ def main() -> int:
             vacuum_analyze(url)  # the same physical state in both, every table read once (warm cache)
         print(f"  cloned into {DB_HAND} and VACUUM ANALYZEd both in {time.perf_counter() - t:.1f}s", flush=True)
 
-        from retention import pipeline
+        from retention.runs import nightly as pipeline
 
         run = pipeline.open_run(DAG_ID, f"bench_{int(time.time())}", None, dry_run=False, max_plan_share=0.5)
         info = pipeline.RunInfo.from_dict(run)

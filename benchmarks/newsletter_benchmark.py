@@ -29,7 +29,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from retention.standins.process import StandIn  # noqa: E402
+from tools.standins.process import StandIn  # noqa: E402
 
 KEY = "standin-key-us0"
 LIST = "bench-list"
@@ -89,9 +89,9 @@ def _step(name: str, run: dict, env: dict, queue) -> None:
     os.environ.update(env)
     import airflow.sdk  # noqa: F401 - an Airflow task process has Airflow loaded before the task starts
 
-    from retention import pipeline
-    from retention.connectors.mailchimp import MailchimpClient
-    from retention.systems.newsletter import NewsletterAdapter
+    from retention.runs import nightly as pipeline
+    from retention.systems.newsletter.client import MailchimpClient
+    from retention.systems.newsletter.adapter import NewsletterAdapter
 
     info = pipeline.RunInfo.from_dict(run)
     t = time.perf_counter()
@@ -100,7 +100,7 @@ def _step(name: str, run: dict, env: dict, queue) -> None:
         result = getattr(pipeline, name)(info, "newsletter", adapter)
         adapter.close()
     elif name == "validate":
-        from retention import validation
+        from retention.checks import validation
 
         validation.start_up()  # GX's one-time import and set-up, reported apart from the validation itself
         imported = time.perf_counter()
@@ -157,7 +157,7 @@ def main() -> int:
         total -= len(victims)
         print(f"  delete {deletes_s:8.1f} permanent deletions/s  ({len(victims):,} due members used)", flush=True)
 
-        from retention import pipeline
+        from retention.runs import nightly as pipeline
 
         run = pipeline.open_run("bench", "bench_run", None, dry_run=False, max_plan_share=0.5)
         # This machine's load moves single figures by a quarter: the read ceiling and the

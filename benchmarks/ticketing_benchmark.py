@@ -1,7 +1,7 @@
 """Ticketing benchmark: 500,000 tickets, about 20% due, against the Zendesk stand-in with a
 per-minute request limit.
 
-Starts the stand-in (``retention.standins.zendesk``) with the limit, then runs the pipeline's
+Starts the stand-in (``tools.standins.zendesk``) with the limit, then runs the pipeline's
 steps (extract, plan, validate, erase, verify), each in a fresh spawned process as Airflow runs
 each task, through ``TicketingAdapter(ZendeskClient(...))`` paced at the same limit, and prints
 wall time, records/s and peak RSS (``ru_maxrss`` of the step process) per step. For the
@@ -69,7 +69,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from retention.standins.process import StandIn  # noqa: E402
+from tools.standins.process import StandIn  # noqa: E402
 
 DAG_ID = "bench_ticketing"
 EMAIL = "agent@example.org"
@@ -139,7 +139,7 @@ class _TimedAdapter:
 
 
 def _client(env: dict):
-    from retention.connectors.zendesk import ZendeskClient
+    from retention.systems.ticketing.client import ZendeskClient
 
     options = {}  # the client's own defaults unless the command line says otherwise
     if env["BENCH_JOBS"]:
@@ -161,9 +161,9 @@ def _client(env: dict):
 
 def _step(name: str, run: dict, env: dict, queue) -> None:
     os.environ.update(env)
-    logging.getLogger("retention.connectors.zendesk").setLevel(logging.WARNING)  # one line per batch otherwise
-    from retention import pipeline
-    from retention.systems.ticketing import TicketingAdapter
+    logging.getLogger("retention.systems.ticketing.client").setLevel(logging.WARNING)  # one line per batch otherwise
+    from retention.runs import nightly as pipeline
+    from retention.systems.ticketing.adapter import TicketingAdapter
 
     info = pipeline.RunInfo.from_dict(run)
     extra: dict = {}
@@ -197,7 +197,7 @@ def _step(name: str, run: dict, env: dict, queue) -> None:
         }
         adapter.close()
     elif name == "validate":
-        from retention import validation
+        from retention.checks import validation
 
         validation._gx()  # the one-time GX import, reported apart from the validation itself
         imported = time.perf_counter()
@@ -347,7 +347,7 @@ def main() -> int:
         env["BENCH_BASE_URL"] = base
         before = requests.get(f"{base}/_standin/stats").json()
 
-        from retention import pipeline
+        from retention.runs import nightly as pipeline
 
         run = pipeline.open_run(DAG_ID, f"bench_{int(time.time())}", None, dry_run=False, max_plan_share=0.5)
         figures = {}

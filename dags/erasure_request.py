@@ -36,12 +36,12 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from retention.erasure_request import EMAIL_MAX_LENGTH, EMAIL_PATTERN, SYSTEMS
+from retention.runs.request import EMAIL_MAX_LENGTH, EMAIL_PATTERN, SYSTEMS
 
 
 @task(retries=0)
 def check_request() -> dict:
-    from retention.erasure_request import open_request
+    from retention.runs.request import open_request
 
     ctx = get_current_context()
     params = ctx["params"]
@@ -54,7 +54,7 @@ def check_request() -> dict:
 def system_task(system: str):
     @task(task_id=system)
     def erase_() -> dict:
-        from retention.erasure_request import erase_system, load_run
+        from retention.runs.request import erase_system, load_run
 
         ctx = get_current_context()
         run = load_run(ctx["dag"].dag_id, ctx["run_id"])
@@ -65,7 +65,7 @@ def system_task(system: str):
 
 @task(trigger_rule="all_done", retries=0)
 def report() -> dict:
-    from retention.erasure_request import report as report_
+    from retention.runs.request import report as report_
 
     ctx = get_current_context()
     result = report_(ctx["dag"].dag_id, ctx["run_id"], ctx["params"].get("email"))

@@ -29,7 +29,7 @@ SYSTEMS = ("newsletter", "crm", "ticketing")
 
 
 def _preview_id() -> str:
-    from retention.preview import safe_id
+    from retention.runs.preview import safe_id
 
     ctx = get_current_context()
     return safe_id(f"{ctx['dag'].dag_id}__{ctx['run_id']}")
@@ -38,9 +38,9 @@ def _preview_id() -> str:
 @task(retries=0)
 def prepare() -> dict:
     from retention.config import ConfigError
-    from retention.policy import PolicyError
-    from retention.preview import PreviewError, check_systems
-    from retention.preview import prepare as prepare_
+    from retention.domain.policy import PolicyError
+    from retention.runs.preview import PreviewError, check_systems
+    from retention.runs.preview import prepare as prepare_
 
     params = get_current_context()["params"]
     try:
@@ -53,7 +53,7 @@ def prepare() -> dict:
 def _preview_task(system: str):
     @task(task_id=f"preview_{system}")
     def preview_(_prepared: dict) -> dict:
-        from retention.preview import preview_one
+        from retention.runs.preview import preview_one
 
         if system not in get_current_context()["params"]["systems"]:
             raise AirflowSkipException(f"{system} is not among this preview's systems")
@@ -64,7 +64,7 @@ def _preview_task(system: str):
 
 @task(trigger_rule="all_done", retries=0)
 def summary() -> dict:
-    from retention.preview import PreviewError, finish
+    from retention.runs.preview import PreviewError, finish
 
     params = get_current_context()["params"]
     try:

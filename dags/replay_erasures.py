@@ -25,7 +25,7 @@ SYSTEMS = ("newsletter", "crm", "ticketing")
 
 
 def _run_info(run: dict):
-    from retention.pipeline import RunInfo
+    from retention.runs.nightly import RunInfo
 
     return RunInfo.from_dict(run)
 
@@ -38,7 +38,7 @@ def _adapter(system: str):
 
 @task
 def open_run() -> dict:
-    from retention.replay import open_run as open_
+    from retention.runs.replay import open_run as open_
 
     ctx = get_current_context()
     try:
@@ -52,7 +52,7 @@ def open_run() -> dict:
 def system_replay(system: str, run: dict):
     @task(task_id="find")
     def find_(run: dict) -> dict:
-        from retention.replay import find
+        from retention.runs.replay import find
 
         if system not in get_current_context()["params"]["systems"]:
             raise AirflowSkipException(f"{system} is not among this replay's systems")
@@ -64,7 +64,7 @@ def system_replay(system: str, run: dict):
 
     @task(task_id="erase")
     def erase_(run: dict, _found: dict) -> dict:
-        from retention.replay import erase
+        from retention.runs.replay import erase
 
         adapter = _adapter(system)
         try:
@@ -74,7 +74,7 @@ def system_replay(system: str, run: dict):
 
     @task(task_id="verify")
     def verify_(run: dict, _erased: dict) -> dict:
-        from retention.replay import verify
+        from retention.runs.replay import verify
 
         adapter = _adapter(system)
         try:
@@ -87,7 +87,7 @@ def system_replay(system: str, run: dict):
 
 @task(trigger_rule="all_done")
 def report(run: dict) -> dict:
-    from retention.replay import report as report_
+    from retention.runs.replay import report as report_
 
     systems = tuple(get_current_context()["params"]["systems"])
     result = report_(_run_info(run), systems)

@@ -23,7 +23,7 @@ SYSTEMS = ("newsletter", "crm", "ticketing")
 
 
 def _run_info(run: dict):
-    from retention.pipeline import RunInfo
+    from retention.runs.nightly import RunInfo
 
     return RunInfo.from_dict(run)
 
@@ -36,7 +36,7 @@ def _adapter(system: str):
 
 @task
 def open_run() -> dict:
-    from retention.pipeline import open_run as open_
+    from retention.runs.nightly import open_run as open_
 
     ctx = get_current_context()
     params = ctx["params"]
@@ -51,8 +51,8 @@ def open_run() -> dict:
 def system_run(system: str, run: dict):
     @task(task_id="extract")
     def extract_(run: dict) -> dict:
-        from retention.ledger import LockTimeout
-        from retention.pipeline import extract
+        from retention.store.ledger import LockTimeout
+        from retention.runs.nightly import extract
 
         if system not in get_current_context()["params"]["systems"]:
             raise AirflowSkipException(f"{system} is not among this run's systems")
@@ -68,14 +68,14 @@ def system_run(system: str, run: dict):
 
     @task(task_id="plan")
     def plan_(run: dict, _extracted: dict) -> dict:
-        from retention.pipeline import plan
+        from retention.runs.nightly import plan
 
         return plan(_run_info(run), system)
 
     @task(task_id="validate", retries=0)
     def validate_(run: dict, _planned: dict) -> dict:
-        from retention.pipeline import validate
-        from retention.validation import PlanRejected
+        from retention.runs.nightly import validate
+        from retention.checks.validation import PlanRejected
 
         try:
             return validate(_run_info(run), system)
@@ -84,7 +84,7 @@ def system_run(system: str, run: dict):
 
     @task(task_id="erase")
     def erase_(run: dict, _validated: dict) -> dict:
-        from retention.pipeline import erase
+        from retention.runs.nightly import erase
 
         adapter = _adapter(system)
         try:
@@ -94,7 +94,7 @@ def system_run(system: str, run: dict):
 
     @task(task_id="verify")
     def verify_(run: dict, _erased: dict) -> dict:
-        from retention.pipeline import verify
+        from retention.runs.nightly import verify
 
         adapter = _adapter(system)
         try:
@@ -111,7 +111,7 @@ def system_run(system: str, run: dict):
 
 @task(trigger_rule="all_done")
 def report(run: dict) -> dict:
-    from retention.pipeline import report as report_
+    from retention.runs.nightly import report as report_
 
     systems = tuple(get_current_context()["params"]["systems"])
     result = report_(_run_info(run), systems)

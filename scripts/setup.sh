@@ -1,19 +1,23 @@
-# Sourced by scripts/demo.sh and scripts/test.sh: a virtualenv with the pinned requirements,
-# and the environment the project runs in (Airflow home, DAG and plugin folders, pseudonym key).
+# Sourced by scripts/demo.sh and scripts/test.sh: a virtualenv with the pinned development
+# requirements and the project installed (editable), and the environment the project runs in
+# (Airflow home, DAG folder, pseudonym key).
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.venv"
 PYTHON_BIN=${PYTHON:-python3}
 
-want=$(cat "$ROOT/requirements.txt" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)
+want=$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/constraints.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha" 2>/dev/null)" != "$want" ]; then
   echo "==> installing dependencies into .venv (first time: about two minutes)"
   "$PYTHON_BIN" -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$ROOT/requirements.txt" -c "$ROOT/constraints.txt"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$ROOT/requirements-dev.txt" -c "$ROOT/constraints.txt"
+  # The project itself: the `retention` command and the Airflow provider entry point.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$ROOT"
   echo "$want" > "$VENV/.requirements.sha"
 fi
 export PATH="$VENV/bin:$PATH"
-export PYTHONPATH="$ROOT/plugins:$ROOT/dags${PYTHONPATH:+:$PYTHONPATH}"
+# dags/ for the tests that load DAG files; the project root for the development tools (tools/).
+export PYTHONPATH="$ROOT/dags:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export AIRFLOW_HOME=${AIRFLOW_HOME:-$ROOT/.airflow}
 export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
 export AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"

@@ -11,10 +11,11 @@ import pytest
 import sqlalchemy as sa
 
 from airflow_services import AirflowServices
-from retention.crm import schema as crm_schema
-from retention.crm.synthetic import generate as generate_crm
-from retention.policy import load_policy
-from retention.standins.process import StandIn
+from retention.systems.crm import schema as crm_schema
+from tools.synthetic.crm import generate as generate_crm
+from retention.config import DEFAULT_POLICY
+from retention.domain.policy import load_policy
+from tools.standins.process import StandIn
 
 DAG = "retention_nightly"
 
@@ -43,12 +44,12 @@ def systems(tmp_path, retention_home, monkeypatch):
     crm_schema.create_schema(engine)
     generate_crm(engine, contacts=300, seed=5, now=datetime.fromisoformat(now))
     conns = {
-        "AIRFLOW_CONN_MAILCHIMP_DEFAULT": {"conn_type": "mailchimp", "host": f"{mailchimp.base_url}/3.0", "password": "standin-key-us0", "extra": {"list_id": "demo-list"}},
-        "AIRFLOW_CONN_ZENDESK_DEFAULT": {
-            "conn_type": "zendesk", "host": zendesk.base_url, "login": "agent@example.org", "password": "t",
+        "AIRFLOW_CONN_RETENTION_MAILCHIMP": {"conn_type": "retention_mailchimp", "host": f"{mailchimp.base_url}/3.0", "password": "standin-key-us0", "extra": {"list_id": "demo-list"}},
+        "AIRFLOW_CONN_RETENTION_ZENDESK": {
+            "conn_type": "retention_zendesk", "host": zendesk.base_url, "login": "agent@example.org", "password": "t",
             "extra": {"incremental_per_minute": 600, "user_deletes_per_10min": 7000, "job_poll_interval": 0.1},
         },
-        "AIRFLOW_CONN_CRM_DEFAULT": {"conn_type": "crm", "extra": {"sqlalchemy_url": crm_url}},
+        "AIRFLOW_CONN_RETENTION_CRM": {"conn_type": "retention_crm", "extra": {"sqlalchemy_url": crm_url}},
     }
     for k, v in conns.items():
         monkeypatch.setenv(k, json.dumps(v))
@@ -66,7 +67,7 @@ def _runs(af: AirflowServices) -> list[dict]:
 
 def _plan_now_is_empty(as_of) -> dict:
     """What a run as of ``as_of`` would still erase from the systems' final contents."""
-    from retention import pipeline
+    from retention.runs import nightly as pipeline
     from retention.systems import build_adapter
 
     run = pipeline.RunInfo.from_dict(pipeline.open_run("check", f"check_{time.time()}", as_of, dry_run=True, max_plan_share=1.0))
@@ -128,7 +129,7 @@ def test_backfill_beside_the_nightly_schedule(tmp_path, postgres_url_for, retent
     meta_engine.dispose()
     for r in runs:
         r["data_interval_end"] = interval_end[r["run_id"]]
-    policy = load_policy()
+    policy = load_policy(DEFAULT_POLICY)
     ledger = sa.create_engine(f"sqlite:///{retention_home / 'ledger.db'}")
     with ledger.connect() as conn:
         recorded = {r.run_id: r for r in conn.execute(sa.text("select * from erasure_run"))}

@@ -19,9 +19,10 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from retention.crm import schema, synthetic
-from retention.crm.connector import FRAME_COLUMNS, RECORD_TYPES, CrmConnector
-from retention.crm.mapping import CrmMapping, MappingError
+from retention.systems.crm import schema
+from tools.synthetic import crm as synthetic
+from retention.systems.crm.client import FRAME_COLUMNS, RECORD_TYPES, CrmConnector
+from retention.systems.crm.mapping import CrmMapping, MappingError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)

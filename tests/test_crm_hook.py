@@ -1,4 +1,4 @@
-"""CrmHook: an Airflow Connection (from AIRFLOW_CONN_CRM_DEFAULT) → a working CrmConnector."""
+"""CrmHook: an Airflow Connection (from AIRFLOW_CONN_RETENTION_CRM) → a working CrmConnector."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from retention.crm import schema, synthetic
-from retention.crm.connector import CrmConnector
-from retention.crm.mapping import MappingError
+from retention.systems.crm import schema
+from tools.synthetic import crm as synthetic
+from retention.systems.crm.client import CrmConnector
+from retention.systems.crm.mapping import MappingError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)
@@ -47,26 +48,26 @@ def crm_db(tmp_path):
 
 
 def set_conn(monkeypatch, **conn) -> None:
-    monkeypatch.setenv("AIRFLOW_CONN_CRM_DEFAULT", json.dumps(conn))
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_CRM", json.dumps(conn))
 
 
 def test_import_reads_nothing(monkeypatch):
-    monkeypatch.delenv("AIRFLOW_CONN_CRM_DEFAULT", raising=False)
-    sys.modules.pop("retention.hooks.crm", None)
-    module = importlib.import_module("retention.hooks.crm")
+    monkeypatch.delenv("AIRFLOW_CONN_RETENTION_CRM", raising=False)
+    sys.modules.pop("retention.systems.crm.hook", None)
+    module = importlib.import_module("retention.systems.crm.hook")
     hook = module.CrmHook()  # no connection needed until get_conn()
-    assert hook.crm_conn_id == "crm_default"
+    assert hook.crm_conn_id == "retention_crm"
     assert (module.CrmHook.conn_name_attr, module.CrmHook.default_conn_name, module.CrmHook.conn_type) == (
-        "crm_conn_id", "crm_default", "crm"
+        "crm_conn_id", "retention_crm", "retention_crm"
     )
 
 
 def test_crm_connection_with_sqlalchemy_url_mapping_and_chunk_size(monkeypatch, crm_db):
-    from retention.hooks.crm import CrmHook
+    from retention.systems.crm.hook import CrmHook
 
     set_conn(
         monkeypatch,
-        conn_type="crm",
+        conn_type="retention_crm",
         extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "mapping": "include/crm_mapping.yaml", "chunk_size": 25},
     )
     connector = CrmHook().get_conn()
@@ -78,9 +79,9 @@ def test_crm_connection_with_sqlalchemy_url_mapping_and_chunk_size(monkeypatch, 
 
 
 def test_sqlite_uri_connection(monkeypatch, crm_db):
-    from retention.hooks.crm import CrmHook
+    from retention.systems.crm.hook import CrmHook
 
-    monkeypatch.setenv("AIRFLOW_CONN_CRM_DEFAULT", f"sqlite:///{crm_db}")
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_CRM", f"sqlite:///{crm_db}")
     hook = CrmHook()
     assert hook.get_sqlalchemy_url().database == str(crm_db)
     connector = hook.get_conn()
@@ -90,7 +91,7 @@ def test_sqlite_uri_connection(monkeypatch, crm_db):
 
 
 def test_postgres_uri_connection(monkeypatch, pg_url):
-    from retention.hooks.crm import CrmHook
+    from retention.systems.crm.hook import CrmHook
 
     namespace = f"crm_hook_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(pg_url)
@@ -126,9 +127,9 @@ def test_postgres_uri_connection(monkeypatch, pg_url):
 
 
 def test_postgresql_uri_form_is_understood(monkeypatch):
-    from retention.hooks.crm import CrmHook
+    from retention.systems.crm.hook import CrmHook
 
-    monkeypatch.setenv("AIRFLOW_CONN_CRM_DEFAULT", "postgresql://crm_user:secret@db.example.org:5433/crm")
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_CRM", "postgresql://crm_user:secret@db.example.org:5433/crm")
     url = CrmHook().get_sqlalchemy_url()
     assert (url.drivername, url.username, url.host, url.port, url.database) == (
         "postgresql+psycopg2", "crm_user", "db.example.org", 5433, "crm"
@@ -136,23 +137,23 @@ def test_postgresql_uri_form_is_understood(monkeypatch):
 
 
 def test_mapping_path_errors_are_clear(monkeypatch, crm_db, tmp_path):
-    from retention.hooks.crm import CrmHook
+    from retention.systems.crm.hook import CrmHook
 
     bad = tmp_path / "crm_mapping.yaml"
     bad.write_text(yaml.safe_dump({"tables": {"contact": {"columns": {"email": "mail"}}}}), encoding="utf-8")
-    set_conn(monkeypatch, conn_type="crm", extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "mapping": str(bad)})
+    set_conn(monkeypatch, conn_type="retention_crm", extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "mapping": str(bad)})
     connector = CrmHook().get_conn()
     with pytest.raises(MappingError, match=r"crm_mapping\.yaml.*'contact'.*'email'.*'mail'"):
         connector.read_frame("crm_contact", now=NOW)
     ok, message = CrmHook().test_connection()
     assert not ok and "MappingError" in message
-    set_conn(monkeypatch, conn_type="crm", extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "mapping": "nope.yaml"})
+    set_conn(monkeypatch, conn_type="retention_crm", extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "mapping": "nope.yaml"})
     with pytest.raises(MappingError, match="nope.yaml"):
         CrmHook().get_conn()
 
 
 def test_unsupported_connection_type(monkeypatch):
-    from retention.hooks.crm import CrmHook
+    from retention.systems.crm.hook import CrmHook
 
     set_conn(monkeypatch, conn_type="http", host="crm.example.org")
     with pytest.raises(ValueError, match="unsupported conn_type"):

@@ -1,6 +1,6 @@
 """The CRM part of retention_nightly end to end, on SQLite and on a real PostgreSQL.
 
-A synthetic CRM (``retention.crm.synthetic``: a bulk block plus its edge cases) goes through
+A synthetic CRM (``tools.synthetic.crm``: a bulk block plus its edge cases) goes through
 open_run → extract → plan → validate → erase → verify → report, called directly; one test runs
 the real DAG with ``dag.test()``. Every outcome is judged from the database itself with plain
 SQL, against expectations this module computes on its own from the privacy notice's rules
@@ -36,10 +36,10 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from retention import pipeline as P
-from retention.crm import synthetic
-from retention.crm.connector import CrmConnector
-from retention.systems.crm import CrmAdapter
+from retention.runs import nightly as P
+from tools.synthetic import crm as synthetic
+from retention.systems.crm.client import CrmConnector
+from retention.systems.crm.adapter import CrmAdapter
 
 LOCAL = ZoneInfo("Europe/Stockholm")
 UTC = dt.UTC
@@ -708,7 +708,7 @@ def test_hold_added_after_validation_still_stops_the_erasure(crm, retention_home
 
 # ------------------------------------------------------------------------------ boundaries
 def small_crm(crm: Crm, contacts: list[dict], memberships: list[dict]) -> None:
-    from retention.crm import schema
+    from retention.systems.crm import schema
 
     schema.create_schema(crm.engine)
     base = {
@@ -781,7 +781,7 @@ def test_date_deadlines_fall_at_local_midnight(crm, retention_home):
             {"id": 2, "organisation_id": 2, "starts_on": dt.date(2015, 1, 1), "ends_on": None},
         ],
     )
-    from retention.crm import schema
+    from retention.systems.crm import schema
 
     with crm.engine.begin() as conn:
         conn.execute(
@@ -809,7 +809,7 @@ def test_airflow_run_on_postgresql(retention_home, monkeypatch, capfd, request):
         crm = Crm("postgresql", url, engine)
         generate(crm, contacts=1500)
         before = snapshot(engine)
-        monkeypatch.setenv("AIRFLOW_CONN_CRM_DEFAULT", json.dumps({"conn_type": "crm", "extra": {"sqlalchemy_url": url}}))
+        monkeypatch.setenv("AIRFLOW_CONN_RETENTION_CRM", json.dumps({"conn_type": "retention_crm", "extra": {"sqlalchemy_url": url}}))
         dr = run_dag({"systems": ["crm"]})
         states = task_states(dr)
         assert dr.state == "success", states

@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from retention.crm import schema, synthetic
-from retention.crm.connector import RECORD_TYPES, CrmConnector
+from retention.systems.crm import schema
+from tools.synthetic import crm as synthetic
+from retention.systems.crm.client import RECORD_TYPES, CrmConnector
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)

@@ -45,11 +45,11 @@ CORE_AIRFLOW_SERVICES = {
     "airflow-dag-processor": "dag-processor",
     "airflow-triggerer": "triggerer",
 }
-STANDINS = {"mailchimp-standin": "retention.standins.mailchimp", "zendesk-standin": "retention.standins.zendesk"}
+STANDINS = {"mailchimp-standin": "tools.standins.mailchimp", "zendesk-standin": "tools.standins.zendesk"}
 REQUIRED_SERVICES = {"postgres", *CORE_AIRFLOW_SERVICES, *STANDINS}
 # Services that run once (or on demand) instead of staying up: no healthcheck expected.
 ONE_SHOT = {"airflow-init", "airflow-cli"}
-CONNECTIONS = ("mailchimp_default", "zendesk_default", "crm_default", "retention_ledger")
+CONNECTIONS = ("retention_mailchimp", "retention_zendesk", "retention_crm", "retention_ledger")
 # Required secrets: only ever referenced as ${NAME:?...}, never written in the file.
 SECRETS = ("RETENTION_PSEUDONYM_KEY", "AIRFLOW__API_AUTH__JWT_SECRET")
 MIN_KEY_LENGTH = 32  # retention.config.pseudonym_key() refuses shorter keys
@@ -411,12 +411,12 @@ def check_connections(p: Project) -> list[str]:
                 continue
             if port != args.port:
                 problems.append(f"connection {conn_id}: port {port} but {hostname} listens on {args.port}")
-            if conn_id == "mailchimp_default":
+            if conn_id == "retention_mailchimp":
                 if conn.password != args.api_key:
                     problems.append(f"connection {conn_id}: API key differs from {hostname}'s --api-key")
                 if (conn.extra_dejson or {}).get("list_id") != args.list_id:
                     problems.append(f"connection {conn_id}: list_id differs from {hostname}'s --list-id")
-            if conn_id == "zendesk_default":
+            if conn_id == "retention_zendesk":
                 if args.token and conn.password != args.token:
                     problems.append(f"connection {conn_id}: API token differs from {hostname}'s --token")
                 if not conn.login:
@@ -433,7 +433,7 @@ def check_connections(p: Project) -> list[str]:
         else:
             problems.append(f"connection {conn_id}: points at {hostname}, expected a stand-in or postgres")
     try:
-        crm = _connection_json(p, "crm_default") or {}
+        crm = _connection_json(p, "retention_crm") or {}
     except json.JSONDecodeError:
         crm = {}  # reported above
     mapping = (crm.get("extra") or {}).get("mapping")
@@ -441,7 +441,7 @@ def check_connections(p: Project) -> list[str]:
         container = str(PurePosixPath("/opt/airflow") / mapping) if not mapping.startswith("/") else mapping
         host = _host_path(p, p.common, container)
         if host is None or not host.is_file():
-            problems.append(f"crm_default mapping {mapping!r} is not a repository file mounted into the containers")
+            problems.append(f"retention_crm mapping {mapping!r} is not a repository file mounted into the containers")
     return problems
 
 
@@ -735,17 +735,17 @@ def test_project_hooks_read_the_connections(project, conn_id, monkeypatch):
     """The project's own hooks, given the compose file's connections, reach the compose services."""
     for cid in CONNECTIONS:
         monkeypatch.setenv(f"AIRFLOW_CONN_{cid.upper()}", json.dumps(_connection_json(project, cid)))
-    if conn_id == "mailchimp_default":
-        from retention.hooks.mailchimp import MailchimpHook
+    if conn_id == "retention_mailchimp":
+        from retention.systems.newsletter.hook import MailchimpHook
 
         hook = MailchimpHook()
         assert urlsplit(hook.base_url).hostname == "mailchimp-standin"
         assert hook.list_id
-    elif conn_id == "zendesk_default":
-        hook = pytest.importorskip("retention.hooks.zendesk").ZendeskHook()
+    elif conn_id == "retention_zendesk":
+        hook = pytest.importorskip("retention.systems.ticketing.hook").ZendeskHook()
         assert urlsplit(hook._target()["base_url"]).hostname == "zendesk-standin"
-    elif conn_id == "crm_default":
-        hook = pytest.importorskip("retention.hooks.crm").CrmHook()
+    elif conn_id == "retention_crm":
+        hook = pytest.importorskip("retention.systems.crm.hook").CrmHook()
         url = hook.get_sqlalchemy_url()
         assert (url.get_backend_name(), url.host, url.port, url.database) == ("postgresql", "postgres", 5432, "crm")
         hook.get_mapping()  # the mapping file named in the extra loads
@@ -833,8 +833,8 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
         lambda p: replace(p, compose_text=_sub(p.compose_text, "${MAILCHIMP_API_KEY:-standin-key-us0}", "${MAILCHIMP_API_KEY:-other-key-us0}")),
         "API key differs"),
     "missing connection": (
-        lambda p: replace(p, compose_text=_edit(p.compose_text, lambda d: [s.get("environment", {}).pop("AIRFLOW_CONN_CRM_DEFAULT", None) for s in [d["x-airflow-common"], *d["services"].values()]])),
-        "connection crm_default is not set"),
+        lambda p: replace(p, compose_text=_edit(p.compose_text, lambda d: [s.get("environment", {}).pop("AIRFLOW_CONN_RETENTION_CRM", None) for s in [d["x-airflow-common"], *d["services"].values()]])),
+        "connection retention_crm is not set"),
     "ledger database not created": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, '"schema": "retention_ledger"', '"schema": "ledger"')), "database 'ledger' is not created"),
     "invalid connection json": (
@@ -845,7 +845,7 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
     "undeclared named volume": (
         lambda p: replace(p, compose_text=_edit(p.compose_text, lambda d: d["volumes"].pop("standin-state"))), "named volume 'standin-state' is not declared"),
     "stand-in module that does not exist": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, "- retention.standins.zendesk", "- retention.standins.freshdesk")), "does not exist"),
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "- tools.standins.zendesk", "- tools.standins.freshdesk")), "does not exist"),
     "stand-in flag its parser rejects": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, "- --members", "- --member-count")), "rejects its arguments"),
     "stand-in listening on localhost": (

@@ -5,10 +5,11 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retention.engine import explain_record, plan_record_type, plan_records
-from retention.policy import DEFAULT_POLICY, load_policy, parse_policy
+from retention.domain.engine import explain_record, plan_record_type, plan_records
+from retention.config import DEFAULT_POLICY
+from retention.domain.policy import load_policy, parse_policy
 
-POLICY = load_policy()
+POLICY = load_policy(DEFAULT_POLICY)
 UTC = UTC
 
 

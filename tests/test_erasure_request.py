@@ -22,14 +22,14 @@ import requests
 import sqlalchemy as sa
 
 from airflow_run import run_dag, task_states, xcom_values
-from retention.connectors.zendesk import ZendeskClient
-from retention.crm import schema
-from retention.erasure_request import EMAIL_PATTERN, InvalidRequest, normalise_email
-from retention.ledger import Ledger
-from retention.pseudonym import Pseudonymizer
-from retention.standins.mailchimp import Audience
-from retention.standins.mailchimp_data import STATUS_CODE, generate_columns, member_dict
-from retention.standins.process import StandIn
+from retention.systems.ticketing.client import ZendeskClient
+from retention.systems.crm import schema
+from retention.runs.request import EMAIL_PATTERN, InvalidRequest, normalise_email
+from retention.store.ledger import Ledger
+from retention.domain.pseudonyms import Pseudonymizer
+from tools.standins.mailchimp import Audience
+from tools.standins.mailchimp_data import STATUS_CODE, generate_columns, member_dict
+from tools.standins.process import StandIn
 
 DAG_ID = "erasure_request"
 MC_KEY = "standin-key-us0"
@@ -86,16 +86,16 @@ class Systems:
         seed_crm(self.crm, self.a_email.upper(), self.b_email)
 
         monkeypatch.setenv(
-            "AIRFLOW_CONN_MAILCHIMP_DEFAULT",
-            json.dumps({"conn_type": "mailchimp", "host": f"{self.mc.base_url}/3.0", "password": MC_KEY,
+            "AIRFLOW_CONN_RETENTION_MAILCHIMP",
+            json.dumps({"conn_type": "retention_mailchimp", "host": f"{self.mc.base_url}/3.0", "password": MC_KEY,
                         "extra": {"list_id": "demo-list"}}),
         )
         monkeypatch.setenv(
-            "AIRFLOW_CONN_ZENDESK_DEFAULT",
-            json.dumps({"conn_type": "zendesk", "host": self.zd.base_url, "login": "agent@example.org",
+            "AIRFLOW_CONN_RETENTION_ZENDESK",
+            json.dumps({"conn_type": "retention_zendesk", "host": self.zd.base_url, "login": "agent@example.org",
                         "password": "token", "extra": CLIENT_LIMITS}),
         )
-        monkeypatch.setenv("AIRFLOW_CONN_CRM_DEFAULT", json.dumps({"conn_type": "crm", "extra": {"sqlalchemy_url": str(self.crm.url)}}))
+        monkeypatch.setenv("AIRFLOW_CONN_RETENTION_CRM", json.dumps({"conn_type": "retention_crm", "extra": {"sqlalchemy_url": str(self.crm.url)}}))
 
     def stop(self) -> None:
         self.mc.stop()
@@ -471,8 +471,8 @@ def test_crm_part_resumes_after_an_interrupted_attempt(crm_engine, retention_hom
     """Killed after the CRM minimised the contact but before the ledger heard of it: the retry
     can no longer find the contact by address, takes its id from staging, and completes the
     entry as already gone."""
-    from retention.crm.connector import CrmConnector
-    from retention.erasure_request import erase_crm, load_run, open_request
+    from retention.systems.crm.client import CrmConnector
+    from retention.runs.request import erase_crm, load_run, open_request
 
     seed_crm(crm_engine, "Person.A@Example.org", "person.b@example.org")
     email = "person.a@example.org"
@@ -505,8 +505,8 @@ def test_crm_part_resumes_after_an_interrupted_attempt(crm_engine, retention_hom
 
 
 def test_errors_naming_the_address_are_withheld(tmp_path, retention_home, monkeypatch):
-    from retention.crm.connector import CrmConnector
-    from retention.erasure_request import erase_crm, load_run, open_request
+    from retention.systems.crm.client import CrmConnector
+    from retention.runs.request import erase_crm, load_run, open_request
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
     seed_crm(engine, "person.a@example.org", "person.b@example.org")
@@ -527,9 +527,9 @@ def test_errors_naming_the_address_are_withheld(tmp_path, retention_home, monkey
 
 
 def test_dry_run_counts_and_changes_nothing(tmp_path, retention_home):
-    from retention.crm.connector import CrmConnector
-    from retention.erasure_request import erase_crm, open_request, report
-    from retention.erasure_request import load_run as load
+    from retention.systems.crm.client import CrmConnector
+    from retention.runs.request import erase_crm, open_request, report
+    from retention.runs.request import load_run as load
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
     seed_crm(engine, "person.a@example.org", "person.b@example.org")

@@ -11,15 +11,16 @@ import sys
 import pytest
 import sqlalchemy as sa
 
-from retention.crm import schema
-from retention.crm.connector import CrmConnector
-from retention.explain import explain
-from retention.policy import load_policy
-from retention.pseudonym import Pseudonymizer
-from retention.systems.crm import CrmAdapter
+from retention.systems.crm import schema
+from retention.systems.crm.client import CrmConnector
+from retention.runs.explain import explain
+from retention.config import DEFAULT_POLICY
+from retention.domain.policy import load_policy
+from retention.domain.pseudonyms import Pseudonymizer
+from retention.systems.crm.adapter import CrmAdapter
 
 AS_OF = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
-POLICY = load_policy()
+POLICY = load_policy(DEFAULT_POLICY)
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def test_explain_names_rule_deadline_and_decision(crm):
 
 
 def test_explain_command(crm, tmp_path, monkeypatch):
-    env = dict(os.environ, AIRFLOW_CONN_CRM_DEFAULT=json.dumps({"conn_type": "crm", "extra": {"sqlalchemy_url": str(crm.url)}}))
+    env = dict(os.environ, AIRFLOW_CONN_RETENTION_CRM=json.dumps({"conn_type": "retention_crm", "extra": {"sqlalchemy_url": str(crm.url)}}))
     out = subprocess.run(
         [sys.executable, "-m", "retention.cli", "explain", "--record-type", "crm_contact", "--record-id", "20", "--as-of", AS_OF.isoformat()],
         capture_output=True, text=True, env=env, timeout=120,

@@ -1,4 +1,4 @@
-"""retention.keys: the fast duplicate-key check must agree with pandas on every input."""
+"""retention.domain.keys: the fast duplicate-key check must agree with pandas on every input."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retention import keys
-from retention.quality import quarantine_reasons
+from retention.domain import keys
+from retention.domain.quarantine import quarantine_reasons
 
 # Few letters so that duplicates are common: fixed widths, mixed widths (padded with NUL, so a
 # trailing NUL makes two keys' fingerprints collide), non-ASCII and over-long keys (the pandas
@@ -53,9 +53,10 @@ def test_fingerprints_for_present_ascii_keys_up_to_64_bytes():
 
 
 def test_quarantine_finds_duplicate_subscriber_hashes():
-    from retention.policy import load_policy
+    from retention.config import DEFAULT_POLICY
+    from retention.domain.policy import load_policy
 
-    policy = load_policy()
+    policy = load_policy(DEFAULT_POLICY)
     now = pd.Timestamp("2026-01-01", tz="UTC")
     ids = [f"{i:032x}" for i in range(1000)]
     ids[700] = ids[3]
@@ -82,7 +83,7 @@ def test_bulk_pseudonyms_equal_the_standard_hmac(key, record_type, ids):
     import hashlib
     import hmac
 
-    from retention.pseudonym import Pseudonymizer
+    from retention.domain.pseudonyms import Pseudonymizer
 
     p = Pseudonymizer(key)
     expected = [hmac.new(key, f"{record_type}:{i}".encode(), hashlib.sha256).hexdigest()[:32] for i in ids]
@@ -94,7 +95,7 @@ def test_bulk_pseudonyms_equal_the_standard_hmac(key, record_type, ids):
 @settings(max_examples=200, deadline=None)
 @given(values=st.lists(st.one_of(st.none(), st.text(" \t\n\u00a0\u2003ab", max_size=4)), max_size=30))
 def test_blank_keys_are_what_stripping_leaves_empty(values):
-    from retention.quality import _blank
+    from retention.domain.quarantine import _blank
 
     series = pd.Series(values, dtype="string")
     expected = series.isna().to_numpy() | (series.str.strip() == "").fillna(True).to_numpy()

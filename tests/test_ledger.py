@@ -5,8 +5,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from retention.ledger import Ledger, LockTimeout, erasure_ledger
-from retention.pseudonym import Pseudonymizer
+from retention.store.ledger import Ledger, LockTimeout, erasure_ledger
+from retention.domain.pseudonyms import Pseudonymizer
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

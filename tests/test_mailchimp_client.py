@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import pytest
 import requests
 
-from retention.connectors.mailchimp import MailchimpClient, base_url_for_key
-from retention.http import HTTPError
-from retention.standins import mailchimp_data as md
-from retention.standins.process import StandIn
+from retention.systems.newsletter.client import MailchimpClient, base_url_for_key
+from retention.systems.http import HTTPError
+from tools.standins import mailchimp_data as md
+from tools.standins.process import StandIn
 
 NOW = datetime(2026, 5, 4, 10, 30, tzinfo=UTC)
 KEY = "standin-key-us0"

@@ -6,21 +6,21 @@ import json
 
 import pytest
 
-from retention.connectors.mailchimp import MailchimpClient
-from retention.hooks.mailchimp import MailchimpHook
-from retention.standins.process import StandIn
+from retention.systems.newsletter.client import MailchimpClient
+from retention.systems.newsletter.hook import MailchimpHook
+from tools.standins.process import StandIn
 
-ENV = "AIRFLOW_CONN_MAILCHIMP_DEFAULT"
+ENV = "AIRFLOW_CONN_RETENTION_MAILCHIMP"
 
 
 def set_conn(monkeypatch, name: str = ENV, **conn) -> None:
-    monkeypatch.setenv(name, json.dumps({"conn_type": "mailchimp", **conn}))
+    monkeypatch.setenv(name, json.dumps({"conn_type": "retention_mailchimp", **conn}))
 
 
 def test_provider_attributes():
     assert MailchimpHook.conn_name_attr == "mailchimp_conn_id"
-    assert MailchimpHook.default_conn_name == "mailchimp_default"
-    assert MailchimpHook.conn_type == "mailchimp"
+    assert MailchimpHook.default_conn_name == "retention_mailchimp"
+    assert MailchimpHook.conn_type == "retention_mailchimp"
     assert MailchimpHook.hook_name == "Mailchimp Marketing"
     behaviour = MailchimpHook.get_ui_field_behaviour()
     assert "login" in behaviour["hidden_fields"] and behaviour["relabeling"]["password"] == "API key"
@@ -29,7 +29,7 @@ def test_provider_attributes():
 def test_nothing_is_read_before_use(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     hook = MailchimpHook()  # no connection defined: constructing must not look it up
-    assert hook.mailchimp_conn_id == "mailchimp_default"
+    assert hook.mailchimp_conn_id == "retention_mailchimp"
 
 
 def test_client_from_host_and_extra(monkeypatch):

@@ -13,8 +13,8 @@ import requests
 import sqlalchemy as sa
 
 from airflow_run import run_dag, task_states, xcom_values
-from retention.standins.mailchimp_data import generate_members
-from retention.standins.process import StandIn
+from tools.standins.mailchimp_data import generate_members
+from tools.standins.process import StandIn
 
 SEED = 11
 MEMBERS = 1500
@@ -30,8 +30,8 @@ def mailchimp(tmp_path, monkeypatch, retention_home):
         "--seed", str(SEED), "--now", NOW, "--api-key", KEY,
     ).start()
     monkeypatch.setenv(
-        "AIRFLOW_CONN_MAILCHIMP_DEFAULT",
-        json.dumps({"conn_type": "mailchimp", "host": f"{standin.base_url}/3.0", "password": KEY, "extra": {"list_id": "demo-list"}}),
+        "AIRFLOW_CONN_RETENTION_MAILCHIMP",
+        json.dumps({"conn_type": "retention_mailchimp", "host": f"{standin.base_url}/3.0", "password": KEY, "extra": {"list_id": "demo-list"}}),
     )
     yield standin
     standin.stop()
@@ -174,14 +174,14 @@ def test_plan_guard_halts_the_run_before_any_erasure(mailchimp, retention_home):
 # --- pipeline steps called directly (no Airflow) ------------------------------------------
 
 def _adapter(standin):
-    from retention.connectors.mailchimp import MailchimpClient
-    from retention.systems.newsletter import NewsletterAdapter
+    from retention.systems.newsletter.client import MailchimpClient
+    from retention.systems.newsletter.adapter import NewsletterAdapter
 
     return NewsletterAdapter(MailchimpClient(KEY, base_url=f"{standin.base_url}/3.0"), "demo-list")
 
 
 def _prepare(standin, run_id: str, adapter=None):
-    from retention import pipeline
+    from retention.runs import nightly as pipeline
 
     run = pipeline.RunInfo.from_dict(pipeline.open_run("test", run_id, None, dry_run=False, max_plan_share=0.5))
     pipeline.extract(run, "newsletter", adapter or _adapter(standin))
@@ -209,7 +209,7 @@ class KilledAfter:
 
 
 def test_killed_erase_resumes_without_repeating_or_losing_work(mailchimp, retention_home):
-    from retention import pipeline
+    from retention.runs import nightly as pipeline
 
     before = all_members(mailchimp)
     run = _prepare(mailchimp, "killed")
@@ -258,7 +258,7 @@ class Corrupting:
 
 
 def test_malformed_records_are_quarantined_counted_and_never_erased(mailchimp, retention_home):
-    from retention import pipeline
+    from retention.runs import nightly as pipeline
 
     before = all_members(mailchimp)
     victims = sorted(h for h, s in before.items() if s == "unsubscribed")[:3]

@@ -3,13 +3,15 @@ import sys
 
 import pytest
 
-from retention.policy import DEFAULT_POLICY, PolicyError, load_policy, parse_policy
+from retention.config import DEFAULT_POLICY
+
+from retention.domain.policy import PolicyError, load_policy, parse_policy
 
 TEXT = DEFAULT_POLICY.read_text()
 
 
 def test_shipped_policy_covers_every_rule_of_the_brief():
-    policy = load_policy()
+    policy = load_policy(DEFAULT_POLICY)
     assert {r.id for r in policy.rules} == {
         "newsletter-unsubscribed", "newsletter-pending", "former-member-contact", "lead", "event-participation",
         "course-registration", "survey-response", "invoice", "support-ticket", "soft-deleted-ticket", "ticket-requester",

@@ -30,8 +30,9 @@ import yaml
 from dateutil.relativedelta import relativedelta
 
 from airflow_run import ROOT, run_dag, task_states, xcom_values
-from retention.policy import DEFAULT_POLICY, PolicyError
-from retention.standins.process import StandIn
+from retention.config import DEFAULT_POLICY
+from retention.domain.policy import PolicyError
+from tools.standins.process import StandIn
 
 NOW = "2026-11-20T12:00:00+00:00"
 AS_OF = dt.datetime.fromisoformat(NOW)
@@ -63,7 +64,7 @@ def policy_with(path: Path, periods: dict[str, str], base: Path = DEFAULT_POLICY
 
 def zendesk_conn(base_url: str) -> str:
     return json.dumps({
-        "conn_type": "zendesk", "host": base_url, "login": "agent@example.org", "password": "t",
+        "conn_type": "retention_zendesk", "host": base_url, "login": "agent@example.org", "password": "t",
         "extra": {"incremental_per_minute": 600},
     })
 
@@ -142,7 +143,7 @@ def tickets(zendesk_standin) -> list[dict]:
 
 @pytest.fixture
 def zendesk(zendesk_standin, monkeypatch, retention_home):
-    monkeypatch.setenv("AIRFLOW_CONN_ZENDESK_DEFAULT", zendesk_conn(zendesk_standin.base_url))
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_ZENDESK", zendesk_conn(zendesk_standin.base_url))
     yield zendesk_standin
     after = stats(zendesk_standin)
     assert {k: after[k] for k in DELETIONS} == dict.fromkeys(DELETIONS, 0), "the preview erased something"
@@ -153,7 +154,7 @@ def zendesk(zendesk_standin, monkeypatch, retention_home):
 
 
 def test_shortened_ticket_period_lists_exactly_the_tickets_that_become_due(zendesk, tickets, tmp_path, retention_home):
-    from retention.preview import run_preview
+    from retention.runs.preview import run_preview
 
     new = policy_with(tmp_path / "short.yaml", {"support-ticket": "P6M"})
     summary = run_preview(str(DEFAULT_POLICY), str(new), systems=["ticketing"], as_of=NOW)
@@ -185,8 +186,8 @@ def test_shortened_ticket_period_lists_exactly_the_tickets_that_become_due(zende
 
 def test_lengthened_ticket_period_lists_what_is_no_longer_erased(zendesk, tickets, tmp_path):
     from retention import config
-    from retention.ledger import Ledger
-    from retention.preview import run_preview
+    from retention.store.ledger import Ledger
+    from retention.runs.preview import run_preview
 
     expected = solved_between(tickets, 12, 24)
     assert len(expected) > 20
@@ -205,7 +206,7 @@ def test_lengthened_ticket_period_lists_what_is_no_longer_erased(zendesk, ticket
 
 
 def test_identical_policies_give_an_empty_diff(zendesk, tmp_path):
-    from retention.preview import run_preview
+    from retention.runs.preview import run_preview
 
     same = tmp_path / "same.yaml"
     shutil.copy(DEFAULT_POLICY, same)
@@ -227,7 +228,7 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def test_old_policy_from_a_git_revision(zendesk, tickets, tmp_path, retention_home):
-    from retention.preview import read_policy
+    from retention.runs.preview import read_policy
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -239,7 +240,7 @@ def test_old_policy_from_a_git_revision(zendesk, tickets, tmp_path, retention_ho
     policy_with(repo / "policy.yaml", {"support-ticket": "P6M"})  # the working copy: the proposal
 
     out = subprocess.run(
-        [sys.executable, "-m", "retention.preview", "--old-rev", "HEAD", "--new", str(repo / "policy.yaml"), "--repo", str(repo),
+        [sys.executable, "-m", "retention.runs.preview", "--old-rev", "HEAD", "--new", str(repo / "policy.yaml"), "--repo", str(repo),
          "--systems", "ticketing", "--as-of", NOW, "--show-keys", "3"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
@@ -269,7 +270,7 @@ def test_broken_new_policy_fails_before_any_system_is_read(zendesk, tmp_path, re
     broken = policy_with(tmp_path / "broken.yaml", {"support-ticket": "one year"})
     before = stats(zendesk)["requests"]
     out = subprocess.run(
-        [sys.executable, "-m", "retention.preview", "--old", str(DEFAULT_POLICY), "--new", str(broken), "--systems", "ticketing"],
+        [sys.executable, "-m", "retention.runs.preview", "--old", str(DEFAULT_POLICY), "--new", str(broken), "--systems", "ticketing"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2, out.stdout + out.stderr
@@ -284,11 +285,12 @@ def test_broken_new_policy_fails_before_any_system_is_read(zendesk, tmp_path, re
 
 def test_plan_system_matches_the_pipeline_plan(zendesk, retention_home):
     """Until pipeline.plan calls planning.plan_system itself: the same staged extract, the same plan."""
-    from retention import config, pipeline
-    from retention.planning import plan_system
-    from retention.policy import load_policy
-    from retention.pseudonym import Pseudonymizer
-    from retention.records import record_types_of
+    from retention import config
+    from retention.runs import nightly as pipeline
+    from retention.domain.planning import plan_system
+    from retention.domain.policy import load_policy
+    from retention.domain.pseudonyms import Pseudonymizer
+    from retention.domain.records import record_types_of
     from retention.systems import build_adapter
 
     run = pipeline.RunInfo.from_dict(pipeline.open_run("parity", "parity_1", AS_OF, dry_run=True, max_plan_share=1.0))
@@ -301,7 +303,7 @@ def test_plan_system_matches_the_pipeline_plan(zendesk, retention_home):
     staged = run.staging.read_frame("ticketing", "plan")
     frames = {rt: run.staging.read_extract("ticketing", rt) for rt in record_types_of("ticketing")}
     now = pd.Timestamp(run.staging.read_json("ticketing", "extract")["extracted_at"])
-    mine = plan_system("ticketing", frames, load_policy(), AS_OF, now=now, pseudonymizer=Pseudonymizer(config.pseudonym_key())).plan
+    mine = plan_system("ticketing", frames, load_policy(DEFAULT_POLICY), AS_OF, now=now, pseudonymizer=Pseudonymizer(config.pseudonym_key())).plan
     order = ["record_type", "record_id"]
     pd.testing.assert_frame_equal(
         staged.sort_values(order).reset_index(drop=True), mine[staged.columns].sort_values(order).reset_index(drop=True),
@@ -315,20 +317,20 @@ def test_plan_system_matches_the_pipeline_plan(zendesk, retention_home):
 
 @pytest.fixture
 def all_systems(zendesk, tmp_path, monkeypatch):
-    from retention.crm import schema
-    from retention.crm.synthetic import generate
+    from retention.systems.crm import schema
+    from tools.synthetic.crm import generate
 
     mailchimp = StandIn(
         "mailchimp", "--port", "0", "--state-file", str(tmp_path / "mc.state"), "--members", "800", "--seed", "5", "--now", NOW,
     ).start()
     monkeypatch.setenv(
-        "AIRFLOW_CONN_MAILCHIMP_DEFAULT",
-        json.dumps({"conn_type": "mailchimp", "host": f"{mailchimp.base_url}/3.0", "password": "standin-key-us0", "extra": {"list_id": "demo-list"}}),
+        "AIRFLOW_CONN_RETENTION_MAILCHIMP",
+        json.dumps({"conn_type": "retention_mailchimp", "host": f"{mailchimp.base_url}/3.0", "password": "standin-key-us0", "extra": {"list_id": "demo-list"}}),
     )
     crm = sa.create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
     schema.create_schema(crm)
     generate(crm, contacts=400, seed=5, now=AS_OF)
-    monkeypatch.setenv("AIRFLOW_CONN_CRM_DEFAULT", json.dumps({"conn_type": "crm", "extra": {"sqlalchemy_url": str(crm.url)}}))
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_CRM", json.dumps({"conn_type": "retention_crm", "extra": {"sqlalchemy_url": str(crm.url)}}))
     yield {"mailchimp": mailchimp, "crm": crm}
     mailchimp.stop()
     crm.dispose()

@@ -19,13 +19,13 @@ import requests
 import sqlalchemy as sa
 
 from airflow_run import ROOT, run_dag, task_states, xcom_values
-from retention.crm import schema
-from retention.crm.synthetic import generate
-from retention.ledger import Ledger
-from retention.pseudonym import Pseudonymizer
-from retention.standins.mailchimp import Audience
-from retention.standins.mailchimp_data import STATUS_CODE, generate_members
-from retention.standins.process import StandIn
+from retention.systems.crm import schema
+from tools.synthetic.crm import generate
+from retention.store.ledger import Ledger
+from retention.domain.pseudonyms import Pseudonymizer
+from tools.standins.mailchimp import Audience
+from tools.standins.mailchimp_data import STATUS_CODE, generate_members
+from tools.standins.process import StandIn
 
 SEED = 11
 MEMBERS = 1500
@@ -53,7 +53,7 @@ class Systems:
         schema.create_schema(self.crm)
         generate(self.crm, contacts=CONTACTS, seed=SEED, now=NOW)
         self.crm.dispose()
-        monkeypatch.setenv("AIRFLOW_CONN_CRM_DEFAULT", json.dumps({"conn_type": "crm", "extra": {"sqlalchemy_url": f"sqlite:///{self.crm_file}"}}))
+        monkeypatch.setenv("AIRFLOW_CONN_RETENTION_CRM", json.dumps({"conn_type": "retention_crm", "extra": {"sqlalchemy_url": f"sqlite:///{self.crm_file}"}}))
         self.mailchimp = None
         self.start()
 
@@ -63,8 +63,8 @@ class Systems:
             "--seed", str(SEED), "--now", NOW.isoformat(), "--api-key", KEY, "--list-id", LIST,
         ).start()
         self.monkeypatch.setenv(
-            "AIRFLOW_CONN_MAILCHIMP_DEFAULT",
-            json.dumps({"conn_type": "mailchimp", "host": f"{self.mailchimp.base_url}/3.0", "password": KEY, "extra": {"list_id": LIST}}),
+            "AIRFLOW_CONN_RETENTION_MAILCHIMP",
+            json.dumps({"conn_type": "retention_mailchimp", "host": f"{self.mailchimp.base_url}/3.0", "password": KEY, "extra": {"list_id": LIST}}),
         )
 
     def backup(self) -> None:
@@ -148,13 +148,13 @@ def latest_replay_report(home) -> dict:
 
 def replay_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "retention.replay", *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ)
+        [sys.executable, "-m", "retention.runs.replay", *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ)
     )
 
 
 @pytest.mark.airflow
 def test_restored_backup_is_cleaned_again_by_the_replay(systems, retention_home, capfd):
-    from retention import replay
+    from retention.runs import replay
 
     # -- back up both systems, then the nightly run erases what is due ------------------------
     systems.backup()
@@ -308,8 +308,8 @@ class KilledAfter:
 
 def test_killed_replay_resumes_from_the_ledger_and_erases_each_record_once(systems, retention_home):
     """The steps called directly: a replay killed mid-erasure is resumed under the same run id."""
-    from retention import pipeline, replay
-    from retention.pipeline import RunInfo
+    from retention.runs import nightly as pipeline, replay
+    from retention.runs.nightly import RunInfo
     from retention.systems import build_adapter
 
     systems.backup()
@@ -361,9 +361,9 @@ ZENDESK_CLIENT = {
 
 def test_restored_ticketing_backup_is_cleaned_again(tmp_path, monkeypatch, retention_home):
     """Ticketing the same way, with the steps called directly: tickets and their requesters."""
-    from retention import pipeline, replay
-    from retention.pipeline import RunInfo
-    from retention.standins import zendesk as zs
+    from retention.runs import nightly as pipeline, replay
+    from retention.runs.nightly import RunInfo
+    from tools.standins import zendesk as zs
     from retention.systems import build_adapter
 
     state, backup = tmp_path / "zendesk.npz", tmp_path / "zendesk.backup"
@@ -372,8 +372,8 @@ def test_restored_ticketing_backup_is_cleaned_again(tmp_path, monkeypatch, reten
 
     def start() -> StandIn:
         standin = StandIn("zendesk", "--port", "0", "--state-file", str(state), *ZENDESK_LIMITS).start()
-        monkeypatch.setenv("AIRFLOW_CONN_ZENDESK_DEFAULT", json.dumps({
-            "conn_type": "zendesk", "host": standin.base_url, "login": "agent@example.org", "password": "token",
+        monkeypatch.setenv("AIRFLOW_CONN_RETENTION_ZENDESK", json.dumps({
+            "conn_type": "retention_zendesk", "host": standin.base_url, "login": "agent@example.org", "password": "token",
             "extra": ZENDESK_CLIENT,
         }))
         return standin

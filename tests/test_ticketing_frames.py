@@ -1,10 +1,11 @@
 import pandas as pd
 
-from retention.engine import plan_record_type
-from retention.policy import load_policy
-from retention.systems.ticketing import derive_ticket_users, latest_tickets, tickets_frame, users_frame
+from retention.domain.engine import plan_record_type
+from retention.config import DEFAULT_POLICY
+from retention.domain.policy import load_policy
+from retention.systems.ticketing.adapter import derive_ticket_users, latest_tickets, tickets_frame, users_frame
 
-POLICY = load_policy()
+POLICY = load_policy(DEFAULT_POLICY)
 AS_OF = pd.Timestamp("2026-11-25T12:00:00Z")
 
 
@@ -62,8 +63,8 @@ def test_requesters_go_in_small_batches_tickets_in_large_ones():
     # A requester batch is committed to the ledger when its call returns: at Zendesk's pace of
     # user deletions a ticket-sized batch would hold that back for days.
     from retention.systems.base import batch_size
-    from retention.systems.newsletter import NewsletterAdapter
-    from retention.systems.ticketing import TicketingAdapter
+    from retention.systems.newsletter.adapter import NewsletterAdapter
+    from retention.systems.ticketing.adapter import TicketingAdapter
 
     adapter = TicketingAdapter(client=None)
     assert batch_size(adapter, "ticket_user") == 1000

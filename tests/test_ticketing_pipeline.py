@@ -26,13 +26,13 @@ import requests
 import sqlalchemy as sa
 
 from airflow_run import ROOT, run_dag, task_states, xcom_values
-from retention import pipeline
-from retention.connectors.zendesk import ZendeskClient
-from retention.pseudonym import Pseudonymizer
-from retention.standins import zendesk as zs
-from retention.standins import zendesk_data as zd
-from retention.standins.process import StandIn
-from retention.systems.ticketing import TicketingAdapter
+from retention.runs import nightly as pipeline
+from retention.systems.ticketing.client import ZendeskClient
+from retention.domain.pseudonyms import Pseudonymizer
+from tools.standins import zendesk as zs
+from tools.standins import zendesk_data as zd
+from tools.standins.process import StandIn
+from retention.systems.ticketing.adapter import TicketingAdapter
 
 SEED = 23
 TICKETS = 1200
@@ -97,9 +97,9 @@ class Zendesk:
         self.base_url = self.standin.base_url
         self.edge = self.stats()["edge_cases"]
         monkeypatch.setenv(
-            "AIRFLOW_CONN_ZENDESK_DEFAULT",
+            "AIRFLOW_CONN_RETENTION_ZENDESK",
             json.dumps({
-                "conn_type": "zendesk", "host": self.base_url, "login": "agent@example.org", "password": "token",
+                "conn_type": "retention_zendesk", "host": self.base_url, "login": "agent@example.org", "password": "token",
                 "extra": CLIENT_LIMITS,
             }),
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from retention import validation
+from retention.checks import validation
 
 NOW = pd.Timestamp("2026-06-01", tz="UTC")
 

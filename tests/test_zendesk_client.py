@@ -9,8 +9,8 @@ import time
 import pytest
 import requests
 
-from retention.connectors.zendesk import Pacer, ZendeskClient, _classify_result
-from retention.standins.process import StandIn
+from retention.systems.ticketing.client import Pacer, ZendeskClient, _classify_result
+from tools.standins.process import StandIn
 
 FAST = ("--job-seconds", "0.03")
 HIGH = (

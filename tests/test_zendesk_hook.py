@@ -8,25 +8,25 @@ import json
 import pytest
 from airflow.sdk.bases.hook import BaseHook
 
-from retention.connectors.zendesk import ZendeskClient
-from retention.hooks.zendesk import ZendeskHook
-from retention.standins.process import StandIn
+from retention.systems.ticketing.client import ZendeskClient
+from retention.systems.ticketing.hook import ZendeskHook
+from tools.standins.process import StandIn
 
 
-def set_conn(monkeypatch, conn_id: str = "zendesk_default", **fields) -> None:
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "zendesk", **fields}))
+def set_conn(monkeypatch, conn_id: str = "retention_zendesk", **fields) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "retention_zendesk", **fields}))
 
 
 def test_hook_metadata():
     assert ZendeskHook.conn_name_attr == "zendesk_conn_id"
-    assert ZendeskHook.default_conn_name == "zendesk_default"
-    assert ZendeskHook.conn_type == "zendesk"
+    assert ZendeskHook.default_conn_name == "retention_zendesk"
+    assert ZendeskHook.conn_type == "retention_zendesk"
     assert ZendeskHook.hook_name == "Zendesk Support"
     assert "password" in ZendeskHook.get_ui_field_behaviour()["relabeling"]
 
 
 def test_nothing_is_read_at_import_time(monkeypatch):
-    import retention.hooks.zendesk as module
+    import retention.systems.ticketing.hook as module
 
     def refuse(*args, **kwargs):
         raise AssertionError("connection read")

@@ -1,0 +1,35 @@
+"""The project as an Airflow provider: its connection types, so their forms appear in the UI.
+
+Registered through the ``apache_airflow_provider`` entry point in ``pyproject.toml``; Airflow's
+providers manager calls :func:`get_provider_info` (``airflow providers behaviours`` lists the
+connection forms). The connection types carry the project's own names: ``zendesk`` belongs to
+the official Zendesk provider, which means something else by it.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+PACKAGE = "iis-retention"
+
+CONNECTION_TYPES = {
+    "retention_mailchimp": "retention.systems.newsletter.hook.MailchimpHook",
+    "retention_zendesk": "retention.systems.ticketing.hook.ZendeskHook",
+    "retention_crm": "retention.systems.crm.hook.CrmHook",
+}
+
+
+def get_provider_info() -> dict:
+    try:
+        versions = [version(PACKAGE)]
+    except PackageNotFoundError:  # imported from a checkout that was never installed
+        versions = []
+    return {
+        "package-name": PACKAGE,
+        "name": "IIS retention enforcement",
+        "description": "Retention rules of the IIS privacy notice, enforced in a CRM, Mailchimp and Zendesk.",
+        "versions": versions,
+        "connection-types": [
+            {"connection-type": conn_type, "hook-class-name": hook} for conn_type, hook in CONNECTION_TYPES.items()
+        ],
+    }

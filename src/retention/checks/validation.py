@@ -1,0 +1,188 @@
+"""Great Expectations checks on the extract and on the erasure plan, run inside tasks.
+
+GX is imported lazily (it takes seconds) and never at DAG parse time. Results are reduced to
+counts and aggregate values: GX's own result objects list unexpected values, which can be
+record identifiers, so they never leave this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from retention.domain.keys import fingerprints
+from retention.domain.policy import Policy
+from retention.domain.quarantine import FUTURE_TOLERANCE
+from retention.domain.records import RECORD_TYPES
+
+log = logging.getLogger(__name__)
+
+
+class PlanRejected(RuntimeError):
+    """Validation failed: nothing may be erased in this run."""
+
+
+@dataclass
+class ValidationOutcome:
+    name: str
+    success: bool
+    checks: list[dict] = field(default_factory=list)
+
+    def failures(self) -> list[dict]:
+        return [c for c in self.checks if not c["success"]]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "success": self.success, "checks": self.checks}
+
+
+_context = None
+
+
+def _gx():
+    global _context
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    if _context is None:
+        from great_expectations.execution_engine import pandas_execution_engine
+
+        # GX fingerprints every pandas batch under 1 GB with an MD5 over all its rows, twice
+        # per suite, only to label the batch: 1.5 s per million records, for nothing we use.
+        pandas_execution_engine.HASH_THRESHOLD = 0
+        _context = gx.get_context(mode="ephemeral")
+        try:
+            from great_expectations.data_context.types.base import ProgressBarsConfig
+
+            _context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        except Exception:  # progress bars are cosmetic
+            pass
+    return gx, _context
+
+
+def start_up() -> None:
+    """Pay GX's one-time costs now: the import, the context and a first, trivial suite (GX
+    sets up its expectation and metric registries on first use). Benchmarks time it apart."""
+    gx, _ = _gx()
+    _run_suite("start_up", pd.DataFrame({"x": [1]}), [gx.expectations.ExpectColumnValuesToNotBeNull(column="x")])
+
+
+_batch_definition = None
+
+
+def _whole_frame():
+    # One data source, asset and batch definition serve every suite (the frame comes with each
+    # batch), made once per process: adding one writes the context's whole configuration
+    # (YAML), a growing cost per suite otherwise.
+    global _batch_definition
+    if _batch_definition is None:
+        _, ctx = _gx()
+        asset = ctx.data_sources.add_or_update_pandas("retention").add_dataframe_asset("frame")
+        _batch_definition = asset.add_batch_definition_whole_dataframe("whole")
+    return _batch_definition
+
+
+def _run_suite(name: str, frame: pd.DataFrame, expectations: list) -> ValidationOutcome:
+    gx, _ = _gx()
+    batch = _whole_frame().get_batch(batch_parameters={"dataframe": frame})
+    suite = gx.ExpectationSuite(name=f"{name}_suite")
+    for exp in expectations:
+        suite.add_expectation(exp)
+    result = batch.validate(suite, result_format="BOOLEAN_ONLY")
+    if not result.success:
+        # Counts and observed values only for a suite that failed: working them out costs a
+        # pass over every row, and a passing suite has nothing to show in them.
+        result = batch.validate(suite, result_format="BASIC")
+    checks = []
+    for r in result.results:
+        cfg = r.expectation_config
+        observed = r.result.get("observed_value")
+        check = {
+            "expectation": cfg.type,
+            "column": cfg.kwargs.get("column"),
+            "success": bool(r.success),
+            "unexpected_count": r.result.get("unexpected_count"),
+            "observed": observed.isoformat() if isinstance(observed, (pd.Timestamp, datetime)) else observed,
+        }
+        if r.exception_info and r.exception_info.get("raised_exception"):
+            check["error"] = str(r.exception_info.get("exception_message"))[:200]
+        checks.append(check)
+    return ValidationOutcome(name, bool(result.success), checks)
+
+
+def validate_extract(frame: pd.DataFrame, record_type: str, now: datetime) -> ValidationOutcome:
+    """The clean extract: unique keys, required values present, no past event in the future."""
+    gx, _ = _gx()
+    E = gx.expectations
+    rt = RECORD_TYPES[record_type]
+    exps = [E.ExpectColumnValuesToNotBeNull(column="record_id")]
+    fp = fingerprints(frame["record_id"])
+    if fp is None:
+        exps.append(E.ExpectColumnValuesToBeUnique(column="record_id"))
+    else:
+        # Equal keys have equal fingerprints, so unique fingerprints prove unique keys (and a
+        # mere collision fails the check: the safe side). Five times cheaper than the strings.
+        frame = frame.assign(record_id_fingerprint=fp)
+        exps.append(E.ExpectColumnValuesToBeUnique(column="record_id_fingerprint"))
+    exps += [E.ExpectColumnValuesToNotBeNull(column=c) for c in rt.required]
+    limit = pd.Timestamp(now) + FUTURE_TOLERANCE
+    for col in rt.past_only:
+        if col in frame and frame[col].notna().any():
+            exps.append(E.ExpectColumnMaxToBeBetween(column=col, max_value=limit))
+    if record_type == "newsletter_member":
+        exps.append(E.ExpectColumnValuesToBeInSet(column="has_email", value_set=[True]))
+    return _run_suite(f"extract_{record_type}", frame, exps)
+
+
+def plan_check_frame(plan: pd.DataFrame, clean: pd.DataFrame, record_type: str, live_hold_ids: set[str]) -> pd.DataFrame:
+    """The plan rows of one record type, with the columns that protect records joined back in."""
+    rt = RECORD_TYPES[record_type]
+    mine = plan[plan["record_type"] == record_type]
+    cols = [c for c in rt.protected if c in clean]
+    if cols:
+        ids = pa.array(clean["record_id"].astype("string"), type=pa.large_string())
+        # Arrow's is_in: pandas' isin walks a large value set element by element.
+        planned = pc.is_in(ids, value_set=pa.array(mine["record_id"].astype("string"), type=pa.large_string()))
+        lookup = clean.loc[planned.to_numpy(zero_copy_only=False), ["record_id", *cols]]
+        mine = mine.merge(lookup.assign(record_id=lookup["record_id"].astype("string")), on="record_id", how="left")
+    destructive = mine["action"].isin(["erase", "minimise"]).to_numpy()
+    held = mine["record_id"].isin(live_hold_ids).to_numpy()
+    return mine.assign(erases_held_record=destructive & held).reset_index(drop=True)
+
+
+def validate_plan(check: pd.DataFrame, record_type: str, policy: Policy, as_of: datetime) -> ValidationOutcome:
+    """The plan: unique keys, known rules and actions, nothing protected, nothing held, nothing early."""
+    gx, _ = _gx()
+    E = gx.expectations
+    rt = RECORD_TYPES[record_type]
+    exps = [
+        E.ExpectColumnValuesToNotBeNull(column="record_id"),
+        E.ExpectColumnValuesToBeUnique(column="record_id"),
+        E.ExpectColumnValuesToBeInSet(column="action", value_set=["erase", "minimise", "hold"]),
+        E.ExpectColumnValuesToBeInSet(column="rule_id", value_set=[r.id for r in policy.rules_for(record_type)]),
+        E.ExpectColumnValuesToBeInSet(column="erases_held_record", value_set=[False]),
+    ]
+    if len(check):
+        exps.append(E.ExpectColumnMaxToBeBetween(column="deadline", max_value=pd.Timestamp(as_of)))
+    for column, values in rt.protected.items():
+        if column in check:
+            exps.append(E.ExpectColumnValuesToNotBeInSet(column=column, value_set=list(values)))
+    return _run_suite(f"plan_{record_type}", check, exps)
+
+
+def run_guard(planned: int, extracted: int, max_share: float) -> ValidationOutcome:
+    """The guard as a GX suite: the number of destructive plan rows against the allowed share."""
+    gx, _ = _gx()
+    allowed = math.floor(max_share * extracted)
+    frame = pd.DataFrame({"planned": [planned]})
+    outcome = _run_suite(
+        "plan_size_guard", frame, [gx.expectations.ExpectColumnMaxToBeBetween(column="planned", max_value=allowed)]
+    )
+    outcome.checks[0].update({"planned": planned, "extracted": extracted, "max_share": max_share, "allowed": allowed})
+    return outcome

@@ -1,0 +1,206 @@
+"""Load and validate the retention policy file (``include/policies/*.yaml``).
+
+A broken policy must fail before anything is erased, with a message naming the file, the rule
+and the field. The policy version is the content hash of the file, recorded with every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from retention.domain.durations import Duration
+from retention.domain.records import RECORD_TYPES
+
+class PolicyError(ValueError):
+    """The policy file is unusable. The message names the file, the rule and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Clause(_Strict):
+    title: str
+    quote: str = ""
+
+
+class PlanGuard(_Strict):
+    max_share: float = Field(gt=0, le=1)
+
+
+class Protection(_Strict):
+    records: str
+    column: str
+    in_: list[Any] = Field(alias="in", min_length=1)
+    clause: str
+    reason: str
+
+
+class Rule(_Strict):
+    id: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
+    clause: str
+    system: Literal["newsletter", "crm", "ticketing"]
+    records: str
+    when: dict[str, list[Any]] = Field(default_factory=dict)
+    clock: str | list[str]
+    clock_align: Literal["none", "next_calendar_year"] = "none"
+    period: str
+    period_source: Literal["notice", "decision", "law"]
+    decided_by: str | None = None
+    period_if_opted_out: str | None = None
+    action: Literal["erase"]
+    holds_while_running: str | None = None
+
+    @field_validator("period", "period_if_opted_out")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            Duration.parse(v)
+        return v
+
+    @field_validator("records")
+    @classmethod
+    def _records(cls, v: str) -> str:
+        if v not in RECORD_TYPES:
+            raise ValueError(f"unknown record type {v!r}; known: {', '.join(RECORD_TYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Rule:
+        rt = RECORD_TYPES[self.records]
+        if rt.system != self.system:
+            raise ValueError(f"field 'system': records {self.records!r} belong to system {rt.system!r}, not {self.system!r}")
+        for col in self.clocks:
+            if col not in rt.clocks:
+                raise ValueError(f"field 'clock': {col!r} is not a clock of {self.records} (one of {', '.join(rt.clocks)})")
+        for col in self.when:
+            if col not in rt.columns:
+                raise ValueError(f"field 'when': {col!r} is not a column of {self.records}")
+        if self.period_source == "decision" and not self.decided_by:
+            raise ValueError("field 'decided_by': period_source 'decision' needs it: who decided the period the notice does not give")
+        if self.period_if_opted_out is not None and "opted_out" not in rt.columns:
+            raise ValueError(f"field 'period_if_opted_out': given but {self.records} has no opted_out column")
+        return self
+
+    @property
+    def clocks(self) -> list[str]:
+        return [self.clock] if isinstance(self.clock, str) else list(self.clock)
+
+    @property
+    def duration(self) -> Duration:
+        return Duration.parse(self.period)
+
+    @property
+    def opted_out_duration(self) -> Duration | None:
+        return Duration.parse(self.period_if_opted_out) if self.period_if_opted_out else None
+
+
+class Policy(_Strict):
+    version_label: str
+    timezone: str = "Europe/Stockholm"
+    notice: str = ""
+    plan_guard: PlanGuard
+    clauses: dict[str, Clause]
+    protections: list[Protection] = Field(default_factory=list)
+    rules: list[Rule] = Field(min_length=1)
+    # Filled in by load_policy, not by the file.
+    version: str = ""
+    source: str = ""
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+    def rules_for(self, records: str) -> list[Rule]:
+        return [r for r in self.rules if r.records == records]
+
+    def rules_of_system(self, system: str) -> list[Rule]:
+        return [r for r in self.rules if r.system == system]
+
+    def rule(self, rule_id: str) -> Rule:
+        for r in self.rules:
+            if r.id == rule_id:
+                return r
+        raise KeyError(rule_id)
+
+
+def _where(loc: tuple, raw: Any) -> str:
+    """'rule 'lead' (rules[3]), field 'period'' from a pydantic error location."""
+    parts = list(loc)
+    if len(parts) >= 2 and parts[0] == "rules" and isinstance(parts[1], int):
+        idx = parts[1]
+        rule_id = None
+        try:
+            rule_id = raw["rules"][idx].get("id")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            pass
+        rest = ".".join(str(p) for p in parts[2:])
+        who = f"rule {rule_id!r} (rules[{idx}])" if rule_id else f"rules[{idx}]"
+        return f"{who}, field {rest!r}" if rest else who  # rule-level messages name their field
+    if parts and parts[0] == "protections" and len(parts) >= 2:
+        return f"protections[{parts[1]}], field {'.'.join(str(p) for p in parts[2:]) or '(entry)'!r}"
+    return f"field {'.'.join(str(p) for p in parts) or '(top level)'!r}"
+
+
+def parse_policy(text: str | bytes, source: str = "<string>") -> Policy:
+    data = text.encode() if isinstance(text, str) else text
+    try:
+        raw = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        policy = Policy.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {_where(err['loc'], raw)}: {msg}")
+        raise PolicyError("\n".join(lines)) from None
+    problems = _cross_checks(policy, raw)
+    if problems:
+        raise PolicyError("\n".join(f"{source}: {p}" for p in problems))
+    version = hashlib.sha256(data).hexdigest()[:16]
+    return policy.model_copy(update={"version": version, "source": source})
+
+
+def _cross_checks(policy: Policy, raw: dict) -> list[str]:
+    problems = []
+    seen: set[str] = set()
+    for i, rule in enumerate(policy.rules):
+        if rule.id in seen:
+            problems.append(f"rule {rule.id!r} (rules[{i}]), field 'id': duplicate rule id")
+        seen.add(rule.id)
+        for part in (p.strip() for p in rule.clause.split(",")):
+            if part not in policy.clauses:
+                problems.append(
+                    f"rule {rule.id!r} (rules[{i}]), field 'clause': clause {part!r} is not defined under 'clauses'"
+                )
+    for i, prot in enumerate(policy.protections):
+        rt = RECORD_TYPES.get(prot.records)
+        if rt is None:
+            problems.append(f"protections[{i}], field 'records': unknown record type {prot.records!r}")
+        elif prot.column not in rt.columns:
+            problems.append(f"protections[{i}], field 'column': {prot.column!r} is not a column of {prot.records}")
+    return problems
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    return parse_policy(data, source=str(path))
