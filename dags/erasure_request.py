@@ -36,7 +36,8 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from retention.runs.request import EMAIL_MAX_LENGTH, EMAIL_PATTERN, SYSTEMS
+from retention.domain.addresses import EMAIL_MAX_LENGTH, EMAIL_PATTERN
+from retention.domain.records import SYSTEMS
 
 
 @task(retries=0)

@@ -25,7 +25,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-SYSTEMS = ("newsletter", "crm", "ticketing")
+from retention.domain.records import SYSTEMS
 
 
 def _preview_id() -> str:

@@ -21,19 +21,8 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-SYSTEMS = ("newsletter", "crm", "ticketing")
-
-
-def _run_info(run: dict):
-    from retention.runs.nightly import RunInfo
-
-    return RunInfo.from_dict(run)
-
-
-def _adapter(system: str):
-    from retention.systems import build_adapter
-
-    return build_adapter(system)
+from retention.airflow.tasks import run_info, system_adapter
+from retention.domain.records import SYSTEMS
 
 
 @task
@@ -56,31 +45,22 @@ def system_replay(system: str, run: dict):
 
         if system not in get_current_context()["params"]["systems"]:
             raise AirflowSkipException(f"{system} is not among this replay's systems")
-        adapter = _adapter(system)
-        try:
-            return find(_run_info(run), system, adapter)
-        finally:
-            adapter.close()
+        with system_adapter(system) as adapter:
+            return find(run_info(run), system, adapter)
 
     @task(task_id="erase")
     def erase_(run: dict, _found: dict) -> dict:
         from retention.runs.replay import erase
 
-        adapter = _adapter(system)
-        try:
-            return erase(_run_info(run), system, adapter)
-        finally:
-            adapter.close()
+        with system_adapter(system) as adapter:
+            return erase(run_info(run), system, adapter)
 
     @task(task_id="verify")
     def verify_(run: dict, _erased: dict) -> dict:
         from retention.runs.replay import verify
 
-        adapter = _adapter(system)
-        try:
-            return verify(_run_info(run), system, adapter)
-        finally:
-            adapter.close()
+        with system_adapter(system) as adapter:
+            return verify(run_info(run), system, adapter)
 
     return verify_(run, erase_(run, find_(run)))
 
@@ -90,7 +70,7 @@ def report(run: dict) -> dict:
     from retention.runs.replay import report as report_
 
     systems = tuple(get_current_context()["params"]["systems"])
-    result = report_(_run_info(run), systems)
+    result = report_(run_info(run), systems)
     if result["state"] != "success":
         raise AirflowFailException(f"replay incomplete, see report {result['report']}")
     return result

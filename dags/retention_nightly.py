@@ -19,19 +19,8 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
-SYSTEMS = ("newsletter", "crm", "ticketing")
-
-
-def _run_info(run: dict):
-    from retention.runs.nightly import RunInfo
-
-    return RunInfo.from_dict(run)
-
-
-def _adapter(system: str):
-    from retention.systems import build_adapter
-
-    return build_adapter(system)
+from retention.airflow.tasks import run_info, system_adapter
+from retention.domain.records import SYSTEMS
 
 
 @task
@@ -51,34 +40,32 @@ def open_run() -> dict:
 def system_run(system: str, run: dict):
     @task(task_id="extract")
     def extract_(run: dict) -> dict:
-        from retention.store.ledger import LockTimeout
         from retention.runs.nightly import extract
+        from retention.store.ledger import LockTimeout
 
         if system not in get_current_context()["params"]["systems"]:
             raise AirflowSkipException(f"{system} is not among this run's systems")
-        adapter = _adapter(system)
         try:
+            with system_adapter(system) as adapter:
+                return extract(run_info(run), system, adapter, lock_wait_seconds=0)
+        except LockTimeout:
             # Another run (a backfill beside the schedule) holds the system: give the worker
             # slot back and try again in a minute rather than wait in it.
-            return extract(_run_info(run), system, adapter, lock_wait_seconds=0)
-        except LockTimeout:
             raise AirflowRescheduleException(pendulum.now("UTC").add(seconds=60)) from None
-        finally:
-            adapter.close()
 
     @task(task_id="plan")
     def plan_(run: dict, _extracted: dict) -> dict:
         from retention.runs.nightly import plan
 
-        return plan(_run_info(run), system)
+        return plan(run_info(run), system)
 
     @task(task_id="validate", retries=0)
     def validate_(run: dict, _planned: dict) -> dict:
-        from retention.runs.nightly import validate
         from retention.checks.validation import PlanRejected
+        from retention.runs.nightly import validate
 
         try:
-            return validate(_run_info(run), system)
+            return validate(run_info(run), system)
         except PlanRejected as exc:
             raise AirflowFailException(str(exc)) from None
 
@@ -86,21 +73,15 @@ def system_run(system: str, run: dict):
     def erase_(run: dict, _validated: dict) -> dict:
         from retention.runs.nightly import erase
 
-        adapter = _adapter(system)
-        try:
-            return erase(_run_info(run), system, adapter)
-        finally:
-            adapter.close()
+        with system_adapter(system) as adapter:
+            return erase(run_info(run), system, adapter)
 
     @task(task_id="verify")
     def verify_(run: dict, _erased: dict) -> dict:
         from retention.runs.nightly import verify
 
-        adapter = _adapter(system)
-        try:
-            return verify(_run_info(run), system, adapter)
-        finally:
-            adapter.close()
+        with system_adapter(system) as adapter:
+            return verify(run_info(run), system, adapter)
 
     extracted = extract_(run)
     planned = plan_(run, extracted)
@@ -114,7 +95,7 @@ def report(run: dict) -> dict:
     from retention.runs.nightly import report as report_
 
     systems = tuple(get_current_context()["params"]["systems"])
-    result = report_(_run_info(run), systems)
+    result = report_(run_info(run), systems)
     if result["state"] != "success":
         raise AirflowFailException(f"run incomplete, see report {result['report']}")
     return result

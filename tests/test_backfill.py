@@ -68,12 +68,12 @@ def _runs(af: AirflowServices) -> list[dict]:
 def _plan_now_is_empty(as_of) -> dict:
     """What a run as of ``as_of`` would still erase from the systems' final contents."""
     from retention.runs import nightly as pipeline
-    from retention.systems import build_adapter
+    from retention.systems import adapter_for
 
     run = pipeline.RunInfo.from_dict(pipeline.open_run("check", f"check_{time.time()}", as_of, dry_run=True, max_plan_share=1.0))
     destructive = {}
     for system in ("newsletter", "crm", "ticketing"):
-        adapter = build_adapter(system)
+        adapter = adapter_for(system)
         try:
             pipeline.extract(run, system, adapter)
             pipeline.plan(run, system)

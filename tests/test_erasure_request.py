@@ -472,7 +472,8 @@ def test_crm_part_resumes_after_an_interrupted_attempt(crm_engine, retention_hom
     can no longer find the contact by address, takes its id from staging, and completes the
     entry as already gone."""
     from retention.systems.crm.client import CrmConnector
-    from retention.runs.request import erase_crm, load_run, open_request
+    from retention.runs.request import erase_person, load_run, open_request
+    from retention.systems.crm.adapter import CrmAdapter
 
     seed_crm(crm_engine, "Person.A@Example.org", "person.b@example.org")
     email = "person.a@example.org"
@@ -487,11 +488,11 @@ def test_crm_part_resumes_after_an_interrupted_attempt(crm_engine, retention_hom
 
     monkeypatch.setattr(connector, "minimise_contacts", killed)
     with pytest.raises(RuntimeError, match="worker killed"):
-        erase_crm(run, email, connector)
+        erase_person(run, "crm", email, CrmAdapter(connector))
     first = by_type(ledger_rows(retention_home, run.run_id))
     assert first["crm_contact"] == {"planned": 1} and first["crm_invoice"] == {"erased": 1, "held": 1}
 
-    counts = erase_crm(run, email, CrmConnector(crm_engine))
+    counts = erase_person(run, "crm", email, CrmAdapter(CrmConnector(crm_engine)))
     rows = ledger_rows(retention_home, run.run_id)
     assert by_type(rows) == {
         "crm_contact": {"already_gone": 1}, "crm_event_participation": {"erased": 1}, "crm_course_registration": {"erased": 1},
@@ -506,7 +507,8 @@ def test_crm_part_resumes_after_an_interrupted_attempt(crm_engine, retention_hom
 
 def test_errors_naming_the_address_are_withheld(tmp_path, retention_home, monkeypatch):
     from retention.systems.crm.client import CrmConnector
-    from retention.runs.request import erase_crm, load_run, open_request
+    from retention.runs.request import erase_person, load_run, open_request
+    from retention.systems.crm.adapter import CrmAdapter
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
     seed_crm(engine, "person.a@example.org", "person.b@example.org")
@@ -519,7 +521,7 @@ def test_errors_naming_the_address_are_withheld(tmp_path, retention_home, monkey
 
     monkeypatch.setattr(connector, "find_contact_ids_by_email", leaky)
     with pytest.raises(RuntimeError) as info:
-        erase_crm(run, "Person.A@example.org", connector)
+        erase_person(run, "crm", "Person.A@example.org", CrmAdapter(connector))
     assert "person.a" not in str(info.value).lower() and "withheld" in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert engine.hide_parameters, "SQL errors must not print the bound address"
@@ -528,7 +530,8 @@ def test_errors_naming_the_address_are_withheld(tmp_path, retention_home, monkey
 
 def test_dry_run_counts_and_changes_nothing(tmp_path, retention_home):
     from retention.systems.crm.client import CrmConnector
-    from retention.runs.request import erase_crm, open_request, report
+    from retention.runs.request import erase_person, open_request, report
+    from retention.systems.crm.adapter import CrmAdapter
     from retention.runs.request import load_run as load
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
@@ -536,7 +539,7 @@ def test_dry_run_counts_and_changes_nothing(tmp_path, retention_home):
     open_request(DAG_ID, "manual__dry", "person.a@example.org", dry_run=True)
     run = load(DAG_ID, "manual__dry")
     assert run.dry_run
-    counts = erase_crm(run, "person.a@example.org", CrmConnector(engine))
+    counts = erase_person(run, "crm", "person.a@example.org", CrmAdapter(CrmConnector(engine)))
     assert counts == {"would_erase": 5, "would_keep": 1, "found": 6}  # contact, 3 children, the old invoice; the new kept
     with engine.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(schema.contact)).scalar() == 3

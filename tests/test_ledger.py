@@ -1,12 +1,47 @@
+import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 
-from retention.store.ledger import Ledger, LockTimeout, erasure_ledger
 from retention.domain.pseudonyms import Pseudonymizer
+from retention.store import migrations
+from retention.store.ledger import HoldError, Ledger, LockTimeout, SchemaError, erasure_ledger, metadata, read_holds
+
+
+def reset_schema(engine: sa.Engine) -> None:
+    """An empty public schema: no ledger tables, no version table."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA public")
+
+
+@pytest.fixture
+def fresh_pg(postgres_url_for):
+    """A function giving the URL of a newly created (empty) PostgreSQL database."""
+    base = sa.engine.make_url(postgres_url_for("retention_ledger_test"))
+    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+
+    made = []
+
+    def make(name: str) -> str:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return base.set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    with admin.connect() as conn:
+        for name in made:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -15,10 +50,16 @@ def ledger(request, tmp_path, postgres_url_for):
         return Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     url = postgres_url_for("retention_ledger_test")
     engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        for t in ("erasure_ledger", "erasure_run", "legal_hold", "system_lock"):
-            conn.execute(sa.text(f"drop table if exists {t}"))
+    reset_schema(engine)
     return Ledger(engine)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db(request, tmp_path, fresh_pg):
+    """URL of an empty database of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return fresh_pg("retention_ledger_fresh")
 
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
@@ -106,3 +147,301 @@ def test_pseudonyms_are_keyed_and_stable():
     assert "k" * 32 not in repr(a)
     with pytest.raises(ValueError):
         Pseudonymizer(b"short")
+
+
+# -- schema migrations ----------------------------------------------------------------------
+
+
+def old_metadata() -> sa.MetaData:
+    """The ledger's tables as Ledger created them (create_all) before b1ae054 and 3cebe6a: an
+    index on status, the default fillfactor, no system_lock, no lifts."""
+    m = sa.MetaData()
+    sa.Table(
+        "erasure_run", m,
+        sa.Column("run_id", sa.String(250), primary_key=True),
+        sa.Column("dag_id", sa.String(250), nullable=False),
+        sa.Column("as_of", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("policy_version", sa.String(64), nullable=False),
+        sa.Column("policy_label", sa.String(100)),
+        sa.Column("dry_run", sa.Boolean, nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", sa.DateTime(timezone=True)),
+        sa.Column("state", sa.String(20), nullable=False, default="running"),
+        sa.Column("report", sa.Text),
+    )
+    sa.Table(
+        "erasure_ledger", m,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("run_id", sa.String(250), nullable=False),
+        sa.Column("policy_version", sa.String(64), nullable=False),
+        sa.Column("system", sa.String(20), nullable=False),
+        sa.Column("record_type", sa.String(40), nullable=False),
+        sa.Column("record_key", sa.String(64), nullable=False),
+        sa.Column("rule_id", sa.String(60), nullable=False),
+        sa.Column("action", sa.String(20), nullable=False),
+        sa.Column("hold", sa.String(200)),
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("completed_at", sa.DateTime(timezone=True)),
+        sa.Column("detail", sa.String(200)),
+        sa.UniqueConstraint("run_id", "system", "record_type", "record_key", name="uq_ledger_run_record"),
+        sa.Index("ix_ledger_record_key", "record_key"),
+        sa.Index("ix_ledger_status", "status"),
+    )
+    sa.Table(
+        "legal_hold", m,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("record_type", sa.String(40), nullable=False),
+        sa.Column("record_key", sa.String(64), nullable=False),
+        sa.Column("reason", sa.String(200), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True)),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Index("ix_hold_key", "record_type", "record_key"),
+    )
+    return m
+
+
+def old_ledger(engine: sa.Engine) -> None:
+    """An old ledger with a run, three entries and a hold."""
+    m = old_metadata()
+    m.create_all(engine)
+    t = m.tables
+    with engine.begin() as conn:
+        conn.execute(t["erasure_run"].insert().values(
+            run_id="old", dag_id="d", as_of=NOW, policy_version="v0", dry_run=False, started_at=NOW, state="success",
+        ))
+        conn.execute(t["erasure_ledger"].insert(), [
+            {"run_id": "old", "policy_version": "v0", "system": "crm", "record_type": "crm_contact", "record_key": f"k{i}",
+             "rule_id": "lead", "action": "erase", "status": s, "planned_at": NOW, "completed_at": NOW}
+            for i, s in enumerate(("erased", "already_gone", "failed"))
+        ])
+        conn.execute(t["legal_hold"].insert().values(record_type="crm_contact", record_key="k9", reason="dispute", created_at=NOW))
+
+
+def schema_diff(engine: sa.Engine) -> list:
+    """What autogenerate finds between the tables in ledger.py and the database: nothing, when
+    the migrations and the model agree."""
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"version_table": migrations.VERSION_TABLE})
+        return compare_metadata(ctx, metadata)
+
+
+def pg_physical(engine: sa.Engine) -> tuple[set[str], list[str] | None]:
+    with engine.connect() as conn:
+        indexes = set(conn.exec_driver_sql("SELECT indexname FROM pg_indexes WHERE tablename = 'erasure_ledger'").scalars())
+        options = conn.exec_driver_sql("SELECT reloptions FROM pg_class WHERE oid = 'erasure_ledger'::regclass").scalar()
+    return indexes, options
+
+
+def count_statements(engine: sa.Engine) -> list[str]:
+    statements: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda conn, cursor, sql, *rest: statements.append(sql))
+    return statements
+
+
+def test_a_new_ledger_is_at_head_and_matches_the_model(empty_db):
+    engine = sa.create_engine(empty_db)
+    ledger = Ledger(engine)
+    assert migrations.stored_versions(engine) == {migrations.head()}
+    assert schema_diff(engine) == []
+    assert set(sa.inspect(engine).get_table_names()) == {*metadata.tables, migrations.VERSION_TABLE}
+    if engine.dialect.name == "postgresql":
+        assert pg_physical(engine) == ({"erasure_ledger_pkey", "uq_ledger_run_record", "ix_ledger_record_key"}, ["fillfactor=50"])
+    # Opened again (the next task): one query, the version, and nothing written.
+    statements = count_statements(engine)
+    Ledger(engine)
+    assert statements == [f"SELECT version_num FROM {migrations.VERSION_TABLE}"]
+    ledger.open_run("r", "d", NOW, "v", "l", False)
+    assert ledger.run("r")["state"] == "running"
+
+
+def test_an_old_postgres_ledger_is_upgraded_when_opened(fresh_pg):
+    engine = sa.create_engine(fresh_pg("retention_ledger_old"))
+    old_ledger(engine)
+    indexes, options = pg_physical(engine)
+    assert "ix_ledger_status" in indexes and options is None  # the old design, default fillfactor
+    assert migrations.stored_versions(engine) is None
+
+    ledger = Ledger(engine)
+    indexes, options = pg_physical(engine)
+    assert "ix_ledger_status" not in indexes and "ix_ledger_record_key" in indexes
+    assert options == ["fillfactor=50"]
+    assert migrations.stored_versions(engine) == {migrations.head()}
+    assert schema_diff(engine) == []
+    # Every row kept, and the ledger works on them.
+    assert ledger.run("old")["state"] == "success"
+    assert ledger.statuses("old", "crm") == {
+        ("crm_contact", "k0"): "erased", ("crm_contact", "k1"): "already_gone", ("crm_contact", "k2"): "failed",
+    }
+    assert ledger.erased_keys() == {("crm_contact", "k0"), ("crm_contact", "k1")}
+    assert [(h["id"], h["record_key"], h["reason"]) for h in ledger.holds()] == [(1, "k9", "dispute")]
+    ledger.open_run("new", "d", NOW, "v1", "l", False)
+    ledger.acquire_system("crm", "new")  # system_lock, missing in the oldest ledgers, was created
+    ledger.write_ahead("new", "v1", "crm", [{"record_type": "crm_contact", "record_key": "k2", "rule_id": "lead", "action": "erase"}])
+    ledger.complete("new", "crm", "crm_contact", {"k2": "erased"})
+    assert ledger.erased_keys() == {("crm_contact", "k0"), ("crm_contact", "k1"), ("crm_contact", "k2")}
+
+    statements = count_statements(engine)
+    Ledger(engine)  # at head: a no-op
+    assert len(statements) == 1
+    assert pg_physical(engine) == (indexes, options)
+
+
+def test_an_old_sqlite_ledger_is_adopted_with_its_rows(tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    old_ledger(engine)
+    ledger = Ledger(engine)
+    assert migrations.stored_versions(engine) == {migrations.head()}
+    assert ledger.statuses("old", "crm")[("crm_contact", "k0")] == "erased"
+    assert [h["reason"] for h in ledger.holds()] == ["dispute"]
+    assert {"system_lock", "legal_hold_lift"} <= set(sa.inspect(engine).get_table_names())
+    # SQLite keeps the old status index: revision 0002 changes PostgreSQL only.
+    assert "ix_ledger_status" in {i["name"] for i in sa.inspect(engine).get_indexes("erasure_ledger")}
+
+
+def test_a_ledger_from_newer_code_is_refused(tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    Ledger(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '0999'")
+    with pytest.raises(SchemaError, match="0999"):
+        Ledger(engine)
+
+
+_OPEN_AT = """
+import sys, time
+from retention.store.ledger import Ledger
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+Ledger(sys.argv[1])
+"""
+
+
+def test_tasks_opening_a_new_ledger_at_once_all_succeed(empty_db):
+    """Several processes open the same empty ledger at the same moment: one migrates it, the
+    others wait for the lock and find it at head."""
+    start = time.time() + 4  # after every process has imported the package
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _OPEN_AT, empty_db, str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    results = [(p.wait(60), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0] * 4, [err for _, err in results]
+    engine = sa.create_engine(empty_db)
+    assert migrations.stored_versions(engine) == {migrations.head()}
+    assert schema_diff(engine) == []
+
+
+def test_a_postgres_migration_waits_for_the_lock(fresh_pg):
+    url = fresh_pg("retention_ledger_locked")
+    engine = sa.create_engine(url)
+    with engine.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_lock(migrations.LOCK_KEY)))
+        proc = subprocess.Popen([sys.executable, "-c", _OPEN_AT, url, "0"], stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            waiting = 0
+            while not waiting and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.1)
+                waiting = holder.exec_driver_sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").scalar()
+            assert waiting == 1, "the migration must wait for the advisory lock"
+            assert migrations.stored_versions(engine) is None
+        finally:
+            holder.execute(sa.select(sa.func.pg_advisory_unlock(migrations.LOCK_KEY)))
+            holder.commit()
+        assert proc.wait(60) == 0, proc.stderr.read()
+    assert migrations.stored_versions(engine) == {migrations.head()}
+
+
+# -- lifting manual holds ---------------------------------------------------------------------
+
+
+def test_a_lifted_hold_no_longer_applies_and_keeps_its_record(ledger):
+    expires = datetime(2027, 1, 1, tzinfo=UTC)
+    ledger.add_hold("crm_contact", "k1", "dispute 2026-4", None)
+    ledger.add_hold("support_ticket", "k2", "audit", expires)
+    first, second = ledger.holds()
+    assert {k: first[k] for k in ("record_type", "record_key", "reason", "expires_at")} == {
+        "record_type": "crm_contact", "record_key": "k1", "reason": "dispute 2026-4", "expires_at": None,
+    }
+    assert set(first) == {"id", "record_type", "record_key", "reason", "expires_at", "created_at"}
+
+    before = datetime.now(UTC)
+    lifted = ledger.lift_hold(first["id"], "  dispute settled  ")
+    assert lifted["lifted_reason"] == "dispute settled" and lifted["record_key"] == "k1"
+    assert [h["id"] for h in ledger.holds()] == [second["id"]]
+    every = {h["id"]: h for h in ledger.holds(include_lifted=True)}
+    assert set(every) == {first["id"], second["id"]}
+    record = every[first["id"]]
+    at = record["lifted_at"] if record["lifted_at"].tzinfo else record["lifted_at"].replace(tzinfo=UTC)
+    assert before - timedelta(seconds=1) <= at <= datetime.now(UTC)
+    assert record["lifted_reason"] == "dispute settled" and record["reason"] == "dispute 2026-4"
+    assert every[second["id"]]["lifted_at"] is None and every[second["id"]]["lifted_reason"] is None
+    assert [h["id"] for h in read_holds(ledger.engine)] == [second["id"]]
+
+    for bad_id, reason, message in [
+        (first["id"], "again", "lifted already"),
+        (9999, "no such", "no manual hold with id 9999"),
+        (second["id"], "", "reason is required"),
+        (second["id"], "   ", "reason is required"),
+        (second["id"], "x" * 201, "at most 200"),
+        (2**40, "no such", "no manual hold with id"),
+    ]:
+        with pytest.raises(HoldError, match=message):
+            ledger.lift_hold(bad_id, reason)
+    assert [h["id"] for h in ledger.holds()] == [second["id"]]
+
+
+def test_read_holds_reads_a_ledger_of_any_revision(tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert read_holds(engine) == []
+    old_ledger(engine)  # before lifts existed: every hold is in force
+    assert [h["reason"] for h in read_holds(engine)] == ["dispute"]
+    assert migrations.stored_versions(engine) is None  # read only: nothing migrated
+
+
+def _cli(ledger_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}  # no Airflow connection lookup
+    env["RETENTION_LEDGER_URL"] = ledger_url
+    return subprocess.run([sys.executable, "-m", "retention.cli", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_hold_remove(tmp_path):
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = Ledger(url)
+    ledger.add_hold("crm_contact", "k41", "dispute 41", None)
+    ledger.add_hold("crm_contact", "k42", "dispute 42", None)
+    listed = _cli(url, "hold", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert [line.split()[:3] for line in lines] == [["1", "crm_contact", "k41"], ["2", "crm_contact", "k42"]]
+
+    removed = _cli(url, "hold", "remove", "--hold-id", "1", "--reason", "dispute settled 2026-12-01")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout == "hold 1 lifted: crm_contact k41 (dispute settled 2026-12-01)\n"
+    assert [line.split()[0] for line in _cli(url, "hold", "list").stdout.splitlines()] == ["2"]
+    every = _cli(url, "hold", "list", "--all").stdout.splitlines()
+    assert len(every) == 2 and "[lifted " in every[0] and every[0].endswith(": dispute settled 2026-12-01]")
+
+    for args, message in [
+        (("--hold-id", "1", "--reason", "again"), "hold 1 was lifted already"),
+        (("--hold-id", "77", "--reason", "x"), "no manual hold with id 77"),
+        (("--hold-id", "2", "--reason", "  "), "a reason is required"),
+    ]:
+        refused = _cli(url, "hold", "remove", *args)
+        assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+        assert len(refused.stderr.splitlines()) == 1 and refused.stderr.startswith("hold remove: ")
+        assert message in refused.stderr and refused.stdout == ""
+    assert [h["reason"] for h in ledger.holds()] == ["dispute 42"]
+
+
+def test_migrations_command_line(tmp_path):
+    """``python -m retention.store.migrations``: Alembic's commands without an alembic.ini."""
+    run = [sys.executable, "-m", "retention.store.migrations"]
+    history = subprocess.run([*run, "history"], capture_output=True, text=True, timeout=120)
+    assert history.returncode == 0, history.stderr
+    assert f"-> {migrations.head()} (head)" in history.stdout and "<base> -> 0001" in history.stdout
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    Ledger(url).add_hold("crm_contact", "k", "r", None)
+    current = subprocess.run([*run, "-x", f"url={url}", "current"], capture_output=True, text=True, timeout=120)
+    assert current.returncode == 0, current.stderr
+    assert current.stdout.split() == [migrations.head(), "(head)"]

@@ -198,11 +198,11 @@ class KilledAfter:
         self.system, self.record_types, self.erase_batch = inner.system, inner.record_types, 40
 
     def erase(self, record_type, action, ids):
-        outcomes = self.inner.erase(record_type, action, ids)
+        outcomes = list(self.inner.erase(record_type, action, ids))  # the batch reached the provider
         self.left -= 1
         if self.left == 0:
-            raise KeyboardInterrupt("task killed")
-        return outcomes
+            raise KeyboardInterrupt("task killed")  # before the engine heard of its outcomes
+        yield from outcomes
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -240,7 +240,7 @@ def test_old_policy_from_a_git_revision(zendesk, tickets, tmp_path, retention_ho
     policy_with(repo / "policy.yaml", {"support-ticket": "P6M"})  # the working copy: the proposal
 
     out = subprocess.run(
-        [sys.executable, "-m", "retention.runs.preview", "--old-rev", "HEAD", "--new", str(repo / "policy.yaml"), "--repo", str(repo),
+        [sys.executable, "-m", "retention.cli", "preview", "--old-rev", "HEAD", "--new", str(repo / "policy.yaml"), "--repo", str(repo),
          "--systems", "ticketing", "--as-of", NOW, "--show-keys", "3"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
@@ -270,7 +270,7 @@ def test_broken_new_policy_fails_before_any_system_is_read(zendesk, tmp_path, re
     broken = policy_with(tmp_path / "broken.yaml", {"support-ticket": "one year"})
     before = stats(zendesk)["requests"]
     out = subprocess.run(
-        [sys.executable, "-m", "retention.runs.preview", "--old", str(DEFAULT_POLICY), "--new", str(broken), "--systems", "ticketing"],
+        [sys.executable, "-m", "retention.cli", "preview", "--old", str(DEFAULT_POLICY), "--new", str(broken), "--systems", "ticketing"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2, out.stdout + out.stderr
@@ -291,10 +291,10 @@ def test_plan_system_matches_the_pipeline_plan(zendesk, retention_home):
     from retention.domain.policy import load_policy
     from retention.domain.pseudonyms import Pseudonymizer
     from retention.domain.records import record_types_of
-    from retention.systems import build_adapter
+    from retention.systems import adapter_for
 
     run = pipeline.RunInfo.from_dict(pipeline.open_run("parity", "parity_1", AS_OF, dry_run=True, max_plan_share=1.0))
-    adapter = build_adapter("ticketing")
+    adapter = adapter_for("ticketing")
     try:
         pipeline.extract(run, "ticketing", adapter)
     finally:

@@ -148,7 +148,7 @@ def latest_replay_report(home) -> dict:
 
 def replay_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "retention.runs.replay", *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ)
+        [sys.executable, "-m", "retention.cli", "replay", *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ)
     )
 
 
@@ -296,11 +296,11 @@ class KilledAfter:
         self.system, self.record_types, self.erase_batch = inner.system, inner.record_types, 40
 
     def erase(self, record_type, action, ids):
-        outcomes = self.inner.erase(record_type, action, ids)
+        outcomes = list(self.inner.erase(record_type, action, ids))  # the batch reached the provider
         self.left -= 1
         if self.left == 0:
-            raise KeyboardInterrupt("task killed")
-        return outcomes
+            raise KeyboardInterrupt("task killed")  # before the engine heard of its outcomes
+        yield from outcomes
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -310,11 +310,11 @@ def test_killed_replay_resumes_from_the_ledger_and_erases_each_record_once(syste
     """The steps called directly: a replay killed mid-erasure is resumed under the same run id."""
     from retention.runs import nightly as pipeline, replay
     from retention.runs.nightly import RunInfo
-    from retention.systems import build_adapter
+    from retention.systems import adapter_for
 
     systems.backup()
     nightly = RunInfo.from_dict(pipeline.open_run("test", "nightly", None, dry_run=False, max_plan_share=0.5))
-    adapter = build_adapter("newsletter")
+    adapter = adapter_for("newsletter")
     pipeline.extract(nightly, "newsletter", adapter)
     pipeline.plan(nightly, "newsletter")
     pipeline.validate(nightly, "newsletter")
@@ -327,7 +327,7 @@ def test_killed_replay_resumes_from_the_ledger_and_erases_each_record_once(syste
 
     systems.restore()
     run = RunInfo.from_dict(replay.open_run("replay__killed", dry_run=False))
-    adapter = build_adapter("newsletter")
+    adapter = adapter_for("newsletter")
     assert replay.find(run, "newsletter", adapter)["found"] == erased
     with pytest.raises(KeyboardInterrupt):
         replay.erase(run, "newsletter", KilledAfter(adapter, batches=2))
@@ -364,7 +364,7 @@ def test_restored_ticketing_backup_is_cleaned_again(tmp_path, monkeypatch, reten
     from retention.runs import nightly as pipeline, replay
     from retention.runs.nightly import RunInfo
     from tools.standins import zendesk as zs
-    from retention.systems import build_adapter
+    from retention.systems import adapter_for
 
     state, backup = tmp_path / "zendesk.npz", tmp_path / "zendesk.backup"
     zs.State.generate(800, 5, 0.2, NOW, job_seconds=0.1).save(state)
@@ -397,7 +397,7 @@ def test_restored_ticketing_backup_is_cleaned_again(tmp_path, monkeypatch, reten
     try:
         before = held(standin)
         nightly = RunInfo.from_dict(pipeline.open_run("test", "nightly", None, dry_run=False, max_plan_share=0.5))
-        adapter = build_adapter("ticketing")
+        adapter = adapter_for("ticketing")
         pipeline.extract(nightly, "ticketing", adapter)
         pipeline.plan(nightly, "ticketing")
         pipeline.validate(nightly, "ticketing")

@@ -1,14 +1,26 @@
-"""Command line: ``python -m retention.cli <command>`` (with ``plugins`` on PYTHONPATH).
+"""The ``retention`` command (also ``python -m retention.cli``): everything an operator does by hand.
 
     policy validate [FILE]        check a policy file; exit 2 with file/rule/field on error
     hold add --record-type T --record-id ID --reason TEXT [--expires YYYY-MM-DD]
                                   put one record on the manual legal-hold list (stored by pseudonym)
-    hold list                     the manual holds (pseudonyms, reasons, expiry)
+    hold list [--all]             the manual holds in force (id, pseudonym, expiry, reason); --all
+                                  adds the lifted ones, with when and why
+    hold remove --hold-id N --reason TEXT
+                                  lift a manual hold (by its id in hold list); the reason is recorded
     crm init [--demo-contacts N]  create the reference CRM schema where missing (retention_crm), and
                                   seed N synthetic contacts into an empty CRM (demo / compose)
     explain --record-type T (--record-id ID | --record-key KEY) [--as-of ISO]
                                   why one record is or is not planned (reads the system through
                                   its Airflow Connection; erases nothing)
+    preview (--old SPEC | --old-rev REV) [--new SPEC] [--systems ...] [--as-of ISO] [--show-keys N]
+                                  what a policy change would erase that today's does not, and what
+                                  it would stop erasing (reads the systems; erases nothing)
+    replay [--systems ...] [--dry-run] [--run-id ID]
+                                  after a restore from backup: erase again what the ledger marks
+                                  erased and the restore brought back
+
+A user error (a bad policy, a missing setting, an unknown record type, a malformed time) is one
+line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +33,16 @@ import pandas as pd
 
 from retention import config
 from retention.domain.policy import PolicyError, load_policy
-from retention.domain.records import RECORD_TYPES
+from retention.domain.records import RECORD_TYPES, SYSTEMS
+
+
+def _time(text: str, option: str):
+    """An ISO 8601 time from the command line (UTC when it has no offset), or a user error."""
+    try:
+        ts = pd.Timestamp(text)
+    except ValueError:
+        raise config.ConfigError(f"{option} {text!r} is not an ISO 8601 time (e.g. 2026-12-01T00:00:00Z)") from None
+    return (ts.tz_localize("UTC") if ts.tzinfo is None else ts).to_pydatetime()
 
 
 def _policy_validate(args) -> int:
@@ -40,8 +61,8 @@ def _policy_validate(args) -> int:
 
 
 def _hold_add(args) -> int:
-    from retention.store.ledger import Ledger
     from retention.domain.pseudonyms import Pseudonymizer
+    from retention.store.ledger import Ledger
 
     if args.record_type not in RECORD_TYPES:
         print(f"unknown record type {args.record_type!r}; known: {', '.join(RECORD_TYPES)}", file=sys.stderr)
@@ -56,17 +77,30 @@ def _hold_add(args) -> int:
 def _hold_list(args) -> int:
     from retention.store.ledger import Ledger
 
-    for h in Ledger(config.ledger_url()).holds():
-        print(f"{h['record_type']:<24} {h['record_key']} {h['expires_at'] or 'no expiry'}  {h['reason']}")
+    for h in Ledger(config.ledger_url()).holds(include_lifted=args.all):
+        lifted = f"  [lifted {h['lifted_at']:%Y-%m-%d %H:%M}: {h['lifted_reason']}]" if h.get("lifted_at") else ""
+        print(f"{h['id']:>6}  {h['record_type']:<24} {h['record_key']} {h['expires_at'] or 'no expiry'}  {h['reason']}{lifted}")
+    return 0
+
+
+def _hold_remove(args) -> int:
+    from retention.store.ledger import HoldError, Ledger
+
+    try:
+        h = Ledger(config.ledger_url()).lift_hold(args.hold_id, args.reason)
+    except HoldError as exc:
+        print(f"hold remove: {exc}", file=sys.stderr)
+        return 2
+    print(f"hold {h['id']} lifted: {h['record_type']} {h['record_key']} ({h['lifted_reason']})")
     return 0
 
 
 def _explain(args) -> int:
     import json
 
-    from retention.runs.explain import explain
     from retention.domain.records import RECORD_TYPES
-    from retention.systems import build_adapter
+    from retention.runs.explain import explain
+    from retention.systems import adapter_for
 
     if args.record_type not in RECORD_TYPES:
         print(f"unknown record type {args.record_type!r}; known: {', '.join(RECORD_TYPES)}", file=sys.stderr)
@@ -76,9 +110,9 @@ def _explain(args) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2
-    adapter = build_adapter(RECORD_TYPES[args.record_type].system)
+    as_of = _time(args.as_of, "--as-of") if args.as_of else None
+    adapter = adapter_for(RECORD_TYPES[args.record_type].system)
     try:
-        as_of = pd.Timestamp(args.as_of).to_pydatetime() if args.as_of else None
         result = explain(adapter, policy, args.record_type, record_id=args.record_id, record_key=args.record_key, as_of=as_of)
     finally:
         adapter.close()
@@ -92,8 +126,15 @@ def _crm_init(args) -> int:
     import sqlalchemy as sa
 
     from retention.systems.crm import schema
-    from tools.synthetic.crm import generate
     from retention.systems.crm.hook import CrmHook
+
+    if args.demo_contacts:
+        try:  # development tooling: in the stand-ins' image and a checkout, not in production
+            from tools.synthetic.crm import generate
+        except ImportError:
+            print("crm init: --demo-contacts needs the development tools (tools/ of a checkout); "
+                  "a production install only creates the schema", file=sys.stderr)
+            return 2
 
     engine = CrmHook().get_engine()
     schema.create_schema(engine)
@@ -104,6 +145,46 @@ def _crm_init(args) -> int:
         counts = generate(engine, contacts=args.demo_contacts, seed=args.seed, now=datetime.now(UTC))
         print(f"seeded synthetic CRM: {counts}")
     return 0
+
+
+def _preview(args) -> int:
+    from pathlib import Path
+
+    from retention.runs.preview import old_rev_spec, run_preview
+
+    new_spec = args.new or str(config.policy_file())
+    old_spec = args.old or old_rev_spec(args.old_rev, new_spec, args.repo)
+    summary = run_preview(
+        old_spec, new_spec, systems=args.systems, as_of=args.as_of, repo=args.repo, show_keys=max(0, args.show_keys),
+    )
+    print(Path(summary["text"]).read_text())
+    print(f"\nwritten: {summary['json']}")
+    return 0
+
+
+def _replay(args) -> int:
+    import json
+    import logging
+    from pathlib import Path
+
+    from retention.runs.replay import render_report, run_replay
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    result = run_replay(args.systems, dry_run=args.dry_run, run_id=args.run_id)
+    print(render_report(json.loads(Path(result["report"]).read_text())))
+    print(f"report: {result['report']}")
+    return 0 if result["state"] == "success" else 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean the input or the set-up is wrong: one line, no traceback."""
+    from airflow.sdk.exceptions import AirflowNotFoundException  # a Connection that is not defined
+
+    from retention.domain.addresses import InvalidRequest
+    from retention.runs.preview import PreviewError
+    from retention.store.ledger import HoldError
+
+    return (config.ConfigError, PolicyError, PreviewError, InvalidRequest, HoldError, AirflowNotFoundException)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--expires", help="date (Europe/Stockholm) the hold ends; none = until lifted")
     a.set_defaults(func=_hold_add)
     lst = hold.add_parser("list", help="list manual holds")
+    lst.add_argument("--all", action="store_true", help="lifted holds too")
     lst.set_defaults(func=_hold_list)
+    rm = hold.add_parser("remove", help="lift a manual legal hold, recording why")
+    rm.add_argument("--hold-id", type=int, required=True, help="the hold's id (hold list)")
+    rm.add_argument("--reason", required=True, help="why the hold ends (recorded in the ledger)")
+    rm.set_defaults(func=_hold_remove)
     crm = sub.add_parser("crm").add_subparsers(dest="action", required=True)
     ci = crm.add_parser("init", help="create the CRM schema where missing; optionally seed demo data")
     ci.add_argument("--demo-contacts", type=int, default=0)
@@ -135,13 +221,29 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--as-of", help="ISO 8601 time to evaluate at (default: now)")
     ex.add_argument("--policy", help="policy file (default: the configured one)")
     ex.set_defaults(func=_explain)
+    systems = SYSTEMS
+    pv = sub.add_parser("preview", help="what a policy change would erase, and stop erasing (erases nothing)")
+    old = pv.add_mutually_exclusive_group(required=True)
+    old.add_argument("--old", help="the current policy: a file, or REV:PATH (git)")
+    old.add_argument("--old-rev", metavar="REV", help="the new policy's file (or the project's policy) as of git revision REV")
+    pv.add_argument("--new", help="the proposed policy: a file, or REV:PATH (default: the configured policy file)")
+    pv.add_argument("--systems", nargs="+", choices=systems, default=list(systems))
+    pv.add_argument("--as-of", help="ISO 8601 time both policies are evaluated at (default: now; UTC if no offset)")
+    pv.add_argument("--repo", help="git repository for REV:PATH (default: RETENTION_POLICY_REPO, else the project)")
+    pv.add_argument("--show-keys", type=int, default=0, metavar="N", help="print up to N pseudonymous keys per row")
+    pv.set_defaults(func=_preview)
+    rp = sub.add_parser("replay", help="erase again what a restored backup brought back")
+    rp.add_argument("--systems", nargs="+", choices=systems, default=list(systems), help="systems to replay (default: all)")
+    rp.add_argument("--dry-run", action="store_true", help="find and count, erase nothing, write no ledger entry")
+    rp.add_argument("--run-id", help="resume this replay run (default: a new replay__<time>)")
+    rp.set_defaults(func=_replay)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except config.ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:
+        prefix = "configuration error: " if isinstance(exc, config.ConfigError) else ""
+        print(f"{prefix}{exc}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,9 +4,10 @@ For every record the engine finds the rules whose ``when`` matches, computes eac
 deadline (clock, aligned if the rule says so, plus the period, or the opted-out period when
 the person asked not to be contacted) in local wall-clock time, and plans the record under
 the earliest deadline that has passed at ``as_of``. Protected records (active relationships)
-are never planned. Records under a live manual hold are planned with action ``hold``, which
-erases nothing. Contacts that still have invoices are planned ``minimise``: the person goes,
-the invoice fields bookkeeping law needs stay.
+are never planned. A due record whose schema says so is planned ``minimise`` (a contact that
+still has invoices: the person goes, the invoice fields bookkeeping law needs stay). Records
+under a manual hold in force are planned ``hold`` (``retention.domain.holds``), which erases
+nothing.
 
 Because deadlines only pass as time goes on, a plan as of an earlier time is always a subset
 of the plan as of a later time over the same records: a backfill never erases what a run
@@ -23,11 +24,14 @@ import numpy as np
 import pandas as pd
 
 from retention.domain.durations import local_naive_to_utc, timestamp_local_naive, to_local_naive
+from retention.domain.holds import Holds, in_force
 from retention.domain.policy import Policy, Rule
 from retention.domain.records import RECORD_TYPES
+from retention.domain.statuses import Action
 
-PLAN_COLUMNS = ["system", "record_type", "record_id", "rule_id", "clock", "deadline", "hold", "action"]
-HOLD_COLUMNS = ["record_type", "record_id", "reason", "expires_at"]
+# ``blocks``: the id of the record that may only be erased once this one is gone (the schema's
+# ``blocks``: a ticket's requester); <NA> for record types that block nothing.
+PLAN_COLUMNS = ["system", "record_type", "record_id", "rule_id", "clock", "deadline", "hold", "action", "blocks"]
 
 
 def empty_plan() -> pd.DataFrame:
@@ -41,13 +45,8 @@ def empty_plan() -> pd.DataFrame:
             "deadline": pd.Series(dtype="datetime64[us, UTC]"),
             "hold": pd.Series(dtype="string"),
             "action": pd.Series(dtype="string"),
+            "blocks": pd.Series(dtype="string"),
         }
-    )
-
-
-def empty_holds() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype="string") for c in HOLD_COLUMNS[:3]}).assign(
-        expires_at=pd.Series(dtype="datetime64[us, UTC]")
     )
 
 
@@ -68,7 +67,7 @@ def protected_mask(frame: pd.DataFrame, record_type: str, policy: Policy) -> np.
     return mask
 
 
-def _when_mask(frame: pd.DataFrame, rule: Rule) -> np.ndarray:
+def when_mask(frame: pd.DataFrame, rule: Rule) -> np.ndarray:
     mask = np.ones(len(frame), dtype=bool)
     for column, values in rule.when.items():
         mask &= _isin(frame[column], values)
@@ -109,20 +108,11 @@ class RuleOutcome:
 
 
 def evaluate_rule(frame: pd.DataFrame, rule: Rule, as_of_local: pd.Timestamp, tz: str) -> RuleOutcome:
-    applies = _when_mask(frame, rule)
+    applies = when_mask(frame, rule)
     clock = _clock(frame, rule)
     deadline = _deadline(clock, frame, rule, tz)
     due = applies & deadline.notna().to_numpy() & (deadline <= as_of_local).fillna(False).to_numpy(dtype=bool)
     return RuleOutcome(applies, clock, deadline, due)
-
-
-def active_holds(holds: pd.DataFrame | None, as_of: datetime) -> pd.DataFrame:
-    """Manual holds still in force at ``as_of`` (no expiry, or expiring after it)."""
-    if holds is None or holds.empty:
-        return empty_holds()
-    expires = pd.to_datetime(holds["expires_at"], utc=True)
-    live = expires.isna() | (expires > pd.Timestamp(as_of))
-    return holds.loc[live.to_numpy()]
 
 
 def plan_record_type(
@@ -132,19 +122,22 @@ def plan_record_type(
     as_of: datetime,
     holds: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Plan one record type. ``frame`` must already be free of quarantined rows."""
+    """Plan one record type. ``frame`` must already be free of quarantined rows. ``holds``: the
+    system's own hold list by record id (planning applies every hold list through ``Holds``)."""
     rules = policy.rules_for(record_type)
     if frame.empty or not rules:
         return empty_plan()
     tz = policy.timezone
     as_of_local = timestamp_local_naive(as_of, tz)
     eligible = ~protected_mask(frame, record_type, policy)
+    rt = RECORD_TYPES[record_type]
+    blocks = rt.blocks[0] if rt.blocks and rt.blocks[0] in frame else None
     pieces = []
     for rule in rules:
         # Judge only the records the rule applies to: cheaper, and the clock of a record a rule
         # does not cover (an unconfirmed signup of a subscriber, say) never matters. Only the
         # columns the clock needs are taken row by row; record ids only for the records due.
-        rows = np.flatnonzero(_when_mask(frame, rule) & eligible)
+        rows = np.flatnonzero(when_mask(frame, rule) & eligible)
         if not len(rows):
             continue
         needed = [c for c in (*rule.clocks, "opted_out") if c in frame]
@@ -154,16 +147,15 @@ def plan_record_type(
         due = (deadline_local.notna() & (deadline_local <= as_of_local)).fillna(False).to_numpy(dtype=bool)
         if not due.any():
             continue
-        pieces.append(
-            pd.DataFrame(
-                {
-                    "record_id": frame["record_id"].iloc[rows[due]].reset_index(drop=True),
-                    "rule_id": rule.id,
-                    "clock": clock[due].reset_index(drop=True),
-                    "deadline": local_naive_to_utc(deadline_local[due], tz).reset_index(drop=True),
-                }
-            )
-        )
+        piece = {
+            "record_id": frame["record_id"].iloc[rows[due]].reset_index(drop=True),
+            "rule_id": rule.id,
+            "clock": clock[due].reset_index(drop=True),
+            "deadline": local_naive_to_utc(deadline_local[due], tz).reset_index(drop=True),
+        }
+        if blocks:
+            piece["blocks"] = frame[blocks].iloc[rows[due]].astype("string").reset_index(drop=True)
+        pieces.append(pd.DataFrame(piece))
     if not pieces:
         return empty_plan()
     plan = pd.concat(pieces, ignore_index=True)
@@ -175,24 +167,18 @@ def plan_record_type(
     plan["record_type"] = record_type
     plan["clock"] = pd.to_datetime(plan["clock"], utc=True)
     plan["deadline"] = pd.to_datetime(plan["deadline"], utc=True)
-    plan["action"] = "erase"
+    plan["action"] = str(Action.ERASE)
     plan["hold"] = pd.Series(pd.NA, index=plan.index, dtype="string")
-
-    if record_type == "crm_contact" and "has_invoice" in frame:
-        with_invoice = frame.loc[frame["has_invoice"].fillna(False).to_numpy(dtype=bool), "record_id"].astype("string")
-        minimise = plan["record_id"].isin(with_invoice).to_numpy()
-        plan.loc[minimise, "action"] = "minimise"
-        plan.loc[minimise, "hold"] = "bookkeeping"
-
-    live = active_holds(holds, as_of)
-    if not live.empty:
-        mine = live[live["record_type"] == record_type]
-        if not mine.empty:
-            reasons = mine.assign(record_id=mine["record_id"].astype("string")).drop_duplicates("record_id")
-            reasons = reasons.set_index("record_id")["reason"].astype("string")
-            held = plan["record_id"].isin(reasons.index).to_numpy()
-            plan.loc[held, "action"] = "hold"
-            plan.loc[held, "hold"] = plan.loc[held, "record_id"].map(reasons).fillna("manual hold")
+    if not blocks:
+        plan["blocks"] = pd.Series(pd.NA, index=plan.index, dtype="string")
+    if rt.minimise_when is not None and rt.minimise_when[0] in frame:
+        flag, hold = rt.minimise_when
+        flagged = frame.loc[frame[flag].fillna(False).to_numpy(dtype=bool), "record_id"].astype("string")
+        minimise = plan["record_id"].isin(flagged).to_numpy()
+        plan.loc[minimise, "action"] = str(Action.MINIMISE)
+        plan.loc[minimise, "hold"] = hold
+    if holds is not None:
+        plan = Holds.at(as_of, source=holds).apply(plan)
     plan["hold"] = plan["hold"].astype("string")
     return plan[PLAN_COLUMNS].reset_index(drop=True)
 
@@ -251,10 +237,12 @@ def explain_record(
         )
     result["rules"] = verdicts
     plan = plan_record_type(row, record_type, policy, as_of, holds)
-    live = active_holds(holds, as_of)
-    result["holds"] = live[(live["record_type"] == record_type) & (live["record_id"].astype("string") == str(record_id))][
-        "reason"
-    ].tolist()
+    live = in_force(holds, as_of)
+    result["holds"] = (
+        live[(live["record_type"] == record_type) & (live["record_id"].astype("string") == str(record_id))]["reason"].tolist()
+        if holds is not None
+        else []
+    )
     if plan.empty:
         result["decision"] = "protected: active relationship" if result["protected"] else "not planned: no rule is due"
     else:

@@ -6,7 +6,7 @@ in-memory extract under two policies) cannot drift apart. Pure: frames and polic
 nothing is read from or written to any system, staging area or ledger.
 
 Record types are planned in the system's order (``records.record_types_of``): ticket
-requesters are judged after their tickets, because ``systems.derive_frame`` completes a
+requesters are judged after their tickets, because ``derive.derive_frame`` completes a
 requester frame from the tickets planned before it.
 """
 
@@ -19,14 +19,15 @@ from datetime import datetime
 
 import pandas as pd
 
-from retention.domain.engine import active_holds, empty_holds, empty_plan, plan_record_type
+from retention.domain.derive import derive_frame
+from retention.domain.engine import empty_plan, plan_record_type
+from retention.domain.holds import Holds
 from retention.domain.policy import Policy
 from retention.domain.pseudonyms import Pseudonymizer
 from retention.domain.quarantine import split_quarantine
-from retention.domain.records import record_types_of
-from retention.systems import derive_frame
+from retention.domain.records import SOURCE_HOLDS, record_types_of
+from retention.domain.statuses import DESTRUCTIVE
 
-DESTRUCTIVE = ("erase", "minimise")
 _SO_FAR = ["record_type", "record_id", "action", "deadline"]
 
 
@@ -56,31 +57,6 @@ class SystemPlan:
         return {"planned": self.planned_counts(), "quarantined": self.quarantine_counts, "clean": self.clean_counts}
 
 
-def live_key_holds(holds: pd.DataFrame | None, as_of: datetime) -> pd.DataFrame:
-    """Manual holds stored by pseudonym (the ledger's ``legal_hold``) still in force at ``as_of``."""
-    if holds is None or holds.empty:
-        return pd.DataFrame({c: pd.Series(dtype="string") for c in ("record_type", "record_key", "reason")})
-    frame = holds.rename(columns={"record_key": "record_id"})
-    if "expires_at" not in frame:
-        frame = frame.assign(expires_at=pd.NaT)
-    return active_holds(frame, as_of).rename(columns={"record_id": "record_key"})
-
-
-def apply_key_holds(plan: pd.DataFrame, holds: pd.DataFrame) -> pd.DataFrame:
-    """Turn planned records whose (record_type, record_key) is on ``holds`` into action ``hold``."""
-    if plan.empty or holds.empty:
-        return plan
-    reasons = holds.drop_duplicates(["record_type", "record_key"]).set_index(["record_type", "record_key"])["reason"]
-    idx = pd.MultiIndex.from_frame(plan[["record_type", "record_key"]].astype(object))
-    held = idx.isin(reasons.index)
-    if held.any():
-        plan = plan.copy()
-        plan.loc[held, "action"] = "hold"
-        plan.loc[held, "hold"] = [str(reasons[k]) for k in idx[held]]
-        plan["hold"] = plan["hold"].astype("string")
-    return plan
-
-
 def plan_system(
     system: str,
     frames: Mapping[str, pd.DataFrame],
@@ -89,26 +65,25 @@ def plan_system(
     *,
     now: datetime,
     source_holds: pd.DataFrame | None = None,
-    ledger_holds: pd.DataFrame | None = None,
+    ledger_holds: pd.DataFrame | list | None = None,
     pseudonymizer: Pseudonymizer | None = None,
 ) -> SystemPlan:
     """Plan ``system`` from its extracted ``frames`` (record type -> frame, as the adapter wrote them).
 
     ``now`` is when the extract was made (records dated after it are quarantined).
     ``source_holds``: the system's own hold list by record id (default: ``frames["legal_hold"]``,
-    the CRM's table). ``ledger_holds``: manual holds by pseudonym (``Ledger.holds()`` as a
-    frame); they need ``pseudonymizer``. Both are filtered to the holds live at ``as_of``, and
-    both are applied per record type before later types are derived, so a held ticket still
-    counts as remaining when its requester is judged.
+    the CRM's table). ``ledger_holds``: manual holds by pseudonym (``Ledger.holds()``); they
+    need ``pseudonymizer``. The holds in force at ``as_of`` are applied per record type before
+    later types are derived, so a held ticket still counts as remaining when its requester is
+    judged.
     """
     as_of_ts = pd.Timestamp(as_of)
     as_of_ts = as_of_ts.tz_localize("UTC") if as_of_ts.tzinfo is None else as_of_ts.tz_convert("UTC")
     now_ts = pd.Timestamp(now)
     if source_holds is None:
-        source_holds = frames.get("legal_hold")
-    source_holds = active_holds(source_holds, as_of_ts) if source_holds is not None else empty_holds()
-    key_holds = live_key_holds(ledger_holds, as_of_ts)
-    if len(key_holds) and pseudonymizer is None:
+        source_holds = frames.get(SOURCE_HOLDS)
+    holds = Holds.at(as_of_ts, source=source_holds, ledger=ledger_holds)
+    if holds.by_key and pseudonymizer is None:
         raise ValueError("holds by pseudonym need a pseudonymizer")
 
     plans: list[pd.DataFrame] = []
@@ -127,11 +102,11 @@ def plan_system(
         result.clean[record_type] = clean
         result.clean_counts[record_type] = len(clean)
         quarantined_at = time.perf_counter()
-        p = plan_record_type(clean, record_type, policy, as_of_ts, source_holds)
+        p = plan_record_type(clean, record_type, policy, as_of_ts)
         ruled_at = time.perf_counter()
         if pseudonymizer is not None:
             p["record_key"] = pseudonymizer.column(p["record_type"], p["record_id"])
-            p = apply_key_holds(p, key_holds[key_holds["record_type"] == record_type])
+        p = holds.apply(p)
         for phase, took in (
             ("quarantine", quarantined_at - started),
             ("rules", ruled_at - quarantined_at),

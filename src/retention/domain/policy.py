@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from retention.domain.durations import Duration
 from retention.domain.records import RECORD_TYPES
 
+
 class PolicyError(ValueError):
     """The policy file is unusable. The message names the file, the rule and the field."""
 

@@ -2,7 +2,8 @@
 
 A record is quarantined when it has no key, shares its key with another record, lacks a
 column its record type needs, has no usable clock for a rule that applies to it, records a
-past event at a time after the extract, or (newsletter) has no e-mail address. Quarantine is
+past event at a time after the extract, or lacks a flag its record type needs set (a newsletter
+member without an e-mail address). Quarantine is
 the safe side: a record that cannot be judged is left alone and reported.
 """
 
@@ -15,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retention.domain.engine import _when_mask
+from retention.domain.engine import when_mask
 from retention.domain.keys import duplicated
 from retention.domain.policy import Policy
 from retention.domain.records import RECORD_TYPES
@@ -51,8 +52,9 @@ def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, no
     mark(duplicated(key), "duplicate key")
     for col in rt.required:
         mark(frame[col].isna().to_numpy(), f"missing or invalid {col}")
-    if "has_email" in frame and record_type == "newsletter_member":
-        mark(~frame["has_email"].fillna(False).to_numpy(dtype=bool), "no e-mail address")
+    for col, why in rt.must_be_true.items():
+        if col in frame:
+            mark(~frame[col].fillna(False).to_numpy(dtype=bool), why)
     limit = pd.Timestamp(now) + FUTURE_TOLERANCE
     for col in rt.past_only:
         if col in frame:
@@ -62,7 +64,7 @@ def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, no
     judged = np.zeros(len(frame), dtype=bool)
     rules = policy.rules_for(record_type)
     for rule in rules:
-        applies = _when_mask(frame, rule)
+        applies = when_mask(frame, rule)
         has_clock = np.zeros(len(frame), dtype=bool)
         for col in rule.clocks:
             has_clock |= frame[col].notna().to_numpy()

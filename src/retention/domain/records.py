@@ -1,28 +1,64 @@
-"""The record types the policy can name, per system, and what a valid record of each looks like.
+"""The record types the policy can name: one schema each, used by every path.
 
-Connectors deliver one data frame per record type with a ``record_id`` column and the columns
-listed here (clocks as tz-aware UTC timestamps). Nothing here holds names or addresses: the
-frames carry only what the rules need.
+A record type says which system holds it, its columns and their types (the frame an adapter
+delivers, conformed by :func:`conform`), which columns are clocks, which must be present,
+which values protect a record whatever the policy says, and how it depends on other records.
+Adapters build frames to this schema, the engine judges them, validation checks them, and a
+replay reads their own clocks from it. Nothing here holds names or addresses: the frames
+carry only what the rules need. (No heavy imports: DAG files read ``SYSTEMS`` at parse time.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+SYSTEMS = ("newsletter", "crm", "ticketing")
+
+# Column types, by what they hold. Keys and references are text: ids differ per system
+# (subscriber hashes, integers) and are only ever compared, never computed with.
+KEY = "string"
+TEXT = "string"
+FLAG = "bool"
+TIME = "datetime64[us, UTC]"
+COUNT = "int64"
+
+# The CRM's own list of manual holds (by record id) is extracted beside its records.
+SOURCE_HOLDS = "legal_hold"
+SOURCE_HOLD_COLUMNS = {"record_type": TEXT, "record_id": KEY, "reason": TEXT, "expires_at": TIME}
+
 
 @dataclass(frozen=True)
 class RecordType:
     name: str
     system: str
-    columns: tuple[str, ...]
+    # Column -> type, besides record_id (always KEY). Clocks are TIME, in UTC.
+    columns: dict[str, str]
     clocks: tuple[str, ...]
     # Clocks that record something that already happened: a value after the extract time is
     # malformed data, not a future deadline.
     past_only: tuple[str, ...] = ()
     # Columns a record must have (not null) to be judged at all.
     required: tuple[str, ...] = ()
+    # Flags a record must have set to be judged at all: column -> quarantine reason.
+    must_be_true: dict[str, str] = field(default_factory=dict)
     # Hard protections, enforced in code whatever the policy file says: column -> values.
-    protected: dict = field(default_factory=dict)
+    protected: dict[str, tuple] = field(default_factory=dict)
+    # A due record with this flag set is minimised instead of erased, under this legal hold:
+    # (flag column, hold). A contact with invoices under the bookkeeping period goes, the
+    # invoices keep what bookkeeping law needs.
+    minimise_when: tuple[str, str] | None = None
+    # The record whose id is in this column can only be erased once this one is gone:
+    # (column, record type). A requester goes after the tickets they requested.
+    blocks: tuple[str, str] | None = None
+    # Columns computed by planning from the record types planned before (not extracted).
+    derived: tuple[str, ...] = ()
+    # The clocks a record carries of its own (created, last changed in its system): a copy
+    # restored from a backup has none later than the erasure it survived.
+    own_clocks: tuple[str, ...] = ()
+
+    @property
+    def extracted_columns(self) -> dict[str, str]:
+        return {c: t for c, t in self.columns.items() if c not in self.derived}
 
 
 RECORD_TYPES: dict[str, RecordType] = {
@@ -31,61 +67,90 @@ RECORD_TYPES: dict[str, RecordType] = {
         RecordType(
             "newsletter_member",
             "newsletter",
-            columns=("status", "last_changed", "timestamp_signup", "has_email"),
+            columns={"status": TEXT, "last_changed": TIME, "timestamp_signup": TIME, "has_email": FLAG},
             clocks=("last_changed", "timestamp_signup"),
             past_only=("last_changed", "timestamp_signup"),
             required=("status", "last_changed"),
+            must_be_true={"has_email": "no e-mail address"},
             protected={"status": ("subscribed", "transactional")},
-        ),
-        RecordType(
-            "crm_contact",
-            "crm",
-            columns=(
-                "kind", "organisation_id", "membership_active", "membership_end", "is_customer",
-                "last_interaction_at", "opted_out", "has_email", "created_at", "has_invoice",
-            ),
-            clocks=("membership_end", "last_interaction_at", "created_at"),
-            past_only=("last_interaction_at", "created_at"),
-            required=("kind",),
-            protected={"membership_active": (True,)},
+            own_clocks=("last_changed", "timestamp_signup"),
         ),
         RecordType(
             "crm_event_participation",
             "crm",
-            columns=("contact_id", "event_date", "membership_active", "membership_end", "is_customer", "opted_out"),
+            columns={
+                "contact_id": KEY, "event_date": TIME, "membership_active": FLAG, "membership_end": TIME,
+                "is_customer": FLAG, "opted_out": FLAG,
+            },
             clocks=("event_date", "membership_end"),
             required=("event_date",),
             protected={"membership_active": (True,)},
-        ),
-        RecordType("crm_course_registration", "crm", columns=("contact_id", "course_end"), clocks=("course_end",), required=("course_end",)),
-        RecordType(
-            "crm_survey_response", "crm", columns=("contact_id", "survey_closed_at"), clocks=("survey_closed_at",), required=("survey_closed_at",)
+            own_clocks=("event_date",),
         ),
         RecordType(
-            "crm_invoice", "crm", columns=("contact_id", "financial_year_end"), clocks=("financial_year_end",), required=("financial_year_end",)
+            "crm_course_registration", "crm", columns={"contact_id": KEY, "course_end": TIME}, clocks=("course_end",),
+            required=("course_end",), own_clocks=("course_end",),
+        ),
+        RecordType(
+            "crm_survey_response", "crm", columns={"contact_id": KEY, "survey_closed_at": TIME}, clocks=("survey_closed_at",),
+            required=("survey_closed_at",), own_clocks=("survey_closed_at",),
+        ),
+        RecordType(
+            "crm_invoice", "crm", columns={"contact_id": KEY, "financial_year_end": TIME}, clocks=("financial_year_end",),
+            required=("financial_year_end",), own_clocks=("financial_year_end",),
+        ),
+        RecordType(
+            "crm_contact",
+            "crm",
+            columns={
+                "kind": TEXT, "organisation_id": KEY, "membership_active": FLAG, "membership_end": TIME, "is_customer": FLAG,
+                "last_interaction_at": TIME, "opted_out": FLAG, "has_email": FLAG, "created_at": TIME, "has_invoice": FLAG,
+            },
+            clocks=("membership_end", "last_interaction_at", "created_at"),
+            past_only=("last_interaction_at", "created_at"),
+            required=("kind",),
+            protected={"membership_active": (True,)},
+            minimise_when=("has_invoice", "bookkeeping"),
+            own_clocks=("created_at", "last_interaction_at"),
         ),
         RecordType(
             "support_ticket",
             "ticketing",
-            columns=("status", "requester_id", "solved_at", "created_at", "updated_at"),
+            columns={"status": TEXT, "requester_id": KEY, "solved_at": TIME, "created_at": TIME, "updated_at": TIME},
             clocks=("solved_at", "created_at", "updated_at"),
             past_only=("solved_at", "created_at"),
             required=("status",),
             protected={"status": ("new", "open", "pending", "hold")},
+            blocks=("requester_id", "ticket_user"),
+            own_clocks=("created_at", "updated_at", "solved_at"),
         ),
         RecordType(
             "ticket_user",
             "ticketing",
-            columns=("role", "tickets_remaining", "last_ticket_gone_at", "created_at", "updated_at"),
+            columns={
+                "role": TEXT, "created_at": TIME, "updated_at": TIME, "tickets_remaining": COUNT, "last_ticket_gone_at": TIME,
+            },
             clocks=("last_ticket_gone_at", "created_at", "updated_at"),
             required=("role",),
             protected={"role": ("agent", "admin")},
+            derived=("tickets_remaining", "last_ticket_gone_at"),
+            own_clocks=("created_at", "updated_at"),
         ),
     )
 }
 
-SYSTEMS = ("newsletter", "crm", "ticketing")
-
 
 def record_types_of(system: str) -> list[str]:
+    """The system's record types in planning and erasure order: children before the records
+    they belong to, tickets before their requesters."""
     return [name for name, rt in RECORD_TYPES.items() if rt.system == system]
+
+
+def protected_values(record_type: str, column: str) -> tuple:
+    """The values of ``column`` that protect a record of ``record_type`` in code."""
+    return RECORD_TYPES[record_type].protected.get(column, ())
+
+
+def blocked_by(record_type: str) -> list[tuple[str, str]]:
+    """(record type, column) of the records that must be gone before one of ``record_type`` goes."""
+    return [(rt.name, rt.blocks[0]) for rt in RECORD_TYPES.values() if rt.blocks and rt.blocks[1] == record_type]

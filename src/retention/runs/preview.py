@@ -23,7 +23,6 @@ configuration is incomplete; nothing is extracted then.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,9 +39,11 @@ from pathlib import Path
 import pandas as pd
 
 from retention import config
-from retention.domain.planning import DESTRUCTIVE, SystemPlan, plan_system
+from retention.domain.planning import SystemPlan, plan_system
 from retention.domain.policy import Policy, PolicyError, parse_policy
 from retention.domain.records import SYSTEMS
+from retention.domain.statuses import DESTRUCTIVE
+from retention.runs.context import extract_in_memory
 
 log = logging.getLogger("retention")
 
@@ -174,34 +174,22 @@ def load_policies(old_spec: str, new_spec: str, repo: str | Path | None = None) 
 # --- one system ------------------------------------------------------------------------------
 
 
-def collect(adapter, now: datetime) -> dict[str, pd.DataFrame]:
-    """The adapter's whole extract, in memory (nothing staged on disk)."""
-    parts: dict[str, list[pd.DataFrame]] = {rt: [] for rt in getattr(adapter, "record_types", ())}
-    adapter.extract(lambda rt, frame: parts.setdefault(rt, []).append(frame), now)
-    return {rt: pd.concat(frames, ignore_index=True) for rt, frames in parts.items() if frames}
-
-
-def read_ledger_holds() -> pd.DataFrame:
-    """The manual holds of the ledger, read only: no ledger file or table is created."""
+def read_ledger_holds() -> list[dict]:
+    """The ledger's manual holds in force, read only: no ledger file or table is created."""
     import sqlalchemy as sa
 
-    from retention.store.ledger import legal_hold
+    from retention.store.ledger import read_holds
 
-    empty = pd.DataFrame(columns=["record_type", "record_key", "reason", "expires_at"])
     url = config.ledger_url()
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///").split("?")[0]
         if path and not Path(path).exists():
-            return empty
+            return []
     engine = sa.create_engine(url)
     try:
-        if not sa.inspect(engine).has_table(legal_hold.name):
-            return empty
-        with engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(sa.select(legal_hold)).mappings()]
+        return read_holds(engine)
     finally:
         engine.dispose()
-    return pd.DataFrame(rows, columns=list(empty.columns)) if rows else empty
 
 
 def _groups(frame: pd.DataFrame, by: list[str], names: dict[str, str]) -> list[dict]:
@@ -254,7 +242,7 @@ def preview_frames(
     *,
     now: datetime,
     pseudonymizer,
-    ledger_holds: pd.DataFrame | None = None,
+    ledger_holds: list | None = None,
 ) -> dict:
     """Plan one system's extract under both policies and compare. Pure."""
     plans = {
@@ -283,7 +271,7 @@ def preview_system(system: str, adapter, old: Policy, new: Policy, as_of: dateti
     """Extract ``system`` once through ``adapter`` (read only) and compare the two policies' plans."""
     started = time.monotonic()
     now = datetime.now(UTC)
-    frames = collect(adapter, now)
+    frames = extract_in_memory(adapter, now)
     result = preview_frames(system, frames, old, new, as_of, now=now, pseudonymizer=pseudonymizer, ledger_holds=ledger_holds)
     result["seconds"] = round(time.monotonic() - started, 2)
     log.info(
@@ -297,7 +285,7 @@ def run_system(system: str, old: Policy, new: Policy, as_of: datetime, adapter_f
     from retention.domain.pseudonyms import Pseudonymizer
 
     if adapter_factory is None:
-        from retention.systems import build_adapter as adapter_factory
+        from retention.systems import adapter_for as adapter_factory
     pseudonymizer = Pseudonymizer(config.pseudonym_key())
     holds = read_ledger_holds()
     try:
@@ -519,38 +507,3 @@ def finish(preview_id: str, systems: Iterable[str], show_keys: int = 0) -> dict:
         # The working files (policy copies, per-system parts) go whatever happened: a failed
         # preview is started afresh, not resumed.
         shutil.rmtree(work, ignore_errors=True)
-
-
-# --- command --------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m retention.runs.preview", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    old = parser.add_mutually_exclusive_group(required=True)
-    old.add_argument("--old", help="the current policy: a file, or REV:PATH (git)")
-    old.add_argument("--old-rev", metavar="REV", help="the new policy's file (or the project's policy) as of git revision REV")
-    parser.add_argument("--new", help="the proposed policy: a file, or REV:PATH (default: the configured policy file)")
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
-    parser.add_argument("--as-of", help="ISO 8601 time both policies are evaluated at (default: now; UTC if no offset)")
-    parser.add_argument("--repo", help="git repository for REV:PATH (default: RETENTION_POLICY_REPO, else the project)")
-    parser.add_argument("--show-keys", type=int, default=0, metavar="N", help="print up to N pseudonymous keys per row")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    new_spec = args.new or str(config.policy_file())
-    old_spec = args.old or old_rev_spec(args.old_rev, new_spec, args.repo)
-    try:
-        summary = run_preview(
-            old_spec, new_spec, systems=args.systems, as_of=args.as_of, repo=args.repo, show_keys=max(0, args.show_keys),
-        )
-    except (PolicyError, PreviewError, config.ConfigError) as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    print(Path(summary["text"]).read_text())
-    print(f"\nwritten: {summary['json']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

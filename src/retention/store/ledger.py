@@ -6,6 +6,9 @@ and commits; after the source system answers it completes each entry (``erased``
 resumed by the task's retry: completed entries are skipped, ``planned`` ones are tried again
 (erasure is idempotent, so a record that did go counts as ``already_gone``). Nothing in the
 ledger identifies a person without the pseudonym key.
+
+The schema is kept by Alembic revisions in ``store/migrations`` (not by ``create_all``): opening
+a ``Ledger`` brings its database to the newest revision.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from retention.store import migrations
+
+# The current schema. Databases get it through the migrations (store/migrations/versions),
+# never through metadata.create_all: a change here needs a revision there too.
 metadata = sa.MetaData()
 
 STATUSES = ("planned", "erased", "already_gone", "failed", "held", "deferred")
@@ -76,6 +83,16 @@ legal_hold = sa.Table(
     sa.Index("ix_hold_key", "record_type", "record_key"),
 )
 
+# A hold lifted by a person (``retention hold remove``), at most once; the hold's own row stays
+# as it was. Holds with a lift are no longer in force.
+legal_hold_lift = sa.Table(
+    "legal_hold_lift",
+    metadata,
+    sa.Column("hold_id", sa.Integer, sa.ForeignKey("legal_hold.id", name="fk_hold_lift_hold"), primary_key=True),
+    sa.Column("lifted_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reason", sa.String(200), nullable=False),
+)
+
 
 # One run at a time per system, across the nightly schedule, backfills and manual runs (Airflow
 # counts backfill runs apart from the DAG's max_active_runs). Held from extract to verify, so a
@@ -91,6 +108,13 @@ system_lock = sa.Table(
 
 class LockTimeout(RuntimeError):
     pass
+
+
+class HoldError(ValueError):
+    """A manual hold cannot be lifted as asked (no such hold, already lifted, no reason)."""
+
+
+SchemaError = migrations.SchemaError
 
 
 def utcnow() -> datetime:
@@ -142,7 +166,9 @@ class Ledger:
         else:
             kwargs = {"connect_args": {"timeout": 60}} if str(url_or_engine).startswith("sqlite") else {}
             self.engine = sa.create_engine(url_or_engine, **kwargs)
-        metadata.create_all(self.engine)
+        # To the newest schema revision: one query when it is there already; otherwise once,
+        # under a lock, however many tasks open the ledger at the same moment.
+        migrations.upgrade_to_head(self.engine)
         # Bulk paths on PostgreSQL through psycopg2: COPY for new entries, arrays for keys.
         self._postgres = self.engine.dialect.name == "postgresql" and self.engine.dialect.driver == "psycopg2"
 
@@ -322,6 +348,59 @@ class Ledger:
                 )
             )
 
-    def holds(self) -> list[dict]:
+    def holds(self, include_lifted: bool = False) -> list[dict]:
+        """The manual holds in force (not lifted; expiry is the caller's to judge), each with its
+        ``id``, record_type, record_key, reason, expires_at and created_at. With
+        ``include_lifted``, lifted holds too, and every hold has ``lifted_at`` and
+        ``lifted_reason`` (``None`` while in force)."""
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(sa.select(legal_hold)).mappings()]
+            return [dict(r) for r in conn.execute(_holds_query(include_lifted)).mappings()]
+
+    def lift_hold(self, hold_id: int, reason: str) -> dict:
+        """Lift a manual hold, recording when and why; the hold stops applying to later plans.
+
+        Raises :class:`HoldError` for an empty reason (or one over 200 characters), a hold id
+        that does not exist, or a hold lifted already. Returns the hold as ``holds(True)`` does.
+        """
+        reason = (reason or "").strip()
+        if isinstance(hold_id, bool) or not isinstance(hold_id, int) or not 0 < hold_id < 2**31:
+            raise HoldError(f"no manual hold with id {hold_id}")  # ids are positive 32-bit integers
+        if not reason:
+            raise HoldError("a reason is required to lift a hold")
+        if len(reason) > 200:
+            raise HoldError(f"the reason is {len(reason)} characters long; at most 200")
+        try:
+            with self.engine.begin() as conn:
+                hold = conn.execute(_holds_query(True).where(legal_hold.c.id == hold_id)).mappings().first()
+                if hold is None:
+                    raise HoldError(f"no manual hold with id {hold_id}")
+                if hold["lifted_at"] is not None:
+                    raise HoldError(f"hold {hold_id} was lifted already, at {hold['lifted_at']:%Y-%m-%d %H:%M}: {hold['lifted_reason']}")
+                lifted_at = utcnow()
+                conn.execute(legal_hold_lift.insert().values(hold_id=hold_id, lifted_at=lifted_at, reason=reason))
+        except sa.exc.IntegrityError:  # lifted at the same moment by someone else
+            raise HoldError(f"hold {hold_id} was lifted already") from None
+        return {**hold, "lifted_at": lifted_at, "lifted_reason": reason}
+
+
+def _holds_query(include_lifted: bool) -> sa.Select:
+    if not include_lifted:
+        lifted = sa.exists().where(legal_hold_lift.c.hold_id == legal_hold.c.id)
+        return sa.select(legal_hold).where(~lifted).order_by(legal_hold.c.id)
+    return (
+        sa.select(legal_hold, legal_hold_lift.c.lifted_at, legal_hold_lift.c.reason.label("lifted_reason"))
+        .select_from(legal_hold.outerjoin(legal_hold_lift, legal_hold_lift.c.hold_id == legal_hold.c.id))
+        .order_by(legal_hold.c.id)
+    )
+
+
+def read_holds(engine: sa.Engine) -> list[dict]:
+    """The manual holds in force, read only: for readers that must not create or migrate the
+    ledger (policy preview). A ledger without holds yet gives ``[]``; one from before lifts
+    existed (revision 0003) gives every hold."""
+    inspector = sa.inspect(engine)
+    if not inspector.has_table(legal_hold.name):
+        return []
+    query = _holds_query(False) if inspector.has_table(legal_hold_lift.name) else sa.select(legal_hold).order_by(legal_hold.c.id)
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]

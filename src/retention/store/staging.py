@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retention.config import staging_root
+from retention.domain.conform import conform
 
 # Staging files live for one run: write them fast rather than small. Dictionary encoding is
 # wasted on columns of unique keys, which most of these columns are.
@@ -101,6 +102,8 @@ class ExtractWriter:
         self.counts: dict[str, int] = {}
 
     def write(self, record_type: str, frame: pd.DataFrame) -> None:
+        """Stage a frame of ``record_type``, conformed to the domain's schema for it."""
+        frame = conform(record_type, frame)
         self.counts[record_type] = self.counts.get(record_type, 0) + len(frame)
         self.buffers.setdefault(record_type, []).append(frame)
         self.buffered[record_type] = self.buffered.get(record_type, 0) + len(frame)

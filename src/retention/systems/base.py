@@ -1,33 +1,46 @@
-"""The small interface every source system implements for the pipeline."""
+"""The port every source system sits behind, and the registry that builds an adapter.
+
+Runs reach a system only through a ``SourceSystem``: they never call a hook or a client. An
+adapter speaks its system's API through its client and delivers frames in the domain's record
+schema (``retention.domain.records``); it makes no rule decision of its own.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Protocol
 
 import pandas as pd
 
-Write = Callable[[str, pd.DataFrame], None]
+from retention.domain.records import SYSTEMS
+from retention.domain.statuses import Status
 
-# What an erasure of one record can come to. "deferred": the system says not yet (a Zendesk
-# user still requester of an open ticket); the next run tries again.
-OUTCOMES = ("erased", "already_gone", "failed", "deferred")
+Write = Callable[[str, pd.DataFrame], None]
+Outcome = tuple[str, Status]
 
 
 class SourceSystem(Protocol):
     system: str
-    # Planning and erasure order: children before parents, tickets before their requesters.
+    # Erasure order: children before the records they belong to, tickets before requesters
+    # (the domain's order: ``records.record_types_of(system)``).
     record_types: tuple[str, ...]
     # How many records one erase() call should get (the provider's batch size); an adapter may
     # also have ``erase_batches``, a mapping record type -> size that overrides it per type.
     erase_batch: int
 
     def extract(self, write: Write, now: datetime) -> None:
-        """Stream every record of every record type to ``write`` in frames (record_id + columns)."""
+        """Stream every record of every record type to ``write`` in frames of the domain's schema."""
 
-    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> dict[str, str]:
-        """Erase (or minimise) the records; one outcome per id from OUTCOMES. Idempotent."""
+    def find_person(self, email: str) -> dict[str, pd.DataFrame]:
+        """Every record of the person with this (normalised) address, by record type, in the
+        domain's schema, plus the system's own hold list under ``"legal_hold"`` where it has one.
+        The address is used for the look-up only: never logged, never in a frame."""
+
+    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> Iterator[Outcome]:
+        """Erase (or minimise) the records, yielding ``(record_id, Status)`` as each outcome is
+        known: erased, already_gone (success), held (a hold the system itself keeps), deferred
+        (the system says not yet) or failed. Idempotent."""
 
     def still_present(self, record_type: str, record_ids: Sequence[str]) -> set[str]:
         """Which of these ids the system still holds (for verification)."""
@@ -40,7 +53,53 @@ def batch_size(adapter: SourceSystem, record_type: str) -> int:
     return getattr(adapter, "erase_batches", {}).get(record_type, adapter.erase_batch)
 
 
-def derive_frame(adapter: SourceSystem, record_type: str, frame: pd.DataFrame, plan_so_far: pd.DataFrame) -> pd.DataFrame:
-    """Let an adapter complete a frame from the plan of the record types before it."""
-    hook = getattr(adapter, "derive_frame", None)
-    return hook(record_type, frame, plan_so_far) if hook else frame
+def adapter_for(system: str) -> SourceSystem:
+    """The adapter for a system, built from its Airflow Connection (task run time only)."""
+    if system == "newsletter":
+        from retention.systems.newsletter.adapter import NewsletterAdapter
+        from retention.systems.newsletter.hook import MailchimpHook
+
+        hook = MailchimpHook()
+        return NewsletterAdapter(hook.get_conn(), hook.list_id)
+    if system == "crm":
+        from retention.systems.crm.adapter import CrmAdapter
+        from retention.systems.crm.hook import CrmHook
+
+        return CrmAdapter(CrmHook().get_conn())
+    if system == "ticketing":
+        from retention.systems.ticketing.adapter import TicketingAdapter
+        from retention.systems.ticketing.hook import ZendeskHook
+
+        return TicketingAdapter(ZendeskHook().get_conn())
+    raise ValueError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
+
+
+_END = object()
+
+
+def outcomes_as_they_arrive(call: Callable[[Callable[[object, str], None]], object], status: Callable[[str], Status]) -> Iterator[Outcome]:
+    """Turn a client call that reports each outcome through a callback (``on_result(id, outcome)``,
+    from any thread) into a stream of ``(record_id, Status)`` read in the caller's thread, so the
+    erasure engine can book each outcome in the ledger as it arrives, not when a call of a
+    hundred thousand records returns. An error of the call is raised after the outcomes before it."""
+    import queue
+    import threading
+
+    arrived: queue.SimpleQueue = queue.SimpleQueue()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call(lambda record_id, outcome: arrived.put((str(record_id), status(outcome))))
+        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+            failure.append(exc)
+        finally:
+            arrived.put(_END)
+
+    worker = threading.Thread(target=run, name="erase-call", daemon=True)
+    worker.start()
+    while (item := arrived.get()) is not _END:
+        yield item
+    worker.join()
+    if failure:
+        raise failure[0]

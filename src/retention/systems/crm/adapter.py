@@ -1,35 +1,45 @@
 """The CRM (a SQL database through SQLAlchemy) as a ``SourceSystem``.
 
-Children are erased before the contacts they belong to; a contact that still has invoices is
-minimised (the person goes, the invoice keeps what bookkeeping law needs). The connector
-checks the manual hold list again inside each erasing transaction, so a hold added after the
-plan was made still stops the erasure.
+Children are erased before the contacts they belong to (the domain's order); a contact planned
+``minimise`` keeps its invoices, detached (the person goes, the invoice keeps what bookkeeping
+law needs). The connector checks the manual hold list again inside each erasing transaction,
+so a hold added after the plan was made still stops the erasure.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
-from retention.systems.crm.client import CrmConnector
+import pandas as pd
+
+from retention.domain.records import SOURCE_HOLDS, record_types_of
+from retention.domain.statuses import Action, Status
 from retention.progress import Progress
+from retention.systems.base import Outcome
+from retention.systems.crm.client import CrmConnector
 
 log = logging.getLogger("retention")
 
-# The connector's outcomes in the pipeline's terms.
+# The connector's outcomes in the ledger's terms.
 _OUTCOMES = {
-    "erased": "erased",
-    "minimised": "erased",
-    "already_gone": "already_gone",
-    "held_legal_hold": "held",
-    "held_invoice": "deferred",  # an invoice appeared after the plan: minimise on the next run
+    "erased": Status.ERASED,
+    "minimised": Status.ERASED,
+    "already_gone": Status.ALREADY_GONE,
+    "held_legal_hold": Status.HELD,
+    "held_invoice": Status.DEFERRED,  # an invoice appeared after the plan: minimise on the next run
 }
+
+
+def _keyed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Ids as the ledger and plans name them (text)."""
+    return frame.assign(**{c: frame[c].astype("string") for c in ("record_id", "contact_id") if c in frame})
 
 
 class CrmAdapter:
     system = "crm"
-    record_types = ("crm_event_participation", "crm_course_registration", "crm_survey_response", "crm_invoice", "crm_contact")
+    record_types = tuple(record_types_of("crm"))
     erase_batch = 50_000
 
     def __init__(self, connector: CrmConnector):
@@ -38,24 +48,37 @@ class CrmAdapter:
     def extract(self, write, now: datetime) -> None:
         for record_type in (*self.record_types, "crm_legal_hold"):
             progress = Progress(log, f"crm: reading {record_type}")
-            target = "legal_hold" if record_type == "crm_legal_hold" else record_type
+            target = SOURCE_HOLDS if record_type == "crm_legal_hold" else record_type
             for frame in self.connector.iter_frames(record_type, now=now):
-                frame = frame.assign(record_id=frame["record_id"].astype("string"))
-                write(target, frame)
+                write(target, frame.assign(record_id=frame["record_id"].astype("string")))
                 progress.add(len(frame))
             progress.finish()
 
-    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> dict[str, str]:
+    def find_person(self, email: str) -> dict[str, pd.DataFrame]:
+        """The contacts with this address and what belongs to them: children and invoices (with
+        their contact), the number of notes per contact (notes go with their contact), and the
+        CRM's hold list."""
+        # A database error must not print the address it was given.
+        self.connector.engine.hide_parameters = True
+        contacts = self.connector.find_contact_ids_by_email(email)
+        owned = {rt: _keyed(f) for rt, f in self.connector.contact_records(contacts).items()}
+        owned["crm_contact"] = pd.DataFrame({"record_id": pd.Series([str(c) for c in contacts], dtype="string")})
+        owned[SOURCE_HOLDS] = self.connector.read_frame("crm_legal_hold")
+        return owned
+
+    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> Iterator[Outcome]:
         ids = [int(i) for i in record_ids]
-        if action == "minimise":
+        if action == Action.MINIMISE:
             if record_type != "crm_contact":
                 raise ValueError(f"only contacts are minimised, not {record_type}")
             result = self.connector.minimise_contacts(ids)
-        elif action == "erase":
+        elif action == Action.ERASE:
             result = self.connector.erase(record_type, ids)
         else:
             raise ValueError(f"unknown action {action!r}")
-        return {str(i): _OUTCOMES.get(result.get(i, "failed"), "failed") for i in ids}
+        # One transaction per call: its outcomes are known (and true) once it has committed.
+        for i in ids:
+            yield str(i), _OUTCOMES.get(result.get(i, "failed"), Status.FAILED)
 
     def still_present(self, record_type: str, record_ids: Sequence[str]) -> set[str]:
         present = set()

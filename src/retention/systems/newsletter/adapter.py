@@ -6,14 +6,21 @@ member has one, and dropped at once: nothing downstream of the extract sees them
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from retention.domain.records import record_types_of
+from retention.domain.statuses import Action, Status
+from retention.progress import Progress
+from retention.systems.base import Outcome, outcomes_as_they_arrive
 from retention.systems.newsletter.client import MailchimpClient
+
+log = logging.getLogger("retention")
 
 MEMBER_FIELDS = ("id", "email_address", "status", "last_changed", "timestamp_signup")
 
@@ -54,9 +61,14 @@ def members_frame(columns: dict[str, list]) -> pd.DataFrame:
     )
 
 
+def _status(outcome: str) -> Status:
+    # The client says "erased", "already_gone" or "failed..." (with the reason after it).
+    return Status(outcome) if outcome in (Status.ERASED, Status.ALREADY_GONE) else Status.FAILED
+
+
 class NewsletterAdapter:
     system = "newsletter"
-    record_types = ("newsletter_member",)
+    record_types = tuple(record_types_of("newsletter"))
     erase_batch = 1000
     chunk_rows = 50_000
 
@@ -66,12 +78,8 @@ class NewsletterAdapter:
         self.log_every = log_every
 
     def extract(self, write, now: datetime) -> None:
-        import logging
-
-        from retention.progress import Progress
-
         total = self.client.total_members(self.list_id)
-        progress = Progress(logging.getLogger("retention"), "newsletter: reading members", total=total)
+        progress = Progress(log, "newsletter: reading members", total=total)
         # Pages are gathered into chunks: building a frame costs about as much for a thousand
         # members as for tens of thousands.
         chunk: dict[str, list] = {f: [] for f in MEMBER_FIELDS}
@@ -86,11 +94,20 @@ class NewsletterAdapter:
             write("newsletter_member", members_frame(chunk))
         progress.finish()
 
-    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> dict[str, str]:
-        if record_type != "newsletter_member" or action != "erase":
+    def find_person(self, email: str) -> dict[str, pd.DataFrame]:
+        """The member with this address (its id is the address's subscriber hash), if any."""
+        member = self.client.get_member(self.list_id, self.client.subscriber_hash(email), fields=MEMBER_FIELDS[:1] + MEMBER_FIELDS[2:])
+        found = [member] if member is not None else []
+        columns = {f: [m.get(f) for m in found] for f in MEMBER_FIELDS}
+        columns["email_address"] = ["@"] * len(found)  # found by its address: it has one
+        return {"newsletter_member": members_frame(columns)}
+
+    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> Iterator[Outcome]:
+        if record_type != "newsletter_member" or action != Action.ERASE:
             raise ValueError(f"newsletter cannot {action} {record_type}")
-        outcomes = self.client.delete_permanent_many(self.list_id, list(record_ids))
-        return {h: ("failed" if o.startswith("failed") else o) for h, o in outcomes.items()}
+        yield from outcomes_as_they_arrive(
+            lambda on_result: self.client.delete_permanent_many(self.list_id, list(record_ids), on_result=on_result), _status
+        )
 
     def still_present(self, record_type: str, record_ids: Sequence[str]) -> set[str]:
         wanted = set(record_ids)

@@ -1,27 +1,35 @@
 """The ticketing system (Zendesk Support API) as a ``SourceSystem``.
 
-Tickets come from the incremental cursor export (which may list a ticket more than once: the
-last occurrence wins). Requesters are judged after their tickets: an end user is erasable
-when none of their tickets remains after this run's plan. Zendesk itself refuses to delete a
-requester of a ticket that is not closed; that comes back as ``deferred`` and is retried on a
-later run.
+Tickets come from the incremental cursor export (which may list a ticket more than once:
+planning keeps the last occurrence). Requesters are judged after their tickets (the domain's
+``derive``). Zendesk itself refuses to delete a requester of a ticket that is not closed; that
+comes back as ``deferred`` and is retried on a later run.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 import pandas as pd
 
-from retention.systems.ticketing.client import ZendeskClient
+from retention.domain.records import protected_values, record_types_of
+from retention.domain.statuses import Action, Status
 from retention.progress import Progress
+from retention.systems.base import Outcome, outcomes_as_they_arrive
+from retention.systems.ticketing.client import ZendeskClient
 
 log = logging.getLogger("retention")
 
-UNSOLVED = ("new", "open", "pending", "hold")
-_OUTCOMES = {"erased": "erased", "already_gone": "already_gone", "not_yet": "deferred"}
+# The ticket statuses that protect a ticket (the domain's): a ticket reopened since the plan is
+# one of them again, and the client leaves it alone.
+UNSOLVED = protected_values("support_ticket", "status")
+_OUTCOMES = {"erased": Status.ERASED, "already_gone": Status.ALREADY_GONE, "not_yet": Status.DEFERRED}
+
+
+def _status(outcome: str) -> Status:
+    return _OUTCOMES.get(outcome, Status.FAILED)
 
 
 def _times(values) -> pd.Series:
@@ -54,45 +62,9 @@ def users_frame(page: list[dict]) -> pd.DataFrame:
     )
 
 
-def latest_tickets(frame: pd.DataFrame) -> pd.DataFrame:
-    """The incremental export lists a ticket again each time it changes: keep the last."""
-    return frame.drop_duplicates("record_id", keep="last") if frame["record_id"].notna().all() else frame
-
-
-def derive_ticket_users(users: pd.DataFrame, plan_so_far: pd.DataFrame, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Add ``tickets_remaining`` and ``last_ticket_gone_at`` to the users frame.
-
-    A ticket remains unless this run's plan erases it. ``last_ticket_gone_at`` is the latest of
-    the erased tickets' deadlines and the user's own last update, so a user touched after their
-    last ticket went is judged from that touch.
-    """
-    users = users.drop_duplicates("record_id", keep="last")
-    tickets = frames.get("support_ticket")
-    if tickets is None:
-        tickets = pd.DataFrame({"record_id": pd.Series(dtype="string"), "requester_id": pd.Series(dtype="string")})
-    planned = plan_so_far[(plan_so_far["record_type"] == "support_ticket") & plan_so_far["action"].isin(["erase", "minimise"])]
-    deadline = planned.set_index("record_id")["deadline"] if len(planned) else pd.Series(dtype="datetime64[us, UTC]")
-    t = tickets[["record_id", "requester_id"]].copy()
-    t["gone"] = t["record_id"].isin(deadline.index)
-    remaining = t.loc[~t["gone"]].groupby("requester_id").size()
-    out = users.copy()
-    out["tickets_remaining"] = out["record_id"].map(remaining).fillna(0).astype("int64")
-    updated = pd.to_datetime(out["updated_at"], utc=True)
-    gone = t.loc[t["gone"], ["record_id", "requester_id"]]
-    if len(gone):
-        gone = gone.assign(deadline=gone["record_id"].map(deadline).to_numpy())
-        gone_at = gone.groupby("requester_id")["deadline"].max()
-        last = out[["record_id"]].merge(gone_at.rename("last").reset_index(), left_on="record_id", right_on="requester_id", how="left")["last"]
-        last.index = out.index
-        out["last_ticket_gone_at"] = pd.concat([pd.to_datetime(last, utc=True), updated], axis=1).max(axis=1)
-    else:
-        out["last_ticket_gone_at"] = updated
-    return out
-
-
 class TicketingAdapter:
     system = "ticketing"
-    record_types = ("support_ticket", "ticket_user")
+    record_types = tuple(record_types_of("ticketing"))
     # Ids per erase call. Each call ends with a drain of about two job durations in which the
     # request budget mostly idles (its last chunks wait for their soft, then their permanent
     # deletion job); at Zendesk's top limit (2500 requests a minute, ~80,000 tickets) a call
@@ -119,8 +91,15 @@ class TicketingAdapter:
             progress.add(len(page))
         progress.finish()
 
-    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> dict[str, str]:
-        if action != "erase":
+    def find_person(self, email: str) -> dict[str, pd.DataFrame]:
+        """The person's end-user accounts (agents and admins are never found) and the tickets they
+        requested. Zendesk leaves archived tickets (closed for over 120 days) out of that list."""
+        users = [{"id": uid, "role": "end-user"} for uid in self.client.find_user_ids_by_email(email)]
+        tickets = [t for user in users for t in self.client.iter_requested_tickets(user["id"])]
+        return {"support_ticket": tickets_frame(tickets), "ticket_user": users_frame(users)}
+
+    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> Iterator[Outcome]:
+        if action != Action.ERASE:
             raise ValueError(f"ticketing cannot {action} {record_type}")
         ids = [int(i) for i in record_ids]
         progress = Progress(log, f"ticketing: {record_type} erase call", total=len(ids), every=30.0)
@@ -128,12 +107,16 @@ class TicketingAdapter:
             # A ticket reopened since the plan (a customer replied) is unsolved again, and an
             # unsolved ticket is never erased: the client re-reads each chunk's statuses right
             # before that chunk's soft deletion and leaves unsolved ones alone ("not_yet").
-            result = self.client.erase_tickets(ids, defer_statuses=UNSOLVED, on_result=lambda i, o: progress.add(1))
+            def call(on_result):
+                return self.client.erase_tickets(ids, defer_statuses=UNSOLVED, on_result=on_result)
         elif record_type == "ticket_user":
-            result = self.client.erase_users(ids, on_result=lambda i, o: progress.add(1))
+            def call(on_result):
+                return self.client.erase_users(ids, on_result=on_result)
         else:
             raise ValueError(f"unknown record type {record_type!r}")
-        return {str(i): _OUTCOMES.get(result.get(i, "failed"), "failed") for i in ids}
+        for outcome in outcomes_as_they_arrive(call, _status):
+            progress.add(1)
+            yield outcome
 
     def still_present(self, record_type: str, record_ids: Sequence[str]) -> set[str]:
         ids = [int(i) for i in record_ids]

@@ -1,0 +1,38 @@
+"""Frames in the domain's record schema: every extracted frame passes through :func:`conform`
+before it is staged or planned, so every path sees the same columns and types."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from retention.domain.records import FLAG, KEY, RECORD_TYPES, SOURCE_HOLD_COLUMNS, SOURCE_HOLDS, TIME
+
+
+def conform(record_type: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``record_id`` and the record type's extracted columns, in the schema's
+    order and types. Columns already of their type are not copied. A missing column is a
+    programming error in an adapter, not data to quarantine: it raises."""
+    if record_type == SOURCE_HOLDS:
+        columns = SOURCE_HOLD_COLUMNS
+    else:
+        columns = {"record_id": KEY, **RECORD_TYPES[record_type].extracted_columns}
+    missing = [c for c in columns if c not in frame]
+    if missing:
+        raise ValueError(f"{record_type} frame lacks column(s) {', '.join(missing)}")
+    out = {}
+    for column, dtype in columns.items():
+        s = frame[column]
+        if str(s.dtype) != dtype:
+            s = _as(s, dtype)
+        out[column] = s
+    return pd.DataFrame(out, index=frame.index, copy=False)
+
+
+def _as(s: pd.Series, dtype: str) -> pd.Series:
+    if dtype == TIME:
+        return pd.to_datetime(s, utc=True).astype(TIME)
+    if dtype == FLAG:
+        return s.astype("boolean").fillna(False).astype(bool)
+    if dtype == KEY and s.dtype.kind == "f":  # an integer id column with NULLs, read as float
+        return s.astype("Int64").astype(KEY)
+    return s.astype(dtype)

@@ -1,0 +1,147 @@
+"""What every run knows about itself (``RunInfo``), and how a task opens the ledger.
+
+A run is opened once (its first task): the policy is loaded and checked, the as-of time fixed,
+the pseudonym key checked, and the run recorded in the ledger. Later tasks get the same
+``RunInfo`` (a small dict through XCom, or read back from the ledger) and refuse a policy file
+that changed since. Each task opens the ledger once (``task_ledger``) and passes it on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from retention import config
+from retention.domain.conform import conform
+from retention.domain.policy import Policy, PolicyError, load_policy
+from retention.domain.pseudonyms import Pseudonymizer
+from retention.store.ledger import Ledger
+from retention.store.staging import RunStaging
+from retention.systems.base import SourceSystem
+
+log = logging.getLogger("retention")
+
+
+def open_ledger() -> Ledger:
+    """The ledger (migrated to the current schema when opened)."""
+    return Ledger(config.ledger_url())
+
+
+@contextlib.contextmanager
+def task_ledger() -> Iterator[Ledger]:
+    """The ledger for one task: opened once, its connections closed when the task is done."""
+    ledger = open_ledger()
+    try:
+        yield ledger
+    finally:
+        ledger.engine.dispose()
+
+
+def pseudonymizer() -> Pseudonymizer:
+    return Pseudonymizer(config.pseudonym_key())
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every task of a run needs to know; travels through XCom as a small dict."""
+
+    dag_id: str
+    run_id: str
+    as_of: str
+    policy_file: str
+    policy_version: str
+    policy_label: str
+    dry_run: bool
+    max_plan_share: float
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunInfo:
+        return cls(**d)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def as_of_ts(self) -> pd.Timestamp:
+        return pd.Timestamp(self.as_of)
+
+    @property
+    def staging(self) -> RunStaging:
+        return RunStaging(self.dag_id, self.run_id)
+
+    def policy(self) -> Policy:
+        """The run's policy, refusing a file that changed since the run began."""
+        policy = load_policy(self.policy_file)
+        if policy.version != self.policy_version:
+            raise PolicyError(
+                f"{self.policy_file}: policy changed during run {self.run_id} "
+                f"(was {self.policy_version}, now {policy.version}); start a new run"
+            )
+        return policy
+
+
+def open_run(dag_id: str, run_id: str, as_of: datetime | None, *, dry_run: bool, max_plan_share: float | None) -> dict:
+    """Load and check the policy, fix the run's as-of time, record the run in the ledger."""
+    policy_path = config.policy_file()
+    policy = load_policy(policy_path)
+    config.pseudonym_key()  # fail now, not after extracting, when the key is missing
+    now = datetime.now(UTC)
+    # A run never enforces at a time that has not come yet.
+    as_of_ts = min(pd.Timestamp(as_of or now), pd.Timestamp(now)).tz_convert("UTC")
+    share = policy.plan_guard.max_share if max_plan_share is None else float(max_plan_share)
+    if not 0 < share <= 1:
+        raise ValueError(f"max_plan_share must be in (0, 1], got {share}")
+    info = RunInfo(
+        dag_id=dag_id, run_id=run_id, as_of=as_of_ts.isoformat(), policy_file=str(policy_path),
+        policy_version=policy.version, policy_label=policy.version_label, dry_run=bool(dry_run), max_plan_share=share,
+    )
+    with task_ledger() as ledger:
+        ledger.open_run(run_id, dag_id, as_of_ts.to_pydatetime(), policy.version, policy.version_label, bool(dry_run))
+    log.info(
+        "run %s: policy %s (%s, %d rules), as of %s, dry_run=%s, plan guard %.0f%%",
+        run_id, policy.version, policy.version_label, len(policy.rules), info.as_of, info.dry_run, 100 * share,
+    )
+    return info.as_dict()
+
+
+def load_run(dag_id: str, run_id: str, ledger: Ledger) -> RunInfo:
+    """The run as its first task recorded it in the ledger (as-of time, policy version, dry run)."""
+    row = ledger.run(run_id)
+    if row is None:
+        raise RuntimeError(f"run {run_id} was never opened (its first task did not succeed)")
+    as_of = row["as_of"] if row["as_of"].tzinfo else row["as_of"].replace(tzinfo=UTC)
+    return RunInfo(
+        dag_id=dag_id, run_id=run_id, as_of=as_of.isoformat(), policy_file=str(config.policy_file()),
+        policy_version=row["policy_version"], policy_label=row["policy_label"] or "", dry_run=bool(row["dry_run"]),
+        max_plan_share=1.0,
+    )
+
+
+class Stopwatch:
+    """Seconds spent per phase of a step (``lap(name)`` adds the time since the last lap)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(self.laps.get(name, 0.0) + now - self._last, 3)
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.2f}s" for k, v in self.laps.items())
+
+
+def extract_in_memory(adapter: SourceSystem, now: datetime) -> dict[str, pd.DataFrame]:
+    """The adapter's whole extract, in memory and in the domain's schema (nothing staged): for
+    ``explain`` and the policy preview, which read a system without a run."""
+    parts: dict[str, list[pd.DataFrame]] = {rt: [] for rt in getattr(adapter, "record_types", ())}
+    adapter.extract(lambda rt, frame: parts.setdefault(rt, []).append(conform(rt, frame)), now)
+    return {rt: pd.concat(frames, ignore_index=True) for rt, frames in parts.items() if frames}

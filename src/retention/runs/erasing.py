@@ -1,0 +1,242 @@
+"""The one erasure engine: every flow (nightly, erasure request, replay) hands its plan here.
+
+What it guarantees, in this order, for one system of one run:
+
+1. **Write-ahead.** Every plan row gets a ledger entry before the system is touched: ``planned``
+   for an erasure or minimisation, ``held`` for a hold, ``deferred`` for a deferral. A row the
+   ledger already has for this run (an earlier attempt of the task) is not written again.
+2. **Resume.** Entries already finished (``erased``, ``already_gone``, ``held``) are skipped; the
+   rest (``planned``, ``failed``, ``deferred`` by the system) are tried again. A record already
+   gone counts as success, so a retried task never fails on what it did before it died.
+3. **The last checks, right before each destructive batch** (``_before_batch``, the one place for
+   them): a record whose blocking records (a requester's tickets) are not all gone is deferred;
+   a record put on a manual hold since the plan was made is held.
+4. **Erase in batches, outcomes booked as they arrive.** The adapter yields each record's
+   outcome as the system reports it; the engine completes the ledger entries at least every
+   second and at the end of every batch, so a task killed mid-batch loses at most the last
+   second of outcomes (a retry finds those records gone and books them ``already_gone``).
+5. **Verify.** Every record the ledger marks gone is looked up in the system again.
+
+Dry run: the same plan is counted, no ledger entry is written, nothing is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from retention.domain.holds import Holds
+from retention.domain.records import blocked_by
+from retention.domain.statuses import DESTRUCTIVE, DONE, GONE, STATUS_BEFORE, WOULD, Action, Status
+from retention.progress import Progress
+from retention.store.ledger import Ledger
+from retention.systems.base import SourceSystem, batch_size
+
+log = logging.getLogger("retention")
+
+# Ledger column widths.
+_RULE_WIDTH, _HOLD_WIDTH, _DETAIL_WIDTH = 60, 200, 200
+
+
+@dataclass
+class ErasureResult:
+    """What one erase call came to: per record type, the status of every plan row (this run's
+    earlier attempts included), or, in a dry run, what would be done."""
+
+    dry_run: bool
+    statuses: dict[str, Counter] = field(default_factory=dict)
+    would_by_rule: dict[str, int] = field(default_factory=dict)  # "rule/action" -> n (dry run)
+    would_by_type: dict[str, dict[str, int]] = field(default_factory=dict)  # record type -> would_* -> n
+    seconds: float = 0.0
+
+    def totals(self) -> Counter:
+        out: Counter = Counter()
+        for c in self.statuses.values():
+            out.update(c)
+        return out
+
+    @property
+    def failed(self) -> int:
+        return self.totals().get(Status.FAILED, 0)
+
+
+def _text(value, width: int) -> str | None:
+    return value[:width] if isinstance(value, str) and value else None
+
+
+class ErasureEngine:
+    """Erases one system's plan for one run. ``plan`` columns: record_type, record_id,
+    record_key, rule_id, action, hold; optionally policy_version (default: the run's), detail
+    (why a row is deferred) and blocks (the id of the record this one must go before)."""
+
+    # Outcomes are booked in the ledger at least this often while a batch runs.
+    flush_seconds = 1.0
+
+    def __init__(self, ledger: Ledger, run_id: str, system: str, adapter: SourceSystem, policy_version: str):
+        self.ledger = ledger
+        self.run_id = run_id
+        self.system = system
+        self.adapter = adapter
+        self.policy_version = policy_version
+
+    # -- dry run ------------------------------------------------------------------------------
+    def count(self, plan: pd.DataFrame) -> ErasureResult:
+        """What :meth:`erase` would do with ``plan``, touching nothing."""
+        result = ErasureResult(dry_run=True)
+        if plan.empty:
+            return result
+        for (rule, action), n in plan.groupby(["rule_id", "action"]).size().items():
+            result.would_by_rule[f"{rule}/{action}"] = int(n)
+        for (record_type, action), n in plan.groupby(["record_type", "action"]).size().items():
+            mine = result.would_by_type.setdefault(record_type, {})
+            mine[WOULD[Action(action)]] = mine.get(WOULD[Action(action)], 0) + int(n)
+        return result
+
+    # -- erase --------------------------------------------------------------------------------
+    def erase(self, plan: pd.DataFrame) -> ErasureResult:
+        """Write ahead, erase batch by batch, complete the ledger. Resumable and idempotent."""
+        self._status = {(t, k): Status(s) for (t, k), s in self.ledger.statuses(self.run_id, self.system).items()}
+        self._write_ahead(plan)
+        destructive = plan[plan["action"].isin(DESTRUCTIVE).to_numpy()]
+        progress = Progress(log, f"{self.system}: erasing", total=len(destructive))
+        for record_type in self.adapter.record_types:
+            mine = destructive[(destructive["record_type"] == record_type).to_numpy()]
+            for action in (Action.MINIMISE, Action.ERASE):
+                rows = mine[(mine["action"] == action).to_numpy()]
+                if rows.empty:
+                    continue
+                keys = rows["record_key"].tolist()
+                finished = [self._status.get((record_type, k)) in DONE for k in keys]
+                progress.add(sum(finished))
+                todo = rows[[not f for f in finished]]
+                size = batch_size(self.adapter, record_type)
+                for start in range(0, len(todo), size):
+                    batch = self._before_batch(record_type, plan, todo.iloc[start : start + size])
+                    self._erase_batch(record_type, action, batch)
+                    progress.add(len(todo.iloc[start : start + size]))
+        result = ErasureResult(dry_run=False, seconds=round(progress.finish(), 2))
+        for (record_type, key) in zip(plan["record_type"].tolist(), plan["record_key"].tolist()):
+            result.statuses.setdefault(record_type, Counter())[str(self._status[(record_type, key)])] += 1
+        return result
+
+    def _write_ahead(self, plan: pd.DataFrame) -> None:
+        """A ledger entry for every plan row the ledger does not have yet, before anything is touched."""
+        if plan.empty:
+            return
+        new = plan[[(t, k) not in self._status for t, k in zip(plan["record_type"].tolist(), plan["record_key"].tolist())]]
+        if new.empty:
+            return
+        versions = new["policy_version"] if "policy_version" in new else pd.Series(self.policy_version, index=new.index)
+        before = new["action"].map(lambda a: STATUS_BEFORE[Action(a)])
+        for (version, status), part in new.groupby([versions.astype(str), before.astype(str)], sort=False):
+            self.ledger.write_ahead(self.run_id, version, self.system, _entries(part), status=status)
+        for t, k, s in zip(new["record_type"].tolist(), new["record_key"].tolist(), before.tolist()):
+            self._status[(t, k)] = s
+        deferred = new[(before == Status.DEFERRED).to_numpy()]
+        for record_type, part in deferred.groupby("record_type"):
+            keys = part["record_key"].tolist()
+            why = part["detail"].tolist() if "detail" in part else [None] * len(part)
+            details = {k: d[:_DETAIL_WIDTH] for k, d in zip(keys, why) if isinstance(d, str) and d}
+            self.ledger.complete(self.run_id, self.system, record_type, dict.fromkeys(keys, Status.DEFERRED), details)
+
+    def _before_batch(self, record_type: str, plan: pd.DataFrame, batch: pd.DataFrame) -> pd.DataFrame:
+        """The checks right before a destructive batch: what may not be erased now is settled in
+        the ledger here (deferred or held) and left out of the batch."""
+        settled: dict[str, Status] = {}
+        detail: dict[str, str] = {}
+        keys = batch["record_key"].tolist()
+        ids = batch["record_id"].astype(str).tolist()
+
+        # Dependencies: a requester goes only once every ticket of theirs in this plan is gone.
+        for blocker, column in blocked_by(record_type):
+            if "blocks" not in plan:
+                break
+            theirs = plan[(plan["record_type"] == blocker).to_numpy() & plan["blocks"].isin(ids).to_numpy()]
+            open_ = {
+                b for b, k in zip(theirs["blocks"].astype(str).tolist(), theirs["record_key"].tolist())
+                if self._status.get((blocker, k)) not in GONE
+            }
+            for i, k in zip(ids, keys):
+                if i in open_:
+                    settled[k] = Status.DEFERRED
+                    detail[k] = f"a {blocker} it goes after (by {column}) is not erased yet"
+
+        # Manual holds put on since the plan was made (``retention hold add``): read now.
+        holds = Holds.at(datetime.now(UTC), ledger=self.ledger.holds())
+        for k in keys:
+            reason = holds.reason(record_type, record_key=k)
+            if reason and k not in settled:
+                settled[k] = Status.HELD
+                detail[k] = _text(f"manual hold added after the plan: {reason}", _DETAIL_WIDTH)
+
+        if not settled:
+            return batch
+        self.ledger.complete(self.run_id, self.system, record_type, settled, detail)
+        self._status.update({(record_type, k): s for k, s in settled.items()})
+        log.info("%s: %s before erasure: %s", self.system, record_type, dict(Counter(map(str, settled.values()))))
+        return batch[[k not in settled for k in keys]]
+
+    def _erase_batch(self, record_type: str, action: Action, batch: pd.DataFrame) -> None:
+        if batch.empty:
+            return
+        key_of = dict(zip(batch["record_id"].astype(str).tolist(), batch["record_key"].tolist()))
+        heard: set[str] = set()
+        pending: dict[str, Status] = {}
+        last = time.monotonic()
+        try:
+            for record_id, status in self.adapter.erase(record_type, str(action), list(key_of)):
+                key = key_of.get(str(record_id))
+                if key is None or key in heard:
+                    continue
+                heard.add(key)
+                pending[key] = status
+                if time.monotonic() - last >= self.flush_seconds:
+                    self._complete(record_type, pending)
+                    pending, last = {}, time.monotonic()
+        finally:
+            # The outcomes heard so far are true whatever stops the batch: book them.
+            self._complete(record_type, pending)
+        # The system said nothing of these: not erased as far as anyone knows.
+        self._complete(record_type, {k: Status.FAILED for k in key_of.values() if k not in heard})
+
+    def _complete(self, record_type: str, outcomes: dict[str, Status]) -> None:
+        if outcomes:
+            self.ledger.complete(self.run_id, self.system, record_type, outcomes)
+            self._status.update({(record_type, k): s for k, s in outcomes.items()})
+
+    # -- verify -------------------------------------------------------------------------------
+    def verify(self, plan: pd.DataFrame) -> tuple[int, int]:
+        """Of the plan's records the ledger marks gone: how many, and how many are still there."""
+        statuses = self.ledger.statuses(self.run_id, self.system)
+        checked = still = 0
+        for record_type in self.adapter.record_types:
+            mine = plan[(plan["record_type"] == record_type).to_numpy()]
+            gone = [i for i, k in zip(mine["record_id"].astype(str).tolist(), mine["record_key"].tolist())
+                    if statuses.get((record_type, k)) in GONE]
+            if not gone:
+                continue
+            present = self.adapter.still_present(record_type, gone)
+            checked += len(gone)
+            still += len(present)
+            if present:
+                log.error("%s: %d %s records the ledger marks gone are still present", self.system, len(present), record_type)
+        return checked, still
+
+
+def _entries(frame: pd.DataFrame) -> Iterator[dict]:
+    """Ledger entries for plan rows, made as the ledger takes them (a generator). A deferral is
+    recorded as the erasure it puts off."""
+    hold = frame["hold"].astype(object).where(frame["hold"].notna(), None).tolist() if "hold" in frame else [None] * len(frame)
+    columns = [frame[c].tolist() for c in ("record_type", "record_key", "rule_id", "action")]
+    for t, k, r, a, h in zip(*columns, hold):
+        action = Action.ERASE if a == Action.DEFER else a
+        yield {"record_type": t, "record_key": k, "rule_id": str(r)[:_RULE_WIDTH], "action": str(action), "hold": _text(h, _HOLD_WIDTH)}
+
+
+__all__ = ["ErasureEngine", "ErasureResult"]
