@@ -20,9 +20,9 @@ import sqlalchemy as sa
 import yaml
 
 from retention.systems.crm import schema
-from tools.synthetic import crm as synthetic
 from retention.systems.crm.client import FRAME_COLUMNS, RECORD_TYPES, CrmConnector
 from retention.systems.crm.mapping import CrmMapping, MappingError
+from tools.synthetic import crm as synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)

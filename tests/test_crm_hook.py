@@ -16,9 +16,9 @@ import sqlalchemy as sa
 import yaml
 
 from retention.systems.crm import schema
-from tools.synthetic import crm as synthetic
 from retention.systems.crm.client import CrmConnector
 from retention.systems.crm.mapping import MappingError
+from tools.synthetic import crm as synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)
@@ -158,3 +158,53 @@ def test_unsupported_connection_type(monkeypatch):
     set_conn(monkeypatch, conn_type="http", host="crm.example.org")
     with pytest.raises(ValueError, match="unsupported conn_type"):
         CrmHook().get_conn()
+
+
+def test_url_forms_and_no_password_in_errors(monkeypatch, crm_db):
+    from retention.systems.crm.hook import CrmHook
+
+    set_conn(monkeypatch, conn_type="sqlite", host=str(crm_db))  # the file in host instead of the URI path
+    assert CrmHook().get_sqlalchemy_url().database == str(crm_db)
+    set_conn(monkeypatch, conn_type="retention_crm", host="db.example.org", login="crm", password="p@ss/word",
+             schema="crm", extra={"mapping": "include/crm_mapping.yaml", "chunk_size": 10})
+    url = CrmHook().get_sqlalchemy_url()
+    assert (url.drivername, url.host, url.username, url.password, url.database) == (
+        "postgresql+psycopg2", "db.example.org", "crm", "p@ss/word", "crm"
+    )
+    assert not url.query  # the hook's own extras are settings, not driver parameters
+    assert "p@ss/word" not in repr(url)
+    set_conn(monkeypatch, conn_type="retention_crm", extra={"sqlalchemy_url": "postgresql://crm:s3cret@db:port/crm"})
+    with pytest.raises(ValueError, match="sqlalchemy_url is not a SQLAlchemy URL") as err:
+        CrmHook().get_sqlalchemy_url()
+    assert "s3cret" not in str(err.value)
+    set_conn(monkeypatch, conn_type="retention_crm", extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "chunk_size": 0})
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        CrmHook().get_conn()
+
+
+def test_one_connector_per_hook_and_close(monkeypatch, crm_db):
+    from retention.systems.crm.hook import CrmHook
+
+    set_conn(monkeypatch, conn_type="retention_crm", extra={"sqlalchemy_url": f"sqlite:///{crm_db}"})
+    hook = CrmHook()
+    connector = hook.get_conn()
+    assert hook.get_conn() is connector and hook.get_engine() is connector.engine
+    hook.close()
+    assert hook.get_conn() is not connector
+    hook.close()
+
+
+def test_ledger_url_from_a_connection(monkeypatch, crm_db):
+    from retention import config
+
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_LEDGER", json.dumps(
+        {"conn_type": "postgres", "host": "postgres", "port": 5432, "schema": "retention_ledger",
+         "login": "airflow", "password": "air@flow", "extra": {"sslmode": "require"}}))
+    assert config.ledger_url() == "postgresql://airflow:air%40flow@postgres:5432/retention_ledger?sslmode=require"
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_LEDGER", f"sqlite:///{crm_db}")
+    assert config.ledger_url() == f"sqlite:///{crm_db}"
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_LEDGER", json.dumps(
+        {"conn_type": "generic", "extra": {"sqlalchemy_url": f"sqlite:///{crm_db}"}}))
+    assert config.ledger_url() == f"sqlite:///{crm_db}"
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_LEDGER", "mysql://u:p@db:3306/ledger")
+    assert config.ledger_url() == "mysql://u:p@db:3306/ledger"

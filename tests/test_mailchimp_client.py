@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 import pytest
 import requests
 
-from retention.systems.newsletter.client import MailchimpClient, base_url_for_key
 from retention.systems.http import HTTPError
+from retention.systems.newsletter.client import MailchimpClient, base_url_for_key
 from tools.standins import mailchimp_data as md
 from tools.standins.process import StandIn
 

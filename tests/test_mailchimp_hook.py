@@ -93,3 +93,53 @@ def test_against_the_stand_in(monkeypatch, tmp_path):
         assert not ok and "401" in message and "wrong-us0" not in message
     finally:
         s.stop()
+
+
+def test_extras_must_be_a_json_object_and_options_have_types(monkeypatch):
+    set_conn(monkeypatch, password="k-us1", extra=["list_id", "L1"])
+    with pytest.raises(ValueError, match="extra must be a JSON object"):
+        MailchimpHook().get_conn()
+    set_conn(monkeypatch, password="k-us1", extra={"list_id": "L1", "max_connections": "many", "timeout": 5})
+    with pytest.raises(ValueError, match="'max_connections' must be an integer"):
+        MailchimpHook().get_conn()
+    set_conn(monkeypatch, password="k-us1", extra={"list_id": "L1", "max_connections": -2})
+    with pytest.raises(ValueError, match="max_connections must be >= 1"):
+        MailchimpHook().get_conn()
+    # An option left empty in the form takes its default; numbers may come as text.
+    set_conn(monkeypatch, password="k-us1", extra={"list_id": "L1", "max_connections": "", "timeout": "7.5"})
+    hook = MailchimpHook()
+    try:
+        assert hook.get_conn().max_connections == 10 and hook.get_conn().session.timeout == 7.5
+    finally:
+        hook.close()
+
+
+def test_the_connection_is_fetched_once_per_hook(monkeypatch):
+    set_conn(monkeypatch, password="k-us1", extra={"list_id": "L1"})
+    hook = MailchimpHook()
+    calls = []
+    fetch = hook.get_connection
+    monkeypatch.setattr(hook, "get_connection", lambda conn_id: calls.append(conn_id) or fetch(conn_id))
+    try:
+        assert (hook.list_id, hook.max_connections, hook.base_url) == ("L1", 10, None)
+        hook.get_conn()
+        hook.test_connection()
+        assert calls == ["retention_mailchimp"]
+    finally:
+        hook.close()
+
+
+def test_connection_form_metadata_for_the_provider():
+    from airflow.providers_manager import _create_customized_form_field_behaviours_schema_validator
+
+    info = MailchimpHook.connection_type_info()
+    assert info["connection-type"] == "retention_mailchimp"
+    assert info["hook-class-name"] == "retention.systems.newsletter.hook.MailchimpHook"
+    assert info["conn-fields"]["list_id"]["schema"]["type"] == ["string", "null"]
+    assert info["conn-fields"]["max_connections"]["schema"] == {"type": ["integer", "null"], "default": 10}
+    behaviour = info["ui-field-behaviour"]
+    _create_customized_form_field_behaviours_schema_validator().validate(
+        {"hidden_fields": behaviour["hidden-fields"], "relabeling": behaviour["relabeling"],
+         "placeholders": behaviour["placeholders"]}
+    )
+    assert behaviour["relabeling"]["password"] == "API key"

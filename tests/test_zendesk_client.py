@@ -9,7 +9,9 @@ import time
 import pytest
 import requests
 
-from retention.systems.ticketing.client import Pacer, ZendeskClient, _classify_result
+from retention.systems.ratelimit import Pacer
+from retention.systems.ticketing.client import ZendeskClient
+from retention.systems.ticketing.jobs import classify_result
 from tools.standins.process import StandIn
 
 FAST = ("--job-seconds", "0.03")
@@ -437,11 +439,11 @@ def test_nothing_personal_in_logs(server, client, caplog):
 
 
 def test_result_classification_and_constructor_checks():
-    assert _classify_result({"id": 1, "success": True}) == "ok"
-    assert _classify_result({"id": 1, "status": "Deleted"}) == "ok"
-    assert _classify_result({"id": 1, "success": False, "error": "RecordNotFound"}) == "missing"
-    assert _classify_result({"id": 1, "success": False, "errors": "Ticket not found"}) == "missing"
-    assert _classify_result({"id": 1, "success": False, "error": "PermissionDenied"}) == "failed"
+    assert classify_result({"id": 1, "success": True}) == "ok"
+    assert classify_result({"id": 1, "status": "Deleted"}) == "ok"
+    assert classify_result({"id": 1, "success": False, "error": "RecordNotFound"}) == "missing"
+    assert classify_result({"id": 1, "success": False, "errors": "Ticket not found"}) == "missing"
+    assert classify_result({"id": 1, "success": False, "error": "PermissionDenied"}) == "failed"
     with pytest.raises(ValueError):
         ZendeskClient(email="a@example.org", api_token="t")
     with pytest.raises(ValueError):

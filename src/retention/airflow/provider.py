@@ -1,22 +1,19 @@
 """The project as an Airflow provider: its connection types, so their forms appear in the UI.
 
 Registered through the ``apache_airflow_provider`` entry point in ``pyproject.toml``; Airflow's
-providers manager calls :func:`get_provider_info` (``airflow providers behaviours`` lists the
-connection forms). The connection types carry the project's own names: ``zendesk`` belongs to
-the official Zendesk provider, which means something else by it.
+providers manager calls :func:`get_provider_info` in every process that discovers providers, so
+it reads the forms as data (``retention.systems.forms``) and imports no hook. The connection
+types carry the project's own names: ``zendesk`` belongs to the official Zendesk provider, which
+means something else by it.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-PACKAGE = "iis-retention"
+from retention.systems.forms import connection_types
 
-CONNECTION_TYPES = {
-    "retention_mailchimp": "retention.systems.newsletter.hook.MailchimpHook",
-    "retention_zendesk": "retention.systems.ticketing.hook.ZendeskHook",
-    "retention_crm": "retention.systems.crm.hook.CrmHook",
-}
+PACKAGE = "iis-retention"
 
 
 def get_provider_info() -> dict:
@@ -29,7 +26,5 @@ def get_provider_info() -> dict:
         "name": "IIS retention enforcement",
         "description": "Retention rules of the IIS privacy notice, enforced in a CRM, Mailchimp and Zendesk.",
         "versions": versions,
-        "connection-types": [
-            {"connection-type": conn_type, "hook-class-name": hook} for conn_type, hook in CONNECTION_TYPES.items()
-        ],
+        "connection-types": connection_types(),
     }

@@ -3,15 +3,21 @@
 Both providers throttle with HTTP 429 (Zendesk says how long to wait in ``Retry-After``,
 Mailchimp does not) and both fail transiently with 5xx or dropped connections. Every call the
 connectors make is idempotent (GETs, permanent deletes where "already gone" is success), so a
-retry is always safe. Logs name the method, the endpoint family and the status only: paths
-can carry subscriber hashes, which are derived from e-mail addresses.
+retry is always safe. The retrying is tenacity's (``tenacity.Retrying`` around each call): a
+``Retry-After`` on 429 or 503 (seconds or an HTTP date) is waited out, anything else retryable
+waits a full-jitter exponential backoff. Retries happen above the ``requests`` transport, so an
+adapter mounted on the session (the Zendesk pacer, :mod:`retention.systems.ratelimit`) sees, paces
+and counts every attempt.
+
+Logs name the method, the endpoint family and the status only: paths can carry subscriber
+hashes, which are derived from e-mail addresses (so never tenacity's own ``before_sleep_log``,
+whose exception text would name the URL).
 """
 
 from __future__ import annotations
 
 import email.utils
 import logging
-import random
 import threading
 import time
 from collections import Counter
@@ -20,11 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+import tenacity
 from requests.adapters import HTTPAdapter
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Statuses whose ``Retry-After`` is obeyed (by the retries, and by the pacers).
+RETRY_AFTER_STATUSES = frozenset({429, 503})
 TRANSIENT_ERRORS = (
     requests.ConnectionError,
     requests.Timeout,
@@ -59,6 +68,14 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when - (now if now is not None else time.time()))
 
 
+def retry_after(response: requests.Response) -> float | None:
+    """Seconds the server asked to wait before the next attempt: the ``Retry-After`` of a 429 or
+    503, else None."""
+    if response.status_code not in RETRY_AFTER_STATUSES:
+        return None
+    return retry_after_seconds(response.headers.get("Retry-After"))
+
+
 @dataclass
 class RetryStats:
     """Thread-safe counters of what the client had to absorb."""
@@ -75,11 +92,27 @@ class RetryStats:
             return dict(self.counts)
 
 
+class BoundedAdapter(HTTPAdapter):
+    """A transport with at most ``max_connections`` connections (the pool blocks rather than
+    opening more) and no retries of its own (:class:`RetryingSession` retries)."""
+
+    def __init__(self, max_connections: int):
+        super().__init__(pool_connections=1, pool_maxsize=max_connections, pool_block=True, max_retries=0)
+
+
 class RetryingSession:
     """``requests`` with a bounded connection pool, backoff and ``Retry-After``.
 
     ``max_connections`` caps simultaneous connections (the pool blocks rather than opening
     more), which is how Mailchimp's limit of 10 simultaneous connections per user is honoured.
+    A request is tried at most ``1 + max_retries`` times; the wait before the n-th retry is the
+    server's ``Retry-After`` on 429/503, else random within ``[0, min(max_backoff, backoff *
+    2**(n-1))]`` (full jitter: spreads the retries of threads that were throttled together).
+    The options are read on every retry, so they may be changed on a live session. ``adapter``
+    replaces the default transport (a :class:`BoundedAdapter`) and should keep to
+    ``max_connections`` too. ``stats`` counts ``retries``, ``throttled`` (429s retried),
+    ``server_errors`` (5xx retried) and ``connection_errors`` (every dropped connection or
+    timeout, the last one included).
     """
 
     def __init__(
@@ -94,6 +127,7 @@ class RetryingSession:
         max_backoff: float = 30.0,
         timeout: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
+        adapter: HTTPAdapter | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.max_connections = max_connections
@@ -104,20 +138,24 @@ class RetryingSession:
         self.sleep = sleep
         self.stats = RetryStats()
         self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_connections, pool_block=True, max_retries=0)
+        adapter = adapter if adapter is not None else BoundedAdapter(max_connections)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         if auth is not None:
             self.session.auth = auth
         if headers:
             self.session.headers.update(headers)
+        self._retrying = tenacity.Retrying(
+            retry=self._should_retry,
+            stop=self._should_stop,
+            wait=self._wait,
+            sleep=lambda seconds: self.sleep(seconds),
+            before_sleep=self._before_sleep,
+            retry_error_callback=_last_outcome,
+        )
 
     def close(self) -> None:
         self.session.close()
-
-    def _delay(self, attempt: int) -> float:
-        # Full jitter: spreads the retries of ten threads that were throttled together.
-        return random.uniform(0, min(self.max_backoff, self.backoff * (2**attempt)))
 
     def request(
         self,
@@ -136,36 +174,82 @@ class RetryingSession:
         :class:`HTTPError`. ``endpoint`` is the loggable name of the call (no identifiers).
         """
         url = path if path.startswith("http") else f"{self.base_url}{path}"
-        endpoint = endpoint or method
         kwargs.setdefault("timeout", self.timeout)
-        attempt = 0
-        while True:
-            try:
-                response = self.session.request(method, url, **kwargs)
-            except TRANSIENT_ERRORS as exc:
-                self.stats.add("connection_errors")
-                if attempt >= self.max_retries:
-                    raise HTTPError(method, endpoint, None, type(exc).__name__) from None
-                delay = self._delay(attempt)
-                log.debug("%s %s: %s, retrying in %.2fs", method, endpoint, type(exc).__name__, delay)
-            else:
-                status = response.status_code
-                if status in ok or status in accept:
-                    return response
-                if status not in RETRY_STATUSES or attempt >= self.max_retries:
-                    raise HTTPError(method, endpoint, status, _short_detail(response))
-                if status == 429:
-                    self.stats.add("throttled")
-                    waited = retry_after_seconds(response.headers.get("Retry-After"))
-                    delay = waited if waited is not None else self._delay(attempt)
-                else:
-                    self.stats.add("server_errors")
-                    delay = self._delay(attempt)
-                response.close()
-                log.debug("%s %s: HTTP %s, retrying in %.2fs", method, endpoint, status, delay)
-            self.stats.add("retries")
-            attempt += 1
-            self.sleep(delay)
+        call = _Call(method, url, endpoint or method, ok, accept, kwargs)
+        try:
+            # A copy per call: the controller keeps per-thread state, which a request made
+            # from within a request (an auth hook, say) would otherwise overwrite.
+            response = self._retrying.copy()(self._attempt, call)
+        except TRANSIENT_ERRORS as exc:
+            raise HTTPError(method, call.endpoint, None, type(exc).__name__) from None
+        status = response.status_code
+        if status in ok or status in accept:
+            return response
+        raise HTTPError(method, call.endpoint, status, _short_detail(response))
+
+    # -- the parts of the tenacity controller -------------------------------------------------
+    def _attempt(self, call: _Call) -> requests.Response:
+        try:
+            return self.session.request(call.method, call.url, **call.kwargs)
+        except TRANSIENT_ERRORS:
+            self.stats.add("connection_errors")
+            raise
+
+    @staticmethod
+    def _should_retry(retry_state: tenacity.RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        assert outcome is not None
+        if outcome.failed:
+            return isinstance(outcome.exception(), TRANSIENT_ERRORS)
+        call: _Call = retry_state.args[0]
+        status = outcome.result().status_code
+        return status in RETRY_STATUSES and status not in call.ok and status not in call.accept
+
+    def _should_stop(self, retry_state: tenacity.RetryCallState) -> bool:
+        return tenacity.stop_after_attempt(self.max_retries + 1)(retry_state)
+
+    def _wait(self, retry_state: tenacity.RetryCallState) -> float:
+        """The server's ``Retry-After`` when it sent one, else full-jitter exponential backoff."""
+        outcome = retry_state.outcome
+        if outcome is not None and not outcome.failed:
+            waited = retry_after(outcome.result())
+            if waited is not None:
+                return waited
+        return tenacity.wait_random_exponential(multiplier=self.backoff, max=self.max_backoff)(retry_state)
+
+    def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
+        """Count and log (redacted: method, endpoint family, status) the attempt to be retried."""
+        outcome = retry_state.outcome
+        assert outcome is not None
+        call: _Call = retry_state.args[0]
+        if outcome.failed:
+            what = type(outcome.exception()).__name__
+        else:
+            response = outcome.result()
+            self.stats.add("throttled" if response.status_code == 429 else "server_errors")
+            response.close()
+            what = f"HTTP {response.status_code}"
+        log.debug("%s %s: %s, retrying in %.2fs", call.method, call.endpoint, what, retry_state.upcoming_sleep)
+        self.stats.add("retries")
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One request through the retries: what tenacity hands to the attempt and the callbacks."""
+
+    method: str
+    url: str
+    endpoint: str
+    ok: tuple[int, ...]
+    accept: tuple[int, ...]
+    kwargs: dict[str, Any]
+
+
+def _last_outcome(retry_state: tenacity.RetryCallState) -> requests.Response:
+    """Out of retries: the last response (the caller turns it into an :class:`HTTPError`), or the
+    last exception, raised as it is."""
+    assert retry_state.outcome is not None
+    return retry_state.outcome.result()
 
 
 def _short_detail(response: requests.Response) -> str:

@@ -1,6 +1,6 @@
 """Airflow hook for the Zendesk Support API (tickets and their requesters).
 
-Connection (type ``zendesk``, default id ``retention_zendesk``):
+Connection (type ``retention_zendesk``, default id ``retention_zendesk``):
 
 * ``login``: the agent's e-mail address, ``password``: the API token (Basic ``{email}/token``);
   or ``extra.oauth_token`` for a Bearer token instead;
@@ -26,57 +26,40 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from airflow.sdk.bases.hook import BaseHook
-
+from retention.systems.hooks import RetentionHook
 from retention.systems.ticketing.client import ZendeskClient
 
-_INT_OPTIONS = (
-    "requests_per_minute",
-    "incremental_per_minute",
-    "deleted_list_per_minute",
-    "user_deletes_per_10min",
-    "max_connections",
-    "max_jobs_in_flight",
-    "max_job_attempts",
-    "max_retries",
-)
-_FLOAT_OPTIONS = ("timeout", "job_poll_interval", "job_timeout")
+_OPTIONS: dict[str, type] = {
+    **dict.fromkeys(
+        (
+            "requests_per_minute",
+            "incremental_per_minute",
+            "deleted_list_per_minute",
+            "user_deletes_per_10min",
+            "max_connections",
+            "max_jobs_in_flight",
+            "max_job_attempts",
+            "max_retries",
+        ),
+        int,
+    ),
+    **dict.fromkeys(("timeout", "job_poll_interval", "job_timeout"), float),
+}
 
 
-class ZendeskHook(BaseHook):
+class ZendeskHook(RetentionHook):
     """Builds a :class:`~retention.systems.ticketing.client.ZendeskClient` from a connection."""
 
     conn_name_attr = "zendesk_conn_id"
     default_conn_name = "retention_zendesk"
     conn_type = "retention_zendesk"
     hook_name = "Zendesk Support"
+    test_ok_message = "Zendesk API answered."
+    test_failed_prefix = "Zendesk check failed: "
+    zendesk_conn_id: str
 
     def __init__(self, zendesk_conn_id: str = default_conn_name, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.zendesk_conn_id = zendesk_conn_id
-        self._connection: Any = None
-        self._client: ZendeskClient | None = None
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["schema"],
-            "relabeling": {"login": "Agent e-mail", "password": "API token", "host": "Subdomain or base URL"},
-            "placeholders": {
-                "host": "acme (or https://acme.zendesk.com)",
-                "extra": '{"requests_per_minute": 700, "incremental_per_minute": 10}',
-            },
-        }
-
-    @property
-    def connection(self) -> Any:
-        if self._connection is None:
-            self._connection = self.get_connection(self.zendesk_conn_id)
-        return self._connection
-
-    @property
-    def extras(self) -> dict[str, Any]:
-        return dict(self.connection.extra_dejson or {})
+        super().__init__(zendesk_conn_id, **kwargs)
 
     def _target(self) -> dict[str, str]:
         """``{"base_url": ...}`` or ``{"subdomain": ...}`` from host (and port)."""
@@ -94,44 +77,27 @@ class ZendeskHook(BaseHook):
             return {"base_url": f"https://{netloc}"}
         return {"subdomain": host}
 
+    def create_conn(self) -> ZendeskClient:
+        conn = self.connection
+        oauth = self.extra_option("oauth_token", str)
+        if not oauth and not conn.password:
+            raise ValueError(f"connection {self.zendesk_conn_id!r} has neither an API token nor an oauth_token")
+        if not oauth and not conn.login:
+            raise ValueError(f"connection {self.zendesk_conn_id!r}: an API token needs the agent e-mail (login)")
+        return ZendeskClient(
+            **self._target(),
+            email=conn.login or None,
+            api_token=None if oauth else conn.password,
+            oauth_token=oauth or None,
+            **self.extra_options(_OPTIONS),
+        )
+
     def get_conn(self) -> ZendeskClient:
         """A client for this connection (created once per hook, then reused)."""
-        if self._client is None:
-            conn = self.connection
-            extras = self.extras
-            oauth = extras.get("oauth_token")
-            if not oauth and not conn.password:
-                raise ValueError(f"connection {self.zendesk_conn_id!r} has neither an API token nor an oauth_token")
-            if not oauth and not conn.login:
-                raise ValueError(f"connection {self.zendesk_conn_id!r}: an API token needs the agent e-mail (login)")
-            options: dict[str, Any] = {}
-            for name in _INT_OPTIONS:
-                if extras.get(name) is not None:
-                    options[name] = int(extras[name])
-            for name in _FLOAT_OPTIONS:
-                if extras.get(name) is not None:
-                    options[name] = float(extras[name])
-            self._client = ZendeskClient(
-                **self._target(),
-                email=conn.login or None,
-                api_token=None if oauth else conn.password,
-                oauth_token=oauth or None,
-                **options,
-            )
-        return self._client
+        return super().get_conn()
 
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def test_connection(self) -> tuple[bool, str]:
-        try:
-            client = self.get_conn()
-            client.session.request("GET", "/api/v2/users/me.json", endpoint="users.me")
-        except Exception as exc:  # noqa: BLE001 - reported to the UI, not raised
-            return False, f"Zendesk check failed: {type(exc).__name__}: {exc}"
-        return True, "Zendesk API answered."
+    def probe(self) -> None:
+        self.get_conn().session.request("GET", "/api/v2/users/me.json", endpoint="users.me")
 
 
 __all__ = ["ZendeskHook"]

@@ -1,0 +1,199 @@
+"""The CRM connector's erasure: set-based, idempotent deletes and minimisation, holds checked inside.
+
+Each call is one transaction with a fixed number of statements, whatever the batch size (the
+caller batches, e.g. 5,000 ids): one hold/invoice check, then one set-based ``DELETE`` per
+table. Children of a contact are deleted explicitly (no reliance on ``ON DELETE CASCADE``). The
+outcomes are documented in :mod:`retention.systems.crm.client`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from retention.systems.crm.sql import ConnectorBase
+from retention.systems.crm.values import distinct_ids
+
+# The connector's logger, whichever module of it logs (benchmarks quiet the per-batch lines by it).
+log = logging.getLogger("retention.systems.crm.client")
+
+ERASED = "erased"
+ALREADY_GONE = "already_gone"
+MINIMISED = "minimised"
+HELD_INVOICE = "held_invoice"
+HELD_LEGAL_HOLD = "held_legal_hold"
+
+#: record type -> logical table, for the record types that ``erase``/``existing`` accept.
+ERASABLE = {
+    "crm_contact": "contact",
+    "crm_event_participation": "event_participation",
+    "crm_course_registration": "course_registration",
+    "crm_survey_response": "survey_response",
+    "crm_invoice": "invoice",
+}
+#: Tables holding a contact's personal data besides the contact row (deleted with it).
+CONTACT_CHILDREN = ("communication_note", "event_participation", "course_registration", "survey_response")
+#: Child tables whose rows can be on a manual hold (logical table -> record type).
+HOLDABLE_CHILDREN = {
+    "event_participation": "crm_event_participation",
+    "course_registration": "crm_course_registration",
+    "survey_response": "crm_survey_response",
+}
+
+
+class Erasure(ConnectorBase):
+    """Erasing and minimising CRM records, and checking which are still there."""
+
+    def existing(self, record_type: str, ids: Sequence[int]) -> set[int]:
+        """The subset of ``ids`` that still exist (for verification after erasure)."""
+        logical = _erasable(record_type)
+        ids = distinct_ids(ids)
+        if not ids:
+            return set()
+        self._ensure_checked()
+        t = self._t(logical)
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(t.c.id).where(self._in_ids(t.c.id, ids, "ids"))).scalars()
+            return {int(i) for i in found}
+
+    # ------------------------------------------------------------------ erasure
+    def erase(self, record_type: str, ids: Sequence[int]) -> dict[int, str]:
+        """Delete the records ``ids`` of ``record_type`` in one transaction.
+
+        ``crm_contact`` takes the contact's communication notes, event participations, course
+        registrations and survey responses with it; a contact that still has an invoice is
+        refused with ``held_invoice`` (use ``minimise_contacts``). Records under a live manual
+        hold are refused with ``held_legal_hold``. ``crm_legal_hold`` cannot be erased.
+        """
+        logical = _erasable(record_type)
+        ids = distinct_ids(ids)
+        if not ids:
+            return {}
+        self._ensure_checked()
+        now_p = self._ts_param("now", dt.datetime.now(dt.UTC))
+        with self.engine.begin() as conn:
+            if logical == "contact":
+                refused = self._refused_contacts(conn, ids, now_p, invoices_refuse=True)
+                ok = [i for i in ids if i not in refused]
+                gone = self._delete_contacts(conn, ok) if ok else set()
+            else:
+                h = self._t("legal_hold")
+                held_stmt = sa.select(h.c.record_id).where(
+                    self._live_hold(h, record_type, now_p), self._in_ids(h.c.record_id, ids, "ids")
+                )
+                refused = {int(i): HELD_LEGAL_HOLD for i in conn.execute(held_stmt).scalars()}
+                ok = [i for i in ids if i not in refused]
+                gone = self._delete_returning(conn, self._t(logical), ok) if ok else set()
+        outcome = {i: refused.get(i) or (ERASED if i in gone else ALREADY_GONE) for i in ids}
+        _log_outcomes("erase", record_type, outcome)
+        return outcome
+
+    def minimise_contacts(self, ids: Sequence[int]) -> dict[int, str]:
+        """Delete everything about these contacts except what bookkeeping law keeps.
+
+        In one transaction: detach their invoices (``invoice.contact_id`` set NULL; the invoice
+        keeps invoice_number, issued_on, financial_year_end, amount, billing_name,
+        billing_address), delete their notes, event participations, course registrations and
+        survey responses, and the contact row. Outcome ``minimised`` (had invoices),
+        ``erased`` (had none), ``already_gone`` or ``held_legal_hold`` (live manual hold on the
+        contact or on a child record that would be deleted; a manual hold on one of its
+        invoices does not block minimisation, since the invoice itself is kept).
+        """
+        ids = distinct_ids(ids)
+        if not ids:
+            return {}
+        self._ensure_checked()
+        now_p = self._ts_param("now", dt.datetime.now(dt.UTC))
+        inv = self._t("invoice")
+        with self.engine.begin() as conn:
+            flags = self._refused_contacts(conn, ids, now_p, invoices_refuse=False)
+            refused = {i: f for i, f in flags.items() if f == HELD_LEGAL_HOLD}
+            had_invoice = {i for i, f in flags.items() if f == HELD_INVOICE}
+            ok = [i for i in ids if i not in refused]
+            gone: set[int] = set()
+            if ok:
+                conn.execute(
+                    sa.update(inv.table)
+                    .where(self._in_ids(inv.c.contact_id, ok, "ids"))
+                    .values({inv.columns["contact_id"]: None})
+                )
+                gone = self._delete_contacts(conn, ok)
+        outcome = {}
+        for i in ids:
+            if i in refused:
+                outcome[i] = refused[i]
+            elif i in gone:
+                outcome[i] = MINIMISED if i in had_invoice else ERASED
+            else:
+                outcome[i] = ALREADY_GONE
+        _log_outcomes("minimise", "crm_contact", outcome)
+        return outcome
+
+    def _refused_contacts(
+        self, conn: sa.Connection, ids: list[int], now_p: sa.BindParameter, *, invoices_refuse: bool
+    ) -> dict[int, str]:
+        """One statement: contacts with an invoice (``held_invoice``) or under a live manual
+        hold on the contact or on a child the erasure would delete (``held_legal_hold``)."""
+        h = self._t("legal_hold")
+        inv = self._t("invoice")
+        parts = [
+            sa.select(inv.c.contact_id.label("cid"), sa.literal(HELD_INVOICE, sa.String).label("why")).where(
+                self._in_ids(inv.c.contact_id, ids, "ids_inv")
+            ),
+            sa.select(h.c.record_id.label("cid"), sa.literal(HELD_LEGAL_HOLD, sa.String).label("why")).where(
+                self._live_hold(h, "crm_contact", now_p), self._in_ids(h.c.record_id, ids, "ids_hold")
+            ),
+        ]
+        for logical, rtype in HOLDABLE_CHILDREN.items():
+            ch = self._t(logical).alias(f"ch_{logical}")
+            hh = h.alias(f"h_{logical}")
+            parts.append(
+                sa.select(ch.c.contact_id.label("cid"), sa.literal(HELD_LEGAL_HOLD, sa.String).label("why"))
+                .select_from(ch.table.join(hh.table, hh.c.record_id == ch.c.id))
+                .where(
+                    self._live_hold(hh, rtype, now_p),
+                    self._in_ids(ch.c.contact_id, ids, f"ids_{logical}"),
+                )
+            )
+        flags: dict[int, str] = {}
+        for cid, why in conn.execute(sa.union(*parts)):
+            if cid is None:
+                continue
+            cid = int(cid)
+            if why == HELD_LEGAL_HOLD or cid not in flags:
+                flags[cid] = why
+        return flags
+
+    def _delete_contacts(self, conn: sa.Connection, ids: list[int]) -> set[int]:
+        for logical in CONTACT_CHILDREN:
+            child = self._t(logical)
+            conn.execute(sa.delete(child.table).where(self._in_ids(child.c.contact_id, ids, "ids")))
+        return self._delete_returning(conn, self._t("contact"), ids)
+
+    def _delete_returning(self, conn: sa.Connection, t, ids: list[int]) -> set[int]:
+        where = self._in_ids(t.c.id, ids, "ids")
+        if conn.dialect.delete_returning:
+            return {int(i) for i in conn.execute(sa.delete(t.table).where(where).returning(t.c.id)).scalars()}
+        present = {int(i) for i in conn.execute(sa.select(t.c.id).where(where)).scalars()}
+        conn.execute(sa.delete(t.table).where(where))
+        return present
+
+
+def _erasable(record_type: str) -> str:
+    if record_type == "crm_legal_hold":
+        raise ValueError("crm_legal_hold records are managed by people and are never erased here")
+    try:
+        return ERASABLE[record_type]
+    except KeyError:
+        raise ValueError(f"unknown record type {record_type!r}; expected one of {tuple(ERASABLE)}") from None
+
+
+
+def _log_outcomes(action: str, record_type: str, outcome: dict[int, str]) -> None:
+    counts: dict[str, int] = {}
+    for v in outcome.values():
+        counts[v] = counts.get(v, 0) + 1
+    log.info("crm %s %s: %d id(s) %s", action, record_type, len(outcome), dict(sorted(counts.items())))

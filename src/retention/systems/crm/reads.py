@@ -1,0 +1,280 @@
+"""The CRM connector's reads: frames for the rule engine, and look-ups for erasure requests.
+
+Frames carry what the rules need and nothing else (no names, e-mail addresses, phone numbers or
+addresses ever leave the database through a frame); their columns and dtypes are
+``FRAME_COLUMNS`` (documented in :mod:`retention.systems.crm.client`), their values converted by
+:mod:`retention.systems.crm.values`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator, Sequence
+
+import pandas as pd
+import sqlalchemy as sa
+
+from retention.systems.crm.sql import ConnectorBase
+from retention.systems.crm.values import TS, as_utc, distinct_ids, to_frame
+
+# The connector's logger, whichever module of it logs (benchmarks quiet the per-batch lines by it).
+log = logging.getLogger("retention.systems.crm.client")
+
+RECORD_TYPES = (
+    "crm_contact",
+    "crm_event_participation",
+    "crm_course_registration",
+    "crm_survey_response",
+    "crm_invoice",
+    "crm_legal_hold",
+)
+
+#: Frame columns and dtypes per record type (``ts`` = ``datetime64[us, UTC]``).
+FRAME_COLUMNS: dict[str, dict[str, str]] = {
+    "crm_contact": {
+        "record_id": "int64",
+        "kind": "str",
+        "organisation_id": "Int64",
+        "membership_active": "bool",
+        "membership_end": TS,
+        "is_customer": "bool",
+        "last_interaction_at": TS,
+        "opted_out": "bool",
+        "has_email": "bool",
+        "created_at": TS,
+        "has_invoice": "bool",
+    },
+    "crm_event_participation": {
+        "record_id": "int64",
+        "contact_id": "Int64",
+        "event_date": TS,
+        "membership_active": "bool",
+        "membership_end": TS,
+        "is_customer": "bool",
+        "opted_out": "bool",
+    },
+    "crm_course_registration": {"record_id": "int64", "contact_id": "Int64", "course_end": TS},
+    "crm_survey_response": {"record_id": "int64", "contact_id": "Int64", "survey_closed_at": TS},
+    "crm_invoice": {"record_id": "int64", "contact_id": "Int64", "financial_year_end": TS},
+    "crm_legal_hold": {"record_type": "str", "record_id": "Int64", "reason": "str", "expires_at": TS},
+}
+
+
+class FrameReads(ConnectorBase):
+    """Reading the CRM: frames of every record type, and what belongs to given contacts."""
+
+    def iter_frames(self, record_type: str, *, now: dt.datetime | None = None) -> Iterator[pd.DataFrame]:
+        """Yield the records of ``record_type`` in frames of at most ``chunk_size`` rows.
+
+        Bounded memory: a server-side cursor on PostgreSQL, ``fetchmany`` elsewhere. Rows come
+        in ascending record id (legal holds: by hold id). A table with no rows yields one empty
+        frame with the documented columns and dtypes.
+        """
+        if record_type not in FRAME_COLUMNS:
+            raise ValueError(f"unknown record type {record_type!r}; expected one of {RECORD_TYPES}")
+        self._ensure_checked()
+        now = as_utc(now or dt.datetime.now(dt.UTC))
+        stmt = self._frame_query(record_type, now)
+        columns = FRAME_COLUMNS[record_type]
+        rows_total = 0
+        chunks = 0
+        with self.engine.connect() as conn:
+            if self.dialect == "postgresql":
+                with conn.begin():
+                    # A cursor reads everything: plan for total, not first-rows, cost.
+                    conn.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1.0")
+                    result = conn.execution_options(
+                        stream_results=True, yield_per=self.chunk_size
+                    ).execute(stmt)
+                    for part in result.partitions(self.chunk_size):
+                        rows_total += len(part)
+                        chunks += 1
+                        yield to_frame(part, columns)
+            else:
+                result = conn.execute(stmt)
+                try:
+                    while part := result.fetchmany(self.chunk_size):
+                        rows_total += len(part)
+                        chunks += 1
+                        yield to_frame(part, columns)
+                finally:
+                    result.close()
+        if chunks == 0:
+            yield to_frame([], columns)
+        log.info("crm extract %s: %d rows in %d chunk(s)", record_type, rows_total, max(chunks, 1))
+
+    def read_frame(self, record_type: str, *, now: dt.datetime | None = None) -> pd.DataFrame:
+        """All records of ``record_type`` in one frame (convenience for small CRMs and tests)."""
+        frames = list(self.iter_frames(record_type, now=now))
+        return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+    def _membership_stats(self, today: dt.date):
+        m = self._t("membership").table
+        mc = self._t("membership").c
+        today_p = self._date_param("today", today)
+        active = sa.case((sa.or_(mc.ends_on.is_(None), mc.ends_on >= today_p), 1), else_=0)
+        return (
+            sa.select(
+                mc.organisation_id.label("org"),
+                sa.func.max(active).label("active"),
+                sa.func.max(mc.ends_on).label("last_end"),
+            )
+            .select_from(m)
+            .group_by(mc.organisation_id)
+            .subquery("ms")
+        )
+
+    def _relationship_columns(self, ms) -> list[sa.ColumnElement]:
+        return [
+            sa.func.coalesce(ms.c.active, 0).label("membership_active"),
+            sa.case((ms.c.active == 1, sa.null()), else_=ms.c.last_end).label("membership_end"),
+            sa.case((ms.c.org.is_(None), 0), else_=1).label("is_customer"),
+        ]
+
+    def _frame_query(self, record_type: str, now: dt.datetime) -> sa.Select:
+        today = now.astimezone(self.local_tz).date()
+        if record_type == "crm_contact":
+            c = self._t("contact").alias("c")
+            inv = self._t("invoice")
+            ms = self._membership_stats(today)
+            with_inv = (
+                sa.select(inv.c.contact_id.label("cid"))
+                .where(inv.c.contact_id.is_not(None))
+                .group_by(inv.c.contact_id)
+                .subquery("inv")
+            )
+            has_email = sa.case(
+                (sa.and_(c.c.email.is_not(None), sa.func.trim(c.c.email) != ""), 1), else_=0
+            )
+            return (
+                sa.select(
+                    c.c.id.label("record_id"),
+                    c.c.kind.label("kind"),
+                    c.c.organisation_id.label("organisation_id"),
+                    *self._relationship_columns(ms),
+                    c.c.last_interaction_at.label("last_interaction_at"),
+                    c.c.opted_out.label("opted_out"),
+                    has_email.label("has_email"),
+                    c.c.created_at.label("created_at"),
+                    sa.case((with_inv.c.cid.is_(None), 0), else_=1).label("has_invoice"),
+                )
+                .select_from(
+                    c.table.outerjoin(ms, ms.c.org == c.c.organisation_id).outerjoin(
+                        with_inv, with_inv.c.cid == c.c.id
+                    )
+                )
+                .order_by(c.c.id)
+            )
+        if record_type == "crm_event_participation":
+            e = self._t("event_participation").alias("e")
+            c = self._t("contact").alias("c")
+            ms = self._membership_stats(today)
+            return (
+                sa.select(
+                    e.c.id.label("record_id"),
+                    e.c.contact_id.label("contact_id"),
+                    e.c.event_date.label("event_date"),
+                    *self._relationship_columns(ms),
+                    c.c.opted_out.label("opted_out"),
+                )
+                .select_from(
+                    e.table.outerjoin(c.table, c.c.id == e.c.contact_id).outerjoin(
+                        ms, ms.c.org == c.c.organisation_id
+                    )
+                )
+                .order_by(e.c.id)
+            )
+        simple = {
+            "crm_course_registration": ("course_registration", "course_end"),
+            "crm_survey_response": ("survey_response", "survey_closed_at"),
+            "crm_invoice": ("invoice", "financial_year_end"),
+        }
+        if record_type in simple:
+            logical, clock = simple[record_type]
+            t = self._t(logical)
+            return sa.select(
+                t.c.id.label("record_id"),
+                t.c.contact_id.label("contact_id"),
+                t.c[clock].label(clock),
+            ).order_by(t.c.id)
+        h = self._t("legal_hold")
+        order = h.c.id if h.columns.get("id") else h.c.record_id
+        return sa.select(
+            h.c.record_type.label("record_type"),
+            h.c.record_id.label("record_id"),
+            h.c.reason.label("reason"),
+            h.c.expires_at.label("expires_at"),
+        ).order_by(order)
+
+
+    # ------------------------------------------------------------------ look-ups
+    def find_contact_ids_by_email(self, email: str) -> list[int]:
+        """Ids of contacts with this e-mail address (case- and surrounding-space-insensitive)."""
+        needle = (email or "").strip().lower()
+        if not needle:
+            return []
+        self._ensure_checked()
+        c = self._t("contact")
+        stmt = (
+            sa.select(c.c.id)
+            .where(sa.func.lower(c.c.email) == sa.bindparam("email", needle, type_=sa.String))
+            .order_by(c.c.id)
+        )
+        with self.engine.connect() as conn:
+            ids = [int(i) for i in conn.execute(stmt).scalars()]
+            if not ids:  # stored with stray spaces: slower trimmed comparison
+                stmt2 = (
+                    sa.select(c.c.id)
+                    .where(
+                        sa.func.lower(sa.func.trim(c.c.email))
+                        == sa.bindparam("email", needle, type_=sa.String)
+                    )
+                    .order_by(c.c.id)
+                )
+                ids = [int(i) for i in conn.execute(stmt2).scalars()]
+        return ids
+
+    def contact_records(self, contact_ids: Sequence[int]) -> dict[str, pd.DataFrame]:
+        """What belongs to these contacts, for an erasure request: one frame per record type.
+
+        ``crm_event_participation``, ``crm_course_registration``, ``crm_survey_response``:
+        record_id (int64), contact_id (Int64); ``crm_invoice`` also financial_year_end (ts);
+        ``communication_note``: contact_id (Int64) and n (int64), the number of notes per
+        contact (notes have no record type of their own: they go with their contact).
+        """
+        ids = distinct_ids(contact_ids)
+        self._ensure_checked()
+        owned = {
+            "crm_event_participation": "event_participation",
+            "crm_course_registration": "course_registration",
+            "crm_survey_response": "survey_response",
+            "crm_invoice": "invoice",
+        }
+        out: dict[str, pd.DataFrame] = {}
+        with self.engine.connect() as conn:
+            for record_type, logical in owned.items():
+                t = self._t(logical)
+                columns = {"record_id": "int64", "contact_id": "Int64"}
+                cols = [t.c.id.label("record_id"), t.c.contact_id.label("contact_id")]
+                if record_type == "crm_invoice":
+                    columns["financial_year_end"] = TS
+                    cols.append(t.c.financial_year_end.label("financial_year_end"))
+                rows = (
+                    conn.execute(sa.select(*cols).where(self._in_ids(t.c.contact_id, ids, "ids")).order_by(t.c.id)).all()
+                    if ids
+                    else []
+                )
+                out[record_type] = to_frame(rows, columns)
+            n = self._t("communication_note")
+            rows = (
+                conn.execute(
+                    sa.select(n.c.contact_id, sa.func.count().label("n"))
+                    .where(self._in_ids(n.c.contact_id, ids, "ids"))
+                    .group_by(n.c.contact_id)
+                ).all()
+                if ids
+                else []
+            )
+            out["communication_note"] = to_frame(rows, {"contact_id": "Int64", "n": "int64"})
+        return out

@@ -1,0 +1,76 @@
+"""What the CRM connector's reads and erasure share: the mapped tables and dialect-aware SQL.
+
+Ids go to the database as one array parameter (``= ANY(:ids)`` on PostgreSQL, ``json_each`` on
+SQLite), so statement text and planning do not grow with the batch; timestamps and dates are
+bound in the form the stored clock columns compare with.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from retention.systems.crm.mapping import CrmMapping, MappedTable
+from retention.systems.crm.values import as_utc
+
+
+class ConnectorBase:
+    """The state and SQL helpers of :class:`~retention.systems.crm.client.CrmConnector`, which
+    sets them up; its reads (:mod:`~retention.systems.crm.reads`) and erasure
+    (:mod:`~retention.systems.crm.erasure`) build on them."""
+
+    engine: sa.Engine
+    mapping: CrmMapping
+    chunk_size: int
+    local_tz: ZoneInfo
+    _checked: bool
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def check(self) -> None:
+        """Check the mapping against the database (raises ``MappingError``)."""
+        self.mapping.check(self.engine)
+        self._checked = True
+
+    def _ensure_checked(self) -> None:
+        if not self._checked:
+            self.check()
+
+    def _t(self, logical: str) -> MappedTable:
+        return self.mapping[logical]
+
+    def _in_ids(self, col: sa.ColumnElement, ids: Sequence[int], name: str) -> sa.ColumnElement:
+        """``col IN ids`` as one bound parameter, whatever the number of ids."""
+        if self.dialect == "postgresql":
+            return col == sa.any_(sa.bindparam(name, list(ids), type_=postgresql.ARRAY(sa.BigInteger)))
+        if self.dialect == "sqlite":
+            each = sa.select(sa.literal_column("value")).select_from(
+                sa.func.json_each(sa.bindparam(name, json.dumps(list(ids)), type_=sa.String))
+            )
+            return col.in_(each.scalar_subquery())
+        return col.in_(sa.bindparam(name, list(ids), expanding=True))
+
+    def _ts_param(self, name: str, value: dt.datetime) -> sa.BindParameter:
+        """A UTC timestamp parameter comparable with the stored clock columns."""
+        value = as_utc(value)
+        if self.dialect == "sqlite":  # stored as naive UTC text, compared lexically
+            return sa.bindparam(name, value.strftime("%Y-%m-%d %H:%M:%S.%f"), type_=sa.String)
+        return sa.bindparam(name, value, type_=sa.DateTime(timezone=True))
+
+    def _date_param(self, name: str, value: dt.date) -> sa.BindParameter:
+        if self.dialect == "sqlite":
+            return sa.bindparam(name, value.isoformat(), type_=sa.String)
+        return sa.bindparam(name, value, type_=sa.Date)
+
+    def _live_hold(self, h, record_type: str, now_param: sa.BindParameter) -> sa.ColumnElement:
+        return sa.and_(
+            h.c.record_type == sa.literal(record_type, sa.String),
+            sa.or_(h.c.expires_at.is_(None), h.c.expires_at > now_param),
+        )

@@ -1,0 +1,141 @@
+"""The retrying transport (tenacity) and the pacing adapter, against a scripted transport."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+
+import pytest
+import requests
+from requests.adapters import BaseAdapter
+from requests.structures import CaseInsensitiveDict
+
+from retention.systems.http import HTTPError, RetryingSession, retry_after_seconds
+from retention.systems.ratelimit import PacedAdapter, Pacer, Route
+
+HASH = "0123456789abcdef0123456789abcdef"  # stands for a subscriber hash: never in a log line
+
+
+class Scripted(BaseAdapter):
+    """Answers each request with the next step: an int status, ``(status, headers)`` or an
+    exception instance (raised)."""
+
+    def __init__(self, *steps):
+        super().__init__()
+        self.steps = list(steps)
+        self.sent: list[str] = []
+
+    def send(self, request, **kwargs):
+        self.sent.append(request.path_url)
+        step = self.steps.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        status, headers = step if isinstance(step, tuple) else (step, {})
+        response = requests.Response()
+        response.status_code = status
+        response.headers = CaseInsensitiveDict(headers)
+        response._content = b'{"title": "Scripted"}'
+        response.request = request
+        response.url = request.url
+        response.reason = "Scripted"
+        return response
+
+    def close(self):
+        pass
+
+
+def session(adapter, **kw) -> tuple[RetryingSession, list[float]]:
+    slept: list[float] = []
+    kw.setdefault("backoff", 0.5)
+    return RetryingSession("http://api.test/3.0", adapter=adapter, sleep=slept.append, **kw), slept
+
+
+def test_retry_after_is_obeyed_on_429_and_503_in_seconds_or_as_a_date():
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    s, slept = session(Scripted((429, {"Retry-After": "3"}), (503, {"Retry-After": later}), 200))
+    assert s.request("GET", "/ping", endpoint="ping").status_code == 200
+    assert slept[0] == 3 and 25 < slept[1] <= 30
+    assert s.stats.as_dict() == {"throttled": 1, "server_errors": 1, "retries": 2}
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: at once
+    assert retry_after_seconds("soon") is None
+
+
+def test_backoff_is_full_jitter_exponential_and_read_live():
+    s, slept = session(Scripted(429, 500, 502, 504, 200), backoff=1.0, max_backoff=3.0)
+    s.request("GET", "/x")
+    assert all(0 <= d <= bound for d, bound in zip(slept, [1, 2, 3, 3], strict=True)), slept
+    s.backoff = 0.001  # a live session takes new options
+    slept.clear()
+    s.session.mount("http://", Scripted(500, 500, 200))
+    s.request("GET", "/x")
+    assert len(slept) == 2 and max(slept) <= 0.002
+
+
+def test_out_of_retries_the_last_status_is_raised():
+    adapter = Scripted(*[(503, {})] * 3)
+    s, slept = session(adapter, max_retries=2)
+    with pytest.raises(HTTPError) as err:
+        s.request("POST", f"/lists/l/members/{HASH}/actions/delete-permanent", endpoint="delete-permanent")
+    assert (err.value.status, err.value.endpoint, err.value.detail) == (503, "delete-permanent", "Scripted")
+    assert len(adapter.sent) == 3 and len(slept) == 2
+    assert s.stats.as_dict() == {"server_errors": 2, "retries": 2}
+
+
+def test_dropped_connections_are_retried_then_reported_without_the_url():
+    s, _ = session(Scripted(requests.ConnectionError(f"boom /{HASH}"), requests.Timeout(), 204))
+    assert s.request("DELETE", "/x").status_code == 204
+    assert s.stats.as_dict() == {"connection_errors": 2, "retries": 2}
+    s, _ = session(Scripted(*[requests.ConnectionError(f"boom /{HASH}")] * 2), max_retries=1)
+    with pytest.raises(HTTPError) as err:
+        s.request("GET", f"/m/{HASH}", endpoint="get-member")
+    assert err.value.status is None and err.value.detail == "ConnectionError" and HASH not in str(err.value)
+    assert s.stats.as_dict() == {"connection_errors": 2, "retries": 1}
+
+
+def test_ok_accept_and_statuses_that_are_not_retried():
+    s, slept = session(Scripted(404, 404, 400, (429, {"Retry-After": "1"})))
+    assert s.request("GET", "/x", accept=(404,)).status_code == 404
+    with pytest.raises(HTTPError) as err:
+        s.request("GET", "/x")
+    assert err.value.status == 404
+    with pytest.raises(HTTPError):
+        s.request("GET", "/x")
+    assert s.request("GET", "/x", accept=(429,)).status_code == 429  # accepted, so not retried
+    assert slept == [] and s.stats.as_dict() == {}
+
+
+def test_retries_are_logged_without_identifiers(caplog):
+    caplog.set_level(logging.DEBUG, logger="retention")
+    s, _ = session(Scripted(429, requests.ConnectionError(f"to /{HASH}"), 503, 204))
+    s.request("POST", f"/lists/l/members/{HASH}/actions/delete-permanent", endpoint="delete-permanent")
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("retention")]
+    assert lines and all(HASH not in line for line in lines)
+    assert [line.split(",")[0] for line in lines] == [
+        "POST delete-permanent: HTTP 429",
+        "POST delete-permanent: ConnectionError",
+        "POST delete-permanent: HTTP 503",
+    ]
+
+
+def test_paced_adapter_paces_counts_and_is_deferred_by_retry_after(monkeypatch):
+    now, waits = [0.0], []
+
+    def pacer_sleep(seconds):
+        waits.append(seconds)
+        now[0] += seconds
+
+    pacer = Pacer(1000, 1.0, clock=lambda: now[0], sleep=pacer_sleep)
+    sent: list[str] = []
+    adapter = PacedAdapter(lambda method, path: Route("things.get", (pacer,), 1), max_connections=2, on_send=sent.append)
+    answers = iter([(429, {"Retry-After": "2"}), (503, {"Retry-After": "4"}), (200, {})])
+
+    def send(self, request, **kwargs):  # the transport below the pacing
+        return Scripted(next(answers)).send(request)
+
+    monkeypatch.setattr("requests.adapters.HTTPAdapter.send", send)
+    s, slept = session(adapter)
+    assert s.request("GET", "/things").status_code == 200
+    assert sent == ["things.get"] * 3  # every attempt paced and counted
+    assert slept == [2, 4]  # the retries' own waits
+    assert waits == [pytest.approx(2), pytest.approx(4)]  # and the pacer was pushed back as far
