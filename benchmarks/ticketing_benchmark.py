@@ -3,11 +3,11 @@ per-minute request limit.
 
 Starts the stand-in (``tools.standins.zendesk``) with the limit, then runs the pipeline's
 steps (extract, plan, validate, erase, verify), each in a fresh spawned process as Airflow runs
-each task, through ``TicketingAdapter(ZendeskClient(...))`` paced at the same limit, and prints
-wall time, records/s and peak RSS (``ru_maxrss`` of the step process) per step. For the
-erasure it prints the requests the client sent (``ZendeskClient.stats()``), the requests per
-minute against the limit, and the tickets erased per minute against what the limits allow.
-Figures, not assertions.
+each task (``harness``), through ``TicketingAdapter(ZendeskClient(...))`` paced at the same limit,
+and prints wall time, records/s and peak RSS of the step process per step (``--repeat``: plan
+and validate that many times, medians). For the erasure it prints the requests the client
+sent (``ZendeskClient.stats()``), the requests per minute against the limit, and the tickets
+erased per minute against what the limits allow. Figures, not assertions.
 
 What the limits allow (the "share" printed): the shortest time in which any client could do
 this erasure without going over Zendesk's documented limits, divided by the time it took (from
@@ -48,33 +48,21 @@ Limits (the stand-in and the client are configured alike):
   applies) so that the requesters erased after their tickets do not take hours, and says so.
 
     scripts/bench.sh ticketing [--tickets 500000] [--limit 2500] [--skip-users] [--window-seconds 60]
+        [--repeat 1] [--keep]   (the rest: --help)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import multiprocessing as mp
 import os
-import resource
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import requests
+from harness import AdapterProxy, Bench, Hooks, Row, add_options, machine, peak_line, table, timed_erase
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "plugins"))
-
-from tools.standins.process import StandIn  # noqa: E402
-
-DAG_ID = "bench_ticketing"
 EMAIL = "agent@example.org"
 TOKEN = "bench-token"
-STEPS = ("extract", "plan", "validate", "erase", "verify")
 IDS_PER_CALL = 100  # tickets/destroy_many, deleted_tickets/destroy_many, tickets/show_many
 JOB_LIMIT = 30  # queued or running background jobs per account (Zendesk's job limit)
 
@@ -89,21 +77,16 @@ def floor_requests(call_sizes: list[int]) -> int:
 
 
 # ---------------------------------------------------------------------- the pipeline's steps
-class _TimedAdapter:
+class _TimedAdapter(AdapterProxy):
     """Passes everything to the real adapter; per record type, notes when its erasure began
     and ended and the client's request counters at both ends."""
 
     def __init__(self, inner, phases: dict):
-        self._inner = inner
+        super().__init__(inner)
         self._phases = phases
-        self.system = inner.system
-        self.record_types = inner.record_types
         self.erase_batch = int(os.environ.get("BENCH_ERASE_BATCH") or inner.erase_batch)
         if os.environ.get("BENCH_SKIP_USERS"):  # erase and verify the tickets only
             self.record_types = tuple(rt for rt in inner.record_types if rt != "ticket_user")
-
-    def extract(self, write, now):
-        return self._inner.extract(write, now)
 
     def erase(self, record_type, action, record_ids):
         phase = self._phases.get(record_type)
@@ -116,26 +99,20 @@ class _TimedAdapter:
                 "calls": [],
                 "outcomes": {},
             }
-        t = time.perf_counter()
-        outcomes = {}
-        try:
-            outcomes = self._inner.erase(record_type, action, record_ids)
-            return outcomes
-        finally:
-            end = time.perf_counter()
-            phase["in_erase_s"] += end - t
-            phase["ids"] += len(record_ids)
-            phase["calls"].append(len(record_ids))
-            for outcome in outcomes.values():
-                phase["outcomes"][outcome] = phase["outcomes"].get(outcome, 0) + 1
-            phase["end"] = end
+        phase["ids"] += len(record_ids)
+        phase["calls"].append(len(record_ids))
+
+        def add(s: float) -> None:
+            phase["in_erase_s"] += s
+
+        def outcome(record_id: str, outcome: str) -> None:
+            phase["outcomes"][outcome] = phase["outcomes"].get(outcome, 0) + 1
+
+        def done() -> None:
+            phase["end"] = time.perf_counter()
             phase["after"] = self._inner.client.stats()
 
-    def still_present(self, record_type, record_ids):
-        return self._inner.still_present(record_type, record_ids)
-
-    def close(self):
-        self._inner.close()
+        return timed_erase(lambda: self._inner.erase(record_type, action, record_ids), add, outcome, done)
 
 
 def _client(env: dict):
@@ -159,23 +136,18 @@ def _client(env: dict):
     )
 
 
-def _step(name: str, run: dict, env: dict, queue) -> None:
-    os.environ.update(env)
-    logging.getLogger("retention.systems.ticketing.client").setLevel(logging.WARNING)  # one line per batch otherwise
-    from retention.runs import nightly as pipeline
+def prepare(step: str, env: dict) -> Hooks:
+    """The step process's adapter, timed per record type, and the client's counters after."""
+    if step not in ("extract", "erase", "verify"):
+        return Hooks()
     from retention.systems.ticketing.adapter import TicketingAdapter
 
-    info = pipeline.RunInfo.from_dict(run)
-    extra: dict = {}
-    t = time.perf_counter()
-    if name in ("extract", "erase", "verify"):
-        phases: dict = {}
-        adapter = _TimedAdapter(TicketingAdapter(_client(env)), phases)
-        t = time.perf_counter()
-        result = getattr(pipeline, name)(info, "ticketing", adapter)
-        end = time.perf_counter()
+    phases: dict = {}
+    adapter = _TimedAdapter(TicketingAdapter(_client(env)), phases)
+
+    def after(start: float, end: float) -> dict:
         client = adapter._inner.client
-        extra = {
+        return {
             "client": client.stats(),
             "client_settings": {
                 "max_connections": client.max_connections,
@@ -183,6 +155,7 @@ def _step(name: str, run: dict, env: dict, queue) -> None:
                 "job_poll_interval": client.job_poll_interval,
             },
             "erase_batch": adapter.erase_batch,
+            "erase_batches": dict(getattr(adapter, "erase_batches", {})),
             "phases": {
                 rt: {
                     "wall": p["end"] - p["start"],
@@ -195,20 +168,8 @@ def _step(name: str, run: dict, env: dict, queue) -> None:
                 for rt, p in phases.items()
             },
         }
-        adapter.close()
-    elif name == "validate":
-        from retention.checks import validation
 
-        validation._gx()  # the one-time GX import, reported apart from the validation itself
-        imported = time.perf_counter()
-        result = pipeline.validate(info, "ticketing")
-        extra = {"gx_import_s": imported - t}
-        t = imported
-        end = time.perf_counter()
-    else:
-        result = pipeline.plan(info, "ticketing")
-        end = time.perf_counter()
-    queue.put({"wall": end - t, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "result": result, **extra})
+    return Hooks(adapter=adapter, after=after)
 
 
 def _diff(after: dict, before: dict) -> dict:
@@ -217,22 +178,6 @@ def _diff(after: dict, before: dict) -> dict:
     out = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
     out.setdefault("requests", 0)
     out["by_family"] = {k: v for k, v in sorted(fam.items()) if v}
-    return out
-
-
-def run_step(name: str, run: dict, env: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_step, args=(name, run, env, q))
-    p.start()
-    while True:
-        try:
-            out = q.get(timeout=5)
-            break
-        except Exception:  # queue.Empty: still working, or dead
-            if not p.is_alive():
-                raise SystemExit(f"step {name} failed (exit code {p.exitcode}); see its traceback above") from None
-    p.join()
     return out
 
 
@@ -266,23 +211,17 @@ def main() -> int:
         help="erase and verify the tickets only (the requesters stay planned but untouched): a full-size "
         "run's users take 2 requests each and verify 1 each, i.e. ~20 min more at 2500/min",
     )
-    ap.add_argument("--keep", action="store_true", help="leave RETENTION_HOME (staging, ledger) in place")
     ap.add_argument(
         "--erase-batch",
         type=int,
         default=None,
         help="ids per adapter.erase call (default: TicketingAdapter.erase_batch); an experiment knob",
     )
+    add_options(ap, repeat=1, repeat_help="runs of plan and validate (medians)")
     args = ap.parse_args()
     incremental = args.incremental_limit or args.limit
     user_deletes = args.user_deletes_per_10min or 10 * args.limit
-    work = Path(tempfile.mkdtemp(prefix="retention-bench-ticketing-"))
     env = {
-        "RETENTION_HOME": str(work),
-        "RETENTION_PSEUDONYM_KEY": os.environ.get("RETENTION_PSEUDONYM_KEY") or "benchmark-only-key-" + "0" * 32,
-        "RETENTION_KEEP_STAGING": "1",
-        "PYTHONPATH": str(ROOT / "plugins"),
-        "GX_ANALYTICS_ENABLED": "false",
         "BENCH_LIMIT": str(args.limit),
         "BENCH_INCREMENTAL": str(incremental),
         "BENCH_USER_DELETES": str(user_deletes),
@@ -292,13 +231,7 @@ def main() -> int:
         "BENCH_WINDOW": str(args.window_seconds),
         "BENCH_ERASE_BATCH": str(args.erase_batch or ""),
         "BENCH_SKIP_USERS": "1" if args.skip_users else "",
-        # The ledger: SQLite in RETENTION_HOME, pinned as the Airflow Connection too (which would win).
-        "RETENTION_LEDGER_URL": f"sqlite:///{work / 'ledger.db'}",
-        "AIRFLOW_CONN_RETENTION_LEDGER": json.dumps(
-            {"conn_type": "generic", "extra": {"sqlalchemy_url": f"sqlite:///{work / 'ledger.db'}"}}
-        ),
     }
-    os.environ.update(env)
     win = args.window_seconds
     per = "min" if win == 60 else f"{win:g}s-window"  # the unit every rate below is given in
     shortened = (
@@ -311,65 +244,41 @@ def main() -> int:
     )
     if shortened:
         print(shortened, flush=True)
-    print(
-        f"starting the Zendesk stand-in with {args.tickets:,} tickets (20% due), {args.limit}/{per}, "
-        f"incremental {incremental}/{per}, user deletes {user_deletes} per 10 {'min' if win == 60 else 'windows'}, "
-        f"jobs {args.job_seconds}s...",
-        flush=True,
-    )
-    t = time.perf_counter()
-    standin = StandIn(
-        "zendesk",
-        "--port",
-        "0",
-        "--tickets",
-        str(args.tickets),
-        "--seed",
-        str(args.seed),
-        "--due-share",
-        "0.2",
-        "--requests-per-minute",
-        str(args.limit),
-        "--incremental-per-minute",
-        str(incremental),
-        "--user-deletes-per-10min",
-        str(user_deletes),
-        "--job-seconds",
-        str(args.job_seconds),
-        "--token",
-        TOKEN,
-        "--window-seconds",
-        str(args.window_seconds),
-    ).start()
-    print(f"  ready in {time.perf_counter() - t:.1f}s", flush=True)
-    try:
-        base = standin.base_url
-        env["BENCH_BASE_URL"] = base
+    quiet = ("retention.systems.ticketing.client",)  # one line per batch otherwise
+    with Bench("ticketing", "ticketing", keep=args.keep, env=env, quiet=quiet) as bench:
+        standin = bench.standin(
+            "zendesk", "--port", "0", "--tickets", str(args.tickets), "--seed", str(args.seed), "--due-share", "0.2",
+            "--requests-per-minute", str(args.limit), "--incremental-per-minute", str(incremental),
+            "--user-deletes-per-10min", str(user_deletes), "--job-seconds", str(args.job_seconds), "--token", TOKEN,
+            "--window-seconds", str(args.window_seconds),
+            what=f"{args.tickets:,} tickets (20% due), {args.limit}/{per}, incremental {incremental}/{per}, user deletes "
+            f"{user_deletes} per 10 {'min' if win == 60 else 'windows'}, jobs {args.job_seconds}s",
+        )
+        base = bench.env["BENCH_BASE_URL"] = standin.base_url
         before = requests.get(f"{base}/_standin/stats").json()
 
-        from retention.runs import nightly as pipeline
-
-        run = pipeline.open_run(DAG_ID, f"bench_{int(time.time())}", None, dry_run=False, max_plan_share=0.5)
-        figures = {}
-        for step in STEPS:
-            print(f"step {step}...", flush=True)
-            figures[step] = out = run_step(step, run, env)
-            print(f"  {out['wall']:.2f}s, peak RSS {out['rss_mb']:.0f} MB", flush=True)
+        bench.open_run()
+        figures = {"extract": bench.step("extract", prepare)}
+        plans = bench.repeat(args.repeat, "plan")
+        validations = bench.repeat(args.repeat, "validate")
+        figures["erase"] = bench.step("erase", prepare)
+        figures["verify"] = bench.step("verify", prepare)
         after = requests.get(f"{base}/_standin/stats").json()
 
         # ------------------------------------------------------------------ figures
         extracted = figures["extract"]["result"]["extracted"]
         n_extracted = sum(extracted.values())
-        planned = figures["plan"]["result"]["planned"]
+        planned = plans[0]["result"]["planned"]
         erase = figures["erase"]
         print()
         cs = erase["client_settings"]
+        batches = "".join(f" ({rt} {n:,})" for rt, n in erase["erase_batches"].items())
         print(
             f"Ticketing benchmark: {args.tickets:,} tickets (seed {args.seed}, 20% due), stand-in limit {args.limit} "
             f"requests per {win:g} s; client max_connections {cs['max_connections']}, max_jobs_in_flight "
             f"{cs['max_jobs_in_flight']}, job_poll_interval {cs['job_poll_interval']:g} s; ids per erase call "
-            f"{erase['erase_batch']:,}; stand-in jobs take {args.job_seconds}s (job limit 30); "
-            f"{os.cpu_count()} CPUs; ledger SQLite under RETENTION_HOME"
+            f"{erase['erase_batch']:,}{batches}; stand-in jobs take {args.job_seconds}s (job limit 30); "
+            f"{machine()}; ledger {bench.ledger_label}"
         )
         if shortened:
             print(shortened)
@@ -385,25 +294,17 @@ def main() -> int:
         )
         print(f"extracted {extracted}; planned {planned}")
         print()
-        print(f"{'step':<10}{'wall s':>9}{'records':>12}{'records/s':>13}{'peak RSS MB':>13}  note")
-        for step in STEPS:
-            out = figures[step]
-            res = out["result"]
-            note = ""
-            if step == "extract":
-                n = n_extracted
-                note = f"{out['client']['requests']} requests"
-            elif step == "erase":
-                n = sum(v for k, v in res["outcomes"].items() if k in ("erased", "already_gone"))
-                note = f"outcomes {res['outcomes']}"
-            elif step == "verify":
-                n = res["checked"]
-                note = f"still present {res['still_present']}; {out['client']['requests']} requests {out['client']['by_family']}"
-            else:
-                n = n_extracted
-                if step == "validate":
-                    note = f"GX import {out['gx_import_s']:.1f}s excluded; {res['suites']} suites"
-            print(f"{step:<10}{out['wall']:9.2f}{n:12,}{n / out['wall']:13,.0f}{out['rss_mb']:13.0f}  {note}")
+        verify = figures["verify"]
+        rows = [
+            Row("extract", figures["extract"], n_extracted, f"{figures['extract']['client']['requests']} requests"),
+            Row("plan", plans, n_extracted),
+            Row("validate", validations, n_extracted, f"{validations[0]['result']['suites']} suites"),
+            Row("erase", erase, sum(v for k, v in erase["result"]["outcomes"].items() if k in ("erased", "already_gone")),
+                f"outcomes {erase['result']['outcomes']}"),
+            Row("verify", verify, verify["result"]["checked"], f"still present {verify['result']['still_present']}; "
+                f"{verify['client']['requests']} requests {verify['client']['by_family']}"),
+        ]
+        table(rows)
         print()
         for rt, p in erase["phases"].items():
             req = p["requests"]
@@ -445,20 +346,13 @@ def main() -> int:
                     f"Zendesk's own 700/10 min would allow 70/min)"
                 )
         print()
-        peak = max(figures[s]["rss_mb"] for s in STEPS)
-        print(f"peak RSS of any step: {peak:.0f} MB (target < 1024)")
+        print(peak_line(rows))
         print(
             f"stand-in after: {after['tickets_live']:,} live tickets, {after['tickets_soft_deleted']:,} soft-deleted, "
             f"{after['tickets_permanently_deleted']:,} permanently deleted; users permanently deleted "
             f"{after['users_permanently_deleted']:,}; 429s sent {after['throttled'] - before['throttled']}; "
             f"jobs {after['jobs']}"
         )
-    finally:
-        standin.stop(timeout=120)
-        if args.keep:
-            print(f"kept RETENTION_HOME {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
