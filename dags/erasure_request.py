@@ -36,6 +36,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from retention.airflow.tasks import fail_without_retry
 from retention.domain.addresses import EMAIL_MAX_LENGTH, EMAIL_PATTERN
 from retention.domain.records import SYSTEMS
 
@@ -46,10 +47,8 @@ def check_request() -> dict:
 
     ctx = get_current_context()
     params = ctx["params"]
-    try:
+    with fail_without_retry():  # a malformed address or a broken policy will not fix itself on retry
         return open_request(ctx["dag"].dag_id, ctx["run_id"], params.get("email"), dry_run=params["dry_run"])
-    except ValueError as exc:  # a malformed address or a broken policy will not fix itself on retry
-        raise AirflowFailException(str(exc)) from None
 
 
 def system_task(system: str):

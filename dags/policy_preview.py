@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowSkipException
 
+from retention.airflow.tasks import fail_without_retry
 from retention.domain.records import SYSTEMS
 
 
@@ -37,17 +38,13 @@ def _preview_id() -> str:
 
 @task(retries=0)
 def prepare() -> dict:
-    from retention.config import ConfigError
-    from retention.domain.policy import PolicyError
-    from retention.runs.preview import PreviewError, check_systems
+    from retention.runs.preview import check_systems
     from retention.runs.preview import prepare as prepare_
 
     params = get_current_context()["params"]
-    try:
+    with fail_without_retry():
         check_systems(params["systems"])
         return prepare_(_preview_id(), params["old_policy"], params.get("new_policy") or None, params.get("as_of") or None)
-    except (PolicyError, PreviewError, ConfigError) as exc:  # will not fix itself on retry
-        raise AirflowFailException(str(exc)) from None
 
 
 def _preview_task(system: str):
@@ -64,13 +61,11 @@ def _preview_task(system: str):
 
 @task(trigger_rule="all_done", retries=0)
 def summary() -> dict:
-    from retention.runs.preview import PreviewError, finish
+    from retention.runs.preview import finish
 
     params = get_current_context()["params"]
-    try:
+    with fail_without_retry():
         return finish(_preview_id(), params["systems"])
-    except PreviewError as exc:
-        raise AirflowFailException(str(exc)) from None
 
 
 @dag(

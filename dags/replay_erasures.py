@@ -21,7 +21,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from retention.airflow.tasks import run_info, system_adapter
+from retention.airflow.tasks import fail_without_retry, run_info, system_adapter
 from retention.domain.records import SYSTEMS
 
 
@@ -30,11 +30,9 @@ def open_run() -> dict:
     from retention.runs.replay import open_run as open_
 
     ctx = get_current_context()
-    try:
+    with fail_without_retry():  # a broken policy will not fix itself on retry
         # The ledger run id follows the Airflow run: a retried task resumes the same replay.
         return open_(f"replay__{ctx['run_id']}", dry_run=ctx["params"]["dry_run"], dag_id=ctx["dag"].dag_id)
-    except ValueError as exc:  # a broken policy will not fix itself on retry
-        raise AirflowFailException(str(exc)) from None
 
 
 @task_group

@@ -19,7 +19,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
-from retention.airflow.tasks import run_info, system_adapter
+from retention.airflow.tasks import fail_without_retry, run_info, system_adapter
 from retention.domain.records import SYSTEMS
 
 
@@ -30,10 +30,8 @@ def open_run() -> dict:
     ctx = get_current_context()
     params = ctx["params"]
     as_of = ctx.get("data_interval_end") or ctx.get("logical_date")
-    try:
+    with fail_without_retry():  # a broken policy or param will not fix itself on retry
         return open_(ctx["dag"].dag_id, ctx["run_id"], as_of, dry_run=params["dry_run"], max_plan_share=params["max_plan_share"])
-    except ValueError as exc:  # a broken policy or param will not fix itself on retry
-        raise AirflowFailException(str(exc)) from None
 
 
 @task_group

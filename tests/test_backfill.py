@@ -11,11 +11,11 @@ import pytest
 import sqlalchemy as sa
 
 from airflow_services import AirflowServices
-from retention.systems.crm import schema as crm_schema
-from tools.synthetic.crm import generate as generate_crm
 from retention.config import DEFAULT_POLICY
 from retention.domain.policy import load_policy
+from retention.systems.crm import schema as crm_schema
 from tools.standins.process import StandIn
+from tools.synthetic.crm import generate as generate_crm
 
 DAG = "retention_nightly"
 

@@ -37,9 +37,9 @@ import pytest
 import sqlalchemy as sa
 
 from retention.runs import nightly as P
-from tools.synthetic import crm as synthetic
-from retention.systems.crm.client import CrmConnector
 from retention.systems.crm.adapter import CrmAdapter
+from retention.systems.crm.client import CrmConnector
+from tools.synthetic import crm as synthetic
 
 LOCAL = ZoneInfo("Europe/Stockholm")
 UTC = dt.UTC

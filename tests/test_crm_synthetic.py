@@ -18,8 +18,8 @@ import pytest
 import sqlalchemy as sa
 
 from retention.systems.crm import schema
-from tools.synthetic import crm as synthetic
 from retention.systems.crm.client import RECORD_TYPES, CrmConnector
+from tools.synthetic import crm as synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)

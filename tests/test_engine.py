@@ -5,8 +5,8 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retention.domain.engine import explain_record, plan_record_type, plan_records
 from retention.config import DEFAULT_POLICY
+from retention.domain.engine import explain_record, plan_record_type, plan_records
 from retention.domain.policy import load_policy, parse_policy
 
 POLICY = load_policy(DEFAULT_POLICY)

@@ -22,11 +22,11 @@ import requests
 import sqlalchemy as sa
 
 from airflow_run import run_dag, task_states, xcom_values
-from retention.systems.ticketing.client import ZendeskClient
-from retention.systems.crm import schema
+from retention.domain.pseudonyms import Pseudonymizer
 from retention.runs.request import EMAIL_PATTERN, InvalidRequest, normalise_email
 from retention.store.ledger import Ledger
-from retention.domain.pseudonyms import Pseudonymizer
+from retention.systems.crm import schema
+from retention.systems.ticketing.client import ZendeskClient
 from tools.standins.mailchimp import Audience
 from tools.standins.mailchimp_data import STATUS_CODE, generate_columns, member_dict
 from tools.standins.process import StandIn
@@ -471,9 +471,9 @@ def test_crm_part_resumes_after_an_interrupted_attempt(crm_engine, retention_hom
     """Killed after the CRM minimised the contact but before the ledger heard of it: the retry
     can no longer find the contact by address, takes its id from staging, and completes the
     entry as already gone."""
-    from retention.systems.crm.client import CrmConnector
     from retention.runs.request import erase_person, load_run, open_request
     from retention.systems.crm.adapter import CrmAdapter
+    from retention.systems.crm.client import CrmConnector
 
     seed_crm(crm_engine, "Person.A@Example.org", "person.b@example.org")
     email = "person.a@example.org"
@@ -506,9 +506,9 @@ def test_crm_part_resumes_after_an_interrupted_attempt(crm_engine, retention_hom
 
 
 def test_errors_naming_the_address_are_withheld(tmp_path, retention_home, monkeypatch):
-    from retention.systems.crm.client import CrmConnector
     from retention.runs.request import erase_person, load_run, open_request
     from retention.systems.crm.adapter import CrmAdapter
+    from retention.systems.crm.client import CrmConnector
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
     seed_crm(engine, "person.a@example.org", "person.b@example.org")
@@ -529,10 +529,10 @@ def test_errors_naming_the_address_are_withheld(tmp_path, retention_home, monkey
 
 
 def test_dry_run_counts_and_changes_nothing(tmp_path, retention_home):
-    from retention.systems.crm.client import CrmConnector
     from retention.runs.request import erase_person, open_request, report
-    from retention.systems.crm.adapter import CrmAdapter
     from retention.runs.request import load_run as load
+    from retention.systems.crm.adapter import CrmAdapter
+    from retention.systems.crm.client import CrmConnector
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
     seed_crm(engine, "person.a@example.org", "person.b@example.org")

@@ -11,13 +11,13 @@ import sys
 import pytest
 import sqlalchemy as sa
 
-from retention.systems.crm import schema
-from retention.systems.crm.client import CrmConnector
-from retention.runs.explain import explain
 from retention.config import DEFAULT_POLICY
 from retention.domain.policy import load_policy
 from retention.domain.pseudonyms import Pseudonymizer
+from retention.runs.explain import explain
+from retention.systems.crm import schema
 from retention.systems.crm.adapter import CrmAdapter
+from retention.systems.crm.client import CrmConnector
 
 AS_OF = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
 POLICY = load_policy(DEFAULT_POLICY)

@@ -174,8 +174,8 @@ def test_plan_guard_halts_the_run_before_any_erasure(mailchimp, retention_home):
 # --- pipeline steps called directly (no Airflow) ------------------------------------------
 
 def _adapter(standin):
-    from retention.systems.newsletter.client import MailchimpClient
     from retention.systems.newsletter.adapter import NewsletterAdapter
+    from retention.systems.newsletter.client import MailchimpClient
 
     return NewsletterAdapter(MailchimpClient(KEY, base_url=f"{standin.base_url}/3.0"), "demo-list")
 

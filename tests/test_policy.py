@@ -4,7 +4,6 @@ import sys
 import pytest
 
 from retention.config import DEFAULT_POLICY
-
 from retention.domain.policy import PolicyError, load_policy, parse_policy
 
 TEXT = DEFAULT_POLICY.read_text()

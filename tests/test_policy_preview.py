@@ -186,8 +186,8 @@ def test_shortened_ticket_period_lists_exactly_the_tickets_that_become_due(zende
 
 def test_lengthened_ticket_period_lists_what_is_no_longer_erased(zendesk, tickets, tmp_path):
     from retention import config
-    from retention.store.ledger import Ledger
     from retention.runs.preview import run_preview
+    from retention.store.ledger import Ledger
 
     expected = solved_between(tickets, 12, 24)
     assert len(expected) > 20
@@ -286,11 +286,11 @@ def test_broken_new_policy_fails_before_any_system_is_read(zendesk, tmp_path, re
 def test_plan_system_matches_the_pipeline_plan(zendesk, retention_home):
     """Until pipeline.plan calls planning.plan_system itself: the same staged extract, the same plan."""
     from retention import config
-    from retention.runs import nightly as pipeline
     from retention.domain.planning import plan_system
     from retention.domain.policy import load_policy
     from retention.domain.pseudonyms import Pseudonymizer
     from retention.domain.records import record_types_of
+    from retention.runs import nightly as pipeline
     from retention.systems import adapter_for
 
     run = pipeline.RunInfo.from_dict(pipeline.open_run("parity", "parity_1", AS_OF, dry_run=True, max_plan_share=1.0))

@@ -19,13 +19,13 @@ import requests
 import sqlalchemy as sa
 
 from airflow_run import ROOT, run_dag, task_states, xcom_values
-from retention.systems.crm import schema
-from tools.synthetic.crm import generate
-from retention.store.ledger import Ledger
 from retention.domain.pseudonyms import Pseudonymizer
+from retention.store.ledger import Ledger
+from retention.systems.crm import schema
 from tools.standins.mailchimp import Audience
 from tools.standins.mailchimp_data import STATUS_CODE, generate_members
 from tools.standins.process import StandIn
+from tools.synthetic.crm import generate
 
 SEED = 11
 MEMBERS = 1500
@@ -308,7 +308,8 @@ class KilledAfter:
 
 def test_killed_replay_resumes_from_the_ledger_and_erases_each_record_once(systems, retention_home):
     """The steps called directly: a replay killed mid-erasure is resumed under the same run id."""
-    from retention.runs import nightly as pipeline, replay
+    from retention.runs import nightly as pipeline
+    from retention.runs import replay
     from retention.runs.nightly import RunInfo
     from retention.systems import adapter_for
 
@@ -361,10 +362,11 @@ ZENDESK_CLIENT = {
 
 def test_restored_ticketing_backup_is_cleaned_again(tmp_path, monkeypatch, retention_home):
     """Ticketing the same way, with the steps called directly: tickets and their requesters."""
-    from retention.runs import nightly as pipeline, replay
+    from retention.runs import nightly as pipeline
+    from retention.runs import replay
     from retention.runs.nightly import RunInfo
-    from tools.standins import zendesk as zs
     from retention.systems import adapter_for
+    from tools.standins import zendesk as zs
 
     state, backup = tmp_path / "zendesk.npz", tmp_path / "zendesk.backup"
     zs.State.generate(800, 5, 0.2, NOW, job_seconds=0.1).save(state)

@@ -1,9 +1,9 @@
 import pandas as pd
 
-from retention.domain.engine import plan_record_type
 from retention.config import DEFAULT_POLICY
-from retention.domain.policy import load_policy
 from retention.domain.derive import derive_ticket_users, latest_tickets
+from retention.domain.engine import plan_record_type
+from retention.domain.policy import load_policy
 from retention.systems.ticketing.adapter import tickets_frame, users_frame
 
 POLICY = load_policy(DEFAULT_POLICY)

@@ -26,14 +26,14 @@ import requests
 import sqlalchemy as sa
 
 from airflow_run import ROOT, run_dag, task_states, xcom_values
+from retention.domain.pseudonyms import Pseudonymizer
 from retention.runs import nightly as pipeline
 from retention.runs.context import open_ledger
+from retention.systems.ticketing.adapter import TicketingAdapter
 from retention.systems.ticketing.client import ZendeskClient
-from retention.domain.pseudonyms import Pseudonymizer
 from tools.standins import zendesk as zs
 from tools.standins import zendesk_data as zd
 from tools.standins.process import StandIn
-from retention.systems.ticketing.adapter import TicketingAdapter
 
 SEED = 23
 TICKETS = 1200

@@ -21,9 +21,9 @@ from datetime import UTC, datetime
 import requests
 
 from retention import config
+from retention.domain.records import SYSTEMS
 from tools.standins.process import StandIn
 
-SYSTEMS = ("newsletter", "crm", "ticketing")
 MAILCHIMP_KEY = "standin-key-us0"
 LIST_ID = "demo-list"
 

@@ -7,8 +7,7 @@
                                   adds the lifted ones, with when and why
     hold remove --hold-id N --reason TEXT
                                   lift a manual hold (by its id in hold list); the reason is recorded
-    crm init [--demo-contacts N]  create the reference CRM schema where missing (retention_crm), and
-                                  seed N synthetic contacts into an empty CRM (demo / compose)
+    crm init                      create the reference CRM schema where missing (retention_crm)
     explain --record-type T (--record-id ID | --record-key KEY) [--as-of ISO]
                                   why one record is or is not planned (reads the system through
                                   its Airflow Connection; erases nothing)
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC
 
 import pandas as pd
 
@@ -121,29 +119,16 @@ def _explain(args) -> int:
 
 
 def _crm_init(args) -> int:
-    from datetime import datetime
-
     import sqlalchemy as sa
 
     from retention.systems.crm import schema
     from retention.systems.crm.hook import CrmHook
-
-    if args.demo_contacts:
-        try:  # development tooling: in the stand-ins' image and a checkout, not in production
-            from tools.synthetic.crm import generate
-        except ImportError:
-            print("crm init: --demo-contacts needs the development tools (tools/ of a checkout); "
-                  "a production install only creates the schema", file=sys.stderr)
-            return 2
 
     engine = CrmHook().get_engine()
     schema.create_schema(engine)
     with engine.connect() as conn:
         contacts = conn.execute(sa.select(sa.func.count()).select_from(schema.contact)).scalar()
     print(f"CRM schema ready ({contacts} contacts)")
-    if args.demo_contacts and not contacts:
-        counts = generate(engine, contacts=args.demo_contacts, seed=args.seed, now=datetime.now(UTC))
-        print(f"seeded synthetic CRM: {counts}")
     return 0
 
 
@@ -209,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     rm.add_argument("--reason", required=True, help="why the hold ends (recorded in the ledger)")
     rm.set_defaults(func=_hold_remove)
     crm = sub.add_parser("crm").add_subparsers(dest="action", required=True)
-    ci = crm.add_parser("init", help="create the CRM schema where missing; optionally seed demo data")
-    ci.add_argument("--demo-contacts", type=int, default=0)
-    ci.add_argument("--seed", type=int, default=42)
+    ci = crm.add_parser("init", help="create the reference CRM schema where missing")
     ci.set_defaults(func=_crm_init)
     ex = sub.add_parser("explain", help="why one record is or is not planned")
     ex.add_argument("--record-type", required=True)

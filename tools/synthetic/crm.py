@@ -720,3 +720,31 @@ def generate_malformed(engine: sa.Engine, *, now: dt.datetime | None = None) -> 
             added["crm_invoice"].append(raw(t.invoice, {**inv, "invoice_number": "MALFORMED-2", "financial_year_end": "2023-02-30"}))
     log.info("synthetic CRM: added %d malformed rows", sum(len(v) for v in added.values()))
     return added
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tools.synthetic.crm --contacts N``: the demo CRM. Creates the reference schema
+    where missing in the CRM of the ``retention_crm`` Connection and, when it has no contacts yet,
+    seeds N synthetic ones (the demo and compose's demo profile; never a production CRM's data)."""
+    import argparse
+
+    from retention.systems.crm.hook import CrmHook
+
+    parser = argparse.ArgumentParser(prog="python -m tools.synthetic.crm", description=main.__doc__)
+    parser.add_argument("--contacts", type=int, required=True, help="synthetic contacts to seed into an empty CRM")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    engine = CrmHook().get_engine()
+    schema.create_schema(engine)
+    with engine.connect() as conn:
+        existing = conn.execute(sa.select(sa.func.count()).select_from(schema.contact)).scalar()
+    if existing:
+        print(f"CRM has {existing} contacts: nothing seeded")
+        return 0
+    counts = generate(engine, contacts=args.contacts, seed=args.seed, now=dt.datetime.now(dt.UTC))
+    print(f"seeded synthetic CRM: {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,3 +29,18 @@ def system_adapter(system: str) -> Iterator[SourceSystem]:
         yield adapter
     finally:
         adapter.close()
+
+
+@contextlib.contextmanager
+def fail_without_retry(*errors: type[BaseException]) -> Iterator[None]:
+    """An error that no retry will fix (a broken policy, a bad param, address or setting: by
+    default any ``ValueError`` or ``ConfigError``) fails the task at once, with its one line."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from retention.config import ConfigError
+
+    final: tuple[type[BaseException], ...] = errors or (ValueError, ConfigError)
+    try:
+        yield
+    except final as exc:
+        raise AirflowFailException(str(exc)) from None

@@ -21,6 +21,7 @@ from retention.domain.keys import fingerprints
 from retention.domain.policy import Policy
 from retention.domain.quarantine import FUTURE_TOLERANCE
 from retention.domain.records import RECORD_TYPES
+from retention.domain.statuses import DESTRUCTIVE, Action
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,9 @@ def validate_extract(frame: pd.DataFrame, record_type: str, now: datetime) -> Va
     for col in rt.past_only:
         if col in frame and frame[col].notna().any():
             exps.append(E.ExpectColumnMaxToBeBetween(column=col, max_value=limit))
-    if record_type == "newsletter_member":
-        exps.append(E.ExpectColumnValuesToBeInSet(column="has_email", value_set=[True]))
+    for col in rt.must_be_true:
+        if col in frame:
+            exps.append(E.ExpectColumnValuesToBeInSet(column=col, value_set=[True]))
     return _run_suite(f"extract_{record_type}", frame, exps)
 
 
@@ -151,7 +153,7 @@ def plan_check_frame(plan: pd.DataFrame, clean: pd.DataFrame, record_type: str, 
         planned = pc.is_in(ids, value_set=pa.array(mine["record_id"].astype("string"), type=pa.large_string()))
         lookup = clean.loc[planned.to_numpy(zero_copy_only=False), ["record_id", *cols]]
         mine = mine.merge(lookup.assign(record_id=lookup["record_id"].astype("string")), on="record_id", how="left")
-    destructive = mine["action"].isin(["erase", "minimise"]).to_numpy()
+    destructive = mine["action"].isin(DESTRUCTIVE).to_numpy()
     held = mine["record_id"].isin(live_hold_ids).to_numpy()
     return mine.assign(erases_held_record=destructive & held).reset_index(drop=True)
 
@@ -164,7 +166,7 @@ def validate_plan(check: pd.DataFrame, record_type: str, policy: Policy, as_of: 
     exps = [
         E.ExpectColumnValuesToNotBeNull(column="record_id"),
         E.ExpectColumnValuesToBeUnique(column="record_id"),
-        E.ExpectColumnValuesToBeInSet(column="action", value_set=["erase", "minimise", "hold"]),
+        E.ExpectColumnValuesToBeInSet(column="action", value_set=[str(a) for a in (*DESTRUCTIVE, Action.HOLD)]),
         E.ExpectColumnValuesToBeInSet(column="rule_id", value_set=[r.id for r in policy.rules_for(record_type)]),
         E.ExpectColumnValuesToBeInSet(column="erases_held_record", value_set=[False]),
     ]

@@ -28,9 +28,20 @@ def conform(record_type: str, frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, index=frame.index, copy=False)
 
 
+def from_rows(record_type: str, rows: list[dict], id_field: str = "id") -> pd.DataFrame:
+    """A frame of ``record_type`` from API objects (dicts) whose fields carry the schema's
+    column names, the id in ``id_field``. Absent fields are empty; unparsable times are NaT."""
+    columns = list(RECORD_TYPES[record_type].extracted_columns)
+    raw = pd.DataFrame.from_records(rows, columns=[id_field, *columns]).rename(columns={id_field: "record_id"})
+    return conform(record_type, raw)
+
+
 def _as(s: pd.Series, dtype: str) -> pd.Series:
     if dtype == TIME:
-        return pd.to_datetime(s, utc=True).astype(TIME)
+        # An empty or malformed value becomes NaT: planning quarantines the record, never guesses.
+        if s.dtype == object:
+            s = s.replace("", None)
+        return pd.to_datetime(s, utc=True, errors="coerce", format="ISO8601").astype(TIME)
     if dtype == FLAG:
         return s.astype("boolean").fillna(False).astype(bool)
     if dtype == KEY and s.dtype.kind == "f":  # an integer id column with NULLs, read as float

@@ -24,14 +24,16 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from retention.domain.statuses import DONE as DONE_STATUSES
+from retention.domain.statuses import GONE, Status
 from retention.store import migrations
 
 # The current schema. Databases get it through the migrations (store/migrations/versions),
 # never through metadata.create_all: a change here needs a revision there too.
 metadata = sa.MetaData()
 
-STATUSES = ("planned", "erased", "already_gone", "failed", "held", "deferred")
-DONE = ("erased", "already_gone", "held")
+STATUSES = tuple(str(s) for s in Status)
+DONE = tuple(str(s) for s in DONE_STATUSES)
 
 erasure_run = sa.Table(
     "erasure_run",
@@ -285,7 +287,7 @@ class Ledger:
     def erased_keys(self, record_type: str | None = None) -> set[tuple[str, str]]:
         """Every (record_type, record_key) any run has erased: for replay after a restore."""
         t = erasure_ledger
-        q = sa.select(t.c.record_type, t.c.record_key).where(t.c.status.in_(("erased", "already_gone"))).distinct()
+        q = sa.select(t.c.record_type, t.c.record_key).where(t.c.status.in_([str(s) for s in GONE])).distinct()
         if record_type:
             q = q.where(t.c.record_type == record_type)
         with self.engine.connect() as conn:

@@ -14,6 +14,7 @@ from datetime import datetime
 
 import pandas as pd
 
+from retention.domain.conform import from_rows
 from retention.domain.records import protected_values, record_types_of
 from retention.domain.statuses import Action, Status
 from retention.progress import Progress
@@ -32,34 +33,14 @@ def _status(outcome: str) -> Status:
     return _OUTCOMES.get(outcome, Status.FAILED)
 
 
-def _times(values) -> pd.Series:
-    return pd.to_datetime(pd.Series(values, dtype="object").replace("", None), utc=True, errors="coerce", format="ISO8601")
-
-
 def tickets_frame(page: list[dict]) -> pd.DataFrame:
-    raw = pd.DataFrame.from_records(page, columns=["id", "status", "requester_id", "solved_at", "created_at", "updated_at"])
-    return pd.DataFrame(
-        {
-            "record_id": raw["id"].astype("Int64").astype("string"),
-            "status": raw["status"].astype("string"),
-            "requester_id": raw["requester_id"].astype("Int64").astype("string"),
-            "solved_at": _times(raw["solved_at"]),
-            "created_at": _times(raw["created_at"]),
-            "updated_at": _times(raw["updated_at"]),
-        }
-    )
+    """Export or search results (ticket objects) in the domain's ``support_ticket`` schema."""
+    return from_rows("support_ticket", page)
 
 
 def users_frame(page: list[dict]) -> pd.DataFrame:
-    raw = pd.DataFrame.from_records(page, columns=["id", "role", "created_at", "updated_at"])
-    return pd.DataFrame(
-        {
-            "record_id": raw["id"].astype("Int64").astype("string"),
-            "role": raw["role"].astype("string"),
-            "created_at": _times(raw["created_at"]),
-            "updated_at": _times(raw["updated_at"]),
-        }
-    )
+    """User objects in the domain's ``ticket_user`` schema (the derived columns come at planning)."""
+    return from_rows("ticket_user", page)
 
 
 class TicketingAdapter:

@@ -1,0 +1,226 @@
+"""The one erasure engine (``runs.erasing``), on its own and as the three flows use it.
+
+The system behind the port is an in-memory one here (``MemorySystem``): what is tested is the
+engine's bookkeeping (write-ahead, resume, the checks before each batch, outcomes booked as they
+arrive, verify), which does not depend on which system is behind the port. The flows' end-to-end
+tests run the same engine against the stand-ins over real HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from retention import config
+from retention.domain.statuses import Status
+from retention.runs.context import RunInfo, open_run, pseudonymizer
+from retention.runs.erasing import ErasureEngine
+from retention.store.ledger import Ledger
+
+
+class MemorySystem:
+    """A system behind the port that holds records in memory and can be told to fail."""
+
+    system = "ticketing"
+    record_types = ("support_ticket", "ticket_user")
+    erase_batch = 3
+
+    def __init__(self, records: dict[str, set[str]], fail: set[str] = frozenset(), die_after: int | None = None, pause: float = 0.0,
+                 probe=None):
+        self.records = {rt: set(ids) for rt, ids in records.items()}
+        self.fail, self.die_after, self.pause, self.probe = set(fail), die_after, pause, probe
+        self.calls: list[tuple[str, str, list[str]]] = []
+        self.erased = 0
+
+    def erase(self, record_type, action, record_ids):
+        self.calls.append((record_type, action, list(record_ids)))
+        for rid in record_ids:
+            if self.die_after is not None and self.erased >= self.die_after:
+                raise KeyboardInterrupt("task killed")
+            if self.probe:
+                self.probe(self.erased)
+            if rid in self.fail:
+                yield rid, Status.FAILED
+            elif rid in self.records[record_type]:
+                self.records[record_type].discard(rid)
+                self.erased += 1
+                time.sleep(self.pause)
+                yield rid, Status.ERASED
+            else:
+                yield rid, Status.ALREADY_GONE
+
+    def still_present(self, record_type, record_ids):
+        return set(record_ids) & self.records[record_type]
+
+    def close(self):
+        pass
+
+
+def plan_of(rows: list[tuple], rule: str = "support-ticket") -> pd.DataFrame:
+    """Plan rows (record_type, record_id, action[, blocks]) with keys and rules."""
+    pseudo = pseudonymizer()
+    frame = pd.DataFrame(
+        [{"record_type": r[0], "record_id": r[1], "action": r[2], "blocks": r[3] if len(r) > 3 else None} for r in rows]
+    )
+    frame["record_key"] = pseudo.column(frame["record_type"], frame["record_id"])
+    frame["rule_id"] = [rule if t == "support_ticket" else "ticket-requester" for t in frame["record_type"]]
+    frame["hold"] = pd.Series([None] * len(frame), dtype="string")
+    return frame.astype({c: "string" for c in frame.columns})
+
+
+@pytest.fixture
+def ledger(retention_home):
+    led = Ledger(config.ledger_url())
+    yield led
+    led.engine.dispose()
+
+
+def entries(ledger: Ledger, run_id: str) -> dict[tuple[str, str], dict]:
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(sa.text("select * from erasure_ledger where run_id = :r"), {"r": run_id}).mappings().all()
+    return {(r["record_type"], r["record_key"]): dict(r) for r in rows}
+
+
+TICKETS = {"support_ticket": {"1", "2", "3", "4", "5"}, "ticket_user": {"u1", "u2"}}
+PLAN = [
+    ("support_ticket", "1", "erase", "u1"), ("support_ticket", "2", "erase", "u1"), ("support_ticket", "3", "erase", "u2"),
+    ("support_ticket", "4", "hold", "u2"), ("ticket_user", "u1", "erase"),
+]
+
+
+def test_write_ahead_then_erase_then_verify(ledger):
+    system = MemorySystem(TICKETS)
+    engine = ErasureEngine(ledger, "run-1", "ticketing", system, "v1")
+    plan = plan_of(PLAN)
+    result = engine.erase(plan)
+    rows = entries(ledger, "run-1")
+    assert len(rows) == len(plan)
+    key = dict(zip(plan["record_id"], plan["record_key"]))
+    assert {rid: rows[(t, key[rid])]["status"] for t, rid in zip(plan["record_type"], plan["record_id"])} == {
+        "1": "erased", "2": "erased", "3": "erased", "4": "held", "u1": "erased",
+    }
+    assert all(r["completed_at"] and r["policy_version"] == "v1" for r in rows.values())
+    assert result.totals() == {"erased": 4, "held": 1} and not result.failed
+    assert system.records == {"support_ticket": {"4", "5"}, "ticket_user": {"u2"}}
+    # Batches of three, tickets before their requesters; the held ticket is never sent.
+    assert [(t, len(ids)) for t, _, ids in system.calls] == [("support_ticket", 3), ("ticket_user", 1)]
+    assert engine.verify(plan) == (4, 0)
+    system.records["support_ticket"].add("2")  # a restore brought one back
+    assert engine.verify(plan) == (4, 1)
+
+
+def test_a_requester_waits_for_every_ticket_of_theirs(ledger):
+    """A ticket that failed keeps its requester: deferred, and erased once the ticket is gone."""
+    system = MemorySystem(TICKETS, fail={"2"})
+    engine = ErasureEngine(ledger, "run-2", "ticketing", system, "v1")
+    plan = plan_of(PLAN)
+    result = engine.erase(plan)
+    assert result.failed == 1
+    assert system.records["ticket_user"] == {"u1", "u2"}, "a requester went before a ticket of theirs"
+    user = entries(ledger, "run-2")[("ticket_user", plan["record_key"].iloc[4])]
+    assert user["status"] == "deferred" and "support_ticket" in user["detail"]
+
+    system.fail.clear()  # the retry: the ticket goes, then its requester
+    again = engine.erase(plan)
+    assert again.totals() == {"erased": 4, "held": 1}
+    assert system.records["ticket_user"] == {"u2"}
+    assert [c for c in system.calls if c[0] == "support_ticket"][-1][2] == ["2"], "a finished ticket was sent again"
+
+
+def test_a_hold_added_after_the_plan_is_kept(ledger):
+    plan = plan_of(PLAN)
+    ledger.add_hold("support_ticket", plan["record_key"].iloc[0], "dispute after planning", None)
+    system = MemorySystem(TICKETS)
+    ErasureEngine(ledger, "run-3", "ticketing", system, "v1").erase(plan)
+    assert "1" in system.records["support_ticket"]
+    row = entries(ledger, "run-3")[("support_ticket", plan["record_key"].iloc[0])]
+    assert row["status"] == "held" and "dispute after planning" in row["detail"]
+    # Its requester keeps a ticket, so stays too.
+    assert "u1" in system.records["ticket_user"]
+
+
+def test_outcomes_are_booked_as_they_arrive(ledger):
+    """A task killed in the middle of a batch: what the system reported before is in the ledger
+    (erased, not already_gone on the retry); the rest is still planned."""
+    records = {"support_ticket": {str(i) for i in range(1, 9)}, "ticket_user": set()}
+    plan = plan_of([("support_ticket", str(i), "erase") for i in range(1, 9)])
+    booked_while_erasing: dict[int, int] = {}
+
+    def probe(erased_so_far: int) -> None:  # what the ledger holds while the batch is still going
+        booked_while_erasing[erased_so_far] = [r["status"] for r in entries(ledger, "run-4").values()].count("erased")
+
+    system = MemorySystem(records, die_after=5, pause=0.3, probe=probe)
+    system.erase_batch = 100
+    engine = ErasureEngine(ledger, "run-4", "ticketing", system, "v1")
+    engine.flush_seconds = 0.5
+    with pytest.raises(KeyboardInterrupt):
+        engine.erase(plan)
+    statuses = [r["status"] for r in entries(ledger, "run-4").values()]
+    assert statuses.count("erased") == 5 and statuses.count("planned") == 3
+    assert booked_while_erasing[4] >= 2, f"outcomes waited for the end of the batch: {booked_while_erasing}"
+    system.die_after, system.probe = None, None
+    engine.erase(plan)
+    statuses = [r["status"] for r in entries(ledger, "run-4").values()]
+    assert statuses.count("erased") == 8 and "already_gone" not in statuses
+
+
+def test_an_outcome_the_system_never_reported_is_failed(ledger):
+    class Silent(MemorySystem):
+        def erase(self, record_type, action, record_ids):
+            yield from list(super().erase(record_type, action, record_ids))[:1]
+
+    plan = plan_of([("support_ticket", "1", "erase"), ("support_ticket", "2", "erase")])
+    result = ErasureEngine(ledger, "run-5", "ticketing", Silent(TICKETS), "v1").erase(plan)
+    assert result.totals() == {"erased": 1, "failed": 1}
+
+
+def test_dry_run_counts_and_writes_nothing(ledger):
+    system = MemorySystem(TICKETS)
+    result = ErasureEngine(ledger, "run-6", "ticketing", system, "v1").count(plan_of(PLAN))
+    assert result.would_by_rule == {"support-ticket/erase": 3, "support-ticket/hold": 1, "ticket-requester/erase": 1}
+    assert result.would_by_type == {"support_ticket": {"would_erase": 3, "would_keep": 1}, "ticket_user": {"would_erase": 1}}
+    assert entries(ledger, "run-6") == {} and not system.calls
+
+
+def test_the_three_flows_book_the_same_plan_alike(ledger, retention_home, monkeypatch):
+    """The same plan handed over by the nightly run, the replay and the erasure request gives the
+    same ledger entries (but for the run and the times)."""
+    from retention.runs import nightly, replay, request
+
+    plan = plan_of(PLAN)
+
+    def nightly_flow(system):
+        run = RunInfo.from_dict(open_run("retention_nightly", "n1", None, dry_run=False, max_plan_share=1.0))
+        run.staging.write_frame("ticketing", "plan", plan)
+        run.staging.write_json("ticketing", "validation", {"success": True})
+        nightly.erase(run, "ticketing", system)
+        return run.run_id
+
+    def replay_flow(system):
+        run = RunInfo.from_dict(replay.open_run("r1", dry_run=False))
+        decisions = plan["action"].map({"erase": "replay", "hold": "held"})
+        run.staging.write_frame("ticketing", "replay_plan", plan.assign(decision=decisions, policy_version=run.policy_version))
+        run.staging.write_json("ticketing", "replay_find", {})
+        replay.erase(run, "ticketing", system)
+        return run.run_id
+
+    def request_flow(system):
+        request.open_request("erasure_request", "q1", "person@example.org")
+        run = request.load_run("erasure_request", "q1")
+        monkeypatch.setattr(request, "plan_request", lambda *a, **k: plan.assign(detail=pd.Series([None] * len(plan), dtype="string")))
+        system.find_person = lambda email: {}
+        request.erase_person(run, "ticketing", "person@example.org", system)
+        return run.run_id
+
+    seen = []
+    for flow in (nightly_flow, replay_flow, request_flow):
+        run_id = flow(MemorySystem(TICKETS))
+        seen.append({
+            k: {c: v for c, v in e.items() if c not in ("id", "run_id", "planned_at", "completed_at")}
+            for k, e in entries(ledger, run_id).items()
+        })
+    assert len(seen[0]) == len(plan)
+    assert seen[0] == seen[1] == seen[2]
