@@ -5,7 +5,7 @@
 #             image to deploy; no development tooling is in it. Neither are the DAGs and the
 #             policy: docker-compose.yml mounts dags/ and include/.
 # standins    The local stand-ins of Mailchimp and Zendesk and the synthetic CRM contacts:
-#             production plus tools/ and what the stand-ins import. Development only.
+#             production plus retention_dev/ and what the stand-ins import. Development only.
 #
 # The tag must match the apache-airflow pin in requirements.txt (tests/test_docker_compose.py
 # checks); tests/test_production_install.py makes the same install as the production target in a
@@ -55,8 +55,8 @@ RUN pip install --no-cache-dir \
         -r /opt/retention/standins-requirements.txt \
         -c /opt/retention/constraints.txt
 
-# `python -m tools.standins.mailchimp` and `tools.synthetic.crm` (seeding the demo CRM).
-COPY --chown=airflow:root tools/__init__.py /opt/retention/tools/__init__.py
-COPY --chown=airflow:root tools/standins/ /opt/retention/tools/standins/
-COPY --chown=airflow:root tools/synthetic/ /opt/retention/tools/synthetic/
+# `python -m retention_dev.standins.mailchimp` and `retention_dev.synthetic.crm` (seeding the demo CRM).
+COPY --chown=airflow:root retention_dev/__init__.py /opt/retention/retention_dev/__init__.py
+COPY --chown=airflow:root retention_dev/standins/ /opt/retention/retention_dev/standins/
+COPY --chown=airflow:root retention_dev/synthetic/ /opt/retention/retention_dev/synthetic/
 ENV PYTHONPATH=/opt/retention

@@ -1,6 +1,6 @@
 """CRM benchmark: 1,000,000 contacts with their notes and tags on PostgreSQL, about 10% due.
 
-Generates the synthetic CRM once (``tools.synthetic.crm``, COPY) into
+Generates the synthetic CRM once (``retention_dev.synthetic.crm``, COPY) into
 ``retention_bench_crm_pipeline`` and clones it (``CREATE DATABASE ... TEMPLATE``) into
 ``retention_bench_crm_hand``, so both hold the same rows. In the first it runs the pipeline's
 steps (extract, plan, validate, erase, verify), each in a fresh spawned process as Airflow
@@ -224,7 +224,7 @@ def main() -> int:
     quiet = ("retention.systems.crm.client",)  # one line per batch otherwise
     with Bench("crm", "crm", keep=args.keep, ledger=args.ledger, postgres=True, quiet=quiet) as bench:
         from retention.systems.crm import schema
-        from tools.synthetic import crm as synthetic
+        from retention_dev.synthetic import crm as synthetic
 
         now = dt.datetime.now(dt.UTC)
         print(f"generating {args.contacts:,} contacts (seed {args.seed}, 10% due) into {DB_PIPELINE}...", flush=True)

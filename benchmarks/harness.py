@@ -16,7 +16,7 @@ which ratios it prints; this module does the rest, the same way for all three:
   process imports it by name); it runs in the step process.
 * ``Bench.repeat(n, name, prepare)``: the same step ``n`` times; ``spread`` gives min, median
   and max of any figure of the runs.
-* ``Bench.standin(module, *args)``: a stand-in (``tools.standins``), started and stopped.
+* ``Bench.standin(module, *args)``: a stand-in (``retention_dev.standins``), started and stopped.
 * ``AdapterProxy`` and ``timed_erase``: for a script's adapter wrapper that times ``erase``.
 * ``Postgres`` (``Bench(..., postgres=True)``): the throw-away server of
   ``scripts/postgres.sh`` (port ``RETENTION_PG_PORT``, default 54329) and databases on it.
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # tools/ (the stand-ins, the synthetic data) without scripts/setup.sh too
+if str(ROOT) not in sys.path:  # retention_dev/ (the stand-ins, the synthetic data) without scripts/setup.sh too
     sys.path.insert(1, str(ROOT))
 
 ADAPTER_STEPS = ("extract", "erase", "verify")
@@ -317,8 +317,8 @@ class Bench:
 
     # ------------------------------------------------------------------ set-up
     def standin(self, module: str, *args: str, what: str = ""):
-        """Start a stand-in (``tools.standins.<module>``); it is stopped on leaving the Bench."""
-        from tools.standins.process import StandIn
+        """Start a stand-in (``retention_dev.standins.<module>``); it is stopped on leaving the Bench."""
+        from retention_dev.standins.process import StandIn
 
         print(f"starting the {module} stand-in{' with ' + what if what else ''}...", flush=True)
         t = time.perf_counter()

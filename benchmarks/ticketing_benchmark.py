@@ -1,7 +1,7 @@
 """Ticketing benchmark: 500,000 tickets, about 20% due, against the Zendesk stand-in with a
 per-minute request limit.
 
-Starts the stand-in (``tools.standins.zendesk``) with the limit, then runs the pipeline's
+Starts the stand-in (``retention_dev.standins.zendesk``) with the limit, then runs the pipeline's
 steps (extract, plan, validate, erase, verify), each in a fresh spawned process as Airflow runs
 each task (``harness``), through ``TicketingAdapter(ZendeskClient(...))`` paced at the same limit,
 and prints wall time, records/s and peak RSS of the step process per step (``--repeat``: plan

@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha" 2>/dev/null
   echo "$want" > "$VENV/.requirements.sha"
 fi
 export PATH="$VENV/bin:$PATH"
-# dags/ for the tests that load DAG files; the project root for the development tools (tools/).
+# dags/ for the tests that load DAG files; the project root for the development tools (retention_dev/).
 export PYTHONPATH="$ROOT/dags:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export AIRFLOW_HOME=${AIRFLOW_HOME:-$ROOT/.airflow}
 export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"

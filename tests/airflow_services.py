@@ -43,7 +43,7 @@ class AirflowServices:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT / "dags")]),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "dags"), str(ROOT)]),
         }
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
@@ -57,7 +57,7 @@ class AirflowServices:
     def start(self) -> AirflowServices:
         self.home.mkdir(parents=True, exist_ok=True)
         self.airflow("db", "migrate")
-        for name, args in (("api-server", ["api-server", "--port", self.env["AIRFLOW__API__PORT"]]), ("dag-processor", ["dag-processor"]), ("scheduler", ["scheduler"])):
+        for name, args in (("api-server", ["api-server", "--host", "127.0.0.1", "--port", self.env["AIRFLOW__API__PORT"]]), ("dag-processor", ["dag-processor"]), ("scheduler", ["scheduler"])):
             log = self.home / f"{name}.log"
             self.logs.append(log)
             fh = log.open("w")

@@ -4,7 +4,7 @@
 - store and checks build on the domain only; systems on the domain and their shared transport;
 - runs reach a system only through the port (``retention.systems`` / ``systems.base``), never a
   hook or a client;
-- the runtime package never imports the development tooling (``tools``);
+- the runtime package never imports the development tooling (``retention_dev``);
 - the ledger is written in one place (the erasure engine), reports in one place (the report
   writer).
 """
@@ -51,7 +51,7 @@ MODULES = {module_name(p): p for p in SRC.rglob("*.py")}
 
 
 def project_imports(module: str) -> set[str]:
-    return {i for i in imports_of(MODULES[module]) if i.split(".")[0] in ("retention", "tools") and i in MODULES or i.startswith("tools")}
+    return {i for i in imports_of(MODULES[module]) if i.split(".")[0] in ("retention", "retention_dev") and i in MODULES or i.startswith("retention_dev")}
 
 
 def layer(module: str) -> str:
@@ -92,8 +92,8 @@ def test_runs_reach_systems_only_through_the_port():
 
 def test_the_runtime_package_never_imports_the_development_tools():
     for module, path in MODULES.items():
-        tools = {i for i in imports_of(path) if i == "tools" or i.startswith("tools.")}
-        assert not tools, f"{module} imports development tooling {tools}: a production install has no tools/"
+        tools = {i for i in imports_of(path) if i == "retention_dev" or i.startswith("retention_dev.")}
+        assert not tools, f"{module} imports development tooling {tools}: a production install has no retention_dev/"
 
 
 def calls_to(attr: str) -> set[str]:
@@ -124,6 +124,6 @@ def test_dags_only_wire():
     allowed = ("retention.runs", "retention.airflow", "retention.domain.records", "retention.domain.addresses",
                "retention.checks.validation", "retention.store.ledger")
     for dag in (ROOT / "dags").glob("*.py"):
-        ours = {i for i in imports_of(dag) if i.startswith(("retention", "tools"))}
+        ours = {i for i in imports_of(dag) if i.startswith(("retention", "retention_dev"))}
         bad = {i for i in ours if not i.startswith(allowed)}
         assert not bad, f"{dag.name} imports {bad}"

@@ -14,8 +14,8 @@ from airflow_services import AirflowServices
 from retention.config import DEFAULT_POLICY
 from retention.domain.policy import load_policy
 from retention.systems.crm import schema as crm_schema
-from tools.standins.process import StandIn
-from tools.synthetic.crm import generate as generate_crm
+from retention_dev.standins.process import StandIn
+from retention_dev.synthetic.crm import generate as generate_crm
 
 DAG = "retention_nightly"
 

@@ -22,7 +22,7 @@ import yaml
 from retention.systems.crm import schema
 from retention.systems.crm.client import FRAME_COLUMNS, RECORD_TYPES, CrmConnector
 from retention.systems.crm.mapping import CrmMapping, MappingError
-from tools.synthetic import crm as synthetic
+from retention_dev.synthetic import crm as synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)

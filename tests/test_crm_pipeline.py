@@ -1,6 +1,6 @@
 """The CRM part of retention_nightly end to end, on SQLite and on a real PostgreSQL.
 
-A synthetic CRM (``tools.synthetic.crm``: a bulk block plus its edge cases) goes through
+A synthetic CRM (``retention_dev.synthetic.crm``: a bulk block plus its edge cases) goes through
 open_run → extract → plan → validate → erase → verify → report, called directly; one test runs
 the real DAG with ``dag.test()``. Every outcome is judged from the database itself with plain
 SQL, against expectations this module computes on its own from the privacy notice's rules
@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from retention.runs import nightly as P
 from retention.systems.crm.adapter import CrmAdapter
 from retention.systems.crm.client import CrmConnector
-from tools.synthetic import crm as synthetic
+from retention_dev.synthetic import crm as synthetic
 
 LOCAL = ZoneInfo("Europe/Stockholm")
 UTC = dt.UTC

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from retention.systems.crm import schema
 from retention.systems.crm.client import RECORD_TYPES, CrmConnector
-from tools.synthetic import crm as synthetic
+from retention_dev.synthetic import crm as synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)

@@ -52,10 +52,10 @@ CORE_AIRFLOW_SERVICES = {
     "airflow-dag-processor": "dag-processor",
     "airflow-triggerer": "triggerer",
 }
-STANDINS = {"mailchimp-standin": "tools.standins.mailchimp", "zendesk-standin": "tools.standins.zendesk"}
+STANDINS = {"mailchimp-standin": "retention_dev.standins.mailchimp", "zendesk-standin": "retention_dev.standins.zendesk"}
 # Seeds the synthetic CRM contacts with the generator (development tooling).
 DEMO_DATA = "crm-demo-data"
-DEMO_DATA_MODULE = "tools.synthetic.crm"
+DEMO_DATA_MODULE = "retention_dev.synthetic.crm"
 REQUIRED_SERVICES = {"postgres", *CORE_AIRFLOW_SERVICES, *STANDINS, DEMO_DATA}
 # Services that run once (or on demand) instead of staying up: no healthcheck expected.
 ONE_SHOT = {"airflow-init", "airflow-cli", DEMO_DATA}
@@ -1066,7 +1066,7 @@ def check_dockerfile(p: Project) -> list[str]:
     for stage in production:
         for sources, _ in _copies(stage):
             for src in sources:
-                if src.rstrip("/").split("/")[0] in ("tools", "tests", "benchmarks") or "requirements-dev" in src:
+                if src.rstrip("/").split("/")[0] in ("retention_dev", "tests", "benchmarks") or "requirements-dev" in src:
                     problems.append(f"the production stage copies {src}: development tooling in the production image")
         for install in _pip_installs(stage):
             if "requirements-dev" in install:
@@ -1098,7 +1098,7 @@ def _third_party_imports(text: str) -> set[str]:
             modules |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             modules.add(node.module.split(".")[0])
-    return modules - set(sys.stdlib_module_names) - {"__future__", "tools", "retention"}
+    return modules - set(sys.stdlib_module_names) - {"__future__", "retention_dev", "retention"}
 
 
 def check_requirements(p: Project) -> list[str]:
@@ -1133,7 +1133,7 @@ def check_requirements(p: Project) -> list[str]:
     # The stand-ins' image installs requirements.txt and docker/standins-requirements.txt.
     installed = set(runtime) | _names(p.standins_requirements_text)
     distributions = _distributions()
-    for path, text in p.sources("tools/standins", "tools/synthetic").items():
+    for path, text in p.sources("retention_dev/standins", "retention_dev/synthetic").items():
         for module in sorted(_third_party_imports(text)):
             dists = {_norm(d) for d in distributions.get(module, [module])}
             if not dists & installed:
@@ -1289,12 +1289,12 @@ def test_postgres_init_sql_is_idempotent_text():
 
 
 def test_dockerignore_follows_docker_rules():
-    text = "*\n!src/\n!tools/standins/\n**/__pycache__\n"
+    text = "*\n!src/\n!retention_dev/standins/\n**/__pycache__\n"
     assert _dockerignore_excludes(text, ".env")
     assert not _dockerignore_excludes(text, "src/retention/cli.py")
     assert _dockerignore_excludes(text, "src/retention/__pycache__/cli.cpython-311.pyc")
-    assert not _dockerignore_excludes(text, "tools/standins/zendesk.py")
-    assert _dockerignore_excludes(text, "tools/demo.py")
+    assert not _dockerignore_excludes(text, "retention_dev/standins/zendesk.py")
+    assert _dockerignore_excludes(text, "retention_dev/demo.py")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1384,7 +1384,7 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
     "undeclared named volume": (
         lambda p: replace(p, compose_text=_edit(p.compose_text, lambda d: d["volumes"].pop("standin-state"))), "named volume 'standin-state' is not declared"),
     "stand-in module that does not exist": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, "- tools.standins.zendesk", "- tools.standins.freshdesk")), "does not exist"),
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "- retention_dev.standins.zendesk", "- retention_dev.standins.freshdesk")), "does not exist"),
     "stand-in flag its parser rejects": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, "- --members", "- --member-count")), "rejects its arguments"),
     "stand-in listening on localhost": (
@@ -1396,23 +1396,23 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
         lambda p: replace(p, compose_text=_sub(p.compose_text, "  &standin\n  <<: *standins-image", "  &standin\n  <<: *retention-image")),
         "mailchimp-standin: runs on the Airflow services' image"),
     "stand-in modules not copied into their image": (
-        lambda p: replace(p, dockerfile_text=_sub(p.dockerfile_text, "COPY --chown=airflow:root tools/standins/ /opt/retention/tools/standins/\n", "")),
-        "zendesk-standin: tools.standins.zendesk is not in its image"),
+        lambda p: replace(p, dockerfile_text=_sub(p.dockerfile_text, "COPY --chown=airflow:root retention_dev/standins/ /opt/retention/retention_dev/standins/\n", "")),
+        "zendesk-standin: retention_dev.standins.zendesk is not in its image"),
     "stand-ins' code off the path": (
         lambda p: replace(p, dockerfile_text=_sub(p.dockerfile_text, "ENV PYTHONPATH=/opt/retention", "ENV PYTHONPATH=/opt/airflow")),
         "is not on the 'standins' image's PYTHONPATH"),
     "airflow-init seeds the demo contacts": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, "/entrypoint python -m retention.cli crm init", "/entrypoint python -m tools.synthetic.crm --contacts 9")),
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "/entrypoint python -m retention.cli crm init", "/entrypoint python -m retention_dev.synthetic.crm --contacts 9")),
         "airflow-init: seeds synthetic contacts"),
     "demo data with a flag the generator rejects": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, "tools.synthetic.crm --contacts", "tools.synthetic.crm --members")),
-        "crm-demo-data: tools.synthetic.crm does not accept --members"),
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "retention_dev.synthetic.crm --contacts", "retention_dev.synthetic.crm --members")),
+        "crm-demo-data: retention_dev.synthetic.crm does not accept --members"),
     "crm init as an airflow subcommand": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, "/entrypoint python -m retention.cli crm init", "/entrypoint retention crm init")),
         "runs `airflow retention ...`"),
     "demo data on the production image": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, "  crm-demo-data:\n    <<: *standins-image", "  crm-demo-data:\n    <<: *retention-image")),
-        "crm-demo-data: tools.synthetic.crm (the generator) is not in its image"),
+        "crm-demo-data: retention_dev.synthetic.crm (the generator) is not in its image"),
     "demo data into another database": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, "AIRFLOW_CONN_RETENTION_CRM: *crm-connection",
                                                'AIRFLOW_CONN_RETENTION_CRM: \'{"conn_type": "postgres", "host": "postgres", "schema": "crm2"}\'')),
@@ -1464,8 +1464,8 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
         "the production image installs requirements-dev.txt"),
     "production image gets the stand-ins": (
         lambda p: replace(p, dockerfile_text=_sub(p.dockerfile_text, "COPY --chown=airflow:root src/ /opt/retention/src/\n",
-                                                  "COPY --chown=airflow:root src/ /opt/retention/src/\nCOPY tools/ /opt/retention/tools/\n")),
-        "the production stage copies tools/"),
+                                                  "COPY --chown=airflow:root src/ /opt/retention/src/\nCOPY retention_dev/ /opt/retention/retention_dev/\n")),
+        "the production stage copies retention_dev/"),
     "project installed editable": (
         lambda p: replace(p, dockerfile_text=_sub(p.dockerfile_text, "--no-deps /opt/retention;", "--no-deps -e /opt/retention;")),
         "installs the project editable"),
@@ -1488,7 +1488,7 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
     ".dockerignore keeps out a copied file": (
         lambda p: replace(p, dockerignore_text=_sub(p.dockerignore_text, "!constraints.txt", "")), "keeps out of the build context"),
     ".dockerignore keeps out a copied module": (
-        lambda p: replace(p, dockerignore_text=p.dockerignore_text + "tools/standins/zendesk.py\n"), "copies tools/standins/, which .dockerignore keeps out"),
+        lambda p: replace(p, dockerignore_text=p.dockerignore_text + "retention_dev/standins/zendesk.py\n"), "copies retention_dev/standins/, which .dockerignore keeps out"),
     "not valid YAML": (lambda p: replace(p, compose_text=p.compose_text + "\n  - : ]["), "crashed"),
 }
 

@@ -27,9 +27,9 @@ from retention.runs.request import EMAIL_PATTERN, InvalidRequest, normalise_emai
 from retention.store.ledger import Ledger
 from retention.systems.crm import schema
 from retention.systems.ticketing.client import ZendeskClient
-from tools.standins.mailchimp import Audience
-from tools.standins.mailchimp_data import STATUS_CODE, generate_columns, member_dict
-from tools.standins.process import StandIn
+from retention_dev.standins.mailchimp import Audience
+from retention_dev.standins.mailchimp_data import STATUS_CODE, generate_columns, member_dict
+from retention_dev.standins.process import StandIn
 
 DAG_ID = "erasure_request"
 MC_KEY = "standin-key-us0"

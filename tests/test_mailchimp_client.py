@@ -12,8 +12,8 @@ import requests
 
 from retention.systems.http import HTTPError
 from retention.systems.newsletter.client import MailchimpClient, base_url_for_key
-from tools.standins import mailchimp_data as md
-from tools.standins.process import StandIn
+from retention_dev.standins import mailchimp_data as md
+from retention_dev.standins.process import StandIn
 
 NOW = datetime(2026, 5, 4, 10, 30, tzinfo=UTC)
 KEY = "standin-key-us0"

@@ -8,7 +8,7 @@ import pytest
 
 from retention.systems.newsletter.client import MailchimpClient
 from retention.systems.newsletter.hook import MailchimpHook
-from tools.standins.process import StandIn
+from retention_dev.standins.process import StandIn
 
 ENV = "AIRFLOW_CONN_RETENTION_MAILCHIMP"
 

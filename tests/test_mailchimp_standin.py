@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import requests
 
-from tools.standins import mailchimp_data as md
-from tools.standins.process import StandIn
+from retention_dev.standins import mailchimp_data as md
+from retention_dev.standins.process import StandIn
 
 NOW = datetime(2026, 5, 4, 10, 30, tzinfo=UTC)
 KEY = "standin-key-us0"

@@ -13,8 +13,8 @@ import requests
 import sqlalchemy as sa
 
 from airflow_run import run_dag, task_states, xcom_values
-from tools.standins.mailchimp_data import generate_members
-from tools.standins.process import StandIn
+from retention_dev.standins.mailchimp_data import generate_members
+from retention_dev.standins.process import StandIn
 
 SEED = 11
 MEMBERS = 1500

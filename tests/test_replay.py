@@ -22,10 +22,10 @@ from airflow_run import ROOT, run_dag, task_states, xcom_values
 from retention.domain.pseudonyms import Pseudonymizer
 from retention.store.ledger import Ledger
 from retention.systems.crm import schema
-from tools.standins.mailchimp import Audience
-from tools.standins.mailchimp_data import STATUS_CODE, generate_members
-from tools.standins.process import StandIn
-from tools.synthetic.crm import generate
+from retention_dev.standins.mailchimp import Audience
+from retention_dev.standins.mailchimp_data import STATUS_CODE, generate_members
+from retention_dev.standins.process import StandIn
+from retention_dev.synthetic.crm import generate
 
 SEED = 11
 MEMBERS = 1500
@@ -366,7 +366,7 @@ def test_restored_ticketing_backup_is_cleaned_again(tmp_path, monkeypatch, reten
     from retention.runs import replay
     from retention.runs.nightly import RunInfo
     from retention.systems import adapter_for
-    from tools.standins import zendesk as zs
+    from retention_dev.standins import zendesk as zs
 
     state, backup = tmp_path / "zendesk.npz", tmp_path / "zendesk.backup"
     zs.State.generate(800, 5, 0.2, NOW, job_seconds=0.1).save(state)

@@ -31,9 +31,9 @@ from retention.runs import nightly as pipeline
 from retention.runs.context import open_ledger
 from retention.systems.ticketing.adapter import TicketingAdapter
 from retention.systems.ticketing.client import ZendeskClient
-from tools.standins import zendesk as zs
-from tools.standins import zendesk_data as zd
-from tools.standins.process import StandIn
+from retention_dev.standins import zendesk as zs
+from retention_dev.standins import zendesk_data as zd
+from retention_dev.standins.process import StandIn
 
 SEED = 23
 TICKETS = 1200

@@ -12,7 +12,7 @@ import requests
 from retention.systems.ratelimit import Pacer
 from retention.systems.ticketing.client import ZendeskClient
 from retention.systems.ticketing.jobs import classify_result
-from tools.standins.process import StandIn
+from retention_dev.standins.process import StandIn
 
 FAST = ("--job-seconds", "0.03")
 HIGH = (

@@ -10,7 +10,7 @@ from airflow.sdk.bases.hook import BaseHook
 
 from retention.systems.ticketing.client import ZendeskClient
 from retention.systems.ticketing.hook import ZendeskHook
-from tools.standins.process import StandIn
+from retention_dev.standins.process import StandIn
 
 
 def set_conn(monkeypatch, conn_id: str = "retention_zendesk", **fields) -> None:

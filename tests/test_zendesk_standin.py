@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import requests
 
-from tools.standins import zendesk_data as zd
-from tools.standins.process import StandIn
+from retention_dev.standins import zendesk_data as zd
+from retention_dev.standins.process import StandIn
 
 NOW = datetime(2026, 5, 4, 10, 30, tzinfo=UTC)
 

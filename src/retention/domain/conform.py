@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from retention.domain.records import FLAG, KEY, RECORD_TYPES, SOURCE_HOLD_COLUMNS, SOURCE_HOLDS, TIME
+from retention.domain.records import DTYPES, FLAG, KEY, RECORD_TYPES, SOURCE_HOLD_COLUMNS, SOURCE_HOLDS, TIME
 
 
 def conform(record_type: str, frame: pd.DataFrame) -> pd.DataFrame:
@@ -20,10 +20,10 @@ def conform(record_type: str, frame: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{record_type} frame lacks column(s) {', '.join(missing)}")
     out = {}
-    for column, dtype in columns.items():
+    for column, kind in columns.items():
         s = frame[column]
-        if str(s.dtype) != dtype:
-            s = _as(s, dtype)
+        if str(s.dtype) != DTYPES[kind]:
+            s = _as(s, kind)
         out[column] = s
     return pd.DataFrame(out, index=frame.index, copy=False)
 
@@ -36,14 +36,15 @@ def from_rows(record_type: str, rows: list[dict], id_field: str = "id") -> pd.Da
     return conform(record_type, raw)
 
 
-def _as(s: pd.Series, dtype: str) -> pd.Series:
-    if dtype == TIME:
+def _as(s: pd.Series, kind: str) -> pd.Series:
+    dtype = DTYPES[kind]
+    if kind == TIME:
         # An empty or malformed value becomes NaT: planning quarantines the record, never guesses.
         if s.dtype == object:
             s = s.replace("", None)
-        return pd.to_datetime(s, utc=True, errors="coerce", format="ISO8601").astype(TIME)
-    if dtype == FLAG:
-        return s.astype("boolean").fillna(False).astype(bool)
-    if dtype == KEY and s.dtype.kind == "f":  # an integer id column with NULLs, read as float
-        return s.astype("Int64").astype(KEY)
+        return pd.to_datetime(s, utc=True, errors="coerce", format="ISO8601").astype(dtype)
+    if kind == FLAG:
+        return s.astype("boolean").fillna(False).astype(dtype)
+    if kind == KEY and s.dtype.kind == "f":  # an integer id column with NULLs, read as float
+        return s.astype("Int64").astype(dtype)
     return s.astype(dtype)

@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 
 SYSTEMS = ("newsletter", "crm", "ticketing")
 
-# Column types, by what they hold. Keys and references are text: ids differ per system
-# (subscriber hashes, integers) and are only ever compared, never computed with.
-KEY = "string"
-TEXT = "string"
-FLAG = "bool"
-TIME = "datetime64[us, UTC]"
-COUNT = "int64"
+# Column kinds, by what they hold, and the dtype each has in a frame. Keys and references are
+# text: ids differ per system (subscriber hashes, integers) and are only ever compared, never
+# computed with. Clocks are instants in UTC.
+KEY, TEXT, FLAG, TIME, COUNT = "key", "text", "flag", "time", "count"
+DTYPES = {KEY: "string", TEXT: "string", FLAG: "bool", TIME: "datetime64[us, UTC]", COUNT: "int64"}
 
 # The CRM's own list of manual holds (by record id) is extracted beside its records.
 SOURCE_HOLDS = "legal_hold"
@@ -31,7 +29,7 @@ SOURCE_HOLD_COLUMNS = {"record_type": TEXT, "record_id": KEY, "reason": TEXT, "e
 class RecordType:
     name: str
     system: str
-    # Column -> type, besides record_id (always KEY). Clocks are TIME, in UTC.
+    # Column -> kind (KEY, TEXT, FLAG, TIME, COUNT), besides record_id (always KEY).
     columns: dict[str, str]
     clocks: tuple[str, ...]
     # Clocks that record something that already happened: a value after the extract time is

@@ -86,8 +86,15 @@ class ErasureEngine:
         self.policy_version = policy_version
 
     # -- dry run ------------------------------------------------------------------------------
+    @staticmethod
+    def _check(plan: pd.DataFrame) -> None:
+        unknown = set(plan["action"].astype(str)) - {str(a) for a in Action}
+        if unknown:  # a row nobody knows how to carry out must stop the run, not be skipped
+            raise ValueError(f"plan has unknown action(s) {sorted(unknown)}; known: {', '.join(map(str, Action))}")
+
     def count(self, plan: pd.DataFrame) -> ErasureResult:
         """What :meth:`erase` would do with ``plan``, touching nothing."""
+        self._check(plan)
         result = ErasureResult(dry_run=True)
         if plan.empty:
             return result
@@ -101,6 +108,7 @@ class ErasureEngine:
     # -- erase --------------------------------------------------------------------------------
     def erase(self, plan: pd.DataFrame) -> ErasureResult:
         """Write ahead, erase batch by batch, complete the ledger. Resumable and idempotent."""
+        self._check(plan)
         self._status = {(t, k): Status(s) for (t, k), s in self.ledger.statuses(self.run_id, self.system).items()}
         self._write_ahead(plan)
         destructive = plan[plan["action"].isin(DESTRUCTIVE).to_numpy()]
@@ -133,7 +141,7 @@ class ErasureEngine:
         if new.empty:
             return
         versions = new["policy_version"] if "policy_version" in new else pd.Series(self.policy_version, index=new.index)
-        before = new["action"].map(lambda a: STATUS_BEFORE[Action(a)])
+        before = new["action"].astype(str).map({str(a): str(s) for a, s in STATUS_BEFORE.items()})
         for (version, status), part in new.groupby([versions.astype(str), before.astype(str)], sort=False):
             self.ledger.write_ahead(self.run_id, version, self.system, _entries(part), status=status)
         for t, k, s in zip(new["record_type"].tolist(), new["record_key"].tolist(), before.tolist()):

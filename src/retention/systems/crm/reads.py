@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 import pandas as pd
 import sqlalchemy as sa
 
+from retention.domain.records import FLAG, KEY, SOURCE_HOLD_COLUMNS, TEXT, TIME
+from retention.domain.records import RECORD_TYPES as SCHEMA
 from retention.systems.crm.sql import ConnectorBase
 from retention.systems.crm.values import TS, as_utc, distinct_ids, to_frame
 
@@ -31,33 +33,18 @@ RECORD_TYPES = (
 )
 
 #: Frame columns and dtypes per record type (``ts`` = ``datetime64[us, UTC]``).
+# How the CRM's values are read, by the column types of the domain's record schema (the one
+# place that says which columns a record type has): ids stay exact integers here (a record id
+# is never NULL, a reference may be), and become the ledger's text keys in the adapter.
+_READ_AS = {KEY: "Int64", TEXT: "str", FLAG: "bool", TIME: TS}
+
+#: Frame columns and dtypes per record type (``ts`` = ``datetime64[us, UTC]``).
 FRAME_COLUMNS: dict[str, dict[str, str]] = {
-    "crm_contact": {
-        "record_id": "int64",
-        "kind": "str",
-        "organisation_id": "Int64",
-        "membership_active": "bool",
-        "membership_end": TS,
-        "is_customer": "bool",
-        "last_interaction_at": TS,
-        "opted_out": "bool",
-        "has_email": "bool",
-        "created_at": TS,
-        "has_invoice": "bool",
+    **{
+        rt: {"record_id": "int64", **{c: _READ_AS[kind] for c, kind in SCHEMA[rt].extracted_columns.items()}}
+        for rt in RECORD_TYPES if rt != "crm_legal_hold"
     },
-    "crm_event_participation": {
-        "record_id": "int64",
-        "contact_id": "Int64",
-        "event_date": TS,
-        "membership_active": "bool",
-        "membership_end": TS,
-        "is_customer": "bool",
-        "opted_out": "bool",
-    },
-    "crm_course_registration": {"record_id": "int64", "contact_id": "Int64", "course_end": TS},
-    "crm_survey_response": {"record_id": "int64", "contact_id": "Int64", "survey_closed_at": TS},
-    "crm_invoice": {"record_id": "int64", "contact_id": "Int64", "financial_year_end": TS},
-    "crm_legal_hold": {"record_type": "str", "record_id": "Int64", "reason": "str", "expires_at": TS},
+    "crm_legal_hold": {c: ("Int64" if c == "record_id" else _READ_AS[kind]) for c, kind in SOURCE_HOLD_COLUMNS.items()},
 }
 
 

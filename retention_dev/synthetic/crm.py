@@ -723,14 +723,14 @@ def generate_malformed(engine: sa.Engine, *, now: dt.datetime | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tools.synthetic.crm --contacts N``: the demo CRM. Creates the reference schema
+    """``python -m retention_dev.synthetic.crm --contacts N``: the demo CRM. Creates the reference schema
     where missing in the CRM of the ``retention_crm`` Connection and, when it has no contacts yet,
     seeds N synthetic ones (the demo and compose's demo profile; never a production CRM's data)."""
     import argparse
 
     from retention.systems.crm.hook import CrmHook
 
-    parser = argparse.ArgumentParser(prog="python -m tools.synthetic.crm", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m retention_dev.synthetic.crm", description=main.__doc__)
     parser.add_argument("--contacts", type=int, required=True, help="synthetic contacts to seed into an empty CRM")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)

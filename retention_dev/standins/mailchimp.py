@@ -1,6 +1,6 @@
 """A local stand-in for the Mailchimp Marketing API v3, with synthetic data and fault injection.
 
-Run it with ``python -m tools.standins.mailchimp --port 0 --state-file PATH``; it prints
+Run it with ``python -m retention_dev.standins.mailchimp --port 0 --state-file PATH``; it prints
 ``LISTENING <port>`` once it accepts connections, and on SIGTERM saves its state atomically and
 exits 0. See ``--help`` for the options.
 
@@ -62,7 +62,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 from sortedcontainers import SortedList
 
-from tools.standins.mailchimp_data import (
+from retention_dev.standins.mailchimp_data import (
     STATUS_CODE,
     STATUSES,
     MemberColumns,
@@ -72,7 +72,7 @@ from tools.standins.mailchimp_data import (
     iso_column,
 )
 
-log = logging.getLogger("tools.standins.mailchimp")
+log = logging.getLogger("retention_dev.standins.mailchimp")
 
 ERROR_DOC = "https://mailchimp.com/developer/marketing/docs/errors/"
 MAX_COUNT = 1000
@@ -860,7 +860,7 @@ def _member_not_found() -> ApiError:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.standins.mailchimp", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m retention_dev.standins.mailchimp", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--state-file", type=Path, default=None, help="load from / save to this file")

@@ -1,6 +1,6 @@
 """Start a stand-in server as a child process and wait until it listens.
 
-Every stand-in is a module runnable as ``python -m tools.standins.<name> --port 0
+Every stand-in is a module runnable as ``python -m retention_dev.standins.<name> --port 0
 --state-file PATH [options]`` that prints ``LISTENING <port>`` as its first line on stdout once
 it accepts connections, saves its state to ``--state-file`` on SIGTERM and exits.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # tools/ lives here
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # retention_dev/ lives here
 
 
 class StandIn:
@@ -37,7 +37,7 @@ class StandIn:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         env.update(self.env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"tools.standins.{self.module}", "--host", "127.0.0.1", *self.args],
+            [sys.executable, "-m", f"retention_dev.standins.{self.module}", "--host", "127.0.0.1", *self.args],
             stdout=subprocess.PIPE,
             env=env,
             text=True,

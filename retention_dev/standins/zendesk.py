@@ -1,6 +1,6 @@
 """A local stand-in for the parts of the Zendesk Support API the retention project uses.
 
-Run ``python -m tools.standins.zendesk --host 127.0.0.1 --port 0 --state-file PATH
+Run ``python -m retention_dev.standins.zendesk --host 127.0.0.1 --port 0 --state-file PATH
 --tickets 1000 --seed 1``. It prints ``LISTENING <port>`` once it accepts connections, saves its
 state atomically on SIGTERM (and on ``POST /_standin/save``) and exits 0. With an existing state
 file the data comes from the file and ``--tickets/--seed/--due-share/--now`` are ignored.
@@ -77,9 +77,9 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from sortedcontainers import SortedList
 
-from tools.standins import zendesk_data as zd
+from retention_dev.standins import zendesk_data as zd
 
-log = logging.getLogger("tools.standins.zendesk")
+log = logging.getLogger("retention_dev.standins.zendesk")
 
 DELETED = zd.STATUS_CODE["deleted"]  # soft-deleted
 GONE = DELETED + 1  # permanently deleted
@@ -1046,7 +1046,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.standins.zendesk", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m retention_dev.standins.zendesk", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = any free port")
     p.add_argument("--state-file", default=None)

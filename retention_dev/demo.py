@@ -22,7 +22,7 @@ import requests
 
 from retention import config
 from retention.domain.records import SYSTEMS
-from tools.standins.process import StandIn
+from retention_dev.standins.process import StandIn
 
 MAILCHIMP_KEY = "standin-key-us0"
 LIST_ID = "demo-list"
@@ -154,7 +154,7 @@ def _seed_crm(url: str, contacts: int, seed: int) -> None:
     import sqlalchemy as sa
 
     from retention.systems.crm.schema import create_schema
-    from tools.synthetic.crm import generate
+    from retention_dev.synthetic.crm import generate
 
     engine = sa.create_engine(url)
     create_schema(engine)
