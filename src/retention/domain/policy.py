@@ -126,9 +126,6 @@ class Policy(_Strict):
     def rules_for(self, records: str) -> list[Rule]:
         return [r for r in self.rules if r.records == records]
 
-    def rules_of_system(self, system: str) -> list[Rule]:
-        return [r for r in self.rules if r.system == system]
-
     def rule(self, rule_id: str) -> Rule:
         for r in self.rules:
             if r.id == rule_id:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -55,11 +54,6 @@ class RunStaging:
         if not parts:
             return None
         return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-
-    def iter_extract(self, system: str, record_type: str) -> Iterator[pd.DataFrame]:
-        path = self.system_dir(system) / "extract" / record_type
-        for part in sorted(path.glob("part-*.parquet")) if path.exists() else []:
-            yield pd.read_parquet(part)
 
     # -- whole frames ---------------------------------------------------------------------
     def write_frame(self, system: str, name: str, frame: pd.DataFrame) -> Path:
