@@ -1,0 +1,162 @@
+"""The Mailchimp stand-in's API endpoints under ``/3.0``: ``ping``, ``lists/{list_id}``,
+``lists/{list_id}/members`` (paging, ``status``, ``since_last_changed``, ``fields`` /
+``exclude_fields``), a member's GET and DELETE (archive) and ``actions/delete-permanent``."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qs
+
+from retention_dev.standins.mailchimp_audience import MEMBER_FIELDS, Audience
+from retention_dev.standins.mailchimp_control import Control
+from retention_dev.standins.mailchimp_data import STATUS_CODE
+from retention_dev.standins.mailchimp_errors import ApiError
+from retention_dev.standins.mailchimp_fields import field_tree, project
+
+MAX_COUNT = 1000
+
+
+class MemberRoutes:
+    """The API of :class:`~retention_dev.standins.mailchimp_server.StandInServer` (which provides
+    ``audience`` and ``control``)."""
+
+    audience: Audience
+    control: Control
+
+    def api(self, method: str, parts: list[str], query: str) -> tuple[int, Any]:
+        params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        fields = field_tree(params.get("fields"))
+        exclude = field_tree(params.get("exclude_fields"))
+        aud = self.audience
+        if parts == ["ping"]:
+            if method != "GET":
+                raise _not_allowed()
+            return 200, project({"health_status": "Everything's Chimpy!"}, fields, exclude)
+        if len(parts) < 2 or parts[0] != "lists":
+            raise ApiError(404, "Resource Not Found", "The requested resource could not be found.")
+        if parts[1] != aud.list_id:
+            raise ApiError(404, "Resource Not Found", "The requested resource could not be found.")
+        rest = parts[2:]
+        if not rest:
+            if method != "GET":
+                raise _not_allowed()
+            counts = aud.counts()
+            info = {
+                "id": aud.list_id,
+                "name": "Stand-in audience",
+                "stats": {
+                    "member_count": counts["subscribed"],
+                    "unsubscribe_count": counts["unsubscribed"],
+                    "cleaned_count": counts["cleaned"],
+                    "total_contacts": sum(counts.values()),
+                },
+            }
+            return 200, project(info, fields, exclude)
+        if rest[0] != "members":
+            raise ApiError(404, "Resource Not Found", "The requested resource could not be found.")
+        if len(rest) == 1:
+            if method != "GET":
+                raise _not_allowed()
+            return 200, self.list_members(params, fields, exclude)
+        subscriber_hash = rest[1]
+        if len(rest) == 2:
+            if method == "GET":
+                member = aud.member(subscriber_hash)
+                if member is None:
+                    raise _member_not_found()
+                return 200, project(member, fields, exclude)
+            if method == "DELETE":
+                if not aud.archive(subscriber_hash, int(time.time())):
+                    raise _member_not_found()
+                self.control.add("archives")
+                return 204, None
+            raise _not_allowed()
+        if rest[2:] == ["actions", "delete-permanent"]:
+            if method != "POST":
+                raise _not_allowed()
+            if not aud.delete_permanent(subscriber_hash):
+                raise _member_not_found()
+            self.control.add("permanent_deletes")
+            return 204, None
+        raise ApiError(404, "Resource Not Found", "The requested resource could not be found.")
+
+    def list_members(self, params: dict[str, str], fields: dict | None, exclude: dict | None) -> dict | bytes:
+        """The list-members response: a dict, or already-encoded JSON on the fast path."""
+        count = _int_param(params, "count", 10)
+        offset = _int_param(params, "offset", 0)
+        if count < 0 or count > MAX_COUNT:
+            raise ApiError(400, "Invalid Resource", f"The count parameter must be between 0 and {MAX_COUNT}.")
+        if offset < 0:
+            raise ApiError(400, "Invalid Resource", "The offset parameter must be 0 or greater.")
+        status = params.get("status") or None
+        status_code = None
+        if status is not None:
+            if status not in STATUS_CODE:
+                raise ApiError(400, "Invalid Resource", "Unknown status filter.")
+            status_code = STATUS_CODE[status]
+        since = params.get("since_last_changed") or None
+        since_ts = None
+        if since is not None:
+            try:
+                when = datetime.fromisoformat(since.replace(" ", "+"))
+            except ValueError:
+                raise ApiError(400, "Invalid Resource", "since_last_changed must be an ISO 8601 time.") from None
+            if when.tzinfo is None:
+                raise ApiError(400, "Invalid Resource", "since_last_changed needs a UTC offset.")
+            since_ts = int(when.timestamp())
+
+        wanted = MEMBER_FIELDS
+        members_tree: dict | None = None
+        if fields is not None:
+            if "members" in fields:
+                members_tree = fields["members"]
+                if members_tree:
+                    wanted = tuple(f for f in MEMBER_FIELDS if f in members_tree)
+            else:
+                wanted = ()
+        if exclude is not None and "members" in exclude and not exclude["members"]:
+            wanted = ()
+        rows, total = self.audience.page(status_code, since_ts, offset, count)
+        # Sub-fields (members.merge_fields.FNAME) and member exclusions take the general path.
+        general = (members_tree and any(members_tree[f] for f in wanted)) or (
+            exclude is not None and "members" in exclude
+        )
+
+        def include(key: str) -> bool:
+            return (fields is None or key in fields) and (exclude is None or key not in exclude or bool(exclude[key]))
+
+        if not general:
+            parts = []
+            if include("members"):
+                members_json = self.audience.render_json(rows, wanted) if wanted else b""
+                parts.append(b'"members":[' + members_json + b"]")
+            if include("list_id"):
+                parts.append(b'"list_id":' + json.dumps(self.audience.list_id).encode())
+            if include("total_items"):
+                parts.append(b'"total_items":%d' % total)
+            return b"{" + b",".join(parts) + b"}"
+        members = self.audience.render(rows, wanted) if wanted else []
+        members = project(members, members_tree or None, exclude.get("members") if exclude else None)
+        response: dict[str, Any] = {"members": members, "list_id": self.audience.list_id, "total_items": total}
+        return {k: v for k, v in response.items() if include(k)}
+
+
+def _int_param(params: dict[str, str], name: str, default: int) -> int:
+    value = params.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(400, "Invalid Resource", f"The {name} parameter must be an integer.") from None
+
+
+def _not_allowed() -> ApiError:
+    return ApiError(405, "Method Not Allowed", "The requested method and resource are not compatible.")
+
+
+def _member_not_found() -> ApiError:
+    return ApiError(404, "Resource Not Found", "The requested resource could not be found.")
