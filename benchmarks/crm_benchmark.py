@@ -82,11 +82,11 @@ class _TimedAdapter(AdapterProxy):
         super().__init__(inner)
         self._seconds = seconds
 
-    def erase(self, record_type, action, record_ids):
+    def erase(self, record_type, action, record_ids, *recheck):
         def add(s: float) -> None:
             self._seconds[record_type] = self._seconds.get(record_type, 0.0) + s
 
-        return timed_erase(lambda: self._inner.erase(record_type, action, record_ids), add)
+        return timed_erase(lambda: self._inner.erase(record_type, action, record_ids, *recheck), add)
 
 
 def _instrument_ledger(ledger_s: dict, completed_at: dict, written_ahead: list) -> None:

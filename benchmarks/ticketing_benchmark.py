@@ -88,7 +88,7 @@ class _TimedAdapter(AdapterProxy):
         if os.environ.get("BENCH_SKIP_USERS"):  # erase and verify the tickets only
             self.record_types = tuple(rt for rt in inner.record_types if rt != "ticket_user")
 
-    def erase(self, record_type, action, record_ids):
+    def erase(self, record_type, action, record_ids, *recheck):
         phase = self._phases.get(record_type)
         if phase is None:
             phase = self._phases[record_type] = {
@@ -112,7 +112,7 @@ class _TimedAdapter(AdapterProxy):
             phase["end"] = time.perf_counter()
             phase["after"] = self._inner.client.stats()
 
-        return timed_erase(lambda: self._inner.erase(record_type, action, record_ids), add, outcome, done)
+        return timed_erase(lambda: self._inner.erase(record_type, action, record_ids, *recheck), add, outcome, done)
 
 
 def _client(env: dict):

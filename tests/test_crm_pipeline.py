@@ -706,6 +706,51 @@ def test_hold_added_after_validation_still_stops_the_erasure(crm, retention_home
     assert outcomes["held"] == sum(1 for r in rows.values() if r["status"] == "held")
 
 
+def test_a_renewal_or_new_activity_between_plan_and_erase_keeps_the_records(crm, retention_home):
+    """After validation an organisation renews its membership and a lead gets in touch: inside
+    the erasing transaction the CRM re-reads their records and the domain judges them again, so
+    the renewed organisation's contact and its event tags stay, and so does the lead; the rest
+    planned is erased."""
+    generate(crm, contacts=1200)
+    as_of = pick_as_of()
+    before = snapshot(crm.engine)
+    chosen: dict[str, int] = {}
+
+    def renew_and_touch(run: Run) -> None:
+        plan = run.info.staging.read_frame("crm", "plan")
+        former = plan[(plan["rule_id"] == "former-member-contact") & (plan["action"] == "erase")]
+        leads = plan[(plan["rule_id"] == "lead") & (plan["action"] == "erase")]
+        tags = plan[(plan["record_type"] == "crm_event_participation") & (plan["action"] == "erase")]
+        contact_of_tag = {int(e): int(r["contact_id"]) for e, r in before["event_participation"].items()}
+        # A former member with a planned event tag of its own, so both the contact and the tag
+        # are protected by the renewal.
+        tagged = {contact_of_tag[int(e)] for e in tags["record_id"]}
+        chosen["member"] = next(int(c) for c in former["record_id"] if int(c) in tagged)
+        chosen["tag"] = next(int(e) for e in tags["record_id"] if contact_of_tag[int(e)] == chosen["member"])
+        chosen["lead"] = int(leads["record_id"].iloc[0])
+        org = before["contact"][chosen["member"]]["organisation_id"]
+        with crm.engine.begin() as conn:
+            next_id = conn.exec_driver_sql("SELECT COALESCE(MAX(id), 0) + 1 FROM membership").scalar()
+            conn.execute(
+                sa.text("INSERT INTO membership (id, organisation_id, starts_on, ends_on) VALUES (:i, :o, :s, NULL)"),
+                {"i": next_id, "o": org, "s": dt.date.today()},
+            )
+            conn.execute(sa.text("UPDATE contact SET last_interaction_at = :t WHERE id = :i"),
+                         {"t": dt.datetime.now(UTC), "i": chosen["lead"]})
+
+    run = run_pipeline(crm, as_of, before_erase=renew_and_touch)
+    after = snapshot(crm.engine)
+    assert run.report["state"] == "success"
+    assert chosen["member"] in after["contact"], "a contact whose organisation renewed was erased"
+    assert chosen["tag"] in after["event_participation"], "an event tag of a renewed member was erased"
+    assert chosen["lead"] in after["contact"], "a lead who got in touch after the plan was erased"
+    rows = {(r["record_type"], r["record_key"]): r for r in ledger_rows(retention_home, run.info.run_id)}
+    for rtype, rid in (("crm_contact", chosen["member"]), ("crm_event_participation", chosen["tag"]), ("crm_contact", chosen["lead"])):
+        row = rows[(rtype, pseudonym(rtype, rid))]
+        assert row["status"] == "deferred" and row["detail"], (rtype, rid, row["status"])
+    assert Counter(r["status"] for r in rows.values())["erased"] > 100, "the rest planned went ahead"
+
+
 # ------------------------------------------------------------------------------ boundaries
 def small_crm(crm: Crm, contacts: list[dict], memberships: list[dict]) -> None:
     from retention.systems.crm import schema

@@ -8,6 +8,7 @@ tests run the same engine against the stand-ins over real HTTP.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pandas as pd
@@ -35,7 +36,7 @@ class MemorySystem:
         self.calls: list[tuple[str, str, list[str]]] = []
         self.erased = 0
 
-    def erase(self, record_type, action, record_ids):
+    def erase(self, record_type, action, record_ids, recheck=None):
         self.calls.append((record_type, action, list(record_ids)))
         for rid in record_ids:
             if self.die_after is not None and self.erased >= self.die_after:
@@ -169,7 +170,7 @@ def test_outcomes_are_booked_as_they_arrive(ledger):
 
 def test_an_outcome_the_system_never_reported_is_failed(ledger):
     class Silent(MemorySystem):
-        def erase(self, record_type, action, record_ids):
+        def erase(self, record_type, action, record_ids, recheck=None):
             yield from list(super().erase(record_type, action, record_ids))[:1]
 
     plan = plan_of([("support_ticket", "1", "erase"), ("support_ticket", "2", "erase")])
@@ -224,3 +225,112 @@ def test_the_three_flows_book_the_same_plan_alike(ledger, retention_home, monkey
         })
     assert len(seen[0]) == len(plan)
     assert seen[0] == seen[1] == seen[2]
+
+
+# --- properties: a record that becomes protected or held after the plan is never erased ----------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from retention.config import DEFAULT_POLICY  # noqa: E402
+from retention.domain.policy import load_policy  # noqa: E402
+from retention.domain.recheck import leave_alone  # noqa: E402
+from retention.runs.erasing import StateCheck  # noqa: E402
+from retention.systems.base import Recheck  # noqa: E402
+
+POLICY = load_policy(DEFAULT_POLICY)
+AS_OF = pd.Timestamp("2026-11-25T12:00:00Z")
+OLD = pd.Timestamp("2020-01-01T00:00:00Z")
+
+
+def due_frame(record_type: str, n: int, prefix: str = "r") -> pd.DataFrame:
+    """``n`` records of ``record_type`` that the policy has due as of AS_OF."""
+    ids = pd.Series([f"{prefix}{i}" for i in range(n)], dtype="string")
+    base = {
+        "newsletter_member": {"status": "unsubscribed", "last_changed": OLD, "timestamp_signup": OLD, "has_email": True},
+        "crm_contact": {"kind": "member", "organisation_id": "1", "membership_active": False, "membership_end": OLD,
+                        "is_customer": True, "last_interaction_at": OLD, "opted_out": False, "has_email": True,
+                        "created_at": OLD, "has_invoice": False},
+        "crm_event_participation": {"contact_id": "1", "event_date": OLD, "membership_active": False, "membership_end": OLD,
+                                    "is_customer": True, "opted_out": False},
+        "support_ticket": {"status": "closed", "requester_id": "9", "solved_at": OLD, "created_at": OLD, "updated_at": OLD},
+        "ticket_user": {"role": "end-user", "created_at": OLD, "updated_at": OLD, "tickets_remaining": 0, "last_ticket_gone_at": OLD},
+    }[record_type]
+    return pd.DataFrame({"record_id": ids, **{c: [v] * n for c, v in base.items()}})
+
+
+PROTECTING = {  # record type -> (column, a value the code protects)
+    "newsletter_member": ("status", ["subscribed", "transactional"]),
+    "crm_contact": ("membership_active", [True]),
+    "crm_event_participation": ("membership_active", [True]),
+    "support_ticket": ("status", ["new", "open", "pending", "hold"]),
+    "ticket_user": ("role", ["agent", "admin"]),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(PROTECTING)), st.integers(2, 12), st.data())
+def test_a_record_protected_since_the_plan_is_always_left_alone(record_type, n, data):
+    from retention.domain.engine import plan_record_type
+
+    planned_frame = due_frame(record_type, n)
+    planned = plan_record_type(planned_frame, record_type, POLICY, AS_OF)
+    assert len(planned) == n, "the fixture's records are due"
+    column, values = PROTECTING[record_type]
+    changed = data.draw(st.sets(st.integers(0, n - 1), min_size=1))
+    now = planned_frame.copy()
+    now[column] = now[column].astype(object)
+    for i in changed:
+        now.loc[i, column] = data.draw(st.sampled_from(values))
+    left = leave_alone(record_type, now, planned, POLICY, AS_OF)
+    assert set(left) == {f"r{i}" for i in changed}
+
+
+EXAMPLES = itertools.count()
+
+
+class ChangingSystem(MemorySystem):
+    """Newsletter members in memory whose status can change after the plan; its erase reads
+    their current state right before deleting, as the real adapters do."""
+
+    system = "newsletter"
+    record_types = ("newsletter_member",)
+
+    def __init__(self, frame: pd.DataFrame):
+        super().__init__({"newsletter_member": set(frame["record_id"])})
+        self.frame = frame.set_index("record_id", drop=False)
+
+    def erase(self, record_type, action, record_ids, recheck=None):
+        ids = list(record_ids)
+        if recheck is not None:
+            left = recheck.leave_alone(self.frame.loc[ids].reset_index(drop=True))
+            for rid in left:
+                yield rid, Status.DEFERRED
+            ids = [i for i in ids if i not in left]
+        yield from super().erase(record_type, action, ids)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(3, 20), st.data())
+def test_the_engine_never_erases_a_member_who_subscribed_again_or_was_put_on_hold(ledger, n, data):
+    from retention.domain.engine import plan_record_type
+
+    run_id = f"prop-{next(EXAMPLES)}"  # a run and ids of its own per example: the ledger is shared
+    frame = due_frame("newsletter_member", n, prefix=f"{run_id}-")
+    plan = plan_record_type(frame, "newsletter_member", POLICY, AS_OF)
+    plan["record_key"] = pseudonymizer().column(plan["record_type"], plan["record_id"])
+    system = ChangingSystem(frame)
+    resubscribed = data.draw(st.sets(st.sampled_from(list(frame["record_id"])), max_size=n))
+    held = data.draw(st.sets(st.sampled_from(list(frame["record_id"])), max_size=n))
+    for rid in resubscribed:
+        system.frame.loc[rid, "status"] = "subscribed"
+    for rid in held:
+        ledger.add_hold("newsletter_member", pseudonymizer().key_for("newsletter_member", rid), "after the plan", None)
+    check = StateCheck(policy=POLICY, as_of=AS_OF, extracted_at=OLD)
+    ErasureEngine(ledger, run_id, "newsletter", system, "v1", check).erase(plan)
+    kept = resubscribed | held
+    assert kept <= system.records["newsletter_member"], "a member protected or held since the plan was erased"
+    assert not (set(frame["record_id"]) - kept) & system.records["newsletter_member"], "an unchanged member was kept"
+
+
+assert Recheck  # the port type the engine hands to adapters

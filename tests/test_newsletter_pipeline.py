@@ -197,8 +197,8 @@ class KilledAfter:
         self.inner, self.left = inner, batches
         self.system, self.record_types, self.erase_batch = inner.system, inner.record_types, 40
 
-    def erase(self, record_type, action, ids):
-        outcomes = list(self.inner.erase(record_type, action, ids))  # the batch reached the provider
+    def erase(self, record_type, action, ids, *recheck):
+        outcomes = list(self.inner.erase(record_type, action, ids, *recheck))  # the batch reached the provider
         self.left -= 1
         if self.left == 0:
             raise KeyboardInterrupt("task killed")  # before the engine heard of its outcomes
@@ -279,3 +279,27 @@ def test_malformed_records_are_quarantined_counted_and_never_erased(mailchimp, r
     report = json.loads((retention_home / "reports" / "latest.json").read_text())
     assert report["systems"]["newsletter"]["quarantined"]["newsletter_member"]["duplicate key"] == 2
     assert not set(victims) & {r["record_key"] for r in ledger_rows(retention_home)}
+
+
+def test_a_member_who_subscribes_again_between_plan_and_erase_is_kept(mailchimp, retention_home):
+    """The plan is made; then two planned members subscribe again (Mailchimp's PATCH). Right
+    before the batch the erase step lists what changed since the extract and the domain judges
+    it: both are kept (deferred, with the reason), everyone else planned is erased."""
+    from retention.runs import nightly as pipeline
+
+    run = _prepare(mailchimp, "resubscribed")
+    planned = run.staging.read_frame("newsletter", "plan")
+    back = sorted(planned.loc[planned["rule_id"] == "newsletter-unsubscribed", "record_id"])[:2]
+    for h in back:
+        resp = requests.patch(f"{mailchimp.base_url}/3.0/lists/demo-list/members/{h}", json={"status": "subscribed"},
+                              auth=("x", KEY), timeout=30)
+        assert resp.status_code == 200 and resp.json()["status"] == "subscribed"
+    pipeline.erase(run, "newsletter", _adapter(mailchimp))
+    pipeline.verify(run, "newsletter", _adapter(mailchimp))
+    after = all_members(mailchimp)
+    assert {after.get(h) for h in back} == {"subscribed"}, "a member who subscribed again was erased"
+    assert not set(planned["record_id"]) - set(back) & set(after), "a planned member who did not change was kept"
+    rows = {r["record_key"]: r for r in ledger_rows(retention_home)}
+    kept = [rows[k] for k in planned.loc[planned["record_id"].isin(back), "record_key"]]
+    assert {(r["status"], r["detail"]) for r in kept} == {("deferred", "protected now (an active relationship since the plan)")}
+    assert stats(mailchimp)["permanent_deletes"] == len(planned) - 2

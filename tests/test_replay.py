@@ -295,8 +295,8 @@ class KilledAfter:
         self.inner, self.left = inner, batches
         self.system, self.record_types, self.erase_batch = inner.system, inner.record_types, 40
 
-    def erase(self, record_type, action, ids):
-        outcomes = list(self.inner.erase(record_type, action, ids))  # the batch reached the provider
+    def erase(self, record_type, action, ids, *recheck):
+        outcomes = list(self.inner.erase(record_type, action, ids, *recheck))  # the batch reached the provider
         self.left -= 1
         if self.left == 0:
             raise KeyboardInterrupt("task killed")  # before the engine heard of its outcomes

@@ -513,14 +513,17 @@ def test_soft_then_permanent_deletion_with_job_statuses_polled_to_completion(zen
     peak = adapter.client.jobs_in_flight_peak
     assert 1 <= peak <= adapter.client.max_jobs_in_flight <= 30
 
-    # Users after their tickets: soft, then permanent, one each.
+    # Users after their tickets: read again right before their deletion (one show_many for each
+    # hundred), then soft, then permanent, one each.
     users = plan_ids(run, "ticket_user")
     user_calls = [(c["method"], c["path"]) for c in trace.calls if "users/" in c["path"]]
+    reads = [i for i, call in enumerate(user_calls) if call == ("GET", "/api/v2/users/show_many.json")]
     for uid in users:
         soft_at = user_calls.index(("DELETE", f"/api/v2/users/{uid}.json"))
         perm_at = user_calls.index(("DELETE", f"/api/v2/deleted_users/{uid}.json"))
-        assert soft_at < perm_at
-    assert len(user_calls) == 2 * len(users)
+        assert reads and reads[0] < soft_at < perm_at
+    assert len(reads) == -(-len(users) // 100)
+    assert len(user_calls) == 2 * len(users) + len(reads)
     last_ticket_call = max(position[id(c)] for c in soft_subs + perm_subs)
     first_user_call = min(i for i, c in enumerate(trace.calls) if "users/" in c["path"])
     assert last_ticket_call < first_user_call, "a requester was deleted before the tickets were"
@@ -571,9 +574,9 @@ class FaultsPerRecordType:
         self.inner, self.z, self.plan = inner, z, faults
         self.system, self.record_types, self.erase_batch = inner.system, inner.record_types, inner.erase_batch
 
-    def erase(self, record_type, action, record_ids):
+    def erase(self, record_type, action, record_ids, *recheck):
         self.z.faults(**self.plan[record_type])
-        return self.inner.erase(record_type, action, record_ids)
+        return self.inner.erase(record_type, action, record_ids, *recheck)
 
     def still_present(self, record_type, record_ids):
         return self.inner.still_present(record_type, record_ids)
@@ -677,8 +680,8 @@ class KilledAfterFirstBatch:
     def extract(self, write, now):
         raise AssertionError("not used")
 
-    def erase(self, record_type, action, record_ids):
-        outcomes = dict(self.inner.erase(record_type, action, record_ids))
+    def erase(self, record_type, action, record_ids, *recheck):
+        outcomes = dict(self.inner.erase(record_type, action, record_ids, *recheck))
         self.batches.append(list(record_ids))
         assert set(outcomes.values()) == {"erased"}
         raise KeyboardInterrupt("task killed")
@@ -870,3 +873,31 @@ def test_ticket_reopened_after_the_plan_is_not_erased(zendesk, retention_home):
     t1 = z.tickets()
     assert reopened in t1.index and t1.loc[reopened, "status"] == "open", "a reopened (unsolved) ticket was erased"
     assert set(t0.index) - set(t1.index) == due - {reopened}
+
+
+# --- 7. state that changes between plan and erase ------------------------------------------------
+
+
+def test_a_ticket_solved_again_and_a_user_made_agent_after_the_plan_are_kept(zendesk, retention_home):
+    """After validation a planned ticket is reopened and solved again (its year starts again) and
+    a planned requester becomes an agent. Each chunk is read again right before its deletion and
+    the domain judges it: both are kept (deferred, with the reason); the rest planned goes."""
+    z = zendesk
+    run = planned_run(z, "manual__changed_after_plan")
+    tickets, users = plan_ids(run, "support_ticket"), plan_ids(run, "ticket_user")
+    t0 = z.tickets()
+    resolved = next(t for t in sorted(tickets) if t0.loc[t, "status"] == "solved")
+    promoted = sorted(users)[0]
+    z.set_status(resolved, "open")
+    assert z.set_status(resolved, "solved")["status"] == "solved"
+    assert z.api("PUT", f"/api/v2/users/{promoted}.json", json={"user": {"role": "agent"}}).json()["user"]["role"] == "agent"
+
+    assert finish(run, z)["state"] == "success"
+    assert resolved in z.tickets().index, "a ticket solved again after the plan was erased"
+    assert promoted in z.users().index, "a user made an agent after the plan was erased"
+    rows = by_record(ledger_rows(retention_home, run.run_id))
+    for record_type, rid in (("support_ticket", resolved), ("ticket_user", promoted)):
+        key = next(iter(keys(record_type, [rid])))
+        assert rows[(record_type, key)]["status"] == "deferred" and rows[(record_type, key)]["detail"], record_type
+    gone = {int(t) for t in tickets} - {resolved} - set(z.tickets().index)
+    assert len(gone) == len(tickets) - 1, "a planned ticket that did not change was kept"

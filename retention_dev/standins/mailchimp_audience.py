@@ -181,15 +181,19 @@ class Audience:
 
     # -- mutations ---------------------------------------------------------------------------
     def archive(self, subscriber_hash: str, now: int) -> bool:
+        return self.set_status(subscriber_hash, ARCHIVED, now)
+
+    def set_status(self, subscriber_hash: str, status: int, now: int) -> bool:
+        """A member's status changes (archived, or subscribed again...): ``last_changed`` moves."""
         with self.lock:
             row = self.row_of(subscriber_hash)
             if row is None:
                 return False
             old = int(self.cols.status[row])
-            if old != ARCHIVED:
+            if old != status:
                 self.by_status[old].remove(row)
-                self.by_status[ARCHIVED].add(row)
-                self.cols.status[row] = ARCHIVED
+                self.by_status[status].add(row)
+                self.cols.status[row] = status
                 self.cols.last_changed[row] = now
                 self.version += 1
             return True

@@ -17,6 +17,7 @@ class Control:
         "requests",
         "permanent_deletes",
         "archives",
+        "updates",
         "throttled",
         "throttled_injected",
         "errors_injected",

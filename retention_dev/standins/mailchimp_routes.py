@@ -1,6 +1,7 @@
 """The Mailchimp stand-in's API endpoints under ``/3.0``: ``ping``, ``lists/{list_id}``,
 ``lists/{list_id}/members`` (paging, ``status``, ``since_last_changed``, ``fields`` /
-``exclude_fields``), a member's GET and DELETE (archive) and ``actions/delete-permanent``."""
+``exclude_fields``), a member's GET, PATCH (a status change, e.g. subscribing again) and DELETE
+(archive) and ``actions/delete-permanent``."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class MemberRoutes:
     audience: Audience
     control: Control
 
-    def api(self, method: str, parts: list[str], query: str) -> tuple[int, Any]:
+    def api(self, method: str, parts: list[str], query: str, body: bytes = b"") -> tuple[int, Any]:
         params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
         fields = field_tree(params.get("fields"))
         exclude = field_tree(params.get("exclude_fields"))
@@ -73,6 +74,17 @@ class MemberRoutes:
                     raise _member_not_found()
                 self.control.add("archives")
                 return 204, None
+            if method == "PATCH":
+                try:
+                    status = json.loads(body or b"{}").get("status")
+                except (ValueError, AttributeError):
+                    raise ApiError(400, "Invalid Resource", "The request body must be a JSON object.") from None
+                if status not in STATUS_CODE or status == "archived":
+                    raise ApiError(400, "Invalid Resource", "Unknown or unsettable status.")
+                if not aud.set_status(subscriber_hash, STATUS_CODE[status], int(time.time())):
+                    raise _member_not_found()
+                self.control.add("updates")
+                return 200, project(aud.member(subscriber_hash), fields, exclude)
             raise _not_allowed()
         if rest[2:] == ["actions", "delete-permanent"]:
             if method != "POST":

@@ -116,9 +116,9 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             self._send(exc.status, problem(exc.status, exc.title, exc.detail))
             return
-        self._api(method, path, url.query)
+        self._api(method, path, url.query, body)
 
-    def _api(self, method: str, path: str, query: str) -> None:
+    def _api(self, method: str, path: str, query: str, body_in: bytes = b"") -> None:
         srv = self.server
         key = self._api_key()
         if key != srv.api_key:
@@ -159,7 +159,7 @@ class Handler(BaseHTTPRequestHandler):
                 body = problem(status, REASONS.get(status, "Server Error"), "Injected failure.")
             else:
                 try:
-                    status, body = srv.api(method, parts, query)
+                    status, body = srv.api(method, parts, query, body_in)
                 except ApiError as exc:
                     status, body = exc.status, problem(exc.status, exc.title, exc.detail)
                 except Exception:

@@ -122,7 +122,7 @@ class App(TicketRoutes, UserRoutes):
         elif head in ("tickets", "deleted_tickets", "job_statuses"):
             answer = self.route_tickets(method, seg, query, base, fault_match, body)
         elif head in ("users", "deleted_users"):
-            answer = self.route_users(method, seg, query, base)
+            answer = self.route_users(method, seg, query, base, body)
         if answer is None:
             raise ApiError(404, "InvalidEndpoint", "Not found")
         return answer

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from retention_dev.standins import zendesk_data as zd
 from retention_dev.standins.zendesk_common import CLOSED, DELETED, ApiError, iso
 from retention_dev.standins.zendesk_limits import Limits
@@ -29,8 +31,12 @@ class TicketRoutes:
         if head == "tickets":
             if seg[1:] == ["show_many"] and method == "GET":
                 ids = ids_param(query)
-                rows = [st.ticket_row(i) for i in ids]
-                return 200, {"tickets": [st.ticket_json(r, base) for r in rows if r is not None and st.t_status[r] < DELETED]}
+                rows = [r for r in (st.ticket_row(i) for i in ids) if r is not None and st.t_status[r] < DELETED]
+                body = {"tickets": [st.ticket_json(r, base) for r in rows]}
+                # Sideloads, as on Zendesk's other ticket endpoints: the metric sets carry solved_at.
+                if "metric_sets" in ",".join(query.get("include", [])).split(","):
+                    body["metric_sets"] = st.metric_sets_page(np.asarray(rows, dtype=np.int64))
+                return 200, body
             if seg[1:] == ["destroy_many"] and method == "DELETE":
                 return 200, {"job_status": st.job_json(self.submit_job("ticket_deletion", ids_param(query), base, fault_match))}
             if len(seg) == 2 and seg[1].isdigit():

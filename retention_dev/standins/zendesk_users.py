@@ -1,8 +1,10 @@
 """The Zendesk stand-in's user endpoints: ``/api/v2/users`` (``me``, ``search``, ``show_many``,
-``{id}`` GET/DELETE, ``{id}/tickets/requested``) and ``/api/v2/deleted_users`` (list, ``{id}``
+``{id}`` GET/PUT (role)/DELETE, ``{id}/tickets/requested``) and ``/api/v2/deleted_users`` (list, ``{id}``
 GET/DELETE)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 from sortedcontainers import SortedList
@@ -19,7 +21,7 @@ class UserRoutes:
 
     state: State
 
-    def route_users(self, method: str, seg: list[str], query: dict, base: str) -> tuple[int, dict] | None:
+    def route_users(self, method: str, seg: list[str], query: dict, base: str, body: bytes = b"") -> tuple[int, dict] | None:
         """The answer to ``seg`` (the path under ``/api/v2/``), or None when no user endpoint
         matches."""
         st = self.state
@@ -48,6 +50,8 @@ class UserRoutes:
                     raise ApiError(404, "RecordNotFound", "Not found")
                 if method == "GET":
                     return 200, {"user": st.user_json(row, base)}
+                if method == "PUT":
+                    return 200, {"user": self.update_user(row, base, body)}
                 if method == "DELETE":
                     return 200, {"user": self.soft_delete_user(row, base)}
         if head == "deleted_users":
@@ -62,6 +66,20 @@ class UserRoutes:
                 if method == "DELETE":
                     return 200, {"deleted_user": self.permanently_delete_user(row, base)}
         return None
+
+    def update_user(self, row: int, base: str, body: bytes) -> dict:
+        """``PUT /api/v2/users/{id}`` with ``{"user": {"role": ...}}`` (role only): an end user
+        made an agent, say."""
+        st = self.state
+        try:
+            role = json.loads(body or b"{}")["user"]["role"]
+        except (ValueError, KeyError, TypeError):
+            role = None
+        if role not in zd.ROLE_CODE:
+            raise ApiError(422, "RecordInvalid", f"role must be one of {'/'.join(zd.ROLE_CODE)}")
+        st.u_role[row] = zd.ROLE_CODE[role]
+        st.touch_user(row, st.clock())
+        return st.user_json(row, base)
 
     def search_users(self, query: dict, base: str) -> dict:
         """``GET /api/v2/users/search``: only ``email:{address}`` (or a bare address) is modelled."""

@@ -10,7 +10,10 @@ What it guarantees, in this order, for one system of one run:
    gone counts as success, so a retried task never fails on what it did before it died.
 3. **The last checks, right before each destructive batch** (``_before_batch``, the one place for
    them): a record whose blocking records (a requester's tickets) are not all gone is deferred;
-   a record put on a manual hold since the plan was made is held.
+   a record put on a manual hold since the plan was made is held. And, given the run's policy
+   (``StateCheck``), the adapter reads the records' current state right before each destructive
+   call (for the CRM inside its erasing transaction) and the domain (``domain.recheck``) leaves
+   alone, deferred, whatever is protected now or no longer due as planned.
 4. **Erase in batches, outcomes booked as they arrive.** The adapter yields each record's
    outcome as the system reports it; the engine completes the ledger entries at least every
    second and at the end of every batch, so a task killed mid-batch loses at most the last
@@ -32,11 +35,13 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from retention.domain.holds import Holds
+from retention.domain.policy import Policy
+from retention.domain.recheck import leave_alone
 from retention.domain.records import blocked_by
 from retention.domain.statuses import DESTRUCTIVE, DONE, GONE, STATUS_BEFORE, WOULD, Action, Status
 from retention.progress import Progress
 from retention.store.ledger import Ledger
-from retention.systems.base import SourceSystem, batch_size
+from retention.systems.base import Recheck, SourceSystem, batch_size
 
 log = logging.getLogger("retention")
 
@@ -66,6 +71,16 @@ class ErasureResult:
         return self.totals().get(Status.FAILED, 0)
 
 
+@dataclass(frozen=True)
+class StateCheck:
+    """What the current state of a record is judged against right before its erasure: the run's
+    policy as of the run's as-of time, for a plan made from an extract read at ``extracted_at``."""
+
+    policy: Policy
+    as_of: datetime
+    extracted_at: datetime
+
+
 def _text(value, width: int) -> str | None:
     return value[:width] if isinstance(value, str) and value else None
 
@@ -78,12 +93,17 @@ class ErasureEngine:
     # Outcomes are booked in the ledger at least this often while a batch runs.
     flush_seconds = 1.0
 
-    def __init__(self, ledger: Ledger, run_id: str, system: str, adapter: SourceSystem, policy_version: str):
+    def __init__(
+        self, ledger: Ledger, run_id: str, system: str, adapter: SourceSystem, policy_version: str,
+        state_check: StateCheck | None = None,
+    ):
         self.ledger = ledger
         self.run_id = run_id
         self.system = system
         self.adapter = adapter
         self.policy_version = policy_version
+        self.state_check = state_check
+        self._left_alone: dict[tuple[str, str], str] = {}  # (record type, id) -> why, from the state checks
 
     # -- dry run ------------------------------------------------------------------------------
     @staticmethod
@@ -110,6 +130,9 @@ class ErasureEngine:
         """Write ahead, erase batch by batch, complete the ledger. Resumable and idempotent."""
         self._check(plan)
         self._status = {(t, k): Status(s) for (t, k), s in self.ledger.statuses(self.run_id, self.system).items()}
+        self._ids: dict[str, dict[str, str]] = {}
+        for t, i, k in zip(plan["record_type"].tolist(), plan["record_id"].astype(str).tolist(), plan["record_key"].tolist()):
+            self._ids.setdefault(t, {})[k] = i
         self._write_ahead(plan)
         destructive = plan[plan["action"].isin(DESTRUCTIVE).to_numpy()]
         progress = Progress(log, f"{self.system}: erasing", total=len(destructive))
@@ -190,6 +213,20 @@ class ErasureEngine:
         log.info("%s: %s before erasure: %s", self.system, record_type, dict(Counter(map(str, settled.values()))))
         return batch[[k not in settled for k in keys]]
 
+    def _recheck(self, record_type: str, batch: pd.DataFrame) -> Recheck | None:
+        """The adapter's check of the batch's current state, judged by the domain."""
+        check = self.state_check
+        if check is None:
+            return None
+        planned = batch[["record_id", "action", "clock"]] if "clock" in batch else batch[["record_id", "action"]].assign(clock=pd.NaT)
+
+        def judge(current: pd.DataFrame) -> dict[str, str]:
+            reasons = leave_alone(record_type, current, planned, check.policy, check.as_of)
+            self._left_alone.update({(record_type, rid): why for rid, why in reasons.items()})
+            return reasons
+
+        return Recheck(since=check.extracted_at, leave_alone=judge)
+
     def _erase_batch(self, record_type: str, action: Action, batch: pd.DataFrame) -> None:
         if batch.empty:
             return
@@ -197,8 +234,11 @@ class ErasureEngine:
         heard: set[str] = set()
         pending: dict[str, Status] = {}
         last = time.monotonic()
+        recheck = self._recheck(record_type, batch)
+        # The adapter is given a check only when the flow judges current state (the nightly run).
+        args = (record_type, str(action), list(key_of), *((recheck,) if recheck else ()))
         try:
-            for record_id, status in self.adapter.erase(record_type, str(action), list(key_of)):
+            for record_id, status in self.adapter.erase(*args):
                 key = key_of.get(str(record_id))
                 if key is None or key in heard:
                     continue
@@ -214,9 +254,17 @@ class ErasureEngine:
         self._complete(record_type, {k: Status.FAILED for k in key_of.values() if k not in heard})
 
     def _complete(self, record_type: str, outcomes: dict[str, Status]) -> None:
-        if outcomes:
-            self.ledger.complete(self.run_id, self.system, record_type, outcomes)
-            self._status.update({(record_type, k): s for k, s in outcomes.items()})
+        if not outcomes:
+            return
+        detail = {}
+        if self._left_alone:
+            id_of = self._ids.get(record_type, {})
+            for key, status in outcomes.items():
+                why = self._left_alone.get((record_type, id_of.get(key, "")))
+                if why and status == Status.DEFERRED:
+                    detail[key] = why
+        self.ledger.complete(self.run_id, self.system, record_type, outcomes, detail or None)
+        self._status.update({(record_type, k): s for k, s in outcomes.items()})
 
     # -- verify -------------------------------------------------------------------------------
     def verify(self, plan: pd.DataFrame) -> tuple[int, int]:
@@ -247,4 +295,4 @@ def _entries(frame: pd.DataFrame) -> Iterator[dict]:
         yield {"record_type": t, "record_key": k, "rule_id": str(r)[:_RULE_WIDTH], "action": str(action), "hold": _text(h, _HOLD_WIDTH)}
 
 
-__all__ = ["ErasureEngine", "ErasureResult"]
+__all__ = ["ErasureEngine", "ErasureResult", "StateCheck"]

@@ -20,7 +20,7 @@ from retention.domain.planning import plan_system
 from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import DESTRUCTIVE
 from retention.runs.context import RunInfo, Stopwatch, open_run, pseudonymizer, task_ledger
-from retention.runs.erasing import ErasureEngine
+from retention.runs.erasing import ErasureEngine, StateCheck
 from retention.store.reports import ledger_counts, status_line, write_report
 from retention.systems.base import SourceSystem
 
@@ -147,8 +147,10 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     if not validation or not validation.get("success"):
         raise PlanRejected(f"{system}: no successful validation in this run; refusing to erase")
     plan_frame = staging.read_frame(system, "plan")
+    # Each record's current state is judged again right before its erasure, by the run's policy.
+    check = StateCheck(policy=run.policy(), as_of=run.as_of_ts, extracted_at=_extracted_at(run, system))
     with task_ledger() as ledger:
-        engine = ErasureEngine(ledger, run.run_id, system, adapter, run.policy_version)
+        engine = ErasureEngine(ledger, run.run_id, system, adapter, run.policy_version, check)
         if run.dry_run:
             would = engine.count(plan_frame).would_by_rule
             summary = {"dry_run": True, "would": would}

@@ -8,6 +8,7 @@ schema (``retention.domain.records``); it makes no rule decision of its own.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -18,6 +19,21 @@ from retention.domain.statuses import Status
 
 Write = Callable[[str, pd.DataFrame], None]
 Outcome = tuple[str, Status]
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """What an adapter does right before each destructive call: read the current state of the
+    records it is about to erase and leave alone (yield ``deferred`` for) those the domain says
+    may no longer be erased as planned.
+
+    ``since``: when the plan's extract was read (a system that can list what changed since, as
+    Mailchimp can, reads only that). ``leave_alone(current)``: current records (record_id and the
+    schema's columns) -> {record_id: why}; the decision is the domain's, not the adapter's.
+    """
+
+    since: datetime
+    leave_alone: Callable[[pd.DataFrame], dict[str, str]]
 
 
 class SourceSystem(Protocol):
@@ -37,10 +53,14 @@ class SourceSystem(Protocol):
         domain's schema, plus the system's own hold list under ``"legal_hold"`` where it has one.
         The address is used for the look-up only: never logged, never in a frame."""
 
-    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> Iterator[Outcome]:
+    def erase(
+        self, record_type: str, action: str, record_ids: Sequence[str], recheck: Recheck | None = None
+    ) -> Iterator[Outcome]:
         """Erase (or minimise) the records, yielding ``(record_id, Status)`` as each outcome is
         known: erased, already_gone (success), held (a hold the system itself keeps), deferred
-        (the system says not yet) or failed. Idempotent."""
+        (the system says not yet, or ``recheck`` left it alone) or failed. Idempotent. With
+        ``recheck``, the current state of the records is read right before each destructive
+        call (for a database, inside the erasing transaction) and judged by it."""
 
     def still_present(self, record_type: str, record_ids: Sequence[str]) -> set[str]:
         """Which of these ids the system still holds (for verification)."""

@@ -14,10 +14,11 @@ from datetime import datetime
 
 import pandas as pd
 
+from retention.domain.conform import conform
 from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import Action, Status
 from retention.progress import Progress
-from retention.systems.base import Outcome
+from retention.systems.base import Outcome, Recheck
 from retention.systems.crm.client import CrmConnector
 
 log = logging.getLogger("retention")
@@ -29,6 +30,7 @@ _OUTCOMES = {
     "already_gone": Status.ALREADY_GONE,
     "held_legal_hold": Status.HELD,
     "held_invoice": Status.DEFERRED,  # an invoice appeared after the plan: minimise on the next run
+    "changed_since_plan": Status.DEFERRED,  # the run's check of the current state left it alone
 }
 
 
@@ -66,19 +68,33 @@ class CrmAdapter:
         owned[SOURCE_HOLDS] = self.connector.read_frame("crm_legal_hold")
         return owned
 
-    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> Iterator[Outcome]:
+    def erase(
+        self, record_type: str, action: str, record_ids: Sequence[str], recheck: Recheck | None = None
+    ) -> Iterator[Outcome]:
         ids = [int(i) for i in record_ids]
+        extra = {"recheck": self._check(record_type, recheck)} if recheck else {}
         if action == Action.MINIMISE:
             if record_type != "crm_contact":
                 raise ValueError(f"only contacts are minimised, not {record_type}")
-            result = self.connector.minimise_contacts(ids)
+            result = self.connector.minimise_contacts(ids, **extra)
         elif action == Action.ERASE:
-            result = self.connector.erase(record_type, ids)
+            result = self.connector.erase(record_type, ids, **extra)
         else:
             raise ValueError(f"unknown action {action!r}")
         # One transaction per call: its outcomes are known (and true) once it has committed.
         for i in ids:
             yield str(i), _OUTCOMES.get(result.get(i, "failed"), Status.FAILED)
+
+    @staticmethod
+    def _check(record_type: str, recheck: Recheck):
+        """The domain's check, as the connector calls it inside the erasing transaction: on the
+        records' current frame (the membership, opt-out and clocks they are judged by)."""
+
+        def check(frame: pd.DataFrame) -> set[int]:
+            current = conform(record_type, frame.assign(record_id=frame["record_id"].astype("string")))
+            return {int(i) for i in recheck.leave_alone(current)}
+
+        return check
 
     def still_present(self, record_type: str, record_ids: Sequence[str]) -> set[str]:
         present = set()

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import pandas as pd
 import sqlalchemy as sa
 
+from retention.systems.crm.reads import FRAME_COLUMNS
 from retention.systems.crm.sql import ConnectorBase
-from retention.systems.crm.values import distinct_ids
+from retention.systems.crm.values import distinct_ids, to_frame
+
+# The caller's check of current records: their frame -> the ids to leave alone.
+Recheck = Callable[[pd.DataFrame], set[int]]
 
 # The connector's logger, whichever module of it logs (benchmarks quiet the per-batch lines by it).
 log = logging.getLogger("retention.systems.crm.client")
@@ -25,6 +30,8 @@ ALREADY_GONE = "already_gone"
 MINIMISED = "minimised"
 HELD_INVOICE = "held_invoice"
 HELD_LEGAL_HOLD = "held_legal_hold"
+# Left alone by the caller's check of the records' current state, read inside the transaction.
+CHANGED = "changed_since_plan"
 
 #: record type -> logical table, for the record types that ``erase``/``existing`` accept.
 ERASABLE = {
@@ -60,21 +67,26 @@ class Erasure(ConnectorBase):
             return {int(i) for i in found}
 
     # ------------------------------------------------------------------ erasure
-    def erase(self, record_type: str, ids: Sequence[int]) -> dict[int, str]:
+    def erase(self, record_type: str, ids: Sequence[int], recheck: Recheck | None = None) -> dict[int, str]:
         """Delete the records ``ids`` of ``record_type`` in one transaction.
 
         ``crm_contact`` takes the contact's communication notes, event participations, course
         registrations and survey responses with it; a contact that still has an invoice is
         refused with ``held_invoice`` (use ``minimise_contacts``). Records under a live manual
-        hold are refused with ``held_legal_hold``. ``crm_legal_hold`` cannot be erased.
+        hold are refused with ``held_legal_hold``. ``crm_legal_hold`` cannot be erased. With
+        ``recheck``, the records' current frame is read first inside the transaction (their rows
+        locked on PostgreSQL) and those ``recheck(frame)`` returns are left alone (``changed_since_plan``).
         """
         logical = _erasable(record_type)
         ids = distinct_ids(ids)
         if not ids:
             return {}
         self._ensure_checked()
-        now_p = self._ts_param("now", dt.datetime.now(dt.UTC))
+        now = dt.datetime.now(dt.UTC)
+        now_p = self._ts_param("now", now)
         with self.engine.begin() as conn:
+            changed = self._left_alone(conn, record_type, ids, now, recheck)
+            ids = [i for i in ids if i not in changed]
             if logical == "contact":
                 refused = self._refused_contacts(conn, ids, now_p, invoices_refuse=True)
                 ok = [i for i in ids if i not in refused]
@@ -88,10 +100,11 @@ class Erasure(ConnectorBase):
                 ok = [i for i in ids if i not in refused]
                 gone = self._delete_returning(conn, self._t(logical), ok) if ok else set()
         outcome = {i: refused.get(i) or (ERASED if i in gone else ALREADY_GONE) for i in ids}
+        outcome.update(dict.fromkeys(changed, CHANGED))
         _log_outcomes("erase", record_type, outcome)
         return outcome
 
-    def minimise_contacts(self, ids: Sequence[int]) -> dict[int, str]:
+    def minimise_contacts(self, ids: Sequence[int], recheck: Recheck | None = None) -> dict[int, str]:
         """Delete everything about these contacts except what bookkeeping law keeps.
 
         In one transaction: detach their invoices (``invoice.contact_id`` set NULL; the invoice
@@ -100,15 +113,19 @@ class Erasure(ConnectorBase):
         survey responses, and the contact row. Outcome ``minimised`` (had invoices),
         ``erased`` (had none), ``already_gone`` or ``held_legal_hold`` (live manual hold on the
         contact or on a child record that would be deleted; a manual hold on one of its
-        invoices does not block minimisation, since the invoice itself is kept).
+        invoices does not block minimisation, since the invoice itself is kept). ``recheck`` as
+        for :meth:`erase`.
         """
         ids = distinct_ids(ids)
         if not ids:
             return {}
         self._ensure_checked()
-        now_p = self._ts_param("now", dt.datetime.now(dt.UTC))
+        now = dt.datetime.now(dt.UTC)
+        now_p = self._ts_param("now", now)
         inv = self._t("invoice")
         with self.engine.begin() as conn:
+            changed = self._left_alone(conn, "crm_contact", ids, now, recheck)
+            ids = [i for i in ids if i not in changed]
             flags = self._refused_contacts(conn, ids, now_p, invoices_refuse=False)
             refused = {i: f for i, f in flags.items() if f == HELD_LEGAL_HOLD}
             had_invoice = {i for i, f in flags.items() if f == HELD_INVOICE}
@@ -121,7 +138,7 @@ class Erasure(ConnectorBase):
                     .values({inv.columns["contact_id"]: None})
                 )
                 gone = self._delete_contacts(conn, ok)
-        outcome = {}
+        outcome = dict.fromkeys(changed, CHANGED)
         for i in ids:
             if i in refused:
                 outcome[i] = refused[i]
@@ -131,6 +148,21 @@ class Erasure(ConnectorBase):
                 outcome[i] = ALREADY_GONE
         _log_outcomes("minimise", "crm_contact", outcome)
         return outcome
+
+    def _left_alone(
+        self, conn: sa.Connection, record_type: str, ids: list[int], now: dt.datetime, recheck: Recheck | None
+    ) -> set[int]:
+        """The ids ``recheck`` leaves alone, judged on their current frame read in this
+        transaction (rows locked first on PostgreSQL, so they cannot change before the commit)."""
+        if recheck is None:
+            return set()
+        t = self._t(_erasable(record_type))
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.select(t.c.id).where(self._in_ids(t.c.id, ids, "lock_ids")).with_for_update())
+        # The extract's own query (FrameReads, the other half of CrmConnector), for these ids only.
+        query = self._frame_query(record_type, now).order_by(None).subquery("now")
+        rows = conn.execute(sa.select(query).where(self._in_ids(query.c.record_id, ids, "now_ids"))).all()
+        return {int(i) for i in recheck(to_frame(rows, FRAME_COLUMNS[record_type]))}
 
     def _refused_contacts(
         self, conn: sa.Connection, ids: list[int], now_p: sa.BindParameter, *, invoices_refuse: bool

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from retention.domain.records import record_types_of
 from retention.domain.statuses import Action, Status
 from retention.progress import Progress
-from retention.systems.base import Outcome, outcomes_as_they_arrive
+from retention.systems.base import Outcome, Recheck, outcomes_as_they_arrive
 from retention.systems.newsletter.client import MailchimpClient
 
 log = logging.getLogger("retention")
@@ -102,12 +102,34 @@ class NewsletterAdapter:
         columns["email_address"] = ["@"] * len(found)  # found by its address: it has one
         return {"newsletter_member": members_frame(columns)}
 
-    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> Iterator[Outcome]:
+    def erase(
+        self, record_type: str, action: str, record_ids: Sequence[str], recheck: Recheck | None = None
+    ) -> Iterator[Outcome]:
         if record_type != "newsletter_member" or action != Action.ERASE:
             raise ValueError(f"newsletter cannot {action} {record_type}")
+        hashes = list(record_ids)
+        if recheck is not None:
+            # Right before the batch: the members of it that changed since the plan's extract
+            # (Mailchimp lists them by since_last_changed), judged by the domain.
+            changed = self._changed_since(recheck.since, set(hashes))
+            left = recheck.leave_alone(changed) if len(changed) else {}
+            for h in left:
+                yield h, Status.DEFERRED
+            hashes = [h for h in hashes if h not in left]
         yield from outcomes_as_they_arrive(
-            lambda on_result: self.client.delete_permanent_many(self.list_id, list(record_ids), on_result=on_result), _status
+            lambda on_result: self.client.delete_permanent_many(self.list_id, hashes, on_result=on_result), _status
         )
+
+    def _changed_since(self, since: datetime, wanted: set[str]) -> pd.DataFrame:
+        chunk: dict[str, list] = {f: [] for f in MEMBER_FIELDS}
+        # A second earlier than the extract (Mailchimp compares whole seconds): lists more, never less.
+        since_text = (pd.Timestamp(since).floor("s") - pd.Timedelta(seconds=1)).isoformat()
+        for page in self.client.iter_member_columns(self.list_id, fields=MEMBER_FIELDS, since_last_changed=since_text):
+            for i, h in enumerate(page["id"]):
+                if h in wanted:
+                    for f in MEMBER_FIELDS:
+                        chunk[f].append(page[f][i])
+        return members_frame(chunk)
 
     def still_present(self, record_type: str, record_ids: Sequence[str]) -> set[str]:
         wanted = set(record_ids)

@@ -18,7 +18,7 @@ from retention.domain.conform import from_rows
 from retention.domain.records import protected_values, record_types_of
 from retention.domain.statuses import Action, Status
 from retention.progress import Progress
-from retention.systems.base import Outcome, outcomes_as_they_arrive
+from retention.systems.base import Outcome, Recheck, outcomes_as_they_arrive
 from retention.systems.ticketing.client import ZendeskClient
 
 log = logging.getLogger("retention")
@@ -79,22 +79,27 @@ class TicketingAdapter:
         tickets = [t for user in users for t in self.client.iter_requested_tickets(user["id"])]
         return {"support_ticket": tickets_frame(tickets), "ticket_user": users_frame(users)}
 
-    def erase(self, record_type: str, action: str, record_ids: Sequence[str]) -> Iterator[Outcome]:
+    def erase(
+        self, record_type: str, action: str, record_ids: Sequence[str], recheck: Recheck | None = None
+    ) -> Iterator[Outcome]:
         if action != Action.ERASE:
             raise ValueError(f"ticketing cannot {action} {record_type}")
         ids = [int(i) for i in record_ids]
         progress = Progress(log, f"ticketing: {record_type} erase call", total=len(ids), every=30.0)
+        frame = {"support_ticket": tickets_frame, "ticket_user": users_frame}.get(record_type)
+        if frame is None:
+            raise ValueError(f"unknown record type {record_type!r}")
+        # Each 100 records are read again right before their deletion; the domain's check (when
+        # the run gives one) leaves alone what changed since the plan.
+        keep = (lambda rows: {int(i) for i in recheck.leave_alone(frame(rows))}) if recheck else None
         if record_type == "support_ticket":
             # A ticket reopened since the plan (a customer replied) is unsolved again, and an
-            # unsolved ticket is never erased: the client re-reads each chunk's statuses right
-            # before that chunk's soft deletion and leaves unsolved ones alone ("not_yet").
+            # unsolved ticket is never erased: the client leaves unsolved ones alone ("not_yet").
             def call(on_result):
-                return self.client.erase_tickets(ids, defer_statuses=UNSOLVED, on_result=on_result)
-        elif record_type == "ticket_user":
-            def call(on_result):
-                return self.client.erase_users(ids, on_result=on_result)
+                return self.client.erase_tickets(ids, defer_statuses=UNSOLVED, keep=keep, on_result=on_result)
         else:
-            raise ValueError(f"unknown record type {record_type!r}")
+            def call(on_result):
+                return self.client.erase_users(ids, keep=keep, on_result=on_result)
         for outcome in outcomes_as_they_arrive(call, _status):
             progress.add(1)
             yield outcome

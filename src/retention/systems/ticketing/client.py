@@ -289,23 +289,25 @@ class ZendeskClient:
         *,
         on_result: Callable[[int, str], None] | None = None,
         defer_statuses: Iterable[str] = (),
+        keep: Callable[[list[dict]], set[int]] | None = None,
     ) -> dict[int, str]:
         """Soft-delete, then permanently delete, each ticket; returns ``{id: outcome}``.
 
         Outcomes: ``"erased"``, ``"already_gone"`` (neither live nor soft-deleted any more),
-        ``"not_yet"`` (its status, re-read right before its deletion, is in ``defer_statuses``:
-        left alone) or ``"failed"`` (a job reported an error for it, or the API kept failing). A
-        ticket that is already soft-deleted goes straight to permanent deletion.
+        ``"not_yet"`` (re-read right before its deletion, its status is in ``defer_statuses``, or
+        ``keep`` keeps it: left alone) or ``"failed"`` (a job reported an error for it, or the API
+        kept failing). A ticket that is already soft-deleted goes straight to permanent deletion.
 
-        The ids go in chunks of 100, each through its own steps: statuses re-read with
-        ``tickets/show_many`` (when ``defer_statuses`` is given) immediately before its soft
-        deletion, the soft-deletion job, then the permanent-deletion job. Chunks run side by
+        The ids go in chunks of 100, each through its own steps: the tickets re-read with
+        ``tickets/show_many`` (when ``defer_statuses`` or ``keep`` is given; ``keep(tickets)`` gets
+        them in the export's shape and returns the ids to leave alone) immediately before its
+        soft deletion, the soft-deletion job, then the permanent-deletion job. Chunks run side by
         side, so while one chunk's job runs the next chunks are submitted and polled; at most
         ``max_jobs_in_flight`` jobs are queued or running at any time (each holds a slot from
         its submission until a poll saw it end). ``on_result`` is called once per id as soon
         as its outcome is known (serialised, from worker threads).
         """
-        return self._jobs.erase_tickets(ids, on_result, defer_statuses)
+        return self._jobs.erase_tickets(ids, on_result, defer_statuses, keep)
 
     def _wait_job(self, job: dict) -> dict:
         """The job's final status (completed or failed), polled by the client's job watcher
@@ -333,13 +335,22 @@ class ZendeskClient:
         return ERASED
 
     def erase_users(
-        self, ids: Iterable[int], *, on_result: Callable[[int, str], None] | None = None
+        self, ids: Iterable[int], *, on_result: Callable[[int, str], None] | None = None,
+        keep: Callable[[list[dict]], set[int]] | None = None,
     ) -> dict[int, str]:
         """:meth:`erase_user` for each id, ``max_connections`` at a time; an id the API keeps
-        failing on is ``"failed"``."""
+        failing on is ``"failed"``. With ``keep``, each 100 users are re-read (``users/show_many``)
+        right before their deletion and those ``keep(users)`` returns are left alone
+        (``"not_yet"``)."""
         order = list(dict.fromkeys(int(i) for i in ids))
         outcomes: dict[int, str] = {}
         lock = threading.Lock()
+
+        def done(uid: int, outcome: str) -> None:
+            with lock:
+                outcomes[uid] = outcome
+                if on_result is not None:
+                    on_result(uid, outcome)
 
         def one(uid: int) -> None:
             try:
@@ -347,17 +358,54 @@ class ZendeskClient:
             except HTTPError as exc:
                 log.warning("user erasure failed for good (%s)", exc)
                 outcome = FAILED
-            with lock:
-                outcomes[uid] = outcome
-                if on_result is not None:
-                    on_result(uid, outcome)
+            done(uid, outcome)
 
-        if order:
-            with ThreadPoolExecutor(min(self.max_connections, len(order)), thread_name_prefix="zendesk-users") as pool:
-                for fut in [pool.submit(one, uid) for uid in order]:
-                    fut.result()
+        step = MAX_IDS if keep else max(len(order), 1)
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
+            if keep:
+                left = keep(self.current_users(chunk))
+                for uid in chunk:
+                    if uid in left:
+                        done(uid, NOT_YET)
+                chunk = [uid for uid in chunk if uid not in left]
+            if chunk:
+                with ThreadPoolExecutor(min(self.max_connections, len(chunk)), thread_name_prefix="zendesk-users") as pool:
+                    for fut in [pool.submit(one, uid) for uid in chunk]:
+                        fut.result()
         log.info("user erasure: %s", dict(Counter(outcomes.values())))
         return {uid: outcomes[uid] for uid in order}
+
+    # --- current state, right before erasure -----------------------------------------
+    def current_tickets(self, ids: Iterable[int]) -> list[dict]:
+        """The live tickets among ``ids`` as they are now, in the export's shape (id, status,
+        requester_id, created_at, updated_at, solved_at): ``tickets/show_many`` with the metric
+        sets sideloaded, 100 ids a call."""
+        ordered = sorted({int(i) for i in ids})
+        out: list[dict] = []
+        for i in range(0, len(ordered), MAX_IDS):
+            chunk = ordered[i : i + MAX_IDS]
+            body = self._get(
+                "/api/v2/tickets/show_many.json", endpoint="tickets.show_many",
+                params={"ids": ",".join(map(str, chunk)), "include": "metric_sets"},
+            ).json()
+            solved = {m.get("ticket_id"): m.get("solved_at") for m in body.get("metric_sets") or []}
+            for ticket in body.get("tickets") or []:
+                out.append({**{name: ticket.get(name) for name in TICKET_FIELDS}, "solved_at": solved.get(ticket.get("id"))})
+        return out
+
+    def current_users(self, ids: Iterable[int]) -> list[dict]:
+        """The live users among ``ids`` as they are now (id, role, created_at, updated_at):
+        ``users/show_many``, 100 ids a call."""
+        ordered = sorted({int(i) for i in ids})
+        out: list[dict] = []
+        for i in range(0, len(ordered), MAX_IDS):
+            chunk = ordered[i : i + MAX_IDS]
+            body = self._get(
+                "/api/v2/users/show_many.json", endpoint="users.show_many", params={"ids": ",".join(map(str, chunk))}
+            ).json()
+            out.extend({name: u.get(name) for name in ("id", "role", "created_at", "updated_at")} for u in body.get("users") or [])
+        return out
 
     # --- verification ----------------------------------------------------------------
     def ticket_statuses(self, ids: Iterable[int]) -> dict[int, str]:

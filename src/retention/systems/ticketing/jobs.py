@@ -63,7 +63,8 @@ class TicketJobs:
 
     # --- ticket erasure --------------------------------------------------------------
     def erase_tickets(
-        self, ids: Iterable[int], on_result: Callable[[int, str], None] | None, defer_statuses: Iterable[str]
+        self, ids: Iterable[int], on_result: Callable[[int, str], None] | None, defer_statuses: Iterable[str],
+        keep: Callable[[list[dict]], set[int]] | None = None,
     ) -> dict[int, str]:
         order = list(dict.fromkeys(int(i) for i in ids))
         defer = frozenset(defer_statuses)
@@ -85,7 +86,7 @@ class TicketJobs:
             # (job polls and submissions go ahead of status re-reads: see limits.PRIORITY).
             workers = min(2 * self.client.max_jobs_in_flight, len(chunks))
             with ThreadPoolExecutor(workers, thread_name_prefix="zendesk-erase") as pool:
-                futures = {pool.submit(self._erase_chunk, chunk, report, defer): chunk for chunk in chunks}
+                futures = {pool.submit(self._erase_chunk, chunk, report, defer, keep): chunk for chunk in chunks}
                 for fut in as_completed(futures):
                     exc = fut.exception()
                     if exc is None:
@@ -101,13 +102,20 @@ class TicketJobs:
         log.info("ticket erasure: %s", dict(counts))
         return {tid: outcomes[tid] for tid in order}
 
-    def _erase_chunk(self, chunk: list[int], report: Callable[[int, str], None], defer: frozenset[str]) -> None:
-        if defer:
-            statuses = self.client.ticket_statuses(chunk)
+    def _erase_chunk(
+        self, chunk: list[int], report: Callable[[int, str], None], defer: frozenset[str],
+        keep: Callable[[list[dict]], set[int]] | None = None,
+    ) -> None:
+        if defer or keep:
+            # The chunk as it is now, read right before its soft deletion (one request): an
+            # unsolved ticket, or one the caller's check keeps, is left alone ("not_yet").
+            current = self.client.current_tickets(chunk)
+            statuses = {int(t["id"]): t.get("status") for t in current}
+            left = {tid for tid in chunk if statuses.get(tid) in defer} | (keep(current) if keep else set())
             for tid in chunk:
-                if statuses.get(tid) in defer:
+                if tid in left:
                     report(tid, NOT_YET)
-            chunk = [tid for tid in chunk if statuses.get(tid) not in defer]
+            chunk = [tid for tid in chunk if tid not in left]
         soft_ok, soft_missing, soft_failed = self.run(SOFT_DELETE, chunk, "tickets.destroy_many")
         for tid in soft_failed:
             report(tid, FAILED)

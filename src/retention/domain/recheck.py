@@ -1,0 +1,71 @@
+"""Right before a destructive call: may these records still be erased as planned?
+
+A plan is made from an extract; the erasure may come minutes or days later (a retry, a task
+cleared after a guard override). Meanwhile a member may have subscribed again, an organisation
+renewed its membership, a ticket been reopened or a user made an agent. The erasure engine
+hands each system's current state of a batch (read right before the destructive call; for the
+CRM inside the erasing transaction) to :func:`leave_alone`, which judges it with the same
+protections and rules as planning did, as of the run's as-of time: a record protected now, or
+no longer due, is left alone (deferred) with the reason.
+
+Pure: frames in, reasons out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pandas as pd
+
+from retention.domain.engine import plan_record_type, protected_mask
+from retention.domain.policy import Policy
+from retention.domain.records import RECORD_TYPES
+from retention.domain.statuses import DESTRUCTIVE
+
+
+def _with_derived(record_type: str, current: pd.DataFrame, planned: pd.DataFrame) -> pd.DataFrame:
+    """A record type judged from records planned before it (a ticket requester) cannot be
+    derived again from its own current state: keep what planning derived, moved on by the
+    record's own changes since. A requester planned had no ticket left (the engine erases them
+    only after those tickets are gone); their clock is the later of the planned one and their
+    own last update."""
+    rt = RECORD_TYPES[record_type]
+    if not rt.derived:
+        return current
+    clock = planned.set_index("record_id")["clock"] if len(planned) else pd.Series(dtype="datetime64[us, UTC]")
+    out = current.copy()
+    if "tickets_remaining" in rt.derived:
+        out["tickets_remaining"] = 0
+    if "last_ticket_gone_at" in rt.derived:
+        planned_clock = pd.to_datetime(out["record_id"].astype(str).map(clock), utc=True)
+        own = pd.to_datetime(out["updated_at"], utc=True) if "updated_at" in out else planned_clock
+        out["last_ticket_gone_at"] = pd.concat([planned_clock, own], axis=1).max(axis=1)
+    return out
+
+
+def leave_alone(
+    record_type: str, current: pd.DataFrame, planned: pd.DataFrame, policy: Policy, as_of: datetime
+) -> dict[str, str]:
+    """Of the records in ``current`` (record_id and the schema's columns, as the system holds
+    them now), those that may no longer be erased as ``planned`` (plan rows: record_id, action,
+    clock), with why."""
+    if current.empty:
+        return {}
+    planned = planned.assign(record_id=planned["record_id"].astype(str))
+    current = current[current["record_id"].astype(str).isin(set(planned["record_id"]))]
+    if current.empty:
+        return {}
+    current = _with_derived(record_type, current.reset_index(drop=True), planned)
+    ids = current["record_id"].astype(str)
+    reasons: dict[str, str] = {}
+    for rid in ids[protected_mask(current, record_type, policy)]:
+        reasons[rid] = "protected now (an active relationship since the plan)"
+    again = plan_record_type(current, record_type, policy, as_of)
+    # Still due is what counts, not the same action: a contact planned "minimise" whose invoices
+    # this very run has just erased is planned "erase" now, and minimising it erases it anyway
+    # (the system keeps what a legal hold needs, whichever of the two it is asked for).
+    still = set(again.loc[again["action"].isin(DESTRUCTIVE).to_numpy(), "record_id"].astype(str))
+    for rid in ids:
+        if rid not in reasons and rid not in still:
+            reasons[rid] = "changed since the plan: no longer due"
+    return reasons
