@@ -157,8 +157,11 @@ def test_manual_hold_blocks_erasure_until_it_expires():
 
 def test_protection_wins_even_over_a_policy_that_targets_subscribers():
     text = DEFAULT_POLICY.read_text().replace("when: {status: [unsubscribed, cleaned, archived]}", "when: {status: [subscribed, unsubscribed]}")
-    text = text.replace("  - {records: newsletter_member, column: status, in: [subscribed, transactional], clause: \"2\", reason: still a subscriber}\n", "")
+    # A policy file without the subscriber protection is refused (tests/test_policy.py); the code
+    # floor holds even for a policy object that lacks it.
     policy = parse_policy(text, "greedy.yaml")
+    policy = policy.model_copy(update={"protections": [p for p in policy.protections if p.records != "newsletter_member"]})
+    assert all(p.records != "newsletter_member" for p in policy.protections)
     frame = members([("s", "subscribed", "2020-01-01T00:00:00Z", "2020-01-01T00:00:00Z")])
     assert plan_record_type(frame, "newsletter_member", policy, ts("2026-11-25")).empty
 

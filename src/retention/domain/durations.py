@@ -4,19 +4,48 @@ Periods are calendar periods evaluated in Europe/Stockholm: ``P1Y`` from 29 Febr
 28 February, ``P1D`` across a DST change is the same wall-clock time the next day. Clocks are
 converted to naive local wall time once, then shifted with numpy-backed month and day
 arithmetic, which keeps a million rows well under a second.
+
+A period is at most a hundred years (``MAX_YEARS``): no retention period of a notice or a law
+is longer, and a typo such as ``P99999999Y`` is refused when the policy is read instead of
+crashing every plan. Any clock a frame can hold plans without error under any period allowed:
+beyond Python's datetime range (years 1 to 9999), where the time zone rules cannot be read, a
+zone keeps the UTC offset it has at the edge, and a deadline past the end of the frame's time
+range stays at that end (never due).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 
+import numpy as np
 import pandas as pd
 
 _ISO = re.compile(
     r"^P(?!$)(?:(?P<y>\d+)Y)?(?:(?P<mo>\d+)M)?(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?"
     r"(?:T(?=\d)(?:(?P<h>\d+)H)?(?:(?P<mi>\d+)M)?(?:(?P<s>\d+)S)?)?$"
 )
+
+
+# The longest period a policy may give. Lengths are compared in seconds, a year counting as
+# 365.25 days and a month as a twelfth of that, so P100Y = P1200M = P36525D = PT3155760000S.
+MAX_YEARS = 100
+_YEAR_SECONDS = 31_557_600
+_MONTH_SECONDS = _YEAR_SECONDS // 12
+MAX_SECONDS = MAX_YEARS * _YEAR_SECONDS
+_MAX_DIGITS = 12  # more digits than any period within the bound can need
+_TOO_LONG = (
+    "is longer than {years} years, the longest period a policy may give (P{years}Y, P{months}M, P{days}D; "
+    "a month counts as 1/12 year, a day as 1/365.25)"
+)
+
+
+def _too_long(text: str) -> ValueError:
+    shown = text if len(text) <= 24 else text[:20] + "..." + text[-1]
+    return ValueError(
+        f"{shown!r} " + _TOO_LONG.format(years=MAX_YEARS, months=12 * MAX_YEARS, days=MAX_SECONDS // 86400)
+    )
 
 
 @dataclass(frozen=True, order=True)
@@ -26,6 +55,17 @@ class Duration:
     seconds: int = 0
     text: str = "P0D"
 
+    def __post_init__(self) -> None:
+        if min(self.months, self.days, self.seconds) < 0:
+            raise ValueError(f"{self.text!r}: a period cannot be negative")
+        if self.length_seconds > MAX_SECONDS:
+            raise _too_long(self.text)
+
+    @property
+    def length_seconds(self) -> int:
+        """The period's length for the bound: months at 1/12 of 365.25 days."""
+        return self.months * _MONTH_SECONDS + self.days * 86400 + self.seconds
+
     @classmethod
     def parse(cls, text: str) -> Duration:
         if not isinstance(text, str):
@@ -33,6 +73,8 @@ class Duration:
         m = _ISO.match(text.strip())
         if not m:
             raise ValueError(f"{text!r} is not an ISO 8601 duration (expected e.g. 'P1Y', 'P90D', 'P1Y6M')")
+        if any(v and len(v.lstrip("0")) > _MAX_DIGITS for v in m.groupdict().values()):
+            raise _too_long(text.strip())
         g = {k: int(v) if v else 0 for k, v in m.groupdict().items()}
         return cls(
             months=12 * g["y"] + g["mo"],
@@ -42,31 +84,97 @@ class Duration:
         )
 
     def add_to(self, local_naive: pd.Series) -> pd.Series:
-        """Add this duration to naive local wall-clock timestamps (NaT stays NaT)."""
+        """Add this duration to naive local wall-clock timestamps (NaT stays NaT).
+
+        Nanosecond timestamps (whose range ends in 2262) are shifted as microseconds; a
+        timestamp too close to the end of its range to take the period ends at that end."""
+        if not (self.months or self.days or self.seconds):
+            return local_naive
         out = local_naive
+        if np.datetime_data(out.dtype)[0] == "ns":
+            out = out.astype("datetime64[us]")
+        unit = np.datetime_data(out.dtype)[0]
+        beyond = out.to_numpy().view("i8") > _last_shiftable(unit)  # NaT is the smallest int64: never beyond
+        if beyond.any():
+            out = out.where(~beyond)
         if self.months:
             out = out + pd.DateOffset(months=self.months)
         if self.days or self.seconds:
             out = out + pd.Timedelta(days=self.days, seconds=self.seconds)
+        if beyond.any():
+            values = out.to_numpy().copy()
+            values[beyond] = np.datetime64(np.iinfo(np.int64).max, unit)
+            out = pd.Series(values, index=out.index, name=out.name)
         return out
 
     def __str__(self) -> str:
         return self.text
 
 
+@cache
+def _last_shiftable(unit: str) -> int:
+    """The largest timestamp of ``unit`` that every allowed period (plus a day) can be added to."""
+    margin = pd.Timedelta(seconds=MAX_SECONDS + 2 * 86400) // pd.Timedelta(1, unit)
+    return int(np.iinfo(np.int64).max - margin)
+
+
+# Time zone rules are read within Python's datetime range, with a day to spare at each end for
+# the offset; outside it a zone keeps the offset it has at the edge.
+_FIRST = np.datetime64("0001-01-02T00:00:00")
+_LAST = np.datetime64("9999-12-30T00:00:00")
+
+
+@cache
+def _edge_offsets(tz: str) -> tuple[pd.Timedelta, pd.Timedelta]:
+    first, last = (pd.Timestamp(t).tz_localize("UTC").tz_convert(tz) for t in (_FIRST, _LAST))
+    return pd.Timedelta(first.utcoffset()), pd.Timedelta(last.utcoffset())
+
+
+def _shift(naive: pd.Series, delta: pd.Timedelta) -> pd.Series:
+    """``naive + delta``, staying within the range of the series' unit (NaT stays NaT)."""
+    unit = np.datetime_data(naive.dtype)[0]
+    step = delta // pd.Timedelta(1, unit)
+    i8 = naive.to_numpy().view("i8")
+    nat = i8 == np.iinfo(np.int64).min
+    lowest, highest = np.iinfo(np.int64).min + 1, np.iinfo(np.int64).max
+    shifted = np.clip(i8, lowest - min(step, 0), highest - max(step, 0)) + step
+    shifted[nat] = np.iinfo(np.int64).min
+    return pd.Series(shifted.view(f"datetime64[{unit}]"), index=naive.index, name=naive.name)
+
+
+def _outside(naive: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Rows before and after the range in which time zone rules are read (NaT: neither)."""
+    values = naive.to_numpy()
+    return values < _FIRST, values > _LAST
+
+
 def to_local_naive(values: pd.Series, tz: str) -> pd.Series:
     """UTC (or any tz-aware) timestamps as naive wall-clock time in ``tz``."""
     s = pd.to_datetime(values, utc=True)
-    return s.dt.tz_convert(tz).dt.tz_localize(None)
+    naive = s.dt.tz_localize(None)
+    early, late = _outside(naive)
+    if not (early.any() or late.any()):
+        return s.dt.tz_convert(tz).dt.tz_localize(None)
+    local = s.where(~(early | late)).dt.tz_convert(tz).dt.tz_localize(None)
+    first, last = _edge_offsets(tz)
+    local = local.where(~early, _shift(naive, first))
+    return local.where(~late, _shift(naive, last))
 
 
 def local_naive_to_utc(values: pd.Series, tz: str) -> pd.Series:
     """Naive wall-clock time in ``tz`` back to UTC. Gaps and overlaps resolve forward/earlier."""
-    return values.dt.tz_localize(tz, nonexistent="shift_forward", ambiguous=False).dt.tz_convert("UTC")
+    early, late = _outside(values)
+    if not (early.any() or late.any()):
+        return values.dt.tz_localize(tz, nonexistent="shift_forward", ambiguous=False).dt.tz_convert("UTC")
+    inside = values.where(~(early | late))
+    utc = inside.dt.tz_localize(tz, nonexistent="shift_forward", ambiguous=False).dt.tz_convert("UTC").dt.tz_localize(None)
+    first, last = _edge_offsets(tz)
+    utc = utc.where(~early, _shift(values, -first))
+    return utc.where(~late, _shift(values, -last)).dt.tz_localize("UTC")
 
 
 def timestamp_local_naive(ts, tz: str) -> pd.Timestamp:
     t = pd.Timestamp(ts)
     if t.tzinfo is None:
         t = t.tz_localize("UTC")
-    return t.tz_convert(tz).tz_localize(None)
+    return to_local_naive(pd.Series([t]), tz).iloc[0]

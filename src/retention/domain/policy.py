@@ -1,11 +1,16 @@
 """Load and validate the retention policy file (``include/policies/*.yaml``).
 
 A broken policy must fail before anything is erased, with a message naming the file, the rule
-and the field. The policy version is the content hash of the file, recorded with every run.
+and the field. Values that would match nothing are broken too: a ``when`` or ``protections``
+value that an enumerated column of the record schema never takes (a typo such as
+'unsubscibed'), a period longer than ``durations.MAX_YEARS``. And the policy must state every
+protection the code enforces (``RecordType.protected``), so that the notice as published and
+the code agree. The policy version is the content hash of the file, recorded with every run.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retention.domain.durations import Duration
-from retention.domain.records import RECORD_TYPES
+from retention.domain.records import RECORD_TYPES, known_values
 
 
 class PolicyError(ValueError):
@@ -174,24 +179,86 @@ def parse_policy(text: str | bytes, source: str = "<string>") -> Policy:
     return policy.model_copy(update={"version": version, "source": source})
 
 
+def _show(value: Any) -> str:
+    """A policy value as the file would write it: true/false bare, text quoted."""
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
+
+
+def _plain(values) -> str:
+    return ", ".join(("true" if v else "false") if isinstance(v, bool) else str(v) for v in values)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same type: YAML's ``1`` is not a flag's ``true``, ``'false'`` is not ``false``."""
+    return type(a) is type(b) and a == b
+
+
+def _unknown_values(values: list, records: str, column: str) -> list[str]:
+    """Why each of ``values`` can match no record of ``records`` (empty when all can)."""
+    known = known_values(records, column)
+    if known is None:
+        return []
+    out = []
+    for value in values:
+        if any(_same(value, k) for k in known):
+            continue
+        why = f"{_show(value)} is not a known value of {records}.{column} (known: {_plain(known)})"
+        close = difflib.get_close_matches(str(value).lower(), [_plain([k]) for k in known], n=1, cutoff=0.75)
+        if close:
+            why += f"; did you mean {_show(next(k for k in known if _plain([k]) == close[0]))}?"
+        out.append(why)
+    return out
+
+
+def _missing_protections(policy: Policy) -> list[str]:
+    """Every protection the code enforces must be in the policy: same records and column, at least those values."""
+    problems = []
+    for rt in RECORD_TYPES.values():
+        for column, values in rt.protected.items():
+            listed = [v for p in policy.protections if p.records == rt.name and p.column == column for v in p.in_]
+            missing = [v for v in values if not any(_same(v, x) for x in listed)]
+            if not missing:
+                continue
+            enforced = f"the code protects {rt.name}.{column} in [{_plain(values)}]"
+            if not listed:
+                problems.append(
+                    f"field 'protections': {enforced}, but no entry of 'protections' lists it: add "
+                    f"{{records: {rt.name}, column: {column}, in: [{_plain(values)}], clause: ..., reason: ...}}"
+                )
+            else:
+                problems.append(
+                    f"field 'protections': {enforced}, but 'protections' lists only [{_plain(listed)}]: add {_plain(missing)}"
+                )
+    return problems
+
+
 def _cross_checks(policy: Policy, raw: dict) -> list[str]:
     problems = []
     seen: set[str] = set()
     for i, rule in enumerate(policy.rules):
+        where = f"rule {rule.id!r} (rules[{i}])"
         if rule.id in seen:
-            problems.append(f"rule {rule.id!r} (rules[{i}]), field 'id': duplicate rule id")
+            problems.append(f"{where}, field 'id': duplicate rule id")
         seen.add(rule.id)
         for part in (p.strip() for p in rule.clause.split(",")):
             if part not in policy.clauses:
-                problems.append(
-                    f"rule {rule.id!r} (rules[{i}]), field 'clause': clause {part!r} is not defined under 'clauses'"
-                )
+                problems.append(f"{where}, field 'clause': clause {part!r} is not defined under 'clauses'")
+        for column, values in rule.when.items():
+            if not values:
+                problems.append(f"{where}, field 'when.{column}': an empty list matches no record")
+            problems.extend(f"{where}, field 'when.{column}': {why}" for why in _unknown_values(values, rule.records, column))
     for i, prot in enumerate(policy.protections):
         rt = RECORD_TYPES.get(prot.records)
         if rt is None:
             problems.append(f"protections[{i}], field 'records': unknown record type {prot.records!r}")
         elif prot.column not in rt.columns:
             problems.append(f"protections[{i}], field 'column': {prot.column!r} is not a column of {prot.records}")
+        else:
+            problems.extend(f"protections[{i}], field 'in': {why}" for why in _unknown_values(prot.in_, prot.records, prot.column))
+        for part in (p.strip() for p in prot.clause.split(",")):
+            if part not in policy.clauses:
+                problems.append(f"protections[{i}], field 'clause': clause {part!r} is not defined under 'clauses'")
+    problems.extend(_missing_protections(policy))
     return problems
 
 

@@ -1,8 +1,9 @@
 """The record types the policy can name: one schema each, used by every path.
 
 A record type says which system holds it, its columns and their types (the frame an adapter
-delivers, conformed by :func:`conform`), which columns are clocks, which must be present,
-which values protect a record whatever the policy says, and how it depends on other records.
+delivers, conformed by :func:`conform`), the values an enumerated column can take in its
+system, which columns are clocks, which must be present, which values protect a record
+whatever the policy says, and how it depends on other records.
 Adapters build frames to this schema, the engine judges them, validation checks them, and a
 replay reads their own clocks from it. Nothing here holds names or addresses: the frames
 carry only what the rules need. (No heavy imports: DAG files read ``SYSTEMS`` at parse time.)
@@ -39,8 +40,13 @@ class RecordType:
     required: tuple[str, ...] = ()
     # Flags a record must have set to be judged at all: column -> quarantine reason.
     must_be_true: dict[str, str] = field(default_factory=dict)
-    # Hard protections, enforced in code whatever the policy file says: column -> values.
+    # Hard protections, enforced in code whatever the policy file says: column -> values. The
+    # policy must list each of them too (``protections``), or it is refused.
     protected: dict[str, tuple] = field(default_factory=dict)
+    # The values an enumerated text column can take in its system: column -> values. A policy
+    # value outside them (a typo such as 'unsubscibed') would match no record, so it is
+    # refused. Flags take true or false; other columns have no known values.
+    values: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # A due record with this flag set is minimised instead of erased, under this legal hold:
     # (flag column, hold). A contact with invoices under the bookkeeping period goes, the
     # invoices keep what bookkeeping law needs.
@@ -58,6 +64,14 @@ class RecordType:
     def extracted_columns(self) -> dict[str, str]:
         return {c: t for c, t in self.columns.items() if c not in self.derived}
 
+    def known_values(self, column: str) -> tuple | None:
+        """The values ``column`` can take, or None when they are not enumerated."""
+        if column in self.values:
+            return self.values[column]
+        if self.columns.get(column) == FLAG:
+            return (True, False)
+        return None
+
 
 RECORD_TYPES: dict[str, RecordType] = {
     rt.name: rt
@@ -71,6 +85,8 @@ RECORD_TYPES: dict[str, RecordType] = {
             required=("status", "last_changed"),
             must_be_true={"has_email": "no e-mail address"},
             protected={"status": ("subscribed", "transactional")},
+            # Mailchimp Marketing API v3, list member ``status``.
+            values={"status": ("subscribed", "unsubscribed", "cleaned", "pending", "transactional", "archived")},
             own_clocks=("last_changed", "timestamp_signup"),
         ),
         RecordType(
@@ -108,6 +124,8 @@ RECORD_TYPES: dict[str, RecordType] = {
             past_only=("last_interaction_at", "created_at"),
             required=("kind",),
             protected={"membership_active": (True,)},
+            # The CRM's ``contact.kind`` (crm/schema.py: CHECK kind IN ('member', 'lead')).
+            values={"kind": ("member", "lead")},
             minimise_when=("has_invoice", "bookkeeping"),
             own_clocks=("created_at", "last_interaction_at"),
         ),
@@ -119,6 +137,10 @@ RECORD_TYPES: dict[str, RecordType] = {
             past_only=("solved_at", "created_at"),
             required=("status",),
             protected={"status": ("new", "open", "pending", "hold")},
+            # Zendesk Support's ticket ``status`` (custom statuses map onto these categories;
+            # closed tickets are "closed"); the incremental export lists soft-deleted tickets
+            # with status "deleted".
+            values={"status": ("new", "open", "pending", "hold", "solved", "closed", "deleted")},
             blocks=("requester_id", "ticket_user"),
             own_clocks=("created_at", "updated_at", "solved_at"),
         ),
@@ -131,6 +153,8 @@ RECORD_TYPES: dict[str, RecordType] = {
             clocks=("last_ticket_gone_at", "created_at", "updated_at"),
             required=("role",),
             protected={"role": ("agent", "admin")},
+            # Zendesk Support's user ``role``.
+            values={"role": ("end-user", "agent", "admin")},
             derived=("tickets_remaining", "last_ticket_gone_at"),
             own_clocks=("created_at", "updated_at"),
         ),
@@ -147,6 +171,12 @@ def record_types_of(system: str) -> list[str]:
 def protected_values(record_type: str, column: str) -> tuple:
     """The values of ``column`` that protect a record of ``record_type`` in code."""
     return RECORD_TYPES[record_type].protected.get(column, ())
+
+
+def known_values(record_type: str, column: str) -> tuple | None:
+    """The values ``column`` of ``record_type`` can take (flags: True, False), or None when the
+    column is not enumerated (clocks, keys, counts)."""
+    return RECORD_TYPES[record_type].known_values(column)
 
 
 def blocked_by(record_type: str) -> list[tuple[str, str]]:
