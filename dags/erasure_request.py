@@ -22,10 +22,12 @@ fails) → **crm**, **newsletter**, **ticketing** (write-ahead ledger under this
 again erases nothing and succeeds. `dry_run` finds and counts, erases nothing.
 
 A malformed address is refused by Airflow before the run is created (the `email` param's
-pattern) and again by `check_request`. The address never goes into a log line, an XCom, the
-ledger or the report (they carry the request key, a keyed pseudonym of the address). **Airflow
-keeps the trigger conf, and so the address, with this DAG run in its metadata database**:
-delete the DAG run once the request is closed.
+pattern) and again by `check_request`. A conf key that is no param (`dryrun`, `Email`) fails
+`check_request` at once, naming the key and the known ones: nothing runs, nothing is erased.
+The address never goes into a log line, an XCom, the ledger or the report (they carry the
+request key, a keyed pseudonym of the address). **Airflow keeps the trigger conf, and so the
+address, with this DAG run in its metadata database**: delete the DAG run once the request is
+closed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from retention.airflow.params import checked_context, dry_run_param
 from retention.airflow.tasks import fail_without_retry
 from retention.domain.addresses import EMAIL_MAX_LENGTH, EMAIL_PATTERN
 from retention.domain.records import SYSTEMS
@@ -45,7 +48,7 @@ from retention.domain.records import SYSTEMS
 def check_request() -> dict:
     from retention.runs.request import open_request
 
-    ctx = get_current_context()
+    ctx = checked_context()  # a conf key that is no param (`dryrun`) fails here: nothing else runs
     params = ctx["params"]
     with fail_without_retry():  # a malformed address or a broken policy will not fix itself on retry
         return open_request(ctx["dag"].dag_id, ctx["run_id"], params.get("email"), dry_run=params["dry_run"])
@@ -67,7 +70,7 @@ def system_task(system: str):
 def report() -> dict:
     from retention.runs.request import report as report_
 
-    ctx = get_current_context()
+    ctx = checked_context()
     result = report_(ctx["dag"].dag_id, ctx["run_id"], ctx["params"].get("email"))
     if result is None:
         # Fail, not skip: a skipped last task would let a rejected request's run count as a success.
@@ -85,10 +88,10 @@ def report() -> dict:
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     params={
         "email": Param(
-            type="string", pattern=EMAIL_PATTERN, maxLength=EMAIL_MAX_LENGTH,
+            type="string", pattern=EMAIL_PATTERN, maxLength=EMAIL_MAX_LENGTH, title="E-mail address",
             description="The e-mail address of the person who asked to be erased (one address).",
         ),
-        "dry_run": Param(False, type="boolean", description="Find and count, erase nothing."),
+        "dry_run": dry_run_param("Find and count, erase nothing."),
     },
     tags=["privacy", "erasure"],
 )

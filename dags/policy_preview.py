@@ -12,7 +12,9 @@ Params:
   (default `HEAD:include/policies/retention.yaml`, the policy as last committed);
 - `new_policy`: a file path or `REV:PATH` (empty: the configured policy file,
   `RETENTION_POLICY_FILE` or `include/policies/retention.yaml`);
-- `systems`: which systems to read; `as_of`: ISO 8601 time (empty: now).
+- `systems`: which systems to read (at least one); `as_of`: ISO 8601 time (empty: now).
+
+Any other conf key (`new_polcy`) fails **prepare** at once, naming the key and the known ones.
 
 Tasks: **prepare** (loads and validates both policies; a broken one fails here, before any
 system is read) → one **preview** per system → **summary** (the written file's path and the
@@ -25,6 +27,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
+from retention.airflow.params import SCOPE, checked_context, systems_param
 from retention.airflow.tasks import fail_without_retry
 from retention.domain.records import SYSTEMS
 
@@ -41,7 +44,7 @@ def prepare() -> dict:
     from retention.runs.preview import check_systems
     from retention.runs.preview import prepare as prepare_
 
-    params = get_current_context()["params"]
+    params = checked_context()["params"]  # a conf key that is no param fails here: nothing is read
     with fail_without_retry():
         check_systems(params["systems"])
         return prepare_(_preview_id(), params["old_policy"], params.get("new_policy") or None, params.get("as_of") or None)
@@ -63,7 +66,7 @@ def _preview_task(system: str):
 def summary() -> dict:
     from retention.runs.preview import finish
 
-    params = get_current_context()["params"]
+    params = checked_context()["params"]
     with fail_without_retry():
         return finish(_preview_id(), params["systems"])
 
@@ -76,15 +79,18 @@ def summary() -> dict:
     default_args={"retries": 1},
     params={
         "old_policy": Param(
-            "HEAD:include/policies/retention.yaml", type="string", minLength=1,
+            "HEAD:include/policies/retention.yaml", type="string", minLength=1, title="Current policy", section="Policies",
             description="The current policy: a file path, or REV:PATH from the project's git repository.",
         ),
         "new_policy": Param(
-            None, type=["null", "string"],
+            None, type=["null", "string"], title="Proposed policy", section="Policies",
             description="The proposed policy: a file path or REV:PATH. Empty: the configured policy file.",
         ),
-        "systems": Param(list(SYSTEMS), type="array", items={"type": "string", "enum": list(SYSTEMS)}, minItems=1),
-        "as_of": Param(None, type=["null", "string"], description="ISO 8601 time to evaluate both policies at. Empty: now."),
+        "systems": systems_param("The systems to read and plan under both policies (at least one)."),
+        "as_of": Param(
+            None, type=["null", "string"], title="As of", section=SCOPE,
+            description="ISO 8601 time to evaluate both policies at. Empty: now.",
+        ),
     },
     tags=["privacy", "retention", "dry-run"],
 )

@@ -9,8 +9,9 @@ again is left alone; live manual holds are respected) → **erase** (the origina
 `replay:<rule>` under a new ledger run, write-ahead, resumable) → **verify**; then one
 **report** with counts per system and record type: found, replayed, left alone, held.
 
-Not scheduled: trigger it by hand. Params: `systems` (the restored systems), `dry_run` (find
-and count, erase nothing, write no ledger entry).
+Not scheduled: trigger it by hand. Params: `systems` (the restored systems, at least one),
+`dry_run` (find and count, erase nothing, write no ledger entry). Any other conf key (`dryrun`)
+fails `open_run` at once, naming the key and the known ones: nothing runs, nothing is erased.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk import dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from retention.airflow.params import checked_context, dry_run_param, systems_param
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter
 from retention.domain.records import SYSTEMS
 
@@ -29,7 +31,7 @@ from retention.domain.records import SYSTEMS
 def open_run() -> dict:
     from retention.runs.replay import open_run as open_
 
-    ctx = get_current_context()
+    ctx = checked_context()  # a conf key that is no param (`dryrun`) fails here: nothing else runs
     with fail_without_retry():  # a broken policy will not fix itself on retry
         # The ledger run id follows the Airflow run: a retried task resumes the same replay.
         return open_(f"replay__{ctx['run_id']}", dry_run=ctx["params"]["dry_run"], dag_id=ctx["dag"].dag_id)
@@ -67,7 +69,7 @@ def system_replay(system: str, run: dict):
 def report(run: dict) -> dict:
     from retention.runs.replay import report as report_
 
-    systems = tuple(get_current_context()["params"]["systems"])
+    systems = tuple(checked_context()["params"]["systems"])
     result = report_(run_info(run), systems)
     if result["state"] != "success":
         raise AirflowFailException(f"replay incomplete, see report {result['report']}")
@@ -82,11 +84,8 @@ def report(run: dict) -> dict:
     doc_md=__doc__,
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     params={
-        "systems": Param(
-            list(SYSTEMS), type="array", items={"type": "string", "enum": list(SYSTEMS)},
-            description="The systems restored from a backup.",
-        ),
-        "dry_run": Param(False, type="boolean", description="Find and count, erase nothing."),
+        "systems": systems_param("The systems restored from a backup (at least one)."),
+        "dry_run": dry_run_param("Find and count, erase nothing, write no ledger entry."),
     },
     tags=["privacy", "retention"],
 )

@@ -8,7 +8,9 @@ interval. Per system: **extract** → **plan** (quarantine, rules, holds) → **
 **report** with counts per rule and status.
 
 Params: `dry_run` plans and validates but erases nothing; `max_plan_share` overrides the
-policy's plan-size guard for this run; `systems` limits the run to some systems.
+policy's plan-size guard for this run (more than 0, at most 1); `systems` limits the run to some
+systems (at least one). Any other conf key (`dryrun`) fails **open_run** at once, naming the key
+and the known ones: nothing is read, planned or erased.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk import dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
+from retention.airflow.params import checked_context, dry_run_param, share_param, systems_param
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter
 from retention.domain.records import SYSTEMS
 
@@ -27,7 +30,7 @@ from retention.domain.records import SYSTEMS
 def open_run() -> dict:
     from retention.runs.nightly import open_run as open_
 
-    ctx = get_current_context()
+    ctx = checked_context()  # a conf key that is no param (`dryrun`) fails here: nothing else runs
     params = ctx["params"]
     as_of = ctx.get("data_interval_end") or ctx.get("logical_date")
     with fail_without_retry():  # a broken policy or param will not fix itself on retry
@@ -38,12 +41,16 @@ def open_run() -> dict:
 def system_run(system: str, run: dict):
     @task(task_id="extract")
     def extract_(run: dict) -> dict:
+        from retention.airflow.dagruns import take_system
         from retention.runs.nightly import extract
         from retention.store.ledger import LockTimeout
 
         if system not in get_current_context()["params"]["systems"]:
             raise AirflowSkipException(f"{system} is not among this run's systems")
         try:
+            # The system's lock, taken over at once from a run Airflow no longer runs (killed);
+            # extract() then finds it this run's already.
+            take_system(run_info(run), system)
             with system_adapter(system) as adapter:
                 return extract(run_info(run), system, adapter, lock_wait_seconds=0)
         except LockTimeout:
@@ -92,7 +99,7 @@ def system_run(system: str, run: dict):
 def report(run: dict) -> dict:
     from retention.runs.nightly import report as report_
 
-    systems = tuple(get_current_context()["params"]["systems"])
+    systems = tuple(checked_context()["params"]["systems"])
     result = report_(run_info(run), systems)
     if result["state"] != "success":
         raise AirflowFailException(f"run incomplete, see report {result['report']}")
@@ -107,12 +114,13 @@ def report(run: dict) -> dict:
     doc_md=__doc__,
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     params={
-        "dry_run": Param(False, type="boolean", description="Plan and validate, erase nothing."),
-        "max_plan_share": Param(
-            None, type=["null", "number"], minimum=0, maximum=1,
-            description="Override the policy's plan-size guard (share of extracted records) for this run.",
+        "dry_run": dry_run_param("Plan and validate, erase nothing, write no ledger entry."),
+        "max_plan_share": share_param(
+            title="Plan-size guard",
+            description="Override the policy's plan-size guard for this run: the largest share of a system's extracted "
+            "records its plan may erase, more than 0 and at most 1. Empty: the policy's plan_guard.max_share.",
         ),
-        "systems": Param(list(SYSTEMS), type="array", items={"type": "string", "enum": list(SYSTEMS)}),
+        "systems": systems_param("The systems this run reads and erases in (at least one)."),
     },
     tags=["privacy", "retention"],
 )

@@ -12,7 +12,18 @@ from alembic.migration import MigrationContext
 
 from retention.domain.pseudonyms import Pseudonymizer
 from retention.store import migrations
-from retention.store.ledger import HoldError, Ledger, LockTimeout, SchemaError, erasure_ledger, metadata, read_holds
+from retention.store.ledger import (
+    HoldError,
+    KeyChanged,
+    Ledger,
+    LockTimeout,
+    SchemaError,
+    erasure_ledger,
+    metadata,
+    pseudonym_key,
+    read_holds,
+    system_lock,
+)
 
 
 def reset_schema(engine: sa.Engine) -> None:
@@ -134,6 +145,101 @@ def test_lock_of_a_finished_or_stale_run_is_taken_over(ledger):
     ledger.acquire_system("ticketing", "next", wait_seconds=1)
     ledger.open_run("third", "d", NOW, "v", "l", False)
     ledger.acquire_system("ticketing", "third", wait_seconds=1, stale_after=timedelta(0))
+
+
+def test_a_lock_is_taken_over_at_once_when_its_run_no_longer_runs(ledger, caplog):
+    """``is_running`` is the orchestrator's answer (Airflow's DagRun state): False takes the lock
+    over at once and logs it; True waits however old the lock is; None (cannot tell) keeps the
+    ledger's own rule, a lock older than ``stale_after``."""
+    for run in ("killed", "alive", "unknown", "next"):
+        ledger.open_run(run, "retention_nightly", NOW, "v", "l", False)
+    asked = []
+
+    def is_running(answers):
+        def ask(dag_id, run_id):
+            asked.append((dag_id, run_id))
+            return answers[run_id]
+        return ask
+
+    ledger.acquire_system("crm", "killed")
+    with ledger.engine.begin() as conn:  # held for an hour: not stale by the 12-hour rule
+        conn.execute(sa.update(system_lock).values(acquired_at=datetime.now(UTC) - timedelta(hours=1)))
+    with pytest.raises(LockTimeout):  # without an answer, today's rule: wait
+        ledger.acquire_system("crm", "next", wait_seconds=0.2, poll_seconds=0.1)
+    caplog.set_level("WARNING", logger="retention")
+    ledger.acquire_system("crm", "next", wait_seconds=0, is_running=is_running({"killed": False}))
+    assert asked == [("retention_nightly", "killed")]
+    assert ledger_lock(ledger, "crm") == "next"
+    (line,) = [r.getMessage() for r in caplog.records if "taken over" in r.getMessage()]
+    assert line.startswith("crm: lock of run killed (held since ") and "taken over by run next" in line
+    assert "no longer running in Airflow" in line
+    ledger.release_system("crm", "next")
+
+    ledger.acquire_system("ticketing", "alive")
+    with ledger.engine.begin() as conn:  # long past the 12 hours
+        conn.execute(sa.update(system_lock).values(acquired_at=datetime.now(UTC) - timedelta(days=3)))
+    with pytest.raises(LockTimeout):
+        ledger.acquire_system("ticketing", "next", wait_seconds=0.2, poll_seconds=0.1, is_running=is_running({"alive": True}))
+    assert ledger_lock(ledger, "ticketing") == "alive", "a lock was taken from a run that still runs"
+
+    ledger.acquire_system("newsletter", "unknown")
+    with pytest.raises(LockTimeout):
+        ledger.acquire_system("newsletter", "next", wait_seconds=0.2, poll_seconds=0.1, is_running=is_running({"unknown": None}))
+    ledger.acquire_system("newsletter", "next", wait_seconds=0, stale_after=timedelta(0), is_running=is_running({"unknown": None}))
+    assert ledger_lock(ledger, "newsletter") == "next"
+
+    def broken(dag_id, run_id):
+        raise ConnectionError("the API server is away")
+
+    ledger.acquire_system("crm", "alive")
+    with pytest.raises(LockTimeout):  # an error asking is "cannot tell": the lock stays
+        ledger.acquire_system("crm", "next", wait_seconds=0.2, poll_seconds=0.1, is_running=broken)
+    assert ledger_lock(ledger, "crm") == "alive"
+
+
+def ledger_lock(ledger, system: str) -> str | None:
+    with ledger.engine.connect() as conn:
+        return conn.execute(sa.select(system_lock.c.run_id).where(system_lock.c.system == system)).scalar()
+
+
+def test_the_ledger_keeps_the_key_fingerprint_and_refuses_another(ledger):
+    from retention import config
+
+    a, b = config.key_fingerprint(b"first-key-" + b"0123456789abcdefghijklmnop"), config.key_fingerprint(b"second-key-0123456789abcdefghijklmnop")
+    ledger.check_key(a)  # first use: recorded
+    ledger.check_key(a)
+    with pytest.raises(KeyChanged, match="pseudonym key has changed") as refused:
+        ledger.check_key(b)
+    assert isinstance(refused.value, config.ConfigError)
+    message = str(refused.value)
+    assert "\n" not in message and a in message and b in message and "first-key" not in message
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(pseudonym_key)).scalar() == 1
+    ledger.check_key(a)
+
+
+def test_a_hold_needs_a_reason(ledger):
+    for reason, message in (("", "reason is required"), ("  \t", "reason is required"), ("x" * 201, "at most 200")):
+        with pytest.raises(HoldError, match=message):
+            ledger.add_hold("crm_contact", "k1", reason, None)
+    assert ledger.holds() == []
+    ledger.add_hold("crm_contact", "k1", "  dispute  ", None)
+    assert [h["reason"] for h in ledger.holds()] == ["dispute"]
+
+
+def test_a_ledger_at_0003_gets_the_key_table_and_keeps_its_rows(empty_db):
+    engine = sa.create_engine(empty_db)
+    migrations.upgrade(engine, "0003")
+    assert "pseudonym_key" not in sa.inspect(engine).get_table_names()
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO legal_hold (record_type, record_key, reason, created_at) VALUES ('crm_contact', 'k7', 'audit', :t)"), {"t": NOW})
+    ledger = Ledger(engine)
+    assert migrations.stored_versions(engine) == {migrations.head()}
+    assert schema_diff(engine) == []
+    assert [h["record_key"] for h in ledger.holds()] == ["k7"]
+    ledger.check_key("0123456789abcdef")
+    with pytest.raises(KeyChanged):
+        ledger.check_key("fedcba9876543210")
 
 
 def test_pseudonyms_are_keyed_and_stable():

@@ -1,8 +1,10 @@
 """The ``retention`` command (also ``python -m retention.cli``): everything an operator does by hand.
 
     policy validate [FILE]        check a policy file; exit 2 with file/rule/field on error
-    hold add --record-type T --record-id ID --reason TEXT [--expires YYYY-MM-DD]
-                                  put one record on the manual legal-hold list (stored by pseudonym)
+    hold add --record-type T --record-id ID --reason TEXT [--expires YYYY-MM-DD] [--allow-missing]
+                                  put one record on the manual legal-hold list (stored by pseudonym);
+                                  the id is checked (042 is 42, an address is its subscriber hash)
+                                  and the record must exist in its system
     hold list [--all]             the manual holds in force (id, pseudonym, expiry, reason); --all
                                   adds the lifted ones, with when and why
     hold remove --hold-id N --reason TEXT
@@ -25,6 +27,10 @@ line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import os
+import re
 import sys
 
 import pandas as pd
@@ -58,34 +64,164 @@ def _policy_validate(args) -> int:
     return 0
 
 
+# Systems whose record ids are integers (a SQL CRM's keys, Zendesk's ids).
+_INTEGER_IDS = ("crm", "ticketing")
+_SUBSCRIBER_HASH = re.compile(r"[0-9a-fA-F]{32}")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _hold_record_id(record_type: str, text: str) -> str:
+    """The id ``text`` names as the record's own system spells it, or a :class:`HoldError`: a
+    hold stores the pseudonym of exactly this text, so ``042`` or an address in place of a
+    subscriber hash would hold nothing. Messages never repeat an address."""
+    from retention.domain.addresses import EMAIL_PATTERN
+    from retention.store.ledger import HoldError
+
+    system = RECORD_TYPES[record_type].system
+    value = text.strip()
+    if system in _INTEGER_IDS:
+        if not _DIGITS.fullmatch(value) or len(value.lstrip("0")) > 19 or int(value) >= 2**63:
+            raise HoldError(f"hold add: a {record_type} is named by an integer id (digits only, as {system} numbers its records)")
+        return str(int(value))  # 042 is record 42
+    if record_type == "newsletter_member":
+        if "@" in value:
+            if not re.fullmatch(EMAIL_PATTERN, value):
+                raise HoldError("hold add: --record-id is neither an e-mail address nor a subscriber hash")
+            # Mailchimp's member id: the MD5 of the lower-cased address (the address is not stored).
+            return hashlib.md5(value.lower().encode("utf-8")).hexdigest()
+        if not _SUBSCRIBER_HASH.fullmatch(value):
+            raise HoldError(
+                "hold add: a newsletter member is named by its subscriber hash (32 hexadecimal characters) "
+                "or by its e-mail address"
+            )
+        return value.lower()
+    if not value:
+        raise HoldError("hold add: --record-id is empty")
+    return value
+
+
+def _hold_reason(text: str) -> str:
+    from retention.store.ledger import HoldError
+
+    reason = (text or "").strip()
+    if not reason:
+        raise HoldError("hold add: a reason is required (why the record must be kept)")
+    if len(reason) > 200:
+        raise HoldError(f"hold add: the reason is {len(reason)} characters long; at most 200")
+    return reason
+
+
+def _hold_expiry(text: str | None):
+    """The end of the hold: the start of that day in Europe/Stockholm, in UTC; never past."""
+    import datetime as dt
+
+    from retention.store.ledger import HoldError
+
+    if not text:
+        return None
+    try:
+        day = dt.date.fromisoformat(text.strip())
+    except ValueError:
+        raise HoldError(f"hold add: --expires {text!r} is not a date (YYYY-MM-DD)") from None
+    expires = pd.Timestamp(day.isoformat(), tz="Europe/Stockholm").tz_convert("UTC").to_pydatetime()
+    if expires <= dt.datetime.now(dt.UTC):
+        raise HoldError(f"hold add: --expires {day.isoformat()} is in the past: an expired hold holds nothing")
+    return expires
+
+
+def _record_exists(record_type: str, record_id: str) -> bool:
+    """Whether the record's system holds it now, asked through the port (``still_present``)."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from retention.store.ledger import HoldError
+    from retention.systems import adapter_for
+
+    system = RECORD_TYPES[record_type].system
+    try:
+        with _chatter_to_stderr():
+            adapter = adapter_for(system)
+            try:
+                return record_id in adapter.still_present(record_type, [record_id])
+            finally:
+                adapter.close()
+    except (config.ConfigError, AirflowNotFoundException):
+        raise
+    except ValueError as exc:  # a Connection that is set up wrong: its one line names the field
+        raise HoldError(f"hold add: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback that may echo a URL or an address
+        raise HoldError(
+            f"hold add: could not ask {system} whether the record exists ({type(exc).__name__}); "
+            "try again, or give --allow-missing to add the hold without asking"
+        ) from None
+
+
+@contextlib.contextmanager
+def _chatter_to_stderr():
+    """File descriptor 1 onto stderr for a while: what hooks log on the way (Airflow's loggers
+    write to stdout) goes to stderr, and stdout keeps only the command's result."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _checked_ledger():
+    """The ledger, refusing a pseudonym key other than the one its pseudonyms were made with."""
+    from retention.store.ledger import Ledger
+
+    key = config.pseudonym_key()
+    ledger = Ledger(config.ledger_url())
+    ledger.check_key(config.key_fingerprint(key))
+    return ledger, key
+
+
 def _hold_add(args) -> int:
     from retention.domain.pseudonyms import Pseudonymizer
-    from retention.store.ledger import Ledger
+    from retention.store.ledger import HoldError
 
     if args.record_type not in RECORD_TYPES:
         print(f"unknown record type {args.record_type!r}; known: {', '.join(RECORD_TYPES)}", file=sys.stderr)
         return 2
-    expires = pd.Timestamp(args.expires, tz="Europe/Stockholm").tz_convert("UTC").to_pydatetime() if args.expires else None
-    key = Pseudonymizer(config.pseudonym_key()).key_for(args.record_type, args.record_id)
-    Ledger(config.ledger_url()).add_hold(args.record_type, key, args.reason, expires)
-    print(f"hold added: {args.record_type} {key} until {args.expires or 'further notice'}")
+    # The hooks' info lines ("CRM connection ...") are not the command's output; warnings stay.
+    os.environ.setdefault("AIRFLOW__LOGGING__NAMESPACE_LEVELS", "airflow.task.hooks=warning")
+    reason = _hold_reason(args.reason)
+    expires = _hold_expiry(args.expires)
+    record_id = _hold_record_id(args.record_type, args.record_id)
+    ledger, key = _checked_ledger()
+    system = RECORD_TYPES[args.record_type].system
+    shown = "this member" if args.record_type == "newsletter_member" else record_id  # a subscriber hash stays unprinted
+    if not _record_exists(args.record_type, record_id):
+        if not args.allow_missing:
+            raise HoldError(
+                f"hold add: {args.record_type} {shown} does not exist in {system}, so a hold on it would hold nothing; "
+                "check the id, or give --allow-missing for a record a restore from backup may bring back"
+            )
+        print(f"hold add: {args.record_type} {shown} does not exist in {system} now; held in case it comes back", file=sys.stderr)
+    pseudonym = Pseudonymizer(key).key_for(args.record_type, record_id)
+    ledger.add_hold(args.record_type, pseudonym, reason, expires)
+    print(f"hold added: {args.record_type} {pseudonym} until {args.expires or 'further notice'}")
     return 0
 
 
 def _hold_list(args) -> int:
-    from retention.store.ledger import Ledger
-
-    for h in Ledger(config.ledger_url()).holds(include_lifted=args.all):
+    ledger, _ = _checked_ledger()
+    for h in ledger.holds(include_lifted=args.all):
         lifted = f"  [lifted {h['lifted_at']:%Y-%m-%d %H:%M}: {h['lifted_reason']}]" if h.get("lifted_at") else ""
         print(f"{h['id']:>6}  {h['record_type']:<24} {h['record_key']} {h['expires_at'] or 'no expiry'}  {h['reason']}{lifted}")
     return 0
 
 
 def _hold_remove(args) -> int:
-    from retention.store.ledger import HoldError, Ledger
+    from retention.store.ledger import HoldError
 
+    ledger, _ = _checked_ledger()
     try:
-        h = Ledger(config.ledger_url()).lift_hold(args.hold_id, args.reason)
+        h = ledger.lift_hold(args.hold_id, args.reason)
     except HoldError as exc:
         print(f"hold remove: {exc}", file=sys.stderr)
         return 2
@@ -182,9 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     hold = sub.add_parser("hold").add_subparsers(dest="action", required=True)
     a = hold.add_parser("add", help="add a manual legal hold")
     a.add_argument("--record-type", required=True)
-    a.add_argument("--record-id", required=True)
-    a.add_argument("--reason", required=True)
-    a.add_argument("--expires", help="date (Europe/Stockholm) the hold ends; none = until lifted")
+    a.add_argument(
+        "--record-id", required=True,
+        help="the record's id in its system: an integer for the CRM and Zendesk (042 is 42); for a newsletter member "
+        "its subscriber hash or its e-mail address (stored as the hash, never as the address)",
+    )
+    a.add_argument("--reason", required=True, help="why the record must be kept (not empty, at most 200 characters)")
+    a.add_argument("--expires", help="date (YYYY-MM-DD, Europe/Stockholm, not past) the hold ends; none = until lifted")
+    a.add_argument(
+        "--allow-missing", action="store_true",
+        help="add the hold although the record is not in its system now: for a record a restore from backup may "
+        "bring back (a replay would erase it again)",
+    )
     a.set_defaults(func=_hold_add)
     lst = hold.add_parser("list", help="list manual holds")
     lst.add_argument("--all", action="store_true", help="lifted holds too")

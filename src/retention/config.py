@@ -9,7 +9,9 @@ Environment variables (all optional except the pseudonym key):
   ``retention_ledger`` exists (default SQLite under ``RETENTION_HOME``).
 - ``RETENTION_PSEUDONYM_KEY`` or ``RETENTION_PSEUDONYM_KEY_FILE``: the HMAC key for the
   pseudonymous keys in the ledger. There is no default: a key in code would make the
-  pseudonyms reversible by anyone who reads the code.
+  pseudonyms reversible by anyone who reads the code. A blank or low-entropy key is refused
+  (:func:`key_weakness`); the ledger keeps the key's fingerprint (:func:`key_fingerprint`) and
+  refuses another key.
 
 Airflow Connections that name a database (the ledger's here, the CRM's in its hook) are read by
 :func:`database_url`, and their extras by :func:`connection_extras`.
@@ -17,7 +19,10 @@ Airflow Connections that name a database (the ledger's here, the CRM's in its ho
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import math
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -60,24 +65,101 @@ def reports_dir() -> Path:
     return path
 
 
+#: The fewest characters a pseudonym key may have, and the fewest distinct ones.
+KEY_MIN_LENGTH = 32
+KEY_MIN_DISTINCT = 10
+#: A key must say at least this much that is not a repetition of what it said before (its
+#: literal characters plus one per repeated stretch, see :func:`key_weakness`).
+KEY_MIN_NOVELTY = 20
+#: The least Shannon estimate of a key's information (bits per character of its own character
+#: frequencies, times its length). ``secrets.token_hex(32)`` has about 240.
+KEY_MIN_BITS = 100
+_MAKE_KEY = "python -c 'import secrets; print(secrets.token_hex(32))'"
+# The label whose HMAC under the key is the key's fingerprint (see key_fingerprint).
+_FINGERPRINT_LABEL = b"retention: fingerprint of the pseudonym key, v1"
+
+
 def pseudonym_key() -> bytes:
+    """The HMAC key of the pseudonyms, from ``RETENTION_PSEUDONYM_KEY``, the file
+    ``RETENTION_PSEUDONYM_KEY_FILE`` or the Airflow Variable ``retention_pseudonym_key``.
+
+    A missing, blank, short or low-entropy key is a :class:`ConfigError` (one line naming where
+    the key came from and what is wrong with it, never the key): the pseudonyms are only as
+    secret as the key is hard to guess.
+    """
     key = os.environ.get("RETENTION_PSEUDONYM_KEY")
+    source = "RETENTION_PSEUDONYM_KEY"
     key_file = os.environ.get("RETENTION_PSEUDONYM_KEY_FILE")
     if not key and key_file:
+        source = f"RETENTION_PSEUDONYM_KEY_FILE {key_file}"
         try:
             key = Path(key_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"RETENTION_PSEUDONYM_KEY_FILE {key_file}: {exc.strerror}") from None
+        if not key:
+            raise ConfigError(f"the pseudonym key in {source} is blank: write a random secret into it, e.g. with {_MAKE_KEY}")
     if not key:
         key = _airflow_variable("retention_pseudonym_key")
+        source = "the Airflow Variable retention_pseudonym_key"
     if not key:
         raise ConfigError(
             "no pseudonym key: set RETENTION_PSEUDONYM_KEY (or RETENTION_PSEUDONYM_KEY_FILE, or the Airflow "
-            "Variable retention_pseudonym_key) to a secret of at least 32 characters"
+            f"Variable retention_pseudonym_key) to a secret of at least {KEY_MIN_LENGTH} characters"
         )
-    if len(key) < 32:
-        raise ConfigError("the pseudonym key is shorter than 32 characters")
+    problem = key_weakness(key)
+    if problem:
+        raise ConfigError(f"the pseudonym key ({source}) {problem}: use a random secret, e.g. from {_MAKE_KEY}")
     return key.encode()
+
+
+def key_weakness(key: str) -> str | None:
+    """What makes ``key`` unfit as a pseudonym key, or ``None``. Never repeats the key.
+
+    Refused: a blank key; one shorter than ``KEY_MIN_LENGTH``; one that is mostly a repetition
+    (``kkkk…``, ``abcdabcd…``, ``passwordpassword…1``: fewer than ``KEY_MIN_NOVELTY`` new
+    characters when every stretch of four or more characters seen before counts as one); one of
+    fewer than ``KEY_MIN_DISTINCT`` distinct characters; one below ``KEY_MIN_BITS`` bits by the
+    Shannon estimate. These catch the keys people type, not a weak generator: generate keys.
+    """
+    if not key.strip():
+        return "is blank"
+    if len(key) < KEY_MIN_LENGTH:
+        return f"is shorter than {KEY_MIN_LENGTH} characters"
+    novelty = _novelty(key)
+    if novelty < KEY_MIN_NOVELTY:
+        return f"repeats itself (about {novelty} characters of it are not a repetition; at least {KEY_MIN_NOVELTY} must be)"
+    distinct = len(set(key))
+    if distinct < KEY_MIN_DISTINCT:
+        return f"has only {distinct} distinct characters (at least {KEY_MIN_DISTINCT})"
+    counts = [key.count(c) for c in set(key)]
+    bits = -sum(n * math.log2(n / len(key)) for n in counts)
+    if bits < KEY_MIN_BITS:
+        return f"has too little entropy (about {bits:.0f} bits by its character frequencies; at least {KEY_MIN_BITS})"
+    return None
+
+
+def _novelty(text: str, min_copy: int = 4) -> int:
+    """Characters of ``text`` that are not a copy of what came before (a greedy LZ77 parse:
+    a stretch of ``min_copy`` or more characters that occurred earlier, overlap allowed, counts
+    as one). Only the first 512 characters are read: enough to judge, and fast."""
+    text = text[:512]
+    i, novelty = 0, 0
+    while i < len(text):
+        longest = 0
+        for start in range(i):
+            n = 0
+            while i + n < len(text) and text[start + n] == text[i + n]:
+                n += 1
+            longest = max(longest, n)
+        i += longest if longest >= min_copy else 1
+        novelty += 1
+    return novelty
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A fingerprint of the pseudonym key that cannot give the key back: the HMAC-SHA256 of a
+    fixed label under the key, 16 hex characters. The ledger keeps it to refuse another key."""
+    return hmac.new(key, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:16]
 
 
 def ledger_url() -> str:

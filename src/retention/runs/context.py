@@ -1,7 +1,8 @@
 """What every run knows about itself (``RunInfo``), and how a task opens the ledger.
 
 A run is opened once (its first task): the policy is loaded and checked, the as-of time fixed,
-the pseudonym key checked, and the run recorded in the ledger. Later tasks get the same
+the pseudonym key checked (present, not weak, and the key the ledger was written under), and the
+run recorded in the ledger. Later tasks get the same
 ``RunInfo`` (a small dict through XCom, or read back from the ledger) and refuse a policy file
 that changed since. Each task opens the ledger once (``task_ledger``) and passes it on.
 """
@@ -90,7 +91,7 @@ def open_run(dag_id: str, run_id: str, as_of: datetime | None, *, dry_run: bool,
     """Load and check the policy, fix the run's as-of time, record the run in the ledger."""
     policy_path = config.policy_file()
     policy = load_policy(policy_path)
-    config.pseudonym_key()  # fail now, not after extracting, when the key is missing
+    key = config.pseudonym_key()  # fail now, not after extracting, when the key is missing or weak
     now = datetime.now(UTC)
     # A run never enforces at a time that has not come yet.
     as_of_ts = min(pd.Timestamp(as_of or now), pd.Timestamp(now)).tz_convert("UTC")
@@ -102,6 +103,8 @@ def open_run(dag_id: str, run_id: str, as_of: datetime | None, *, dry_run: bool,
         policy_version=policy.version, policy_label=policy.version_label, dry_run=bool(dry_run), max_plan_share=share,
     )
     with task_ledger() as ledger:
+        # The key the ledger's pseudonyms (holds included) were made with, or the run stops here.
+        ledger.check_key(config.key_fingerprint(key))
         ledger.open_run(run_id, dag_id, as_of_ts.to_pydatetime(), policy.version, policy.version_label, bool(dry_run))
     log.info(
         "run %s: policy %s (%s, %d rules), as of %s, dry_run=%s, plan guard %.0f%%",

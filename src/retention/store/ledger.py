@@ -17,16 +17,20 @@ import csv
 import io
 import itertools
 import json
+import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from retention.config import ConfigError
 from retention.domain.statuses import DONE as DONE_STATUSES
 from retention.domain.statuses import GONE, Status
 from retention.store import migrations
+
+log = logging.getLogger("retention")
 
 # The current schema. Databases get it through the migrations (store/migrations/versions),
 # never through metadata.create_all: a change here needs a revision there too.
@@ -108,8 +112,24 @@ system_lock = sa.Table(
 )
 
 
+# The fingerprint of the pseudonym key the ledger's pseudonyms were made with (one row, id 1),
+# recorded on first use: under another key no hold and no erased record would match any more.
+# ``config.key_fingerprint``: an HMAC of a fixed label under the key, never the key.
+pseudonym_key = sa.Table(
+    "pseudonym_key",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 class LockTimeout(RuntimeError):
     pass
+
+
+class KeyChanged(ConfigError):
+    """The configured pseudonym key is not the one the ledger was written under."""
 
 
 class HoldError(ValueError):
@@ -297,11 +317,17 @@ class Ledger:
     def acquire_system(
         self, system: str, run_id: str, *, wait_seconds: float = 6 * 3600, poll_seconds: float = 5.0,
         stale_after: timedelta = timedelta(hours=12), on_wait=None,
+        is_running: Callable[[str | None, str], bool | None] | None = None,
     ) -> None:
         """Take the system for this run, waiting while another running run holds it.
 
-        Re-entrant for the same run (a retried task). A lock whose run has ended (its report
-        released nothing because it was killed) or that is older than ``stale_after`` is taken over.
+        Re-entrant for the same run (a retried task). The lock of another run is taken over at
+        once when that run has ended in the ledger (its report released nothing because it was
+        killed), or when ``is_running(dag_id, run_id)`` (the orchestrator's answer: Airflow's
+        DagRun state) says it is no longer running. When ``is_running`` cannot tell (``None``,
+        or no callback), a lock older than ``stale_after`` is taken over; while it says the run
+        is running, the lock is waited for, however old. Every takeover is logged: which run
+        held the lock, since when, and why it was taken.
         """
         deadline = time.monotonic() + wait_seconds
         while True:
@@ -314,17 +340,26 @@ class Ledger:
                         return
                     if row["run_id"] == run_id:
                         return
-                    state = conn.execute(sa.select(erasure_run.c.state).where(erasure_run.c.run_id == row["run_id"])).scalar()
-                    acquired = row["acquired_at"] if row["acquired_at"].tzinfo else row["acquired_at"].replace(tzinfo=UTC)
-                    if state != "running" or utcnow() - acquired > stale_after:
+                    held = conn.execute(
+                        sa.select(erasure_run.c.state, erasure_run.c.dag_id).where(erasure_run.c.run_id == row["run_id"])
+                    ).first()
+                holder = row["run_id"]
+                acquired = row["acquired_at"] if row["acquired_at"].tzinfo else row["acquired_at"].replace(tzinfo=UTC)
+                # Asked outside the transaction: the answer may take a request to Airflow.
+                why = _takeover_reason(held, holder, acquired, stale_after, is_running)
+                if why:
+                    with self.engine.begin() as conn:
                         taken = conn.execute(
                             system_lock.update()
-                            .where(system_lock.c.system == system, system_lock.c.run_id == row["run_id"])
+                            .where(system_lock.c.system == system, system_lock.c.run_id == holder)
                             .values(run_id=run_id, acquired_at=utcnow())
                         ).rowcount
-                        if taken:
-                            return
-                    holder = row["run_id"]
+                    if taken:
+                        log.warning(
+                            "%s: lock of run %s (held since %s) taken over by run %s: %s",
+                            system, holder, f"{acquired:%Y-%m-%d %H:%M:%S} UTC", run_id, why,
+                        )
+                        return
             except sa.exc.IntegrityError:
                 pass  # another run inserted first: look again
             if time.monotonic() > deadline:
@@ -341,8 +376,46 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(system_lock.delete().where(system_lock.c.run_id == run_id))
 
+    # -- the pseudonym key ----------------------------------------------------------------
+    def check_key(self, fingerprint: str) -> None:
+        """Refuse a pseudonym key other than the one this ledger was written under.
+
+        ``fingerprint`` is ``config.key_fingerprint`` of the configured key. The first use
+        records it; every later one must bring the same, else :class:`KeyChanged` (a
+        ``ConfigError``: one line, the two fingerprints, what to do; never the key).
+        """
+        recorded = self._key_fingerprint()
+        if recorded is None:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(pseudonym_key.insert().values(id=1, fingerprint=fingerprint, recorded_at=utcnow()))
+                return
+            except sa.exc.IntegrityError:  # recorded at the same moment by another task
+                recorded = self._key_fingerprint()
+        if recorded is not None and recorded[0] != fingerprint:
+            since = recorded[1] if recorded[1].tzinfo else recorded[1].replace(tzinfo=UTC)
+            raise KeyChanged(
+                f"the pseudonym key has changed: this ledger's pseudonyms were made with the key of fingerprint "
+                f"{recorded[0]} (in use since {since:%Y-%m-%d}), the configured key has fingerprint {fingerprint}; "
+                "under another key no manual hold and no erased record is recognised, so nothing runs: configure "
+                "the ledger's key again (RETENTION_PSEUDONYM_KEY, RETENTION_PSEUDONYM_KEY_FILE or the Airflow "
+                "Variable retention_pseudonym_key, e.g. restore the key file from its backup)"
+            )
+
+    def _key_fingerprint(self) -> tuple[str, datetime] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(pseudonym_key.c.fingerprint, pseudonym_key.c.recorded_at).where(pseudonym_key.c.id == 1)).first()
+        return (row[0], row[1]) if row else None
+
     # -- manual holds -------------------------------------------------------------------
     def add_hold(self, record_type: str, record_key: str, reason: str, expires_at: datetime | None) -> None:
+        """Put a record (by pseudonym) on the manual hold list. Raises :class:`HoldError` for an
+        empty reason or one over 200 characters; the reason is stored trimmed."""
+        reason = (reason or "").strip()
+        if not reason:
+            raise HoldError("a reason is required to add a hold")
+        if len(reason) > 200:
+            raise HoldError(f"the reason is {len(reason)} characters long; at most 200")
         with self.engine.begin() as conn:
             conn.execute(
                 legal_hold.insert().values(
@@ -383,6 +456,26 @@ class Ledger:
         except sa.exc.IntegrityError:  # lifted at the same moment by someone else
             raise HoldError(f"hold {hold_id} was lifted already") from None
         return {**hold, "lifted_at": lifted_at, "lifted_reason": reason}
+
+
+def _takeover_reason(
+    held, holder: str, acquired: datetime, stale_after: timedelta, is_running: Callable[[str | None, str], bool | None] | None,
+) -> str | None:
+    """Why the lock of run ``holder`` may be taken over now, or ``None`` while it must be waited for.
+    ``held``: the holder's (state, dag_id) in the ledger, ``None`` when it has no ledger run."""
+    state, dag_id = held if held is not None else (None, None)
+    if state != "running":
+        return f"its run is {state} in the ledger" if state else "its run is not in the ledger"
+    try:
+        alive = is_running(dag_id, holder) if is_running is not None else None
+    except Exception:  # noqa: BLE001 - an answer we cannot get is "cannot tell"
+        log.warning("whether run %s still runs could not be asked", holder, exc_info=True)
+        alive = None
+    if alive is False:
+        return "its run is no longer running in Airflow"
+    if alive is None and utcnow() - acquired > stale_after:
+        return f"held for longer than {stale_after} and whether its run still runs cannot be told"
+    return None
 
 
 def _holds_query(include_lifted: bool) -> sa.Select:
