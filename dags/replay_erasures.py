@@ -50,9 +50,11 @@ def system_replay(system: str, run: dict):
 
     @task(task_id="erase")
     def erase_(run: dict, _found: dict) -> dict:
+        from retention.checks.validation import PlanRejected
         from retention.runs.replay import erase
 
-        with system_adapter(system) as adapter:
+        # A plan without a successful validation, or older than RETENTION_MAX_PLAN_AGE: no retry helps.
+        with system_adapter(system) as adapter, fail_without_retry(PlanRejected):
             return erase(run_info(run), system, adapter)
 
     @task(task_id="verify")

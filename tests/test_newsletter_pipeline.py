@@ -303,3 +303,24 @@ def test_a_member_who_subscribes_again_between_plan_and_erase_is_kept(mailchimp,
     kept = [rows[k] for k in planned.loc[planned["record_id"].isin(back), "record_key"]]
     assert {(r["status"], r["detail"]) for r in kept} == {("deferred", "protected now (an active relationship since the plan)")}
     assert stats(mailchimp)["permanent_deletes"] == len(planned) - 2
+
+
+def test_a_plan_older_than_the_configured_age_is_not_erased(mailchimp, retention_home, monkeypatch):
+    """An erase task retried or cleared long after its plan refuses the plan: here every plan is
+    too old (RETENTION_MAX_PLAN_AGE of zero). Steps first, then a real Airflow run, whose erase
+    task fails at once (no retry) and whose run fails, with nothing erased."""
+    from retention.checks.validation import PlanRejected
+    from retention.runs import nightly as pipeline
+
+    before = all_members(mailchimp)
+    run = _prepare(mailchimp, "too_old")
+    monkeypatch.setenv("RETENTION_MAX_PLAN_AGE", "PT0S")
+    with pytest.raises(PlanRejected, match="older than RETENTION_MAX_PLAN_AGE"):
+        pipeline.erase(run, "newsletter", _adapter(mailchimp))
+    assert ledger_rows(retention_home) == [] and all_members(mailchimp) == before
+    # The refused run freed the system: the next run does not wait for it.
+
+    dr = run_dag({"systems": ["newsletter"], "max_plan_share": 0.5})
+    states = task_states(dr)
+    assert dr.state == "failed" and states["newsletter.erase"] == "failed", states
+    assert all_members(mailchimp) == before and stats(mailchimp)["permanent_deletes"] == 0

@@ -7,6 +7,9 @@ Environment variables (all optional except the pseudonym key):
 - ``RETENTION_POLICY_FILE``: the policy (default ``include/policies/retention.yaml``).
 - ``RETENTION_LEDGER_URL``: SQLAlchemy URL of the ledger, used when no Airflow Connection
   ``retention_ledger`` exists (default SQLite under ``RETENTION_HOME``).
+- ``RETENTION_MAX_PLAN_AGE``: an ISO 8601 duration (default ``PT36H``); a plan made from an
+  extract older than this is refused for erasure (a retried or cleared erase task a day or two
+  later plans again instead).
 - ``RETENTION_PSEUDONYM_KEY`` or ``RETENTION_PSEUDONYM_KEY_FILE``: the HMAC key for the
   pseudonymous keys in the ledger. There is no default: a key in code would make the
   pseudonyms reversible by anyone who reads the code. A blank or low-entropy key is refused
@@ -160,6 +163,25 @@ def key_fingerprint(key: bytes) -> str:
     """A fingerprint of the pseudonym key that cannot give the key back: the HMAC-SHA256 of a
     fixed label under the key, 16 hex characters. The ledger keeps it to refuse another key."""
     return hmac.new(key, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+DEFAULT_MAX_PLAN_AGE = "PT36H"
+
+
+def max_plan_age():
+    """How old a plan's extract may be when its erasure starts (``RETENTION_MAX_PLAN_AGE``)."""
+    from datetime import timedelta
+
+    from retention.domain.durations import Duration
+
+    text = os.environ.get("RETENTION_MAX_PLAN_AGE") or DEFAULT_MAX_PLAN_AGE
+    try:
+        age = Duration.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"RETENTION_MAX_PLAN_AGE: {exc}") from None
+    if age.months:
+        raise ConfigError(f"RETENTION_MAX_PLAN_AGE {text!r}: give days and hours (e.g. PT36H), not months or years")
+    return timedelta(days=age.days, seconds=age.seconds)
 
 
 def ledger_url() -> str:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import pandas as pd
 import pyarrow as pa
 
+from retention import config
 from retention.checks.validation import PlanRejected, plan_check_frame, run_guard, validate_extract, validate_plan
 from retention.domain.holds import Holds
 from retention.domain.planning import plan_system
@@ -147,8 +148,16 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     if not validation or not validation.get("success"):
         raise PlanRejected(f"{system}: no successful validation in this run; refusing to erase")
     plan_frame = staging.read_frame(system, "plan")
+    extracted_at = _extracted_at(run, system)
+    try:
+        refuse_an_old_plan(system, extracted_at)
+    except PlanRejected:
+        # This run will erase nothing more in this system: free it for a run that plans afresh.
+        with task_ledger() as ledger:
+            ledger.release_system(system, run.run_id)
+        raise
     # Each record's current state is judged again right before its erasure, by the run's policy.
-    check = StateCheck(policy=run.policy(), as_of=run.as_of_ts, extracted_at=_extracted_at(run, system))
+    check = StateCheck(policy=run.policy(), as_of=run.as_of_ts, extracted_at=extracted_at)
     with task_ledger() as ledger:
         engine = ErasureEngine(ledger, run.run_id, system, adapter, run.policy_version, check)
         if run.dry_run:
@@ -163,6 +172,19 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     if result.failed:
         raise RuntimeError(f"{system}: {result.failed} erasures failed (see the ledger); retry the task to resume")
     return summary
+
+
+def refuse_an_old_plan(system: str, extracted_at: datetime) -> None:
+    """A plan made from an extract older than ``RETENTION_MAX_PLAN_AGE`` is not erased: the erase
+    task was retried or cleared long after planning, and a new run plans afresh."""
+    limit = config.max_plan_age()
+    age = datetime.now(UTC) - pd.Timestamp(extracted_at).to_pydatetime()
+    if age > limit:
+        raise PlanRejected(
+            f"{system}: the plan was made from an extract of {pd.Timestamp(extracted_at):%Y-%m-%d %H:%M} UTC, "
+            f"{age.total_seconds() / 3600:.1f} hours ago, older than RETENTION_MAX_PLAN_AGE ({limit}): "
+            "nothing was erased; start a new run"
+        )
 
 
 def verify(run: RunInfo, system: str, adapter: SourceSystem) -> dict:

@@ -39,6 +39,7 @@ from retention.runs.context import RunInfo, pseudonymizer, task_ledger
 from retention.runs.context import open_run as open_pipeline_run
 from retention.runs.erasing import ErasureEngine
 from retention.runs.nightly import extract as extract_step
+from retention.runs.nightly import refuse_an_old_plan
 from retention.store.ledger import Ledger, erasure_ledger
 from retention.store.reports import write_report
 from retention.systems.base import SourceSystem
@@ -128,6 +129,9 @@ def _to_erase(run: RunInfo, system: str) -> pd.DataFrame:
 def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     """The restored copies to the erasure engine, under this replay's run. Resumable."""
     plan = _to_erase(run, system)
+    extracted = run.staging.read_json(system, "extract") or {}
+    if extracted.get("extracted_at"):
+        refuse_an_old_plan(system, pd.Timestamp(extracted["extracted_at"]))
     with task_ledger() as ledger:
         engine = ErasureEngine(ledger, run.run_id, system, adapter, run.policy_version)
         if run.dry_run:
