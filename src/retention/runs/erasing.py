@@ -201,10 +201,10 @@ class ErasureEngine:
         # Manual holds put on since the plan was made (``retention hold add``): read now.
         holds = Holds.at(datetime.now(UTC), ledger=self.ledger.holds())
         for k in keys:
-            reason = holds.reason(record_type, record_key=k)
-            if reason and k not in settled:
+            ref = holds.reason(record_type, record_key=k)
+            if ref and k not in settled:
                 settled[k] = Status.HELD
-                detail[k] = _text(f"manual hold added after the plan: {reason}", _DETAIL_WIDTH)
+                detail[k] = _text(f"under {ref}, added after the plan", _DETAIL_WIDTH)
 
         if not settled:
             return batch
