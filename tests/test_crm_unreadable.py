@@ -158,7 +158,7 @@ def table_ids(url: str, table: str) -> set:
         engine.dispose()
 
 
-def run_pipeline(url: str, as_of: dt.datetime) -> tuple[P.RunInfo, dict]:
+def run_pipeline(url: str, as_of: dt.datetime, before_erase=None) -> tuple[P.RunInfo, dict]:
     run_id = f"manual__crm_unreadable_{uuid.uuid4().hex[:8]}"
     info = P.RunInfo.from_dict(P.open_run(DAG_ID, run_id, as_of, dry_run=False, max_plan_share=1.0))
     adapter = CrmAdapter(CrmConnector(sa.create_engine(url)))
@@ -166,6 +166,8 @@ def run_pipeline(url: str, as_of: dt.datetime) -> tuple[P.RunInfo, dict]:
         P.extract(info, "crm", adapter)
         P.plan(info, "crm")
         P.validate(info, "crm")
+        if before_erase is not None:
+            before_erase()
         P.erase(info, "crm", adapter)
         P.verify(info, "crm", adapter)
     finally:
@@ -204,6 +206,31 @@ def test_unreadable_values_are_quarantined_and_the_rest_erased(crm_url, caplog, 
     assert "survey_response.survey_closed_at" in text and "contact.opted_out" in text and "contact.kind" in text
     assert "survey_response: id 102" in text and "has a NULL survey_response.id" in text
     assert SECRET not in text and "LEGACY-7" not in text and "soon" not in text
+
+
+def test_a_value_unreadable_since_the_plan_defers_the_erasure(crm_url):
+    """Inside the erasing transaction the records are read again: a planned contact whose
+    opt-out became unreadable, or whose kind became bytes that are not UTF-8, is left alone
+    (deferred), and the rest of the batch is erased."""
+    build_crm(crm_url)
+
+    def spoil() -> None:
+        engine = sa.create_engine(crm_url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE contact SET opted_out = 'maybe' WHERE id = 5")
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("UPDATE contact SET kind = E'lea\\xe9' WHERE id = 6")
+            else:
+                conn.exec_driver_sql("PRAGMA ignore_check_constraints = ON")
+                conn.exec_driver_sql("UPDATE contact SET kind = CAST(X'6C6561E9' AS TEXT) WHERE id = 6")
+        engine.dispose()
+
+    _info, report = run_pipeline(crm_url, NOW, before_erase=spoil)
+    contacts = {int(i) for i in table_ids(crm_url, "contact")}
+    assert {5, 6} <= contacts, "a contact whose values became unreadable after the plan was erased"
+    assert not {1, 10} & contacts, "the rest of the batch was not erased"
+    assert report["state"] == "success"
+    assert report["ledger"]["crm"]["lead"] == {"erased": 2, "deferred": 2}, report["ledger"]["crm"]
 
 
 @pytest.mark.airflow
