@@ -39,7 +39,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from retention.airflow.params import checked_context, dry_run_param
-from retention.airflow.tasks import fail_without_retry
+from retention.airflow.tasks import fail_without_retry, user_errors_in_one_line
 from retention.domain.addresses import EMAIL_MAX_LENGTH, EMAIL_PATTERN
 from retention.domain.records import SYSTEMS
 
@@ -61,7 +61,8 @@ def system_task(system: str):
 
         ctx = get_current_context()
         run = load_run(ctx["dag"].dag_id, ctx["run_id"])
-        return erase_system(run, system, ctx["params"]["email"])
+        with user_errors_in_one_line():  # a bad Connection: its one line, retried only if the host may come back
+            return erase_system(run, system, ctx["params"]["email"])
 
     return erase_()
 

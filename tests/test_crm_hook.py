@@ -200,7 +200,8 @@ def test_ledger_url_from_a_connection(monkeypatch, crm_db):
     monkeypatch.setenv("AIRFLOW_CONN_RETENTION_LEDGER", json.dumps(
         {"conn_type": "postgres", "host": "postgres", "port": 5432, "schema": "retention_ledger",
          "login": "airflow", "password": "air@flow", "extra": {"sslmode": "require"}}))
-    assert config.ledger_url() == "postgresql://airflow:air%40flow@postgres:5432/retention_ledger?sslmode=require"
+    # psycopg2, the driver installed: SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3, which is not.
+    assert config.ledger_url() == "postgresql+psycopg2://airflow:air%40flow@postgres:5432/retention_ledger?sslmode=require"
     monkeypatch.setenv("AIRFLOW_CONN_RETENTION_LEDGER", f"sqlite:///{crm_db}")
     assert config.ledger_url() == f"sqlite:///{crm_db}"
     monkeypatch.setenv("AIRFLOW_CONN_RETENTION_LEDGER", json.dumps(

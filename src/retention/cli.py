@@ -53,7 +53,7 @@ def _policy_validate(args) -> int:
     try:
         policy = load_policy(args.file or config.policy_file())
     except PolicyError as exc:
-        print(exc, file=sys.stderr)
+        print(exc, file=sys.stderr)  # one line per problem, each naming file, rule and field
         return 2
     decisions = [r.id for r in policy.rules if r.period_source == "decision"]
     print(f"{policy.source}: valid, {len(policy.rules)} rules, version {policy.version} ({policy.version_label})")
@@ -159,14 +159,30 @@ def _record_exists(record_type: str, record_id: str) -> bool:
 def _chatter_to_stderr():
     """File descriptor 1 onto stderr for a while: what hooks log on the way (Airflow's loggers
     write to stdout) goes to stderr, and stdout keeps only the command's result."""
+    with _fd_onto(1, 2):
+        yield
+
+
+@contextlib.contextmanager
+def _chatter_to_stdout():
+    """File descriptor 2 onto stdout for a while: a long command's progress (Airflow's own
+    start-up lines among it) is its output, and stderr keeps the one line of a user error."""
+    with _fd_onto(2, 1):
+        yield
+
+
+@contextlib.contextmanager
+def _fd_onto(fd: int, target: int):
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    saved = os.dup(fd)
     try:
-        os.dup2(2, 1)
+        os.dup2(target, fd)
         yield
     finally:
         sys.stdout.flush()
-        os.dup2(saved, 1)
+        sys.stderr.flush()
+        os.dup2(saved, fd)
         os.close(saved)
 
 
@@ -242,7 +258,7 @@ def _explain(args) -> int:
     try:
         policy = load_policy(args.policy or config.policy_file())
     except PolicyError as exc:
-        print(exc, file=sys.stderr)
+        print(exc, file=sys.stderr)  # one line per problem, each naming file, rule and field
         return 2
     as_of = _time(args.as_of, "--as-of") if args.as_of else None
     adapter = adapter_for(RECORD_TYPES[args.record_type].system)
@@ -290,10 +306,15 @@ def _replay(args) -> int:
 
     from retention.runs.replay import render_report, run_replay
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    result = run_replay(args.systems, dry_run=args.dry_run, run_id=args.run_id)
+    # Progress is the command's output (stdout); stderr keeps the one line of a user error.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    with _chatter_to_stdout():
+        result = run_replay(args.systems, dry_run=args.dry_run, run_id=args.run_id)
     print(render_report(json.loads(Path(result["report"]).read_text())))
     print(f"report: {result['report']}")
+    if result.get("user_errors"):
+        print(f"configuration error: {'; '.join(result['user_errors'])}", file=sys.stderr)
+        return 2
     return 0 if result["state"] == "success" else 1
 
 
@@ -308,8 +329,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (config.ConfigError, PolicyError, PreviewError, InvalidRequest, HoldError, AirflowNotFoundException)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose refusal of the command line is one line (not the usage and then the
+    error): what is wrong and where to read more. Sub-commands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def one_line(exc: BaseException) -> str:
+    """A user error's message on one line: several problems joined by "; ", the prefix they
+    share (a file) said once. (``policy validate`` and ``explain`` list a policy's problems one
+    per line instead, each naming file, rule and field.)"""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    prefix = lines[0].split(": ", 1)[0] + ": "
+    if all(line.startswith(prefix) for line in lines):
+        return prefix + "; ".join(line.removeprefix(prefix) for line in lines)
+    return "; ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="retention", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="retention", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     pol = sub.add_parser("policy").add_subparsers(dest="action", required=True)
     v = pol.add_parser("validate", help="validate a policy file")
@@ -370,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _user_errors() as exc:
         prefix = "configuration error: " if isinstance(exc, config.ConfigError) else ""
-        print(f"{prefix}{exc}", file=sys.stderr)
+        print(f"{prefix}{one_line(exc)}", file=sys.stderr)
         return 2
 
 if __name__ == "__main__":

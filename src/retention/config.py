@@ -47,12 +47,33 @@ LEDGER_CONN_ID = "retention_ledger"
 
 
 class ConfigError(RuntimeError):
-    pass
+    """A user error: the input or the set-up is wrong. Its message is one line naming what is
+    wrong and where, never a secret, a URL with credentials or a person's address; the command
+    prints it without a traceback and a task fails with it."""
+
+
+class SettingError(ConfigError, ValueError):
+    """A Connection field or setting whose value is wrong (a non-numeric extra, a missing
+    password). Also a ``ValueError``, as these were before they were named."""
+
+
+class ConnectionFailed(ConfigError):
+    """A system or database that could not be reached or refused us, named by where it is set
+    (a Connection id) and its role. ``transient`` when trying again later may help (nothing
+    listens yet, a name does not resolve for now): a task may retry it; a database that does
+    not exist or a refused login will not fix itself."""
+
+    def __init__(self, message: str, *, transient: bool):
+        super().__init__(message)
+        self.transient = transient
 
 
 def retention_home() -> Path:
     home = Path(os.environ.get("RETENTION_HOME") or PROJECT_ROOT / ".retention")
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"RETENTION_HOME {home}: cannot make the directory ({exc.strerror})") from None
     return home
 
 
@@ -66,7 +87,10 @@ def staging_root() -> Path:
 
 def reports_dir() -> Path:
     path = retention_home() / "reports"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"RETENTION_HOME: cannot make {path} ({exc.strerror})") from None
     return path
 
 
@@ -218,9 +242,9 @@ def connection_extras(conn: Any, conn_id: str) -> dict[str, Any]:
     try:
         parsed = json.loads(raw) if isinstance(raw, str) else raw
     except ValueError:
-        raise ValueError(f"connection {conn_id!r}: extra is not valid JSON") from None
+        raise SettingError(f"connection {conn_id!r}: extra is not valid JSON") from None
     if not isinstance(parsed, dict):
-        raise ValueError(f"connection {conn_id!r}: extra must be a JSON object, not {type(parsed).__name__}")
+        raise SettingError(f"connection {conn_id!r}: extra must be a JSON object, not {type(parsed).__name__}")
     # Airflow's own parse, which also registers the extra's secrets for masking in task logs.
     return dict(conn.extra_dejson)
 
@@ -278,7 +302,7 @@ def database_url(
         )
     if any_type:
         return _parse_url(conn.get_uri(), f"connection {conn_id!r}")
-    raise ValueError(
+    raise SettingError(
         f"connection {conn_id!r}: unsupported conn_type {conn.conn_type!r}; "
         f"use postgres or sqlite, or extra.sqlalchemy_url"
     )
@@ -291,7 +315,87 @@ def _parse_url(text: str, what: str) -> sa.URL:
         return sa.make_url(text)
     except (sa.exc.ArgumentError, ValueError):
         # SQLAlchemy's message quotes the whole URL, password and all.
-        raise ValueError(f"{what} is not a SQLAlchemy URL") from None
+        raise SettingError(f"{what} is not a SQLAlchemy URL") from None
+
+
+# What a database's driver says when it cannot connect -> (why, in our words; whether trying
+# again later may help). The driver's own text names the host, the database and the user.
+_DB_FAILURES = (
+    ("could not translate host name", "its host name does not resolve", True),
+    ("name or service not known", "its host name does not resolve", True),
+    ("nodename nor servname", "its host name does not resolve", True),
+    ("connection refused", "nothing listens at its host and port (connection refused)", True),
+    ("timeout expired", "the connection timed out", True),
+    ("timed out", "the connection timed out", True),
+    ("does not exist", None, False),  # a database or a role: told apart below
+    ("password authentication failed", "the server refused the user or password", False),
+    ("no pg_hba.conf entry", "the server refuses connections from this host for this user", False),
+    ("unable to open database file", "the database file cannot be opened (does its directory exist?)", False),
+)
+
+
+def database_failure(exc: BaseException, where: str) -> ConnectionFailed:
+    """One line for a database that could not be connected to (the driver's message names the
+    host and user; this one names only ``where`` it is set and why)."""
+    text = str(exc).lower()
+    for needle, why, transient in _DB_FAILURES:
+        if needle in text:
+            if why is None:
+                why = "the server refused the user (no such role)" if "role" in text else "the database it names does not exist"
+            return ConnectionFailed(f"{where}: cannot connect: {why}", transient=transient)
+    return ConnectionFailed(f"{where}: cannot connect ({type(exc).__name__})", transient=True)
+
+
+def create_engine(url: str | sa.URL, where: str, **kwargs: Any) -> sa.Engine:
+    """``sa.create_engine`` whose failures to connect are :class:`ConnectionFailed` naming
+    ``where`` (e.g. "connection 'retention_crm' (the CRM database)"), and whose unknown dialect
+    or missing driver is a :class:`SettingError`; neither repeats the URL or the password."""
+    import sqlalchemy as sa
+
+    try:
+        engine = sa.create_engine(url, **kwargs)
+    except (sa.exc.NoSuchModuleError, ImportError) as exc:  # NoSuchModuleError is an ArgumentError
+        missing = f" ({exc.name})" if getattr(exc, "name", None) else ""
+        raise SettingError(f"{where}: the URL's database dialect or driver{missing} is not installed") from None
+    except (sa.exc.ArgumentError, ValueError):
+        raise SettingError(f"{where}: not a SQLAlchemy URL") from None
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _connect_failed(context: Any) -> None:
+        # Only a failure to connect (no connection yet): errors of statements stay as they are.
+        if context.connection is None and isinstance(context.sqlalchemy_exception, sa.exc.OperationalError):
+            raise database_failure(context.original_exception, where) from None
+
+    return engine
+
+
+class _ExtraParseNoise:
+    """Drops Airflow's traceback for an extra that is not JSON: :func:`connection_extras` says
+    the same in one line naming the Connection (and the task fails on it, where Airflow would go
+    on without the extras)."""
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.msg).startswith("Failed to deserialize extra property")
+
+
+_EXTRA_NOISE = _ExtraParseNoise()
+
+
+def quiet_extra_parse_noise() -> None:
+    import logging
+
+    logger = logging.getLogger("airflow.sdk.definitions.connection")
+    if _EXTRA_NOISE not in logger.filters:
+        logger.addFilter(_EXTRA_NOISE)
+
+
+def unreadable_connection(conn_id: str) -> SettingError:
+    """The error for an ``AIRFLOW_CONN_<ID>`` that is set but that Airflow cannot read (it says
+    the Connection "isn't defined", and its own message would quote the URI, password and all)."""
+    return SettingError(
+        f"connection {conn_id!r}: the environment variable AIRFLOW_CONN_{conn_id.upper()} is set but is "
+        "neither a connection URI nor a JSON object Airflow can read (check its port, quoting and JSON)"
+    )
 
 
 def _airflow_variable(name: str) -> str | None:
@@ -315,11 +419,15 @@ def _airflow_connection_url(conn_id: str) -> str | None:
     try:
         from airflow.sdk import BaseHook
 
+        quiet_extra_parse_noise()
         conn = BaseHook.get_connection(conn_id)
-    except Exception:  # no such connection
+    except Exception:  # no such connection, or one Airflow cannot read
+        if env is not None:
+            raise unreadable_connection(conn_id) from None  # not a silent fall-back to a local ledger
         return None
     try:
-        url = database_url(conn, conn_id=conn_id, driver_params=True, any_type=True)
+        # psycopg2 is the PostgreSQL driver installed (SQLAlchemy 2.1's plain postgresql:// is psycopg 3).
+        url = database_url(conn, conn_id=conn_id, postgres_driver="postgresql+psycopg2", driver_params=True, any_type=True)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return url.render_as_string(hide_password=False)

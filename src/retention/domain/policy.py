@@ -161,7 +161,11 @@ def parse_policy(text: str | bytes, source: str = "<string>") -> Policy:
     try:
         raw = yaml.safe_load(data)
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+        # One line: the position and the problem, not PyYAML's multi-line excerpt of the file.
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise PolicyError(f"{source}: not valid YAML{at}: {problem}") from None
     if not isinstance(raw, dict):
         raise PolicyError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 import pandas as pd
 import sqlalchemy as sa
 
+from retention.config import ConfigError
 from retention.domain.holds import Holds
 from retention.domain.records import SOURCE_HOLDS, SYSTEMS
 from retention.domain.replay import HELD, NEW, REPLAY, UNDATED, empty, latest_erasures, restored_copies
@@ -257,14 +258,20 @@ def run_replay(
     if adapter_factory is None:
         from retention.systems import adapter_for as adapter_factory
     run = RunInfo.from_dict(open_run(run_id or new_run_id(), dry_run=dry_run))
+    user_errors: list[str] = []
     for system in systems:
-        adapter = adapter_factory(system)
+        adapter = None
         try:
+            adapter = adapter_factory(system)
             find(run, system, adapter)
             erase(run, system, adapter)
             verify(run, system, adapter)
+        except ConfigError as exc:  # the set-up is wrong (a Connection, a setting): its one line, no traceback
+            log.error("%s: replay failed: %s", system, exc)
+            user_errors.append(f"{system}: {exc}")
         except Exception:
             log.exception("%s: replay failed", system)
         finally:
-            adapter.close()
-    return report(run, systems)
+            if adapter is not None:
+                adapter.close()
+    return {**report(run, systems), "user_errors": user_errors}

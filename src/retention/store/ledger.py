@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from retention.config import ConfigError
+from retention.config import ConfigError, create_engine
 from retention.domain.statuses import DONE as DONE_STATUSES
 from retention.domain.statuses import GONE, Status
 from retention.store import migrations
@@ -182,13 +182,18 @@ def _copy_entries(conn: sa.Connection, fixed: dict, rows: Sequence[dict]) -> Non
         raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
 
 
+#: Where a ledger is set, for the one line that says it cannot be reached.
+LEDGER_WHERE = "the ledger database (connection 'retention_ledger', else RETENTION_LEDGER_URL)"
+
+
 class Ledger:
     def __init__(self, url_or_engine: str | sa.Engine):
         if isinstance(url_or_engine, sa.Engine):
             self.engine = url_or_engine
         else:
             kwargs = {"connect_args": {"timeout": 60}} if str(url_or_engine).startswith("sqlite") else {}
-            self.engine = sa.create_engine(url_or_engine, **kwargs)
+            # Failures to connect are one line naming where the ledger is set, never its URL.
+            self.engine = create_engine(url_or_engine, LEDGER_WHERE, **kwargs)
         # To the newest schema revision: one query when it is there already; otherwise once,
         # under a lock, however many tasks open the ledger at the same moment.
         migrations.upgrade_to_head(self.engine)

@@ -23,11 +23,12 @@ the provider registration reads without importing any hook.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, ClassVar, TypeVar
 
 from airflow.sdk.bases.hook import BaseHook
 
-from retention.config import connection_extras
+from retention.config import SettingError, connection_extras, quiet_extra_parse_noise, unreadable_connection
 from retention.systems.forms import FORMS, ui_field_behaviour
 
 T = TypeVar("T", int, float, str)
@@ -47,6 +48,8 @@ class RetentionHook(BaseHook):
     #: ``test_connection()``'s message on success, and the start of the one on failure.
     test_ok_message: ClassVar[str] = "Connection works."
     test_failed_prefix: ClassVar[str] = ""
+    #: What the Connection's host is, for errors ("the Mailchimp API").
+    role: ClassVar[str] = "the system"
 
     def __init__(self, conn_id: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -64,7 +67,17 @@ class RetentionHook(BaseHook):
     def connection(self) -> Any:
         """The Airflow Connection, fetched on first use and kept."""
         if self._connection is None:
-            self._connection = self.get_connection(self.conn_id)
+            from airflow.sdk.exceptions import AirflowNotFoundException
+
+            quiet_extra_parse_noise()
+            try:
+                self._connection = self.get_connection(self.conn_id)
+            except AirflowNotFoundException:
+                if os.environ.get(f"AIRFLOW_CONN_{self.conn_id.upper()}") is not None:
+                    raise unreadable_connection(self.conn_id) from None
+                raise SettingError(
+                    f"connection {self.conn_id!r} is not defined: add it in Airflow, or set AIRFLOW_CONN_{self.conn_id.upper()}"
+                ) from None
         return self._connection
 
     @property
@@ -89,9 +102,9 @@ class RetentionHook(BaseHook):
                 raise TypeError
             result = kind(value)
         except (TypeError, ValueError):
-            raise ValueError(f"connection {self.conn_id!r}: extra {name!r} must be {_KINDS[kind]}") from None
+            raise SettingError(f"connection {self.conn_id!r}: extra {name!r} must be {_KINDS[kind]}") from None
         if minimum is not None and result < minimum:
-            raise ValueError(f"connection {self.conn_id!r}: {name} must be >= {minimum:g}")
+            raise SettingError(f"connection {self.conn_id!r}: {name} must be >= {minimum:g}")
         return result
 
     def extra_options(self, kinds: dict[str, type]) -> dict[str, Any]:
@@ -107,7 +120,16 @@ class RetentionHook(BaseHook):
     def get_conn(self) -> Any:
         """The system's client for this connection (created once per hook, then reused)."""
         if self._client is None:
-            self._client = self.create_conn()
+            try:
+                client = self.create_conn()
+            except ValueError as exc:  # a client refusing a setting: name the Connection it came from
+                if isinstance(exc, SettingError):
+                    raise
+                raise SettingError(f"connection {self.conn_id!r}: {exc}") from None
+            session = getattr(client, "session", None)
+            if hasattr(session, "where"):  # an HTTP API: its failures to connect name this Connection
+                session.where = f"connection {self.conn_id!r} ({self.role})"
+            self._client = client
         return self._client
 
     def create_conn(self) -> Any:

@@ -29,6 +29,8 @@ import requests
 import tenacity
 from requests.adapters import HTTPAdapter
 
+from retention.config import ConnectionFailed
+
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -50,6 +52,37 @@ class HTTPError(RuntimeError):
         self.endpoint = endpoint
         self.status = status
         self.detail = detail
+
+
+class Unreachable(HTTPError, ConnectionFailed):
+    """A request that could not reach the host, or whose credentials the host refused, out of
+    retries: a user error naming where the host is set (``RetryingSession.where``, the
+    Connection and its role), never the URL. Still an :class:`HTTPError` for the callers that
+    book a failed batch and go on."""
+
+    def __init__(self, method: str, endpoint: str, status: int | None, where: str, why: str, *, transient: bool):
+        RuntimeError.__init__(self, f"{where}: {why} ({method} {endpoint})")
+        self.method, self.endpoint, self.status, self.detail = method, endpoint, status, why
+        self.transient = transient
+
+
+# What ``requests`` says when it cannot connect -> why, in words that name no host.
+_UNREACHABLE = (
+    ("nameresolutionerror", "cannot connect: its host name does not resolve"),
+    ("name or service not known", "cannot connect: its host name does not resolve"),
+    ("failed to resolve", "cannot connect: its host name does not resolve"),
+    ("connection refused", "cannot connect: nothing listens at its host and port (connection refused)"),
+    ("ssl", "cannot connect: the TLS handshake failed"),
+    ("timed out", "cannot connect: the connection timed out"),
+)
+
+
+def _unreachable_why(exc: BaseException) -> str:
+    text = f"{type(exc).__name__} {exc}".lower()
+    for needle, why in _UNREACHABLE:
+        if needle in text:
+            return why
+    return f"the connection failed ({type(exc).__name__})"
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -137,6 +170,9 @@ class RetryingSession:
         self.timeout = timeout
         self.sleep = sleep
         self.stats = RetryStats()
+        #: Where the host is set, for errors a user can fix ("connection 'retention_zendesk' (the
+        #: Zendesk API)"); set by the hook. Without it failures are plain :class:`HTTPError`\s.
+        self.where: str | None = None
         self.session = requests.Session()
         adapter = adapter if adapter is not None else BoundedAdapter(max_connections)
         self.session.mount("http://", adapter)
@@ -181,10 +217,15 @@ class RetryingSession:
             # from within a request (an auth hook, say) would otherwise overwrite.
             response = self._retrying.copy()(self._attempt, call)
         except TRANSIENT_ERRORS as exc:
+            if self.where:
+                raise Unreachable(method, call.endpoint, None, self.where, _unreachable_why(exc), transient=True) from None
             raise HTTPError(method, call.endpoint, None, type(exc).__name__) from None
         status = response.status_code
         if status in ok or status in accept:
             return response
+        if self.where and status in (401, 403):
+            why = f"the API refused the credentials (HTTP {status}): check the Connection's password or token"
+            raise Unreachable(method, call.endpoint, status, self.where, why, transient=False)
         raise HTTPError(method, call.endpoint, status, _short_detail(response))
 
     # -- the parts of the tenacity controller -------------------------------------------------

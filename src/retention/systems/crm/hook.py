@@ -29,7 +29,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from retention.config import PROJECT_ROOT, database_url
+from retention.config import PROJECT_ROOT, create_engine, database_url
 from retention.systems.crm.client import CrmConnector
 from retention.systems.crm.mapping import CrmMapping
 from retention.systems.forms import CRM_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
@@ -43,6 +43,7 @@ class CrmHook(RetentionHook):
     default_conn_name = "retention_crm"
     conn_type = "retention_crm"
     hook_name = "CRM (retention)"
+    role = "the CRM database"
     test_ok_message = "CRM database reachable and mapping matches"
     crm_conn_id: str
 
@@ -67,7 +68,8 @@ class CrmHook(RetentionHook):
             kwargs: dict[str, Any] = {}
             if url.get_backend_name() != "sqlite":
                 kwargs["pool_pre_ping"] = True
-            self._engine = sa.create_engine(url, **kwargs)
+            # Failures to connect are one line naming this Connection, never the URL or password.
+            self._engine = create_engine(url, f"connection {self.crm_conn_id!r} ({self.role})", **kwargs)
             self.log.info("CRM connection %s: %s database", self.crm_conn_id, url.get_backend_name())
         return self._engine
 

@@ -31,6 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 import yaml
 
+from retention.config import SettingError
 from retention.systems.crm import schema as reference
 
 #: Logical tables and their logical columns, in reference-schema order.
@@ -54,8 +55,9 @@ REQUIRED: dict[str, frozenset[str]] = {
 }
 
 
-class MappingError(ValueError):
-    """The mapping file is invalid or does not match the database."""
+class MappingError(SettingError):
+    """The mapping file is invalid or does not match the database (a user error, and a
+    ``ValueError``)."""
 
 
 class _Columns:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from retention.config import SettingError
 from retention.systems.forms import MAILCHIMP_MAX_CONNECTIONS
 from retention.systems.hooks import RetentionHook
 from retention.systems.newsletter.client import MailchimpClient
@@ -35,6 +36,7 @@ class MailchimpHook(RetentionHook):
     default_conn_name = "retention_mailchimp"
     conn_type = "retention_mailchimp"
     hook_name = "Mailchimp Marketing"
+    role = "the Mailchimp API"
     test_ok_message = "Mailchimp API answered the ping."
     test_failed_prefix = "Mailchimp ping failed: "
     mailchimp_conn_id: str
@@ -47,7 +49,7 @@ class MailchimpHook(RetentionHook):
     def list_id(self) -> str:
         list_id = self.extra_option("list_id", str)
         if not list_id:
-            raise ValueError(f"connection {self.mailchimp_conn_id!r} has no list_id in its extra")
+            raise SettingError(f"connection {self.mailchimp_conn_id!r} has no list_id in its extra")
         return list_id
 
     @property
@@ -73,7 +75,7 @@ class MailchimpHook(RetentionHook):
     def create_conn(self) -> MailchimpClient:
         api_key = self.connection.password
         if not api_key:
-            raise ValueError(f"connection {self.mailchimp_conn_id!r} has no API key (password)")
+            raise SettingError(f"connection {self.mailchimp_conn_id!r} has no API key (password)")
         return MailchimpClient(
             api_key, base_url=self.base_url, max_connections=self.max_connections, **self.extra_options(_OPTIONS)
         )

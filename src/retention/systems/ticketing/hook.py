@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from retention.config import SettingError
 from retention.systems.hooks import RetentionHook
 from retention.systems.ticketing.client import ZendeskClient
 
@@ -54,6 +55,7 @@ class ZendeskHook(RetentionHook):
     default_conn_name = "retention_zendesk"
     conn_type = "retention_zendesk"
     hook_name = "Zendesk Support"
+    role = "the Zendesk API"
     test_ok_message = "Zendesk API answered."
     test_failed_prefix = "Zendesk check failed: "
     zendesk_conn_id: str
@@ -66,7 +68,7 @@ class ZendeskHook(RetentionHook):
         conn = self.connection
         host = (conn.host or "").strip().rstrip("/")
         if not host:
-            raise ValueError(f"connection {self.zendesk_conn_id!r} has no host (subdomain or base URL)")
+            raise SettingError(f"connection {self.zendesk_conn_id!r} has no host (subdomain or base URL)")
         if "://" in host:
             parts = urlsplit(host)
             if conn.port and parts.port is None:
@@ -81,9 +83,9 @@ class ZendeskHook(RetentionHook):
         conn = self.connection
         oauth = self.extra_option("oauth_token", str)
         if not oauth and not conn.password:
-            raise ValueError(f"connection {self.zendesk_conn_id!r} has neither an API token nor an oauth_token")
+            raise SettingError(f"connection {self.zendesk_conn_id!r} has neither an API token nor an oauth_token")
         if not oauth and not conn.login:
-            raise ValueError(f"connection {self.zendesk_conn_id!r}: an API token needs the agent e-mail (login)")
+            raise SettingError(f"connection {self.zendesk_conn_id!r}: an API token needs the agent e-mail (login)")
         return ZendeskClient(
             **self._target(),
             email=conn.login or None,
