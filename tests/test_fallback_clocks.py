@@ -208,3 +208,21 @@ def test_explain_says_a_fallback_clock_decided():
     verdict = next(v for v in out["rules"] if v["rule"] == "newsletter-pending")
     assert verdict["due"] and verdict["clock_used"] == "last_changed" and verdict["fallback_clock"]
     assert out["decision"] == "planned: erase under rule newsletter-pending (fallback clock last_changed: the organisation's decision)"
+
+
+def test_explain_of_a_rule_with_two_own_clocks_is_no_fallback():
+    frame = pd.DataFrame(
+        {
+            "record_id": pd.Series(["e1"], dtype="string"),
+            "contact_id": pd.Series(["1"], dtype="string"),
+            "event_date": pd.to_datetime(["2020-01-01"], utc=True),
+            "membership_active": [False],
+            "membership_end": pd.to_datetime(["2021-01-01"], utc=True),
+            "is_customer": [True],
+            "opted_out": [False],
+        }
+    )
+    out = explain_record(frame, "crm_event_participation", "e1", POLICY, AS_OF)
+    verdict = out["rules"][0]
+    assert verdict["clock_used"] == "event_date/membership_end" and verdict["fallback_clock"] is False
+    assert out["decision"] == "planned: erase under rule event-participation"

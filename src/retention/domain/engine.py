@@ -261,7 +261,7 @@ def explain_record(
                 "applies": bool(out.applies[0]),
                 "clock": None if pd.isna(out.clock.iloc[0]) else out.clock.iloc[0].isoformat(),
                 "clock_used": used,
-                "fallback_clock": used is not None and used not in rule.clocks,
+                "fallback_clock": used in rule.fallback_clocks,
                 "period": rule.period,
                 "opted_out": bool(row["opted_out"].iloc[0]) if "opted_out" in row else None,
                 "deadline": None if pd.isna(deadline) else local_naive_to_utc(pd.Series([deadline]), tz).iloc[0].isoformat(),
