@@ -150,7 +150,8 @@ def test_manual_hold_blocks_erasure_until_it_expires():
         {"record_type": ["newsletter_member"], "record_id": ["a"], "reason": ["litigation"], "expires_at": pd.to_datetime(["2026-12-01"], utc=True)}
     )
     plan = plan_record_type(frame, "newsletter_member", POLICY, ts("2026-11-25"), holds)
-    assert list(plan["action"]) == ["hold"] and list(plan["hold"]) == ["litigation"]
+    # The plan (and so the ledger) names the hold, never its free-text reason.
+    assert list(plan["action"]) == ["hold"] and list(plan["hold"]) == ["the system's legal_hold list"]
     plan = plan_record_type(frame, "newsletter_member", POLICY, ts("2026-12-02"), holds)
     assert list(plan["action"]) == ["erase"]
 

@@ -171,6 +171,36 @@ def test_plan_guard_halts_the_run_before_any_erasure(mailchimp, retention_home):
     assert validation["systems"]["newsletter"]["validation"] == "failed"
 
 
+@pytest.mark.airflow
+def test_a_halted_runs_staging_is_owner_only_and_purged_after_the_configured_days(mailchimp, retention_home, monkeypatch):
+    """A run halted by the plan guard leaves its staging (subscriber hashes: MD5s of addresses)
+    for diagnosis, readable by the owner only; a nightly run after RETENTION_STAGING_KEEP_DAYS
+    purges it and says so in its report, and keeps a younger one."""
+    import os
+    import stat
+    import time
+
+    halted = run_dag({"systems": ["newsletter"], "max_plan_share": 0.01})
+    assert halted.state == "failed"
+    left = [p for p in (retention_home / "staging").glob("*/*") if p.is_dir()]
+    assert len(left) == 1, left
+    for path in [left[0], *left[0].rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path.relative_to(retention_home)} is readable by others ({oct(mode)})"
+    young = left[0].parent / "a_younger_halted_run"
+    (young / "newsletter").mkdir(parents=True)
+
+    monkeypatch.setenv("RETENTION_STAGING_KEEP_DAYS", "7")
+    old = time.time() - 8 * 86400
+    for path in [*left[0].rglob("*"), left[0]]:
+        os.utime(path, (old, old))
+    dr = run_dag({"systems": ["newsletter"], "dry_run": True})
+    assert dr.state == "success", task_states(dr)
+    assert not left[0].exists() and young.exists()
+    report = json.loads((retention_home / "reports" / "latest.json").read_text())
+    assert report["staging_purged"] == 1
+
+
 # --- pipeline steps called directly (no Airflow) ------------------------------------------
 
 def _adapter(standin):
@@ -219,7 +249,9 @@ def test_killed_erase_resumes_without_repeating_or_losing_work(mailchimp, retent
         pipeline.erase(run, "newsletter", killer)
     rows = ledger_rows(retention_home)
     assert len(rows) == planned, "the write-ahead entries must all be there before the kill"
-    assert {r["status"] for r in rows} == {"erased", "planned"}
+    # The killed batch was handed to the provider: marked submitted before it went.
+    assert {r["status"] for r in rows} == {"erased", "submitted", "planned"}
+    assert sum(r["status"] == "submitted" for r in rows) == 40
     erased_before_kill = stats(mailchimp)["permanent_deletes"]
     assert erased_before_kill == 80  # two batches of 40 reached the provider
 
@@ -230,7 +262,11 @@ def test_killed_erase_resumes_without_repeating_or_losing_work(mailchimp, retent
     rows = ledger_rows(retention_home)
     assert len(rows) == planned
     assert {r["status"] for r in rows} <= {"erased", "already_gone"}
-    assert sum(r["status"] == "already_gone" for r in rows) == 40, "the killed batch went through before the kill"
+    # The killed batch went through before the kill: booked to this run as erased, not as
+    # already gone, with a detail saying so.
+    assert not any(r["status"] == "already_gone" for r in rows)
+    by_killed = [r for r in rows if r["detail"] == "erased by an earlier attempt of this run, killed before it heard back"]
+    assert len(by_killed) == 40 and {r["status"] for r in by_killed} == {"erased"}
     assert stats(mailchimp)["permanent_deletes"] == planned, "a member was deleted twice or not at all"
     assert_only_due_erased(before, all_members(mailchimp))
 

@@ -10,6 +10,8 @@ Environment variables (all optional except the pseudonym key):
 - ``RETENTION_MAX_PLAN_AGE``: an ISO 8601 duration (default ``PT36H``); a plan made from an
   extract older than this is refused for erasure (a retried or cleared erase task a day or two
   later plans again instead).
+- ``RETENTION_STAGING_KEEP_DAYS``: days the staging a failed or halted run left behind is kept
+  for diagnosis before the nightly run purges it (default 7, at least 2).
 - ``RETENTION_PSEUDONYM_KEY`` or ``RETENTION_PSEUDONYM_KEY_FILE``: the HMAC key for the
   pseudonymous keys in the ledger. There is no default: a key in code would make the
   pseudonyms reversible by anyone who reads the code. A blank or low-entropy key is refused
@@ -163,6 +165,22 @@ def key_fingerprint(key: bytes) -> str:
     """A fingerprint of the pseudonym key that cannot give the key back: the HMAC-SHA256 of a
     fixed label under the key, 16 hex characters. The ledger keeps it to refuse another key."""
     return hmac.new(key, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+DEFAULT_STAGING_KEEP_DAYS = 7
+
+
+def staging_keep_days() -> float:
+    """How long a failed or halted run's staging is kept (``RETENTION_STAGING_KEEP_DAYS``)."""
+    text = os.environ.get("RETENTION_STAGING_KEEP_DAYS") or str(DEFAULT_STAGING_KEEP_DAYS)
+    try:
+        days = float(text)
+    except ValueError:
+        raise ConfigError(f"RETENTION_STAGING_KEEP_DAYS {text!r}: give a number of days, e.g. 7") from None
+    # Under two days a run halted tonight, overridden and resumed tomorrow would lose its staging.
+    if not 2 <= days <= 3650:
+        raise ConfigError(f"RETENTION_STAGING_KEEP_DAYS {text!r}: give between 2 and 3650 days")
+    return days
 
 
 DEFAULT_MAX_PLAN_AGE = "PT36H"

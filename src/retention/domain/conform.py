@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import pandas as pd
 
-from retention.domain.records import DTYPES, FLAG, KEY, RECORD_TYPES, SOURCE_HOLD_COLUMNS, SOURCE_HOLDS, TIME
+from retention.domain.records import DTYPES, FLAG, KEY, RECORD_TYPES, SOURCE_HOLD_COLUMNS, SOURCE_HOLDS, TEXT, TIME, UNREADABLE
 
 
 def conform(record_type: str, frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with ``record_id`` and the record type's extracted columns, in the schema's
-    order and types. Columns already of their type are not copied. A missing column is a
+    order and types, and ``UNREADABLE`` when the frame has it (the columns a row's system held
+    unreadable values in). Columns already of their type are not copied. A missing column is a
     programming error in an adapter, not data to quarantine: it raises."""
     if record_type == SOURCE_HOLDS:
         columns = SOURCE_HOLD_COLUMNS
     else:
         columns = {"record_id": KEY, **RECORD_TYPES[record_type].extracted_columns}
+    if UNREADABLE in frame:
+        columns = {**columns, UNREADABLE: TEXT}
     missing = [c for c in columns if c not in frame]
     if missing:
         raise ValueError(f"{record_type} frame lacks column(s) {', '.join(missing)}")

@@ -1,11 +1,14 @@
 """Row-level checks before planning: malformed records are quarantined, counted, never erased.
 
-A record is quarantined when it has no key, shares its key with another record, lacks a
-column its record type needs, has no usable clock (nor fallback clock) for a rule that applies
-to it, records a past event at a time after the extract, or lacks a flag its record type needs
-set (a newsletter member without an e-mail address). Quarantine is the safe side: a record that
-cannot be judged is left alone and reported; one left there night after night raises the
-stuck-quarantine alarm (``reason_category`` is what the ledger keeps of its reason).
+A record is quarantined when its system held a value that could not be read (a flag that is no
+known spelling, a clock that is no date or a placeholder date, an id that is no integer, bytes
+that are not UTF-8: the frame's ``UNREADABLE`` column names the columns), has no key, shares its
+key with another record, lacks a column its record type needs, has no usable clock (nor fallback
+clock) for a rule that applies to it, records a past event at a time after the extract, or lacks
+a flag its record type needs set (a newsletter member without an e-mail address). Quarantine is
+the safe side: a record that cannot be judged is left alone and reported; one left there night
+after night raises the stuck-quarantine alarm (``reason_category`` is what the ledger keeps of
+its reason).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pyarrow.compute as pc
 from retention.domain.engine import when_mask
 from retention.domain.keys import duplicated
 from retention.domain.policy import Policy
-from retention.domain.records import RECORD_TYPES
+from retention.domain.records import RECORD_TYPES, UNREADABLE
 
 # Clock skew between the source system and this machine that is not yet "in the future".
 FUTURE_TOLERANCE = timedelta(days=1)
@@ -38,6 +41,11 @@ def _blank(key: pd.Series) -> np.ndarray:
     return pc.fill_null(blank, True).to_numpy()
 
 
+def unreadable_reason(columns: str) -> str:
+    """The reason for a record whose ``columns`` (comma-separated) could not be read."""
+    return "unreadable " + ", ".join(c.strip() for c in columns.split(","))
+
+
 def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, now: datetime) -> pd.Series:
     """One reason per row (the first that applies), or <NA> for a clean row."""
     rt = RECORD_TYPES[record_type]
@@ -48,6 +56,11 @@ def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, no
         if mask.any():
             reason[mask] = text
 
+    if UNREADABLE in frame:
+        # First: a record read on a guess must not be judged at all, whatever else applies.
+        cols = frame[UNREADABLE].astype("string")
+        for which in cols.dropna().unique():
+            mark((cols == which).fillna(False).to_numpy(dtype=bool), unreadable_reason(which))
     key = frame["record_id"]
     mark(_blank(key), "missing key")
     mark(duplicated(key), "duplicate key")

@@ -19,7 +19,8 @@ import pandas as pd
 
 from retention.domain.engine import plan_record_type, protected_mask
 from retention.domain.policy import Policy
-from retention.domain.records import RECORD_TYPES
+from retention.domain.quarantine import unreadable_reason
+from retention.domain.records import RECORD_TYPES, UNREADABLE
 from retention.domain.statuses import DESTRUCTIVE
 
 
@@ -58,8 +59,13 @@ def leave_alone(
     current = _with_derived(record_type, current.reset_index(drop=True), planned)
     ids = current["record_id"].astype(str)
     reasons: dict[str, str] = {}
+    if UNREADABLE in current:
+        # A value that cannot be read now is not judged on a guess: the record waits.
+        for rid, cols in zip(ids, current[UNREADABLE].astype("string"), strict=True):
+            if not pd.isna(cols):
+                reasons[rid] = f"{unreadable_reason(cols)} now"
     for rid in ids[protected_mask(current, record_type, policy)]:
-        reasons[rid] = "protected now (an active relationship since the plan)"
+        reasons.setdefault(rid, "protected now (an active relationship since the plan)")
     again = plan_record_type(current, record_type, policy, as_of)
     # Still due is what counts, not the same action: a contact planned "minimise" whose invoices
     # this very run has just erased is planned "erase" now, and minimising it erases it anyway

@@ -12,6 +12,7 @@ carry only what the rules need. (No heavy imports: DAG files read ``SYSTEMS`` at
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 SYSTEMS = ("newsletter", "crm", "ticketing")
 
@@ -20,6 +21,23 @@ SYSTEMS = ("newsletter", "crm", "ticketing")
 # computed with. Clocks are instants in UTC.
 KEY, TEXT, FLAG, TIME, COUNT = "key", "text", "flag", "time", "count"
 DTYPES = {KEY: "string", TEXT: "string", FLAG: "bool", TIME: "datetime64[us, UTC]", COUNT: "int64"}
+
+# A frame may carry this column: per row, the columns whose stored value could not be read (a
+# word that is no boolean, a clock that is no date, an id that is no integer, bytes that are not
+# UTF-8), comma-separated, else <NA>. Such a record is quarantined ("unreadable opted_out"),
+# never judged on a guess. Adapters add it only when a row has such a value.
+UNREADABLE = "unreadable"
+# The stored spellings a flag is read from (case and surrounding blanks aside), besides the
+# databases' own booleans and the integers 0 and 1. Anything else ('', 'maybe', 2) is unreadable.
+FLAG_SPELLINGS = {
+    True: frozenset({"true", "t", "yes", "y", "1", "on"}),
+    False: frozenset({"false", "f", "no", "n", "0", "off"}),
+}
+# The instants a stored clock may hold, [from, until). Outside them a clock is a placeholder
+# (0001-01-01, 1753-01-01, 1899-12-30, 1900-01-01, 9999-12-31 are common "no date" values) and
+# unreadable: a year-0001 end would make a record due at once. Nothing of this organisation's
+# records predates 1901, and no real clock lies beyond 2200 (periods are at most 100 years).
+CLOCK_RANGE = (datetime(1901, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC))
 
 # The CRM's own list of manual holds (by record id) is extracted beside its records.
 SOURCE_HOLDS = "legal_hold"

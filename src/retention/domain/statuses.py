@@ -32,6 +32,9 @@ class Status(StrEnum):
     """A ledger entry's status: planned before the system is touched, then how it ended."""
 
     PLANNED = "planned"
+    # Handed to the system, its answer not yet booked: a task killed now leaves this, and its
+    # retry books a record it then finds gone as erased by this run, not as already gone.
+    SUBMITTED = "submitted"
     ERASED = "erased"
     # The record was not there any more: success (erasure is idempotent).
     ALREADY_GONE = "already_gone"
@@ -44,6 +47,8 @@ class Status(StrEnum):
 
 # An entry in one of these is finished: a resumed task does not touch its record again.
 DONE = (Status.ERASED, Status.ALREADY_GONE, Status.HELD)
+# Not finished and not erased as far as the ledger knows: a flow reports these as unfinished.
+UNFINISHED = (Status.PLANNED, Status.SUBMITTED, Status.FAILED)
 # The record no longer exists in its system.
 GONE = (Status.ERASED, Status.ALREADY_GONE)
 

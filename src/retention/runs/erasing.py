@@ -6,8 +6,10 @@ What it guarantees, in this order, for one system of one run:
    for an erasure or minimisation, ``held`` for a hold, ``deferred`` for a deferral. A row the
    ledger already has for this run (an earlier attempt of the task) is not written again.
 2. **Resume.** Entries already finished (``erased``, ``already_gone``, ``held``) are skipped; the
-   rest (``planned``, ``failed``, ``deferred`` by the system) are tried again. A record already
-   gone counts as success, so a retried task never fails on what it did before it died.
+   rest (``planned``, ``submitted``, ``failed``, ``deferred`` by the system) are tried again. A
+   record already gone counts as success, so a retried task never fails on what it did before it
+   died; and one its killed attempt had handed to the system (``submitted``) is booked ``erased``
+   by this run, not ``already_gone``: the killed attempt erased it.
 3. **The last checks, right before each destructive batch** (``_before_batch``, the one place for
    them): a record whose blocking records (a requester's tickets) are not all gone is deferred;
    a record put on a manual hold since the plan was made is held. And, given the run's policy
@@ -17,7 +19,8 @@ What it guarantees, in this order, for one system of one run:
 4. **Erase in batches, outcomes booked as they arrive.** The adapter yields each record's
    outcome as the system reports it; the engine completes the ledger entries at least every
    second and at the end of every batch, so a task killed mid-batch loses at most the last
-   second of outcomes (a retry finds those records gone and books them ``already_gone``).
+   second of outcomes. Each batch is marked ``submitted`` in one statement before it goes to the
+   system, so the retry knows which records its own killed attempt sent.
 5. **Verify.** Every record the ledger marks gone is looked up in the system again.
 
 Dry run: the same plan is counted, no ledger entry is written, nothing is touched.
@@ -104,6 +107,7 @@ class ErasureEngine:
         self.policy_version = policy_version
         self.state_check = state_check
         self._left_alone: dict[tuple[str, str], str] = {}  # (record type, id) -> why, from the state checks
+        self._sent_before: set[tuple[str, str]] = set()
 
     # -- dry run ------------------------------------------------------------------------------
     @staticmethod
@@ -130,6 +134,8 @@ class ErasureEngine:
         """Write ahead, erase batch by batch, complete the ledger. Resumable and idempotent."""
         self._check(plan)
         self._status = {(t, k): Status(s) for (t, k), s in self.ledger.statuses(self.run_id, self.system).items()}
+        # What an earlier, killed attempt of this run handed to the system without hearing back.
+        self._sent_before = {tk for tk, s in self._status.items() if s == Status.SUBMITTED}
         self._ids: dict[str, dict[str, str]] = {}
         for t, i, k in zip(plan["record_type"].tolist(), plan["record_id"].astype(str).tolist(), plan["record_key"].tolist()):
             self._ids.setdefault(t, {})[k] = i
@@ -201,10 +207,10 @@ class ErasureEngine:
         # Manual holds put on since the plan was made (``retention hold add``): read now.
         holds = Holds.at(datetime.now(UTC), ledger=self.ledger.holds())
         for k in keys:
-            reason = holds.reason(record_type, record_key=k)
-            if reason and k not in settled:
+            ref = holds.reason(record_type, record_key=k)
+            if ref and k not in settled:
                 settled[k] = Status.HELD
-                detail[k] = _text(f"manual hold added after the plan: {reason}", _DETAIL_WIDTH)
+                detail[k] = _text(f"under {ref}, added after the plan", _DETAIL_WIDTH)
 
         if not settled:
             return batch
@@ -235,6 +241,7 @@ class ErasureEngine:
         pending: dict[str, Status] = {}
         last = time.monotonic()
         recheck = self._recheck(record_type, batch)
+        self._complete(record_type, dict.fromkeys(key_of.values(), Status.SUBMITTED))
         # The adapter is given a check only when the flow judges current state (the nightly run).
         args = (record_type, str(action), list(key_of), *((recheck,) if recheck else ()))
         try:
@@ -257,11 +264,16 @@ class ErasureEngine:
         if not outcomes:
             return
         detail = {}
+        if self._sent_before:
+            for key, status in outcomes.items():
+                if status == Status.ALREADY_GONE and (record_type, key) in self._sent_before:
+                    outcomes[key] = Status.ERASED
+                    detail[key] = "erased by an earlier attempt of this run, killed before it heard back"
         if self._left_alone:
             id_of = self._ids.get(record_type, {})
             for key, status in outcomes.items():
                 why = self._left_alone.get((record_type, id_of.get(key, "")))
-                if why and status == Status.DEFERRED:
+                if why and status == Status.DEFERRED and key not in detail:
                     detail[key] = why
         self.ledger.complete(self.run_id, self.system, record_type, outcomes, detail or None)
         self._status.update({(record_type, k): s for k, s in outcomes.items()})

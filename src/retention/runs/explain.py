@@ -71,9 +71,9 @@ def explain(
     result = explain_record(judged, record_type, record_id, policy, as_of_ts)
     result["record_key"] = key
     result["quarantined"] = reasons
-    result["manual_holds"] = [
-        r for r in (holds.by_key.get((record_type, key)), holds.by_id.get((record_type, record_id))) if r
-    ]
+    # The operator's own view of one record: the hold's reference and its reason.
+    refs = [r for r in (holds.by_key.get((record_type, key)), holds.by_id.get((record_type, record_id))) if r]
+    result["manual_holds"] = [f"{r}: {holds.reasons.get(r, '')}".rstrip(": ") for r in refs]
     planned = sp.plan[(sp.plan["record_type"] == record_type) & (sp.plan["record_id"].astype(str) == record_id)]
     if reasons:
         result["decision"] = f"quarantined ({reasons[0]}): never erased until the data is fixed"

@@ -25,6 +25,7 @@ from retention.domain.statuses import DESTRUCTIVE
 from retention.runs.context import RunInfo, Stopwatch, open_run, pseudonymizer, task_ledger
 from retention.runs.erasing import ErasureEngine, StateCheck
 from retention.store.reports import ledger_counts, status_line, write_report
+from retention.store.staging import purge_older_than
 from retention.systems.base import SourceSystem
 
 log = logging.getLogger("retention")
@@ -287,6 +288,8 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
             "state": state, "seconds": seconds, "systems": per_system, "ledger": ledger_counts(ledger, run.run_id),
             "quality_gate": "failed" if alarm else "passed", "quarantine_alarm": alarm,
         }
+        # What failed or halted runs left behind is not kept for ever.
+        rep["staging_purged"] = purge_older_than(config.staging_keep_days(), keep=staging)
         path = write_report(ledger, staging, rep, render_report(rep), latest=True)
     return {"state": state, "report": str(path), "alarm": alarm["message"] if alarm else None}
 
@@ -309,6 +312,8 @@ def render_report(rep: dict) -> str:
                 lines.append(f"    would {rule:<32} {n}")
         if not s["planned"] and not rep["ledger"].get(system):
             lines.append("    nothing due")
+    if rep.get("staging_purged"):
+        lines.append(f"  staging left by {rep['staging_purged']} earlier run(s) purged")
     alarm = rep.get("quarantine_alarm")
     if alarm:
         lines.append(f"  QUALITY GATE FAILED: {alarm['message']}")

@@ -31,7 +31,7 @@ from retention.domain.addresses import EMAIL_MAX_LENGTH, EMAIL_PATTERN, InvalidR
 from retention.domain.holds import Holds
 from retention.domain.records import SOURCE_HOLDS, SYSTEMS
 from retention.domain.requests import RULE_ID, plan_request
-from retention.domain.statuses import Status
+from retention.domain.statuses import UNFINISHED, Status
 from retention.runs.context import RunInfo, open_run, pseudonymizer, task_ledger
 from retention.runs.context import load_run as _load_run
 from retention.runs.erasing import ErasureEngine
@@ -171,7 +171,7 @@ def erase_person(run: RunInfo, system: str, email: str, adapter: SourceSystem) -
     )
     if still:
         raise RuntimeError(f"{system}: {still} records the ledger marks erased are still present")
-    unfinished = totals.get(Status.FAILED, 0) + totals.get(Status.PLANNED, 0)
+    unfinished = sum(totals.get(s, 0) for s in UNFINISHED)
     if unfinished:
         raise RuntimeError(f"{system}: {unfinished} erasures failed or unfinished (see the ledger); retry the task to resume")
     return {**totals, "found": sum(totals.values())}
@@ -214,7 +214,7 @@ def report(dag_id: str, run_id: str, email: str) -> dict | None:
                 "verified_gone": (summary or {}).get("verified", 0),
             }
         totals = total(statuses for s in per_system.values() for statuses in s["records"].values())
-        unfinished = totals.get(Status.PLANNED, 0) + totals.get(Status.FAILED, 0)
+        unfinished = sum(totals.get(s, 0) for s in UNFINISHED)
         state = "success" if complete and not unfinished else "failed"
         rep = {
             "dag_id": dag_id, "run_id": run_id, "request_key": request_key(email), "as_of": run.as_of,

@@ -39,6 +39,7 @@ metadata = sa.MetaData()
 
 STATUSES = tuple(str(s) for s in Status)
 DONE = tuple(str(s) for s in DONE_STATUSES)
+_OPEN = (str(Status.PLANNED), str(Status.SUBMITTED))  # entries not completed yet
 
 erasure_run = sa.Table(
     "erasure_run",
@@ -311,7 +312,7 @@ class Ledger:
                     conn.execute(
                         t.update()
                         .where(t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type, self._key_in(chunk))
-                        .values(status=status, completed_at=now if status != "planned" else None)
+                        .values(status=status, completed_at=None if status in _OPEN else now)
                     )
             if detail:
                 for key, text in detail.items():

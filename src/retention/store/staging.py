@@ -2,14 +2,20 @@
 
 ``<RETENTION_HOME>/staging/<dag_id>/<run_id>/<system>/`` holds the extract (chunked), the plan,
 the quarantine list and small JSON summaries. It holds record identifiers, never names or
-e-mail addresses, and is removed when the run's report is written.
+e-mail addresses, and is removed when the run's report is written. Identifiers are still
+personal data (a subscriber hash is the MD5 of an address), so the area is the owner's only
+(directories 0700, files 0600), and what a failed or halted run left behind is purged by
+:func:`purge_older_than` after ``RETENTION_STAGING_KEEP_DAYS``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +30,24 @@ from retention.domain.conform import conform
 PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": False}
 
 
+log = logging.getLogger(__name__)
+
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` and its missing parents under the staging root, readable by the owner only."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for p in missing:
+        os.chmod(p, PRIVATE_DIR)
+    return path
+
+
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    # Created owner-only before any row is in it.
+    path.touch(mode=PRIVATE_FILE, exist_ok=True)
+    os.chmod(path, PRIVATE_FILE)
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, **PARQUET_OPTIONS)
 
 
@@ -37,9 +60,7 @@ class RunStaging:
         self.root = (root or staging_root()) / _safe(dag_id) / _safe(run_id)
 
     def system_dir(self, system: str) -> Path:
-        path = self.root / system
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return _private_dir(self.root / system)
 
     # -- extract, written in chunks ------------------------------------------------------
     def reset_extract(self, system: str) -> None:
@@ -72,6 +93,8 @@ class RunStaging:
     def write_json(self, system: str, name: str, data: dict) -> Path:
         path = self.system_dir(system) / f"{name}.json"
         tmp = path.with_suffix(".tmp")
+        tmp.touch(mode=PRIVATE_FILE, exist_ok=True)
+        os.chmod(tmp, PRIVATE_FILE)
         tmp.write_text(json.dumps(data, indent=2, default=str))
         tmp.replace(path)
         return path
@@ -82,6 +105,38 @@ class RunStaging:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _newest_change(run_dir: Path) -> float:
+    newest = run_dir.stat().st_mtime
+    for folder, _dirs, files in os.walk(run_dir):
+        for name in files:
+            try:
+                newest = max(newest, os.stat(os.path.join(folder, name)).st_mtime)
+            except FileNotFoundError:  # removed under us by the run it belongs to
+                pass
+    return newest
+
+
+def purge_older_than(days: float, *, keep: RunStaging | None = None, root: Path | None = None) -> int:
+    """Remove the staging of every run (of any DAG) that has not changed for ``days`` days: a
+    failed or halted run's ids must not stay on disk for ever. ``keep`` (the calling run) is
+    never removed. Returns how many runs' staging went; logs the count only."""
+    root = root or staging_root()
+    if not root.exists():
+        return 0
+    cutoff = time.time() - days * 86400
+    purged = 0
+    for dag_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for run_dir in sorted(p for p in dag_dir.iterdir() if p.is_dir()):
+            if keep is not None and run_dir == keep.root:
+                continue
+            if _newest_change(run_dir) < cutoff:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                purged += 1
+    if purged:
+        log.info("staging: purged what %d earlier run(s) left, unchanged for more than %g days", purged, days)
+    return purged
 
 
 class ExtractWriter:
@@ -114,8 +169,7 @@ class ExtractWriter:
         if not frames:
             return
         frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-        path = self.directory / record_type
-        path.mkdir(parents=True, exist_ok=True)
+        path = _private_dir(self.directory / record_type)
         n = self.parts.get(record_type, 0)
         self.parts[record_type] = n + 1
         _write_parquet(frame, path / f"part-{n:05d}.parquet")

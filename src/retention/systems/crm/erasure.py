@@ -161,7 +161,8 @@ class Erasure(ConnectorBase):
             conn.execute(sa.select(t.c.id).where(self._in_ids(t.c.id, ids, "lock_ids")).with_for_update())
         # The extract's own query (FrameReads, the other half of CrmConnector), for these ids only.
         query = self._frame_query(record_type, now).order_by(None).subquery("now")
-        rows = conn.execute(sa.select(query).where(self._in_ids(query.c.record_id, ids, "now_ids"))).all()
+        with self._raw_text(conn):  # a row not UTF-8 now is left alone by the check, not a crash
+            rows = conn.execute(sa.select(query).where(self._in_ids(query.c.record_id, ids, "now_ids"))).all()
         return {int(i) for i in recheck(to_frame(rows, FRAME_COLUMNS[record_type]))}
 
     def _refused_contacts(
@@ -184,7 +185,9 @@ class Erasure(ConnectorBase):
             hh = h.alias(f"h_{logical}")
             parts.append(
                 sa.select(ch.c.contact_id.label("cid"), sa.literal(HELD_LEGAL_HOLD, sa.String).label("why"))
-                .select_from(ch.table.join(hh.table, hh.c.record_id == ch.c.id))
+                # Compared as text: a CRM may keep a table's ids as text (PostgreSQL compares no
+                # text with bigint); the hold list is small, the children come by contact_id.
+                .select_from(ch.table.join(hh.table, sa.cast(hh.c.record_id, sa.String) == sa.cast(ch.c.id, sa.String)))
                 .where(
                     self._live_hold(hh, rtype, now_p),
                     self._in_ids(ch.c.contact_id, ids, f"ids_{logical}"),

@@ -12,10 +12,11 @@ import datetime as dt
 import logging
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from retention.domain.records import FLAG, KEY, SOURCE_HOLD_COLUMNS, TEXT, TIME
+from retention.domain.records import FLAG, KEY, SOURCE_HOLD_COLUMNS, TEXT, TIME, UNREADABLE
 from retention.domain.records import RECORD_TYPES as SCHEMA
 from retention.systems.crm.sql import ConnectorBase
 from retention.systems.crm.values import TS, as_utc, distinct_ids, to_frame
@@ -48,6 +49,24 @@ FRAME_COLUMNS: dict[str, dict[str, str]] = {
 }
 
 
+# Rows with unreadable values named one by one in the log, per record type and extract.
+_LOGGED_ROWS = 100
+# The logical table each record type is read from, and the frame columns read from another
+# table or column (the rest: the record type's table, the same name).
+_TABLES = {
+    "crm_contact": "contact",
+    "crm_event_participation": "event_participation",
+    "crm_course_registration": "course_registration",
+    "crm_survey_response": "survey_response",
+    "crm_invoice": "invoice",
+    "crm_legal_hold": "legal_hold",
+}
+_SOURCES = {
+    "crm_contact": {"membership_end": ("membership", "ends_on"), "has_email": ("contact", "email")},
+    "crm_event_participation": {"membership_end": ("membership", "ends_on"), "opted_out": ("contact", "opted_out")},
+}
+
+
 class FrameReads(ConnectorBase):
     """Reading the CRM: frames of every record type, and what belongs to given contacts."""
 
@@ -66,7 +85,8 @@ class FrameReads(ConnectorBase):
         columns = FRAME_COLUMNS[record_type]
         rows_total = 0
         chunks = 0
-        with self.engine.connect() as conn:
+        unreadable = 0
+        with self.engine.connect() as conn, self._raw_text(conn):
             if self.dialect == "postgresql":
                 with conn.begin():
                     # A cursor reads everything: plan for total, not first-rows, cost.
@@ -75,21 +95,54 @@ class FrameReads(ConnectorBase):
                         stream_results=True, yield_per=self.chunk_size
                     ).execute(stmt)
                     for part in result.partitions(self.chunk_size):
+                        frame = to_frame(part, columns)
+                        unreadable += self._log_unreadable(record_type, frame, rows_total, unreadable)
                         rows_total += len(part)
                         chunks += 1
-                        yield to_frame(part, columns)
+                        yield frame
             else:
                 result = conn.execute(stmt)
                 try:
                     while part := result.fetchmany(self.chunk_size):
+                        frame = to_frame(part, columns)
+                        unreadable += self._log_unreadable(record_type, frame, rows_total, unreadable)
                         rows_total += len(part)
                         chunks += 1
-                        yield to_frame(part, columns)
+                        yield frame
                 finally:
                     result.close()
         if chunks == 0:
             yield to_frame([], columns)
+        if unreadable > _LOGGED_ROWS:
+            log.warning("crm extract %s: %d rows with unreadable values or no id in all (quarantined)", record_type, unreadable)
         log.info("crm extract %s: %d rows in %d chunk(s)", record_type, rows_total, max(chunks, 1))
+
+    def _log_unreadable(self, record_type: str, frame: pd.DataFrame, start: int, logged: int) -> int:
+        """Name table, column and key of each row with an unreadable value or no id (the first
+        ``_LOGGED_ROWS``), never the value; the key is the row's id, else its position in the
+        extract (ordered by id). Returns the number of such rows."""
+        no_id = frame["record_id"].isna().to_numpy()
+        columns = frame[UNREADABLE] if UNREADABLE in frame else pd.Series(pd.NA, index=frame.index, dtype="string")
+        bad = columns.notna().to_numpy() | no_id
+        for pos in np.flatnonzero(bad)[: max(_LOGGED_ROWS - logged, 0)]:
+            rid = frame["record_id"].iloc[pos]
+            key = f"id {rid}" if not pd.isna(rid) else f"row {start + pos + 1} of the extract (ordered by id)"
+            which = columns.iloc[pos]
+            where = ", ".join(self._source(record_type, c) for c in which.split(",")) if not pd.isna(which) else None
+            if where:
+                log.warning("crm extract %s: %s has an unreadable value in %s; quarantined", record_type, key, where)
+            else:
+                log.warning("crm extract %s: %s has a NULL %s; quarantined", record_type, key, self._source(record_type, "record_id"))
+        return int(bad.sum())
+
+    def _source(self, record_type: str, column: str) -> str:
+        """``table.column`` (physical names) a frame column is read from."""
+        logical, col = _SOURCES.get(record_type, {}).get(column, (_TABLES.get(record_type), column))
+        if logical is None:
+            return column
+        t = self._t(logical)
+        physical = "id" if col == "record_id" else col
+        return f"{t.name}.{t.columns.get(physical) or physical}"
 
     def read_frame(self, record_type: str, *, now: dt.datetime | None = None) -> pd.DataFrame:
         """All records of ``record_type`` in one frame (convenience for small CRMs and tests)."""

@@ -1,23 +1,46 @@
-"""Value conversion of the CRM connector: database rows into typed frames, and ids and times in.
+"""Value conversion of the CRM connector: database rows into typed frames, read strictly.
 
-Every clock column of a frame is ``datetime64[us, UTC]``; a calendar date comes through as
-midnight Europe/Stockholm of that date; NULL, impossible or unparsable stored values come
-through as ``NaT`` (the pipeline quarantines them) instead of failing the extract. NULL
-booleans read as False.
+A stored value is read only when it means one thing; a foreign CRM may keep a flag, a date or an
+id in a text column, or mix storage types in one SQLite column, and a guess there erases a
+person a year early. What is read:
+
+* flags: the database's booleans, the integers 0 and 1, and the text spellings of
+  ``retention.domain.records.FLAG_SPELLINGS`` (true, t, yes, y, 1, on / false, f, no, n, 0, off;
+  case and surrounding blanks aside). NULL reads as False (the reference schema's default).
+* clocks (``datetime64[us, UTC]``): the database's date and timestamp types, and ISO 8601 text:
+  ``YYYY-MM-DD``, or ``YYYY-MM-DD[T ]HH:MM[:SS[.fraction]]`` with an optional ``Z`` or
+  ``±HH[:MM]`` (without one, UTC). A calendar date is the start of that day in Europe/Stockholm,
+  so a period counted from it ends at local midnight, when the nightly run looks. A clock
+  outside ``CLOCK_RANGE`` (1901 to 2200) is a placeholder, not a time. NULL is NaT.
+* ids: integers, integral numbers, and text of decimal digits, within 64 bits. NULL is <NA>.
+* text: text, and bytes that are valid UTF-8.
+
+Anything else is never guessed: the value becomes NULL and the row's ``UNREADABLE`` column names
+the column, so planning quarantines the record ("unreadable opted_out") and it is never erased.
+The column is added only when some row needs it. Values themselves are never logged.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import decimal
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from retention.domain.records import CLOCK_RANGE, FLAG_SPELLINGS, UNREADABLE
+
 TS = "datetime64[us, UTC]"
 LOCAL_TZ = "Europe/Stockholm"
-_TRUE_STRINGS = frozenset({"t", "true", "1", "y", "yes", "on"})
+_SPELLING = {word: value for value, words in FLAG_SPELLINGS.items() for word in words}
+_INT64 = (-(2**63), 2**63 - 1)
+_DAY_RE = r"\d{4}-\d{2}-\d{2}"
+_INSTANT_RE = r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}(?::?\d{2})?)?"
+_FIRST_YEAR, _END_YEAR = CLOCK_RANGE[0].year, CLOCK_RANGE[1].year
+_LOW, _HIGH = (pd.Timestamp(b).as_unit("us") for b in CLOCK_RANGE)
 
 
 def distinct_ids(ids: Iterable[Any]) -> list[int]:
@@ -40,80 +63,196 @@ def as_utc(value: dt.datetime) -> dt.datetime:
 
 
 def to_frame(rows: Sequence[Any], columns: dict[str, str]) -> pd.DataFrame:
-    """Rows into a frame of exactly ``columns`` (name -> dtype: ``TS``, "bool", "int64", "Int64" or "str")."""
+    """Rows into a frame of exactly ``columns`` (name -> dtype: ``TS``, "bool", "int64", "Int64"
+    or "str"), plus ``UNREADABLE`` when a value could not be read. An "int64" column with a NULL
+    or unreadable id comes through as "Int64"."""
     names = list(columns)
     data = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     out = {}
+    bad: dict[str, np.ndarray] = {}
     for name, values, dtype in zip(names, data, columns.values(), strict=True):
         raw = np.empty(len(values), dtype=object)
         raw[:] = values
-        s = pd.Series(raw, dtype=object)
         if dtype == TS:
-            out[name] = _to_utc(s)
+            out[name], unreadable = _clocks(raw)
         elif dtype == "bool":
-            out[name] = _to_bool(s)
-        elif dtype == "int64":
-            out[name] = pd.to_numeric(s, errors="raise").astype("int64")
-        elif dtype == "Int64":
-            try:  # exact for any 64-bit id (no detour through float)
-                out[name] = pd.Series(pd.array(raw, dtype="Int64"))
-            except (TypeError, ValueError):  # text or junk in an id column of a foreign CRM
-                out[name] = pd.to_numeric(s, errors="coerce").astype("Int64")
+            out[name], unreadable = _flags(raw)
+        elif dtype in ("int64", "Int64"):
+            out[name], unreadable = _ids(raw, nullable=dtype == "Int64")
         else:
-            out[name] = s.astype("str")
-    return pd.DataFrame(out, columns=names)
+            out[name], unreadable = _text(raw)
+        if unreadable.any():
+            bad[name] = unreadable
+    frame = pd.DataFrame(out, columns=names)
+    if bad:
+        which = [",".join(n for n, mask in bad.items() if mask[i]) or None for i in range(len(frame))]
+        frame[UNREADABLE] = pd.array(which, dtype="string")
+    return frame
 
 
-def _to_utc(s: pd.Series) -> pd.Series:
-    """Any stored clock value (date, datetime, text, NULL) → ``datetime64[us, UTC]``; NaT when
-    NULL, impossible or unparsable. Naive datetimes are taken as UTC. A calendar date (a date
-    object, or text ``YYYY-MM-DD``) is the start of that day in Europe/Stockholm, so a period
-    counted from it ends at local midnight, when the nightly run looks."""
-    if isinstance(s.dtype, pd.DatetimeTZDtype) or s.dtype.kind == "M":
-        conv = s if getattr(s.dt, "tz", None) is not None else s.dt.tz_localize("UTC")
-        return conv.dt.tz_convert("UTC").dt.as_unit("us")
-    values = s.astype(object)
+def utf8(value: bytes | memoryview) -> str | None:
+    """Bytes as text when they are UTF-8, else None."""
     try:
-        conv = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
-    except (ValueError, TypeError, OverflowError):
-        conv = pd.Series([_one_ts(v) for v in values], index=s.index, dtype=TS)
-    conv = conv.astype(TS)
-    is_date = np.fromiter(
-        ((isinstance(v, dt.date) and not isinstance(v, dt.datetime)) or (isinstance(v, str) and len(v) == 10) for v in values),
-        dtype=bool,
-        count=len(values),
-    )
-    if is_date.any():
-        days = pd.to_datetime(values[is_date].astype(str), errors="coerce", format="%Y-%m-%d")
-        local = days.dt.tz_localize(LOCAL_TZ, nonexistent="shift_forward", ambiguous=False).dt.tz_convert("UTC")
-        conv[is_date] = local.astype(TS)
-    return conv
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
-def _one_ts(v: Any) -> pd.Timestamp:
-    try:
-        ts = pd.to_datetime(v, errors="coerce", utc=True, format="ISO8601")
-    except (ValueError, TypeError, OverflowError):
-        return pd.NaT
-    return ts if isinstance(ts, pd.Timestamp) else pd.NaT
+def _null(v: Any) -> bool:
+    return v is None or v is pd.NaT or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
-def _to_bool(s: pd.Series) -> pd.Series:
-    """NULL → False; numbers: non-zero; text: t/true/1/y/yes/on (case-insensitive)."""
-    if s.dtype == bool:
-        return s
-    if s.dtype.kind in "iuf":
-        return s.fillna(0).astype(bool)
-    values = s.to_numpy(dtype=object)
-    null = pd.isna(values)
-    present = values[~null]
-    if len(present) and isinstance(present[0], str):  # a database column has one type
-        out = np.array([_text_bool(v) for v in np.where(null, False, values)], dtype=bool)
+def _as_text(v: Any) -> Any:
+    """Text as text, bytes decoded (None when they are not UTF-8), anything else as it is."""
+    return utf8(v) if isinstance(v, (bytes, bytearray, memoryview)) else v
+
+
+def _text(raw: np.ndarray) -> tuple[pd.Series, np.ndarray]:
+    bad = np.zeros(len(raw), dtype=bool)
+    if any(isinstance(v, (bytes, bytearray, memoryview)) for v in raw):
+        for i, v in enumerate(raw):
+            if isinstance(v, (bytes, bytearray, memoryview)):
+                raw[i] = utf8(v)
+                bad[i] = raw[i] is None
+    return pd.Series(raw, dtype=object).astype("str"), bad
+
+
+def _ids(raw: np.ndarray, *, nullable: bool) -> tuple[pd.Series, np.ndarray]:
+    """Integers; NULL is <NA>, anything else unreadable (<NA> and flagged)."""
+    if all(type(v) is int for v in raw):  # the usual case, without a detour per value
+        try:
+            values = np.asarray(raw, dtype=np.int64)
+        except OverflowError:
+            pass
+        else:
+            return pd.Series(values, dtype="Int64" if nullable else "int64"), np.zeros(len(raw), dtype=bool)
+    ids = [_one_id(v) for v in raw]
+    bad = np.fromiter((i is _UNREADABLE for i in ids), dtype=bool, count=len(ids))
+    s = pd.Series(pd.array([None if i is _UNREADABLE else i for i in ids], dtype="Int64"))
+    if not nullable and not s.isna().any():
+        s = s.astype("int64")
+    return s, bad
+
+
+_UNREADABLE = object()
+
+
+def _one_id(v: Any) -> int | None | object:
+    if _null(v):
+        return None
+    if isinstance(v, (bool, np.bool_)):
+        return _UNREADABLE
+    if isinstance(v, (int, np.integer)):
+        i = int(v)
+    elif isinstance(v, (float, decimal.Decimal, np.floating)):
+        if not math.isfinite(v) or v != int(v):
+            return _UNREADABLE
+        i = int(v)
     else:
-        out = np.zeros(len(values), dtype=bool)
-        out[~null] = present.astype(bool)
-    return pd.Series(out, index=s.index, dtype=bool)
+        text = _as_text(v)
+        if not isinstance(text, str) or not text.strip().isascii() or not text.strip().isdigit():
+            return _UNREADABLE
+        i = int(text.strip())
+    return i if _INT64[0] <= i <= _INT64[1] else _UNREADABLE
 
 
-def _text_bool(v: Any) -> bool:
-    return v.strip().lower() in _TRUE_STRINGS if isinstance(v, str) else bool(v)
+def _flags(raw: np.ndarray) -> tuple[pd.Series, np.ndarray]:
+    """Booleans, 0/1, and the accepted spellings; NULL is False; anything else unreadable."""
+    out = np.zeros(len(raw), dtype=bool)
+    bad = np.zeros(len(raw), dtype=bool)
+    for i, v in enumerate(raw):
+        value = _one_flag(v)
+        if value is None:
+            bad[i] = True
+        else:
+            out[i] = value
+    return pd.Series(out, dtype=bool), bad
+
+
+def _one_flag(v: Any) -> bool | None:
+    if _null(v):
+        return False
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return {0: False, 1: True}.get(int(v))
+    text = _as_text(v)
+    if isinstance(text, str):
+        return _SPELLING.get(text.strip().lower())
+    return None
+
+
+def _clocks(raw: np.ndarray) -> tuple[pd.Series, np.ndarray]:
+    """Stored clocks as UTC instants within ``CLOCK_RANGE``; NULL is NaT; anything else is NaT
+    and unreadable."""
+    n = len(raw)
+    utc = np.full(n, np.datetime64("NaT"), dtype="datetime64[us]")  # naive UTC while filled
+    null = np.fromiter((_null(v) for v in raw), dtype=bool, count=n)
+    kind = np.fromiter((_clock_kind(v) for v in raw), dtype=np.int8, count=n)
+    if (kind == _TEXT).any():
+        where = np.flatnonzero(kind == _TEXT)
+        utc[where] = _naive(_text_clocks([_as_text(v) for v in raw[where]]))
+    if (kind == _INSTANT).any():
+        where = np.flatnonzero(kind == _INSTANT)
+        utc[where] = _naive(_instants(raw[where]))
+    if (kind == _DAY).any():
+        where = np.flatnonzero(kind == _DAY)
+        utc[where] = _naive(_days(pd.Series([v.isoformat() if _in_years(v) else None for v in raw[where]], dtype=object)))
+    # Out of range is unreadable too: a placeholder must not start a clock.
+    out = pd.Series(utc).dt.tz_localize("UTC").astype(TS)
+    outside = (out < _LOW) | (out >= _HIGH)
+    out[outside.to_numpy()] = pd.NaT
+    bad = ~null & out.isna().to_numpy()
+    return out, bad
+
+
+_NULL, _TEXT, _DAY, _INSTANT, _OTHER = range(5)
+
+
+def _naive(s: pd.Series) -> np.ndarray:
+    return s.astype(TS).dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
+
+
+def _clock_kind(v: Any) -> int:
+    if _null(v):
+        return _NULL
+    if isinstance(v, (str, bytes, bytearray, memoryview)):
+        return _TEXT
+    if isinstance(v, dt.datetime):
+        return _INSTANT
+    if isinstance(v, dt.date):
+        return _DAY
+    return _OTHER
+
+
+def _in_years(v: dt.date) -> bool:
+    # Checked before pandas sees the value: year 1 or 9999 does not fit every resolution.
+    return _FIRST_YEAR - 1 <= v.year <= _END_YEAR
+
+
+def _instants(values: np.ndarray) -> pd.Series:
+    kept = [as_utc(v) if _in_years(v) else None for v in values]
+    return pd.Series(pd.to_datetime(pd.Series(kept, dtype=object), utc=True, errors="coerce"), dtype=TS)
+
+
+def _days(iso: pd.Series) -> pd.Series:
+    """``YYYY-MM-DD`` text (or None) as the start of that day in Europe/Stockholm."""
+    days = pd.to_datetime(iso, errors="coerce", format="%Y-%m-%d")
+    local = days.dt.tz_localize(LOCAL_TZ, nonexistent="shift_forward", ambiguous=False).dt.tz_convert("UTC")
+    return local.astype(TS)
+
+
+def _text_clocks(values: list[Any]) -> pd.Series:
+    """ISO 8601 text only (see the module); None (bytes that are not UTF-8) and anything else is NaT."""
+    s = pd.Series([v.strip() if isinstance(v, str) else None for v in values], dtype=object)
+    text = s.astype("string")
+    year = pd.to_numeric(text.str.slice(0, 4), errors="coerce")
+    plausible = ((year >= _FIRST_YEAR - 1) & (year <= _END_YEAR)).fillna(False).to_numpy(dtype=bool)
+    day = text.str.fullmatch(_DAY_RE).fillna(False).to_numpy(dtype=bool) & plausible
+    instant = text.str.fullmatch(_INSTANT_RE).fillna(False).to_numpy(dtype=bool) & plausible
+    out = np.full(len(s), np.datetime64("NaT"), dtype="datetime64[us]")
+    if day.any():
+        out[day] = _naive(_days(s[day]))
+    if instant.any():
+        out[instant] = _naive(pd.to_datetime(s[instant], errors="coerce", utc=True, format="ISO8601"))
+    return pd.Series(out).dt.tz_localize("UTC")
