@@ -5,7 +5,9 @@ Enforces the privacy notice's retention rules (`include/policies/retention.yaml`
 newsletter provider, the CRM and the ticketing system, as of the end of the run's data
 interval. Per system: **extract** → **plan** (quarantine, rules, holds) → **validate**
 (Great Expectations, plan-size guard) → **erase** (write-ahead ledger) → **verify**; then one
-**report** with counts per rule and status.
+**report** with counts per rule and status. The report fails the run's quality gate when
+records have been quarantined on more than the policy's `quarantine_alarm_after` nights (after
+the run's erasures; a dry run too).
 
 Params: `dry_run` plans and validates but erases nothing; `max_plan_share` overrides the
 policy's plan-size guard for this run (more than 0, at most 1); `systems` limits the run to some
@@ -105,6 +107,8 @@ def report(run: dict) -> dict:
     result = report_(run_info(run), systems)
     if result["state"] != "success":
         raise AirflowFailException(f"run incomplete, see report {result['report']}")
+    if result["alarm"]:  # the quality gate, after every erasure of the run
+        raise AirflowFailException(result["alarm"])
     return result
 
 

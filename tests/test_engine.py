@@ -238,3 +238,54 @@ def test_property_longer_period_never_plans_more(frame, secs, n1, n2, unit):
     p_short = plan_records({"newsletter_member": frame}, _with_pending_period(f"P{short}{unit}"), as_of)
     p_long = plan_records({"newsletter_member": frame}, _with_pending_period(f"P{long_}{unit}"), as_of)
     assert set(p_long["record_id"]) <= set(p_short["record_id"])
+
+
+# Fallback clocks (issue 10, item 6): a record judged by a fallback clock, because its rule's own
+# clock is missing, is still never planned when protected, and only ever "hold" when held.
+@st.composite
+def fallback_frames(draw):
+    n = draw(st.integers(min_value=0, max_value=40))
+    status = draw(st.lists(st.sampled_from(STATUSES), min_size=n, max_size=n))
+    changed = draw(st.lists(st.integers(0, 7 * 365 * 86400), min_size=n, max_size=n))
+    signup = draw(st.lists(st.one_of(st.none(), st.integers(0, 7 * 365 * 86400)), min_size=n, max_size=n))
+    held = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    frame = pd.DataFrame(
+        {
+            "record_id": pd.Series([f"m{i}" for i in range(n)], dtype="string"),
+            "status": pd.Series(status, dtype="string"),
+            "last_changed": EPOCH + pd.to_timedelta(np.array(changed, dtype="int64"), unit="s"),
+            "timestamp_signup": pd.to_datetime(
+                [None if s is None else EPOCH + pd.Timedelta(seconds=s) for s in signup], utc=True
+            ).astype("datetime64[us, UTC]"),
+            "has_email": True,
+        }
+    )
+    holds = pd.DataFrame(
+        {
+            "record_type": "newsletter_member",
+            "record_id": pd.Series([f"m{i}" for i in range(n) if held[i]], dtype="string"),
+            "reason": "dispute",
+            "expires_at": pd.NaT,
+        }
+    )
+    return frame, holds
+
+
+@settings(max_examples=150, deadline=None)
+@given(fallback_frames(), as_of_seconds)
+def test_property_fallback_clock_never_plans_a_protected_or_held_record(drawn, secs):
+    from retention.domain.planning import plan_system
+
+    frame, holds = drawn
+    sp = plan_system("newsletter", {"newsletter_member": frame}, POLICY, EPOCH + pd.Timedelta(seconds=secs),
+                     now=EPOCH + pd.Timedelta(days=9 * 365), source_holds=holds)
+    plan = sp.plan
+    protected = set(frame.loc[frame["status"].isin(["subscribed", "transactional"]), "record_id"])
+    assert not protected & set(plan["record_id"])
+    destructive = set(plan.loc[plan["action"].isin(["erase", "minimise"]), "record_id"])
+    assert not destructive & set(holds["record_id"])
+    # Every pending member without a signup is judged (none quarantined), by its fallback clock.
+    by_fallback = set(plan.loc[plan["fallback_clock"].to_numpy(dtype=bool), "record_id"])
+    no_signup = set(frame.loc[frame["timestamp_signup"].isna(), "record_id"])
+    assert by_fallback <= no_signup
+    assert sp.quarantine_counts == {}

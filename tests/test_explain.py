@@ -45,6 +45,7 @@ def crm(tmp_path):
                 {**base, "id": 20, "organisation_id": 2, "kind": "member"},
                 {**base, "id": 30, "organisation_id": None, "kind": "lead", "last_interaction_at": None},
                 {**base, "id": 40, "organisation_id": 2, "kind": "member"},
+                {**base, "id": 50, "organisation_id": None, "kind": "lead", "last_interaction_at": None, "created_at": None},
             ],
         )
         c.execute(schema.legal_hold.insert(), [{"id": 1, "record_type": "crm_contact", "record_id": 40, "reason": "dispute 2026-17", "expires_at": None}])
@@ -64,7 +65,12 @@ def test_explain_names_rule_deadline_and_decision(crm):
     active = explain(adapter, POLICY, "crm_contact", record_id="10", as_of=AS_OF)
     assert active["protected"] and active["decision"].startswith("protected")
 
-    no_clock = explain(adapter, POLICY, "crm_contact", record_id="30", as_of=AS_OF)
+    # A lead with no interaction recorded is judged from its creation: the policy's fallback clock.
+    fallback = explain(adapter, POLICY, "crm_contact", record_id="30", as_of=AS_OF)
+    assert fallback["decision"] == "planned: erase under rule lead (fallback clock created_at: the organisation's decision)"
+    lead = next(r for r in fallback["rules"] if r["rule"] == "lead")
+    assert lead["fallback_clock"] and lead["clock_used"] == "created_at" and lead["due"]
+    no_clock = explain(adapter, POLICY, "crm_contact", record_id="50", as_of=AS_OF)
     assert no_clock["decision"].startswith("quarantined")
 
     held = explain(adapter, POLICY, "crm_contact", record_id="40", as_of=AS_OF)
@@ -75,7 +81,7 @@ def test_explain_names_rule_deadline_and_decision(crm):
     before = explain(adapter, POLICY, "crm_contact", record_id="20", as_of=dt.datetime(2025, 2, 1, tzinfo=dt.UTC))
     assert before["decision"] == "not planned: no rule is due"
     with crm.connect() as c:
-        assert c.execute(sa.select(sa.func.count()).select_from(schema.contact)).scalar() == 4, "explain erased something"
+        assert c.execute(sa.select(sa.func.count()).select_from(schema.contact)).scalar() == 5, "explain erased something"
 
 
 def test_explain_command(crm, tmp_path, monkeypatch):

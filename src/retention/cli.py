@@ -59,8 +59,16 @@ def _policy_validate(args) -> int:
     print(f"{policy.source}: valid, {len(policy.rules)} rules, version {policy.version} ({policy.version_label})")
     for r in policy.rules:
         opt = f", {r.period_if_opted_out} if opted out" if r.period_if_opted_out else ""
-        print(f"  {r.id:<26} clause {r.clause:<10} {r.records:<24} {r.period}{opt} after {'/'.join(r.clocks)} [{r.period_source}]")
+        fallback = f" (else {'/'.join(r.fallback_clocks)} [decision])" if r.fallback else ""
+        print(
+            f"  {r.id:<26} clause {r.clause:<10} {r.records:<24} {r.period}{opt} after {'/'.join(r.clocks)}{fallback} "
+            f"[{r.period_source}]"
+        )
     print(f"  organisation's decisions (not in the notice): {', '.join(decisions)}")
+    fallbacks = [r.id for r in policy.rules if r.fallback]
+    if fallbacks:
+        print(f"  fallback clocks (the organisation's decision): {', '.join(fallbacks)}")
+    print(f"  quarantine alarm after {policy.quarantine_alarm_after} nights")
     return 0
 
 

@@ -3,7 +3,9 @@
 For every record the engine finds the rules whose ``when`` matches, computes each rule's
 deadline (clock, aligned if the rule says so, plus the period, or the opted-out period when
 the person asked not to be contacted) in local wall-clock time, and plans the record under
-the earliest deadline that has passed at ``as_of``. Protected records (active relationships)
+the earliest deadline that has passed at ``as_of``. A record that lacks the rule's own clock is
+judged by the rule's fallback clock when the policy gives one (the organisation's decision; the
+plan row says so in ``fallback_clock``). Protected records (active relationships)
 are never planned. A due record whose schema says so is planned ``minimise`` (a contact that
 still has invoices: the person goes, the invoice fields bookkeeping law needs stay). Records
 under a manual hold in force are planned ``hold`` (``retention.domain.holds``), which erases
@@ -31,7 +33,8 @@ from retention.domain.statuses import Action
 
 # ``blocks``: the id of the record that may only be erased once this one is gone (the schema's
 # ``blocks``: a ticket's requester); <NA> for record types that block nothing.
-PLAN_COLUMNS = ["system", "record_type", "record_id", "rule_id", "clock", "deadline", "hold", "action", "blocks"]
+# ``fallback_clock``: the period ran from the rule's fallback clock, its own being missing.
+PLAN_COLUMNS = ["system", "record_type", "record_id", "rule_id", "clock", "deadline", "hold", "action", "blocks", "fallback_clock"]
 
 
 def empty_plan() -> pd.DataFrame:
@@ -46,6 +49,7 @@ def empty_plan() -> pd.DataFrame:
             "hold": pd.Series(dtype="string"),
             "action": pd.Series(dtype="string"),
             "blocks": pd.Series(dtype="string"),
+            "fallback_clock": pd.Series(dtype="bool"),
         }
     )
 
@@ -74,12 +78,36 @@ def when_mask(frame: pd.DataFrame, rule: Rule) -> np.ndarray:
     return mask
 
 
-def _clock(frame: pd.DataFrame, rule: Rule) -> pd.Series:
-    """The rule's clock in UTC; with several clock columns, the latest one present."""
+def _own_clock(frame: pd.DataFrame, rule: Rule) -> pd.Series:
+    """The rule's own clock in UTC; with several clock columns, the latest one present."""
     cols = rule.clocks
     if len(cols) == 1:
         return pd.to_datetime(frame[cols[0]], utc=True)
     return pd.concat([pd.to_datetime(frame[c], utc=True) for c in cols], axis=1).max(axis=1)
+
+
+def clock_of(frame: pd.DataFrame, rule: Rule) -> tuple[pd.Series, np.ndarray]:
+    """The clock each record's period runs from, and where it is the rule's fallback: only a
+    record without the rule's own clock takes the first fallback clock it has."""
+    clock = _own_clock(frame, rule)
+    fallback = np.zeros(len(frame), dtype=bool)
+    missing = clock.isna().to_numpy().copy()
+    for col in rule.fallback_clocks:
+        if not missing.any():
+            break
+        if col not in frame:
+            continue
+        value = pd.to_datetime(frame[col], utc=True)
+        fill = missing & value.notna().to_numpy()
+        if fill.any():
+            clock = clock.where(~fill, value)
+            fallback |= fill
+            missing &= ~fill
+    return clock, fallback
+
+
+def _clock(frame: pd.DataFrame, rule: Rule) -> pd.Series:
+    return clock_of(frame, rule)[0]
 
 
 def _deadline(clock_utc: pd.Series, frame: pd.DataFrame, rule: Rule, tz: str) -> pd.Series:
@@ -140,9 +168,9 @@ def plan_record_type(
         rows = np.flatnonzero(when_mask(frame, rule) & eligible)
         if not len(rows):
             continue
-        needed = [c for c in (*rule.clocks, "opted_out") if c in frame]
+        needed = [c for c in dict.fromkeys((*rule.clocks, *rule.fallback_clocks, "opted_out")) if c in frame]
         candidates = frame[needed].iloc[rows]
-        clock = _clock(candidates, rule)
+        clock, fallback = clock_of(candidates, rule)
         deadline_local = _deadline(clock, candidates, rule, tz)
         due = (deadline_local.notna() & (deadline_local <= as_of_local)).fillna(False).to_numpy(dtype=bool)
         if not due.any():
@@ -152,6 +180,7 @@ def plan_record_type(
             "rule_id": rule.id,
             "clock": clock[due].reset_index(drop=True),
             "deadline": local_naive_to_utc(deadline_local[due], tz).reset_index(drop=True),
+            "fallback_clock": fallback[due],
         }
         if blocks:
             piece["blocks"] = frame[blocks].iloc[rows[due]].astype("string").reset_index(drop=True)
@@ -167,6 +196,7 @@ def plan_record_type(
     plan["record_type"] = record_type
     plan["clock"] = pd.to_datetime(plan["clock"], utc=True)
     plan["deadline"] = pd.to_datetime(plan["deadline"], utc=True)
+    plan["fallback_clock"] = plan["fallback_clock"].astype(bool)
     plan["action"] = str(Action.ERASE)
     plan["hold"] = pd.Series(pd.NA, index=plan.index, dtype="string")
     if not blocks:
@@ -223,12 +253,15 @@ def explain_record(
     for rule in policy.rules_for(record_type):
         out = evaluate_rule(row, rule, as_of_local, tz)
         deadline = out.deadline_local.iloc[0]
+        used = _clock_used(row, rule)
         verdicts.append(
             {
                 "rule": rule.id,
                 "clause": rule.clause,
                 "applies": bool(out.applies[0]),
                 "clock": None if pd.isna(out.clock.iloc[0]) else out.clock.iloc[0].isoformat(),
+                "clock_used": used,
+                "fallback_clock": used in rule.fallback_clocks,
                 "period": rule.period,
                 "opted_out": bool(row["opted_out"].iloc[0]) if "opted_out" in row else None,
                 "deadline": None if pd.isna(deadline) else local_naive_to_utc(pd.Series([deadline]), tz).iloc[0].isoformat(),
@@ -249,5 +282,21 @@ def explain_record(
         p = plan.iloc[0]
         result["decision"] = f"planned: {p['action']} under rule {p['rule_id']}" + (
             f" (hold: {p['hold']})" if pd.notna(p["hold"]) else ""
-        )
+        ) + fallback_note(row, policy.rule(p["rule_id"]) if bool(p["fallback_clock"]) else None)
     return result
+
+
+def _clock_used(row: pd.DataFrame, rule: Rule) -> str | None:
+    """Which column the one record's period runs from: the rule's own clock(s), else the first
+    fallback clock the record has, else None."""
+    own = [c for c in rule.clocks if c in row and pd.notna(row[c].iloc[0])]
+    if own:
+        return "/".join(rule.clocks)
+    return next((c for c in rule.fallback_clocks if c in row and pd.notna(row[c].iloc[0])), None)
+
+
+def fallback_note(row: pd.DataFrame, rule: Rule | None) -> str:
+    """`` (fallback clock X: the organisation's decision)`` for a record planned by one, else ``""``."""
+    if rule is None:
+        return ""
+    return f" (fallback clock {_clock_used(row, rule)}: the organisation's decision)"

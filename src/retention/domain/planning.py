@@ -53,8 +53,18 @@ class SystemPlan:
         by = self.plan.groupby(["rule_id", "action"]).size()
         return {f"{rule}/{action}": int(n) for (rule, action), n in by.items()}
 
+    def fallback_counts(self) -> dict[str, int]:
+        """``{rule: n}`` of the records planned by a rule's fallback clock (their own missing)."""
+        if self.plan.empty or "fallback_clock" not in self.plan:
+            return {}
+        by = self.plan.loc[self.plan["fallback_clock"].fillna(False).to_numpy(dtype=bool)].groupby("rule_id").size()
+        return {str(rule): int(n) for rule, n in by.items()}
+
     def summary(self) -> dict:
-        return {"planned": self.planned_counts(), "quarantined": self.quarantine_counts, "clean": self.clean_counts}
+        return {
+            "planned": self.planned_counts(), "fallback_clock": self.fallback_counts(),
+            "quarantined": self.quarantine_counts, "clean": self.clean_counts,
+        }
 
 
 def plan_system(

@@ -48,6 +48,24 @@ class Protection(_Strict):
     reason: str
 
 
+class Fallback(_Strict):
+    """The clock a rule falls back on when a record lacks the rule's own clock (Mailchimp members
+    added by API have no signup time, say). Not in the notice: the organisation's decision,
+    stated with who decided it. A list: the first clock the record has wins."""
+
+    clock: str | list[str]
+    source: Literal["decision"]
+    decided_by: str | None = None  # required; checked by the rule for a message naming the field
+
+    @property
+    def clocks(self) -> list[str]:
+        return [self.clock] if isinstance(self.clock, str) else list(self.clock)
+
+    @property
+    def fallback_clocks(self) -> list[str]:
+        return self.fallback.clocks if self.fallback is not None else []
+
+
 class Rule(_Strict):
     id: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
     clause: str
@@ -56,6 +74,7 @@ class Rule(_Strict):
     when: dict[str, list[Any]] = Field(default_factory=dict)
     clock: str | list[str]
     clock_align: Literal["none", "next_calendar_year"] = "none"
+    fallback: Fallback | None = None
     period: str
     period_source: Literal["notice", "decision", "law"]
     decided_by: str | None = None
@@ -85,6 +104,8 @@ class Rule(_Strict):
         for col in self.clocks:
             if col not in rt.clocks:
                 raise ValueError(f"field 'clock': {col!r} is not a clock of {self.records} (one of {', '.join(rt.clocks)})")
+        if self.fallback is not None:
+            _check_fallback(self, rt)
         for col in self.when:
             if col not in rt.columns:
                 raise ValueError(f"field 'when': {col!r} is not a column of {self.records}")
@@ -99,6 +120,10 @@ class Rule(_Strict):
         return [self.clock] if isinstance(self.clock, str) else list(self.clock)
 
     @property
+    def fallback_clocks(self) -> list[str]:
+        return self.fallback.clocks if self.fallback is not None else []
+
+    @property
     def duration(self) -> Duration:
         return Duration.parse(self.period)
 
@@ -107,11 +132,30 @@ class Rule(_Strict):
         return Duration.parse(self.period_if_opted_out) if self.period_if_opted_out else None
 
 
+def _check_fallback(rule: Rule, rt) -> None:
+    """A fallback names other clocks of the record type, and who decided it."""
+    fallback = rule.fallback
+    if not fallback.clocks:
+        raise ValueError("field 'fallback.clock': name at least one clock")
+    for col in fallback.clocks:
+        if col not in rt.clocks:
+            raise ValueError(f"field 'fallback.clock': {col!r} is not a clock of {rule.records} (one of {', '.join(rt.clocks)})")
+        if col in rule.clocks:
+            raise ValueError(f"field 'fallback.clock': {col!r} is the rule's own clock; a fallback is another clock")
+    if not (fallback.decided_by or "").strip():
+        raise ValueError(
+            "field 'fallback.decided_by': a fallback clock is the organisation's decision, not the notice's: "
+            "name who decided it"
+        )
+
+
 class Policy(_Strict):
     version_label: str
     timezone: str = "Europe/Stockholm"
     notice: str = ""
     plan_guard: PlanGuard
+    # A record quarantined on more than this many nights fails the nightly run's quality gate.
+    quarantine_alarm_after: int = Field(default=7, ge=1, le=366)
     clauses: dict[str, Clause]
     protections: list[Protection] = Field(default_factory=list)
     rules: list[Rule] = Field(min_length=1)

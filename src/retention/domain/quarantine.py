@@ -2,11 +2,13 @@
 
 A record is quarantined when its system held a value that could not be read (a flag that is no
 known spelling, a clock that is no date or a placeholder date, an id that is no integer, bytes
-that are not UTF-8: the frame's ``UNREADABLE`` column names the columns), has no key, shares its key with another record, lacks a
-column its record type needs, has no usable clock for a rule that applies to it, records a
-past event at a time after the extract, or lacks a flag its record type needs set (a newsletter
-member without an e-mail address). Quarantine is
-the safe side: a record that cannot be judged is left alone and reported.
+that are not UTF-8: the frame's ``UNREADABLE`` column names the columns), has no key, shares its
+key with another record, lacks a column its record type needs, has no usable clock (nor fallback
+clock) for a rule that applies to it, records a past event at a time after the extract, or lacks
+a flag its record type needs set (a newsletter member without an e-mail address). Quarantine is
+the safe side: a record that cannot be judged is left alone and reported; one left there night
+after night raises the stuck-quarantine alarm (``reason_category`` is what the ledger keeps of
+its reason).
 """
 
 from __future__ import annotations
@@ -78,12 +80,14 @@ def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, no
     for rule in rules:
         applies = when_mask(frame, rule)
         has_clock = np.zeros(len(frame), dtype=bool)
-        for col in rule.clocks:
-            has_clock |= frame[col].notna().to_numpy()
+        for col in (*rule.clocks, *rule.fallback_clocks):  # a fallback clock judges it too
+            if col in frame:
+                has_clock |= frame[col].notna().to_numpy()
         applies_any |= applies
         judged |= applies & has_clock
     if rules:
-        mark(applies_any & ~judged, f"no clock for the rule that applies ({', '.join(sorted({c for r in rules for c in r.clocks}))})")
+        clocks = sorted({c for r in rules for c in (*r.clocks, *r.fallback_clocks)})
+        mark(applies_any & ~judged, f"no clock for the rule that applies ({', '.join(clocks)})")
     return reason
 
 
@@ -95,3 +99,12 @@ def split_quarantine(frame: pd.DataFrame, record_type: str, policy: Policy, now:
     counts = quarantined["reason"].value_counts().to_dict()
     clean = frame.loc[~bad] if bad.any() else frame  # nothing quarantined: no copy of every row
     return clean, quarantined.reset_index(drop=True), {str(k): int(v) for k, v in counts.items()}
+
+
+def reason_category(reason: str) -> str:
+    """What of a quarantine reason may be kept beside a pseudonym: its category, the text
+    before any parenthesis or colon (which may name columns, tables or keys), at most 100
+    characters."""
+    for mark in (" (", ":"):
+        reason = reason.split(mark, 1)[0]
+    return reason.strip()[:100]

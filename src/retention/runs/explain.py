@@ -2,10 +2,11 @@
 
 Reads the system's current state through its adapter (the same extract a run makes), plans it
 with the nightly run's own planning (``domain.planning.plan_system``: derivations, quarantine,
-rules, every hold), then reports for the record: quarantine, protections, each rule's clock,
-deadline and verdict, holds, the decision and the policy version. Records can be named by
-their id in the source system or by the pseudonymous key the ledger and reports show; the
-output names the record by its key only.
+rules, every hold), then reports for the record: quarantine, protections, each rule's clock
+(and whether it was the rule's fallback clock, the organisation's decision), deadline and
+verdict, holds, the decision and the policy version. Records can be named by their id in the
+source system or by the pseudonymous key the ledger and reports show; the output names the
+record by its key only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from retention.domain.engine import explain_record
+from retention.domain.engine import explain_record, fallback_note
 from retention.domain.holds import Holds
 from retention.domain.planning import plan_system
 from retention.domain.policy import Policy
@@ -78,9 +79,11 @@ def explain(
         result["decision"] = f"quarantined ({reasons[0]}): never erased until the data is fixed"
     elif len(planned):
         p = planned.iloc[0]
+        by_fallback = policy.rule(p["rule_id"]) if bool(p.get("fallback_clock", False)) else None
+        row = judged[judged["record_id"].astype(str) == record_id]
         result["decision"] = f"planned: {p['action']} under rule {p['rule_id']}" + (
             f" (hold: {p['hold']})" if pd.notna(p["hold"]) else ""
-        )
+        ) + fallback_note(row, by_fallback)
     # The source id is what the engineer typed; the output names the record by its key only.
     result.pop("record_id", None)
     result.pop("holds", None)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
 
 import pandas as pd
 import pyarrow as pa
@@ -18,6 +19,7 @@ from retention import config
 from retention.checks.validation import PlanRejected, plan_check_frame, run_guard, validate_extract, validate_plan
 from retention.domain.holds import Holds
 from retention.domain.planning import plan_system
+from retention.domain.quarantine import reason_category
 from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import DESTRUCTIVE
 from retention.runs.context import RunInfo, Stopwatch, open_run, pseudonymizer, task_ledger
@@ -28,7 +30,9 @@ from retention.systems.base import SourceSystem
 
 log = logging.getLogger("retention")
 
-__all__ = ["RunInfo", "erase", "extract", "open_run", "plan", "render_report", "report", "validate", "verify"]
+__all__ = [
+    "RunInfo", "erase", "extract", "open_run", "plan", "quarantine_alarm", "render_report", "report", "validate", "verify",
+]
 
 
 def _extracted_at(run: RunInfo, system: str) -> pd.Timestamp:
@@ -77,6 +81,10 @@ def plan(run: RunInfo, system: str) -> dict:
         ledger_holds=ledger_holds, pseudonymizer=pseudonymizer(),
     )
     clock.lap("rules")
+    # Which records sit in quarantine tonight, by pseudonym: the stuck-quarantine alarm's count.
+    with task_ledger() as ledger:
+        ledger.observe_quarantine(system, run.run_id, night_of(run, policy), quarantined_keys(sp.quarantined))
+    clock.lap("quarantine_ledger")
     for record_type, clean in sp.clean.items():
         staging.write_frame(system, f"clean_{record_type}", clean)
     staging.write_frame(system, "plan", sp.plan)
@@ -90,6 +98,39 @@ def plan(run: RunInfo, system: str) -> dict:
         system, summary["planned"] or "empty", summary["quarantined"] or "none", clock,
     )
     return summary
+
+
+def night_of(run: RunInfo, policy) -> date:
+    """The night a run enforces: its as-of date in the policy's time zone."""
+    return run.as_of_ts.tz_convert(policy.timezone).date()
+
+
+def quarantined_keys(quarantined: pd.DataFrame) -> Iterator[tuple[str, str, str]]:
+    """(record type, pseudonym, reason category) of planning's quarantined records."""
+    if not len(quarantined):
+        return iter(())
+    reasons = quarantined["reason"].astype(str).map(reason_category)
+    return zip(quarantined["record_type"].astype(str), quarantined["record_key"].astype(str), reasons)
+
+
+def quarantine_alarm(ledger, policy, systems: tuple[str, ...]) -> dict | None:
+    """The records of ``systems`` quarantined on more than the policy's
+    ``quarantine_alarm_after`` nights: counts per system, record type and reason, no keys."""
+    after = policy.quarantine_alarm_after
+    stuck = ledger.stuck_in_quarantine(systems, more_than=after)
+    if not stuck:
+        return None
+    total = sum(n for types in stuck.values() for reasons in types.values() for n in reasons.values())
+    per_type: dict[str, int] = {}
+    for types in stuck.values():
+        for record_type, reasons in types.items():
+            per_type[record_type] = per_type.get(record_type, 0) + sum(reasons.values())
+    which = ", ".join(f"{n} {record_type}" for record_type, n in sorted(per_type.items()))
+    line = (
+        f"quarantine alarm: {total} record{'s' if total != 1 else ''} stuck in quarantine for more than {after} nights "
+        f"({which}); fix them in their systems (retention explain names why)"
+    )
+    return {"after_nights": after, "total": total, "stuck": stuck, "message": line}
 
 
 def validate(run: RunInfo, system: str) -> dict:
@@ -227,6 +268,7 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
                 "extracted": (parts["extract"] or {}).get("extracted"),
                 "quarantined": (parts["plan"] or {}).get("quarantined"),
                 "planned": (parts["plan"] or {}).get("planned"),
+                "fallback_clock": (parts["plan"] or {}).get("fallback_clock"),
                 "validation": None if parts["validation"] is None else ("passed" if parts["validation"]["success"] else "failed"),
                 "erase": parts["erase"],
                 "verify": parts["verify"],
@@ -237,15 +279,19 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
             started = started if started.tzinfo else started.replace(tzinfo=UTC)
             seconds = round((finished - started).total_seconds(), 1)
         state = "success" if complete else "failed"
+        # Counted after the run's erasures (the report runs last, whatever failed): the alarm
+        # fails the quality gate, never the erasure of the other records.
+        alarm = quarantine_alarm(ledger, run.policy(), systems)
         rep = {
             "run_id": run.run_id, "dag_id": run.dag_id, "as_of": run.as_of, "dry_run": run.dry_run,
             "policy_version": run.policy_version, "policy_label": run.policy_label,
             "state": state, "seconds": seconds, "systems": per_system, "ledger": ledger_counts(ledger, run.run_id),
+            "quality_gate": "failed" if alarm else "passed", "quarantine_alarm": alarm,
         }
         # What failed or halted runs left behind is not kept for ever.
         rep["staging_purged"] = purge_older_than(config.staging_keep_days(), keep=staging)
         path = write_report(ledger, staging, rep, render_report(rep), latest=True)
-    return {"state": state, "report": str(path)}
+    return {"state": state, "report": str(path), "alarm": alarm["message"] if alarm else None}
 
 
 def render_report(rep: dict) -> str:
@@ -257,6 +303,8 @@ def render_report(rep: dict) -> str:
         lines.append(f"  {system}: extracted {s['extracted']}, validation {s['validation']}")
         if s["quarantined"]:
             lines.append(f"    quarantined (never erased): {s['quarantined']}")
+        if s.get("fallback_clock"):
+            lines.append(f"    planned by a fallback clock (the organisation's decision): {s['fallback_clock']}")
         for rule, statuses in sorted(rep["ledger"].get(system, {}).items()):
             lines.append(status_line(rule, statuses))
         if rep["dry_run"] and s["erase"]:
@@ -266,5 +314,12 @@ def render_report(rep: dict) -> str:
             lines.append("    nothing due")
     if rep.get("staging_purged"):
         lines.append(f"  staging left by {rep['staging_purged']} earlier run(s) purged")
+    alarm = rep.get("quarantine_alarm")
+    if alarm:
+        lines.append(f"  QUALITY GATE FAILED: {alarm['message']}")
+        for system, types in alarm["stuck"].items():
+            for record_type, reasons in types.items():
+                for reason, n in reasons.items():
+                    lines.append(f"    stuck {system}/{record_type:<28} {reason}: {n}")
     return "\n".join(lines)
 

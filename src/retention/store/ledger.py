@@ -20,10 +20,11 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from retention.config import ConfigError, create_engine
 from retention.domain.statuses import DONE as DONE_STATUSES
@@ -122,6 +123,38 @@ pseudonym_key = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+# Records seen quarantined, per system, record type and pseudonym (never a value): the first and
+# the last night (the run's as-of date) and run that saw it, how many nights, and the reason's
+# category. Each nightly plan step replaces its system's set (``observe_quarantine``): a record
+# that left quarantine (fixed, or erased) drops out. ``seen_run_id``: the last run that saw it.
+quarantine_seen = sa.Table(
+    "quarantine_seen",
+    metadata,
+    sa.Column("system", sa.String(20), primary_key=True),
+    sa.Column("record_type", sa.String(40), primary_key=True),
+    sa.Column("record_key", sa.String(64), primary_key=True),
+    sa.Column("reason", sa.String(100), nullable=False),
+    sa.Column("first_night", sa.Date, nullable=False),
+    sa.Column("last_night", sa.Date, nullable=False),
+    sa.Column("nights", sa.Integer, nullable=False),
+    sa.Column("first_run_id", sa.String(250), nullable=False),
+    sa.Column("last_run_id", sa.String(250), nullable=False),
+    sa.Column("seen_run_id", sa.String(250), nullable=False),
+)
+
+
+# One plan step's quarantined records, for the set-based update of ``quarantine_seen`` (a
+# temporary table of the transaction; not part of the schema).
+_quarantine_now = sa.Table(
+    "quarantine_now",
+    sa.MetaData(),
+    sa.Column("record_type", sa.String(40), nullable=False),
+    sa.Column("record_key", sa.String(64), nullable=False),
+    sa.Column("reason", sa.String(100), nullable=False),
+    prefixes=["TEMPORARY"],
 )
 
 
@@ -318,6 +351,89 @@ class Ledger:
             q = q.where(t.c.record_type == record_type)
         with self.engine.connect() as conn:
             return {(a, b) for a, b in conn.execute(q)}
+
+    # -- records stuck in quarantine --------------------------------------------------------
+    def observe_quarantine(
+        self, system: str, run_id: str, night: date, records: Iterable[tuple[str, str, str]]
+    ) -> None:
+        """This run's quarantined records of ``system`` (record_type, record_key, reason
+        category) as of ``night``: each one's count of nights goes up when ``night`` lies outside
+        the nights it was seen before (so a retried task, or a second run the same night, counts
+        once), and the system's records not among them leave the table.
+
+        Set-based, in one transaction, for hundreds of thousands of records: the set goes into a
+        temporary table (COPY on PostgreSQL), then one upsert from it and one delete."""
+        t = quarantine_seen
+        unique = {(rt, key): reason for rt, key, reason in records}  # a duplicate key is one record
+        with self.engine.begin() as conn:
+            _quarantine_now.create(conn)
+            try:
+                self._fill_quarantine_now(conn, [(rt, key, reason) for (rt, key), reason in unique.items()])
+                now = _quarantine_now
+                insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+                cols = ["system", "record_type", "record_key", "reason", "first_night", "last_night", "nights",
+                        "first_run_id", "last_run_id", "seen_run_id"]
+                select = sa.select(
+                    sa.literal(system, sa.String), now.c.record_type, now.c.record_key, now.c.reason,
+                    sa.literal(night, sa.Date), sa.literal(night, sa.Date), sa.literal(1, sa.Integer),
+                    sa.literal(run_id, sa.String), sa.literal(run_id, sa.String), sa.literal(run_id, sa.String),
+                ).where(sa.true())  # SQLite: an upsert from a SELECT needs its WHERE
+                stmt = insert(t).from_select(cols, select)
+                new = stmt.excluded
+                later, earlier = new.last_night > t.c.last_night, new.first_night < t.c.first_night
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[t.c.system, t.c.record_type, t.c.record_key],
+                        set_={
+                            "reason": new.reason,
+                            "seen_run_id": new.seen_run_id,
+                            "nights": sa.case((sa.or_(later, earlier), t.c.nights + 1), else_=t.c.nights),
+                            "last_night": sa.case((later, new.last_night), else_=t.c.last_night),
+                            "last_run_id": sa.case((later, new.last_run_id), else_=t.c.last_run_id),
+                            "first_night": sa.case((earlier, new.first_night), else_=t.c.first_night),
+                            "first_run_id": sa.case((earlier, new.first_run_id), else_=t.c.first_run_id),
+                        },
+                    )
+                )
+                conn.execute(t.delete().where(t.c.system == system, t.c.seen_run_id != run_id))
+            finally:
+                _quarantine_now.drop(conn)
+
+    def _fill_quarantine_now(self, conn: sa.Connection, rows: list[tuple[str, str, str]]) -> None:
+        if not rows:
+            return
+        if self._postgres:
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerows(rows)
+            buffer.seek(0)
+            with conn.connection.dbapi_connection.cursor() as cursor:
+                cursor.copy_expert(f"COPY {_quarantine_now.name} (record_type, record_key, reason) FROM STDIN WITH (FORMAT csv)", buffer)
+            return
+        for chunk in _chunks(rows, 50_000):
+            conn.execute(_quarantine_now.insert(), [{"record_type": a, "record_key": b, "reason": c} for a, b, c in chunk])
+
+    def quarantined(self, system: str) -> list[dict]:
+        """The system's records seen quarantined, as ``observe_quarantine`` keeps them."""
+        t = quarantine_seen
+        with self.engine.connect() as conn:
+            q = sa.select(t).where(t.c.system == system).order_by(t.c.record_type, t.c.record_key)
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def stuck_in_quarantine(self, systems: Iterable[str], more_than: int) -> dict[str, dict[str, dict[str, int]]]:
+        """``{system: {record type: {reason: n}}}`` of the records seen quarantined on more than
+        ``more_than`` nights: counts only, no keys."""
+        t = quarantine_seen
+        q = (
+            sa.select(t.c.system, t.c.record_type, t.c.reason, sa.func.count().label("n"))
+            .where(t.c.system.in_(list(systems)), t.c.nights > more_than)
+            .group_by(t.c.system, t.c.record_type, t.c.reason)
+            .order_by(t.c.system, t.c.record_type, t.c.reason)
+        )
+        out: dict = {}
+        with self.engine.connect() as conn:
+            for system, record_type, reason, n in conn.execute(q):
+                out.setdefault(system, {}).setdefault(record_type, {})[reason] = int(n)
+        return out
 
     # -- one run per system at a time ------------------------------------------------------
     def acquire_system(
