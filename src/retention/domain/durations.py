@@ -178,3 +178,12 @@ def timestamp_local_naive(ts, tz: str) -> pd.Timestamp:
     if t.tzinfo is None:
         t = t.tz_localize("UTC")
     return to_local_naive(pd.Series([t]), tz).iloc[0]
+
+
+def add_elapsed(utc: pd.Series, seconds: int) -> pd.Series:
+    """UTC instants plus elapsed seconds (no wall clock involved), staying within the range of
+    the series' unit: an instant too late to take them stays at that end (never due)."""
+    if not seconds:
+        return utc
+    naive = utc.dt.tz_localize(None)
+    return _shift(naive, pd.Timedelta(seconds=seconds)).dt.tz_localize("UTC")
