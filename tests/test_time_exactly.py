@@ -158,3 +158,207 @@ def test_airflow_run_in_the_repeated_october_hour_erases_what_is_due_and_nothing
     assert states["crm.validate"] == "success" and states["crm.erase"] == "success", states
     assert _ids(engine, "contact") == {1}
     engine.dispose()
+
+
+# ------------------------------------------------------------------------------ 2: end dates
+def _connector(engine):
+    from retention.systems.crm.client import CrmConnector
+
+    return CrmConnector(engine)
+
+
+def test_a_membership_end_date_is_the_last_day_of_the_relationship(tmp_path, monkeypatch, retention_home):
+    """Membership ending 2025-03-31 (a DATE): active that whole day; P1Y ends at the end of
+    2026-03-31 local time, due from 2026-04-01 00:00 Europe/Stockholm (2026-03-31T22:00Z), the
+    same in the connector's clock, the engine's plan and explain."""
+    import datetime as dt
+
+    from retention.runs.explain import explain
+    from retention.systems.crm.adapter import CrmAdapter
+
+    engine = _crm(
+        tmp_path, monkeypatch,
+        [{"id": 1, "kind": "member", "organisation_id": 1, "last_interaction_at": dt.datetime(2024, 1, 1, tzinfo=dt.UTC)}],
+        [{"id": 1, "organisation_id": 1, "starts_on": dt.date(2020, 1, 1), "ends_on": dt.date(2025, 3, 31)}],
+    )
+    conn = _connector(engine)
+    last_minute = conn.read_frame("crm_contact", now=dt.datetime(2025, 3, 31, 21, 59, tzinfo=dt.UTC))  # 23:59 local
+    assert bool(last_minute["membership_active"].iloc[0])
+    after = conn.read_frame("crm_contact", now=dt.datetime(2025, 3, 31, 22, 0, tzinfo=dt.UTC))
+    assert not bool(after["membership_active"].iloc[0])
+    assert after["membership_end"].iloc[0] == ts("2025-03-31T22:00:00Z")  # 2025-04-01 00:00 CEST
+    frame = after.assign(record_id=after["record_id"].astype("string"))
+    assert plan_record_type(frame, "crm_contact", POLICY, ts("2026-03-31T21:59:59Z")).empty
+    plan = plan_record_type(frame, "crm_contact", POLICY, ts("2026-03-31T22:00:00Z"))
+    assert plan["deadline"].tolist() == [ts("2026-03-31T22:00:00Z")]
+    adapter = CrmAdapter(conn)
+    try:
+        said = explain(adapter, POLICY, "crm_contact", record_id="1", as_of=dt.datetime(2026, 3, 31, 21, 59, tzinfo=dt.UTC))
+    finally:
+        adapter.close()
+    former = [v for v in said["rules"] if v["rule"] == "former-member-contact"][0]
+    assert (former["deadline"], former["due"]) == ("2026-03-31T22:00:00+00:00", False)
+    assert said["decision"].startswith("not planned")
+
+
+def test_other_end_dates_end_with_their_day_and_invoices_stay_aligned(tmp_path, monkeypatch):
+    import datetime as dt
+
+    from retention.systems.crm import schema
+
+    engine = _crm(tmp_path, monkeypatch, [{"id": 1, "last_interaction_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC)}])
+    with engine.begin() as c:
+        c.execute(schema.course_registration.insert(), [{"id": 1, "contact_id": 1, "course_end": dt.date(2026, 1, 31)}])
+        c.execute(schema.event_participation.insert(), [{"id": 1, "contact_id": 1, "event_date": dt.date(2026, 1, 31)}])
+        c.execute(
+            schema.invoice.insert(),
+            [
+                {"id": 1, "contact_id": 1, "invoice_number": "A1", "issued_on": dt.date(2025, 3, 1), "financial_year_end": dt.date(2025, 12, 31), "amount": 10},
+                {"id": 2, "contact_id": 1, "invoice_number": "A2", "issued_on": dt.date(2025, 3, 1), "financial_year_end": dt.date(2025, 6, 30), "amount": 10},
+            ],
+        )
+    conn = _connector(engine)
+    now = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+
+    def frame(rt):
+        f = conn.read_frame(rt, now=now)
+        return f.assign(record_id=f["record_id"].astype("string"))
+
+    course = frame("crm_course_registration")
+    assert course["course_end"].tolist() == [ts("2026-01-31T23:00:00Z")]  # 1 Feb 00:00 CET
+    # P90D from the end of 31 January: due from 2 May 00:00 CEST.
+    assert plan_record_type(course, "crm_course_registration", POLICY, ts("2026-05-01T21:59:59Z")).empty
+    assert len(plan_record_type(course, "crm_course_registration", POLICY, ts("2026-05-01T22:00:00Z"))) == 1
+    events = frame("crm_event_participation")
+    assert events["event_date"].tolist() == [ts("2026-01-31T23:00:00Z")]
+    # An invoice of a financial year ending 31 Dec 2025 or 30 Jun 2025: erasable from 1 Jan 2033.
+    inv = frame("crm_invoice")
+    assert plan_record_type(inv, "crm_invoice", POLICY, ts("2032-12-31T22:59:59Z")).empty
+    assert set(plan_record_type(inv, "crm_invoice", POLICY, ts("2032-12-31T23:00:00Z"))["record_id"]) == {"1", "2"}
+
+
+def test_the_schema_says_which_date_clocks_are_ends():
+    from retention.domain.records import RECORD_TYPES
+
+    assert RECORD_TYPES["crm_contact"].end_of_day == ("membership_end",)
+    assert set(RECORD_TYPES["crm_event_participation"].end_of_day) == {"event_date", "membership_end"}
+    assert RECORD_TYPES["crm_course_registration"].end_of_day == ("course_end",)
+    assert RECORD_TYPES["crm_invoice"].end_of_day == ("financial_year_end",)
+
+
+@pytest.mark.airflow
+def test_airflow_run_on_the_last_day_of_the_marketing_window_keeps_the_former_member(tmp_path, monkeypatch, retention_home):
+    import datetime as dt
+
+    from airflow_run import run_dag, task_states
+
+    engine = _crm(
+        tmp_path, monkeypatch,
+        [
+            {"id": 1, "kind": "member", "organisation_id": 1, "last_interaction_at": dt.datetime(2024, 1, 1, tzinfo=dt.UTC)},
+            {"id": 2, "kind": "member", "organisation_id": 2, "last_interaction_at": dt.datetime(2024, 1, 1, tzinfo=dt.UTC)},
+        ],
+        [
+            {"id": 1, "organisation_id": 1, "starts_on": dt.date(2020, 1, 1), "ends_on": dt.date(2025, 3, 31)},
+            {"id": 2, "organisation_id": 2, "starts_on": dt.date(2020, 1, 1), "ends_on": dt.date(2025, 3, 30)},
+        ],
+    )
+    # As of 23:30 on 31 March 2026, local time: 1's window ends at midnight, 2's ended a day ago.
+    dr = run_dag({"systems": ["crm"], "max_plan_share": 1.0}, logical_date=dt.datetime(2026, 3, 31, 21, 30, tzinfo=dt.UTC))
+    assert dr.state == "success", task_states(dr)
+    assert _ids(engine, "contact") == {1}
+    engine.dispose()
+
+
+# ------------------------------------------------------------------------------ 4: opt-out
+def _events(rows):
+    """rows: (id, contact, event_date, membership_active, opted_out)"""
+    return pd.DataFrame(
+        {
+            "record_id": pd.Series([r[0] for r in rows], dtype="string"),
+            "contact_id": pd.Series([r[1] for r in rows], dtype="string"),
+            "event_date": pd.to_datetime([r[2] for r in rows], utc=True).astype("datetime64[us, UTC]"),
+            "membership_active": [r[3] for r in rows],
+            "membership_end": pd.Series([pd.NaT] * len(rows), dtype="datetime64[us, UTC]"),
+            "is_customer": [True] * len(rows),
+            "opted_out": [r[4] for r in rows],
+        }
+    )
+
+
+def test_an_opted_out_active_members_participation_tags_are_due_at_once_and_opting_in_again_protects_them():
+    from retention.domain.recheck import leave_alone
+
+    frame = _events(
+        [
+            ("1", "7", "2026-05-31T22:00:00Z", True, True),  # active member, opted out: goes
+            ("2", "8", "2026-05-31T22:00:00Z", True, False),  # active member: stays
+            ("3", "7", "2026-12-24T23:00:00Z", True, True),  # an event not yet over: not yet
+        ]
+    )
+    as_of = ts("2026-12-01T00:00:00Z")
+    plan = plan_record_type(frame, "crm_event_participation", POLICY, as_of)
+    assert dict(zip(plan["record_id"], plan["rule_id"])) == {"1": "event-participation-opted-out"}
+    outcome = validate_plan(
+        plan_check_frame(plan, frame, "crm_event_participation", set()), "crm_event_participation", POLICY, as_of
+    )
+    assert outcome.success, outcome.failures()
+    # Opted in again between plan and erase: protected again.
+    now = frame.assign(opted_out=[False, False, True])
+    assert leave_alone("crm_event_participation", now, plan, POLICY, as_of) == {
+        "1": "protected now (an active relationship since the plan)"
+    }
+    # The contact itself, an active member, is never planned.
+    assert plan_record_type(
+        leads(["2010-01-01"], opted_out=True).assign(kind="member", membership_active=True), "crm_contact", POLICY, as_of
+    ).empty
+
+
+def test_validation_still_refuses_a_planned_tag_of_an_active_member_who_did_not_opt_out():
+    frame = _events([("2", "8", "2026-05-31T22:00:00Z", True, False)])
+    as_of = ts("2026-12-01T00:00:00Z")
+    # A plan made from a wrong state (not a member, opted out) checked against the extract.
+    forged = plan_record_type(
+        frame.assign(membership_active=False, opted_out=True), "crm_event_participation", POLICY, as_of
+    )
+    assert len(forged) == 1
+    outcome = validate_plan(
+        plan_check_frame(forged, frame, "crm_event_participation", set()), "crm_event_participation", POLICY, as_of
+    )
+    assert not outcome.success
+
+
+def test_a_policy_may_not_lift_the_protection_for_more_than_the_code_does():
+    from retention.domain.policy import PolicyError, parse_policy
+
+    text = DEFAULT_POLICY.read_text()
+    assert "unless: {opted_out: [true]}" in text
+    with pytest.raises(PolicyError, match="unless"):
+        parse_policy(text.replace("unless: {opted_out: [true]}", "unless: {is_customer: [true]}"), "wider.yaml")
+
+
+@pytest.mark.airflow
+def test_airflow_run_erases_the_tags_of_an_opted_out_active_member_and_nothing_else_of_theirs(tmp_path, monkeypatch, retention_home):
+    import datetime as dt
+
+    from airflow_run import run_dag, task_states
+
+    recent = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    engine = _crm(
+        tmp_path, monkeypatch,
+        [
+            {"id": 1, "kind": "member", "organisation_id": 1, "opted_out": True, "last_interaction_at": recent},
+            {"id": 2, "kind": "member", "organisation_id": 1, "opted_out": False, "last_interaction_at": recent},
+        ],
+        [{"id": 1, "organisation_id": 1, "starts_on": dt.date(2020, 1, 1), "ends_on": None}],
+        [
+            {"id": 10, "contact_id": 1, "event_name": "Träff", "event_date": dt.date(2026, 5, 1), "kind": "event"},
+            {"id": 11, "contact_id": 1, "event_name": "Tjänst", "event_date": dt.date(2025, 9, 1), "kind": "service"},
+            {"id": 20, "contact_id": 2, "event_name": "Träff", "event_date": dt.date(2026, 5, 1), "kind": "event"},
+        ],
+    )
+    dr = run_dag({"systems": ["crm"], "max_plan_share": 1.0})
+    assert dr.state == "success", task_states(dr)
+    assert _ids(engine, "event_participation") == {20}
+    assert _ids(engine, "contact") == {1, 2}
+    engine.dispose()

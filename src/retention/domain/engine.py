@@ -26,7 +26,7 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
-from retention.domain.durations import add_elapsed, local_naive_to_utc, to_local_naive
+from retention.domain.durations import add_elapsed, local_naive_to_utc, shift_within_range, to_local_naive
 from retention.domain.holds import Holds, in_force
 from retention.domain.policy import Policy, Rule
 from retention.domain.records import RECORD_TYPES
@@ -60,13 +60,24 @@ def _isin(series: pd.Series, values: list) -> np.ndarray:
 
 def protected_mask(frame: pd.DataFrame, record_type: str, policy: Policy) -> np.ndarray:
     """Records that an active relationship protects: code floor plus the policy's own list."""
+    rt = RECORD_TYPES[record_type]
     mask = np.zeros(len(frame), dtype=bool)
-    for column, values in RECORD_TYPES[record_type].protected.items():
+    for column, values in rt.protected.items():
         if column in frame:
-            mask |= _isin(frame[column], list(values))
+            mask |= _isin(frame[column], list(values)) & ~_any_of(frame, rt.unprotected_when)
     for prot in policy.protections:
         if prot.records == record_type and prot.column in frame:
-            mask |= _isin(frame[prot.column], prot.in_)
+            mask |= _isin(frame[prot.column], prot.in_) & ~_any_of(frame, prot.unless)
+    return mask
+
+
+def _any_of(frame: pd.DataFrame, conditions: Mapping[str, object]) -> np.ndarray:
+    """Records matching any of ``conditions`` (column -> values): an exception to a protection.
+    A column the frame lacks matches nothing (the protection holds)."""
+    mask = np.zeros(len(frame), dtype=bool)
+    for column, values in conditions.items():
+        if column in frame:
+            mask |= _isin(frame[column], list(values))
     return mask
 
 
@@ -100,7 +111,9 @@ def _deadline(clock_utc: pd.Series, frame: pd.DataFrame, rule: Rule, tz: str) ->
     local = to_local_naive(clock_utc, tz)
     aligned = rule.clock_align == "next_calendar_year"
     if aligned:
-        years = local.dt.year + 1
+        # 1 January after the calendar year the clock's last moment is in: a financial year
+        # ending with 31 December 2025 (its end of day, 1 January 2026 00:00) ended in 2025.
+        years = shift_within_range(local, -pd.Timedelta(microseconds=1)).dt.year + 1
         local = pd.to_datetime(
             pd.DataFrame({"year": years, "month": 1, "day": 1}).where(local.notna()), errors="coerce"
         ).astype(local.dtype)

@@ -46,6 +46,8 @@ FRAME_COLUMNS: dict[str, dict[str, str]] = {
     },
     "crm_legal_hold": {c: ("Int64" if c == "record_id" else _READ_AS[kind]) for c, kind in SOURCE_HOLD_COLUMNS.items()},
 }
+#: The clocks whose calendar dates are the end of their day (the record schema's ``end_of_day``).
+END_OF_DAY: dict[str, tuple[str, ...]] = {rt: SCHEMA[rt].end_of_day for rt in RECORD_TYPES if rt in SCHEMA}
 
 
 class FrameReads(ConnectorBase):
@@ -64,6 +66,7 @@ class FrameReads(ConnectorBase):
         now = as_utc(now or dt.datetime.now(dt.UTC))
         stmt = self._frame_query(record_type, now)
         columns = FRAME_COLUMNS[record_type]
+        ends = END_OF_DAY.get(record_type, ())
         rows_total = 0
         chunks = 0
         with self.engine.connect() as conn:
@@ -77,18 +80,18 @@ class FrameReads(ConnectorBase):
                     for part in result.partitions(self.chunk_size):
                         rows_total += len(part)
                         chunks += 1
-                        yield to_frame(part, columns)
+                        yield to_frame(part, columns, ends)
             else:
                 result = conn.execute(stmt)
                 try:
                     while part := result.fetchmany(self.chunk_size):
                         rows_total += len(part)
                         chunks += 1
-                        yield to_frame(part, columns)
+                        yield to_frame(part, columns, ends)
                 finally:
                     result.close()
         if chunks == 0:
-            yield to_frame([], columns)
+            yield to_frame([], columns, ends)
         log.info("crm extract %s: %d rows in %d chunk(s)", record_type, rows_total, max(chunks, 1))
 
     def read_frame(self, record_type: str, *, now: dt.datetime | None = None) -> pd.DataFrame:
@@ -252,7 +255,7 @@ class FrameReads(ConnectorBase):
                     if ids
                     else []
                 )
-                out[record_type] = to_frame(rows, columns)
+                out[record_type] = to_frame(rows, columns, END_OF_DAY.get(record_type, ()))
             n = self._t("communication_note")
             rows = (
                 conn.execute(

@@ -1,7 +1,9 @@
 """Value conversion of the CRM connector: database rows into typed frames, and ids and times in.
 
 Every clock column of a frame is ``datetime64[us, UTC]``; a calendar date comes through as
-midnight Europe/Stockholm of that date; NULL, impossible or unparsable stored values come
+the start of that day in Europe/Stockholm, or, for the clocks the record schema marks
+``end_of_day`` (a membership's end date, an event's day), as its end (00:00 of the next day),
+by the domain's one definition (``durations.day_instants``); NULL, impossible or unparsable stored values come
 through as ``NaT`` (the pipeline quarantines them) instead of failing the extract. NULL
 booleans read as False.
 """
@@ -14,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from retention.domain.durations import day_instants
 
 TS = "datetime64[us, UTC]"
 LOCAL_TZ = "Europe/Stockholm"
@@ -39,8 +43,11 @@ def as_utc(value: dt.datetime) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
-def to_frame(rows: Sequence[Any], columns: dict[str, str]) -> pd.DataFrame:
-    """Rows into a frame of exactly ``columns`` (name -> dtype: ``TS``, "bool", "int64", "Int64" or "str")."""
+def to_frame(rows: Sequence[Any], columns: dict[str, str], end_of_day: Iterable[str] = ()) -> pd.DataFrame:
+    """Rows into a frame of exactly ``columns`` (name -> dtype: ``TS``, "bool", "int64", "Int64" or "str").
+    A calendar date in a clock named in ``end_of_day`` is the end of that day (the record schema's
+    ``end_of_day``), in any other the start."""
+    ends = frozenset(end_of_day)
     names = list(columns)
     data = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     out = {}
@@ -49,7 +56,7 @@ def to_frame(rows: Sequence[Any], columns: dict[str, str]) -> pd.DataFrame:
         raw[:] = values
         s = pd.Series(raw, dtype=object)
         if dtype == TS:
-            out[name] = _to_utc(s)
+            out[name] = _to_utc(s, end_of_day=name in ends)
         elif dtype == "bool":
             out[name] = _to_bool(s)
         elif dtype == "int64":
@@ -64,11 +71,12 @@ def to_frame(rows: Sequence[Any], columns: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=names)
 
 
-def _to_utc(s: pd.Series) -> pd.Series:
+def _to_utc(s: pd.Series, *, end_of_day: bool = False) -> pd.Series:
     """Any stored clock value (date, datetime, text, NULL) → ``datetime64[us, UTC]``; NaT when
     NULL, impossible or unparsable. Naive datetimes are taken as UTC. A calendar date (a date
-    object, or text ``YYYY-MM-DD``) is the start of that day in Europe/Stockholm, so a period
-    counted from it ends at local midnight, when the nightly run looks."""
+    object, or text ``YYYY-MM-DD``) is the start of that day in Europe/Stockholm, or its end
+    with ``end_of_day``, so a period counted from it ends at local midnight, when the nightly
+    run looks."""
     if isinstance(s.dtype, pd.DatetimeTZDtype) or s.dtype.kind == "M":
         conv = s if getattr(s.dt, "tz", None) is not None else s.dt.tz_localize("UTC")
         return conv.dt.tz_convert("UTC").dt.as_unit("us")
@@ -85,8 +93,7 @@ def _to_utc(s: pd.Series) -> pd.Series:
     )
     if is_date.any():
         days = pd.to_datetime(values[is_date].astype(str), errors="coerce", format="%Y-%m-%d")
-        local = days.dt.tz_localize(LOCAL_TZ, nonexistent="shift_forward", ambiguous=False).dt.tz_convert("UTC")
-        conv[is_date] = local.astype(TS)
+        conv[is_date] = day_instants(pd.Series(days, index=conv.index[is_date]), LOCAL_TZ, end_of_day=end_of_day).astype(TS)
     return conv
 
 
