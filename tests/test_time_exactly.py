@@ -362,3 +362,25 @@ def test_airflow_run_erases_the_tags_of_an_opted_out_active_member_and_nothing_e
     assert _ids(engine, "event_participation") == {20}
     assert _ids(engine, "contact") == {1, 2}
     engine.dispose()
+
+
+# ------------------------------------------------------------------------------ 3: start date
+@pytest.mark.airflow
+def test_a_run_before_the_dags_start_date_fails_saying_so(tmp_path, monkeypatch, retention_home, capfd):
+    import datetime as dt
+
+    from airflow_run import run_dag, task_states
+
+    engine = _crm(tmp_path, monkeypatch, [{"id": 1, "last_interaction_at": dt.datetime(2020, 1, 1, tzinfo=dt.UTC)}])
+    dr = run_dag({"systems": ["crm"], "max_plan_share": 1.0}, logical_date=dt.datetime(2025, 6, 1, tzinfo=dt.UTC))
+    states = task_states(dr)
+    # Today: a success in which Airflow created no task at all.
+    assert dr.state == "failed", states
+    assert states["open_run"] == "failed" and states["crm.extract"] == "upstream_failed", states
+    out, err = capfd.readouterr()
+    assert (
+        "as-of 2025-06-01T00:00:00+00:00 is before the start date of retention_nightly (2026-01-01T00:00:00+01:00)"
+        in out + err
+    )
+    assert _ids(engine, "contact") == {1}  # nothing erased
+    engine.dispose()
