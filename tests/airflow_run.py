@@ -28,9 +28,11 @@ def load_dag(dag_id: str = "retention_nightly"):
     return bag.get_dag(dag_id)
 
 
-def run_dag(conf: dict, dag_id: str = "retention_nightly"):
+def run_dag(conf: dict, dag_id: str = "retention_nightly", logical_date=None):
     ensure_metadata_db()
     dag = load_dag(dag_id)
+    if logical_date is not None:  # a run as of a given time (a backfill's logical date)
+        return dag.test(run_conf=conf, logical_date=logical_date)
     return dag.test(run_conf=conf)
 
 

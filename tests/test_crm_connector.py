@@ -29,6 +29,12 @@ NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)
 TODAY = dt.date(2025, 6, 1)
 UTC = dt.UTC
 
+def day_end(day) -> pd.Timestamp:
+    """A calendar date that ends something (the record schema's ``end_of_day`` clocks) as the
+    frame carries it: the end of that day in Stockholm, 00:00 of the next."""
+    return pd.Timestamp(pd.Timestamp(day).date() + dt.timedelta(days=1), tz="Europe/Stockholm")
+
+
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
@@ -221,9 +227,9 @@ def test_frames_have_exact_columns_and_dtypes(small):
         assert len(f) > 0, rt
     c = frame(small, "crm_contact").set_index("record_id")
     assert str(c["last_interaction_at"].dt.tz) == "UTC"
-    # dates come through as midnight UTC
+    # an end date comes through as the end of that day in Stockholm
     inv = frame(small, "crm_invoice").set_index("record_id")
-    assert inv.loc[1, "financial_year_end"] == pd.Timestamp("2023-06-30", tz="Europe/Stockholm")
+    assert inv.loc[1, "financial_year_end"] == day_end("2023-06-30")
 
 
 def test_empty_table_yields_one_empty_typed_frame(engine):
@@ -248,10 +254,10 @@ def test_contact_relationship_columns(small):
     assert c.loc[2, "membership_active"] and pd.isna(c.loc[2, "membership_end"])
     # ended yesterday, latest period wins
     assert not c.loc[3, "membership_active"]
-    assert c.loc[3, "membership_end"] == pd.Timestamp(TODAY - dt.timedelta(days=1), tz="Europe/Stockholm")
+    assert c.loc[3, "membership_end"] == day_end(TODAY - dt.timedelta(days=1))
     assert c.loc[3, "opted_out"]
     assert c.loc[4, "membership_active"]  # fixed term running
-    assert c.loc[5, "membership_end"] == pd.Timestamp("2024-02-29", tz="Europe/Stockholm")
+    assert c.loc[5, "membership_end"] == day_end("2024-02-29")
     assert not c.loc[5, "has_email"] and not c.loc[6, "has_email"] and c.loc[1, "has_email"]
     assert c.loc[5, "has_invoice"] and not c.loc[1, "has_invoice"]
     # organisation without any membership: not a customer
@@ -267,7 +273,7 @@ def test_membership_day_is_the_stockholm_calendar_day(small):
     late = dt.datetime(2025, 6, 1, 22, 30, tzinfo=UTC)
     c = frame(small, "crm_contact", now=late).set_index("record_id")
     assert not c.loc[2, "membership_active"]
-    assert c.loc[2, "membership_end"] == pd.Timestamp("2025-06-01", tz="Europe/Stockholm")
+    assert c.loc[2, "membership_end"] == day_end("2025-06-01")
     early = dt.datetime(2025, 6, 1, 21, 30, tzinfo=UTC)  # 23:30 in Stockholm
     assert frame(small, "crm_contact", now=early).set_index("record_id").loc[2, "membership_active"]
 
@@ -275,10 +281,10 @@ def test_membership_day_is_the_stockholm_calendar_day(small):
 def test_event_participation_carries_the_contacts_relationship(small):
     e = frame(small, "crm_event_participation").set_index("record_id")
     assert e.loc[1, "contact_id"] == 3 and e.loc[1, "opted_out"] and not e.loc[1, "membership_active"]
-    assert e.loc[1, "membership_end"] == pd.Timestamp(TODAY - dt.timedelta(days=1), tz="Europe/Stockholm")
+    assert e.loc[1, "membership_end"] == day_end(TODAY - dt.timedelta(days=1))
     assert not e.loc[3, "is_customer"]  # a lead
     assert e.loc[4, "membership_active"] and e.loc[4, "is_customer"]
-    assert e.loc[2, "event_date"] == pd.Timestamp("2024-05-01", tz="Europe/Stockholm")
+    assert e.loc[2, "event_date"] == day_end("2024-05-01")
 
 
 def test_legal_hold_frame(small):

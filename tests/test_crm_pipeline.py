@@ -8,11 +8,13 @@ SQL, against expectations this module computes on its own from the privacy notic
 to pick which records to put on hold):
 
 * calendar periods in Europe/Stockholm (``P1Y`` from 29 February is 28 February);
-* a calendar date (membership end, event date, course end) is that local day, so a period
-  counted from it ends at the start of a local day;
+* a calendar date that ends something (membership end, event date, course end) is the last
+  day of it: a period counted from it starts when that local day is over, and ends at the start
+  of a local day;
 * a membership is running while a period has no end or ends today or later (local date);
 * invoices are erasable from 1 January of (financial-year-end year + 8), whatever month the
   financial year ends in, and until then they keep their contact minimised, not erased;
+* the event participation of an active member who opted out goes once the event's day is over;
 * records under a live manual hold, records of active relationships and records that cannot be
   judged (a missing, impossible or future clock) are left alone.
 
@@ -245,6 +247,11 @@ def day_start(d: dt.date) -> dt.datetime:
     return dt.datetime(d.year, d.month, d.day)
 
 
+def day_over(d: dt.date) -> dt.date:
+    """The day after ``d``: a period counted from an end date starts when its day is over."""
+    return d + dt.timedelta(days=1)
+
+
 # ------------------------------------------------------------------------------ the oracle
 @dataclass
 class Oracle:
@@ -300,7 +307,7 @@ class Oracle:
                 if end is None:
                     self.unjudgeable.add(("crm_contact", cid))
                     continue
-                deadline, rule = day_start(end if opted else add_years(end, 1)), "former-member-contact"
+                deadline, rule = day_start(day_over(end) if opted else day_over(add_years(end, 1))), "former-member-contact"
             else:
                 if last is None:
                     self.unjudgeable.add(("crm_contact", cid))
@@ -313,21 +320,26 @@ class Oracle:
         for e in b["event_participation"].values():
             eid, c = int(e["id"]), contacts.get(int(e["contact_id"]))
             org = c["organisation_id"] if c else None
-            if org is not None and int(org) in active_orgs:
+            opted = bool(c["opted_out"]) if c else False
+            active = org is not None and int(org) in active_orgs
+            if active and not opted:
                 continue
             on = parse_date(e["event_date"])
             if on is None:
                 self.unjudgeable.add(("crm_event_participation", eid))
                 continue
+            if active:  # opt-out ends marketing use at once, for active members too
+                if day_start(day_over(on)) <= as_of:
+                    due[("crm_event_participation", eid)] = "event-participation-opted-out"
+                continue
             clock = max(on, last_end[int(org)]) if org is not None and int(org) in last_end else on
-            opted = bool(c["opted_out"]) if c else False
-            if day_start(clock if opted else add_years(clock, 1)) <= as_of:
+            if day_start(day_over(clock) if opted else day_over(add_years(clock, 1))) <= as_of:
                 due[("crm_event_participation", eid)] = "event-participation"
         for r in b["course_registration"].values():
             end = parse_date(r["course_end"])
             if end is None:
                 self.unjudgeable.add(("crm_course_registration", int(r["id"])))
-            elif day_start(end + dt.timedelta(days=90)) <= as_of:
+            elif day_start(day_over(end) + dt.timedelta(days=90)) <= as_of:
                 due[("crm_course_registration", int(r["id"]))] = "course-registration"
         for s in b["survey_response"].values():
             closed = parse_ts(s["survey_closed_at"])
@@ -474,7 +486,8 @@ def test_run_erases_exactly_what_is_due(crm, retention_home):
     assert set(again.steps["plan_frame"]["action"]) <= {"hold"}
     assert sum(again.steps["plan"]["planned"].values()) == len([v for v in oracle.planned.values() if v[2] == "held"])
 
-    # Active memberships: contact, notes and tags untouched (own SQL over the raw tables).
+    # Active memberships: contact, notes and tags untouched (own SQL over the raw tables), but
+    # for the tags of an active member who opted out: opt-out ends marketing use at once.
     with crm.engine.connect() as conn:
         active = {
             int(r[0])
@@ -487,10 +500,17 @@ def test_run_erases_exactly_what_is_due(crm, retention_home):
             )
         }
     assert active == oracle.active_contacts and active
+    opted_out = {i for i, c in before["contact"].items() if c["opted_out"]}
     for t in ("contact", "communication_note", "event_participation"):
         key = "id" if t == "contact" else "contact_id"
-        mine_before = {i: r for i, r in before[t].items() if int(r[key]) in active}
-        mine_after = {i: r for i, r in after[t].items() if int(r[key]) in active}
+        mine_before = {
+            i: r for i, r in before[t].items()
+            if int(r[key]) in active and not (t == "event_participation" and int(r[key]) in opted_out)
+        }
+        mine_after = {
+            i: r for i, r in after[t].items()
+            if int(r[key]) in active and not (t == "event_participation" and int(r[key]) in opted_out)
+        }
         assert mine_after == mine_before, f"{t} of active members changed"
 
     # Invoices in their bookkeeping period (erasable from 1 January of FY-end year + 8) stay, with
@@ -545,15 +565,16 @@ def test_run_erases_exactly_what_is_due(crm, retention_home):
     }
     assert not remaining_opted, f"opted-out non-members kept: {sorted(remaining_opted)[:10]}"
 
-    # Boundaries, computed here: a period from a calendar date ends at the start of a local day.
+    # Boundaries, computed here: a period from an end date starts when that local day is over,
+    # and ends at the start of a local day.
     def due_from(day: dt.date) -> bool:
         return day_start(day) <= as_of_local
 
     assert not gone("membership ends today")  # still a member today
-    assert gone("membership ended exactly one year ago") == due_from(add_years(one_year_ago, 1))
-    assert gone("membership ended one year ago minus one day") == due_from(add_years(one_year_ago + dt.timedelta(days=1), 1))
+    assert gone("membership ended exactly one year ago") == due_from(day_over(add_years(one_year_ago, 1)))
+    assert gone("membership ended one year ago minus one day") == due_from(day_over(add_years(one_year_ago + dt.timedelta(days=1), 1)))
     assert not gone("membership ended one year ago minus one day")
-    assert gone("membership ended 2024-02-29") == due_from(dt.date(2025, 2, 28))
+    assert gone("membership ended 2024-02-29") == due_from(dt.date(2025, 3, 1))
     assert not gone("renewed membership (ended period, then open)")
     assert not gone("fixed-term membership still running")
     assert not gone("active member with old data")
@@ -563,7 +584,8 @@ def test_run_erases_exactly_what_is_due(crm, retention_home):
     )
     assert not gone("lead without e-mail")
     if as_of.astimezone(LOCAL).date() == today:  # the usual case: pick_as_of() kept today
-        assert gone("membership ended exactly one year ago")
+        # Its last day was today a year ago: the one-year window ends at the end of today.
+        assert not gone("membership ended exactly one year ago")
         assert gone("lead, last interaction exactly a year ago")
 
 
@@ -724,8 +746,12 @@ def test_a_renewal_or_new_activity_between_plan_and_erase_keeps_the_records(crm,
         contact_of_tag = {int(e): int(r["contact_id"]) for e, r in before["event_participation"].items()}
         # A former member with a planned event tag of its own, so both the contact and the tag
         # are protected by the renewal.
+        # Not one who opted out: an active member who opted out loses their tags (opt-out ends
+        # marketing use at once).
         tagged = {contact_of_tag[int(e)] for e in tags["record_id"]}
-        chosen["member"] = next(int(c) for c in former["record_id"] if int(c) in tagged)
+        chosen["member"] = next(
+            int(c) for c in former["record_id"] if int(c) in tagged and not before["contact"][int(c)]["opted_out"]
+        )
         chosen["tag"] = next(int(e) for e in tags["record_id"] if contact_of_tag[int(e)] == chosen["member"])
         chosen["lead"] = int(leads["record_id"].iloc[0])
         org = before["contact"][chosen["member"]]["organisation_id"]
@@ -774,9 +800,11 @@ def at_local(*args) -> dt.datetime:
 
 
 def test_leap_day_plus_one_year_is_28_february(crm, retention_home):
-    """P1Y is a calendar year: from 29 Feb 2024 due on 28 Feb 2025 (not 1 March), from 28 Feb
-    2024 13:00 not before 28 Feb 2025 13:00 (365 days would be the 27th). Two backfills on
-    28 Feb 2025, at noon and at 13:30 local time."""
+    """P1Y is a calendar year: from 29 Feb 2024 10:00 due on 28 Feb 2025 10:00 (not 1 March),
+    from 28 Feb 2024 13:00 not before 28 Feb 2025 13:00 (365 days would be the 27th); a
+    membership whose last day was 29 Feb 2024 has its window end with 28 Feb 2025, due from
+    1 March 00:00. Backfills on 28 Feb 2025 at noon and at 13:30 and on 1 March at midnight,
+    local time."""
     member, march, lead_leap, lead_late, lead_feb28 = 1, 2, 3, 4, 5
     small_crm(
         crm,
@@ -803,15 +831,19 @@ def test_leap_day_plus_one_year_is_28_february(crm, retention_home):
         return run
 
     run = backfill(at_local(2025, 2, 28, 12))
-    assert present() == {march, lead_late, lead_feb28}
-    assert run.report["ledger"]["crm"] == {"former-member-contact": {"erased": 1}, "lead": {"erased": 1}}
+    assert present() == {member, march, lead_late, lead_feb28}
+    assert run.report["ledger"]["crm"] == {"lead": {"erased": 1}}
     backfill(at_local(2025, 2, 28, 13, 30))
+    assert present() == {member, march}
+    run = backfill(at_local(2025, 3, 1, 0, 0))
     assert present() == {march}
+    assert run.report["ledger"]["crm"] == {"former-member-contact": {"erased": 1}}
 
 
 def test_date_deadlines_fall_at_local_midnight(crm, retention_home):
     """As of today 00:00 Europe/Stockholm (a scheduled run's data_interval_end), a membership
-    that ended exactly one year ago and a course that ended exactly 90 days ago are due."""
+    whose last day was one year and a day ago and a course that ended 91 days ago are due: an
+    end date's day is over at the next local midnight, and the period counts from then."""
     today = dt.datetime.now(LOCAL).date()
     midnight = dt.datetime(today.year, today.month, today.day, tzinfo=LOCAL).astimezone(UTC)
     small_crm(
@@ -822,7 +854,7 @@ def test_date_deadlines_fall_at_local_midnight(crm, retention_home):
         ]
         + [{"id": 10 + i, "kind": "member", "organisation_id": 2, "last_interaction_at": midnight} for i in range(8)],
         [
-            {"id": 1, "organisation_id": 1, "starts_on": dt.date(2015, 1, 1), "ends_on": add_years(today, -1)},
+            {"id": 1, "organisation_id": 1, "starts_on": dt.date(2015, 1, 1), "ends_on": add_years(today, -1) - dt.timedelta(days=1)},
             {"id": 2, "organisation_id": 2, "starts_on": dt.date(2015, 1, 1), "ends_on": None},
         ],
     )
@@ -831,15 +863,15 @@ def test_date_deadlines_fall_at_local_midnight(crm, retention_home):
     with crm.engine.begin() as conn:
         conn.execute(
             schema.course_registration.insert(),
-            [{"id": 1, "contact_id": 2, "course_name": "Boundary course", "course_end": today - dt.timedelta(days=90)}],
+            [{"id": 1, "contact_id": 2, "course_name": "Boundary course", "course_end": today - dt.timedelta(days=91)}],
         )
     run = run_pipeline(crm, midnight)
     with crm.engine.connect() as conn:
         contacts = {int(i) for i in conn.exec_driver_sql("SELECT id FROM contact").scalars()}
         courses = {int(i) for i in conn.exec_driver_sql("SELECT id FROM course_registration").scalars()}
     assert run.report["state"] == "success"
-    assert 1 not in contacts, "membership ended exactly one year ago: due at the start of today"
-    assert not courses, "course ended exactly 90 days ago: due at the start of today"
+    assert 1 not in contacts, "membership's window ended at the end of yesterday: due at the start of today"
+    assert not courses, "90 days after the end of the course's last day: due at the start of today"
 
 
 # ------------------------------------------------------------------------------ 4

@@ -26,6 +26,12 @@ NOW = dt.datetime(2025, 6, 1, 10, 0, tzinfo=dt.UTC)
 TODAY = dt.date(2025, 6, 1)
 
 
+def day_end(day) -> pd.Timestamp:
+    """A calendar date that ends something (the record schema's ``end_of_day`` clocks) as the
+    frame carries it: the end of that day in Stockholm, 00:00 of the next."""
+    return pd.Timestamp(pd.Timestamp(day).date() + dt.timedelta(days=1), tz="Europe/Stockholm")
+
+
 @pytest.fixture(scope="module")
 def pg_url():
     url = os.environ.get("RETENTION_TEST_PG_URL")
@@ -207,7 +213,7 @@ def test_edge_cases_present(backend):
     assert ends["Edge: membership ends today"] == ["2025-06-01"]
     assert state("membership ends today")["membership_active"]
     assert ends["Edge: membership ended exactly one year ago"] == ["2024-06-01"]
-    assert state("membership ended exactly one year ago")["membership_end"] == pd.Timestamp("2024-06-01", tz="Europe/Stockholm")
+    assert state("membership ended exactly one year ago")["membership_end"] == day_end("2024-06-01")
     assert ends["Edge: membership ended 2024-02-29"] == ["2024-02-29"]
     renewed = ends["Edge: renewed membership (ended period, then open)"]
     assert len(renewed) == 2 and None in renewed
@@ -221,7 +227,7 @@ def test_edge_cases_present(backend):
     assert (~leads["has_email"]).any()
 
     inv = con.read_frame("crm_invoice", now=NOW)
-    fy = set(inv["financial_year_end"].dt.tz_convert("Europe/Stockholm").dt.strftime("%Y-%m-%d"))
+    fy = set((inv["financial_year_end"].dt.tz_convert("Europe/Stockholm") - pd.Timedelta(days=1)).dt.strftime("%Y-%m-%d"))
     assert {"2017-06-30", "2018-06-30", "2017-12-31", "2018-12-31", "2016-06-30"} <= fy  # both sides of 1 Jan 2025
     assert inv["contact_id"].isna().any()  # a detached invoice
 
@@ -231,9 +237,9 @@ def test_edge_cases_present(backend):
     assert {"crm_contact", "crm_invoice"} <= set(holds["record_type"])
 
     e = con.read_frame("crm_event_participation", now=NOW)
-    assert (~e["is_customer"] & (e["event_date"] == pd.Timestamp("2024-05-31", tz="Europe/Stockholm"))).any()
+    assert (~e["is_customer"] & (e["event_date"] == day_end("2024-05-31"))).any()
     courses = con.read_frame("crm_course_registration", now=NOW)
-    assert (courses["course_end"] == pd.Timestamp(TODAY - dt.timedelta(days=90), tz="Europe/Stockholm")).any()
+    assert (courses["course_end"] == day_end(TODAY - dt.timedelta(days=90))).any()
     surveys = con.read_frame("crm_survey_response", now=NOW)
     assert (surveys["survey_closed_at"] == pd.Timestamp(NOW - dt.timedelta(days=90))).any()
 

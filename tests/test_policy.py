@@ -24,6 +24,7 @@ def test_shipped_policy_covers_every_rule_of_the_brief():
     assert {r.id for r in policy.rules} == {
         "newsletter-unsubscribed", "newsletter-pending", "former-member-contact", "lead", "event-participation",
         "course-registration", "survey-response", "invoice", "support-ticket", "soft-deleted-ticket", "ticket-requester",
+        "event-participation-opted-out",
     }
     for rule in policy.rules:
         assert rule.clause, rule.id
@@ -79,7 +80,7 @@ def test_not_yaml_and_missing_file():
 def test_validate_command(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "retention.cli", "policy", "validate"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert "11 rules" in ok.stdout
+    assert "12 rules" in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(TEXT.replace("period: P90D", "period: 90 days", 1))
     out = subprocess.run([sys.executable, "-m", "retention.cli", "policy", "validate", str(bad)], capture_output=True, text=True)

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -146,13 +147,24 @@ def plan_check_frame(plan: pd.DataFrame, clean: pd.DataFrame, record_type: str, 
     """The plan rows of one record type, with the columns that protect records joined back in."""
     rt = RECORD_TYPES[record_type]
     mine = plan[plan["record_type"] == record_type]
-    cols = [c for c in rt.protected if c in clean]
+    cols = [c for c in (*rt.protected, *rt.unprotected_when) if c in clean]
     if cols:
         ids = pa.array(clean["record_id"].astype("string"), type=pa.large_string())
         # Arrow's is_in: pandas' isin walks a large value set element by element.
         planned = pc.is_in(ids, value_set=pa.array(mine["record_id"].astype("string"), type=pa.large_string()))
         lookup = clean.loc[planned.to_numpy(zero_copy_only=False), ["record_id", *cols]]
         mine = mine.merge(lookup.assign(record_id=lookup["record_id"].astype("string")), on="record_id", how="left")
+    # A record the schema's exception uncovers (an active member who opted out) is not
+    # protected: its protecting values are blanked, which the not-in-set checks pass over.
+    lifted = np.zeros(len(mine), dtype=bool)
+    for column, values in rt.unprotected_when.items():
+        if column in mine:
+            lifted |= mine[column].isin(list(values)).fillna(False).to_numpy(dtype=bool)
+    if lifted.any():
+        mine = mine.copy()
+        for column in rt.protected:
+            if column in mine:
+                mine[column] = mine[column].astype(object).where(~lifted, None)
     destructive = mine["action"].isin(DESTRUCTIVE).to_numpy()
     held = mine["record_id"].isin(live_hold_ids).to_numpy()
     return mine.assign(erases_held_record=destructive & held).reset_index(drop=True)

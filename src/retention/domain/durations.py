@@ -130,7 +130,7 @@ def _edge_offsets(tz: str) -> tuple[pd.Timedelta, pd.Timedelta]:
     return pd.Timedelta(first.utcoffset()), pd.Timedelta(last.utcoffset())
 
 
-def _shift(naive: pd.Series, delta: pd.Timedelta) -> pd.Series:
+def shift_within_range(naive: pd.Series, delta: pd.Timedelta) -> pd.Series:
     """``naive + delta``, staying within the range of the series' unit (NaT stays NaT)."""
     unit = np.datetime_data(naive.dtype)[0]
     step = delta // pd.Timedelta(1, unit)
@@ -157,8 +157,8 @@ def to_local_naive(values: pd.Series, tz: str) -> pd.Series:
         return s.dt.tz_convert(tz).dt.tz_localize(None)
     local = s.where(~(early | late)).dt.tz_convert(tz).dt.tz_localize(None)
     first, last = _edge_offsets(tz)
-    local = local.where(~early, _shift(naive, first))
-    return local.where(~late, _shift(naive, last))
+    local = local.where(~early, shift_within_range(naive, first))
+    return local.where(~late, shift_within_range(naive, last))
 
 
 def local_naive_to_utc(values: pd.Series, tz: str) -> pd.Series:
@@ -169,8 +169,8 @@ def local_naive_to_utc(values: pd.Series, tz: str) -> pd.Series:
     inside = values.where(~(early | late))
     utc = inside.dt.tz_localize(tz, nonexistent="shift_forward", ambiguous=False).dt.tz_convert("UTC").dt.tz_localize(None)
     first, last = _edge_offsets(tz)
-    utc = utc.where(~early, _shift(values, -first))
-    return utc.where(~late, _shift(values, -last)).dt.tz_localize("UTC")
+    utc = utc.where(~early, shift_within_range(values, -first))
+    return utc.where(~late, shift_within_range(values, -last)).dt.tz_localize("UTC")
 
 
 def timestamp_local_naive(ts, tz: str) -> pd.Timestamp:
@@ -178,3 +178,23 @@ def timestamp_local_naive(ts, tz: str) -> pd.Timestamp:
     if t.tzinfo is None:
         t = t.tz_localize("UTC")
     return to_local_naive(pd.Series([t]), tz).iloc[0]
+
+
+def add_elapsed(utc: pd.Series, seconds: int) -> pd.Series:
+    """UTC instants plus elapsed seconds (no wall clock involved), staying within the range of
+    the series' unit: an instant too late to take them stays at that end (never due)."""
+    if not seconds:
+        return utc
+    naive = utc.dt.tz_localize(None)
+    return shift_within_range(naive, pd.Timedelta(seconds=seconds)).dt.tz_localize("UTC")
+
+
+def day_instants(days: pd.Series, tz: str, *, end_of_day: bool) -> pd.Series:
+    """Calendar dates (naive, at midnight; NaT stays NaT) as UTC instants: the start of each
+    local day in ``tz``, or with ``end_of_day`` its end, i.e. 00:00 of the next local day. A
+    date that names the last day of something (a membership ending 2025-03-31) lasts that
+    whole day, so a period counted from it starts when the day is over. The one definition
+    connectors use for the record schema's ``end_of_day`` clocks."""
+    days = days.astype("datetime64[us]").dt.normalize()
+    start = shift_within_range(days, pd.Timedelta(days=1)) if end_of_day else days
+    return local_naive_to_utc(start, tz)

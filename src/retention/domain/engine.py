@@ -2,10 +2,13 @@
 
 For every record the engine finds the rules whose ``when`` matches, computes each rule's
 deadline (clock, aligned if the rule says so, plus the period, or the opted-out period when
-the person asked not to be contacted) in local wall-clock time, and plans the record under
-the earliest deadline that has passed at ``as_of``. A record that lacks the rule's own clock is
-judged by the rule's fallback clock when the policy gives one (the organisation's decision; the
-plan row says so in ``fallback_clock``). Protected records (active relationships)
+the person asked not to be contacted) by calendar arithmetic in local wall-clock time, turns
+it back into a UTC instant and plans the record under the earliest deadline that has passed
+at ``as_of``. Deadlines and as-of are compared as instants, never as wall-clock values: in
+the repeated October hour 02:10 CET comes after 02:30 CEST, and validation checks the same
+instants the engine compared. A record that lacks the rule's own clock is judged by the
+rule's fallback clock when the policy gives one (the organisation's decision; the plan row
+says so in ``fallback_clock``). Protected records (active relationships)
 are never planned. A due record whose schema says so is planned ``minimise`` (a contact that
 still has invoices: the person goes, the invoice fields bookkeeping law needs stay). Records
 under a manual hold in force are planned ``hold`` (``retention.domain.holds``), which erases
@@ -25,7 +28,7 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
-from retention.domain.durations import local_naive_to_utc, timestamp_local_naive, to_local_naive
+from retention.domain.durations import add_elapsed, local_naive_to_utc, shift_within_range, to_local_naive
 from retention.domain.holds import Holds, in_force
 from retention.domain.policy import Policy, Rule
 from retention.domain.records import RECORD_TYPES
@@ -61,13 +64,24 @@ def _isin(series: pd.Series, values: list) -> np.ndarray:
 
 def protected_mask(frame: pd.DataFrame, record_type: str, policy: Policy) -> np.ndarray:
     """Records that an active relationship protects: code floor plus the policy's own list."""
+    rt = RECORD_TYPES[record_type]
     mask = np.zeros(len(frame), dtype=bool)
-    for column, values in RECORD_TYPES[record_type].protected.items():
+    for column, values in rt.protected.items():
         if column in frame:
-            mask |= _isin(frame[column], list(values))
+            mask |= _isin(frame[column], list(values)) & ~_any_of(frame, rt.unprotected_when)
     for prot in policy.protections:
         if prot.records == record_type and prot.column in frame:
-            mask |= _isin(frame[prot.column], prot.in_)
+            mask |= _isin(frame[prot.column], prot.in_) & ~_any_of(frame, prot.unless)
+    return mask
+
+
+def _any_of(frame: pd.DataFrame, conditions: Mapping[str, object]) -> np.ndarray:
+    """Records matching any of ``conditions`` (column -> values): an exception to a protection.
+    A column the frame lacks matches nothing (the protection holds)."""
+    mask = np.zeros(len(frame), dtype=bool)
+    for column, values in conditions.items():
+        if column in frame:
+            mask |= _isin(frame[column], list(values))
     return mask
 
 
@@ -110,36 +124,57 @@ def _clock(frame: pd.DataFrame, rule: Rule) -> pd.Series:
     return clock_of(frame, rule)[0]
 
 
+def _utc(as_of: datetime) -> pd.Timestamp:
+    t = pd.Timestamp(as_of)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
 def _deadline(clock_utc: pd.Series, frame: pd.DataFrame, rule: Rule, tz: str) -> pd.Series:
+    """The rule's deadline as a UTC instant. A calendar period (years, months, days) moves the
+    local wall clock, then turns back into an instant: a wall-clock time that happens twice is
+    its later instant, one that never happens the first instant after the gap (the record is
+    kept the longer). A period without calendar part (P0D, PT12H) is elapsed time from the
+    clock's own instant: P0D from 02:40 CEST in the repeated hour is 02:40 CEST, not CET."""
+    clock_utc = clock_utc.astype("datetime64[us, UTC]")
     local = to_local_naive(clock_utc, tz)
-    if rule.clock_align == "next_calendar_year":
-        years = local.dt.year + 1
+    aligned = rule.clock_align == "next_calendar_year"
+    if aligned:
+        # 1 January after the calendar year the clock's last moment is in: a financial year
+        # ending with 31 December 2025 (its end of day, 1 January 2026 00:00) ended in 2025.
+        years = shift_within_range(local, -pd.Timedelta(microseconds=1)).dt.year + 1
         local = pd.to_datetime(
             pd.DataFrame({"year": years, "month": 1, "day": 1}).where(local.notna()), errors="coerce"
         ).astype(local.dtype)
-    deadline = rule.duration.add_to(local)
+
+    def after(duration) -> pd.Series:
+        if not (aligned or duration.months or duration.days):
+            return add_elapsed(clock_utc, duration.seconds)
+        return local_naive_to_utc(duration.add_to(local), tz).astype("datetime64[us, UTC]")
+
+    deadline = after(rule.duration)
     if rule.opted_out_duration is not None and "opted_out" in frame:
         opted = frame["opted_out"].fillna(False).to_numpy(dtype=bool)
         if opted.any():
-            deadline = deadline.where(~opted, rule.opted_out_duration.add_to(local))
+            deadline = deadline.where(~opted, after(rule.opted_out_duration))
     return deadline
 
 
 @dataclass
 class RuleOutcome:
-    """Per record and rule: does it apply, when is it due, is it due as of the plan time."""
+    """Per record and rule: does it apply, when is it due (a UTC instant), is it due as of the
+    plan time."""
 
     applies: np.ndarray
     clock: pd.Series
-    deadline_local: pd.Series
+    deadline: pd.Series
     due: np.ndarray
 
 
-def evaluate_rule(frame: pd.DataFrame, rule: Rule, as_of_local: pd.Timestamp, tz: str) -> RuleOutcome:
+def evaluate_rule(frame: pd.DataFrame, rule: Rule, as_of: datetime, tz: str) -> RuleOutcome:
     applies = when_mask(frame, rule)
     clock = _clock(frame, rule)
     deadline = _deadline(clock, frame, rule, tz)
-    due = applies & deadline.notna().to_numpy() & (deadline <= as_of_local).fillna(False).to_numpy(dtype=bool)
+    due = applies & deadline.notna().to_numpy() & (deadline <= _utc(as_of)).fillna(False).to_numpy(dtype=bool)
     return RuleOutcome(applies, clock, deadline, due)
 
 
@@ -156,7 +191,7 @@ def plan_record_type(
     if frame.empty or not rules:
         return empty_plan()
     tz = policy.timezone
-    as_of_local = timestamp_local_naive(as_of, tz)
+    as_of_utc = _utc(as_of)
     eligible = ~protected_mask(frame, record_type, policy)
     rt = RECORD_TYPES[record_type]
     blocks = rt.blocks[0] if rt.blocks and rt.blocks[0] in frame else None
@@ -171,15 +206,15 @@ def plan_record_type(
         needed = [c for c in dict.fromkeys((*rule.clocks, *rule.fallback_clocks, "opted_out")) if c in frame]
         candidates = frame[needed].iloc[rows]
         clock, fallback = clock_of(candidates, rule)
-        deadline_local = _deadline(clock, candidates, rule, tz)
-        due = (deadline_local.notna() & (deadline_local <= as_of_local)).fillna(False).to_numpy(dtype=bool)
+        deadline = _deadline(clock, candidates, rule, tz)
+        due = (deadline.notna() & (deadline <= as_of_utc)).fillna(False).to_numpy(dtype=bool)
         if not due.any():
             continue
         piece = {
             "record_id": frame["record_id"].iloc[rows[due]].reset_index(drop=True),
             "rule_id": rule.id,
             "clock": clock[due].reset_index(drop=True),
-            "deadline": local_naive_to_utc(deadline_local[due], tz).reset_index(drop=True),
+            "deadline": deadline[due].reset_index(drop=True),
             "fallback_clock": fallback[due],
         }
         if blocks:
@@ -247,12 +282,11 @@ def explain_record(
         return result
     row = row.iloc[[0]].reset_index(drop=True)
     tz = policy.timezone
-    as_of_local = timestamp_local_naive(as_of, tz)
     result["protected"] = bool(protected_mask(row, record_type, policy)[0])
     verdicts = []
     for rule in policy.rules_for(record_type):
-        out = evaluate_rule(row, rule, as_of_local, tz)
-        deadline = out.deadline_local.iloc[0]
+        out = evaluate_rule(row, rule, as_of, tz)
+        deadline = out.deadline.iloc[0]
         used = _clock_used(row, rule)
         verdicts.append(
             {
@@ -264,7 +298,7 @@ def explain_record(
                 "fallback_clock": used in rule.fallback_clocks,
                 "period": rule.period,
                 "opted_out": bool(row["opted_out"].iloc[0]) if "opted_out" in row else None,
-                "deadline": None if pd.isna(deadline) else local_naive_to_utc(pd.Series([deadline]), tz).iloc[0].isoformat(),
+                "deadline": None if pd.isna(deadline) else deadline.isoformat(),
                 "due": bool(out.due[0]),
             }
         )

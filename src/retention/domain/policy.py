@@ -44,6 +44,8 @@ class Protection(_Strict):
     records: str
     column: str
     in_: list[Any] = Field(alias="in", min_length=1)
+    # Records the protection does not cover: column -> values (a record matching any column).
+    unless: dict[str, list[Any]] = Field(default_factory=dict)
     clause: str
     reason: str
 
@@ -280,6 +282,30 @@ def _missing_protections(policy: Policy) -> list[str]:
     return problems
 
 
+def _lifted_too_far(policy: Policy) -> list[str]:
+    """A policy's ``unless`` may lift a protection the code enforces only where the code lifts
+    it too (the record schema's ``unprotected_when``): an exception for more records drops the
+    protection for them."""
+    problems = []
+    for i, prot in enumerate(policy.protections):
+        rt = RECORD_TYPES.get(prot.records)
+        if rt is None or prot.column not in rt.protected or not prot.unless:
+            continue
+        code = rt.unprotected_when
+        wider = {
+            col: [v for v in vals if not any(_same(v, x) for x in code.get(col, ()))] for col, vals in prot.unless.items()
+        }
+        wider = {col: vals for col, vals in wider.items() if vals}
+        if wider:
+            allowed = ", ".join(f"{c}: [{_plain(v)}]" for c, v in code.items()) or "none"
+            shown = ", ".join(f"{c}: [{_plain(v)}]" for c, v in wider.items())
+            problems.append(
+                f"protections[{i}], field 'unless': lifts the protection of {rt.name}.{prot.column} the code enforces "
+                f"for {{{shown}}}; the code lifts it only for {{{allowed}}}"
+            )
+    return problems
+
+
 def _cross_checks(policy: Policy, raw: dict) -> list[str]:
     problems = []
     seen: set[str] = set()
@@ -303,10 +329,20 @@ def _cross_checks(policy: Policy, raw: dict) -> list[str]:
             problems.append(f"protections[{i}], field 'column': {prot.column!r} is not a column of {prot.records}")
         else:
             problems.extend(f"protections[{i}], field 'in': {why}" for why in _unknown_values(prot.in_, prot.records, prot.column))
+            for column, values in prot.unless.items():
+                if column not in rt.columns:
+                    problems.append(f"protections[{i}], field 'unless.{column}': {column!r} is not a column of {prot.records}")
+                elif not values:
+                    problems.append(f"protections[{i}], field 'unless.{column}': an empty list matches no record")
+                else:
+                    problems.extend(
+                        f"protections[{i}], field 'unless.{column}': {why}" for why in _unknown_values(values, prot.records, column)
+                    )
         for part in (p.strip() for p in prot.clause.split(",")):
             if part not in policy.clauses:
                 problems.append(f"protections[{i}], field 'clause': clause {part!r} is not defined under 'clauses'")
     problems.extend(_missing_protections(policy))
+    problems.extend(_lifted_too_far(policy))
     return problems
 
 

@@ -54,6 +54,12 @@ class RecordType:
     # Clocks that record something that already happened: a value after the extract time is
     # malformed data, not a future deadline.
     past_only: tuple[str, ...] = ()
+    # Clocks that, stored as a calendar date without a time, name the last day of something (a
+    # membership's end, an event, a course's end, a financial year's end): the relationship
+    # lasts that whole local day, so the clock is the end of that day in the policy's time
+    # zone, i.e. 00:00 of the next (``durations.day_instants``). Any other date clock is the
+    # start of its day. Clocks given as instants are taken as they are.
+    end_of_day: tuple[str, ...] = ()
     # Columns a record must have (not null) to be judged at all.
     required: tuple[str, ...] = ()
     # Flags a record must have set to be judged at all: column -> quarantine reason.
@@ -61,6 +67,11 @@ class RecordType:
     # Hard protections, enforced in code whatever the policy file says: column -> values. The
     # policy must list each of them too (``protections``), or it is refused.
     protected: dict[str, tuple] = field(default_factory=dict)
+    # Records these protections do not cover: column -> values (any column matching lifts
+    # them). An active member who asked not to be contacted keeps the membership record, but
+    # their event and service participation, kept for marketing, goes (clause 3: opt-out ends
+    # marketing use at once). The policy may lift a protection for these records, never more.
+    unprotected_when: dict[str, tuple] = field(default_factory=dict)
     # The values an enumerated text column can take in its system: column -> values. A policy
     # value outside them (a typo such as 'unsubscibed') would match no record, so it is
     # refused. Flags take true or false; other columns have no known values.
@@ -115,21 +126,27 @@ RECORD_TYPES: dict[str, RecordType] = {
                 "is_customer": FLAG, "opted_out": FLAG,
             },
             clocks=("event_date", "membership_end"),
+            # The event's day is its last; a membership ends with its end date.
+            end_of_day=("event_date", "membership_end"),
             required=("event_date",),
             protected={"membership_active": (True,)},
+            unprotected_when={"opted_out": (True,)},
             own_clocks=("event_date",),
         ),
         RecordType(
             "crm_course_registration", "crm", columns={"contact_id": KEY, "course_end": TIME}, clocks=("course_end",),
-            required=("course_end",), own_clocks=("course_end",),
+            end_of_day=("course_end",), required=("course_end",), own_clocks=("course_end",),
         ),
         RecordType(
             "crm_survey_response", "crm", columns={"contact_id": KEY, "survey_closed_at": TIME}, clocks=("survey_closed_at",),
-            required=("survey_closed_at",), own_clocks=("survey_closed_at",),
+            # A timestamp in the reference CRM; a CRM that keeps only the closing day closes at its end.
+            end_of_day=("survey_closed_at",), required=("survey_closed_at",), own_clocks=("survey_closed_at",),
         ),
         RecordType(
             "crm_invoice", "crm", columns={"contact_id": KEY, "financial_year_end": TIME}, clocks=("financial_year_end",),
-            required=("financial_year_end",), own_clocks=("financial_year_end",),
+            # The financial year's last day; the invoice rule's alignment counts from the year
+            # that day is in (engine: ``next_calendar_year``).
+            end_of_day=("financial_year_end",), required=("financial_year_end",), own_clocks=("financial_year_end",),
         ),
         RecordType(
             "crm_contact",
@@ -139,6 +156,7 @@ RECORD_TYPES: dict[str, RecordType] = {
                 "last_interaction_at": TIME, "opted_out": FLAG, "has_email": FLAG, "created_at": TIME, "has_invoice": FLAG,
             },
             clocks=("membership_end", "last_interaction_at", "created_at"),
+            end_of_day=("membership_end",),
             past_only=("last_interaction_at", "created_at"),
             required=("kind",),
             protected={"membership_active": (True,)},

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 import sqlalchemy as sa
 
-from retention.systems.crm.reads import FRAME_COLUMNS
+from retention.systems.crm.reads import END_OF_DAY, FRAME_COLUMNS
 from retention.systems.crm.sql import ConnectorBase
 from retention.systems.crm.values import distinct_ids, to_frame
 
@@ -163,7 +163,7 @@ class Erasure(ConnectorBase):
         query = self._frame_query(record_type, now).order_by(None).subquery("now")
         with self._raw_text(conn):  # a row not UTF-8 now is left alone by the check, not a crash
             rows = conn.execute(sa.select(query).where(self._in_ids(query.c.record_id, ids, "now_ids"))).all()
-        return {int(i) for i in recheck(to_frame(rows, FRAME_COLUMNS[record_type]))}
+        return {int(i) for i in recheck(to_frame(rows, FRAME_COLUMNS[record_type], END_OF_DAY.get(record_type, ())))}
 
     def _refused_contacts(
         self, conn: sa.Connection, ids: list[int], now_p: sa.BindParameter, *, invoices_refuse: bool

@@ -47,6 +47,8 @@ FRAME_COLUMNS: dict[str, dict[str, str]] = {
     },
     "crm_legal_hold": {c: ("Int64" if c == "record_id" else _READ_AS[kind]) for c, kind in SOURCE_HOLD_COLUMNS.items()},
 }
+#: The clocks whose calendar dates are the end of their day (the record schema's ``end_of_day``).
+END_OF_DAY: dict[str, tuple[str, ...]] = {rt: SCHEMA[rt].end_of_day for rt in RECORD_TYPES if rt in SCHEMA}
 
 
 # Rows with unreadable values named one by one in the log, per record type and extract.
@@ -83,6 +85,7 @@ class FrameReads(ConnectorBase):
         now = as_utc(now or dt.datetime.now(dt.UTC))
         stmt = self._frame_query(record_type, now)
         columns = FRAME_COLUMNS[record_type]
+        ends = END_OF_DAY.get(record_type, ())
         rows_total = 0
         chunks = 0
         unreadable = 0
@@ -95,7 +98,7 @@ class FrameReads(ConnectorBase):
                         stream_results=True, yield_per=self.chunk_size
                     ).execute(stmt)
                     for part in result.partitions(self.chunk_size):
-                        frame = to_frame(part, columns)
+                        frame = to_frame(part, columns, ends)
                         unreadable += self._log_unreadable(record_type, frame, rows_total, unreadable)
                         rows_total += len(part)
                         chunks += 1
@@ -104,7 +107,7 @@ class FrameReads(ConnectorBase):
                 result = conn.execute(stmt)
                 try:
                     while part := result.fetchmany(self.chunk_size):
-                        frame = to_frame(part, columns)
+                        frame = to_frame(part, columns, ends)
                         unreadable += self._log_unreadable(record_type, frame, rows_total, unreadable)
                         rows_total += len(part)
                         chunks += 1
@@ -112,7 +115,7 @@ class FrameReads(ConnectorBase):
                 finally:
                     result.close()
         if chunks == 0:
-            yield to_frame([], columns)
+            yield to_frame([], columns, ends)
         if unreadable > _LOGGED_ROWS:
             log.warning("crm extract %s: %d rows with unreadable values or no id in all (quarantined)", record_type, unreadable)
         log.info("crm extract %s: %d rows in %d chunk(s)", record_type, rows_total, max(chunks, 1))
@@ -305,7 +308,7 @@ class FrameReads(ConnectorBase):
                     if ids
                     else []
                 )
-                out[record_type] = to_frame(rows, columns)
+                out[record_type] = to_frame(rows, columns, END_OF_DAY.get(record_type, ()))
             n = self._t("communication_note")
             rows = (
                 conn.execute(

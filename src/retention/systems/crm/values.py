@@ -10,7 +10,10 @@ person a year early. What is read:
 * clocks (``datetime64[us, UTC]``): the database's date and timestamp types, and ISO 8601 text:
   ``YYYY-MM-DD``, or ``YYYY-MM-DD[T ]HH:MM[:SS[.fraction]]`` with an optional ``Z`` or
   ``±HH[:MM]`` (without one, UTC). A calendar date is the start of that day in Europe/Stockholm,
-  so a period counted from it ends at local midnight, when the nightly run looks. A clock
+  or, for the clocks the record schema marks ``end_of_day`` (a membership's end date, an
+  event's day), its end (00:00 of the next day), by the domain's one definition
+  (``durations.day_instants``); so a period counted from it ends at local midnight, when the
+  nightly run looks. A clock
   outside ``CLOCK_RANGE`` (1901 to 2200) is a placeholder, not a time. NULL is NaT.
 * ids: integers, integral numbers, and text of decimal digits, within 64 bits. NULL is <NA>.
 * text: text, and bytes that are valid UTF-8.
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from retention.domain.durations import day_instants
 from retention.domain.records import CLOCK_RANGE, FLAG_SPELLINGS, UNREADABLE
 
 TS = "datetime64[us, UTC]"
@@ -62,10 +66,13 @@ def as_utc(value: dt.datetime) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
-def to_frame(rows: Sequence[Any], columns: dict[str, str]) -> pd.DataFrame:
+def to_frame(rows: Sequence[Any], columns: dict[str, str], end_of_day: Iterable[str] = ()) -> pd.DataFrame:
     """Rows into a frame of exactly ``columns`` (name -> dtype: ``TS``, "bool", "int64", "Int64"
     or "str"), plus ``UNREADABLE`` when a value could not be read. An "int64" column with a NULL
-    or unreadable id comes through as "Int64"."""
+    or unreadable id comes through as "Int64". A calendar date in a clock named in
+    ``end_of_day`` is the end of that day (the record schema's ``end_of_day``), in any other the
+    start."""
+    ends = frozenset(end_of_day)
     names = list(columns)
     data = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     out = {}
@@ -74,7 +81,7 @@ def to_frame(rows: Sequence[Any], columns: dict[str, str]) -> pd.DataFrame:
         raw = np.empty(len(values), dtype=object)
         raw[:] = values
         if dtype == TS:
-            out[name], unreadable = _clocks(raw)
+            out[name], unreadable = _clocks(raw, end_of_day=name in ends)
         elif dtype == "bool":
             out[name], unreadable = _flags(raw)
         elif dtype in ("int64", "Int64"):
@@ -182,22 +189,23 @@ def _one_flag(v: Any) -> bool | None:
     return None
 
 
-def _clocks(raw: np.ndarray) -> tuple[pd.Series, np.ndarray]:
+def _clocks(raw: np.ndarray, *, end_of_day: bool = False) -> tuple[pd.Series, np.ndarray]:
     """Stored clocks as UTC instants within ``CLOCK_RANGE``; NULL is NaT; anything else is NaT
-    and unreadable."""
+    and unreadable. Calendar dates are their day's start, or its end with ``end_of_day``."""
     n = len(raw)
     utc = np.full(n, np.datetime64("NaT"), dtype="datetime64[us]")  # naive UTC while filled
     null = np.fromiter((_null(v) for v in raw), dtype=bool, count=n)
     kind = np.fromiter((_clock_kind(v) for v in raw), dtype=np.int8, count=n)
     if (kind == _TEXT).any():
         where = np.flatnonzero(kind == _TEXT)
-        utc[where] = _naive(_text_clocks([_as_text(v) for v in raw[where]]))
+        utc[where] = _naive(_text_clocks([_as_text(v) for v in raw[where]], end_of_day=end_of_day))
     if (kind == _INSTANT).any():
         where = np.flatnonzero(kind == _INSTANT)
         utc[where] = _naive(_instants(raw[where]))
     if (kind == _DAY).any():
         where = np.flatnonzero(kind == _DAY)
-        utc[where] = _naive(_days(pd.Series([v.isoformat() if _in_years(v) else None for v in raw[where]], dtype=object)))
+        days = pd.Series([v.isoformat() if _in_years(v) else None for v in raw[where]], dtype=object)
+        utc[where] = _naive(_days(days, end_of_day=end_of_day))
     # Out of range is unreadable too: a placeholder must not start a clock.
     out = pd.Series(utc).dt.tz_localize("UTC").astype(TS)
     outside = (out < _LOW) | (out >= _HIGH)
@@ -235,14 +243,13 @@ def _instants(values: np.ndarray) -> pd.Series:
     return pd.Series(pd.to_datetime(pd.Series(kept, dtype=object), utc=True, errors="coerce"), dtype=TS)
 
 
-def _days(iso: pd.Series) -> pd.Series:
-    """``YYYY-MM-DD`` text (or None) as the start of that day in Europe/Stockholm."""
+def _days(iso: pd.Series, *, end_of_day: bool = False) -> pd.Series:
+    """``YYYY-MM-DD`` text (or None) as the start of that day in Europe/Stockholm, or its end."""
     days = pd.to_datetime(iso, errors="coerce", format="%Y-%m-%d")
-    local = days.dt.tz_localize(LOCAL_TZ, nonexistent="shift_forward", ambiguous=False).dt.tz_convert("UTC")
-    return local.astype(TS)
+    return day_instants(pd.Series(days, index=iso.index), LOCAL_TZ, end_of_day=end_of_day).astype(TS)
 
 
-def _text_clocks(values: list[Any]) -> pd.Series:
+def _text_clocks(values: list[Any], *, end_of_day: bool = False) -> pd.Series:
     """ISO 8601 text only (see the module); None (bytes that are not UTF-8) and anything else is NaT."""
     s = pd.Series([v.strip() if isinstance(v, str) else None for v in values], dtype=object)
     text = s.astype("string")
@@ -252,7 +259,7 @@ def _text_clocks(values: list[Any]) -> pd.Series:
     instant = text.str.fullmatch(_INSTANT_RE).fillna(False).to_numpy(dtype=bool) & plausible
     out = np.full(len(s), np.datetime64("NaT"), dtype="datetime64[us]")
     if day.any():
-        out[day] = _naive(_days(s[day]))
+        out[day] = _naive(_days(s[day], end_of_day=end_of_day))
     if instant.any():
         out[instant] = _naive(pd.to_datetime(s[instant], errors="coerce", utc=True, format="ISO8601"))
     return pd.Series(out).dt.tz_localize("UTC")
