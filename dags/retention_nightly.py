@@ -27,7 +27,11 @@ from retention.airflow.params import checked_context, dry_run_param, share_param
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter
 from retention.domain.records import SYSTEMS
 
+# When enforcement starts: a run or backfill as of an earlier time fails in open_run.
 START_DATE = pendulum.datetime(2026, 1, 1, tz="Europe/Stockholm")
+# The DAG's own start date: every run and backfill gets its tasks (catchup is off, so the
+# schedule still only ever runs the latest interval).
+EARLIEST = pendulum.datetime(1970, 1, 1, tz="UTC")
 
 
 @task
@@ -37,9 +41,10 @@ def open_run() -> dict:
     ctx = checked_context()  # a conf key that is no param (`dryrun`) fails here: nothing else runs
     params = ctx["params"]
     as_of = ctx.get("data_interval_end") or ctx.get("logical_date")
-    # Airflow creates no task of a run whose logical date precedes the DAG's start date, and
-    # calls such a run a success: this task is created for every run (see the end of this file)
-    # so that such a run fails here, saying so.
+    # Enforcement starts at START_DATE. Airflow itself would create no task for a run before its
+    # DAG's start date and call the run a success, and would clamp a backfill's range to it and
+    # create no run at all: the DAG's own start date is therefore the epoch (see the end of the
+    # file) and this task refuses such a run, saying so.
     if as_of is not None and as_of < START_DATE:
         raise AirflowFailException(
             f"as-of {as_of.isoformat()} is before the start date of {ctx['dag'].dag_id} ({START_DATE.isoformat()}): "
@@ -124,7 +129,7 @@ def report(run: dict) -> dict:
 
 @dag(
     schedule="@daily",
-    start_date=START_DATE,
+    start_date=EARLIEST,
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
@@ -146,11 +151,4 @@ def retention_nightly():
     groups >> report(run)
 
 
-nightly = retention_nightly()
-# Airflow creates no task whose start date is after the run's logical date: a run before the
-# DAG's start date would be a success that ran nothing. The tasks start at the epoch instead
-# (set after the DAG is built, which would raise them to the DAG's), so every run has them and
-# open_run fails such a run with a message, like any run it refuses. The schedule still
-# starts at START_DATE (the DAG's own start date).
-for _task in nightly.tasks:
-    _task.start_date = pendulum.datetime(1970, 1, 1, tz="UTC")
+retention_nightly()

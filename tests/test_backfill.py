@@ -115,8 +115,35 @@ def test_backfill_beside_the_nightly_schedule(tmp_path, postgres_url_for, retent
             time.sleep(15)
         else:
             pytest.fail(f"runs did not finish: {_runs(af)}\n{af.tail()}")
+
+        # A backfill before enforcement started (the DAG's START_DATE, 2026-01-01) fails with
+        # a message: Airflow would clamp its range and create no run, a silent success.
+        af.airflow("backfill", "create", "--dag-id", DAG, "--from-date", "2025-06-02", "--to-date", "2025-06-03")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            early = [r for r in _runs(af) if r["logical_date"].startswith("2025-06")]
+            if len(early) >= 2 and all(r["state"] in ("success", "failed") for r in early):
+                break
+            time.sleep(10)
+        else:
+            pytest.fail(f"the early backfill's runs did not finish: {_runs(af)}\n{af.tail()}")
+        early_tasks = {
+            r["run_id"]: af.airflow("tasks", "states-for-dag-run", DAG, r["run_id"], "-o", "json", check=False).stdout
+            for r in early
+        }
+        early_logs = "\n".join(p.read_text(errors="replace") for p in af.home.rglob("*.log") if "open_run" in str(p))
     finally:
         af.stop()
+
+    assert {r["state"] for r in early} == {"failed"}, early
+    for run_id, out in early_tasks.items():
+        listed = [line for line in out.splitlines() if line.startswith("[{")]
+        assert listed, out
+        states = {t["task_id"]: t["state"] for t in json.loads(listed[-1])}
+        assert states["open_run"] == "failed", (run_id, states)
+        assert all(s in ("upstream_failed", None) for t, s in states.items() if t != "open_run"), states
+    assert "is before the start date of retention_nightly" in early_logs
+    runs = [r for r in runs if not r["logical_date"].startswith("2025-06")]
 
     assert len([r for r in runs if r["run_id"].startswith("backfill__")]) >= 3, runs
     assert [r for r in runs if r["run_id"].startswith("scheduled__")], "the nightly schedule did not run beside the backfill"
