@@ -333,7 +333,15 @@ class Oracle:
                     due[("crm_event_participation", eid)] = "event-participation-opted-out"
                 continue
             clock = max(on, last_end[int(org)]) if org is not None and int(org) in last_end else on
-            if day_start(day_over(clock) if opted else day_over(add_years(clock, 1))) <= as_of:
+            if opted:
+                # Both rules apply; the earliest deadline wins, a tie goes to the first rule id.
+                by_event, by_relationship = day_start(day_over(on)), day_start(day_over(clock))
+                if by_relationship <= by_event:
+                    if by_relationship <= as_of:
+                        due[("crm_event_participation", eid)] = "event-participation"
+                elif by_event <= as_of:
+                    due[("crm_event_participation", eid)] = "event-participation-opted-out"
+            elif day_start(day_over(add_years(clock, 1))) <= as_of:
                 due[("crm_event_participation", eid)] = "event-participation"
         for r in b["course_registration"].values():
             end = parse_date(r["course_end"])
