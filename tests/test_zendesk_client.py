@@ -451,3 +451,20 @@ def test_result_classification_and_constructor_checks():
     c = ZendeskClient(subdomain="acme", oauth_token="abc")
     assert c.base_url == "https://acme.zendesk.com" and c.session.session.headers["Authorization"] == "Bearer abc"
     c.close()
+
+
+# --- Retry-After capped (issue 10, item 11) ----------------------------------------------------
+
+
+def test_a_retry_after_of_a_day_fails_the_erasure_at_once_and_erases_nothing(server):
+    faults(server, throttle_next=1000, retry_after=86400, match="destroy_many")
+    live = stats(server)["tickets_live"]
+    c = client_for(server)
+    started = time.monotonic()
+    try:
+        outcomes = c.erase_tickets(range(1, 151))
+    finally:
+        c.close()
+    assert time.monotonic() - started < 20, "the client waited out a day's Retry-After"
+    assert set(outcomes.values()) == {"failed"}
+    assert stats(server)["tickets_live"] == live and stats(server)["soft_ticket_deletions"] == 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
+import os
 import threading
 import time
 from collections import Counter
@@ -39,6 +41,30 @@ TRANSIENT_ERRORS = (
     requests.Timeout,
     requests.exceptions.ChunkedEncodingError,
 )
+#: The longest ``Retry-After`` a task waits out (seconds) unless ``RETENTION_MAX_RETRY_AFTER`` or
+#: the connection says otherwise: a server asking for more (86400, say) would hold a worker
+#: slot for a day, so the request fails instead, and the records stay for a later attempt.
+DEFAULT_MAX_RETRY_AFTER = 300.0
+MAX_RETRY_AFTER_ENV = "RETENTION_MAX_RETRY_AFTER"
+
+
+def max_retry_after_setting(value: float | str | None = None) -> float:
+    """The cap on ``Retry-After``: ``value`` (a connection's), else ``RETENTION_MAX_RETRY_AFTER``,
+    else 300 seconds. A ``ValueError`` naming where the value came from when it is not a number of
+    seconds >= 0."""
+    where = "max_retry_after"
+    if value is None or value == "":
+        value = os.environ.get(MAX_RETRY_AFTER_ENV) or None
+        where = MAX_RETRY_AFTER_ENV
+    if value is None:
+        return DEFAULT_MAX_RETRY_AFTER
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number of seconds, got {str(value)[:40]!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{where} must be a number of seconds >= 0, got {str(value)[:40]!r}")
+    return seconds
 
 
 class HTTPError(RuntimeError):
@@ -50,6 +76,16 @@ class HTTPError(RuntimeError):
         self.endpoint = endpoint
         self.status = status
         self.detail = detail
+
+
+class RetryAfterTooLong(HTTPError):
+    """The server asked to wait longer than the client may (``max_retry_after``): the request
+    fails at once, and so does every request of the session until that time has passed, without
+    being sent. Retryable later: nothing was done, the records stay planned or failed."""
+
+    def __init__(self, method: str, endpoint: str, status: int | None, seconds: float, cap: float):
+        super().__init__(method, endpoint, status, f"Retry-After {seconds:.0f}s exceeds the maximum wait of {cap:g}s")
+        self.seconds = seconds
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -128,8 +164,12 @@ class RetryingSession:
         timeout: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
         adapter: HTTPAdapter | None = None,
+        max_retry_after: float | None = None,
     ):
         self.base_url = base_url.rstrip("/")
+        self.max_retry_after = max_retry_after_setting(max_retry_after)
+        # Until when (time.monotonic) the server told us to stay away for longer than we wait.
+        self._closed_until = float("-inf")
         self.max_connections = max_connections
         self.max_retries = max_retries
         self.backoff = backoff
@@ -176,6 +216,7 @@ class RetryingSession:
         url = path if path.startswith("http") else f"{self.base_url}{path}"
         kwargs.setdefault("timeout", self.timeout)
         call = _Call(method, url, endpoint or method, ok, accept, kwargs)
+        self._refuse_while_closed(call)
         try:
             # A copy per call: the controller keeps per-thread state, which a request made
             # from within a request (an auth hook, say) would otherwise overwrite.
@@ -185,7 +226,18 @@ class RetryingSession:
         status = response.status_code
         if status in ok or status in accept:
             return response
+        waited = retry_after(response)
+        if waited is not None and waited > self.max_retry_after:
+            self._closed_until = max(self._closed_until, time.monotonic() + waited)
+            log.warning("%s %s: HTTP %s asks to wait %.0fs, more than %gs: failing", method, call.endpoint, status,
+                        waited, self.max_retry_after)
+            raise RetryAfterTooLong(method, call.endpoint, status, waited, self.max_retry_after)
         raise HTTPError(method, call.endpoint, status, _short_detail(response))
+
+    def _refuse_while_closed(self, call: _Call) -> None:
+        left = self._closed_until - time.monotonic()
+        if left > 0:
+            raise RetryAfterTooLong(call.method, call.endpoint, None, left, self.max_retry_after)
 
     # -- the parts of the tenacity controller -------------------------------------------------
     def _attempt(self, call: _Call) -> requests.Response:
@@ -195,15 +247,19 @@ class RetryingSession:
             self.stats.add("connection_errors")
             raise
 
-    @staticmethod
-    def _should_retry(retry_state: tenacity.RetryCallState) -> bool:
+    def _should_retry(self, retry_state: tenacity.RetryCallState) -> bool:
         outcome = retry_state.outcome
         assert outcome is not None
         if outcome.failed:
             return isinstance(outcome.exception(), TRANSIENT_ERRORS)
         call: _Call = retry_state.args[0]
-        status = outcome.result().status_code
-        return status in RETRY_STATUSES and status not in call.ok and status not in call.accept
+        response = outcome.result()
+        status = response.status_code
+        if status not in RETRY_STATUSES or status in call.ok or status in call.accept:
+            return False
+        waited = retry_after(response)
+        # A wait longer than the cap is not waited out: the request fails (see request()).
+        return waited is None or waited <= self.max_retry_after
 
     def _should_stop(self, retry_state: tenacity.RetryCallState) -> bool:
         return tenacity.stop_after_attempt(self.max_retries + 1)(retry_state)

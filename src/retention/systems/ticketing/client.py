@@ -79,6 +79,7 @@ class ZendeskClient:
         max_job_attempts: int = 5,
         job_timeout: float = 900.0,
         window_seconds: float = 60.0,
+        max_retry_after: float | None = None,
     ):
         """``window_seconds`` scales the rate windows (60 s; 600 s for permanent user
         deletes); only tests change it, against a stand-in with the same scaling.
@@ -89,7 +90,9 @@ class ZendeskClient:
         waited out and retried). ``job_poll_interval`` (0.1 s): the spacing of job-status polls
         while the request budget has room to spare, a job's first poll before the client has
         seen how long jobs take, and the step by which polls of a job still running back off
-        (growing by half up to five times it)."""
+        (growing by half up to five times it). ``max_retry_after``: the longest ``Retry-After``
+        waited out (default ``RETENTION_MAX_RETRY_AFTER``, else 300 s); a longer one fails the
+        request, and the session's requests until then, as retryable errors."""
         if base_url:
             url = base_url.rstrip("/")
         elif subdomain:
@@ -125,6 +128,7 @@ class ZendeskClient:
         self.user_deletes = self.limits.user_deletes
         self.request_counts: Counter = Counter()
         self._count_lock = threading.Lock()
+        paced = PacedAdapter(self.limits.route, max_connections=self.max_connections, on_send=self._count)
         self.session = RetryingSession(
             url,
             auth=auth,
@@ -132,8 +136,10 @@ class ZendeskClient:
             max_connections=self.max_connections,
             max_retries=max_retries,
             timeout=timeout,
-            adapter=PacedAdapter(self.limits.route, max_connections=self.max_connections, on_send=self._count),
+            adapter=paced,
+            max_retry_after=max_retry_after,
         )
+        paced.max_retry_after = self.session.max_retry_after
         self._jobs = TicketJobs(self)
         self.last_ticket_cursor: str | None = None
         self.last_user_cursor: str | None = None
