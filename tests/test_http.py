@@ -225,3 +225,22 @@ def test_the_cap_is_configurable_and_a_shorter_retry_after_is_still_waited_out(m
         monkeypatch.setenv("RETENTION_MAX_RETRY_AFTER", bad)
         with pytest.raises(ValueError, match="^RETENTION_MAX_RETRY_AFTER must be a number of seconds"):
             max_retry_after_setting()
+
+
+def test_a_request_that_must_not_be_sent_twice_is_not_resent_once_it_may_have_arrived():
+    from retention.systems.http import MaybeSent
+
+    # A read timeout: the server may have acted on it. Not sent again; the caller is told.
+    adapter = Scripted(requests.ReadTimeout("late"), 200)
+    s, slept = session(adapter)
+    with pytest.raises(MaybeSent) as err:
+        s.request("DELETE", "/jobs", endpoint="jobs", resend=False)
+    assert len(adapter.sent) == 1 and slept == [] and err.value.detail == "ReadTimeout"
+    # A connect timeout, a 429 or a 5xx: it did not take effect, so it is sent again.
+    adapter = Scripted(requests.ConnectTimeout("no"), (429, {"Retry-After": "1"}), 503, 200)
+    s, slept = session(adapter)
+    assert s.request("DELETE", "/jobs", endpoint="jobs", resend=False).status_code == 200
+    assert len(adapter.sent) == 4
+    # Without resend=False a read timeout is retried as before.
+    s, _ = session(Scripted(requests.ReadTimeout("late"), 200))
+    assert s.request("GET", "/x").status_code == 200

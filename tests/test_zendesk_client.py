@@ -468,3 +468,26 @@ def test_a_retry_after_of_a_day_fails_the_erasure_at_once_and_erases_nothing(ser
     assert time.monotonic() - started < 20, "the client waited out a day's Retry-After"
     assert set(outcomes.values()) == {"failed"}
     assert stats(server)["tickets_live"] == live and stats(server)["soft_ticket_deletions"] == 0
+
+
+# --- a timed-out destroy_many is never sent again blindly (issue 10, item 11) -----------------
+
+
+def test_a_destroy_many_whose_answer_times_out_is_not_resubmitted_when_its_job_took_effect(server):
+    # Each destroy_many takes effect (its job is created and runs), but the answer comes after
+    # the client's timeout: the client cannot know, and must look instead of sending it again.
+    faults(server, slow_after_ms=1500, match="destroy_many")
+    before = stats(server)
+    c = client_for(server, timeout=0.5)
+    try:
+        outcomes = c.erase_tickets(range(1, 251))
+    finally:
+        c.close()
+    faults(server)
+    after = stats(server)
+    sent = {k: after["requests_by_endpoint"].get(k, 0) - before["requests_by_endpoint"].get(k, 0)
+            for k in ("tickets.destroy_many", "deleted_tickets.destroy_many")}
+    assert sent == {"tickets.destroy_many": 3, "deleted_tickets.destroy_many": 3}, f"duplicate jobs: {sent}"
+    assert set(outcomes.values()) == {"erased"} and len(outcomes) == 250
+    assert after["permanent_ticket_deletions"] - before["permanent_ticket_deletions"] == 250
+

@@ -1,9 +1,12 @@
 """A small retrying HTTP client shared by the Mailchimp and Zendesk connectors.
 
 Both providers throttle with HTTP 429 (Zendesk says how long to wait in ``Retry-After``,
-Mailchimp does not) and both fail transiently with 5xx or dropped connections. Every call the
-connectors make is idempotent (GETs, permanent deletes where "already gone" is success), so a
-retry is always safe. The retrying is tenacity's (``tenacity.Retrying`` around each call): a
+Mailchimp does not) and both fail transiently with 5xx or dropped connections. Nearly every call
+the connectors make is idempotent (GETs, permanent deletes where "already gone" is success), so a
+retry is safe; a call that creates something (a Zendesk ``destroy_many`` job) is made with
+``resend=False`` and is not sent again once it may have reached the server (:class:`MaybeSent`):
+its caller looks at what it did first. A ``Retry-After`` longer than ``max_retry_after`` is not
+waited out (:class:`RetryAfterTooLong`). The retrying is tenacity's (``tenacity.Retrying`` around each call): a
 ``Retry-After`` on 429 or 503 (seconds or an HTTP date) is waited out, anything else retryable
 waits a full-jitter exponential backoff. Retries happen above the ``requests`` transport, so an
 adapter mounted on the session (the Zendesk pacer, :mod:`retention.systems.ratelimit`) sees, paces
@@ -76,6 +79,13 @@ class HTTPError(RuntimeError):
         self.endpoint = endpoint
         self.status = status
         self.detail = detail
+
+
+class MaybeSent(HTTPError):
+    """A request that must not be sent twice (``resend=False``: it creates something, such as a
+    background job) lost its answer after it may have reached the server (a read timeout, a
+    connection dropped mid-answer). Whether it took effect is unknown: the caller looks before
+    sending it again."""
 
 
 class RetryAfterTooLong(HTTPError):
@@ -205,6 +215,7 @@ class RetryingSession:
         endpoint: str | None = None,
         ok: tuple[int, ...] = (200, 201, 202, 204),
         accept: tuple[int, ...] = (),
+        resend: bool = True,
         **kwargs: Any,
     ) -> requests.Response:
         """Send a request, retrying 429, 5xx and dropped connections.
@@ -212,17 +223,21 @@ class RetryingSession:
         ``ok`` statuses are returned; ``accept`` statuses are returned too without counting as
         success (a 404 on a permanent delete means "already gone"). Anything else raises
         :class:`HTTPError`. ``endpoint`` is the loggable name of the call (no identifiers).
+        ``resend=False``: the request is not sent again once it may have reached the server
+        without its answer reaching us (only a connect timeout, a 429 or a 5xx is retried);
+        then :class:`MaybeSent` is raised.
         """
         url = path if path.startswith("http") else f"{self.base_url}{path}"
         kwargs.setdefault("timeout", self.timeout)
-        call = _Call(method, url, endpoint or method, ok, accept, kwargs)
+        call = _Call(method, url, endpoint or method, ok, accept, kwargs, resend)
         self._refuse_while_closed(call)
         try:
             # A copy per call: the controller keeps per-thread state, which a request made
             # from within a request (an auth hook, say) would otherwise overwrite.
             response = self._retrying.copy()(self._attempt, call)
         except TRANSIENT_ERRORS as exc:
-            raise HTTPError(method, call.endpoint, None, type(exc).__name__) from None
+            kind = MaybeSent if not resend and not _never_sent(exc) else HTTPError
+            raise kind(method, call.endpoint, None, type(exc).__name__) from None
         status = response.status_code
         if status in ok or status in accept:
             return response
@@ -250,9 +265,10 @@ class RetryingSession:
     def _should_retry(self, retry_state: tenacity.RetryCallState) -> bool:
         outcome = retry_state.outcome
         assert outcome is not None
-        if outcome.failed:
-            return isinstance(outcome.exception(), TRANSIENT_ERRORS)
         call: _Call = retry_state.args[0]
+        if outcome.failed:
+            exc = outcome.exception()
+            return isinstance(exc, TRANSIENT_ERRORS) and (call.resend or _never_sent(exc))
         response = outcome.result()
         status = response.status_code
         if status not in RETRY_STATUSES or status in call.ok or status in call.accept:
@@ -299,6 +315,13 @@ class _Call:
     ok: tuple[int, ...]
     accept: tuple[int, ...]
     kwargs: dict[str, Any]
+    resend: bool = True
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether a transport error certainly came before the request reached the server (the
+    connection was never made). Anything else, a read timeout above all, may have come after."""
+    return isinstance(exc, requests.ConnectTimeout)
 
 
 def _last_outcome(retry_state: tenacity.RetryCallState) -> requests.Response:
