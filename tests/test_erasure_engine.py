@@ -131,6 +131,26 @@ def test_a_requester_waits_for_every_ticket_of_theirs(ledger):
     assert [c for c in system.calls if c[0] == "support_ticket"][-1][2] == ["2"], "a finished ticket was sent again"
 
 
+def test_a_cc_or_follower_waits_for_the_ticket_like_its_requester(ledger):
+    """A ticket's ``blocks`` names all its parties (requester, CCs, followers): when it fails,
+    every one of them is deferred, not only its requester (issue 10, item 2)."""
+    records = {"support_ticket": {"1", "2"}, "ticket_user": {"u1", "u2", "u3"}}
+    system = MemorySystem(records, fail={"1"})
+    engine = ErasureEngine(ledger, "run-cc", "ticketing", system, "v1")
+    plan = plan_of([
+        ("support_ticket", "1", "erase", "u1 u2"), ("support_ticket", "2", "erase", "u3"),
+        ("ticket_user", "u1", "erase"), ("ticket_user", "u2", "erase"), ("ticket_user", "u3", "erase"),
+    ])
+    engine.erase(plan)
+    assert system.records["ticket_user"] == {"u1", "u2"}, "a CC went before the ticket naming them"
+    rows = entries(ledger, "run-cc")
+    key = dict(zip(plan["record_id"], plan["record_key"]))
+    assert [rows[("ticket_user", key[u])]["status"] for u in ("u1", "u2", "u3")] == ["deferred", "deferred", "erased"]
+    system.fail.clear()
+    assert engine.erase(plan).totals() == {"erased": 5}
+    assert system.records == {"support_ticket": set(), "ticket_user": set()}
+
+
 def test_a_hold_added_after_the_plan_is_kept(ledger):
     plan = plan_of(PLAN)
     ledger.add_hold("support_ticket", plan["record_key"].iloc[0], "dispute after planning", None)
@@ -253,8 +273,10 @@ def due_frame(record_type: str, n: int, prefix: str = "r") -> pd.DataFrame:
                         "created_at": OLD, "has_invoice": False},
         "crm_event_participation": {"contact_id": "1", "event_date": OLD, "membership_active": False, "membership_end": OLD,
                                     "is_customer": True, "opted_out": False},
-        "support_ticket": {"status": "closed", "requester_id": "9", "solved_at": OLD, "created_at": OLD, "updated_at": OLD},
-        "ticket_user": {"role": "end-user", "created_at": OLD, "updated_at": OLD, "tickets_remaining": 0, "last_ticket_gone_at": OLD},
+        "support_ticket": {"status": "closed", "requester_id": "9", "solved_at": OLD, "created_at": OLD, "updated_at": OLD,
+                           "cc_ids": ""},
+        "ticket_user": {"role": "end-user", "created_at": OLD, "updated_at": OLD, "tickets_remaining": 0, "last_ticket_gone_at": OLD,
+                        "had_ticket": True},
     }[record_type]
     return pd.DataFrame({"record_id": ids, **{c: [v] * n for c, v in base.items()}})
 

@@ -77,7 +77,7 @@ def test_incremental_export_reads_every_ticket_exactly_once(tmp_path):
             ids = [t["id"] for page in pages for t in page]
             assert len(pages) == 3 and len(ids) == 2500 and set(ids) == set(range(1, 2501))
             first = pages[0][0]
-            assert set(first) == {"id", "status", "requester_id", "created_at", "updated_at", "solved_at"}
+            assert set(first) == {"id", "status", "requester_id", "created_at", "updated_at", "solved_at", "cc_ids"}
             by_status = {}
             for page in pages:
                 for t in page:
@@ -491,3 +491,26 @@ def test_a_destroy_many_whose_answer_times_out_is_not_resubmitted_when_its_job_t
     assert set(outcomes.values()) == {"erased"} and len(outcomes) == 250
     assert after["permanent_ticket_deletions"] - before["permanent_ticket_deletions"] == 250
 
+
+
+# --- CCs and followers: ids only (issue 10, item 2) -------------------------------------------
+
+
+def test_tickets_carry_their_ccs_and_followers_as_ids_only(server, client):
+    exported = {t["id"]: t for page in client.iter_ticket_pages(0) for t in page}
+    raw = {}
+    for start in range(1, 401, 100):
+        ids = ",".join(map(str, range(start, start + 100)))
+        body = requests.get(f"{server.base_url}/api/v2/tickets/show_many.json", params={"ids": ids},
+                            auth=("agent@example.org/token", "token")).json()
+        raw.update({t["id"]: t for t in body["tickets"]})
+    with_cc = [tid for tid, t in raw.items() if t["email_cc_ids"]]
+    followed = [tid for tid, t in raw.items() if t["follower_ids"]]
+    assert len(with_cc) > 20 and len(followed) > 20, "the synthetic data has CCs and followers"
+    for tid, t in raw.items():
+        people = set(t["collaborator_ids"]) | set(t["email_cc_ids"]) | set(t["follower_ids"])
+        want = " ".join(map(str, sorted(people - {t["requester_id"]})))
+        assert exported[tid]["cc_ids"] == want
+        assert all(isinstance(u, int) for u in people)
+    current = {t["id"]: t for t in client.current_tickets(with_cc[:5])}
+    assert {tid: current[tid]["cc_ids"] for tid in with_cc[:5]} == {tid: exported[tid]["cc_ids"] for tid in with_cc[:5]}

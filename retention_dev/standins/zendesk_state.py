@@ -62,6 +62,7 @@ class State(JobQueue):
         self.by_req_order = np.argsort(req_row, kind="stable")
         self.by_req_start = np.searchsorted(req_row[self.by_req_order], np.arange(n_u + 1))
         self.n_tickets, self.n_users = n_t, n_u
+        self._init_people()
         self._init_jobs(meta)
         self.faults: dict = {}
 
@@ -176,6 +177,26 @@ class State(JobQueue):
         rows = self.by_req_order[self.by_req_start[user_row] : self.by_req_start[user_row + 1]]
         return int(np.isin(self.t_status[rows], (0, 1, 2, 3, 4)).sum())
 
+    # --- CCs and followers ------------------------------------------------------------
+    def _init_people(self) -> None:
+        """Who is CC'd on or follows which ticket: derived from the data, not stored. Every
+        11th ticket (from row 6 on: rows 0..5 are the edge cases) CCs an end user, taken in turn
+        from the requesters (not the two edge-case users) and the users without tickets; every
+        13th is followed by an agent. As in Zendesk, ``collaborator_ids`` lists both."""
+        edge = self.meta.get("edge_cases") or {}
+        skip = {edge.get("user_due_and_open"), edge.get("user_all_due")}
+        requesters = [int(u) for u in np.unique(self.t_requester) if int(u) not in skip]
+        idle = [int(u) for u in edge.get("users_without_tickets") or []]
+        self.cc_pool = requesters[::2] + idle[: max(1, len(idle) // 2)]
+        self.agent_pool = [zd.USER_ID_BASE + 1 + int(r) for r in np.flatnonzero(self.u_role == zd.ROLE_CODE["agent"])]
+
+    def people(self, row: int) -> dict:
+        """``collaborator_ids``, ``email_cc_ids`` and ``follower_ids`` of the ticket in ``row``."""
+        cc = [self.cc_pool[(row // 11) % len(self.cc_pool)]] if row >= 6 and row % 11 == 3 and self.cc_pool else []
+        cc = [u for u in cc if u != int(self.t_requester[row])]
+        follow = [self.agent_pool[(row // 13) % len(self.agent_pool)]] if row >= 6 and row % 13 == 5 and self.agent_pool else []
+        return {"collaborator_ids": cc + follow, "email_cc_ids": cc, "follower_ids": follow}
+
     # --- JSON shapes -----------------------------------------------------------------
     def ticket_json(self, row: int, base: str) -> dict:
         tid = row + 1
@@ -190,6 +211,7 @@ class State(JobQueue):
             "created_at": iso(self.t_created[row]),
             "updated_at": iso(self.t_updated[row]),
             "tags": [],
+            **self.people(row),
         }
 
     def tickets_page(self, rows: np.ndarray, base: str) -> list[dict]:
@@ -206,6 +228,7 @@ class State(JobQueue):
                 "created_at": created,
                 "updated_at": updated,
                 "tags": [],
+                **self.people(tid - 1),
             }
             for tid, status, req, created, updated in zip(
                 (rows + 1).tolist(), statuses, requesters, iso_many(self.t_created[rows]),

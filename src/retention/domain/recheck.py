@@ -36,6 +36,11 @@ def _with_derived(record_type: str, current: pd.DataFrame, planned: pd.DataFrame
     out = current.copy()
     if "tickets_remaining" in rt.derived:
         out["tickets_remaining"] = 0
+    if "had_ticket" in rt.derived:
+        # Judged as one whose tickets went: due once untouched since its planned clock, which
+        # holds for a user planned for having no ticket at all too (its account's creation
+        # was judged at the plan and does not change). The recheck only ever leaves alone.
+        out["had_ticket"] = True
     if "last_ticket_gone_at" in rt.derived:
         planned_clock = pd.to_datetime(out["record_id"].astype(str).map(clock), utc=True)
         own = pd.to_datetime(out["updated_at"], utc=True) if "updated_at" in out else planned_clock

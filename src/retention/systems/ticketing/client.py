@@ -53,6 +53,24 @@ from retention.systems.ticketing.limits import ZendeskLimits
 log = logging.getLogger(__name__)
 
 TICKET_FIELDS = ("id", "status", "requester_id", "created_at", "updated_at")
+# The users a ticket names besides its requester (ids only; CCs and followers): ``cc_ids``.
+TICKET_PEOPLE = ("collaborator_ids", "email_cc_ids", "follower_ids")
+
+
+def ticket_row(ticket: dict) -> dict:
+    """A ticket object cut down to the export's shape: ``TICKET_FIELDS`` and ``cc_ids``, the ids
+    of the users CC'd on or following it (space-separated, ascending, the requester left out)."""
+    row = {name: ticket.get(name) for name in TICKET_FIELDS}
+    people: set[int] = set()
+    for name in TICKET_PEOPLE:
+        for uid in ticket.get(name) or ():
+            if isinstance(uid, int) and not isinstance(uid, bool):
+                people.add(uid)
+            elif isinstance(uid, str) and uid.isdigit():
+                people.add(int(uid))
+    people.discard(ticket.get("requester_id"))
+    row["cc_ids"] = " ".join(map(str, sorted(people)))
+    return row
 USER_FIELDS = ("id", "role", "active", "created_at", "updated_at")
 
 
@@ -192,7 +210,7 @@ class ZendeskClient:
         """Every ticket changed since ``start_time`` (or after ``cursor``), a page at a time.
 
         Each ticket: id, status ("deleted" when soft-deleted), requester_id, created_at,
-        updated_at (ISO strings as Zendesk sends them) and solved_at from the metric set (None
+        updated_at (ISO strings as Zendesk sends them), cc_ids (see :func:`ticket_row`) and solved_at from the metric set (None
         when never solved). ``last_ticket_cursor`` keeps the cursor for the next export.
         """
         params = {"cursor": cursor} if cursor else {"start_time": int(start_time)}
@@ -201,7 +219,7 @@ class ZendeskClient:
             solved = {m.get("ticket_id"): m.get("solved_at") for m in body.get("metric_sets") or []}
             page = []
             for ticket in body.get("tickets") or []:
-                row = {name: ticket.get(name) for name in TICKET_FIELDS}
+                row = ticket_row(ticket)
                 row["solved_at"] = solved.get(ticket.get("id"))
                 page.append(row)
             self.last_ticket_cursor = body.get("after_cursor") or self.last_ticket_cursor
@@ -278,7 +296,7 @@ class ZendeskClient:
                 return
             body = resp.json()
             for ticket in body.get("tickets") or []:
-                yield {name: ticket.get(name) for name in TICKET_FIELDS}
+                yield ticket_row(ticket)
             meta = body.get("meta") or {}
             if not meta.get("has_more") or not meta.get("after_cursor"):
                 return
@@ -397,7 +415,7 @@ class ZendeskClient:
             ).json()
             solved = {m.get("ticket_id"): m.get("solved_at") for m in body.get("metric_sets") or []}
             for ticket in body.get("tickets") or []:
-                out.append({**{name: ticket.get(name) for name in TICKET_FIELDS}, "solved_at": solved.get(ticket.get("id"))})
+                out.append({**ticket_row(ticket), "solved_at": solved.get(ticket.get("id"))})
         return out
 
     def current_users(self, ids: Iterable[int]) -> list[dict]:
