@@ -106,6 +106,7 @@ class State(JobQueue):
             meta["counters"] = dict(self.counters)
             meta["last_clock"] = self.last_clock
             meta["jobs"] = [job for job in self.jobs.values()]
+            meta["cc_set"] = {str(k): v for k, v in self.cc_set.items()}
             arrays = {
                 "t_status": self.t_status.copy(),
                 "t_prev": self.t_prev.copy(),
@@ -189,13 +190,33 @@ class State(JobQueue):
         idle = [int(u) for u in edge.get("users_without_tickets") or []]
         self.cc_pool = requesters[::2] + idle[: max(1, len(idle) // 2)]
         self.agent_pool = [zd.USER_ID_BASE + 1 + int(r) for r in np.flatnonzero(self.u_role == zd.ROLE_CODE["agent"])]
+        # CCs set through the API (PUT /tickets/{id} with email_cc_ids): ticket row -> user ids.
+        self.cc_set: dict[int, list[int]] = {int(k): v for k, v in (self.meta.get("cc_set") or {}).items()}
 
     def people(self, row: int) -> dict:
         """``collaborator_ids``, ``email_cc_ids`` and ``follower_ids`` of the ticket in ``row``."""
-        cc = [self.cc_pool[(row // 11) % len(self.cc_pool)]] if row >= 6 and row % 11 == 3 and self.cc_pool else []
+        if row in self.cc_set:
+            cc = list(self.cc_set[row])
+        else:
+            cc = [self.cc_pool[(row // 11) % len(self.cc_pool)]] if row >= 6 and row % 11 == 3 and self.cc_pool else []
         cc = [u for u in cc if u != int(self.t_requester[row])]
         follow = [self.agent_pool[(row // 13) % len(self.agent_pool)]] if row >= 6 and row % 13 == 5 and self.agent_pool else []
         return {"collaborator_ids": cc + follow, "email_cc_ids": cc, "follower_ids": follow}
+
+    def related(self, user_row: int) -> dict:
+        """``GET /users/{id}/related``: counts of the live tickets the user requested and is
+        CC'd on (or follows), as Zendesk's ``user_related``."""
+        uid = zd.USER_ID_BASE + user_row + 1
+        rows = self.by_req_order[self.by_req_start[user_row] : self.by_req_start[user_row + 1]]
+        requested = int((self.t_status[rows] < DELETED).sum())
+        ccd = 0
+        candidates = set(self.cc_set) | set(range(3, self.n_tickets, 11)) | set(range(5, self.n_tickets, 13))
+        for row in candidates:
+            if self.t_status[row] < DELETED:
+                people = self.people(row)
+                ccd += uid in people["collaborator_ids"]
+        return {"user_related": {"requested_tickets": requested, "ccd_tickets": ccd, "assigned_tickets": 0,
+                                 "organization_subscriptions": 0}}
 
     # --- JSON shapes -----------------------------------------------------------------
     def ticket_json(self, row: int, base: str) -> dict:

@@ -363,9 +363,9 @@ class ZendeskClient:
         keep: Callable[[list[dict]], set[int]] | None = None,
     ) -> dict[int, str]:
         """:meth:`erase_user` for each id, ``max_connections`` at a time; an id the API keeps
-        failing on is ``"failed"``. With ``keep``, each 100 users are re-read (``users/show_many``)
-        right before their deletion and those ``keep(users)`` returns are left alone
-        (``"not_yet"``)."""
+        failing on is ``"failed"``. With ``keep``, each 100 users are re-read (``users/show_many``,
+        and each end user's live tickets with ``users/{id}/related``) right before their deletion
+        and those ``keep(users)`` returns are left alone (``"not_yet"``)."""
         order = list(dict.fromkeys(int(i) for i in ids))
         outcomes: dict[int, str] = {}
         lock = threading.Lock()
@@ -388,7 +388,7 @@ class ZendeskClient:
         for start in range(0, len(order), step):
             chunk = order[start : start + step]
             if keep:
-                left = keep(self.current_users(chunk))
+                left = keep(self.current_users(chunk, with_tickets=True))
                 for uid in chunk:
                     if uid in left:
                         done(uid, NOT_YET)
@@ -418,9 +418,11 @@ class ZendeskClient:
                 out.append({**ticket_row(ticket), "solved_at": solved.get(ticket.get("id"))})
         return out
 
-    def current_users(self, ids: Iterable[int]) -> list[dict]:
+    def current_users(self, ids: Iterable[int], *, with_tickets: bool = False) -> list[dict]:
         """The live users among ``ids`` as they are now (id, role, created_at, updated_at):
-        ``users/show_many``, 100 ids a call."""
+        ``users/show_many``, 100 ids a call. ``with_tickets``: each end user's
+        ``tickets_remaining`` too, the live tickets they requested or are CC'd on
+        (``users/{id}/related``, one call per end user, counts only)."""
         ordered = sorted({int(i) for i in ids})
         out: list[dict] = []
         for i in range(0, len(ordered), MAX_IDS):
@@ -429,7 +431,24 @@ class ZendeskClient:
                 "/api/v2/users/show_many.json", endpoint="users.show_many", params={"ids": ",".join(map(str, chunk))}
             ).json()
             out.extend({name: u.get(name) for name in ("id", "role", "created_at", "updated_at")} for u in body.get("users") or [])
+        if with_tickets:
+            for user in out:
+                user["tickets_remaining"] = 0  # staff are protected whatever they are named on
+            end_users = [u for u in out if u.get("role") == "end-user"]
+            if end_users:
+                with ThreadPoolExecutor(min(self.max_connections, len(end_users)), thread_name_prefix="zendesk-related") as pool:
+                    for user, count in zip(end_users, pool.map(self._tickets_naming, [u["id"] for u in end_users]), strict=True):
+                        user["tickets_remaining"] = count
         return out
+
+    def _tickets_naming(self, user_id: int) -> int:
+        """How many live tickets the user requested or is CC'd on (``users/{id}/related``); a
+        user gone meanwhile has none."""
+        resp = self._get(f"/api/v2/users/{int(user_id)}/related.json", endpoint="users.related", accept=(404,))
+        if resp.status_code == 404:
+            return 0
+        related = resp.json().get("user_related") or {}
+        return int(related.get("requested_tickets") or 0) + int(related.get("ccd_tickets") or 0)
 
     # --- verification ----------------------------------------------------------------
     def ticket_statuses(self, ids: Iterable[int]) -> dict[int, str]:
