@@ -11,7 +11,12 @@ What it relies on, from the Zendesk Support API reference:
 * ``DELETE /api/v2/users/{id}`` soft-deletes a user and is refused (422) while the user is the
   requester of a ticket that is not closed; ``DELETE /api/v2/deleted_users/{id}`` then deletes
   for good, at most 700 users per 10 minutes.
-* Account-wide limit of N requests per minute by plan; 429 with ``Retry-After`` beyond it.
+* Tickets name, besides their requester, the users CC'd on or following them
+  (``collaborator_ids``, ``email_cc_ids``, ``follower_ids``): kept as ids only (``cc_ids``).
+  ``GET /api/v2/users/{id}/related`` counts a user's ``requested_tickets`` and ``ccd_tickets``,
+  read for each end user right before their deletion.
+* Account-wide limit of N requests per minute by plan; 429 with ``Retry-After`` beyond it (a
+  ``Retry-After`` longer than ``max_retry_after`` fails the request instead of being waited out).
 * Erasure requests: ``GET /api/v2/users/search?query=email:{address}`` finds a user by e-mail
   (offset pagination, ``next_page``); ``GET /api/v2/users/{id}/tickets/requested`` lists the
   tickets a user requested (cursor pagination ``page[size]``/``page[after]``). Zendesk leaves
