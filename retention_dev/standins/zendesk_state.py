@@ -192,6 +192,16 @@ class State(JobQueue):
         self.agent_pool = [zd.USER_ID_BASE + 1 + int(r) for r in np.flatnonzero(self.u_role == zd.ROLE_CODE["agent"])]
         # CCs set through the API (PUT /tickets/{id} with email_cc_ids): ticket row -> user ids.
         self.cc_set: dict[int, list[int]] = {int(k): v for k, v in (self.meta.get("cc_set") or {}).items()}
+        # The generated CCs and followers by user: user id -> ticket rows (for users/{id}/related).
+        self.cc_rows: dict[int, list[int]] = {}
+        for row in sorted(set(range(3, self.n_tickets, 11)) | set(range(5, self.n_tickets, 13))):
+            for uid in self._generated_people(row):
+                self.cc_rows.setdefault(uid, []).append(row)
+
+    def _generated_people(self, row: int) -> list[int]:
+        cc = [self.cc_pool[(row // 11) % len(self.cc_pool)]] if row >= 6 and row % 11 == 3 and self.cc_pool else []
+        follow = [self.agent_pool[(row // 13) % len(self.agent_pool)]] if row >= 6 and row % 13 == 5 and self.agent_pool else []
+        return [u for u in cc if u != int(self.t_requester[row])] + follow
 
     def people(self, row: int) -> dict:
         """``collaborator_ids``, ``email_cc_ids`` and ``follower_ids`` of the ticket in ``row``."""
@@ -210,7 +220,7 @@ class State(JobQueue):
         rows = self.by_req_order[self.by_req_start[user_row] : self.by_req_start[user_row + 1]]
         requested = int((self.t_status[rows] < DELETED).sum())
         ccd = 0
-        candidates = set(self.cc_set) | set(range(3, self.n_tickets, 11)) | set(range(5, self.n_tickets, 13))
+        candidates = set(self.cc_set) | set(self.cc_rows.get(uid, ()))
         for row in candidates:
             if self.t_status[row] < DELETED:
                 people = self.people(row)
