@@ -308,6 +308,25 @@ def test_a_record_protected_since_the_plan_is_always_left_alone(record_type, n, 
     assert set(left) == {f"r{i}" for i in changed}
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 12), st.data())
+def test_a_user_a_live_ticket_names_now_is_always_left_alone(n, data):
+    """Right before deletion Zendesk counts each user's live tickets (requested or CC'd on): a
+    user named by any, filed or CC'd since the plan, is left alone (issue 10, item 2)."""
+    from retention.domain.engine import plan_record_type
+
+    planned_frame = due_frame("ticket_user", n)
+    planned = plan_record_type(planned_frame, "ticket_user", POLICY, AS_OF)
+    assert len(planned) == n
+    named = data.draw(st.sets(st.integers(0, n - 1)))
+    now = planned_frame.drop(columns=["last_ticket_gone_at", "had_ticket"])
+    now["tickets_remaining"] = [data.draw(st.integers(1, 5)) if i in named else 0 for i in range(n)]
+    left = leave_alone("ticket_user", now, planned, POLICY, AS_OF)
+    assert set(left) == {f"r{i}" for i in named}
+    # Without the count (a system that cannot tell), nothing is left alone for it.
+    assert leave_alone("ticket_user", now.drop(columns=["tickets_remaining"]), planned, POLICY, AS_OF) == {}
+
+
 EXAMPLES = itertools.count()
 
 
