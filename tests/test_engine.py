@@ -289,3 +289,93 @@ def test_property_fallback_clock_never_plans_a_protected_or_held_record(drawn, s
     no_signup = set(frame.loc[frame["timestamp_signup"].isna(), "record_id"])
     assert by_fallback <= no_signup
     assert sp.quarantine_counts == {}
+
+
+# --- Zendesk users are due only with no basis left (issue 10, item 2) -------------------------
+
+from retention.domain.conform import from_rows  # noqa: E402
+from retention.domain.planning import plan_system  # noqa: E402
+
+ZD_AS_OF = ts("2026-11-25T12:00:00")
+LONG_AGO = "2020-01-01T00:00:00Z"
+
+
+def _zd_plan(tickets: list[dict], users: list[dict], as_of=ZD_AS_OF):
+    frames = {"support_ticket": from_rows("support_ticket", tickets), "ticket_user": from_rows("ticket_user", users)}
+    return plan_system("ticketing", frames, POLICY, as_of, now=as_of).plan
+
+
+def _ticket(tid, status, requester, cc="", solved=None):
+    return {"id": tid, "status": status, "requester_id": requester, "solved_at": solved,
+            "created_at": "2023-01-01T00:00:00Z", "updated_at": solved or "2023-01-01T00:00:00Z", "cc_ids": cc}
+
+
+def _user(uid, role="end-user", created=LONG_AGO):
+    return {"id": uid, "role": role, "created_at": created, "updated_at": created}
+
+
+def test_zendesk_users_are_due_only_with_no_basis_left():
+    long_solved = "2024-01-10T10:00:00Z"
+    tickets = [
+        _ticket(1, "closed", 10, solved=long_solved),          # due: its requester 10 goes with it
+        _ticket(2, "open", 11, cc="20 30"),                   # live: keeps 11, CC 20, follower (agent) 30
+        _ticket(3, "closed", 12, cc="21", solved=long_solved),  # due: requester 12 and CC 21 go after it
+        _ticket(4, "solved", 13, cc="22", solved="2026-10-01T10:00:00Z"),  # not due: keeps 13 and CC 22
+    ]
+    users = [
+        _user(10), _user(11), _user(12), _user(13), _user(20), _user(21), _user(22), _user(30, "agent"),
+        _user(40, created="2026-11-24T09:00:00Z"),  # created yesterday, no ticket yet
+        _user(41, created="2025-12-01T00:00:00Z"),  # no ticket, created within the year
+        _user(42),                                  # no ticket, created long ago
+        _user(43, "admin"),
+    ]
+    plan = _zd_plan(tickets, users)
+    planned_users = planned(plan[plan["record_type"] == "ticket_user"])
+    assert planned_users == {
+        "10": "ticket-requester", "12": "ticket-requester", "21": "ticket-requester", "42": "ticket-user-without-ticket",
+    }
+    tickets_planned = plan[plan["record_type"] == "support_ticket"].set_index("record_id")
+    assert set(tickets_planned.index) == {"1", "3"}
+    # The engine erases a ticket's parties (requester, CCs, followers) only once it is gone.
+    assert tickets_planned.loc["3", "blocks"] == "12 21" and tickets_planned.loc["1", "blocks"] == "10"
+
+
+_ZD_STATUSES = ("new", "open", "pending", "hold", "solved", "closed", "deleted")
+
+
+@st.composite
+def zendesk_accounts(draw):
+    n_users = draw(st.integers(1, 8))
+    uids = list(range(100, 100 + n_users))
+    roles = draw(st.lists(st.sampled_from(("end-user", "end-user", "agent", "admin")), min_size=n_users, max_size=n_users))
+    days = draw(st.lists(st.one_of(st.integers(0, 3 * 365), st.sampled_from((363, 364, 365, 366))), min_size=n_users, max_size=n_users))
+    users = [_user(u, r, (ZD_AS_OF - pd.Timedelta(days=d, hours=1)).isoformat()) for u, r, d in zip(uids, roles, days)]
+    tickets = []
+    for tid in range(1, draw(st.integers(0, 10)) + 1):
+        status = draw(st.sampled_from(_ZD_STATUSES))
+        solved = (ZD_AS_OF - pd.Timedelta(days=draw(st.integers(1, 800)))).isoformat() if status in ("solved", "closed", "deleted") else None
+        ccs = draw(st.lists(st.sampled_from(uids), max_size=3, unique=True))
+        tickets.append(_ticket(tid, status, draw(st.sampled_from(uids)), " ".join(map(str, ccs)), solved))
+    return tickets, users
+
+
+@given(zendesk_accounts())
+@settings(max_examples=150, deadline=None)
+def test_property_a_user_with_a_live_basis_is_never_planned(accounts):
+    """Whatever the tickets: a user planned for erasure is an end user who requested, is CC'd on
+    and follows no ticket that stays, whom every ticket this plan erases and names lists among
+    the records it must go before, and who, named by no ticket, was created over a year ago."""
+    tickets, users = accounts
+    plan = _zd_plan(tickets, users)
+    erased = set(plan.loc[(plan["record_type"] == "support_ticket") & (plan["action"] == "erase"), "record_id"])
+    for row in plan[plan["record_type"] == "ticket_user"].itertuples():
+        uid = int(row.record_id)
+        user = next(u for u in users if u["id"] == uid)
+        assert user["role"] == "end-user"
+        named = [t for t in tickets if t["requester_id"] == uid or str(uid) in t["cc_ids"].split()]
+        assert not [t for t in named if str(t["id"]) not in erased], "requested, CC'd on or following a ticket that stays"
+        blocks = plan[plan["record_type"] == "support_ticket"].set_index("record_id")["blocks"]
+        assert all(str(uid) in str(blocks[str(t["id"])]).split() for t in named), "erased before a ticket of theirs"
+        if not named:
+            # (364 days: a calendar year in Europe/Stockholm is 365 or 366 days, give or take an hour)
+            assert pd.Timestamp(user["created_at"]) + pd.Timedelta(days=364) < ZD_AS_OF, "a new account with no ticket yet"

@@ -131,6 +131,26 @@ def test_a_requester_waits_for_every_ticket_of_theirs(ledger):
     assert [c for c in system.calls if c[0] == "support_ticket"][-1][2] == ["2"], "a finished ticket was sent again"
 
 
+def test_a_cc_or_follower_waits_for_the_ticket_like_its_requester(ledger):
+    """A ticket's ``blocks`` names all its parties (requester, CCs, followers): when it fails,
+    every one of them is deferred, not only its requester (issue 10, item 2)."""
+    records = {"support_ticket": {"1", "2"}, "ticket_user": {"u1", "u2", "u3"}}
+    system = MemorySystem(records, fail={"1"})
+    engine = ErasureEngine(ledger, "run-cc", "ticketing", system, "v1")
+    plan = plan_of([
+        ("support_ticket", "1", "erase", "u1 u2"), ("support_ticket", "2", "erase", "u3"),
+        ("ticket_user", "u1", "erase"), ("ticket_user", "u2", "erase"), ("ticket_user", "u3", "erase"),
+    ])
+    engine.erase(plan)
+    assert system.records["ticket_user"] == {"u1", "u2"}, "a CC went before the ticket naming them"
+    rows = entries(ledger, "run-cc")
+    key = dict(zip(plan["record_id"], plan["record_key"]))
+    assert [rows[("ticket_user", key[u])]["status"] for u in ("u1", "u2", "u3")] == ["deferred", "deferred", "erased"]
+    system.fail.clear()
+    assert engine.erase(plan).totals() == {"erased": 5}
+    assert system.records == {"support_ticket": set(), "ticket_user": set()}
+
+
 def test_a_hold_added_after_the_plan_is_kept(ledger):
     plan = plan_of(PLAN)
     ledger.add_hold("support_ticket", plan["record_key"].iloc[0], "dispute after planning", None)
@@ -256,8 +276,10 @@ def due_frame(record_type: str, n: int, prefix: str = "r") -> pd.DataFrame:
                         "created_at": OLD, "has_invoice": False},
         "crm_event_participation": {"contact_id": "1", "event_date": OLD, "membership_active": False, "membership_end": OLD,
                                     "is_customer": True, "opted_out": False},
-        "support_ticket": {"status": "closed", "requester_id": "9", "solved_at": OLD, "created_at": OLD, "updated_at": OLD},
-        "ticket_user": {"role": "end-user", "created_at": OLD, "updated_at": OLD, "tickets_remaining": 0, "last_ticket_gone_at": OLD},
+        "support_ticket": {"status": "closed", "requester_id": "9", "solved_at": OLD, "created_at": OLD, "updated_at": OLD,
+                           "cc_ids": ""},
+        "ticket_user": {"role": "end-user", "created_at": OLD, "updated_at": OLD, "tickets_remaining": 0, "last_ticket_gone_at": OLD,
+                        "had_ticket": True},
     }[record_type]
     return pd.DataFrame({"record_id": ids, **{c: [v] * n for c, v in base.items()}})
 
@@ -287,6 +309,25 @@ def test_a_record_protected_since_the_plan_is_always_left_alone(record_type, n, 
         now.loc[i, column] = data.draw(st.sampled_from(values))
     left = leave_alone(record_type, now, planned, POLICY, AS_OF)
     assert set(left) == {f"r{i}" for i in changed}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 12), st.data())
+def test_a_user_a_live_ticket_names_now_is_always_left_alone(n, data):
+    """Right before deletion Zendesk counts each user's live tickets (requested or CC'd on): a
+    user named by any, filed or CC'd since the plan, is left alone (issue 10, item 2)."""
+    from retention.domain.engine import plan_record_type
+
+    planned_frame = due_frame("ticket_user", n)
+    planned = plan_record_type(planned_frame, "ticket_user", POLICY, AS_OF)
+    assert len(planned) == n
+    named = data.draw(st.sets(st.integers(0, n - 1)))
+    now = planned_frame.drop(columns=["last_ticket_gone_at", "had_ticket"])
+    now["tickets_remaining"] = [data.draw(st.integers(1, 5)) if i in named else 0 for i in range(n)]
+    left = leave_alone("ticket_user", now, planned, POLICY, AS_OF)
+    assert set(left) == {f"r{i}" for i in named}
+    # Without the count (a system that cannot tell), nothing is left alone for it.
+    assert leave_alone("ticket_user", now.drop(columns=["tickets_remaining"]), planned, POLICY, AS_OF) == {}
 
 
 EXAMPLES = itertools.count()

@@ -139,3 +139,108 @@ def test_paced_adapter_paces_counts_and_is_deferred_by_retry_after(monkeypatch):
     assert sent == ["things.get"] * 3  # every attempt paced and counted
     assert slept == [2, 4]  # the retries' own waits
     assert waits == [pytest.approx(2), pytest.approx(4)]  # and the pacer was pushed back as far
+
+
+# --- a Retry-After beyond the cap is not waited out (issue 10, item 11) ----------------------
+
+
+class _Throttling:
+    """A tiny HTTP server on 127.0.0.1 answering every request 429 with ``Retry-After``."""
+
+    def __init__(self, retry_after: str):
+        import http.server
+        import threading
+
+        outer = self
+        self.hits = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.hits += 1
+                self.send_response(429)
+                self.send_header("Retry-After", retry_after)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _within(seconds: float, fn):
+    """``fn()``'s exception (or None), failing the test when it takes longer than ``seconds``."""
+    import threading
+
+    box: list = []
+
+    def run():
+        try:
+            fn()
+            box.append(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            box.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still waiting after {seconds}s: the Retry-After was waited out"
+    return box[0]
+
+
+def test_a_retry_after_of_a_day_fails_the_request_at_once_and_the_session_stays_away(monkeypatch):
+    from retention.systems.http import RetryAfterTooLong
+
+    monkeypatch.delenv("RETENTION_MAX_RETRY_AFTER", raising=False)
+    server = _Throttling("86400")
+    try:
+        s = RetryingSession(server.url)
+        assert s.max_retry_after == 300
+        err = _within(5, lambda: s.request("GET", "/things", endpoint="things"))
+        assert isinstance(err, RetryAfterTooLong) and isinstance(err, HTTPError)
+        assert err.status == 429 and "86400" in str(err) and server.hits == 1
+        # The server said "not before tomorrow": the session's next requests fail unsent.
+        err = _within(5, lambda: s.request("GET", "/other", endpoint="other"))
+        assert isinstance(err, RetryAfterTooLong) and server.hits == 1
+    finally:
+        server.close()
+
+
+def test_the_cap_is_configurable_and_a_shorter_retry_after_is_still_waited_out(monkeypatch):
+    from retention.systems.http import RetryAfterTooLong, max_retry_after_setting
+
+    monkeypatch.setenv("RETENTION_MAX_RETRY_AFTER", "2")
+    assert max_retry_after_setting() == 2 and max_retry_after_setting(7) == 7
+    s, slept = session(Scripted((429, {"Retry-After": "2"}), (429, {"Retry-After": "3"})))
+    with pytest.raises(RetryAfterTooLong):
+        s.request("GET", "/x", endpoint="x")
+    assert slept == [2]  # the 2 s were waited, the 3 s were not
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("RETENTION_MAX_RETRY_AFTER", bad)
+        with pytest.raises(ValueError, match="^RETENTION_MAX_RETRY_AFTER must be a number of seconds"):
+            max_retry_after_setting()
+
+
+def test_a_request_that_must_not_be_sent_twice_is_not_resent_once_it_may_have_arrived():
+    from retention.systems.http import MaybeSent
+
+    # A read timeout: the server may have acted on it. Not sent again; the caller is told.
+    adapter = Scripted(requests.ReadTimeout("late"), 200)
+    s, slept = session(adapter)
+    with pytest.raises(MaybeSent) as err:
+        s.request("DELETE", "/jobs", endpoint="jobs", resend=False)
+    assert len(adapter.sent) == 1 and slept == [] and err.value.detail == "ReadTimeout"
+    # A connect timeout, a 429 or a 5xx: it did not take effect, so it is sent again.
+    adapter = Scripted(requests.ConnectTimeout("no"), (429, {"Retry-After": "1"}), 503, 200)
+    s, slept = session(adapter)
+    assert s.request("DELETE", "/jobs", endpoint="jobs", resend=False).status_code == 200
+    assert len(adapter.sent) == 4
+    # Without resend=False a read timeout is retried as before.
+    s, _ = session(Scripted(requests.ReadTimeout("late"), 200))
+    assert s.request("GET", "/x").status_code == 200

@@ -25,13 +25,17 @@ def test_shipped_policy_covers_every_rule_of_the_brief():
         "newsletter-unsubscribed", "newsletter-pending", "former-member-contact", "lead", "event-participation",
         "course-registration", "survey-response", "invoice", "support-ticket", "soft-deleted-ticket", "ticket-requester",
         "event-participation-opted-out",
+        "ticket-user-without-ticket",
     }
     for rule in policy.rules:
         assert rule.clause, rule.id
         if rule.period_source == "decision":
             assert rule.decided_by, rule.id
     decisions = {r.id for r in policy.rules if r.period_source == "decision"}
-    assert decisions == {"newsletter-pending", "lead", "course-registration", "survey-response", "soft-deleted-ticket"}
+    assert decisions == {
+        "newsletter-pending", "lead", "course-registration", "survey-response", "soft-deleted-ticket",
+        "ticket-user-without-ticket",
+    }
 
 
 def test_version_is_content_hash():
@@ -80,7 +84,7 @@ def test_not_yaml_and_missing_file():
 def test_validate_command(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "retention.cli", "policy", "validate"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert "12 rules" in ok.stdout
+    assert "13 rules" in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(TEXT.replace("period: P90D", "period: 90 days", 1))
     out = subprocess.run([sys.executable, "-m", "retention.cli", "policy", "validate", str(bad)], capture_output=True, text=True)
@@ -108,7 +112,8 @@ def _refused(text: str) -> str:
          f"of newsletter_member.status (known: {MAILCHIMP}); did you mean 'unsubscribed'?"),
         ("when: {status: [solved, closed, deleted]}", "when: {status: [solved, closed, deletd]}",
          f"bad.yaml: rule 'support-ticket' (rules[8]), field 'when.status': 'deletd' is not a known value of support_ticket.status (known: {ZENDESK})"),
-        ("when: {role: [end-user], tickets_remaining: [0]}", "when: {role: [end_user], tickets_remaining: [0]}",
+        ("when: {role: [end-user], tickets_remaining: [0], had_ticket: [true]}",
+         "when: {role: [end_user], tickets_remaining: [0], had_ticket: [true]}",
          "bad.yaml: rule 'ticket-requester' (rules[10]), field 'when.role': 'end_user' is not a known value of ticket_user.role "
          "(known: end-user, agent, admin)"),
         ("when: {kind: [lead]}", "when: {kind: [leads]}",
@@ -276,7 +281,7 @@ def extreme_frames(draw, system):
             elif kind == KEY:
                 data[column] = pd.Series([f"{i % 2}" for i in range(n)], dtype="string")
             elif kind == TEXT_KIND:
-                choices = sorted(set(_TEXTS.get((name, column), []))) + ["something else"]
+                choices = sorted(set(_TEXTS.get((name, column), []))) or [""]  # a free text column (cc_ids) + ["something else"]
                 data[column] = pd.Series(draw(st.lists(st.sampled_from(choices), min_size=n, max_size=n)), dtype="string")
             elif kind == COUNT:
                 data[column] = pd.Series(draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), dtype="int64")
@@ -364,7 +369,7 @@ def test_the_bound_itself_plans_on_the_extreme_clocks(period, system):
             elif kind == FLAG:
                 data[column] = pd.Series(np.arange(n) % 2 == 0, dtype="bool") if column != "has_email" else True
             elif kind == TEXT_KIND:
-                choices = sorted(set(_TEXTS.get((name, column), [])))
+                choices = sorted(set(_TEXTS.get((name, column), []))) or [""]  # a free text column (cc_ids)
                 data[column] = pd.Series([choices[i % len(choices)] for i in range(n)], dtype="string")
             else:
                 data[column] = pd.Series([f"r{i % 3}" for i in range(n)], dtype="string")

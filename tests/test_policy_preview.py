@@ -80,7 +80,8 @@ def export_tickets(base_url: str) -> list[dict]:
         body = requests.get(f"{base_url}/api/v2/incremental/tickets/cursor.json", params=params, auth=AUTH, timeout=30).json()
         solved = {m["ticket_id"]: m["solved_at"] for m in body["metric_sets"]}
         for t in body["tickets"]:
-            tickets[t["id"]] = {"id": t["id"], "status": t["status"], "requester_id": t["requester_id"], "solved_at": solved.get(t["id"])}
+            tickets[t["id"]] = {"id": t["id"], "status": t["status"], "requester_id": t["requester_id"], "solved_at": solved.get(t["id"]),
+                                "parties": {t["requester_id"], *t["collaborator_ids"]}}
         if body["end_of_stream"]:
             return list(tickets.values())
         params = {"include": "metric_sets", "cursor": body["after_cursor"]}
@@ -167,10 +168,10 @@ def test_shortened_ticket_period_lists_exactly_the_tickets_that_become_due(zende
     assert len(expected) > 100
     assert groups(ticketing, "newly_erased", "support_ticket") == {"support-ticket": {pseudonym("support_ticket", t["id"]) for t in expected}}
     assert ticketing["no_longer_erased"] == [] and ticketing["changed_rule"] == []
-    # Requesters whose last remaining tickets become due go too, and only such requesters.
+    # Requesters (and CCs) whose last remaining tickets become due go too, and only such users.
     users = groups(ticketing, "newly_erased", "ticket_user")
     assert set(users) == {"ticket-requester"}
-    assert users["ticket-requester"] <= {pseudonym("ticket_user", t["requester_id"]) for t in expected}
+    assert users["ticket-requester"] <= {pseudonym("ticket_user", u) for t in expected for u in t["parties"]}
 
     assert result["erased"] == 0 and result["as_of"] == AS_OF.isoformat()
     assert result["policy_changes"] == ["rule support-ticket: period 'P1Y' -> 'P6M'"]

@@ -135,10 +135,11 @@ class Zendesk:
             solved = {m["ticket_id"]: m["solved_at"] for m in body["metric_sets"]}
             rows += [
                 {"id": t["id"], "status": t["status"], "requester_id": t["requester_id"], "solved_at": solved.get(t["id"]),
-                 "created_at": t["created_at"], "updated_at": t["updated_at"]}
+                 "created_at": t["created_at"], "updated_at": t["updated_at"],
+                 "cc": " ".join(map(str, sorted(set(t["collaborator_ids"]) | set(t["email_cc_ids"]) | set(t["follower_ids"]))))}
                 for t in body["tickets"]
             ]
-        frame = pd.DataFrame(rows, columns=["id", "status", "requester_id", "solved_at", "created_at", "updated_at"])
+        frame = pd.DataFrame(rows, columns=["id", "status", "requester_id", "solved_at", "created_at", "updated_at", "cc"])
         for col in ("solved_at", "created_at", "updated_at"):
             frame[col] = pd.to_datetime(frame[col], utc=True)
         return frame.drop_duplicates("id", keep="last").set_index("id").sort_index()
@@ -146,7 +147,8 @@ class Zendesk:
     def users(self) -> pd.DataFrame:
         """Every user not permanently deleted, by id (soft-deleted ones with active False)."""
         rows = [
-            {"id": u["id"], "role": u["role"], "active": u["active"], "email": u["email"], "updated_at": u["updated_at"]}
+            {"id": u["id"], "role": u["role"], "active": u["active"], "email": u["email"], "updated_at": u["updated_at"],
+             "created_at": u["created_at"]}
             for body in self._export("users", {})
             for u in body["users"]
         ]
@@ -181,10 +183,21 @@ def due_tickets(tickets: pd.DataFrame, as_of: pd.Timestamp) -> set[int]:
     return set(tickets.index[(by_solve | by_delete).fillna(False)])
 
 
-def users_without_tickets(users: pd.DataFrame, tickets_left: pd.DataFrame) -> set[int]:
-    """End users none of whose tickets (live or soft-deleted) remains."""
+def named_users(tickets: pd.DataFrame) -> set[int]:
+    """The users the tickets name: requesters, CCs and followers."""
+    return set(tickets["requester_id"].astype(int)) | {int(u) for cc in tickets["cc"] for u in str(cc).split()}
+
+
+def users_without_tickets(users: pd.DataFrame, tickets_left: pd.DataFrame, tickets_before: pd.DataFrame,
+                          as_of: pd.Timestamp) -> set[int]:
+    """End users no remaining ticket (live or soft-deleted) names as requester, CC or follower:
+    at once when a ticket named them before the run (ticket-requester), else a calendar year
+    after the account's creation (ticket-user-without-ticket)."""
     end_users = users.index[(users["role"] == "end-user") & users["active"]]
-    return set(end_users) - set(tickets_left["requester_id"])
+    left, before = named_users(tickets_left), named_users(tickets_before)
+    created = _local(pd.to_datetime(users["created_at"], utc=True))
+    old_enough = set(users.index[(created + pd.DateOffset(years=1)) <= _local(as_of)])
+    return {u for u in end_users if u not in left and (u in before or u in old_enough)}
 
 
 def as_of_of(home) -> pd.Timestamp:
@@ -333,9 +346,16 @@ def test_nightly_run_erases_exactly_what_is_due_once_and_a_second_run_nothing(ze
     assert s["tickets_soft_deleted"] == len(z.soft_deleted["recent"])
 
     # Users: end users with nothing left are gone, for good; everyone else untouched.
-    gone_users = users_without_tickets(u0, t1)
+    gone_users = users_without_tickets(u0, t1, t0, as_of)
     assert set(u0.index) - set(u1.index) == gone_users
-    assert int(z.edge["user_all_due"]) in gone_users and set(z.edge["users_without_tickets"]) <= gone_users
+    assert int(z.edge["user_all_due"]) in gone_users
+    # Users created within the year who have not filed a ticket yet, and users CC'd on or
+    # following a ticket that stays, keep their accounts (issue 10, item 2).
+    idle = set(z.edge["users_without_tickets"])
+    assert idle and not idle & gone_users, "a new user with no ticket yet was erased"
+    ccd = {u for cc in t1["cc"] for u in map(int, str(cc).split())} & set(u0.index[u0["role"] == "end-user"])
+    ccd_only = ccd - set(t1["requester_id"].astype(int))
+    assert ccd_only and not ccd_only & gone_users, "a user CC'd on a ticket that stays was erased"
     survivor = int(z.edge["user_due_and_open"])
     assert survivor in u1.index and u1.loc[survivor, "active"], "the requester of an open ticket was deleted"
     staff = u0.index[u0["role"] != "end-user"]
@@ -514,16 +534,17 @@ def test_soft_then_permanent_deletion_with_job_statuses_polled_to_completion(zen
     assert 1 <= peak <= adapter.client.max_jobs_in_flight <= 30
 
     # Users after their tickets: read again right before their deletion (one show_many for each
-    # hundred), then soft, then permanent, one each.
+    # hundred, then each one's live tickets counted), then soft, then permanent, one each.
     users = plan_ids(run, "ticket_user")
     user_calls = [(c["method"], c["path"]) for c in trace.calls if "users/" in c["path"]]
     reads = [i for i, call in enumerate(user_calls) if call == ("GET", "/api/v2/users/show_many.json")]
     for uid in users:
+        related_at = user_calls.index(("GET", f"/api/v2/users/{uid}/related.json"))
         soft_at = user_calls.index(("DELETE", f"/api/v2/users/{uid}.json"))
         perm_at = user_calls.index(("DELETE", f"/api/v2/deleted_users/{uid}.json"))
-        assert reads and reads[0] < soft_at < perm_at
+        assert reads and reads[0] < related_at < soft_at < perm_at
     assert len(reads) == -(-len(users) // 100)
-    assert len(user_calls) == 2 * len(users) + len(reads)
+    assert len(user_calls) == 3 * len(users) + len(reads)
     last_ticket_call = max(position[id(c)] for c in soft_subs + perm_subs)
     first_user_call = min(i for i, c in enumerate(trace.calls) if "users/" in c["path"])
     assert last_ticket_call < first_user_call, "a requester was deleted before the tickets were"
@@ -556,7 +577,7 @@ def test_throttling_and_server_errors_during_erasure_still_erase_each_planned_ti
     assert dr.state == "success", task_states(dr)
     as_of = as_of_of(retention_home)
     due = due_tickets(t0, as_of)
-    gone_users = users_without_tickets(u0, t0.drop(index=list(due)))
+    gone_users = users_without_tickets(u0, t0.drop(index=list(due)), t0, as_of)
     s = assert_erased_exactly(z, t0, u0, due, gone_users, s0)
     assert s["errors_injected"] - s0["errors_injected"] == 10, "the faults did not all fire"
     assert s["requests_by_endpoint"]["tickets.destroy_many"] > len(due) / 100 + 1
@@ -791,7 +812,7 @@ def test_requester_with_an_open_ticket_keeps_the_account_until_it_is_closed_and_
     assert set(t2.index) - set(t3.index) == due
     unsolved = t2.index[t2["status"].isin(UNSOLVED)]
     assert_untouched(t2, t3, unsolved, "unsolved tickets (400 days on)")
-    assert set(u2.index) - set(u3.index) == users_without_tickets(u2, t3)
+    assert set(u2.index) - set(u3.index) == users_without_tickets(u2, t3, t2, as_of)
     row = by_record(ledger_rows(retention_home, run3.run_id))[("ticket_user", user_key)]
     assert (row["rule_id"], row["status"]) == ("ticket-requester", "erased")
 
@@ -908,3 +929,56 @@ def test_a_ticket_solved_again_and_a_user_made_agent_after_the_plan_are_kept(zen
         assert rows[(record_type, key)]["status"] == "deferred" and rows[(record_type, key)]["detail"], record_type
     gone = {int(t) for t in tickets} - {resolved} - set(z.tickets().index)
     assert len(gone) == len(tickets) - 1, "a planned ticket that did not change was kept"
+
+
+# --- 9. requesters before their tickets, through failing jobs and a 429 storm (issue 10, item 2) --
+
+
+@pytest.mark.airflow
+def test_no_requester_is_erased_while_a_ticket_of_theirs_failed_to_erase(zendesk, retention_home, monkeypatch):
+    """A 429 storm on destroy_many and permanent-deletion jobs that keep failing part-way (one
+    job attempt per chunk): many due tickets stay behind, soft-deleted, which the API itself does
+    not count against deleting their requester. The run fails (erasures failed) after Airflow's
+    retries, and no user is gone while a ticket they requested remains."""
+    z = zendesk
+    extra = {**CLIENT_LIMITS, "max_job_attempts": 1}
+    monkeypatch.setenv("AIRFLOW_CONN_RETENTION_ZENDESK", json.dumps({
+        "conn_type": "retention_zendesk", "host": z.base_url, "login": "agent@example.org", "password": "token", "extra": extra,
+    }))
+    u0 = z.users()
+    z.faults(throttle_next=6, fail_job_next=1000, fail_job_after=10, match="destroy_many")
+    dr = run_dag({"systems": ["ticketing"]})
+    z.faults()
+    states = task_states(dr)
+    assert dr.state == "failed" and states["ticketing.erase"] == "failed", states
+    t1, u1 = z.tickets(), z.users()
+    gone_users = set(u0.index) - set(u1.index)
+    still_there = set(t1["requester_id"].astype(int))
+    wrongly = gone_users & still_there
+    assert not wrongly, f"{len(wrongly)} users erased with tickets still present"
+    # The scenario happened: planned requesters were held back by their failed tickets.
+    rows = [r for r in ledger_rows(retention_home, dr.run_id) if r["record_type"] == "ticket_user"]
+    deferred = [r for r in rows if r["status"] == "deferred"]
+    assert deferred and all("support_ticket" in (r["detail"] or "") for r in deferred)
+    assert len(due_tickets(t1, pd.Timestamp.now(tz="UTC"))) > 50, "the faults left no due ticket behind"
+
+
+def test_a_user_cc_d_on_a_live_ticket_after_the_plan_is_kept(zendesk, retention_home):
+    """After validation a planned end user is CC'd on an open ticket. Right before their
+    deletion each user's live tickets are counted (``users/{id}/related``): the user is kept,
+    deferred with the reason; the other planned users go."""
+    z = zendesk
+    run = planned_run(z, "manual__cc_after_plan")
+    users = plan_ids(run, "ticket_user")
+    t0 = z.tickets()
+    ccd = sorted(users)[1]
+    open_ticket = int(t0.index[(t0["status"] == "open") & (t0["requester_id"] != ccd)][0])
+    ticket = z.api("PUT", f"/api/v2/tickets/{open_ticket}.json", json={"ticket": {"email_cc_ids": [ccd]}}).json()["ticket"]
+    assert ticket["email_cc_ids"] == [ccd] and ccd in ticket["collaborator_ids"]
+
+    assert finish(run, z)["state"] == "success"
+    assert ccd in z.users().index, "a user CC'd on a live ticket after the plan was erased"
+    row = by_record(ledger_rows(retention_home, run.run_id))[("ticket_user", next(iter(keys("ticket_user", [ccd]))))]
+    assert row["status"] == "deferred" and "no longer due" in row["detail"]
+    gone = users - {ccd} - set(z.users().index)
+    assert len(gone) == len(users) - 1, "a planned user who did not change was kept"

@@ -77,7 +77,7 @@ def test_incremental_export_reads_every_ticket_exactly_once(tmp_path):
             ids = [t["id"] for page in pages for t in page]
             assert len(pages) == 3 and len(ids) == 2500 and set(ids) == set(range(1, 2501))
             first = pages[0][0]
-            assert set(first) == {"id", "status", "requester_id", "created_at", "updated_at", "solved_at"}
+            assert set(first) == {"id", "status", "requester_id", "created_at", "updated_at", "solved_at", "cc_ids"}
             by_status = {}
             for page in pages:
                 for t in page:
@@ -451,3 +451,66 @@ def test_result_classification_and_constructor_checks():
     c = ZendeskClient(subdomain="acme", oauth_token="abc")
     assert c.base_url == "https://acme.zendesk.com" and c.session.session.headers["Authorization"] == "Bearer abc"
     c.close()
+
+
+# --- Retry-After capped (issue 10, item 11) ----------------------------------------------------
+
+
+def test_a_retry_after_of_a_day_fails_the_erasure_at_once_and_erases_nothing(server):
+    faults(server, throttle_next=1000, retry_after=86400, match="destroy_many")
+    live = stats(server)["tickets_live"]
+    c = client_for(server)
+    started = time.monotonic()
+    try:
+        outcomes = c.erase_tickets(range(1, 151))
+    finally:
+        c.close()
+    assert time.monotonic() - started < 20, "the client waited out a day's Retry-After"
+    assert set(outcomes.values()) == {"failed"}
+    assert stats(server)["tickets_live"] == live and stats(server)["soft_ticket_deletions"] == 0
+
+
+# --- a timed-out destroy_many is never sent again blindly (issue 10, item 11) -----------------
+
+
+def test_a_destroy_many_whose_answer_times_out_is_not_resubmitted_when_its_job_took_effect(server):
+    # Each destroy_many takes effect (its job is created and runs), but the answer comes after
+    # the client's timeout: the client cannot know, and must look instead of sending it again.
+    faults(server, slow_after_ms=1500, match="destroy_many")
+    before = stats(server)
+    c = client_for(server, timeout=0.5)
+    try:
+        outcomes = c.erase_tickets(range(1, 251))
+    finally:
+        c.close()
+    faults(server)
+    after = stats(server)
+    sent = {k: after["requests_by_endpoint"].get(k, 0) - before["requests_by_endpoint"].get(k, 0)
+            for k in ("tickets.destroy_many", "deleted_tickets.destroy_many")}
+    assert sent == {"tickets.destroy_many": 3, "deleted_tickets.destroy_many": 3}, f"duplicate jobs: {sent}"
+    assert set(outcomes.values()) == {"erased"} and len(outcomes) == 250
+    assert after["permanent_ticket_deletions"] - before["permanent_ticket_deletions"] == 250
+
+
+
+# --- CCs and followers: ids only (issue 10, item 2) -------------------------------------------
+
+
+def test_tickets_carry_their_ccs_and_followers_as_ids_only(server, client):
+    exported = {t["id"]: t for page in client.iter_ticket_pages(0) for t in page}
+    raw = {}
+    for start in range(1, 401, 100):
+        ids = ",".join(map(str, range(start, start + 100)))
+        body = requests.get(f"{server.base_url}/api/v2/tickets/show_many.json", params={"ids": ids},
+                            auth=("agent@example.org/token", "token")).json()
+        raw.update({t["id"]: t for t in body["tickets"]})
+    with_cc = [tid for tid, t in raw.items() if t["email_cc_ids"]]
+    followed = [tid for tid, t in raw.items() if t["follower_ids"]]
+    assert len(with_cc) > 20 and len(followed) > 20, "the synthetic data has CCs and followers"
+    for tid, t in raw.items():
+        people = set(t["collaborator_ids"]) | set(t["email_cc_ids"]) | set(t["follower_ids"])
+        want = " ".join(map(str, sorted(people - {t["requester_id"]})))
+        assert exported[tid]["cc_ids"] == want
+        assert all(isinstance(u, int) for u in people)
+    current = {t["id"]: t for t in client.current_tickets(with_cc[:5])}
+    assert {tid: current[tid]["cc_ids"] for tid in with_cc[:5]} == {tid: exported[tid]["cc_ids"] for tid in with_cc[:5]}

@@ -44,8 +44,10 @@ What it mirrors of real Zendesk (see the Zendesk Support API reference):
 
 Admin (never throttled, faulted or counted): ``GET /_standin/health``, ``GET /_standin/stats``,
 ``POST /_standin/save``, ``POST /_standin/faults`` with JSON ``{"throttle_next": N,
-"error_next": N, "error_status": 503, "slow_ms": M, "fail_job_next": N, "fail_job_after": K,
-"match": "destroy_many"}`` (``match``: substring of the path the faults apply to; ``{}`` clears).
+"retry_after": S, "error_next": N, "error_status": 503, "slow_ms": M, "slow_after_ms": M,
+"fail_job_next": N, "fail_job_after": K, "match": "destroy_many"}`` (``match``: substring of the
+path the faults apply to; ``slow_after_ms`` delays the answer after the request took effect;
+``{}`` clears).
 
 Nothing is printed after ``LISTENING``; nothing personal is logged.
 

@@ -105,7 +105,10 @@ class App(TicketRoutes, UserRoutes):
         with st.lock:
             headers = self.limits.admit(family, faults, matches)
             status, payload = self.route(method, path, query, base, matches, body)
-            return status, headers, payload
+        slow_after = faults.get("slow_after_ms", 0) if matches else 0
+        if slow_after:  # done, but the answer is late: the client may time out first
+            time.sleep(float(slow_after) / 1000.0)
+        return status, headers, payload
 
     # --- API routes (called with the lock held) ----------------------------------------
     def route(self, method: str, path: str, query: dict, base: str, fault_match: bool, body: bytes) -> tuple[int, dict]:

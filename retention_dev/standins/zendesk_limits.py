@@ -1,7 +1,9 @@
 """The Zendesk stand-in's limits and injected faults: rolling-window rate limits (general and per
 endpoint family), the rate-limit headers, the job-slot limit and the faults set through
-``POST /_standin/faults`` (``throttle_next``, ``error_next``/``error_status``, ``slow_ms``,
-``fail_job_next``/``fail_job_after``, ``match``)."""
+``POST /_standin/faults`` (``throttle_next`` with ``retry_after`` (seconds, default 1),
+``error_next``/``error_status``, ``slow_ms`` (before the request is handled), ``slow_after_ms``
+(after it is handled, before the answer: a client that times out then does not know whether
+its request took effect), ``fail_job_next``/``fail_job_after``, ``match``)."""
 
 from __future__ import annotations
 
@@ -114,7 +116,8 @@ class Limits:
             faults["throttle_next"] -= 1
             st.counters["throttled"] += 1
             st.counters["errors_injected"] += 1
-            raise ApiError(429, "APIRateLimitExceeded", "Rate limit exceeded (injected)", {"Retry-After": "1"})
+            retry = str(faults.get("retry_after", 1))
+            raise ApiError(429, "APIRateLimitExceeded", "Rate limit exceeded (injected)", {"Retry-After": retry})
         if matches and faults.get("error_next", 0) > 0:
             faults["error_next"] -= 1
             st.counters["errors_injected"] += 1

@@ -62,6 +62,7 @@ class State(JobQueue):
         self.by_req_order = np.argsort(req_row, kind="stable")
         self.by_req_start = np.searchsorted(req_row[self.by_req_order], np.arange(n_u + 1))
         self.n_tickets, self.n_users = n_t, n_u
+        self._init_people()
         self._init_jobs(meta)
         self.faults: dict = {}
 
@@ -105,6 +106,7 @@ class State(JobQueue):
             meta["counters"] = dict(self.counters)
             meta["last_clock"] = self.last_clock
             meta["jobs"] = [job for job in self.jobs.values()]
+            meta["cc_set"] = {str(k): v for k, v in self.cc_set.items()}
             arrays = {
                 "t_status": self.t_status.copy(),
                 "t_prev": self.t_prev.copy(),
@@ -176,6 +178,56 @@ class State(JobQueue):
         rows = self.by_req_order[self.by_req_start[user_row] : self.by_req_start[user_row + 1]]
         return int(np.isin(self.t_status[rows], (0, 1, 2, 3, 4)).sum())
 
+    # --- CCs and followers ------------------------------------------------------------
+    def _init_people(self) -> None:
+        """Who is CC'd on or follows which ticket: derived from the data, not stored. Every
+        11th ticket (from row 6 on: rows 0..5 are the edge cases) CCs an end user, taken in turn
+        from the requesters (not the two edge-case users) and the users without tickets; every
+        13th is followed by an agent. As in Zendesk, ``collaborator_ids`` lists both."""
+        edge = self.meta.get("edge_cases") or {}
+        skip = {edge.get("user_due_and_open"), edge.get("user_all_due")}
+        requesters = [int(u) for u in np.unique(self.t_requester) if int(u) not in skip]
+        idle = [int(u) for u in edge.get("users_without_tickets") or []]
+        self.cc_pool = requesters[::2] + idle[: max(1, len(idle) // 2)]
+        self.agent_pool = [zd.USER_ID_BASE + 1 + int(r) for r in np.flatnonzero(self.u_role == zd.ROLE_CODE["agent"])]
+        # CCs set through the API (PUT /tickets/{id} with email_cc_ids): ticket row -> user ids.
+        self.cc_set: dict[int, list[int]] = {int(k): v for k, v in (self.meta.get("cc_set") or {}).items()}
+        # The generated CCs and followers by user: user id -> ticket rows (for users/{id}/related).
+        self.cc_rows: dict[int, list[int]] = {}
+        for row in sorted(set(range(3, self.n_tickets, 11)) | set(range(5, self.n_tickets, 13))):
+            for uid in self._generated_people(row):
+                self.cc_rows.setdefault(uid, []).append(row)
+
+    def _generated_people(self, row: int) -> list[int]:
+        cc = [self.cc_pool[(row // 11) % len(self.cc_pool)]] if row >= 6 and row % 11 == 3 and self.cc_pool else []
+        follow = [self.agent_pool[(row // 13) % len(self.agent_pool)]] if row >= 6 and row % 13 == 5 and self.agent_pool else []
+        return [u for u in cc if u != int(self.t_requester[row])] + follow
+
+    def people(self, row: int) -> dict:
+        """``collaborator_ids``, ``email_cc_ids`` and ``follower_ids`` of the ticket in ``row``."""
+        if row in self.cc_set:
+            cc = list(self.cc_set[row])
+        else:
+            cc = [self.cc_pool[(row // 11) % len(self.cc_pool)]] if row >= 6 and row % 11 == 3 and self.cc_pool else []
+        cc = [u for u in cc if u != int(self.t_requester[row])]
+        follow = [self.agent_pool[(row // 13) % len(self.agent_pool)]] if row >= 6 and row % 13 == 5 and self.agent_pool else []
+        return {"collaborator_ids": cc + follow, "email_cc_ids": cc, "follower_ids": follow}
+
+    def related(self, user_row: int) -> dict:
+        """``GET /users/{id}/related``: counts of the live tickets the user requested and is
+        CC'd on (or follows), as Zendesk's ``user_related``."""
+        uid = zd.USER_ID_BASE + user_row + 1
+        rows = self.by_req_order[self.by_req_start[user_row] : self.by_req_start[user_row + 1]]
+        requested = int((self.t_status[rows] < DELETED).sum())
+        ccd = 0
+        candidates = set(self.cc_set) | set(self.cc_rows.get(uid, ()))
+        for row in candidates:
+            if self.t_status[row] < DELETED:
+                people = self.people(row)
+                ccd += uid in people["collaborator_ids"]
+        return {"user_related": {"requested_tickets": requested, "ccd_tickets": ccd, "assigned_tickets": 0,
+                                 "organization_subscriptions": 0}}
+
     # --- JSON shapes -----------------------------------------------------------------
     def ticket_json(self, row: int, base: str) -> dict:
         tid = row + 1
@@ -190,6 +242,7 @@ class State(JobQueue):
             "created_at": iso(self.t_created[row]),
             "updated_at": iso(self.t_updated[row]),
             "tags": [],
+            **self.people(row),
         }
 
     def tickets_page(self, rows: np.ndarray, base: str) -> list[dict]:
@@ -206,6 +259,7 @@ class State(JobQueue):
                 "created_at": created,
                 "updated_at": updated,
                 "tags": [],
+                **self.people(tid - 1),
             }
             for tid, status, req, created, updated in zip(
                 (rows + 1).tolist(), statuses, requesters, iso_many(self.t_created[rows]),

@@ -74,12 +74,21 @@ class TicketRoutes:
         return self.state.new_job(job_type, ids, base, fail_after)
 
     def update_ticket(self, row: int, base: str, body: bytes) -> dict:
-        """``PUT /api/v2/tickets/{id}`` with ``{"ticket": {"status": ...}}`` (status only)."""
+        """``PUT /api/v2/tickets/{id}`` with ``{"ticket": {"status": ...}}`` or ``{"ticket":
+        {"email_cc_ids": [...]}}`` (the ticket's CCs, replaced)."""
         st = self.state
         try:
-            new_status = json.loads(body or b"{}")["ticket"]["status"]
+            change = json.loads(body or b"{}")["ticket"]
         except (ValueError, KeyError, TypeError):
-            new_status = None
+            change = {}
+        if isinstance(change, dict) and "email_cc_ids" in change and "status" not in change:
+            ccs = change["email_cc_ids"]
+            if not isinstance(ccs, list) or not all(isinstance(u, int) and st.user_row(u) is not None for u in ccs):
+                raise ApiError(422, "RecordInvalid", "email_cc_ids must be ids of users")
+            st.cc_set[row] = list(ccs)
+            st.touch_ticket(row, st.clock())
+            return st.ticket_json(row, base)
+        new_status = change.get("status") if isinstance(change, dict) else None
         if new_status not in zd.TICKET_STATUSES[:DELETED]:
             raise ApiError(422, "RecordInvalid", "status must be one of new/open/pending/hold/solved/closed")
         now = st.clock()

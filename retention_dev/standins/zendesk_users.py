@@ -41,6 +41,11 @@ class UserRoutes:
                     ids, "tickets", query, base, lambda tid, b: st.ticket_json(tid - 1, b),
                     path=f"users/{seg[1]}/tickets/requested",
                 )
+            if len(seg) == 3 and seg[1].isdigit() and seg[2] == "related" and method == "GET":
+                row = st.user_row(int(seg[1]))
+                if row is None or st.u_state[row] != ACTIVE:
+                    raise ApiError(404, "RecordNotFound", "Not found")
+                return 200, st.related(row)
             if seg[1:] == ["show_many"] and method == "GET":
                 rows = [st.user_row(i) for i in ids_param(query)]
                 return 200, {"users": [st.user_json(r, base) for r in rows if r is not None and st.u_state[r] == ACTIVE]}

@@ -35,8 +35,16 @@ def _with_derived(record_type: str, current: pd.DataFrame, planned: pd.DataFrame
         return current
     clock = planned.set_index("record_id")["clock"] if len(planned) else pd.Series(dtype="datetime64[us, UTC]")
     out = current.copy()
-    if "tickets_remaining" in rt.derived:
+    if "tickets_remaining" in rt.derived and "tickets_remaining" not in current:
+        # Not read again by the system: the engine erases a user only once the tickets of
+        # theirs in the plan are gone. Where the system did count the live tickets naming the
+        # user now (a ticket filed or a CC added since the plan), that count is judged.
         out["tickets_remaining"] = 0
+    if "had_ticket" in rt.derived:
+        # Judged as one whose tickets went: due once untouched since its planned clock, which
+        # holds for a user planned for having no ticket at all too (its account's creation
+        # was judged at the plan and does not change). The recheck only ever leaves alone.
+        out["had_ticket"] = True
     if "last_ticket_gone_at" in rt.derived:
         planned_clock = pd.to_datetime(out["record_id"].astype(str).map(clock), utc=True)
         own = pd.to_datetime(out["updated_at"], utc=True) if "updated_at" in out else planned_clock

@@ -80,8 +80,8 @@ class RecordType:
     # (flag column, hold). A contact with invoices under the bookkeeping period goes, the
     # invoices keep what bookkeeping law needs.
     minimise_when: tuple[str, str] | None = None
-    # The record whose id is in this column can only be erased once this one is gone:
-    # (column, record type). A requester goes after the tickets they requested.
+    # The records whose ids are in this column (space-separated) can only be erased once this
+    # one is gone: (column, record type). A requester, a CC or a follower goes after the ticket.
     blocks: tuple[str, str] | None = None
     # Columns computed by planning from the record types planned before (not extracted).
     derived: tuple[str, ...] = ()
@@ -168,7 +168,14 @@ RECORD_TYPES: dict[str, RecordType] = {
         RecordType(
             "support_ticket",
             "ticketing",
-            columns={"status": TEXT, "requester_id": KEY, "solved_at": TIME, "created_at": TIME, "updated_at": TIME},
+            # ``cc_ids``: the users CC'd on or following the ticket (Zendesk's collaborator_ids,
+            # email_cc_ids, follower_ids), ids only, space-separated: the ticket is a basis for
+            # keeping them too. ``party_ids`` (derived): the requester and those, the users
+            # who may only be erased once the ticket is gone.
+            columns={
+                "status": TEXT, "requester_id": KEY, "solved_at": TIME, "created_at": TIME, "updated_at": TIME,
+                "cc_ids": TEXT, "party_ids": TEXT,
+            },
             clocks=("solved_at", "created_at", "updated_at"),
             past_only=("solved_at", "created_at"),
             required=("status",),
@@ -177,21 +184,28 @@ RECORD_TYPES: dict[str, RecordType] = {
             # closed tickets are "closed"); the incremental export lists soft-deleted tickets
             # with status "deleted".
             values={"status": ("new", "open", "pending", "hold", "solved", "closed", "deleted")},
-            blocks=("requester_id", "ticket_user"),
+            blocks=("party_ids", "ticket_user"),
+            derived=("party_ids",),
             own_clocks=("created_at", "updated_at", "solved_at"),
         ),
         RecordType(
             "ticket_user",
             "ticketing",
+            # Derived from the tickets (``derive``): ``tickets_remaining``, the tickets that stay
+            # after this run which the user requested, is CC'd on or follows (the engine erases
+            # the user only once those this run erases are confirmed gone); ``had_ticket``,
+            # whether any ticket of the extract names them at all (a user with none, a new
+            # account say, is judged from its creation instead).
             columns={
                 "role": TEXT, "created_at": TIME, "updated_at": TIME, "tickets_remaining": COUNT, "last_ticket_gone_at": TIME,
+                "had_ticket": FLAG,
             },
             clocks=("last_ticket_gone_at", "created_at", "updated_at"),
             required=("role",),
             protected={"role": ("agent", "admin")},
             # Zendesk Support's user ``role``.
             values={"role": ("end-user", "agent", "admin")},
-            derived=("tickets_remaining", "last_ticket_gone_at"),
+            derived=("tickets_remaining", "last_ticket_gone_at", "had_ticket"),
             own_clocks=("created_at", "updated_at"),
         ),
     )

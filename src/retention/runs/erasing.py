@@ -190,11 +190,14 @@ class ErasureEngine:
         keys = batch["record_key"].tolist()
         ids = batch["record_id"].astype(str).tolist()
 
-        # Dependencies: a requester goes only once every ticket of theirs in this plan is gone.
+        # Dependencies: a requester (a CC, a follower) goes only once every ticket of theirs in
+        # this plan is gone. ``blocks`` names one record, or several separated by spaces.
         for blocker, column in blocked_by(record_type):
             if "blocks" not in plan:
                 break
-            theirs = plan[(plan["record_type"] == blocker).to_numpy() & plan["blocks"].isin(ids).to_numpy()]
+            mine = plan[(plan["record_type"] == blocker).to_numpy() & plan["blocks"].notna().to_numpy()]
+            pairs = mine[["blocks", "record_key"]].assign(blocks=mine["blocks"].astype(str).str.split()).explode("blocks")
+            theirs = pairs[pairs["blocks"].isin(ids).to_numpy()]
             open_ = {
                 b for b, k in zip(theirs["blocks"].astype(str).tolist(), theirs["record_key"].tolist())
                 if self._status.get((blocker, k)) not in GONE

@@ -1,9 +1,12 @@
 """A small retrying HTTP client shared by the Mailchimp and Zendesk connectors.
 
 Both providers throttle with HTTP 429 (Zendesk says how long to wait in ``Retry-After``,
-Mailchimp does not) and both fail transiently with 5xx or dropped connections. Every call the
-connectors make is idempotent (GETs, permanent deletes where "already gone" is success), so a
-retry is always safe. The retrying is tenacity's (``tenacity.Retrying`` around each call): a
+Mailchimp does not) and both fail transiently with 5xx or dropped connections. Nearly every call
+the connectors make is idempotent (GETs, permanent deletes where "already gone" is success), so a
+retry is safe; a call that creates something (a Zendesk ``destroy_many`` job) is made with
+``resend=False`` and is not sent again once it may have reached the server (:class:`MaybeSent`):
+its caller looks at what it did first. A ``Retry-After`` longer than ``max_retry_after`` is not
+waited out (:class:`RetryAfterTooLong`). The retrying is tenacity's (``tenacity.Retrying`` around each call): a
 ``Retry-After`` on 429 or 503 (seconds or an HTTP date) is waited out, anything else retryable
 waits a full-jitter exponential backoff. Retries happen above the ``requests`` transport, so an
 adapter mounted on the session (the Zendesk pacer, :mod:`retention.systems.ratelimit`) sees, paces
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
+import os
 import threading
 import time
 from collections import Counter
@@ -41,6 +46,30 @@ TRANSIENT_ERRORS = (
     requests.Timeout,
     requests.exceptions.ChunkedEncodingError,
 )
+#: The longest ``Retry-After`` a task waits out (seconds) unless ``RETENTION_MAX_RETRY_AFTER`` or
+#: the connection says otherwise: a server asking for more (86400, say) would hold a worker
+#: slot for a day, so the request fails instead, and the records stay for a later attempt.
+DEFAULT_MAX_RETRY_AFTER = 300.0
+MAX_RETRY_AFTER_ENV = "RETENTION_MAX_RETRY_AFTER"
+
+
+def max_retry_after_setting(value: float | str | None = None) -> float:
+    """The cap on ``Retry-After``: ``value`` (a connection's), else ``RETENTION_MAX_RETRY_AFTER``,
+    else 300 seconds. A ``ValueError`` naming where the value came from when it is not a number of
+    seconds >= 0."""
+    where = "max_retry_after"
+    if value is None or value == "":
+        value = os.environ.get(MAX_RETRY_AFTER_ENV) or None
+        where = MAX_RETRY_AFTER_ENV
+    if value is None:
+        return DEFAULT_MAX_RETRY_AFTER
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number of seconds, got {str(value)[:40]!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{where} must be a number of seconds >= 0, got {str(value)[:40]!r}")
+    return seconds
 
 
 class HTTPError(RuntimeError):
@@ -83,6 +112,23 @@ def _unreachable_why(exc: BaseException) -> str:
         if needle in text:
             return why
     return f"the connection failed ({type(exc).__name__})"
+
+
+class MaybeSent(HTTPError):
+    """A request that must not be sent twice (``resend=False``: it creates something, such as a
+    background job) lost its answer after it may have reached the server (a read timeout, a
+    connection dropped mid-answer). Whether it took effect is unknown: the caller looks before
+    sending it again."""
+
+
+class RetryAfterTooLong(HTTPError):
+    """The server asked to wait longer than the client may (``max_retry_after``): the request
+    fails at once, and so does every request of the session until that time has passed, without
+    being sent. Retryable later: nothing was done, the records stay planned or failed."""
+
+    def __init__(self, method: str, endpoint: str, status: int | None, seconds: float, cap: float):
+        super().__init__(method, endpoint, status, f"Retry-After {seconds:.0f}s exceeds the maximum wait of {cap:g}s")
+        self.seconds = seconds
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -161,8 +207,12 @@ class RetryingSession:
         timeout: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
         adapter: HTTPAdapter | None = None,
+        max_retry_after: float | None = None,
     ):
         self.base_url = base_url.rstrip("/")
+        self.max_retry_after = max_retry_after_setting(max_retry_after)
+        # Until when (time.monotonic) the server told us to stay away for longer than we wait.
+        self._closed_until = float("-inf")
         self.max_connections = max_connections
         self.max_retries = max_retries
         self.backoff = backoff
@@ -201,6 +251,7 @@ class RetryingSession:
         endpoint: str | None = None,
         ok: tuple[int, ...] = (200, 201, 202, 204),
         accept: tuple[int, ...] = (),
+        resend: bool = True,
         **kwargs: Any,
     ) -> requests.Response:
         """Send a request, retrying 429, 5xx and dropped connections.
@@ -208,15 +259,21 @@ class RetryingSession:
         ``ok`` statuses are returned; ``accept`` statuses are returned too without counting as
         success (a 404 on a permanent delete means "already gone"). Anything else raises
         :class:`HTTPError`. ``endpoint`` is the loggable name of the call (no identifiers).
+        ``resend=False``: the request is not sent again once it may have reached the server
+        without its answer reaching us (only a connect timeout, a 429 or a 5xx is retried);
+        then :class:`MaybeSent` is raised.
         """
         url = path if path.startswith("http") else f"{self.base_url}{path}"
         kwargs.setdefault("timeout", self.timeout)
-        call = _Call(method, url, endpoint or method, ok, accept, kwargs)
+        call = _Call(method, url, endpoint or method, ok, accept, kwargs, resend)
+        self._refuse_while_closed(call)
         try:
             # A copy per call: the controller keeps per-thread state, which a request made
             # from within a request (an auth hook, say) would otherwise overwrite.
             response = self._retrying.copy()(self._attempt, call)
         except TRANSIENT_ERRORS as exc:
+            if not resend and not _never_sent(exc):
+                raise MaybeSent(method, call.endpoint, None, type(exc).__name__) from None
             if self.where:
                 raise Unreachable(method, call.endpoint, None, self.where, _unreachable_why(exc), transient=True) from None
             raise HTTPError(method, call.endpoint, None, type(exc).__name__) from None
@@ -226,7 +283,18 @@ class RetryingSession:
         if self.where and status in (401, 403):
             why = f"the API refused the credentials (HTTP {status}): check the Connection's password or token"
             raise Unreachable(method, call.endpoint, status, self.where, why, transient=False)
+        waited = retry_after(response)
+        if waited is not None and waited > self.max_retry_after:
+            self._closed_until = max(self._closed_until, time.monotonic() + waited)
+            log.warning("%s %s: HTTP %s asks to wait %.0fs, more than %gs: failing", method, call.endpoint, status,
+                        waited, self.max_retry_after)
+            raise RetryAfterTooLong(method, call.endpoint, status, waited, self.max_retry_after)
         raise HTTPError(method, call.endpoint, status, _short_detail(response))
+
+    def _refuse_while_closed(self, call: _Call) -> None:
+        left = self._closed_until - time.monotonic()
+        if left > 0:
+            raise RetryAfterTooLong(call.method, call.endpoint, None, left, self.max_retry_after)
 
     # -- the parts of the tenacity controller -------------------------------------------------
     def _attempt(self, call: _Call) -> requests.Response:
@@ -236,15 +304,20 @@ class RetryingSession:
             self.stats.add("connection_errors")
             raise
 
-    @staticmethod
-    def _should_retry(retry_state: tenacity.RetryCallState) -> bool:
+    def _should_retry(self, retry_state: tenacity.RetryCallState) -> bool:
         outcome = retry_state.outcome
         assert outcome is not None
-        if outcome.failed:
-            return isinstance(outcome.exception(), TRANSIENT_ERRORS)
         call: _Call = retry_state.args[0]
-        status = outcome.result().status_code
-        return status in RETRY_STATUSES and status not in call.ok and status not in call.accept
+        if outcome.failed:
+            exc = outcome.exception()
+            return isinstance(exc, TRANSIENT_ERRORS) and (call.resend or _never_sent(exc))
+        response = outcome.result()
+        status = response.status_code
+        if status not in RETRY_STATUSES or status in call.ok or status in call.accept:
+            return False
+        waited = retry_after(response)
+        # A wait longer than the cap is not waited out: the request fails (see request()).
+        return waited is None or waited <= self.max_retry_after
 
     def _should_stop(self, retry_state: tenacity.RetryCallState) -> bool:
         return tenacity.stop_after_attempt(self.max_retries + 1)(retry_state)
@@ -284,6 +357,13 @@ class _Call:
     ok: tuple[int, ...]
     accept: tuple[int, ...]
     kwargs: dict[str, Any]
+    resend: bool = True
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether a transport error certainly came before the request reached the server (the
+    connection was never made). Anything else, a read timeout above all, may have come after."""
+    return isinstance(exc, requests.ConnectTimeout)
 
 
 def _last_outcome(retry_state: tenacity.RetryCallState) -> requests.Response:

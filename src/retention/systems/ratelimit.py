@@ -113,8 +113,12 @@ class PacedAdapter(BoundedAdapter):
 
     ``route(method, path_url)`` names the :class:`Route` of a request; ``on_send(family)`` is
     called once per request sent. A 429 or 503 with ``Retry-After`` defers the route's first
-    pacer by that much, so that the other threads wait too instead of meeting the same answer.
+    pacer by that much, so that the other threads wait too instead of meeting the same answer;
+    a ``Retry-After`` longer than ``max_retry_after`` (the session's cap, set by the client) does
+    not: that request fails, and the session refuses the others itself, without a day's wait here.
     """
+
+    max_retry_after = float("inf")
 
     def __init__(
         self,
@@ -135,7 +139,7 @@ class PacedAdapter(BoundedAdapter):
             self._on_send(route.family)
         response = super().send(request, **kwargs)
         wait_s = retry_after(response)
-        if wait_s and route.pacers:
+        if wait_s and route.pacers and wait_s <= self.max_retry_after:
             route.pacers[0].defer(wait_s)
         return response
 

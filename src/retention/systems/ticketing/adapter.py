@@ -39,8 +39,13 @@ def tickets_frame(page: list[dict]) -> pd.DataFrame:
 
 
 def users_frame(page: list[dict]) -> pd.DataFrame:
-    """User objects in the domain's ``ticket_user`` schema (the derived columns come at planning)."""
-    return from_rows("ticket_user", page)
+    """User objects in the domain's ``ticket_user`` schema (the derived columns come at planning;
+    a re-read right before erasure may carry ``tickets_remaining``, the live tickets naming the
+    user now, which the domain's recheck then judges instead of assuming none)."""
+    frame = from_rows("ticket_user", page)
+    if page and all("tickets_remaining" in u for u in page):
+        frame["tickets_remaining"] = pd.Series([int(u["tickets_remaining"]) for u in page], index=frame.index, dtype="int64")
+    return frame
 
 
 class TicketingAdapter:

@@ -11,7 +11,12 @@ What it relies on, from the Zendesk Support API reference:
 * ``DELETE /api/v2/users/{id}`` soft-deletes a user and is refused (422) while the user is the
   requester of a ticket that is not closed; ``DELETE /api/v2/deleted_users/{id}`` then deletes
   for good, at most 700 users per 10 minutes.
-* Account-wide limit of N requests per minute by plan; 429 with ``Retry-After`` beyond it.
+* Tickets name, besides their requester, the users CC'd on or following them
+  (``collaborator_ids``, ``email_cc_ids``, ``follower_ids``): kept as ids only (``cc_ids``).
+  ``GET /api/v2/users/{id}/related`` counts a user's ``requested_tickets`` and ``ccd_tickets``,
+  read for each end user right before their deletion.
+* Account-wide limit of N requests per minute by plan; 429 with ``Retry-After`` beyond it (a
+  ``Retry-After`` longer than ``max_retry_after`` fails the request instead of being waited out).
 * Erasure requests: ``GET /api/v2/users/search?query=email:{address}`` finds a user by e-mail
   (offset pagination, ``next_page``); ``GET /api/v2/users/{id}/tickets/requested`` lists the
   tickets a user requested (cursor pagination ``page[size]``/``page[after]``). Zendesk leaves
@@ -53,6 +58,24 @@ from retention.systems.ticketing.limits import ZendeskLimits
 log = logging.getLogger(__name__)
 
 TICKET_FIELDS = ("id", "status", "requester_id", "created_at", "updated_at")
+# The users a ticket names besides its requester (ids only; CCs and followers): ``cc_ids``.
+TICKET_PEOPLE = ("collaborator_ids", "email_cc_ids", "follower_ids")
+
+
+def ticket_row(ticket: dict) -> dict:
+    """A ticket object cut down to the export's shape: ``TICKET_FIELDS`` and ``cc_ids``, the ids
+    of the users CC'd on or following it (space-separated, ascending, the requester left out)."""
+    row = {name: ticket.get(name) for name in TICKET_FIELDS}
+    people: set[int] = set()
+    for name in TICKET_PEOPLE:
+        for uid in ticket.get(name) or ():
+            if isinstance(uid, int) and not isinstance(uid, bool):
+                people.add(uid)
+            elif isinstance(uid, str) and uid.isdigit():
+                people.add(int(uid))
+    people.discard(ticket.get("requester_id"))
+    row["cc_ids"] = " ".join(map(str, sorted(people)))
+    return row
 USER_FIELDS = ("id", "role", "active", "created_at", "updated_at")
 
 
@@ -79,6 +102,7 @@ class ZendeskClient:
         max_job_attempts: int = 5,
         job_timeout: float = 900.0,
         window_seconds: float = 60.0,
+        max_retry_after: float | None = None,
     ):
         """``window_seconds`` scales the rate windows (60 s; 600 s for permanent user
         deletes); only tests change it, against a stand-in with the same scaling.
@@ -89,7 +113,9 @@ class ZendeskClient:
         waited out and retried). ``job_poll_interval`` (0.1 s): the spacing of job-status polls
         while the request budget has room to spare, a job's first poll before the client has
         seen how long jobs take, and the step by which polls of a job still running back off
-        (growing by half up to five times it)."""
+        (growing by half up to five times it). ``max_retry_after``: the longest ``Retry-After``
+        waited out (default ``RETENTION_MAX_RETRY_AFTER``, else 300 s); a longer one fails the
+        request, and the session's requests until then, as retryable errors."""
         if base_url:
             url = base_url.rstrip("/")
         elif subdomain:
@@ -125,6 +151,7 @@ class ZendeskClient:
         self.user_deletes = self.limits.user_deletes
         self.request_counts: Counter = Counter()
         self._count_lock = threading.Lock()
+        paced = PacedAdapter(self.limits.route, max_connections=self.max_connections, on_send=self._count)
         self.session = RetryingSession(
             url,
             auth=auth,
@@ -132,8 +159,10 @@ class ZendeskClient:
             max_connections=self.max_connections,
             max_retries=max_retries,
             timeout=timeout,
-            adapter=PacedAdapter(self.limits.route, max_connections=self.max_connections, on_send=self._count),
+            adapter=paced,
+            max_retry_after=max_retry_after,
         )
+        paced.max_retry_after = self.session.max_retry_after
         self._jobs = TicketJobs(self)
         self.last_ticket_cursor: str | None = None
         self.last_user_cursor: str | None = None
@@ -186,7 +215,7 @@ class ZendeskClient:
         """Every ticket changed since ``start_time`` (or after ``cursor``), a page at a time.
 
         Each ticket: id, status ("deleted" when soft-deleted), requester_id, created_at,
-        updated_at (ISO strings as Zendesk sends them) and solved_at from the metric set (None
+        updated_at (ISO strings as Zendesk sends them), cc_ids (see :func:`ticket_row`) and solved_at from the metric set (None
         when never solved). ``last_ticket_cursor`` keeps the cursor for the next export.
         """
         params = {"cursor": cursor} if cursor else {"start_time": int(start_time)}
@@ -195,7 +224,7 @@ class ZendeskClient:
             solved = {m.get("ticket_id"): m.get("solved_at") for m in body.get("metric_sets") or []}
             page = []
             for ticket in body.get("tickets") or []:
-                row = {name: ticket.get(name) for name in TICKET_FIELDS}
+                row = ticket_row(ticket)
                 row["solved_at"] = solved.get(ticket.get("id"))
                 page.append(row)
             self.last_ticket_cursor = body.get("after_cursor") or self.last_ticket_cursor
@@ -272,7 +301,7 @@ class ZendeskClient:
                 return
             body = resp.json()
             for ticket in body.get("tickets") or []:
-                yield {name: ticket.get(name) for name in TICKET_FIELDS}
+                yield ticket_row(ticket)
             meta = body.get("meta") or {}
             if not meta.get("has_more") or not meta.get("after_cursor"):
                 return
@@ -339,9 +368,9 @@ class ZendeskClient:
         keep: Callable[[list[dict]], set[int]] | None = None,
     ) -> dict[int, str]:
         """:meth:`erase_user` for each id, ``max_connections`` at a time; an id the API keeps
-        failing on is ``"failed"``. With ``keep``, each 100 users are re-read (``users/show_many``)
-        right before their deletion and those ``keep(users)`` returns are left alone
-        (``"not_yet"``)."""
+        failing on is ``"failed"``. With ``keep``, each 100 users are re-read (``users/show_many``,
+        and each end user's live tickets with ``users/{id}/related``) right before their deletion
+        and those ``keep(users)`` returns are left alone (``"not_yet"``)."""
         order = list(dict.fromkeys(int(i) for i in ids))
         outcomes: dict[int, str] = {}
         lock = threading.Lock()
@@ -364,7 +393,7 @@ class ZendeskClient:
         for start in range(0, len(order), step):
             chunk = order[start : start + step]
             if keep:
-                left = keep(self.current_users(chunk))
+                left = keep(self.current_users(chunk, with_tickets=True))
                 for uid in chunk:
                     if uid in left:
                         done(uid, NOT_YET)
@@ -391,12 +420,14 @@ class ZendeskClient:
             ).json()
             solved = {m.get("ticket_id"): m.get("solved_at") for m in body.get("metric_sets") or []}
             for ticket in body.get("tickets") or []:
-                out.append({**{name: ticket.get(name) for name in TICKET_FIELDS}, "solved_at": solved.get(ticket.get("id"))})
+                out.append({**ticket_row(ticket), "solved_at": solved.get(ticket.get("id"))})
         return out
 
-    def current_users(self, ids: Iterable[int]) -> list[dict]:
+    def current_users(self, ids: Iterable[int], *, with_tickets: bool = False) -> list[dict]:
         """The live users among ``ids`` as they are now (id, role, created_at, updated_at):
-        ``users/show_many``, 100 ids a call."""
+        ``users/show_many``, 100 ids a call. ``with_tickets``: each end user's
+        ``tickets_remaining`` too, the live tickets they requested or are CC'd on
+        (``users/{id}/related``, one call per end user, counts only)."""
         ordered = sorted({int(i) for i in ids})
         out: list[dict] = []
         for i in range(0, len(ordered), MAX_IDS):
@@ -405,7 +436,24 @@ class ZendeskClient:
                 "/api/v2/users/show_many.json", endpoint="users.show_many", params={"ids": ",".join(map(str, chunk))}
             ).json()
             out.extend({name: u.get(name) for name in ("id", "role", "created_at", "updated_at")} for u in body.get("users") or [])
+        if with_tickets:
+            for user in out:
+                user["tickets_remaining"] = 0  # staff are protected whatever they are named on
+            end_users = [u for u in out if u.get("role") == "end-user"]
+            if end_users:
+                with ThreadPoolExecutor(min(self.max_connections, len(end_users)), thread_name_prefix="zendesk-related") as pool:
+                    for user, count in zip(end_users, pool.map(self._tickets_naming, [u["id"] for u in end_users]), strict=True):
+                        user["tickets_remaining"] = count
         return out
+
+    def _tickets_naming(self, user_id: int) -> int:
+        """How many live tickets the user requested or is CC'd on (``users/{id}/related``); a
+        user gone meanwhile has none."""
+        resp = self._get(f"/api/v2/users/{int(user_id)}/related.json", endpoint="users.related", accept=(404,))
+        if resp.status_code == 404:
+            return 0
+        related = resp.json().get("user_related") or {}
+        return int(related.get("requested_tickets") or 0) + int(related.get("ccd_tickets") or 0)
 
     # --- verification ----------------------------------------------------------------
     def ticket_statuses(self, ids: Iterable[int]) -> dict[int, str]:

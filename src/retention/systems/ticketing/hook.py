@@ -11,7 +11,8 @@ Connection (type ``retention_zendesk``, default id ``retention_zendesk``):
   ``incremental_per_minute`` (10), ``deleted_list_per_minute`` (10), ``user_deletes_per_10min``
   (700), ``max_connections`` (4), ``max_jobs_in_flight`` (30: Zendesk's job limit per account;
   lower it where other integrations of the account run jobs too), ``max_retries`` (10),
-  ``timeout`` (60), ``job_poll_interval`` (0.1), ``oauth_token``.
+  ``timeout`` (60), ``job_poll_interval`` (0.1), ``max_retry_after`` (the longest ``Retry-After``
+  waited out, seconds; default ``RETENTION_MAX_RETRY_AFTER``, else 300), ``oauth_token``.
 
 For example (JSON form)::
 
@@ -44,7 +45,7 @@ _OPTIONS: dict[str, type] = {
         ),
         int,
     ),
-    **dict.fromkeys(("timeout", "job_poll_interval", "job_timeout"), float),
+    **dict.fromkeys(("timeout", "job_poll_interval", "job_timeout", "max_retry_after"), float),
 }
 
 

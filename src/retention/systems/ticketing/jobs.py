@@ -7,6 +7,11 @@ What it relies on, from the Zendesk Support API reference:
   good, also as a job; ``GET /api/v2/job_statuses/{id}`` reports queued/working/completed/failed,
   ``GET /api/v2/job_statuses/show_many?ids=`` (comma-separated job ids) reports many at once.
 * At most 30 jobs may be queued or running per account (the "job limit"; beyond it, 429).
+* A ``destroy_many`` whose answer is lost after it may have reached Zendesk (a read timeout)
+  may have made its job: it is never sent again blindly. The ids are looked at instead
+  (``tickets/show_many`` lists live tickets, ``deleted_tickets`` the soft-deleted ones), again
+  while a job of that age could still be running, and only the ids the job has not dealt with
+  are sent again ("29 duplicate jobs seen", issue 10).
 
 The job limit is kept by ``max_jobs_in_flight`` (<= 30) job slots, each held from a job's
 submission until a poll saw it end. One watcher thread polls every job being waited for with
@@ -25,7 +30,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING
 
-from retention.systems.http import HTTPError
+from retention.systems.http import HTTPError, MaybeSent
 
 if TYPE_CHECKING:
     from retention.systems.ticketing.client import ZendeskClient
@@ -147,7 +152,18 @@ class TicketJobs:
             attempts = 0
             while batch:
                 attempts += 1
-                resp, job = self._submit(path, batch, endpoint)
+                try:
+                    resp, job = self._submit(path, batch, endpoint)
+                except MaybeSent:
+                    # Its job may exist: send again only what it has not dealt with.
+                    rest = self._still_to_do(path, batch, endpoint)
+                    ok.extend(tid for tid in batch if tid not in rest)
+                    if rest and attempts >= self.client.max_job_attempts:
+                        log.warning("%s: %d ids unsettled after %d attempts", endpoint, len(rest), attempts)
+                        failed.extend(rest)
+                        rest = []
+                    batch = [tid for tid in batch if tid in rest]
+                    continue
                 if job is None:
                     if len(batch) == 1:
                         (missing if resp.status_code == 404 else failed).append(batch[0])
@@ -184,6 +200,27 @@ class TicketJobs:
                 batch = rest
         return ok, missing, failed
 
+    def _still_to_do(self, path: str, batch: list[int], endpoint: str) -> set[int]:
+        """After a ``destroy_many`` over ``batch`` whose answer was lost: the ids its job (if it
+        was made) has not dealt with. Soft deletion: the ids still live; permanent deletion: the
+        ids still soft-deleted. Looked at at once, then again while a job of that age could
+        still be queued or running (``grace``), so that a slow job is not sent a second time."""
+        wanted = set(batch)
+        grace = self.watcher.job_duration_guess()
+        deadline = time.monotonic() + grace
+        while True:
+            if path == SOFT_DELETE:
+                rest = {int(t["id"]) for t in self.client.current_tickets(batch) if t.get("status") != "deleted"}
+            else:
+                rest = {tid for tid in self.client.iter_deleted_ticket_ids() if tid in wanted}
+            left = deadline - time.monotonic()
+            if not rest or left <= 0:
+                break
+            time.sleep(min(left, max(self.client.job_poll_interval, grace / 5)))
+        log.info("%s: answer lost; %d of %d ids were done by its job, %d to send again", endpoint,
+                 len(wanted) - len(rest), len(wanted), len(rest))
+        return rest
+
     def wait(self, job: dict) -> dict:
         """The job's final status (completed or failed), polled by the watcher together with
         every other job being waited for; ``{"status": "failed", "results": None}`` when it
@@ -195,8 +232,10 @@ class TicketJobs:
         (``job`` not None) while the job is queued or running, and given back otherwise."""
         self._take_slot()
         try:
+            # resend=False: a lost answer must not make a second job (see _still_to_do).
             resp = self.client.session.request(
-                "DELETE", path, endpoint=endpoint, params={"ids": ",".join(map(str, batch))}, accept=(400, 404, 422)
+                "DELETE", path, endpoint=endpoint, params={"ids": ",".join(map(str, batch))}, accept=(400, 404, 422),
+                resend=False,
             )
             job = None if resp.status_code in (400, 404, 422) else (resp.json().get("job_status") or {})
         except BaseException:
@@ -276,6 +315,27 @@ class JobWatcher:
         self.polls = 0
         self.seen_ending: deque[float] = deque(maxlen=64)  # ages at which recent jobs were seen ended
 
+    def _still_to_do(self, path: str, batch: list[int], endpoint: str) -> set[int]:
+        """After a ``destroy_many`` over ``batch`` whose answer was lost: the ids its job (if it
+        was made) has not dealt with. Soft deletion: the ids still live; permanent deletion: the
+        ids still soft-deleted. Looked at at once, then again while a job of that age could
+        still be queued or running (``grace``), so that a slow job is not sent a second time."""
+        wanted = set(batch)
+        grace = self.watcher.job_duration_guess()
+        deadline = time.monotonic() + grace
+        while True:
+            if path == SOFT_DELETE:
+                rest = {int(t["id"]) for t in self.client.current_tickets(batch) if t.get("status") != "deleted"}
+            else:
+                rest = {tid for tid in self.client.iter_deleted_ticket_ids() if tid in wanted}
+            left = deadline - time.monotonic()
+            if not rest or left <= 0:
+                break
+            time.sleep(min(left, max(self.client.job_poll_interval, grace / 5)))
+        log.info("%s: answer lost; %d of %d ids were done by its job, %d to send again", endpoint,
+                 len(wanted) - len(rest), len(wanted), len(rest))
+        return rest
+
     def wait(self, job: dict) -> dict:
         if job.get("status") in ("completed", "failed"):
             return job
@@ -303,6 +363,13 @@ class JobWatcher:
         if waiter.error is not None:
             raise waiter.error
         return waiter.result or {"status": "failed", "results": None}
+
+    def job_duration_guess(self) -> float:
+        """How long a job may take to end: twice the slowest of the recent jobs seen ending
+        (10 s before any was), at most ``job_timeout`` and 120 s."""
+        with self.cond:
+            slowest = max(self.seen_ending) if self.seen_ending else 5.0
+        return min(2 * slowest, self.client.job_timeout, 120.0)
 
     def wake(self) -> None:
         with self.cond:
