@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
 
 from airflow_run import run_dag, task_states
 from retention.domain.pseudonyms import Pseudonymizer
@@ -277,3 +279,55 @@ def test_the_erasure_request_reaches_every_audience(two_lists, retention_home, t
         assert person["id"] not in now, f"the request did not reach {list_id}"
         assert now[other["id"]] == "subscribed"
     assert hashlib.md5(person["email_address"].lower().encode()).hexdigest() == person["id"]
+
+
+# --- right before erasure, per audience -----------------------------------------------------
+
+
+def test_a_member_who_subscribes_again_in_one_audience_is_kept_there_only(two_lists, retention_home):
+    """Planned in both audiences; before the erase step the member subscribes again in the second
+    one. The recheck (since_last_changed, per audience) keeps it there and erases it from the first."""
+    from retention.runs import nightly as pipeline
+    from retention.systems.newsletter.adapter import NewsletterAdapter
+    from retention.systems.newsletter.client import MailchimpClient
+
+    def adapter():
+        return NewsletterAdapter(MailchimpClient(KEY, base_url=f"{two_lists.base_url}/3.0"), [FIRST, SECOND])
+
+    run = pipeline.RunInfo.from_dict(pipeline.open_run("test", "per_audience", None, dry_run=False, max_plan_share=0.9))
+    pipeline.extract(run, "newsletter", adapter())
+    pipeline.plan(run, "newsletter")
+    pipeline.validate(run, "newsletter")
+    planned = set(run.staging.read_frame("newsletter", "plan")["record_id"].astype(str))
+    member = next(m["id"] for m in of_status("unsubscribed") if m["id"] in planned and f"{SECOND}:{m['id']}" in planned)
+    set_status(two_lists, SECOND, member, "subscribed")
+
+    pipeline.erase(run, "newsletter", adapter())
+    pipeline.verify(run, "newsletter", adapter())
+    assert member not in members(two_lists, FIRST)
+    assert members(two_lists, SECOND)[member] == "subscribed", "a member who subscribed again in one audience was erased there"
+    rows = {r["record_key"]: r["status"] for r in ledger_rows(retention_home)}
+    assert rows[key_of(member)] == "erased" and rows[key_of(f"{SECOND}:{member}")] == "deferred"
+
+
+# --- the record ids -------------------------------------------------------------------------
+
+
+@given(
+    lists=st.lists(st.text("abcdef0123456789-", min_size=1, max_size=12), min_size=1, max_size=4, unique=True),
+    hashes=st.lists(st.text("0123456789abcdef", min_size=32, max_size=32), min_size=1, max_size=20, unique=True),
+)
+def test_record_ids_of_audiences_are_distinct_and_lead_back(lists, hashes):
+    """Every (audience, member) has its own record id; the first audience's is the bare hash (a
+    single-audience deployment's id, so its holds and pseudonyms keep matching); and each id
+    leads back to its audience and hash, as erase and verify need."""
+    from retention.systems.newsletter.audiences import Audiences
+
+    audiences = Audiences(lists)
+    ids = {(a, h): audiences.record_id(a, h) for a in lists for h in hashes}
+    assert len(set(ids.values())) == len(ids)
+    assert all(ids[(lists[0], h)] == h for h in hashes)
+    groups, unknown = audiences.by_audience(list(ids.values()))
+    assert unknown == []
+    assert {(a, h): rid for a, members in groups.items() for h, rid in members.items()} == ids
+    assert audiences.by_audience([f"{lists[0]}:{hashes[0]}", f"not-ours:{hashes[0]}"])[1] == [f"{lists[0]}:{hashes[0]}", f"not-ours:{hashes[0]}"]
