@@ -7,7 +7,8 @@ exits 0. See ``--help`` for the options.
 What it speaks (under ``/3.0``, Basic auth with any user name and the ``--api-key``; errors
 are Mailchimp problem documents ``{"type", "title", "status", "detail", "instance"}``):
 
-* ``GET /3.0/ping``, ``GET /3.0/lists/{list_id}``
+* ``GET /3.0/ping``, ``GET /3.0/lists/{list_id}`` (every list the stand-in serves: ``--list-id``
+  and each ``--also-list``; any other list id is 404, like the real API)
 * ``GET /3.0/lists/{list_id}/members``: ``count`` (default 10, at most 1000), ``offset``,
   ``status``, ``since_last_changed``, ``fields`` / ``exclude_fields`` (dotted paths such as
   ``members.id``); members come in insertion order; paging is O(page) at any offset.
@@ -54,7 +55,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from retention_dev.standins.mailchimp_audience import ARCHIVED, MEMBER_FIELDS, Audience, check_json_safe
+from retention_dev.standins.mailchimp_audience import ARCHIVED, MEMBER_FIELDS, Audience, check_json_safe, list_state_file
 from retention_dev.standins.mailchimp_control import Control
 from retention_dev.standins.mailchimp_data import (
     STATUS_CODE,
@@ -72,8 +73,8 @@ from retention_dev.standins.mailchimp_server import REASONS, DropConnection, Han
 
 __all__ = [
     "ARCHIVED", "ERROR_DOC", "MAX_COUNT", "MEMBER_FIELDS", "REASONS", "STATUSES", "STATUS_CODE", "ApiError", "Audience",
-    "Control", "DropConnection", "Handler", "MemberColumns", "StandInServer", "build_audience", "check_json_safe",
-    "default_now", "generate_columns", "iso", "iso_column", "main", "parse_args", "problem", "project",
+    "Control", "DropConnection", "Handler", "MemberColumns", "StandInServer", "build_audience", "build_audiences", "check_json_safe",
+    "default_now", "generate_columns", "iso", "iso_column", "list_state_file", "main", "parse_args", "problem", "project",
 ]
 
 
@@ -83,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--state-file", type=Path, default=None, help="load from / save to this file")
     p.add_argument("--list-id", default="demo-list")
+    p.add_argument(
+        "--also-list", action="append", default=[], metavar="LIST_ID",
+        help="serve another audience too (repeatable): the same generated people, kept in a state file of its own "
+        "beside --state-file (<name>.<list id><suffix>)",
+    )
     p.add_argument("--api-key", default="standin-key-us0")
     p.add_argument("--members", type=int, default=1000, help="members to generate when there is no state file")
     p.add_argument("--seed", type=int, default=1)
@@ -92,21 +98,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_audience(args: argparse.Namespace) -> Audience:
-    if args.state_file is not None and args.state_file.exists():
-        return Audience.load(args.state_file, args.list_id)
+def build_audience(args: argparse.Namespace, list_id: str | None = None) -> Audience:
+    list_id = list_id or args.list_id
+    state_file = list_state_file(args.state_file, list_id, args.list_id)
+    if state_file is not None and state_file.exists():
+        return Audience.load(state_file, list_id)
     now = datetime.fromisoformat(args.now) if args.now else default_now()
     cols = generate_columns(args.members, seed=args.seed, now=now, erase_share=args.erase_share)
-    return Audience(cols, args.list_id)
+    return Audience(cols, list_id)
+
+
+def build_audiences(args: argparse.Namespace) -> dict[str, Audience]:
+    """Every list served, the first (``--list-id``) first."""
+    ids = list(dict.fromkeys([args.list_id, *args.also_list]))
+    return {list_id: build_audience(args, list_id) for list_id in ids}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     args = parse_args(argv)
-    audience = build_audience(args)
+    audiences = build_audiences(args)
     server = StandInServer(
         (args.host, args.port),
-        audience,
+        audiences,
         api_key=args.api_key,
         max_connections=args.max_connections,
         state_file=args.state_file,

@@ -47,6 +47,13 @@ def check_json_safe(cols: MemberColumns) -> None:
             raise ValueError(f"column {name} holds characters that need JSON escaping")
 
 
+def list_state_file(state_file: Path | None, list_id: str, first: str) -> Path | None:
+    """The state file of one list: ``--state-file`` for the first, one beside it for each other."""
+    if state_file is None or list_id == first:
+        return state_file
+    return state_file.with_name(f"{state_file.stem}.{list_id}{state_file.suffix}")
+
+
 class Audience:
     """One list's members, thread-safe. Rows keep insertion order; erased rows are blanked."""
 

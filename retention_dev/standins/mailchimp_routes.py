@@ -1,4 +1,4 @@
-"""The Mailchimp stand-in's API endpoints under ``/3.0``: ``ping``, ``lists/{list_id}``,
+"""The Mailchimp stand-in's API endpoints under ``/3.0`` (for each list it serves): ``ping``, ``lists/{list_id}``,
 ``lists/{list_id}/members`` (paging, ``status``, ``since_last_changed``, ``fields`` /
 ``exclude_fields``), a member's GET, PATCH (a status change, e.g. subscribing again) and DELETE
 (archive) and ``actions/delete-permanent``."""
@@ -25,20 +25,21 @@ class MemberRoutes:
     ``audience`` and ``control``)."""
 
     audience: Audience
+    audiences: dict[str, Audience]
     control: Control
 
     def api(self, method: str, parts: list[str], query: str, body: bytes = b"") -> tuple[int, Any]:
         params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
         fields = field_tree(params.get("fields"))
         exclude = field_tree(params.get("exclude_fields"))
-        aud = self.audience
         if parts == ["ping"]:
             if method != "GET":
                 raise _not_allowed()
             return 200, project({"health_status": "Everything's Chimpy!"}, fields, exclude)
         if len(parts) < 2 or parts[0] != "lists":
             raise ApiError(404, "Resource Not Found", "The requested resource could not be found.")
-        if parts[1] != aud.list_id:
+        aud = self.audiences.get(parts[1])
+        if aud is None:
             raise ApiError(404, "Resource Not Found", "The requested resource could not be found.")
         rest = parts[2:]
         if not rest:
@@ -61,7 +62,7 @@ class MemberRoutes:
         if len(rest) == 1:
             if method != "GET":
                 raise _not_allowed()
-            return 200, self.list_members(params, fields, exclude)
+            return 200, self.list_members(params, fields, exclude, aud)
         subscriber_hash = rest[1]
         if len(rest) == 2:
             if method == "GET":
@@ -95,8 +96,12 @@ class MemberRoutes:
             return 204, None
         raise ApiError(404, "Resource Not Found", "The requested resource could not be found.")
 
-    def list_members(self, params: dict[str, str], fields: dict | None, exclude: dict | None) -> dict | bytes:
-        """The list-members response: a dict, or already-encoded JSON on the fast path."""
+    def list_members(
+        self, params: dict[str, str], fields: dict | None, exclude: dict | None, aud: Audience | None = None
+    ) -> dict | bytes:
+        """The list-members response of ``aud`` (default: the first list): a dict, or
+        already-encoded JSON on the fast path."""
+        aud = aud or self.audience
         count = _int_param(params, "count", 10)
         offset = _int_param(params, "offset", 0)
         if count < 0 or count > MAX_COUNT:
@@ -131,7 +136,7 @@ class MemberRoutes:
                 wanted = ()
         if exclude is not None and "members" in exclude and not exclude["members"]:
             wanted = ()
-        rows, total = self.audience.page(status_code, since_ts, offset, count)
+        rows, total = aud.page(status_code, since_ts, offset, count)
         # Sub-fields (members.merge_fields.FNAME) and member exclusions take the general path.
         general = (members_tree and any(members_tree[f] for f in wanted)) or (
             exclude is not None and "members" in exclude
@@ -143,16 +148,16 @@ class MemberRoutes:
         if not general:
             parts = []
             if include("members"):
-                members_json = self.audience.render_json(rows, wanted) if wanted else b""
+                members_json = aud.render_json(rows, wanted) if wanted else b""
                 parts.append(b'"members":[' + members_json + b"]")
             if include("list_id"):
-                parts.append(b'"list_id":' + json.dumps(self.audience.list_id).encode())
+                parts.append(b'"list_id":' + json.dumps(aud.list_id).encode())
             if include("total_items"):
                 parts.append(b'"total_items":%d' % total)
             return b"{" + b",".join(parts) + b"}"
-        members = self.audience.render(rows, wanted) if wanted else []
+        members = aud.render(rows, wanted) if wanted else []
         members = project(members, members_tree or None, exclude.get("members") if exclude else None)
-        response: dict[str, Any] = {"members": members, "list_id": self.audience.list_id, "total_items": total}
+        response: dict[str, Any] = {"members": members, "list_id": aud.list_id, "total_items": total}
         return {k: v for k, v in response.items() if include(k)}
 
 

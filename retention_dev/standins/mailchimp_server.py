@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from retention_dev.standins.mailchimp_audience import Audience
+from retention_dev.standins.mailchimp_audience import Audience, list_state_file
 from retention_dev.standins.mailchimp_control import Control
 from retention_dev.standins.mailchimp_errors import ApiError, problem
 from retention_dev.standins.mailchimp_routes import MemberRoutes
@@ -207,9 +207,13 @@ class StandInServer(MemberRoutes, ThreadingHTTPServer):
     request_queue_size = 256
     allow_reuse_address = True
 
-    def __init__(self, address, audience: Audience, *, api_key: str, max_connections: int, state_file: Path | None):
+    def __init__(
+        self, address, audience: Audience | dict[str, Audience], *, api_key: str, max_connections: int, state_file: Path | None
+    ):
         super().__init__(address, Handler)
-        self.audience = audience
+        # Every list served, by id; ``audience`` is the first (the admin endpoints' counts are its).
+        self.audiences = audience if isinstance(audience, dict) else {audience.list_id: audience}
+        self.audience = next(iter(self.audiences.values()))
         self.api_key = api_key
         self.control = Control(max_connections)
         self.state_file = state_file
@@ -220,7 +224,11 @@ class StandInServer(MemberRoutes, ThreadingHTTPServer):
         if self.state_file is None:
             return None
         with self.save_lock:
-            return self.audience.save(self.state_file)
+            saved = self.audience.save(self.state_file)
+            for list_id, audience in self.audiences.items():
+                if audience is not self.audience:
+                    audience.save(list_state_file(self.state_file, list_id, self.audience.list_id))
+            return saved
 
     # -- admin -------------------------------------------------------------------------------
     def admin(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
@@ -254,4 +262,8 @@ class StandInServer(MemberRoutes, ThreadingHTTPServer):
         out["deleted_hashes_count"] = len(self.audience.deleted)
         out["list_id"] = self.audience.list_id
         out["max_connections"] = self.control.max_connections
+        out["lists"] = {
+            list_id: {"statuses": audience.counts(), "deleted_hashes_count": len(audience.deleted)}
+            for list_id, audience in self.audiences.items()
+        }
         return out

@@ -78,10 +78,12 @@ _SUBSCRIBER_HASH = re.compile(r"[0-9a-fA-F]{32}")
 _DIGITS = re.compile(r"[0-9]+")
 
 
-def _hold_record_id(record_type: str, text: str) -> str:
+def _hold_record_id(record_type: str, text: str, command: str = "hold add") -> str:
     """The id ``text`` names as the record's own system spells it, or a :class:`HoldError`: a
     hold stores the pseudonym of exactly this text, so ``042`` or an address in place of a
-    subscriber hash would hold nothing. Messages never repeat an address."""
+    subscriber hash would hold nothing. A newsletter member may be named in one audience,
+    ``<list_id>:<hash or address>`` (kept so; :func:`_in_audience` resolves it against the
+    Connection). Messages never repeat an address."""
     from retention.domain.addresses import EMAIL_PATTERN
     from retention.store.ledger import HoldError
 
@@ -89,23 +91,35 @@ def _hold_record_id(record_type: str, text: str) -> str:
     value = text.strip()
     if system in _INTEGER_IDS:
         if not _DIGITS.fullmatch(value) or len(value.lstrip("0")) > 19 or int(value) >= 2**63:
-            raise HoldError(f"hold add: a {record_type} is named by an integer id (digits only, as {system} numbers its records)")
+            raise HoldError(f"{command}: a {record_type} is named by an integer id (digits only, as {system} numbers its records)")
         return str(int(value))  # 042 is record 42
     if record_type == "newsletter_member":
+        audience, sep, value = value.rpartition(":") if ":" in value else ("", "", value)
+        prefix = f"{audience.strip()}:" if sep else ""
+        value = value.strip()
         if "@" in value:
             if not re.fullmatch(EMAIL_PATTERN, value):
-                raise HoldError("hold add: --record-id is neither an e-mail address nor a subscriber hash")
+                raise HoldError(f"{command}: --record-id is neither an e-mail address nor a subscriber hash")
             # Mailchimp's member id: the MD5 of the lower-cased address (the address is not stored).
-            return hashlib.md5(value.lower().encode("utf-8")).hexdigest()
+            return prefix + hashlib.md5(value.lower().encode("utf-8")).hexdigest()
         if not _SUBSCRIBER_HASH.fullmatch(value):
             raise HoldError(
-                "hold add: a newsletter member is named by its subscriber hash (32 hexadecimal characters) "
-                "or by its e-mail address"
+                f"{command}: a newsletter member is named by its subscriber hash (32 hexadecimal characters) "
+                "or by its e-mail address, with several audiences as <list_id>:<hash or address>"
             )
-        return value.lower()
+        return prefix + value.lower()
     if not value:
-        raise HoldError("hold add: --record-id is empty")
+        raise HoldError(f"{command}: --record-id is empty")
     return value
+
+
+def _in_audience(adapter, record_type: str, record_id: str) -> str:
+    """A newsletter member's record id as the adapter spells it, from ``[<list_id>:]<hash>``: with
+    several audiences the audience must be named (a ``ValueError`` listing them otherwise)."""
+    if record_type != "newsletter_member":
+        return record_id
+    audience, sep, subscriber_hash = record_id.rpartition(":")
+    return adapter.audiences.named(audience if sep else None, subscriber_hash)
 
 
 def _hold_reason(text: str) -> str:
@@ -137,8 +151,9 @@ def _hold_expiry(text: str | None):
     return expires
 
 
-def _record_exists(record_type: str, record_id: str) -> bool:
-    """Whether the record's system holds it now, asked through the port (``still_present``)."""
+def _record_exists(record_type: str, record_id: str) -> tuple[str, bool]:
+    """The record's id as its system spells it (a newsletter member's in its audience), and
+    whether the system holds it now, asked through the port (``still_present``)."""
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     from retention.store.ledger import HoldError
@@ -149,7 +164,8 @@ def _record_exists(record_type: str, record_id: str) -> bool:
         with _chatter_to_stderr():
             adapter = adapter_for(system)
             try:
-                return record_id in adapter.still_present(record_type, [record_id])
+                record_id = _in_audience(adapter, record_type, record_id)
+                return record_id, record_id in adapter.still_present(record_type, [record_id])
             finally:
                 adapter.close()
     except (config.ConfigError, AirflowNotFoundException):
@@ -219,7 +235,8 @@ def _hold_add(args) -> int:
     ledger, key = _checked_ledger()
     system = RECORD_TYPES[args.record_type].system
     shown = "this member" if args.record_type == "newsletter_member" else record_id  # a subscriber hash stays unprinted
-    if not _record_exists(args.record_type, record_id):
+    record_id, exists = _record_exists(args.record_type, record_id)
+    if not exists:
         if not args.allow_missing:
             raise HoldError(
                 f"hold add: {args.record_type} {shown} does not exist in {system}, so a hold on it would hold nothing; "
@@ -269,8 +286,16 @@ def _explain(args) -> int:
         print(exc, file=sys.stderr)  # one line per problem, each naming file, rule and field
         return 2
     as_of = _time(args.as_of, "--as-of") if args.as_of else None
+    if args.record_id is not None and args.record_type == "newsletter_member":  # an address becomes its hash
+        member_id = _hold_record_id(args.record_type, args.record_id, "explain")
     adapter = adapter_for(RECORD_TYPES[args.record_type].system)
     try:
+        if args.record_id is not None and args.record_type == "newsletter_member":
+            try:
+                args.record_id = _in_audience(adapter, args.record_type, member_id)
+            except ValueError as exc:
+                print(f"explain: {exc}", file=sys.stderr)
+                return 2
         result = explain(adapter, policy, args.record_type, record_id=args.record_id, record_key=args.record_key, as_of=as_of)
     finally:
         adapter.close()
@@ -371,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument(
         "--record-id", required=True,
         help="the record's id in its system: an integer for the CRM and Zendesk (042 is 42); for a newsletter member "
-        "its subscriber hash or its e-mail address (stored as the hash, never as the address)",
+        "its subscriber hash or its e-mail address (stored as the hash, never as the address), and where the "
+        "Connection names several audiences <list_id>:<hash or address>",
     )
     a.add_argument("--reason", required=True, help="why the record must be kept (not empty, at most 200 characters)")
     a.add_argument("--expires", help="date (YYYY-MM-DD, Europe/Stockholm, not past) the hold ends; none = until lifted")
@@ -394,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("explain", help="why one record is or is not planned")
     ex.add_argument("--record-type", required=True)
     who = ex.add_mutually_exclusive_group(required=True)
-    who.add_argument("--record-id", help="the record's id in its system")
+    who.add_argument(
+        "--record-id", help="the record's id in its system (a newsletter member: as for hold add, [<list_id>:]<hash or address>)"
+    )
     who.add_argument("--record-key", help="the pseudonymous key from the ledger or a report")
     ex.add_argument("--as-of", help="ISO 8601 time to evaluate at (default: now)")
     ex.add_argument("--policy", help="policy file (default: the configured one)")

@@ -80,7 +80,7 @@ def adapter_for(system: str) -> SourceSystem:
         from retention.systems.newsletter.hook import MailchimpHook
 
         hook = MailchimpHook()
-        return NewsletterAdapter(hook.get_conn(), hook.list_id)
+        return NewsletterAdapter(hook.get_conn(), hook.list_ids)
     if system == "crm":
         from retention.systems.crm.adapter import CrmAdapter
         from retention.systems.crm.hook import CrmHook

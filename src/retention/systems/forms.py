@@ -17,9 +17,11 @@ CRM_CHUNK_SIZE = 50_000
 
 
 def conn_field(label: str, kind: str = "string", *, default: Any = None, description: str | None = None,
-               secret: bool = False) -> dict[str, Any]:
-    """One ``conn-fields`` entry: an optional field of JSON type ``kind``."""
+               secret: bool = False, items: str | None = None) -> dict[str, Any]:
+    """One ``conn-fields`` entry: an optional field of JSON type ``kind`` (an array's of ``items``)."""
     schema: dict[str, Any] = {"type": [kind, "null"]}
+    if items is not None:
+        schema["items"] = {"type": items}
     if default is not None:
         schema["default"] = default
     if secret:
@@ -37,6 +39,11 @@ FORMS: dict[str, dict[str, Any]] = {
         "hook-name": "Mailchimp Marketing",
         "conn-fields": {
             "list_id": conn_field("Audience (list) id", description="The audience whose members the policy covers."),
+            "list_ids": conn_field(
+                "Audience (list) ids", "array", items="string",
+                description="Instead of list_id, several audiences, each enforced. Keep the one list_id named first: "
+                "its members keep their record ids (and holds); add the others after it.",
+            ),
             "max_connections": conn_field(
                 "Simultaneous connections", "integer", default=MAILCHIMP_MAX_CONNECTIONS,
                 description="Mailchimp allows 10 per user.",

@@ -1,7 +1,11 @@
 """The newsletter provider (Mailchimp Marketing API v3) as a ``SourceSystem``.
 
-Members are keyed by ``subscriber_hash``. E-mail addresses are fetched only to check that a
-member has one, and dropped at once: nothing downstream of the extract sees them.
+Members are keyed by ``subscriber_hash``, and every audience the Connection names is enforced:
+a member of the first audience has its bare hash as record id, one of a further audience
+``<list_id>:<hash>`` (``audiences.py`` says why). Every call loops over the audiences through the
+one client, so Mailchimp's limit of simultaneous connections stays shared. E-mail addresses are
+fetched only to check that a member has one, and dropped at once: nothing downstream of the
+extract sees them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from retention.domain.records import record_types_of
 from retention.domain.statuses import Action, Status
 from retention.progress import Progress
 from retention.systems.base import Outcome, Recheck, outcomes_as_they_arrive
+from retention.systems.newsletter.audiences import Audiences
 from retention.systems.newsletter.client import MailchimpClient
 
 log = logging.getLogger("retention")
@@ -72,32 +77,42 @@ class NewsletterAdapter:
     erase_batch = 1000
     chunk_rows = 50_000
 
-    def __init__(self, client: MailchimpClient, list_id: str, log_every: int = 50):
+    def __init__(
+        self, client: MailchimpClient, list_ids: str | Sequence[str] | None = None, log_every: int = 50, *, list_id: str | None = None
+    ):
+        ids = list_ids if list_ids is not None else list_id
         self.client = client
-        self.list_id = list_id
+        self.audiences = Audiences([ids] if isinstance(ids, str) else ids)
+        self.list_id = self.audiences.first
         self.log_every = log_every
 
     def extract(self, write, now: datetime) -> None:
-        total = self.client.total_members(self.list_id)
+        total = sum(self.client.total_members(list_id) for list_id in self.audiences.list_ids)
         progress = Progress(log, "newsletter: reading members", total=total)
         # Pages are gathered into chunks: building a frame costs about as much for a thousand
         # members as for tens of thousands.
         chunk: dict[str, list] = {f: [] for f in MEMBER_FIELDS}
-        for page in self.client.iter_member_columns(self.list_id, fields=MEMBER_FIELDS):
-            for f in MEMBER_FIELDS:
-                chunk[f] += page[f]
-            progress.add(len(page["id"]))
-            if len(chunk["id"]) >= self.chunk_rows:
-                write("newsletter_member", members_frame(chunk))
-                chunk = {f: [] for f in MEMBER_FIELDS}
+        for list_id in self.audiences.list_ids:
+            for page in self.client.iter_member_columns(list_id, fields=MEMBER_FIELDS):
+                page["id"] = self.audiences.record_ids(list_id, page["id"])
+                for f in MEMBER_FIELDS:
+                    chunk[f] += page[f]
+                progress.add(len(page["id"]))
+                if len(chunk["id"]) >= self.chunk_rows:
+                    write("newsletter_member", members_frame(chunk))
+                    chunk = {f: [] for f in MEMBER_FIELDS}
         if chunk["id"]:
             write("newsletter_member", members_frame(chunk))
         progress.finish()
 
     def find_person(self, email: str) -> dict[str, pd.DataFrame]:
-        """The member with this address (its id is the address's subscriber hash), if any."""
-        member = self.client.get_member(self.list_id, self.client.subscriber_hash(email), fields=MEMBER_FIELDS[:1] + MEMBER_FIELDS[2:])
-        found = [member] if member is not None else []
+        """The person's member in every audience (its id there is the address's subscriber hash)."""
+        subscriber_hash = self.client.subscriber_hash(email)
+        found = []
+        for list_id in self.audiences.list_ids:
+            member = self.client.get_member(list_id, subscriber_hash, fields=MEMBER_FIELDS[:1] + MEMBER_FIELDS[2:])
+            if member is not None:
+                found.append({**member, "id": self.audiences.record_id(list_id, member.get("id") or subscriber_hash)})
         columns = {f: [m.get(f) for m in found] for f in MEMBER_FIELDS}
         columns["email_address"] = ["@"] * len(found)  # found by its address: it has one
         return {"newsletter_member": members_frame(columns)}
@@ -107,38 +122,53 @@ class NewsletterAdapter:
     ) -> Iterator[Outcome]:
         if record_type != "newsletter_member" or action != Action.ERASE:
             raise ValueError(f"newsletter cannot {action} {record_type}")
-        hashes = list(record_ids)
-        if recheck is not None:
-            # Right before the batch: the members of it that changed since the plan's extract
-            # (Mailchimp lists them by since_last_changed), judged by the domain.
-            changed = self._changed_since(recheck.since, set(hashes))
-            left = recheck.leave_alone(changed) if len(changed) else {}
-            for h in left:
-                yield h, Status.DEFERRED
-            hashes = [h for h in hashes if h not in left]
-        yield from outcomes_as_they_arrive(
-            lambda on_result: self.client.delete_permanent_many(self.list_id, hashes, on_result=on_result), _status
-        )
+        groups, unknown = self.audiences.by_audience(record_ids)
+        if unknown:  # planned under a Connection that named another audience: not erased from a guess
+            log.warning("newsletter: %d members of an audience the Connection no longer names were not erased", len(unknown))
+            for rid in unknown:
+                yield rid, Status.FAILED
+        for list_id, members in groups.items():
+            hashes = list(members)
+            if recheck is not None:
+                # Right before this audience's part of the batch: its members that changed since the
+                # plan's extract (Mailchimp lists them by since_last_changed), judged by the domain.
+                changed = self._changed_since(list_id, recheck.since, members)
+                left = recheck.leave_alone(changed) if len(changed) else {}
+                for rid in left:
+                    yield rid, Status.DEFERRED
+                hashes = [h for h in hashes if members[h] not in left]
+            yield from outcomes_as_they_arrive(self._erasing(list_id, members, hashes), _status)
 
-    def _changed_since(self, since: datetime, wanted: set[str]) -> pd.DataFrame:
+    def _erasing(self, list_id: str, members: dict[str, str], hashes: list[str]):
+        """The client call that erases ``hashes`` from ``list_id``, reporting by record id."""
+
+        def call(on_result) -> None:
+            self.client.delete_permanent_many(list_id, hashes, on_result=lambda sh, outcome: on_result(members[sh], outcome))
+
+        return call
+
+    def _changed_since(self, list_id: str, since: datetime, wanted: dict[str, str]) -> pd.DataFrame:
         chunk: dict[str, list] = {f: [] for f in MEMBER_FIELDS}
         # A second earlier than the extract (Mailchimp compares whole seconds): lists more, never less.
         since_text = (pd.Timestamp(since).floor("s") - pd.Timedelta(seconds=1)).isoformat()
-        for page in self.client.iter_member_columns(self.list_id, fields=MEMBER_FIELDS, since_last_changed=since_text):
+        for page in self.client.iter_member_columns(list_id, fields=MEMBER_FIELDS, since_last_changed=since_text):
             for i, h in enumerate(page["id"]):
                 if h in wanted:
                     for f in MEMBER_FIELDS:
-                        chunk[f].append(page[f][i])
+                        chunk[f].append(wanted[h] if f == "id" else page[f][i])
         return members_frame(chunk)
 
     def still_present(self, record_type: str, record_ids: Sequence[str]) -> set[str]:
-        wanted = set(record_ids)
-        if len(wanted) < 2000:
-            return {h for h, exists in self.client.exists_many(self.list_id, wanted).items() if exists}
-        # Many ids: one pass over the list's ids is far fewer requests than one GET per id.
-        present = set()
-        for page in self.client.iter_member_pages(self.list_id, fields=("id",)):
-            present.update(m["id"] for m in page if m["id"] in wanted)
+        groups, _unknown = self.audiences.by_audience(record_ids)  # no audience of ours: not found in ours
+        present: set[str] = set()
+        for list_id, members in groups.items():
+            if len(members) < 2000:
+                found = self.client.exists_many(list_id, members)
+                present.update(members[h] for h, exists in found.items() if exists)
+                continue
+            # Many ids: one pass over the list's ids is far fewer requests than one GET per id.
+            for page in self.client.iter_member_pages(list_id, fields=("id",)):
+                present.update(members[m["id"]] for m in page if m["id"] in members)
         return present
 
     def close(self) -> None:

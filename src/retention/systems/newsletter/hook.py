@@ -1,12 +1,15 @@
-"""Airflow hook for the Mailchimp Marketing API v3 (newsletter audience).
+"""Airflow hook for the Mailchimp Marketing API v3 (newsletter audiences).
 
 Connection (type ``retention_mailchimp``, default id ``retention_mailchimp``):
 
 * ``password``: the API key (``<key>-<dc>``; the data centre picks the default base URL);
 * ``host`` (optional): base URL override, e.g. the stand-in ``http://127.0.0.1:8081/3.0``;
   a bare host name gets ``https://`` and, without a path, ``/3.0``;
-* ``extra`` (JSON): ``{"list_id": "...", "max_connections": 10}``, and optionally
-  ``max_retries``, ``backoff``, ``timeout``.
+* ``extra`` (JSON): ``{"list_id": "...", "max_connections": 10}`` for one audience, or
+  ``{"list_ids": ["...", "..."]}`` for several (every one is enforced; not both keys), and
+  optionally ``max_retries``, ``backoff``, ``timeout``. The first audience's members keep their
+  bare subscriber hash as record id, those of the others are ``<list_id>:<subscriber_hash>``
+  (see ``retention.systems.newsletter.audiences``): add audiences after the first, never before.
 
 For example, as an environment variable (JSON form)::
 
@@ -24,6 +27,7 @@ from urllib.parse import urlsplit
 from retention.config import SettingError
 from retention.systems.forms import MAILCHIMP_MAX_CONNECTIONS
 from retention.systems.hooks import RetentionHook
+from retention.systems.newsletter.audiences import checked_list_ids
 from retention.systems.newsletter.client import MailchimpClient
 
 _OPTIONS = {"max_retries": int, "backoff": float, "timeout": float}
@@ -46,11 +50,23 @@ class MailchimpHook(RetentionHook):
 
     # -- connection --------------------------------------------------------------------------
     @property
+    def list_ids(self) -> tuple[str, ...]:
+        """The audiences to enforce, in the Connection's order (``list_id``, or ``list_ids``)."""
+        extra = self._extra()
+        where = f"connection {self.mailchimp_conn_id!r}"
+        if extra.get("list_ids") is None:
+            list_id = self.extra_option("list_id", str)
+            if not list_id:
+                raise SettingError(f"{where} names no audience: set list_id (one) or list_ids (several) in its extra")
+            return (list_id,)
+        if extra.get("list_id") not in (None, ""):
+            raise SettingError(f"{where}: its extra has both list_id and list_ids; name every audience in list_ids only")
+        return checked_list_ids(extra["list_ids"], where)
+
+    @property
     def list_id(self) -> str:
-        list_id = self.extra_option("list_id", str)
-        if not list_id:
-            raise SettingError(f"connection {self.mailchimp_conn_id!r} has no list_id in its extra")
-        return list_id
+        """The first audience (the one a single-audience Connection names)."""
+        return self.list_ids[0]
 
     @property
     def max_connections(self) -> int:
