@@ -72,7 +72,8 @@ def report() -> dict:
     from retention.runs.request import report as report_
 
     ctx = checked_context()
-    result = report_(ctx["dag"].dag_id, ctx["run_id"], ctx["params"].get("email"))
+    with user_errors_in_one_line():
+        result = report_(ctx["dag"].dag_id, ctx["run_id"], ctx["params"].get("email"))
     if result is None:
         # Fail, not skip: a skipped last task would let a rejected request's run count as a success.
         raise AirflowFailException("the request was not accepted (see check_request): nothing ran, no report")

@@ -28,7 +28,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from retention.airflow.params import SCOPE, checked_context, systems_param
-from retention.airflow.tasks import fail_without_retry
+from retention.airflow.tasks import fail_without_retry, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
 
 
@@ -57,7 +57,8 @@ def _preview_task(system: str):
 
         if system not in get_current_context()["params"]["systems"]:
             raise AirflowSkipException(f"{system} is not among this preview's systems")
-        return preview_one(_preview_id(), system)
+        with user_errors_in_one_line():  # a bad Connection or setting: its one line
+            return preview_one(_preview_id(), system)
 
     return preview_
 

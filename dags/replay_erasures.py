@@ -23,7 +23,7 @@ from airflow.sdk import dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from retention.airflow.params import checked_context, dry_run_param, systems_param
-from retention.airflow.tasks import fail_without_retry, run_info, system_adapter
+from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
 
 
@@ -72,7 +72,8 @@ def report(run: dict) -> dict:
     from retention.runs.replay import report as report_
 
     systems = tuple(checked_context()["params"]["systems"])
-    result = report_(run_info(run), systems)
+    with user_errors_in_one_line():
+        result = report_(run_info(run), systems)
     if result["state"] != "success":
         raise AirflowFailException(f"replay incomplete, see report {result['report']}")
     return result

@@ -24,7 +24,7 @@ from airflow.sdk import dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
 from retention.airflow.params import checked_context, dry_run_param, share_param, systems_param
-from retention.airflow.tasks import fail_without_retry, run_info, system_adapter
+from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
 
 # When enforcement starts: a run or backfill as of an earlier time fails in open_run.
@@ -79,7 +79,8 @@ def system_run(system: str, run: dict):
     def plan_(run: dict, _extracted: dict) -> dict:
         from retention.runs.nightly import plan
 
-        return plan(run_info(run), system)
+        with user_errors_in_one_line():  # an unreachable ledger, a bad setting: one line
+            return plan(run_info(run), system)
 
     @task(task_id="validate", retries=0)
     def validate_(run: dict, _planned: dict) -> dict:
@@ -119,7 +120,8 @@ def report(run: dict) -> dict:
     from retention.runs.nightly import report as report_
 
     systems = tuple(checked_context()["params"]["systems"])
-    result = report_(run_info(run), systems)
+    with user_errors_in_one_line():
+        result = report_(run_info(run), systems)
     if result["state"] != "success":
         raise AirflowFailException(f"run incomplete, see report {result['report']}")
     if result["alarm"]:  # the quality gate, after every erasure of the run
