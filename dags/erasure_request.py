@@ -44,7 +44,7 @@ from retention.domain.addresses import EMAIL_MAX_LENGTH, EMAIL_PATTERN
 from retention.domain.records import SYSTEMS
 
 
-@task(retries=0)
+@task(retries=0, doc_md="Checks the address, the policy and the pseudonym key and opens the request under its key. Nothing else runs when it fails; its log line says why.")
 def check_request() -> dict:
     from retention.runs.request import open_request
 
@@ -55,7 +55,10 @@ def check_request() -> dict:
 
 
 def system_task(system: str):
-    @task(task_id=system)
+    @task(
+        task_id=system,
+        doc_md=f"Finds the person in {system} and erases what no legal hold keeps (dry run: counts only); write-ahead ledger, a retry resumes. Deferred records (an unsolved ticket) are counted, not erased.",
+    )
     def erase_() -> dict:
         from retention.runs.request import erase_system, load_run
 
@@ -67,7 +70,10 @@ def system_task(system: str):
     return erase_()
 
 
-@task(trigger_rule="all_done", retries=0)
+@task(
+    trigger_rule="all_done", retries=0,
+    doc_md="Writes the counts per system and record type to the report file and the ledger. Fails when the request was refused or any record is not done, so the run is not green unless the person is erased.",
+)
 def report() -> dict:
     from retention.runs.request import report as report_
 
@@ -91,6 +97,7 @@ def report() -> dict:
     params={
         "email": Param(
             type="string", pattern=EMAIL_PATTERN, maxLength=EMAIL_MAX_LENGTH, title="E-mail address",
+            section="Request",
             description="The e-mail address of the person who asked to be erased (one address).",
         ),
         "dry_run": dry_run_param("Find and count, erase nothing."),

@@ -39,7 +39,7 @@ def _preview_id() -> str:
     return safe_id(f"{ctx['dag'].dag_id}__{ctx['run_id']}")
 
 
-@task(retries=0)
+@task(retries=0, doc_md="Loads and validates both policies; a broken one fails here, before any system is read.")
 def prepare() -> dict:
     from retention.runs.preview import check_systems
     from retention.runs.preview import prepare as prepare_
@@ -51,7 +51,10 @@ def prepare() -> dict:
 
 
 def _preview_task(system: str):
-    @task(task_id=f"preview_{system}")
+    @task(
+        task_id=f"preview_{system}",
+        doc_md=f"Reads {system} once and plans its records under both policies (skipped when {system} is not selected). Erases nothing.",
+    )
     def preview_(_prepared: dict) -> dict:
         from retention.runs.preview import preview_one
 
@@ -63,7 +66,10 @@ def _preview_task(system: str):
     return preview_
 
 
-@task(trigger_rule="all_done", retries=0)
+@task(
+    trigger_rule="all_done", retries=0,
+    doc_md="Writes the difference per system and rule to RETENTION_HOME/previews/ (its path and counts are the XCom).",
+)
 def summary() -> dict:
     from retention.runs.preview import finish
 

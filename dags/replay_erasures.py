@@ -27,7 +27,7 @@ from retention.airflow.tasks import fail_without_retry, run_info, system_adapter
 from retention.domain.records import SYSTEMS
 
 
-@task
+@task(doc_md="Checks the conf and the policy and opens the replay's ledger run. Nothing else runs when it fails.")
 def open_run() -> dict:
     from retention.runs.replay import open_run as open_
 
@@ -39,7 +39,7 @@ def open_run() -> dict:
 
 @task_group
 def system_replay(system: str, run: dict):
-    @task(task_id="find")
+    @task(task_id="find", doc_md=f"Extracts {system} and joins it with the ledger's erased keys: what the restore brought back.")
     def find_(run: dict) -> dict:
         from retention.runs.replay import find
 
@@ -48,7 +48,7 @@ def system_replay(system: str, run: dict):
         with system_adapter(system) as adapter:
             return find(run_info(run), system, adapter)
 
-    @task(task_id="erase")
+    @task(task_id="erase", doc_md=f"Erases again in {system} what was found, under `replay:<rule>` (dry run: nothing).")
     def erase_(run: dict, _found: dict) -> dict:
         from retention.checks.validation import PlanRejected
         from retention.runs.replay import erase
@@ -57,7 +57,7 @@ def system_replay(system: str, run: dict):
         with system_adapter(system) as adapter, fail_without_retry(PlanRejected):
             return erase(run_info(run), system, adapter)
 
-    @task(task_id="verify")
+    @task(task_id="verify", doc_md=f"Checks in {system} that the replayed records are gone.")
     def verify_(run: dict, _erased: dict) -> dict:
         from retention.runs.replay import verify
 
@@ -67,7 +67,10 @@ def system_replay(system: str, run: dict):
     return verify_(run, erase_(run, find_(run)))
 
 
-@task(trigger_rule="all_done")
+@task(
+    trigger_rule="all_done",
+    doc_md="Counts per system and record type: found, replayed, left alone, held. Fails when anything is not done.",
+)
 def report(run: dict) -> dict:
     from retention.runs.replay import report as report_
 

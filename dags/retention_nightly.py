@@ -13,6 +13,17 @@ Params: `dry_run` plans and validates but erases nothing; `max_plan_share` overr
 policy's plan-size guard for this run (more than 0, at most 1); `systems` limits the run to some
 systems (at least one). Any other conf key (`dryrun`) fails **open_run** at once, naming the key
 and the known ones: nothing is read, planned or erased.
+
+**The first run: a dry run while the DAG is paused.** The DAG is created paused: unpausing it
+starts the schedule, and the scheduler's runs erase. Run the first one as a dry run from a
+shell, in one process, without unpausing:
+
+    airflow dags test retention_nightly --conf '{"dry_run": true}'
+
+Read its report (`RETENTION_HOME/reports/`), then `airflow dags unpause retention_nightly`.
+Not the trigger form for this: its **Unpause on trigger** box is ticked by default, so the
+scheduler's erasing run follows the dry run at once; unticked, the run (like one from
+`airflow dags trigger`) waits queued until the DAG is unpaused.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ START_DATE = pendulum.datetime(2026, 1, 1, tz="Europe/Stockholm")
 EARLIEST = pendulum.datetime(1970, 1, 1, tz="UTC")
 
 
-@task
+@task(doc_md="Checks the conf, the as-of time and the policy and opens the run in the ledger. Nothing else runs when it fails.")
 def open_run() -> dict:
     from retention.runs.nightly import open_run as open_
 
@@ -56,7 +67,10 @@ def open_run() -> dict:
 
 @task_group
 def system_run(system: str, run: dict):
-    @task(task_id="extract")
+    @task(
+        task_id="extract",
+        doc_md=f"Takes {system}'s lock and extracts its records into staging (skipped when {system} is not selected).",
+    )
     def extract_(run: dict) -> dict:
         from retention.airflow.dagruns import take_system
         from retention.runs.nightly import extract
@@ -75,14 +89,17 @@ def system_run(system: str, run: dict):
             # slot back and try again in a minute rather than wait in it.
             raise AirflowRescheduleException(pendulum.now("UTC").add(seconds=60)) from None
 
-    @task(task_id="plan")
+    @task(task_id="plan", doc_md=f"Plans {system}'s records: quarantine, the policy's rules, legal holds.")
     def plan_(run: dict, _extracted: dict) -> dict:
         from retention.runs.nightly import plan
 
         with user_errors_in_one_line():  # an unreachable ledger, a bad setting: one line
             return plan(run_info(run), system)
 
-    @task(task_id="validate", retries=0)
+    @task(
+        task_id="validate", retries=0,
+        doc_md=f"Great Expectations on {system}'s plan and the plan-size guard; a rejected plan fails here and nothing is erased.",
+    )
     def validate_(run: dict, _planned: dict) -> dict:
         from retention.checks.validation import PlanRejected
         from retention.runs.nightly import validate
@@ -92,7 +109,7 @@ def system_run(system: str, run: dict):
         except PlanRejected as exc:
             raise AirflowFailException(str(exc)) from None
 
-    @task(task_id="erase")
+    @task(task_id="erase", doc_md=f"Erases {system}'s validated plan, write-ahead in the ledger; a retry resumes (dry run: nothing).")
     def erase_(run: dict, _validated: dict) -> dict:
         from retention.checks.validation import PlanRejected
         from retention.runs.nightly import erase
@@ -101,7 +118,7 @@ def system_run(system: str, run: dict):
         with system_adapter(system) as adapter, fail_without_retry(PlanRejected):
             return erase(run_info(run), system, adapter)
 
-    @task(task_id="verify")
+    @task(task_id="verify", doc_md=f"Checks in {system} that what the ledger says was erased is gone.")
     def verify_(run: dict, _erased: dict) -> dict:
         from retention.runs.nightly import verify
 
@@ -115,7 +132,10 @@ def system_run(system: str, run: dict):
     return verify_(run, erased)
 
 
-@task(trigger_rule="all_done")
+@task(
+    trigger_rule="all_done",
+    doc_md="Counts per rule and status in the report file. Fails when anything is not done or quarantine has lasted too long (the quality gate).",
+)
 def report(run: dict) -> dict:
     from retention.runs.nightly import report as report_
 
@@ -134,6 +154,9 @@ def report(run: dict) -> dict:
     start_date=EARLIEST,
     catchup=False,
     max_active_runs=1,
+    # New, it waits for somebody: its first run is a dry run (`airflow dags test`, see the doc),
+    # never the scheduler's erasing run, whatever [core] dags_are_paused_at_creation says.
+    is_paused_upon_creation=True,
     doc_md=__doc__,
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     params={

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,10 +15,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="retention-tests-"))
 
-# Set before anything imports Airflow: tests never touch a developer's own Airflow home.
+# Set before anything imports Airflow: tests never touch a developer's own Airflow home, config
+# or metadata database, whatever the shell exports (scripts/setup.sh exports the repository's
+# .airflow for the demo): the session's own home under /tmp, removed when the session ends.
 os.environ.setdefault("RETENTION_PSEUDONYM_KEY", "test-only-pseudonym-key-0123456789abcdef")
 os.environ["RETENTION_HOME"] = str(_SESSION_TMP / "retention")
-os.environ.setdefault("AIRFLOW_HOME", str(_SESSION_TMP / "airflow"))
+os.environ["AIRFLOW_HOME"] = str(_SESSION_TMP / "airflow")
+os.environ.pop("AIRFLOW_CONFIG", None)
+for _name in [n for n in os.environ if n.startswith("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")]:  # also _CMD, _SECRET
+    del os.environ[_name]
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_SESSION_TMP / 'airflow' / 'airflow.db'}"
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(ROOT / "plugins"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
@@ -50,3 +59,41 @@ def postgres_url():
 @pytest.fixture(scope="session")
 def postgres_url_for():
     return _postgres_url
+
+
+# --- the session's end: no server left running, no Airflow home left behind ----------------------
+
+
+def _servers_left_running() -> list:
+    """This session's child processes still alive (stand-ins, Airflow services a test forgot to
+    stop). The suite's PostgreSQL server is no child: scripts/postgres.sh detaches it."""
+    import psutil
+
+    alive = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.name() not in {"postgres", "pg_ctl"}:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import psutil
+
+    left = _servers_left_running()
+    if left:
+        names = sorted({" ".join(p.cmdline()[1:4]) or p.name() for p in left if p.is_running()})
+        for proc in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, still = psutil.wait_procs(left, timeout=30)
+        for proc in still:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(still, timeout=10)
+        # A test that leaves a server running fails the session, so it is found and fixed.
+        print(f"\nERROR: {len(left)} process(es) left running by the tests, now stopped: {'; '.join(names)}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)

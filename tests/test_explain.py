@@ -18,6 +18,8 @@ from retention.runs.explain import explain
 from retention.systems.crm import schema
 from retention.systems.crm.adapter import CrmAdapter
 from retention.systems.crm.client import CrmConnector
+from retention_dev.standins.mailchimp_data import generate_members
+from retention_dev.standins.process import StandIn
 
 AS_OF = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
 POLICY = load_policy(DEFAULT_POLICY)
@@ -91,7 +93,38 @@ def test_explain_command(crm, tmp_path, monkeypatch):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    # Airflow's own log lines (the hook says which database it opened) come before the JSON.
-    result = json.loads(out.stdout[out.stdout.index("\n{") + 1 :])
+    result = only_json(out.stdout)
     assert result["decision"] == "planned: erase under rule former-member-contact"
     assert "ada@example.org" not in out.stdout and "Example" not in out.stdout
+
+
+def only_json(stdout: str) -> dict:
+    """stdout is the JSON document and nothing else (Airflow's and the hooks' log lines go to
+    stderr): `retention explain ... | jq` works."""
+    assert stdout.lstrip().startswith("{"), f"stdout does not start with the JSON: {stdout[:300]!r}"
+    return json.loads(stdout)
+
+
+def test_explain_command_names_a_newsletter_member_by_address(tmp_path):
+    members = generate_members(30, seed=3, now=AS_OF)
+    member = next(m for m in members if m["status"] == "unsubscribed")
+    key = "standin-key-us0"
+    standin = StandIn("mailchimp", "--port", "0", "--members", "30", "--seed", "3", "--now", AS_OF.isoformat(),
+                      "--api-key", key, "--state-file", str(tmp_path / "mc.npz")).start()
+    try:
+        conn = {"conn_type": "retention_mailchimp", "host": f"{standin.base_url}/3.0", "password": key, "extra": {"list_id": "demo-list"}}
+        env = dict(os.environ, AIRFLOW_CONN_RETENTION_MAILCHIMP=json.dumps(conn))
+        address = member["email_address"].upper()  # as a person may write it: Mailchimp's id is of the lower-cased address
+        out = subprocess.run(
+            [sys.executable, "-m", "retention.cli", "explain", "--record-type", "newsletter_member", "--record-id", address,
+             "--as-of", AS_OF.isoformat()],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+    finally:
+        standin.stop()
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = only_json(out.stdout)
+    assert result["record_key"] == Pseudonymizer(os.environ["RETENTION_PSEUDONYM_KEY"].encode()).key_for("newsletter_member", member["id"])
+    assert result["decision"], result
+    assert "reading members" in out.stderr, "the log lines went nowhere: they belong on stderr"
+    assert member["email_address"].lower() not in (out.stdout + out.stderr).lower()

@@ -32,6 +32,8 @@ import hashlib
 import os
 import re
 import sys
+import tempfile
+import types
 
 import pandas as pd
 
@@ -288,19 +290,44 @@ def _explain(args) -> int:
     as_of = _time(args.as_of, "--as-of") if args.as_of else None
     if args.record_id is not None and args.record_type == "newsletter_member":  # an address becomes its hash
         member_id = _hold_record_id(args.record_type, args.record_id, "explain")
-    adapter = adapter_for(RECORD_TYPES[args.record_type].system)
-    try:
-        if args.record_id is not None and args.record_type == "newsletter_member":
-            try:
-                args.record_id = _in_audience(adapter, args.record_type, member_id)
-            except ValueError as exc:
-                print(f"explain: {exc}", file=sys.stderr)
-                return 2
-        result = explain(adapter, policy, args.record_type, record_id=args.record_id, record_key=args.record_key, as_of=as_of)
-    finally:
-        adapter.close()
+    with _logs_aside() as logs:  # stdout is the JSON alone: `retention explain ... | jq` works
+        adapter = adapter_for(RECORD_TYPES[args.record_type].system)
+        try:
+            if args.record_id is not None and args.record_type == "newsletter_member":
+                try:
+                    args.record_id = _in_audience(adapter, args.record_type, member_id)
+                except ValueError as exc:
+                    print(f"explain: {exc}", file=sys.stderr)
+                    return 2
+            result = explain(adapter, policy, args.record_type, record_id=args.record_id, record_key=args.record_key, as_of=as_of)
+        finally:
+            adapter.close()
+        logs.shown = True
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+@contextlib.contextmanager
+def _logs_aside():
+    """What is written to stdout meanwhile is set aside: Airflow's logging writes to the stdout
+    it found when it was configured (the hooks' "connection ..." lines, progress lines), so the
+    file descriptor itself is redirected, not only ``sys.stdout``. The lines go to stderr when
+    the caller sets ``shown``; after a user error they are dropped, which stays its one line."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    logs = types.SimpleNamespace(shown=False)
+    with tempfile.TemporaryFile() as aside:
+        os.dup2(aside.fileno(), 1)
+        try:
+            yield logs
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            if logs.shown:
+                aside.seek(0)
+                sys.stderr.write(aside.read().decode(errors="replace"))
+                sys.stderr.flush()
 
 
 def _crm_init(args) -> int:
