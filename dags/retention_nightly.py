@@ -23,6 +23,14 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
+from retention.airflow.alerts import (
+    PlanRejectedAlert,
+    QuarantineAlarmAlert,
+    nightly_deadline,
+    run_failed,
+    run_timeout,
+    task_defaults,
+)
 from retention.airflow.params import checked_context, dry_run_param, share_param, systems_param
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
@@ -90,7 +98,7 @@ def system_run(system: str, run: dict):
         try:
             return validate(run_info(run), system)
         except PlanRejected as exc:
-            raise AirflowFailException(str(exc)) from None
+            raise PlanRejectedAlert(str(exc)) from None  # alerted as a rejected plan, with its numbers
 
     @task(task_id="erase")
     def erase_(run: dict, _validated: dict) -> dict:
@@ -125,7 +133,7 @@ def report(run: dict) -> dict:
     if result["state"] != "success":
         raise AirflowFailException(f"run incomplete, see report {result['report']}")
     if result["alarm"]:  # the quality gate, after every erasure of the run
-        raise AirflowFailException(result["alarm"])
+        raise QuarantineAlarmAlert(result["alarm"])
     return result
 
 
@@ -135,7 +143,10 @@ def report(run: dict) -> dict:
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), **task_defaults()},
+    on_failure_callback=run_failed,
+    dagrun_timeout=run_timeout(),
+    deadline=nightly_deadline(),
     params={
         "dry_run": dry_run_param("Plan and validate, erase nothing, write no ledger entry."),
         "max_plan_share": share_param(
