@@ -26,9 +26,8 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleExcept
 from retention.airflow.alerts import (
     PlanRejectedAlert,
     QuarantineAlarmAlert,
-    nightly_deadline,
+    run_deadline,
     run_failed,
-    run_timeout,
     task_defaults,
 )
 from retention.airflow.params import checked_context, dry_run_param, share_param, systems_param
@@ -145,8 +144,7 @@ def report(run: dict) -> dict:
     doc_md=__doc__,
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30), **task_defaults()},
     on_failure_callback=run_failed,
-    dagrun_timeout=run_timeout(),
-    deadline=nightly_deadline(),
+    dagrun_timeout=run_deadline(),  # failed and alerted as past its deadline
     params={
         "dry_run": dry_run_param("Plan and validate, erase nothing, write no ledger entry."),
         "max_plan_share": share_param(

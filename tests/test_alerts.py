@@ -1,17 +1,17 @@
 """Alerts through Airflow's notifiers, tested against a real SMTP server on 127.0.0.1: a failing
 nightly run and a tripped plan guard each deliver an e-mail naming the DAG, the run and the task,
 with counts and ids only. Every task of every DAG has an execution timeout; the nightly run has a
-run timeout and a deadline alert."""
+run timeout (its deadline), alerted on as past its deadline."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from datetime import timedelta
 
 import pytest
 from smtp_server import SmtpServer
+from test_quarantine_alarm import audience, run_night  # noqa: F401 - a fixture and a night's run
 
 from airflow_run import load_dag, run_dag, task_states
 from retention_dev.standins.process import StandIn
@@ -133,16 +133,15 @@ def test_the_connection_decides_the_notifier(monkeypatch):
         assert type(alerts_.notifier_for("s", "b")).__name__ == "SlackWebhookNotifier"
 
 
-def test_a_missed_deadline_sends_an_alert(smtp):
-    """The deadline callback as the triggerer calls it: the simple context Airflow gives it."""
-    from retention.airflow.alerts import run_past_deadline
+def test_a_run_past_its_deadline_sends_an_alert(smtp):
+    """The DAG's failure callback as Airflow calls it when a run outlives its dagrun_timeout
+    (the scheduler's reason ``timed_out``)."""
+    from retention.airflow.alerts import run_failed
 
-    context = {"dag_run": {"dag_id": "retention_nightly", "dag_run_id": "scheduled__2026-11-20", "conf": {"email": "x@y.example"}},
-               "deadline": {"id": "d1", "deadline_time": "2026-11-20T06:00:00+00:00"}}
-    asyncio.run(run_past_deadline(context=context))
+    run_failed({"dag": load_dag(), "run_id": "scheduled__2026-11-20", "reason": "timed_out"})
     [message] = smtp.messages()
-    assert "run past its deadline" in message["Subject"] and "scheduled__2026-11-20" in message["Subject"]
-    assert "2026-11-20T06:00:00" in text_of(message) and "x@y.example" not in message.as_string()
+    assert message["Subject"] == "[retention] run past its deadline: retention_nightly scheduled__2026-11-20"
+    assert "reason: timed_out" in text_of(message)
 
 
 @pytest.mark.parametrize("dag_id", ["retention_nightly", "erasure_request", "replay_erasures", "policy_preview"])
@@ -153,8 +152,7 @@ def test_every_task_has_a_timeout_and_alerts_on_failure(dag_id):
         assert task.on_failure_callback, task.task_id
     assert dag.on_failure_callback
     if dag_id == "retention_nightly":
-        assert dag.dagrun_timeout is not None
-        assert dag.deadline and dag.deadline[0].interval < dag.dagrun_timeout
+        assert timedelta(hours=1) <= dag.dagrun_timeout < timedelta(days=1)  # before the next night is due
 
 
 def test_timeouts_are_configurable_and_a_bad_one_is_named(monkeypatch):
@@ -166,3 +164,21 @@ def test_timeouts_are_configurable_and_a_bad_one_is_named(monkeypatch):
     monkeypatch.setenv("RETENTION_TASK_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match="RETENTION_TASK_TIMEOUT"):
         alerts_.task_timeout()
+
+
+@pytest.mark.airflow
+def test_a_stuck_quarantine_alarm_sends_an_alert_with_its_count(smtp, audience, retention_home, tmp_path, monkeypatch):  # noqa: F811
+    from retention.config import DEFAULT_POLICY
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(DEFAULT_POLICY.read_text().replace("quarantine_alarm_after: 7", "quarantine_alarm_after: 1"))
+    monkeypatch.setenv("RETENTION_POLICY_FILE", str(policy))
+    assert run_night(21).state == "success"  # night 1: quarantined, not yet stuck
+    dr = run_night(22)
+    assert dr.state == "failed" and task_states(dr)["report"] == "failed", task_states(dr)
+    alarm = [(s, b) for s, b in alerts(smtp, dr) if "stuck-quarantine alarm" in s]
+    assert len(alarm) == 1, alerts(smtp, dr)
+    subject, body = alarm[0]
+    assert "retention_nightly" in subject and "report" in subject
+    assert "quarantine alarm: 1 record stuck in quarantine for more than 1 night" in body, body
+    assert audience.ids["stuck"] not in body
