@@ -38,6 +38,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from retention.airflow.alerts import run_failed, task_defaults
 from retention.airflow.params import checked_context, dry_run_param
 from retention.airflow.tasks import fail_without_retry, user_errors_in_one_line
 from retention.domain.addresses import EMAIL_MAX_LENGTH, EMAIL_PATTERN
@@ -93,7 +94,8 @@ def report() -> dict:
     start_date=pendulum.datetime(2026, 1, 1, tz="Europe/Stockholm"),
     catchup=False,
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), **task_defaults()},
+    on_failure_callback=run_failed,
     params={
         "email": Param(
             type="string", pattern=EMAIL_PATTERN, maxLength=EMAIL_MAX_LENGTH, title="E-mail address",

@@ -27,6 +27,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
+from retention.airflow.alerts import run_failed, task_defaults
 from retention.airflow.params import SCOPE, checked_context, systems_param
 from retention.airflow.tasks import fail_without_retry, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
@@ -83,7 +84,8 @@ def summary() -> dict:
     start_date=pendulum.datetime(2026, 1, 1, tz="Europe/Stockholm"),
     catchup=False,
     doc_md=__doc__,
-    default_args={"retries": 1},
+    default_args={"retries": 1, **task_defaults()},
+    on_failure_callback=run_failed,
     params={
         "old_policy": Param(
             "HEAD:include/policies/retention.yaml", type="string", minLength=1, title="Current policy", section="Policies",

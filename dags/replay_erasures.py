@@ -22,6 +22,7 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from retention.airflow.alerts import run_failed, task_defaults
 from retention.airflow.params import checked_context, dry_run_param, systems_param
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
@@ -88,7 +89,8 @@ def report(run: dict) -> dict:
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), **task_defaults()},
+    on_failure_callback=run_failed,
     params={
         "systems": systems_param("The systems restored from a backup (at least one)."),
         "dry_run": dry_run_param("Find and count, erase nothing, write no ledger entry."),

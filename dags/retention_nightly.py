@@ -34,6 +34,13 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
+from retention.airflow.alerts import (
+    PlanRejectedAlert,
+    QuarantineAlarmAlert,
+    run_deadline,
+    run_failed,
+    task_defaults,
+)
 from retention.airflow.params import checked_context, dry_run_param, share_param, systems_param
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
@@ -107,7 +114,7 @@ def system_run(system: str, run: dict):
         try:
             return validate(run_info(run), system)
         except PlanRejected as exc:
-            raise AirflowFailException(str(exc)) from None
+            raise PlanRejectedAlert(str(exc)) from None  # alerted as a rejected plan, with its numbers
 
     @task(task_id="erase", doc_md=f"Erases {system}'s validated plan, write-ahead in the ledger; a retry resumes (dry run: nothing).")
     def erase_(run: dict, _validated: dict) -> dict:
@@ -145,7 +152,7 @@ def report(run: dict) -> dict:
     if result["state"] != "success":
         raise AirflowFailException(f"run incomplete, see report {result['report']}")
     if result["alarm"]:  # the quality gate, after every erasure of the run
-        raise AirflowFailException(result["alarm"])
+        raise QuarantineAlarmAlert(result["alarm"])
     return result
 
 
@@ -158,7 +165,9 @@ def report(run: dict) -> dict:
     # never the scheduler's erasing run, whatever [core] dags_are_paused_at_creation says.
     is_paused_upon_creation=True,
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), **task_defaults()},
+    on_failure_callback=run_failed,
+    dagrun_timeout=run_deadline(),  # failed and alerted as past its deadline
     params={
         "dry_run": dry_run_param("Plan and validate, erase nothing, write no ledger entry."),
         "max_plan_share": share_param(

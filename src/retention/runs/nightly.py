@@ -174,13 +174,22 @@ def validate(run: RunInfo, system: str) -> dict:
         for c in o.failures():
             log.error("%s: validation %s failed: %s", system, o.name, json.dumps(c, default=str))
     if not success:
-        failed = sorted({o.name for o in outcomes if not o.success})
-        raise PlanRejected(f"{system}: validation failed ({', '.join(failed)}); nothing was erased")
+        failed = [_failed_suite(o) for o in sorted((o for o in outcomes if not o.success), key=lambda o: o.name)]
+        raise PlanRejected(f"{system}: validation failed ({'; '.join(dict.fromkeys(failed))}); nothing was erased")
     log.info("%s: validation passed (%d suites; %s)", system, len(outcomes), clock)
     return {
         "success": True, "suites": len(outcomes), "destructive": destructive, "extracted": total_extracted,
         "seconds": clock.laps,
     }
+
+
+def _failed_suite(outcome) -> str:
+    """A failed suite's name; the plan-size guard's with its numbers (counts only), so the task's
+    one line and its alert say by how much the plan was too large."""
+    guard = next((c for c in outcome.checks if "allowed" in c), None)
+    if guard is None:
+        return outcome.name
+    return f"{outcome.name}: {guard['planned']} planned, {guard['allowed']} allowed of {guard['extracted']} extracted"
 
 
 def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
