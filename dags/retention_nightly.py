@@ -146,6 +146,8 @@ def system_run(system: str, run: dict):
 def report(run: dict) -> dict:
     from retention.runs.nightly import report as report_
 
+    if not run:  # open_run failed (a refused conf or as-of, a broken policy): nothing ran, no report
+        raise AirflowFailException("the run did not open (see open_run): nothing ran, no report")
     systems = tuple(checked_context()["params"]["systems"])
     with user_errors_in_one_line():
         result = report_(run_info(run), systems)

@@ -140,8 +140,8 @@ def test_backfill_beside_the_nightly_schedule(tmp_path, postgres_url_for, retent
         listed = [line for line in out.splitlines() if line.startswith("[{")]
         assert listed, out
         states = {t["task_id"]: t["state"] for t in json.loads(listed[-1])}
-        assert states["open_run"] == "failed", (run_id, states)
-        assert all(s in ("upstream_failed", None) for t, s in states.items() if t != "open_run"), states
+        assert states["open_run"] == "failed" and states["report"] == "failed", (run_id, states)
+        assert all(s in ("upstream_failed", None) for t, s in states.items() if t not in ("open_run", "report")), states
     assert "is before the start date of retention_nightly" in early_logs
     runs = [r for r in runs if not r["logical_date"].startswith("2025-06")]
 

@@ -1248,7 +1248,8 @@ def test_project_hooks_read_the_connections(project, compose, conn_id, monkeypat
 
         monkeypatch.delenv("RETENTION_LEDGER_URL", raising=False)
         url = config.ledger_url()
-        assert url.startswith("postgresql://") and url.endswith("@postgres:5432/retention_ledger"), url
+        # Opened with psycopg2, the driver installed (SQLAlchemy would read a bare postgresql:// as psycopg 3).
+        assert url.startswith("postgresql+psycopg2://") and url.endswith("@postgres:5432/retention_ledger"), url
 
 
 @pytest.mark.parametrize("service", ["airflow-init", DEMO_DATA])
