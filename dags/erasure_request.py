@@ -39,6 +39,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from retention.airflow.params import checked_context, dry_run_param
+from retention.airflow.pools import REQUEST_SLOTS, provider_pool
 from retention.airflow.tasks import fail_without_retry, user_errors_in_one_line
 from retention.domain.addresses import EMAIL_MAX_LENGTH, EMAIL_PATTERN
 from retention.domain.records import SYSTEMS
@@ -55,7 +56,9 @@ def check_request() -> dict:
 
 
 def system_task(system: str):
-    @task(task_id=system)
+    # A request's look-up and few erasures take a small share of the provider's pool: one fits
+    # beside a nightly run's task (retention.systems.pools).
+    @task(task_id=system, **provider_pool(system, REQUEST_SLOTS))
     def erase_() -> dict:
         from retention.runs.request import erase_system, load_run
 

@@ -28,6 +28,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from retention.airflow.params import SCOPE, checked_context, systems_param
+from retention.airflow.pools import provider_pool
 from retention.airflow.tasks import fail_without_retry, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
 
@@ -51,7 +52,7 @@ def prepare() -> dict:
 
 
 def _preview_task(system: str):
-    @task(task_id=f"preview_{system}")
+    @task(task_id=f"preview_{system}", **provider_pool(system))  # reads the whole system: a bulk share of its pool
     def preview_(_prepared: dict) -> dict:
         from retention.runs.preview import preview_one
 

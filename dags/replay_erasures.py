@@ -23,6 +23,7 @@ from airflow.sdk import dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from retention.airflow.params import checked_context, dry_run_param, systems_param
+from retention.airflow.pools import provider_pool
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
 
@@ -39,7 +40,8 @@ def open_run() -> dict:
 
 @task_group
 def system_replay(system: str, run: dict):
-    @task(task_id="find")
+    # The tasks that talk to the system take slots of its provider's pool (retention.systems.pools).
+    @task(task_id="find", **provider_pool(system))
     def find_(run: dict) -> dict:
         from retention.runs.replay import find
 
@@ -48,7 +50,7 @@ def system_replay(system: str, run: dict):
         with system_adapter(system) as adapter:
             return find(run_info(run), system, adapter)
 
-    @task(task_id="erase")
+    @task(task_id="erase", **provider_pool(system))
     def erase_(run: dict, _found: dict) -> dict:
         from retention.checks.validation import PlanRejected
         from retention.runs.replay import erase
@@ -57,7 +59,7 @@ def system_replay(system: str, run: dict):
         with system_adapter(system) as adapter, fail_without_retry(PlanRejected):
             return erase(run_info(run), system, adapter)
 
-    @task(task_id="verify")
+    @task(task_id="verify", **provider_pool(system))
     def verify_(run: dict, _erased: dict) -> dict:
         from retention.runs.replay import verify
 

@@ -24,6 +24,7 @@ from airflow.sdk import dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
 from retention.airflow.params import checked_context, dry_run_param, share_param, systems_param
+from retention.airflow.pools import provider_pool
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
 
@@ -56,7 +57,8 @@ def open_run() -> dict:
 
 @task_group
 def system_run(system: str, run: dict):
-    @task(task_id="extract")
+    # The tasks that talk to the system take slots of its provider's pool (retention.systems.pools).
+    @task(task_id="extract", **provider_pool(system))
     def extract_(run: dict) -> dict:
         from retention.airflow.dagruns import take_system
         from retention.runs.nightly import extract
@@ -92,7 +94,7 @@ def system_run(system: str, run: dict):
         except PlanRejected as exc:
             raise AirflowFailException(str(exc)) from None
 
-    @task(task_id="erase")
+    @task(task_id="erase", **provider_pool(system))
     def erase_(run: dict, _validated: dict) -> dict:
         from retention.checks.validation import PlanRejected
         from retention.runs.nightly import erase
@@ -101,7 +103,7 @@ def system_run(system: str, run: dict):
         with system_adapter(system) as adapter, fail_without_retry(PlanRejected):
             return erase(run_info(run), system, adapter)
 
-    @task(task_id="verify")
+    @task(task_id="verify", **provider_pool(system))
     def verify_(run: dict, _erased: dict) -> dict:
         from retention.runs.nightly import verify
 
