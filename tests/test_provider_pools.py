@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -183,3 +184,11 @@ def test_tasks_the_scheduler_runs_at_once_stay_within_the_providers_limits(held,
     for name in _BUDGETS:
         assert sum(shared_budget(options, h)[name] for h in held) <= budget
     assert sum(min(configured, h) for h in held) <= 10
+
+
+def test_pools_before_the_metadata_database_is_migrated_is_one_line_and_exit_2(tmp_path):
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", None)
+    out = subprocess.run([sys.executable, "-m", "retention.cli", "pools"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2, out
+    assert out.stderr.strip().count("\n") == 0 and "airflow db migrate" in out.stderr and "Traceback" not in out.stderr, out.stderr
