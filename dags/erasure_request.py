@@ -40,6 +40,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from retention.airflow.alerts import run_failed, task_defaults
 from retention.airflow.params import checked_context, dry_run_param
+from retention.airflow.pools import REQUEST_SLOTS, provider_pool
 from retention.airflow.tasks import fail_without_retry, user_errors_in_one_line
 from retention.domain.addresses import EMAIL_MAX_LENGTH, EMAIL_PATTERN
 from retention.domain.records import SYSTEMS
@@ -56,9 +57,12 @@ def check_request() -> dict:
 
 
 def system_task(system: str):
+    # A request's look-up and few erasures take a small share of the provider's pool: one fits
+    # beside a nightly run's task (retention.systems.pools).
     @task(
         task_id=system,
         doc_md=f"Finds the person in {system} and erases what no legal hold keeps (dry run: counts only); write-ahead ledger, a retry resumes. Deferred records (an unsolved ticket) are counted, not erased.",
+        **provider_pool(system, REQUEST_SLOTS),
     )
     def erase_() -> dict:
         from retention.runs.request import erase_system, load_run

@@ -29,6 +29,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from retention.airflow.alerts import run_failed, task_defaults
 from retention.airflow.params import SCOPE, checked_context, systems_param
+from retention.airflow.pools import provider_pool
 from retention.airflow.tasks import fail_without_retry, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
 
@@ -55,6 +56,7 @@ def _preview_task(system: str):
     @task(
         task_id=f"preview_{system}",
         doc_md=f"Reads {system} once and plans its records under both policies (skipped when {system} is not selected). Erases nothing.",
+        **provider_pool(system),
     )
     def preview_(_prepared: dict) -> dict:
         from retention.runs.preview import preview_one

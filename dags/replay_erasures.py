@@ -24,6 +24,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from retention.airflow.alerts import run_failed, task_defaults
 from retention.airflow.params import checked_context, dry_run_param, systems_param
+from retention.airflow.pools import provider_pool
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
 
@@ -40,7 +41,8 @@ def open_run() -> dict:
 
 @task_group
 def system_replay(system: str, run: dict):
-    @task(task_id="find", doc_md=f"Extracts {system} and joins it with the ledger's erased keys: what the restore brought back.")
+    # The tasks that talk to the system take slots of its provider's pool (retention.systems.pools).
+    @task(task_id="find", doc_md=f"Extracts {system} and joins it with the ledger's erased keys: what the restore brought back.", **provider_pool(system))
     def find_(run: dict) -> dict:
         from retention.runs.replay import find
 
@@ -49,7 +51,7 @@ def system_replay(system: str, run: dict):
         with system_adapter(system) as adapter:
             return find(run_info(run), system, adapter)
 
-    @task(task_id="erase", doc_md=f"Erases again in {system} what was found, under `replay:<rule>` (dry run: nothing).")
+    @task(task_id="erase", doc_md=f"Erases again in {system} what was found, under `replay:<rule>` (dry run: nothing).", **provider_pool(system))
     def erase_(run: dict, _found: dict) -> dict:
         from retention.checks.validation import PlanRejected
         from retention.runs.replay import erase
@@ -58,7 +60,7 @@ def system_replay(system: str, run: dict):
         with system_adapter(system) as adapter, fail_without_retry(PlanRejected):
             return erase(run_info(run), system, adapter)
 
-    @task(task_id="verify", doc_md=f"Checks in {system} that the replayed records are gone.")
+    @task(task_id="verify", doc_md=f"Checks in {system} that the replayed records are gone.", **provider_pool(system))
     def verify_(run: dict, _erased: dict) -> dict:
         from retention.runs.replay import verify
 

@@ -42,6 +42,7 @@ from retention.airflow.alerts import (
     task_defaults,
 )
 from retention.airflow.params import checked_context, dry_run_param, share_param, systems_param
+from retention.airflow.pools import provider_pool
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
 
@@ -74,9 +75,11 @@ def open_run() -> dict:
 
 @task_group
 def system_run(system: str, run: dict):
+    # The tasks that talk to the system take slots of its provider's pool (retention.systems.pools).
     @task(
         task_id="extract",
         doc_md=f"Takes {system}'s lock and extracts its records into staging (skipped when {system} is not selected).",
+        **provider_pool(system),
     )
     def extract_(run: dict) -> dict:
         from retention.airflow.dagruns import take_system
@@ -116,7 +119,7 @@ def system_run(system: str, run: dict):
         except PlanRejected as exc:
             raise PlanRejectedAlert(str(exc)) from None  # alerted as a rejected plan, with its numbers
 
-    @task(task_id="erase", doc_md=f"Erases {system}'s validated plan, write-ahead in the ledger; a retry resumes (dry run: nothing).")
+    @task(task_id="erase", doc_md=f"Erases {system}'s validated plan, write-ahead in the ledger; a retry resumes (dry run: nothing).", **provider_pool(system))
     def erase_(run: dict, _validated: dict) -> dict:
         from retention.checks.validation import PlanRejected
         from retention.runs.nightly import erase
@@ -125,7 +128,7 @@ def system_run(system: str, run: dict):
         with system_adapter(system) as adapter, fail_without_retry(PlanRejected):
             return erase(run_info(run), system, adapter)
 
-    @task(task_id="verify", doc_md=f"Checks in {system} that what the ledger says was erased is gone.")
+    @task(task_id="verify", doc_md=f"Checks in {system} that what the ledger says was erased is gone.", **provider_pool(system))
     def verify_(run: dict, _erased: dict) -> dict:
         from retention.runs.nightly import verify
 

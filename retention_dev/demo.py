@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     say("Airflow metadata database (SQLite under AIRFLOW_HOME)")
     if _airflow("db", "migrate", env=env):
         return 1
+    say("the providers' pools (retention pools): the limits every DAG shares")
+    pools = subprocess.run([sys.executable, "-m", "retention.cli", "pools"], env=env, capture_output=True, text=True)
+    if pools.returncode:
+        print(pools.stderr[-4000:], file=sys.stderr)
+        return 1
 
     crm_url = f"sqlite:///{demo / 'crm.db'}"
     if not (demo / "crm.db").exists():

@@ -43,7 +43,8 @@ class AirflowServices:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "dags"), str(ROOT)]),
+            # This checkout's src first: the tasks run the code under test, not another editable install.
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "dags"), str(ROOT)]),
         }
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []

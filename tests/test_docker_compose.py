@@ -874,6 +874,21 @@ def check_standins(p: Project) -> list[str]:
 
 
 @needs_compose
+def check_pools_setup(p: Project) -> list[str]:
+    """airflow-init creates the providers' pools (`retention pools`, issue 11 item 5) through the
+    image's entrypoint, which migrates the metadata database first (_AIRFLOW_DB_MIGRATE): a task
+    in a pool that does not exist is never scheduled."""
+    init = p.services.get("airflow-init") or {}
+    script = "\n".join(_command(init))
+    problems = []
+    if not re.search(r"^\s*/entrypoint\s+python\s+-m\s+retention\.cli\s+pools\s*$", script, re.MULTILINE):
+        problems.append("airflow-init: does not create the providers' pools (`/entrypoint python -m retention.cli pools`)")
+    if str(_env_of(init).get("_AIRFLOW_DB_MIGRATE", "")).lower() != "true":
+        problems.append("airflow-init: _AIRFLOW_DB_MIGRATE is not true: the pools would have no metadata database to go into")
+    return problems
+
+
+@needs_compose
 def check_crm_setup(p: Project) -> list[str]:
     """airflow-init creates the CRM schema; crm-demo-data seeds the demo contacts into the same
     database, on the stand-ins' image (the generator is development tooling)."""
@@ -1152,6 +1167,7 @@ CHECKS: list[Callable[[Project], list[str]]] = [
     check_mounts,
     check_standins,
     check_crm_setup,
+    check_pools_setup,
     check_healthchecks,
     check_depends_on,
     check_postgres_init,
@@ -1408,6 +1424,9 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
     "demo data with a flag the generator rejects": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, "retention_dev.synthetic.crm --contacts", "retention_dev.synthetic.crm --members")),
         "crm-demo-data: retention_dev.synthetic.crm does not accept --members"),
+    "no pools created by init": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "/entrypoint python -m retention.cli pools\n", "")),
+        "does not create the providers' pools"),
     "crm init as an airflow subcommand": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, "/entrypoint python -m retention.cli crm init", "/entrypoint retention crm init")),
         "runs `airflow retention ...`"),

@@ -10,6 +10,9 @@
     hold remove --hold-id N --reason TEXT
                                   lift a manual hold (by its id in hold list); the reason is recorded
     crm init                      create the reference CRM schema where missing (retention_crm)
+    pools                         create the providers' Airflow pools (retention_mailchimp,
+                                  retention_zendesk) or set them back to their slots; after
+                                  `airflow db migrate`; running it again changes nothing
     explain --record-type T (--record-id ID | --record-key KEY) [--as-of ISO]
                                   why one record is or is not planned (reads the system through
                                   its Airflow Connection; erases nothing)
@@ -330,6 +333,23 @@ def _logs_aside():
                 sys.stderr.flush()
 
 
+def _pools(args) -> int:
+    import sqlalchemy as sa
+
+    from retention.airflow.pools import ensure_pools
+
+    try:
+        pools = ensure_pools()
+    except sa.exc.SQLAlchemyError as exc:
+        # One line, and never the database URL (it may carry a password).
+        print(f"cannot create the pools in Airflow's metadata database ({type(exc).__name__}): run `airflow db migrate` first, "
+              "and check AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", file=sys.stderr)
+        return 2
+    for pool in pools:
+        print(f"pool {pool.name}: {pool.slots} slots")
+    return 0
+
+
 def _crm_init(args) -> int:
     import sqlalchemy as sa
 
@@ -444,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     crm = sub.add_parser("crm").add_subparsers(dest="action", required=True)
     ci = crm.add_parser("init", help="create the reference CRM schema where missing")
     ci.set_defaults(func=_crm_init)
+    sub.add_parser("pools", help="create the providers' Airflow pools (idempotent)").set_defaults(func=_pools)
     ex = sub.add_parser("explain", help="why one record is or is not planned")
     ex.add_argument("--record-type", required=True)
     who = ex.add_mutually_exclusive_group(required=True)

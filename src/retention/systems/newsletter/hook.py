@@ -11,6 +11,9 @@ Connection (type ``retention_mailchimp``, default id ``retention_mailchimp``):
   bare subscriber hash as record id, those of the others are ``<list_id>:<subscriber_hash>``
   (see ``retention.systems.newsletter.audiences``): add audiences after the first, never before.
 
+In an Airflow task in the ``retention_mailchimp`` pool, ``max_connections`` is capped to the
+task's slots (``retention.systems.pools``: one slot, one connection).
+
 For example, as an environment variable (JSON form)::
 
     AIRFLOW_CONN_RETENTION_MAILCHIMP='{"conn_type": "retention_mailchimp", "password": "abc-us21",
@@ -29,6 +32,7 @@ from retention.systems.forms import MAILCHIMP_MAX_CONNECTIONS
 from retention.systems.hooks import RetentionHook
 from retention.systems.newsletter.audiences import checked_list_ids
 from retention.systems.newsletter.client import MailchimpClient
+from retention.systems.pools import MAILCHIMP_POOL, held_slots
 
 _OPTIONS = {"max_retries": int, "backoff": float, "timeout": float}
 
@@ -70,7 +74,12 @@ class MailchimpHook(RetentionHook):
 
     @property
     def max_connections(self) -> int:
-        return self.extra_option("max_connections", int, MAILCHIMP_MAX_CONNECTIONS, minimum=1)
+        """The Connection's ``max_connections``, capped in an Airflow task to the slots it holds
+        of the ``retention_mailchimp`` pool (one slot, one connection): two DAGs at once then
+        stay within Mailchimp's limit together."""
+        configured = self.extra_option("max_connections", int, MAILCHIMP_MAX_CONNECTIONS, minimum=1)
+        held = held_slots(MAILCHIMP_POOL)
+        return configured if held is None else min(configured, held)
 
     @property
     def base_url(self) -> str | None:

@@ -14,6 +14,9 @@ Connection (type ``retention_zendesk``, default id ``retention_zendesk``):
   ``timeout`` (60), ``job_poll_interval`` (0.1), ``max_retry_after`` (the longest ``Retry-After``
   waited out, seconds; default ``RETENTION_MAX_RETRY_AFTER``, else 300), ``oauth_token``.
 
+The per-account limits are the whole account's: in an Airflow task in the ``retention_zendesk``
+pool, each is scaled to the task's slots (``retention.systems.pools``: a slot is a tenth).
+
 For example (JSON form)::
 
     AIRFLOW_CONN_RETENTION_ZENDESK='{"conn_type": "retention_zendesk", "host": "http://127.0.0.1:8082",
@@ -24,11 +27,13 @@ Nothing is read at import time; the connection is looked up on first use.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 from urllib.parse import urlsplit
 
 from retention.config import SettingError
 from retention.systems.hooks import RetentionHook
+from retention.systems.pools import ZENDESK_POOL, held_slots
 from retention.systems.ticketing.client import ZendeskClient
 
 _OPTIONS: dict[str, type] = {
@@ -47,6 +52,21 @@ _OPTIONS: dict[str, type] = {
     ),
     **dict.fromkeys(("timeout", "job_poll_interval", "job_timeout", "max_retry_after"), float),
 }
+# The account's limits that a slot of the retention_zendesk pool is a tenth of.
+_BUDGETS = ("requests_per_minute", "incremental_per_minute", "deleted_list_per_minute", "user_deletes_per_10min", "max_jobs_in_flight")
+
+
+def shared_budget(options: dict[str, Any], held: int | None) -> dict[str, Any]:
+    """The client's options for a task holding ``held`` slots of the ``retention_zendesk`` pool:
+    each per-account limit (as configured, else the client's default) scaled to the slots' share,
+    at least 1; ``held`` None (no pool held: the ``retention`` command) leaves them as they are."""
+    if held is None:
+        return options
+    defaults = inspect.signature(ZendeskClient).parameters
+    shared = dict(options)
+    for name in _BUDGETS:
+        shared[name] = max(1, int(options.get(name, defaults[name].default)) * held // ZENDESK_POOL.slots)
+    return shared
 
 
 class ZendeskHook(RetentionHook):
@@ -92,7 +112,8 @@ class ZendeskHook(RetentionHook):
             email=conn.login or None,
             api_token=None if oauth else conn.password,
             oauth_token=oauth or None,
-            **self.extra_options(_OPTIONS),
+            # Two DAGs at once share the account's budget through the pool's slots.
+            **shared_budget(self.extra_options(_OPTIONS), held_slots(ZENDESK_POOL)),
         )
 
     def get_conn(self) -> ZendeskClient:
