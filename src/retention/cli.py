@@ -494,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`retention policy validate | head -1`): not an error of ours.
+        # Point stdout at nothing, so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except _user_errors() as exc:
         prefix = "configuration error: " if isinstance(exc, config.ConfigError) else ""
         print(f"{prefix}{one_line(exc)}", file=sys.stderr)

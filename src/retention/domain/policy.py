@@ -50,6 +50,11 @@ class Protection(_Strict):
     reason: str
 
 
+def _as_list(clock: str | list[str]) -> list[str]:
+    """A clock named alone or a list of clocks, as a list."""
+    return [clock] if isinstance(clock, str) else list(clock)
+
+
 class Fallback(_Strict):
     """The clock a rule falls back on when a record lacks the rule's own clock (Mailchimp members
     added by API have no signup time, say). Not in the notice: the organisation's decision,
@@ -61,11 +66,7 @@ class Fallback(_Strict):
 
     @property
     def clocks(self) -> list[str]:
-        return [self.clock] if isinstance(self.clock, str) else list(self.clock)
-
-    @property
-    def fallback_clocks(self) -> list[str]:
-        return self.fallback.clocks if self.fallback is not None else []
+        return _as_list(self.clock)
 
 
 class Rule(_Strict):
@@ -119,7 +120,7 @@ class Rule(_Strict):
 
     @property
     def clocks(self) -> list[str]:
-        return [self.clock] if isinstance(self.clock, str) else list(self.clock)
+        return _as_list(self.clock)
 
     @property
     def fallback_clocks(self) -> list[str]:

@@ -315,27 +315,6 @@ class JobWatcher:
         self.polls = 0
         self.seen_ending: deque[float] = deque(maxlen=64)  # ages at which recent jobs were seen ended
 
-    def _still_to_do(self, path: str, batch: list[int], endpoint: str) -> set[int]:
-        """After a ``destroy_many`` over ``batch`` whose answer was lost: the ids its job (if it
-        was made) has not dealt with. Soft deletion: the ids still live; permanent deletion: the
-        ids still soft-deleted. Looked at at once, then again while a job of that age could
-        still be queued or running (``grace``), so that a slow job is not sent a second time."""
-        wanted = set(batch)
-        grace = self.watcher.job_duration_guess()
-        deadline = time.monotonic() + grace
-        while True:
-            if path == SOFT_DELETE:
-                rest = {int(t["id"]) for t in self.client.current_tickets(batch) if t.get("status") != "deleted"}
-            else:
-                rest = {tid for tid in self.client.iter_deleted_ticket_ids() if tid in wanted}
-            left = deadline - time.monotonic()
-            if not rest or left <= 0:
-                break
-            time.sleep(min(left, max(self.client.job_poll_interval, grace / 5)))
-        log.info("%s: answer lost; %d of %d ids were done by its job, %d to send again", endpoint,
-                 len(wanted) - len(rest), len(wanted), len(rest))
-        return rest
-
     def wait(self, job: dict) -> dict:
         if job.get("status") in ("completed", "failed"):
             return job
