@@ -25,7 +25,7 @@ def load_dag(dag_id: str = "retention_nightly"):
 
     bag = DagBag(dag_folder=str(ROOT / "dags" / f"{dag_id}.py"))
     assert not bag.import_errors, bag.import_errors
-    return bag.get_dag(dag_id)
+    return bag.dags[dag_id]  # not get_dag(): that asks the metadata database, which may not exist yet
 
 
 def run_dag(conf: dict, dag_id: str = "retention_nightly", logical_date=None):

@@ -214,7 +214,7 @@ def max_plan_age():
     """How old a plan's extract may be when its erasure starts (``RETENTION_MAX_PLAN_AGE``)."""
     from datetime import timedelta
 
-    from retention.domain.durations import Duration
+    from retention.domain.periods import Duration
 
     text = os.environ.get("RETENTION_MAX_PLAN_AGE") or DEFAULT_MAX_PLAN_AGE
     try:

@@ -59,7 +59,7 @@ _QUOTABLE = (PlanRejectedAlert, QuarantineAlarmAlert)
 
 def _duration(name: str) -> timedelta:
     from retention.config import ConfigError
-    from retention.domain.durations import Duration
+    from retention.domain.periods import Duration
 
     text = os.environ.get(name) or TIMEOUTS[name]
     try:

@@ -5,9 +5,9 @@ Periods are calendar periods evaluated in Europe/Stockholm: ``P1Y`` from 29 Febr
 converted to naive local wall time once, then shifted with numpy-backed month and day
 arithmetic, which keeps a million rows well under a second.
 
-A period is at most a hundred years (``MAX_YEARS``): no retention period of a notice or a law
-is longer, and a typo such as ``P99999999Y`` is refused when the policy is read instead of
-crashing every plan. Any clock a frame can hold plans without error under any period allowed:
+The periods themselves (parsing, the hundred-year bound) are ``retention.domain.periods``, which
+DAG files may read at parse time without pandas. Any clock a frame can hold plans without error
+under any period allowed:
 beyond Python's datetime range (years 1 to 9999), where the time zone rules cannot be read, a
 zone keeps the UTC offset it has at the edge, and a deadline past the end of the frame's time
 range stays at that end (never due).
@@ -15,100 +15,37 @@ range stays at that end (never due).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 import pandas as pd
 
-_ISO = re.compile(
-    r"^P(?!$)(?:(?P<y>\d+)Y)?(?:(?P<mo>\d+)M)?(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?"
-    r"(?:T(?=\d)(?:(?P<h>\d+)H)?(?:(?P<mi>\d+)M)?(?:(?P<s>\d+)S)?)?$"
-)
+from retention.domain.periods import MAX_SECONDS, MAX_YEARS, Duration  # noqa: F401 - the policy's periods
 
 
-# The longest period a policy may give. Lengths are compared in seconds, a year counting as
-# 365.25 days and a month as a twelfth of that, so P100Y = P1200M = P36525D = PT3155760000S.
-MAX_YEARS = 100
-_YEAR_SECONDS = 31_557_600
-_MONTH_SECONDS = _YEAR_SECONDS // 12
-MAX_SECONDS = MAX_YEARS * _YEAR_SECONDS
-_MAX_DIGITS = 12  # more digits than any period within the bound can need
-_TOO_LONG = (
-    "is longer than {years} years, the longest period a policy may give (P{years}Y, P{months}M, P{days}D; "
-    "a month counts as 1/12 year, a day as 1/365.25)"
-)
+def add_period(local_naive: pd.Series, period: Duration) -> pd.Series:
+    """Add ``period`` to naive local wall-clock timestamps (NaT stays NaT).
 
-
-def _too_long(text: str) -> ValueError:
-    shown = text if len(text) <= 24 else text[:20] + "..." + text[-1]
-    return ValueError(
-        f"{shown!r} " + _TOO_LONG.format(years=MAX_YEARS, months=12 * MAX_YEARS, days=MAX_SECONDS // 86400)
-    )
-
-
-@dataclass(frozen=True, order=True)
-class Duration:
-    months: int = 0
-    days: int = 0
-    seconds: int = 0
-    text: str = "P0D"
-
-    def __post_init__(self) -> None:
-        if min(self.months, self.days, self.seconds) < 0:
-            raise ValueError(f"{self.text!r}: a period cannot be negative")
-        if self.length_seconds > MAX_SECONDS:
-            raise _too_long(self.text)
-
-    @property
-    def length_seconds(self) -> int:
-        """The period's length for the bound: months at 1/12 of 365.25 days."""
-        return self.months * _MONTH_SECONDS + self.days * 86400 + self.seconds
-
-    @classmethod
-    def parse(cls, text: str) -> Duration:
-        if not isinstance(text, str):
-            raise ValueError(f"{text!r} is not an ISO 8601 duration (expected a string such as 'P1Y' or 'P90D')")
-        m = _ISO.match(text.strip())
-        if not m:
-            raise ValueError(f"{text!r} is not an ISO 8601 duration (expected e.g. 'P1Y', 'P90D', 'P1Y6M')")
-        if any(v and len(v.lstrip("0")) > _MAX_DIGITS for v in m.groupdict().values()):
-            raise _too_long(text.strip())
-        g = {k: int(v) if v else 0 for k, v in m.groupdict().items()}
-        return cls(
-            months=12 * g["y"] + g["mo"],
-            days=7 * g["w"] + g["d"],
-            seconds=3600 * g["h"] + 60 * g["mi"] + g["s"],
-            text=text.strip(),
-        )
-
-    def add_to(self, local_naive: pd.Series) -> pd.Series:
-        """Add this duration to naive local wall-clock timestamps (NaT stays NaT).
-
-        Nanosecond timestamps (whose range ends in 2262) are shifted as microseconds; a
-        timestamp too close to the end of its range to take the period ends at that end."""
-        if not (self.months or self.days or self.seconds):
-            return local_naive
-        out = local_naive
-        if np.datetime_data(out.dtype)[0] == "ns":
-            out = out.astype("datetime64[us]")
-        unit = np.datetime_data(out.dtype)[0]
-        beyond = out.to_numpy().view("i8") > _last_shiftable(unit)  # NaT is the smallest int64: never beyond
-        if beyond.any():
-            out = out.where(~beyond)
-        if self.months:
-            out = out + pd.DateOffset(months=self.months)
-        if self.days or self.seconds:
-            out = out + pd.Timedelta(days=self.days, seconds=self.seconds)
-        if beyond.any():
-            values = out.to_numpy().copy()
-            values[beyond] = np.datetime64(np.iinfo(np.int64).max, unit)
-            out = pd.Series(values, index=out.index, name=out.name)
-        return out
-
-    def __str__(self) -> str:
-        return self.text
+    Nanosecond timestamps (whose range ends in 2262) are shifted as microseconds; a
+    timestamp too close to the end of its range to take the period ends at that end."""
+    if not (period.months or period.days or period.seconds):
+        return local_naive
+    out = local_naive
+    if np.datetime_data(out.dtype)[0] == "ns":
+        out = out.astype("datetime64[us]")
+    unit = np.datetime_data(out.dtype)[0]
+    beyond = out.to_numpy().view("i8") > _last_shiftable(unit)  # NaT is the smallest int64: never beyond
+    if beyond.any():
+        out = out.where(~beyond)
+    if period.months:
+        out = out + pd.DateOffset(months=period.months)
+    if period.days or period.seconds:
+        out = out + pd.Timedelta(days=period.days, seconds=period.seconds)
+    if beyond.any():
+        values = out.to_numpy().copy()
+        values[beyond] = np.datetime64(np.iinfo(np.int64).max, unit)
+        out = pd.Series(values, index=out.index, name=out.name)
+    return out
 
 
 @cache
