@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -96,6 +98,9 @@ def test_backfill_beside_the_nightly_schedule(tmp_path, postgres_url_for, retent
     af = AirflowServices(tmp_path / "airflow", meta, {}).start()
     print(f"airflow logs: {af.home}", flush=True)
     try:
+        # The deployment's set-up step after `airflow db migrate`: the providers' pools, without
+        # which no task that talks to a provider is ever scheduled.
+        subprocess.run([sys.executable, "-m", "retention.cli", "pools"], env=af.env, check=True, capture_output=True)
         af.wait_for_dag(DAG)
         today = pd.Timestamp.now(tz="Europe/Stockholm").normalize()
         # Backfill dates are read in UTC: four days back to two days back gives three runs
