@@ -38,7 +38,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from retention.airflow.alerts import run_failed, task_defaults
+from retention.airflow.alerts import task_defaults
 from retention.airflow.params import checked_context, dry_run_param
 from retention.airflow.pools import REQUEST_SLOTS, provider_pool
 from retention.airflow.tasks import fail_without_retry, user_errors_in_one_line
@@ -99,7 +99,9 @@ def report() -> dict:
     catchup=False,
     doc_md=__doc__,
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30), **task_defaults()},
-    on_failure_callback=run_failed,
+    # No run-level callback: Airflow validates the params again to build its context, and the
+    # address param no longer holds what check_request took out of the run (or never held a
+    # valid address), so the callback itself would fail. Every task alerts on its own failure.
     params={
         "email": Param(
             type="string", pattern=EMAIL_PATTERN, maxLength=EMAIL_MAX_LENGTH, title="E-mail address",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -64,35 +66,62 @@ def postgres_url_for():
 # --- the session's end: no server left running, no Airflow home left behind ----------------------
 
 
-def _servers_left_running() -> list:
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (Linux /proc: no extra dependency)."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def _proc(pid: int) -> tuple[str, str, str] | None:
+    """(state, name, command line) of a live process, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    return stat[stat.rindex(")") + 2], name, cmd
+
+
+def _servers_left_running() -> list[int]:
     """This session's child processes still alive (stand-ins, Airflow services a test forgot to
     stop). The suite's PostgreSQL server is no child: scripts/postgres.sh detaches it."""
-    import psutil
-
     alive = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.name() not in {"postgres", "pg_ctl"}:
-                alive.append(proc)
-        except psutil.NoSuchProcess:
-            pass
+    for pid in _children(os.getpid()):
+        info = _proc(pid)
+        if info and info[0] != "Z" and info[1] not in {"postgres", "pg_ctl"}:
+            alive.append(pid)
     return alive
 
 
-def pytest_sessionfinish(session, exitstatus):
-    import psutil
+def _stop(pids: list[int], sig: int, wait: float) -> list[int]:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        pids = [p for p in pids if (info := _proc(p)) and info[0] != "Z"]
+        if not pids:
+            break
+        time.sleep(0.2)
+    return pids
 
+
+def pytest_sessionfinish(session, exitstatus):
     left = _servers_left_running()
     if left:
-        names = sorted({" ".join(p.cmdline()[1:4]) or p.name() for p in left if p.is_running()})
-        for proc in left:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        _, still = psutil.wait_procs(left, timeout=30)
-        for proc in still:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(still, timeout=10)
+        names = sorted({" ".join(info[2].split()[1:4]) or info[1] for p in left if (info := _proc(p))})
+        still = _stop(left, signal.SIGTERM, 30)
+        _stop(still, signal.SIGKILL, 10)
         # A test that leaves a server running fails the session, so it is found and fixed.
         print(f"\nERROR: {len(left)} process(es) left running by the tests, now stopped: {'; '.join(names)}", file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
