@@ -292,7 +292,10 @@ def main() -> int:
         ]
         table(rows)
         print()
-        print("pipeline erase step, per record type (seconds in the connector / in the ledger):")
+        print(
+        "pipeline erase step, per record type (seconds in the connector / in the ledger; a batch's outcomes are "
+        "booked while the next batch runs, so the two overlap and do not add up to the step's wall time):"
+    )
         for rt in ("crm_event_participation", "crm_course_registration", "crm_survey_response", "crm_invoice", "crm_contact"):
             if rt in erase["adapter_erase_s"] or rt in erase["ledger_s"]:
                 print(

@@ -378,3 +378,58 @@ def test_the_engine_never_erases_a_member_who_subscribed_again_or_was_put_on_hol
 
 
 assert Recheck  # the port type the engine hands to adapters
+
+
+class SlowBookingLedger(Ledger):
+    """A ledger whose outcome bookings take ``seconds`` (``submitted`` and settling stay quick),
+    noting when each booking ended, or failing them when ``fail`` is set."""
+
+    def __init__(self, engine, seconds: float, fail: bool = False):
+        super().__init__(engine)
+        self.seconds, self.fail, self.booked_at = seconds, fail, []
+
+    def complete(self, run_id, system, record_type, outcomes, detail=None):
+        if set(map(str, outcomes.values())) <= {"submitted"}:
+            return super().complete(run_id, system, record_type, outcomes, detail)
+        time.sleep(self.seconds)
+        if self.fail:
+            raise sa.exc.OperationalError("UPDATE erasure_ledger", {}, RuntimeError("ledger unreachable"))
+        super().complete(run_id, system, record_type, outcomes, detail)
+        self.booked_at.append(time.monotonic())
+
+
+class TimedSystem(MemorySystem):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started_at: list[float] = []
+
+    def erase(self, record_type, action, record_ids, recheck=None):
+        self.started_at.append(time.monotonic())
+        yield from super().erase(record_type, action, record_ids, recheck)
+
+
+def test_outcomes_are_booked_while_the_next_batch_goes_on(ledger):
+    """The ledger's booking of a batch's outcomes and the system's next batch run side by side;
+    every outcome is in the ledger when erase returns; each batch was submitted before it went."""
+    slow = SlowBookingLedger(ledger.engine, 0.5)
+    records = {"support_ticket": {str(i) for i in range(1, 10)}, "ticket_user": set()}
+    plan = plan_of([("support_ticket", str(i), "erase") for i in range(1, 10)])
+    system = TimedSystem(records)
+    result = ErasureEngine(slow, "run-8", "ticketing", system, "v1").erase(plan)
+    assert result.totals() == {"erased": 9}
+    assert [r["status"] for r in entries(ledger, "run-8").values()] == ["erased"] * 9
+    assert len(system.started_at) == 3 and len(slow.booked_at) == 3
+    # The second batch went to the system before the first one's outcomes were booked.
+    assert system.started_at[1] < slow.booked_at[0]
+
+
+def test_a_failed_booking_stops_the_run(ledger):
+    failing = SlowBookingLedger(ledger.engine, 0.2, fail=True)
+    records = {"support_ticket": {str(i) for i in range(1, 13)}, "ticket_user": set()}
+    plan = plan_of([("support_ticket", str(i), "erase") for i in range(1, 13)])
+    system = TimedSystem(records)
+    with pytest.raises(sa.exc.OperationalError):
+        ErasureEngine(failing, "run-9", "ticketing", system, "v1").erase(plan)
+    assert len(system.started_at) <= 2  # the batch after the one whose booking failed at most
+    statuses = [r["status"] for r in entries(ledger, "run-9").values()]
+    assert statuses.count("submitted") == 3 * len(system.started_at) and "erased" not in statuses

@@ -551,3 +551,40 @@ def test_migrations_command_line(tmp_path):
     current = subprocess.run([*run, "-x", f"url={url}", "current"], capture_output=True, text=True, timeout=120)
     assert current.returncode == 0, current.stderr
     assert current.stdout.split() == [migrations.head(), "(head)"]
+
+
+def test_completion_is_set_based_and_finds_every_entry(ledger):
+    """Completion takes one UPDATE per status and one for the details (not one per key), whichever
+    ledger object wrote the entries, and new entries go in whatever order they come."""
+    ledger.open_run("r1", "d", NOW, "v1", "label", False)
+    row = lambda k: {"record_type": "crm_contact", "record_key": k, "rule_id": "lead", "action": "erase", "hold": None}  # noqa: E731
+    earlier = Ledger(ledger.engine)  # an earlier attempt of the task wrote these
+    earlier.write_ahead("r1", "v1", "crm", (row(f"e{i}") for i in range(3)))
+    # In two chunks and out of key order: the ledger sorts each chunk before writing it.
+    ledger.write_ahead("r1", "v1", "crm", (row(f"n{i}") for i in (4, 2, 0, 3, 1)))
+    ledger.write_ahead("r1", "v1", "crm", [row("n9")], status="held")
+
+    updates: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("UPDATE"):
+            updates.append(statement)
+
+    sa.event.listen(ledger.engine, "before_cursor_execute", seen)
+    try:
+        outcomes = {"e0": "erased", "e1": "failed", "e2": "erased", "n0": "erased", "n1": "failed", "n2": "erased",
+                    "n3": "erased", "n4": "already_gone", "n9": "deferred"}
+        details = {"e1": "timed out", "n1": "refused, then 'timed out'", "n9": "a ticket of theirs is not erased yet"}
+        ledger.complete("r1", "crm", "crm_contact", outcomes, details)
+    finally:
+        sa.event.remove(ledger.engine, "before_cursor_execute", seen)
+    with ledger.engine.connect() as conn:
+        got = {r.record_key: (r.status, r.detail, r.completed_at is not None) for r in conn.execute(sa.select(erasure_ledger))}
+    assert got == {k: (s, details.get(k), True) for k, s in outcomes.items()}
+    assert len(updates) == 5, updates  # erased, failed, already_gone, deferred; the details
+
+    ledger.complete("r1", "crm", "crm_contact", dict.fromkeys(["e0", "n0"], "submitted"))
+    assert {k: v for (_, k), v in ledger.statuses("r1", "crm").items() if k in ("e0", "n0")} == {"e0": "submitted", "n0": "submitted"}
+    with ledger.engine.connect() as conn:
+        open_ = conn.execute(sa.select(erasure_ledger.c.completed_at).where(erasure_ledger.c.record_key.in_(["e0", "n0"]))).scalars()
+        assert list(open_) == [None, None]

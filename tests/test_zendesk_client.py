@@ -514,3 +514,57 @@ def test_tickets_carry_their_ccs_and_followers_as_ids_only(server, client):
         assert all(isinstance(u, int) for u in people)
     current = {t["id"]: t for t in client.current_tickets(with_cc[:5])}
     assert {tid: current[tid]["cc_ids"] for tid in with_cc[:5]} == {tid: exported[tid]["cc_ids"] for tid in with_cc[:5]}
+
+
+def test_verifying_users_takes_a_request_per_hundred_and_finds_any_not_gone(tmp_path):
+    """Verify of N users: ``users/show_many`` per 100, then the deleted-users listing (100 a page)
+    rather than one ``deleted_users/{id}`` each; counted at the stand-in, over real HTTP. A user
+    only soft-deleted and a live one are still found; a few users are asked for one by one when
+    that is cheaper than the listing."""
+    server = start(tmp_path, tickets=6000)
+    try:
+        with client_for(server) as client:
+            soft, live = stats(server)["edge_cases"]["users_without_tickets"][:2]
+            users = [u["id"] for page in client.iter_user_pages(0) for u in page if u["role"] == "end-user"]
+            outcomes = client.erase_users([u for u in users if u not in (soft, live)])
+            gone = [u for u, outcome in outcomes.items() if outcome == "erased"]  # the rest have tickets not closed
+            assert len(gone) >= 300
+            assert requests.delete(f"{server.base_url}/api/v2/users/{soft}.json").status_code == 200  # soft only
+            before = stats(server)
+            assert client.remaining_users([*gone, soft, live]) == {soft, live}
+            after = stats(server)
+            sent = after["requests"] - before["requests"]
+            by = {k: v - before["requests_by_endpoint"].get(k, 0) for k, v in after["requests_by_endpoint"].items()}
+            by = {k: v for k, v in by.items() if v}
+            n = len(gone) + 2
+            pages = -(-(len(gone) + 1) // 100)  # the listing holds every deleted user: these here
+            # show_many per 100, the count, the listing, one look-up (the soft-deleted user)
+            assert by == {"users.show_many": -(-n // 100), "deleted_users.count": 1, "deleted_users.list": pages,
+                          "deleted_users.show": 1}, by
+            assert sent <= n / 100 + pages + 3  # was n / 100 + n - 1: one look-up per user not live
+
+            before = stats(server)
+            assert client.remaining_users([gone[0], soft]) == {soft}  # two look-ups beat five pages
+            after = stats(server)
+            by = {k: v - before["requests_by_endpoint"].get(k, 0) for k, v in after["requests_by_endpoint"].items()}
+            assert {k: v for k, v in by.items() if v} == {"users.show_many": 1, "deleted_users.count": 1, "deleted_users.show": 2}
+    finally:
+        server.stop()
+
+
+def test_deleted_users_listing_and_count_are_zendesks(server):
+    """The stand-in lists users deleted for good too, as Zendesk does: no personal data, named
+    "Permanently Deleted User"; ``deleted_users/{id}`` answers for soft-deleted users only."""
+    base = server.base_url
+    soft, perm = stats(server)["edge_cases"]["users_without_tickets"][:2]
+    for uid in (soft, perm):
+        assert requests.delete(f"{base}/api/v2/users/{uid}.json").status_code == 200
+    assert requests.delete(f"{base}/api/v2/deleted_users/{perm}.json").status_code == 200
+    assert requests.get(f"{base}/api/v2/deleted_users/count.json").json()["count"]["value"] == 2
+    page = requests.get(f"{base}/api/v2/deleted_users.json", params={"page[size]": 100}).json()
+    listed = {u["id"]: u for u in page["deleted_users"]}
+    assert set(listed) == {soft, perm} and not page["meta"]["has_more"]
+    assert listed[perm]["name"] == "Permanently Deleted User" and listed[perm]["email"] is None
+    assert listed[soft]["name"] != "Permanently Deleted User" and listed[soft]["active"] is False
+    assert requests.get(f"{base}/api/v2/deleted_users/{soft}.json").status_code == 200
+    assert requests.get(f"{base}/api/v2/deleted_users/{perm}.json").status_code == 404

@@ -30,7 +30,10 @@ What it mirrors of real Zendesk (see the Zendesk Support API reference):
   ticket that is not closed (new/open/pending/hold/solved; soft-deleted tickets do not count).
   ``DELETE /api/v2/deleted_users/{id}`` deletes a soft-deleted user for good, at most
   ``--user-deletes-per-10min`` (700) per rolling 10 minutes (429 with ``Retry-After``).
-  ``GET /api/v2/users/{id}``, ``/users/show_many``, ``/deleted_users/{id}``, ``/deleted_users``.
+  ``GET /api/v2/users/{id}``, ``/users/show_many``, ``/deleted_users/{id}`` (soft-deleted users
+  only), ``/deleted_users`` (soft and permanently deleted users, the latter named "Permanently
+  Deleted User" with no e-mail; cursor or offset pagination, <= 100 a page) and
+  ``/deleted_users/count`` (``{"count": {"value", "refreshed_at"}}``).
 * ``GET /api/v2/users/search?query=email:{address}`` (``query`` may also be the bare address):
   the active users with that address (case-insensitive); users' addresses are the placeholders
   ``user{id}@example.org``. Other search syntax is refused with 400 (not modelled).

@@ -53,6 +53,8 @@ def endpoint_family(method: str, path: str) -> str:
     if seg[0] == "deleted_users":
         if len(seg) == 1:
             return "deleted_users.list"
+        if seg[1:] == ["count"]:
+            return "deleted_users.count"
         return "deleted_users.destroy" if method == "DELETE" else "deleted_users.show"
     if seg[0] == "users" and seg[2:] == ["tickets", "requested"]:
         return "users.tickets_requested"

@@ -57,6 +57,8 @@ class State(JobQueue):
         self.u_index = SortedList(((self.u_updated[live_u] << SHIFT) | (live_u + 1)).tolist())
         self.soft_tickets = SortedList((np.flatnonzero(self.t_status == DELETED) + 1).tolist())
         self.soft_users = SortedList((np.flatnonzero(self.u_state == SOFT_DELETED) + 1).tolist())
+        # GET /api/v2/deleted_users lists soft and permanently deleted users alike, as Zendesk does.
+        self.deleted_users = SortedList((np.flatnonzero(np.isin(self.u_state, (SOFT_DELETED, USER_GONE))) + 1).tolist())
         # Tickets per requester (requesters never change here): CSR over user rows.
         req_row = self.t_requester - zd.USER_ID_BASE - 1
         self.by_req_order = np.argsort(req_row, kind="stable")

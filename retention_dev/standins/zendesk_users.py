@@ -1,6 +1,6 @@
 """The Zendesk stand-in's user endpoints: ``/api/v2/users`` (``me``, ``search``, ``show_many``,
 ``{id}`` GET/PUT (role)/DELETE, ``{id}/tickets/requested``) and ``/api/v2/deleted_users`` (list, ``{id}``
-GET/DELETE)."""
+GET/DELETE, ``count``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import numpy as np
 from sortedcontainers import SortedList
 
 from retention_dev.standins import zendesk_data as zd
-from retention_dev.standins.zendesk_common import ACTIVE, SHIFT, SOFT_DELETED, USER_GONE, ApiError
+from retention_dev.standins.zendesk_common import ACTIVE, SHIFT, SOFT_DELETED, USER_GONE, ApiError, iso
 from retention_dev.standins.zendesk_paging import ids_param, list_soft
 from retention_dev.standins.zendesk_state import State
+
+PERMANENTLY_DELETED = {"name": "Permanently Deleted User", "email": None}
 
 
 class UserRoutes:
@@ -61,7 +63,10 @@ class UserRoutes:
                     return 200, {"user": self.soft_delete_user(row, base)}
         if head == "deleted_users":
             if len(seg) == 1 and method == "GET":
-                return 200, list_soft(st.soft_users, "deleted_users", query, base, self.deleted_user_json)
+                return 200, list_soft(st.deleted_users, "deleted_users", query, base, self.deleted_user_json)
+            if seg[1:] == ["count"] and method == "GET":
+                # Zendesk's count is approximate (refreshed daily past 100,000); here it is exact.
+                return 200, {"count": {"value": len(st.deleted_users), "refreshed_at": iso(st.clock())}}
             if len(seg) == 2 and seg[1].isdigit():
                 row = st.user_row(int(seg[1]))
                 if row is None or st.u_state[row] != SOFT_DELETED:
@@ -113,6 +118,7 @@ class UserRoutes:
         st.u_deleted_at[row] = now
         st.touch_user(row, now)
         st.soft_users.add(row + 1)
+        st.deleted_users.add(row + 1)
         st.counters["soft_user_deletions"] += 1
         return st.user_json(row, base)
 
@@ -123,13 +129,17 @@ class UserRoutes:
         st.u_state[row] = USER_GONE
         st.soft_users.discard(row + 1)
         st.counters["permanent_user_deletions"] += 1
-        out.update({"name": "Permanently Deleted User", "email": None})
+        out.update(PERMANENTLY_DELETED)
         return out
 
     def deleted_user_json(self, row1: int, base: str) -> dict:
+        """A deleted user as ``/api/v2/deleted_users`` shows it; one deleted for good has its
+        personal properties null and the name "Permanently Deleted User" (Zendesk's reference)."""
         st = self.state
         out = st.user_json(row1 - 1, base)
         out["id"] = zd.USER_ID_BASE + row1
         out["url"] = f"{base}/api/v2/deleted_users/{out['id']}.json"
         out["active"] = False
+        if st.u_state[row1 - 1] == USER_GONE:
+            out.update(PERMANENTLY_DELETED)
         return out

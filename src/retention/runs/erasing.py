@@ -19,8 +19,11 @@ What it guarantees, in this order, for one system of one run:
 4. **Erase in batches, outcomes booked as they arrive.** The adapter yields each record's
    outcome as the system reports it; the engine completes the ledger entries at least every
    second and at the end of every batch, so a task killed mid-batch loses at most the last
-   second of outcomes. Each batch is marked ``submitted`` in one statement before it goes to the
-   system, so the retry knows which records its own killed attempt sent.
+   second of outcomes. Each batch is marked ``submitted`` in one statement, committed before
+   it goes to the system, so the retry knows which records its own killed attempt sent. The
+   outcomes are written by one booking thread, in order, while the next batch goes on (the
+   ledger's statements and the system's run side by side); every erase call waits for them
+   before it returns or raises, and a failed booking stops the run at the next batch.
 5. **Verify.** Every record the ledger marks gone is looked up in the system again.
 
 Dry run: the same plan is counted, no ledger entry is written, nothing is touched.
@@ -31,7 +34,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -109,6 +113,9 @@ class ErasureEngine:
         self._left_alone: dict[tuple[str, str], str] = {}  # (record type, id) -> why, from the state checks
         self._sent_before: set[tuple[str, str]] = set()
         self._blocking_index: dict[str, dict[str, list[str]]] = {}
+        self._booker: ThreadPoolExecutor | None = None
+        self._bookings: list[Future] = []  # not yet waited for, in the order they were made
+        self._previous_batch_bookings = 0  # how many of them were made before the last batch began
 
     # -- dry run ------------------------------------------------------------------------------
     @staticmethod
@@ -144,21 +151,29 @@ class ErasureEngine:
         self._write_ahead(plan)
         destructive = plan[plan["action"].isin(DESTRUCTIVE).to_numpy()]
         progress = Progress(log, f"{self.system}: erasing", total=len(destructive))
-        for record_type in self.adapter.record_types:
-            mine = destructive[(destructive["record_type"] == record_type).to_numpy()]
-            for action in (Action.MINIMISE, Action.ERASE):
-                rows = mine[(mine["action"] == action).to_numpy()]
-                if rows.empty:
-                    continue
-                keys = rows["record_key"].tolist()
-                finished = [self._status.get((record_type, k)) in DONE for k in keys]
-                progress.add(sum(finished))
-                todo = rows[[not f for f in finished]]
-                size = batch_size(self.adapter, record_type)
-                for start in range(0, len(todo), size):
-                    batch = self._before_batch(record_type, plan, todo.iloc[start : start + size])
-                    self._erase_batch(record_type, action, batch)
-                    progress.add(len(todo.iloc[start : start + size]))
+        self._booker = ThreadPoolExecutor(1, thread_name_prefix="ledger-booking")
+        self._bookings, self._previous_batch_bookings = [], 0
+        try:
+            for record_type in self.adapter.record_types:
+                mine = destructive[(destructive["record_type"] == record_type).to_numpy()]
+                for action in (Action.MINIMISE, Action.ERASE):
+                    rows = mine[(mine["action"] == action).to_numpy()]
+                    if rows.empty:
+                        continue
+                    keys = rows["record_key"].tolist()
+                    finished = [self._status.get((record_type, k)) in DONE for k in keys]
+                    progress.add(sum(finished))
+                    todo = rows[[not f for f in finished]]
+                    size = batch_size(self.adapter, record_type)
+                    for start in range(0, len(todo), size):
+                        batch = self._before_batch(record_type, plan, todo.iloc[start : start + size])
+                        self._erase_batch(record_type, action, batch)
+                        progress.add(len(todo.iloc[start : start + size]))
+        finally:
+            # Whatever stops the run, the outcomes heard are in the ledger before it returns.
+            booker, self._booker = self._booker, None
+            booker.shutdown(wait=True)
+            self._wait_bookings(len(self._bookings))
         result = ErasureResult(dry_run=False, seconds=round(progress.finish(), 2))
         for (record_type, key) in zip(plan["record_type"].tolist(), plan["record_key"].tolist()):
             result.statuses.setdefault(record_type, Counter())[str(self._status[(record_type, key)])] += 1
@@ -251,12 +266,16 @@ class ErasureEngine:
     def _erase_batch(self, record_type: str, action: Action, batch: pd.DataFrame) -> None:
         if batch.empty:
             return
+        # At most one batch's outcomes are still being booked while this one goes: the previous
+        # batch's. A ledger that fails or falls behind stops or slows the run a batch later.
+        self._wait_bookings(self._previous_batch_bookings)
+        self._previous_batch_bookings = len(self._bookings)
         key_of = dict(zip(batch["record_id"].astype(str).tolist(), batch["record_key"].tolist()))
         heard: set[str] = set()
         pending: dict[str, Status] = {}
         last = time.monotonic()
         recheck = self._recheck(record_type, batch)
-        self._complete(record_type, dict.fromkeys(key_of.values(), Status.SUBMITTED))
+        self._submitted(record_type, key_of.values())
         # The adapter is given a check only when the flow judges current state (the nightly run).
         args = (record_type, str(action), list(key_of), *((recheck,) if recheck else ()))
         try:
@@ -290,8 +309,32 @@ class ErasureEngine:
                 why = self._left_alone.get((record_type, id_of.get(key, "")))
                 if why and status == Status.DEFERRED and key not in detail:
                     detail[key] = why
-        self.ledger.complete(self.run_id, self.system, record_type, outcomes, detail or None)
         self._status.update({(record_type, k): s for k, s in outcomes.items()})
+        if self._booker is None:
+            self.ledger.complete(self.run_id, self.system, record_type, outcomes, detail or None)
+            return
+        self._raise_failed_booking()
+        self._bookings.append(
+            self._booker.submit(self.ledger.complete, self.run_id, self.system, record_type, dict(outcomes), detail or None)
+        )
+
+    def _submitted(self, record_type: str, keys: Iterable[str]) -> None:
+        """Mark a batch ``submitted``, committed before the batch goes to the system."""
+        outcomes = dict.fromkeys(keys, Status.SUBMITTED)
+        self.ledger.complete(self.run_id, self.system, record_type, outcomes)
+        self._status.update({(record_type, k): s for k, s in outcomes.items()})
+
+    def _raise_failed_booking(self) -> None:
+        """Raise the error of a booking that failed, of those done."""
+        for booking in self._bookings:
+            if booking.done():
+                booking.result()  # raises the booking's error
+
+    def _wait_bookings(self, upto: int) -> None:
+        """Wait for the first ``upto`` bookings (raising a failed one's error); done ones are let go."""
+        for booking in self._bookings[:upto]:
+            booking.result()
+        self._bookings = self._bookings[upto:]
 
     # -- verify -------------------------------------------------------------------------------
     def verify(self, plan: pd.DataFrame) -> tuple[int, int]:

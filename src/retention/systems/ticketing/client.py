@@ -17,6 +17,11 @@ What it relies on, from the Zendesk Support API reference:
   read for each end user right before their deletion.
 * Account-wide limit of N requests per minute by plan; 429 with ``Retry-After`` beyond it (a
   ``Retry-After`` longer than ``max_retry_after`` fails the request instead of being waited out).
+* Verification: ``GET /api/v2/users/show_many?ids=`` (<= 100) finds live users; of the rest,
+  ``GET /api/v2/deleted_users/{id}`` answers 200 while a user is soft-deleted, 404 once deleted
+  for good; ``GET /api/v2/deleted_users`` (cursor pagination, <= 100 a page) lists every deleted
+  user, those deleted for good with null personal properties and the name "Permanently Deleted
+  User"; ``GET /api/v2/deleted_users/count`` is the approximate size of that listing.
 * Erasure requests: ``GET /api/v2/users/search?query=email:{address}`` finds a user by e-mail
   (offset pagination, ``next_page``); ``GET /api/v2/users/{id}/tickets/requested`` lists the
   tickets a user requested (cursor pagination ``page[size]``/``page[after]``). Zendesk leaves
@@ -58,6 +63,8 @@ from retention.systems.ticketing.limits import ZendeskLimits
 log = logging.getLogger(__name__)
 
 TICKET_FIELDS = ("id", "status", "requester_id", "created_at", "updated_at")
+# How Zendesk's deleted-users listing names a user deleted for good (their personal data null).
+PERMANENTLY_DELETED = "Permanently Deleted User"
 # The users a ticket names besides its requester (ids only; CCs and followers): ``cc_ids``.
 TICKET_PEOPLE = ("collaborator_ids", "email_cc_ids", "follower_ids")
 
@@ -485,7 +492,9 @@ class ZendeskClient:
         return found
 
     def remaining_users(self, ids: Iterable[int]) -> set[int]:
-        """The user ids that are still live or soft-deleted."""
+        """The user ids that are still live or soft-deleted, in about ``len(ids) / 100`` requests:
+        ``users/show_many`` for the live ones, 100 ids a call; the rest through
+        :meth:`soft_deleted_users`."""
         wanted = sorted({int(i) for i in ids})
         found: set[int] = set()
         for i in range(0, len(wanted), MAX_IDS):
@@ -494,13 +503,48 @@ class ZendeskClient:
                 "/api/v2/users/show_many.json", endpoint="users.show_many", params={"ids": ",".join(map(str, chunk))}
             ).json()
             found.update(int(u["id"]) for u in body.get("users") or [])
-        for uid in wanted:
-            if uid in found:
-                continue
+        return found | self.soft_deleted_users([uid for uid in wanted if uid not in found])
+
+    def soft_deleted_users(self, ids: Iterable[int]) -> set[int]:
+        """Which of ``ids`` (users not live) are soft-deleted, not deleted for good.
+
+        Zendesk has no ``show_many`` for deleted users: either one ``deleted_users/{id}`` each
+        (200 while soft-deleted, 404 once deleted for good), or the listing ``deleted_users``,
+        100 a page, which holds every deleted user of the account, those deleted for good
+        included, named "Permanently Deleted User". Whichever takes fewer requests, judged by
+        ``deleted_users/count``. From the listing, a wanted user not yet named so (Zendesk
+        renames them a while after the deletion) is asked for by id: what says "gone" is
+        always the per-user answer or that name, never the listing's silence about a user it
+        does not hold (not deleted at all: live, or never there)."""
+        wanted = sorted({int(i) for i in ids})
+        if not wanted:
+            return set()
+        count = self._get("/api/v2/deleted_users/count.json", endpoint="deleted_users.count").json()
+        pages = -(-int((count.get("count") or {}).get("value") or 0) // MAX_IDS)
+        if pages >= len(wanted):
+            candidates = wanted
+        else:
+            want = set(wanted)
+            candidates = sorted(
+                int(u["id"]) for u in self._iter_deleted_users() if int(u["id"]) in want and u.get("name") != PERMANENTLY_DELETED
+            )
+        found = set()
+        for uid in candidates:
             resp = self._get(f"/api/v2/deleted_users/{uid}.json", endpoint="deleted_users.show", accept=(404,))
             if resp.status_code == 200:
                 found.add(uid)
         return found
+
+    def _iter_deleted_users(self) -> Iterator[dict]:
+        """Every deleted user of the account, soft and for good (cursor pagination, 100 a page)."""
+        params: dict = {"page[size]": MAX_IDS}
+        while True:
+            body = self._get("/api/v2/deleted_users.json", endpoint="deleted_users.list", params=params).json()
+            yield from body.get("deleted_users") or []
+            meta = body.get("meta") or {}
+            if not meta.get("has_more") or not meta.get("after_cursor"):
+                return
+            params = {"page[size]": MAX_IDS, "page[after]": meta["after_cursor"]}
 
 
 # Names that lived here before the client was split (jobs, limits and pacing moved out).
