@@ -433,3 +433,81 @@ def test_a_failed_booking_stops_the_run(ledger):
     assert len(system.started_at) <= 2  # the batch after the one whose booking failed at most
     statuses = [r["status"] for r in entries(ledger, "run-9").values()]
     assert statuses.count("submitted") == 3 * len(system.started_at) and "erased" not in statuses
+
+
+class Ticking(MemorySystem):
+    """Each record takes one tick of a clock the engine reads: a budget in ticks, not seconds."""
+
+    def __init__(self, records, clock):
+        super().__init__(records)
+        self.now = clock
+
+    def erase(self, record_type, action, record_ids, recheck=None):
+        for out in super().erase(record_type, action, record_ids, recheck):
+            self.now[0] += 1.0
+            yield out
+
+
+def sent_ids(system: MemorySystem) -> list[str]:
+    return [i for _, _, ids in system.calls for i in ids]
+
+
+def test_a_spent_budget_carries_the_rest_over_and_the_next_runs_clear_it_first(ledger):
+    """Issue 12, item 3: no batch starts once the erase budget is spent; what is left is booked
+    carried_over (nothing sent for it); the next runs, planning it again beside new work, take
+    it first, and in the end everything is erased exactly once."""
+    now = [0.0]
+    tickets = {str(i) for i in range(1, 301)}
+    system = Ticking({"support_ticket": set(tickets), "ticket_user": set()}, now)
+    system.erase_batch = 100
+
+    def engine(run_id: str) -> ErasureEngine:
+        e = ErasureEngine(ledger, run_id, "ticketing", system, "v1")
+        e.clock = lambda: now[0]
+        return e
+
+    plan1 = plan_of([("support_ticket", str(i), "erase") for i in range(1, 301)])
+    first = engine("night-1").erase(plan1, budget_seconds=120)
+    # A first, full batch of 100 records (100 ticks), then one cut to the 20 ticks left at
+    # the pace seen: the budget is kept.
+    erased1 = set(sent_ids(system))
+    assert first.totals()["carried_over"] == 300 - len(erased1) > 0
+    assert now[0] == 120 and len(erased1) == 120, f"the budget of 120 ticks was not kept: {now[0]}"
+    rows = entries(ledger, "night-1")
+    carried_keys = {k for (t, k), r in rows.items() if r["status"] == "carried_over"}
+    assert all(rows[k]["completed_at"] for k in rows)
+    assert ledger.carried_over("ticketing", "support_ticket") == carried_keys
+
+    # Night 2: what is left is due again, and ten new tickets fell due.
+    new = [str(i) for i in range(301, 311)]
+    left = sorted(system.records["support_ticket"], key=int)
+    system.records["support_ticket"] |= set(new)
+    plan2 = plan_of([("support_ticket", i, "erase") for i in new + left])  # new work listed first in the plan
+    system.calls.clear()
+    now[0] = 0.0
+    engine("night-2").erase(plan2, budget_seconds=150)
+    night2 = sent_ids(system)
+    carried_ids = {i for i in plan1["record_id"] if (dict(zip(plan1["record_id"], plan1["record_key"]))[i]) in carried_keys}
+    assert set(night2[: min(len(night2), len(carried_ids))]) <= carried_ids, "new work went before the carried-over backlog"
+
+    # Night 3 (and on): no budget trouble; all gone, none sent twice.
+    for night in range(3, 6):
+        system.calls.clear()
+        now[0] = 0.0
+        still = sorted(system.records["support_ticket"], key=int)
+        if not still:
+            break
+        engine(f"night-{night}").erase(plan_of([("support_ticket", i, "erase") for i in still]), budget_seconds=100)
+    assert system.records["support_ticket"] == set()
+    with ledger.engine.connect() as conn:
+        erased = conn.execute(sa.text(
+            "select record_key, count(*) from erasure_ledger where status = 'erased' group by record_key"
+        )).all()
+    assert len(erased) == 310 and {n for _, n in erased} == {1}, "a record erased twice or missed"
+    assert ledger.carried_over("ticketing", "support_ticket") == set(), "a carried-over record is still a backlog once erased"
+
+
+def test_without_a_budget_nothing_is_carried_over(ledger):
+    system = MemorySystem({"support_ticket": {str(i) for i in range(10)}, "ticket_user": set()}, pause=0.01)
+    result = ErasureEngine(ledger, "nb", "ticketing", system, "v1").erase(plan_of([("support_ticket", str(i), "erase") for i in range(10)]))
+    assert result.totals() == {"erased": 10}

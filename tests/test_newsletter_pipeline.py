@@ -360,3 +360,48 @@ def test_a_plan_older_than_the_configured_age_is_not_erased(mailchimp, retention
     states = task_states(dr)
     assert dr.state == "failed" and states["newsletter.erase"] == "failed", states
     assert all_members(mailchimp) == before and stats(mailchimp)["permanent_deletes"] == 0
+
+
+@pytest.mark.airflow
+def test_a_backlog_over_the_erase_budget_is_carried_over_and_cleared_by_the_next_runs(mailchimp, retention_home, monkeypatch):
+    """Issue 12, item 3: a first night over more than its erase budget (RETENTION_ERASE_BUDGET
+    of 2 s, the stand-in slowed to half a second a deletion, batches of 20) stops erasing when
+    the budget is spent and succeeds: the rest is booked carried_over, the report says so and
+    when the backlog will be cleared. The next night (a real Airflow run, a tight plan guard)
+    takes the backlog first, the guard not counting it as new, and clears it: each member
+    deleted exactly once, none missed."""
+    from retention.runs import nightly as pipeline
+
+    before = all_members(mailchimp)
+    due = expected_due(before)
+    monkeypatch.setenv("RETENTION_ERASE_BUDGET", "PT2S")
+    faults(mailchimp, slow_ms=500, match="delete-permanent")  # 20 a second over 10 connections
+    run = _prepare(mailchimp, "night-1")
+    adapter = _adapter(mailchimp)
+    adapter.erase_batch = 20
+    erase = pipeline.erase(run, "newsletter", adapter)
+    pipeline.verify(run, "newsletter", adapter)
+    assert pipeline.report(run, ("newsletter",))["state"] == "success"
+    first = stats(mailchimp)["permanent_deletes"]
+    assert 0 < first < len(due) and erase["carried_over"] > 0 and erase["outcomes"]["erased"] == first, (first, erase)
+    assert erase["seconds"] < 2 + 3, f"the budget of 2 s was overrun: {erase}"
+    assert erase["budget_seconds"] == 2 and erase["backlog_nights"] >= 1 and erase["erased_per_hour"] > 0
+    report = json.loads((retention_home / "reports" / "latest.json").read_text())
+    assert report["systems"]["newsletter"]["erase"]["carried_over"] == erase["carried_over"]
+    text = next((retention_home / "reports").glob("test__night-1.txt")).read_text()
+    assert f"carried over to the next run: {erase['carried_over']}" in text
+    assert {r["status"] for r in ledger_rows(retention_home)} == {"erased", "carried_over"}
+
+    faults(mailchimp)  # the next night is quick again; a tight guard passes: the backlog is not new
+    monkeypatch.setenv("RETENTION_ERASE_BUDGET", "PT10M")
+    dr2 = run_dag({"systems": ["newsletter"], "max_plan_share": 0.05})
+    assert dr2.state == "success", task_states(dr2)
+    after = all_members(mailchimp)
+    assert_only_due_erased(before, after)
+    assert due <= set(before) - set(after), "a due member was missed"
+    assert stats(mailchimp)["permanent_deletes"] == len(set(before) - set(after)), "a member was deleted twice"
+    rows = ledger_rows(retention_home)
+    erased_keys = [r["record_key"] for r in rows if r["status"] == "erased"]
+    assert len(erased_keys) == len(set(erased_keys)) == len(set(before) - set(after))
+    latest = json.loads((retention_home / "reports" / "latest.json").read_text())
+    assert latest["systems"]["newsletter"]["erase"]["carried_over"] == 0

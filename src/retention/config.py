@@ -226,6 +226,29 @@ def max_plan_age():
     return timedelta(days=age.days, seconds=age.seconds)
 
 
+DEFAULT_ERASE_BUDGET = "PT2H"
+
+
+def erase_budget():
+    """How long one system's erase step may erase (``RETENTION_ERASE_BUDGET``): what does not
+    fit is carried over to the next run, so a backlog never holds a system's lock all day."""
+    from datetime import timedelta
+
+    from retention.domain.periods import Duration
+
+    text = os.environ.get("RETENTION_ERASE_BUDGET") or DEFAULT_ERASE_BUDGET
+    try:
+        budget = Duration.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"RETENTION_ERASE_BUDGET: {exc}") from None
+    if budget.months:
+        raise ConfigError(f"RETENTION_ERASE_BUDGET {text!r}: give hours and minutes (e.g. PT2H), not months or years")
+    out = timedelta(days=budget.days, seconds=budget.seconds)
+    if out <= timedelta(0):
+        raise ConfigError(f"RETENTION_ERASE_BUDGET {text!r}: give a time longer than zero, e.g. PT2H")
+    return out
+
+
 def ledger_url() -> str:
     url = _airflow_connection_url(LEDGER_CONN_ID)
     if url:

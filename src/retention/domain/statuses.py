@@ -43,6 +43,9 @@ class Status(StrEnum):
     # The system or a dependency said "not yet" (a requester of an unclosed ticket, a ticket
     # reopened since the plan, an invoice that appeared since): a later run tries again.
     DEFERRED = "deferred"
+    # Still due, not reached within the erase step's time budget (``RETENTION_ERASE_BUDGET``):
+    # nothing was sent for it; the next run plans it again and takes it before anything new.
+    CARRIED_OVER = "carried_over"
 
 
 # An entry in one of these is finished: a resumed task does not touch its record again.

@@ -99,6 +99,8 @@ class ErasureEngine:
 
     # Outcomes are booked in the ledger at least this often while a batch runs.
     flush_seconds = 1.0
+    # The time a budget is measured in (a test gives its own).
+    clock = staticmethod(time.monotonic)
 
     def __init__(
         self, ledger: Ledger, run_id: str, system: str, adapter: SourceSystem, policy_version: str,
@@ -138,9 +140,16 @@ class ErasureEngine:
         return result
 
     # -- erase --------------------------------------------------------------------------------
-    def erase(self, plan: pd.DataFrame) -> ErasureResult:
-        """Write ahead, erase batch by batch, complete the ledger. Resumable and idempotent."""
+    def erase(self, plan: pd.DataFrame, budget_seconds: float | None = None) -> ErasureResult:
+        """Write ahead, erase batch by batch, complete the ledger. Resumable and idempotent.
+
+        ``budget_seconds``: no batch starts after the budget is spent, and batches are cut so
+        that none runs far past it; every record not reached is booked ``carried_over``
+        (nothing was sent for it) and the next run, which plans it again, takes it before
+        anything new (:meth:`Ledger.carried_over`)."""
         self._check(plan)
+        self._pace: dict[str, tuple[int, float]] = {}  # record type -> (records, seconds) sent so far
+        deadline = None if budget_seconds is None else self.clock() + budget_seconds
         self._status = {(t, k): Status(s) for (t, k), s in self.ledger.statuses(self.run_id, self.system).items()}
         # What an earlier, killed attempt of this run handed to the system without hearing back.
         self._sent_before = {tk for tk, s in self._status.items() if s == Status.SUBMITTED}
@@ -153,6 +162,7 @@ class ErasureEngine:
         progress = Progress(log, f"{self.system}: erasing", total=len(destructive))
         self._booker = ThreadPoolExecutor(1, thread_name_prefix="ledger-booking")
         self._bookings, self._previous_batch_bookings = [], 0
+        out_of_time = False
         try:
             for record_type in self.adapter.record_types:
                 mine = destructive[(destructive["record_type"] == record_type).to_numpy()]
@@ -163,12 +173,24 @@ class ErasureEngine:
                     keys = rows["record_key"].tolist()
                     finished = [self._status.get((record_type, k)) in DONE for k in keys]
                     progress.add(sum(finished))
-                    todo = rows[[not f for f in finished]]
+                    todo = self._carried_first(record_type, rows[[not f for f in finished]])
                     size = batch_size(self.adapter, record_type)
-                    for start in range(0, len(todo), size):
-                        batch = self._before_batch(record_type, plan, todo.iloc[start : start + size])
+                    start = 0
+                    while start < len(todo):
+                        if not out_of_time and deadline is not None and self.clock() >= deadline:
+                            out_of_time = True
+                            log.warning("%s: the erase budget is spent; what is left is carried over to the next run", self.system)
+                        if out_of_time:
+                            self._carry_over(record_type, todo.iloc[start:])
+                            break
+                        n = size if deadline is None else self._slice(record_type, size, deadline)
+                        began = self.clock()
+                        batch = self._before_batch(record_type, plan, todo.iloc[start : start + n])
                         self._erase_batch(record_type, action, batch)
-                        progress.add(len(todo.iloc[start : start + size]))
+                        done, took = self._pace.get(record_type, (0, 0.0))
+                        self._pace[record_type] = (done + len(batch), took + self.clock() - began)
+                        progress.add(len(todo.iloc[start : start + n]))
+                        start += n
         finally:
             # Whatever stops the run, the outcomes heard are in the ledger before it returns.
             booker, self._booker = self._booker, None
@@ -198,6 +220,35 @@ class ErasureEngine:
             why = part["detail"].tolist() if "detail" in part else [None] * len(part)
             details = {k: d[:_DETAIL_WIDTH] for k, d in zip(keys, why) if isinstance(d, str) and d}
             self.ledger.complete(self.run_id, self.system, record_type, dict.fromkeys(keys, Status.DEFERRED), details)
+
+    def _slice(self, record_type: str, size: int, deadline: float) -> int:
+        """Under a budget, a batch is cut to what this record type's pace so far says still fits
+        in the budget's remainder, so the step ends close to it rather than a whole batch after
+        (a thousand Zendesk users take fourteen minutes under Zendesk's limit). The type's first
+        batch, before any pace is known, is a full one: a budget shorter than one batch is
+        overrun by that batch."""
+        sent, seconds = self._pace.get(record_type, (0, 0.0))
+        if not sent:
+            return size
+        left = max(deadline - self.clock(), 0.0)
+        return max(1, min(size, int(sent / max(seconds, 1e-3) * left)))
+
+    def _carried_first(self, record_type: str, todo: pd.DataFrame) -> pd.DataFrame:
+        """``todo`` with what earlier runs carried over first: a backlog is cleared oldest first,
+        whatever new work each night brings."""
+        if todo.empty:
+            return todo
+        carried = self.ledger.carried_over(self.system, record_type, exclude_run=self.run_id)
+        if not carried:
+            return todo
+        first = todo["record_key"].isin(carried).to_numpy()
+        return pd.concat([todo[first], todo[~first]])
+
+    def _carry_over(self, record_type: str, rest: pd.DataFrame) -> None:
+        """Book what the budget left untouched: nothing was sent for these records."""
+        if rest.empty:
+            return
+        self._complete(record_type, dict.fromkeys(rest["record_key"].tolist(), Status.CARRIED_OVER))
 
     def _blocking(self, plan: pd.DataFrame, blocker: str) -> dict[str, list[str]]:
         """Record id -> the keys of the ``blocker`` records of the plan that name it in ``blocks``

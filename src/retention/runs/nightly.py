@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
@@ -21,7 +22,7 @@ from retention.domain.holds import Holds
 from retention.domain.planning import plan_system
 from retention.domain.quarantine import reason_category
 from retention.domain.records import SOURCE_HOLDS, record_types_of
-from retention.domain.statuses import DESTRUCTIVE
+from retention.domain.statuses import DESTRUCTIVE, Status
 from retention.runs.context import RunInfo, Stopwatch, open_run, pseudonymizer, task_ledger
 from retention.runs.erasing import ErasureEngine, StateCheck
 from retention.store.reports import ledger_counts, status_line, write_report
@@ -164,8 +165,12 @@ def validate(run: RunInfo, system: str) -> dict:
         # hand Arrow's freed buffers back, so peak memory is that of the largest type.
         del clean, check
         pa.default_memory_pool().release_unused()
-    destructive = int(plan_frame["action"].isin(DESTRUCTIVE).sum())
-    outcomes.append(run_guard(destructive, total_extracted, run.max_plan_share))
+    is_destructive = plan_frame["action"].isin(DESTRUCTIVE).to_numpy()
+    destructive = int(is_destructive.sum())
+    # Work an earlier run validated and started but carried over for lack of time is not new:
+    # the guard weighs only the rest, so a backlog does not trip it night after night.
+    carried = carried_over_in(plan_frame[is_destructive], system)
+    outcomes.append(run_guard(destructive - carried, total_extracted, run.max_plan_share))
     clock.lap("checks")
     success = all(o.success for o in outcomes)
     summary = {"success": success, "suites": [o.as_dict() for o in outcomes], "seconds": clock.laps}
@@ -178,9 +183,22 @@ def validate(run: RunInfo, system: str) -> dict:
         raise PlanRejected(f"{system}: validation failed ({'; '.join(dict.fromkeys(failed))}); nothing was erased")
     log.info("%s: validation passed (%d suites; %s)", system, len(outcomes), clock)
     return {
-        "success": True, "suites": len(outcomes), "destructive": destructive, "extracted": total_extracted,
-        "seconds": clock.laps,
+        "success": True, "suites": len(outcomes), "destructive": destructive, "carried_over": carried,
+        "extracted": total_extracted, "seconds": clock.laps,
     }
+
+
+def carried_over_in(destructive: pd.DataFrame, system: str) -> int:
+    """How many of the plan's destructive rows earlier runs carried over (the backlog)."""
+    if destructive.empty:
+        return 0
+    n = 0
+    with task_ledger() as ledger:
+        for record_type, part in destructive.groupby("record_type"):
+            carried = ledger.carried_over(system, str(record_type))
+            if carried:
+                n += int(part["record_key"].isin(carried).sum())
+    return n
 
 
 def _failed_suite(outcome) -> str:
@@ -217,12 +235,32 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
             staging.write_json(system, "erase", summary)
             log.info("%s: dry run, nothing erased; would act on %s", system, would or "nothing")
             return summary
-        result = engine.erase(plan_frame)
-    summary = {"dry_run": False, "outcomes": dict(sorted(result.totals().items())), "seconds": result.seconds}
+        budget = config.erase_budget()
+        result = engine.erase(plan_frame, budget_seconds=budget.total_seconds())
+    outcomes = dict(sorted(result.totals().items()))
+    summary = {
+        "dry_run": False, "outcomes": outcomes, "seconds": result.seconds,
+        "budget_seconds": int(budget.total_seconds()), **carry_over_summary(outcomes, result.seconds),
+    }
+    if summary["carried_over"]:
+        log.warning(
+            "%s: %d erasures carried over to the next run (budget %s spent; about %s more night(s) at this rate)",
+            system, summary["carried_over"], budget, summary["backlog_nights"] or "unknown",
+        )
     staging.write_json(system, "erase", summary)
     if result.failed:
         raise RuntimeError(f"{system}: {result.failed} erasures failed (see the ledger); retry the task to resume")
     return summary
+
+
+def carry_over_summary(outcomes: dict[str, int], seconds: float) -> dict:
+    """What a spent budget left for the next run, and when the backlog is gone at this run's
+    rate: the records the erase step settled per hour, and the nights that many more take."""
+    carried = int(outcomes.get(str(Status.CARRIED_OVER), 0))
+    done = sum(int(outcomes.get(str(s), 0)) for s in (Status.ERASED, Status.ALREADY_GONE))
+    per_hour = round(done / seconds * 3600) if seconds and done else None
+    nights = math.ceil(carried / done) if carried and done else None
+    return {"carried_over": carried, "erased_per_hour": per_hour, "backlog_nights": nights}
 
 
 def refuse_an_old_plan(system: str, extracted_at: datetime) -> None:
@@ -319,6 +357,15 @@ def render_report(rep: dict) -> str:
         if rep["dry_run"] and s["erase"]:
             for rule, n in sorted(s["erase"].get("would", {}).items()):
                 lines.append(f"    would {rule:<32} {n}")
+        carried = (s["erase"] or {}).get("carried_over")
+        if carried:
+            nights = s["erase"].get("backlog_nights")
+            rate = s["erase"].get("erased_per_hour")
+            lines.append(
+                f"    carried over to the next run: {carried} (the erase budget of {s['erase'].get('budget_seconds')}s was spent"
+                + (f"; at {rate} per hour, about {nights} more night(s)" if nights else "")
+                + ")"
+            )
         if not s["planned"] and not rep["ledger"].get(system):
             lines.append("    nothing due")
     if rep.get("staging_purged"):

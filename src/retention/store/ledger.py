@@ -367,6 +367,27 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
+    def carried_over(self, system: str, record_type: str, exclude_run: str | None = None) -> set[str]:
+        """The keys of ``record_type`` an earlier run left ``carried_over`` and no run has
+        finished since (erased, gone or held): the backlog the next erase step takes first."""
+        t = erasure_ledger
+        later = t.alias("later")
+        finished = (
+            sa.select(later.c.id)
+            .where(
+                later.c.system == t.c.system, later.c.record_type == t.c.record_type, later.c.record_key == t.c.record_key,
+                later.c.status.in_(DONE), later.c.planned_at >= t.c.planned_at,
+            )
+            .exists()
+        )
+        q = sa.select(t.c.record_key).where(
+            t.c.system == system, t.c.record_type == record_type, t.c.status == str(Status.CARRIED_OVER), ~finished
+        )
+        if exclude_run:
+            q = q.where(t.c.run_id != exclude_run)
+        with self.engine.connect() as conn:
+            return {k for (k,) in conn.execute(q.distinct())}
+
     def erased_keys(self, record_type: str | None = None) -> set[tuple[str, str]]:
         """Every (record_type, record_key) any run has erased: for replay after a restore."""
         t = erasure_ledger
