@@ -188,3 +188,62 @@ def test_the_validate_log_shows_our_lines_and_the_guards_numbers_not_gx_noise(re
 
     (rel,) = [re.search(r"Data Docs of the failed validation: (\S+)", line)[1] for line in lines if "Data Docs of" in line]
     assert (retention_home / "data_docs" / rel).is_file()
+
+
+# --- a real run: the report names the Data Docs, and the task log holds our lines, not GX's ----
+
+MEMBERS = 600
+KEY = "standin-key-us0"
+RUN_DRY = """
+import json, sys
+from airflow_run import load_dag, task_states
+dr = load_dag().test(run_conf={"systems": ["newsletter"], "dry_run": True})
+print("STATE", dr.state, json.dumps(task_states(dr)))
+"""
+
+
+@pytest.fixture
+def mailchimp(tmp_path, monkeypatch, retention_home):
+    from retention_dev.standins.process import StandIn
+
+    standin = StandIn(
+        "mailchimp", "--port", "0", "--state-file", str(tmp_path / "mc.state"), "--members", str(MEMBERS),
+        "--seed", "5", "--now", "2026-11-20T12:00:00+00:00", "--api-key", KEY,
+    ).start()
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RETENTION_MAILCHIMP",
+        json.dumps({"conn_type": "retention_mailchimp", "host": f"{standin.base_url}/3.0", "password": KEY, "extra": {"list_id": "demo-list"}}),
+    )
+    yield standin
+    standin.stop()
+
+
+@pytest.mark.airflow
+def test_a_real_runs_report_names_its_data_docs_and_its_log_has_no_gx_noise(mailchimp, retention_home):
+    from airflow_run import ensure_metadata_db
+    from retention_dev.standins.mailchimp_data import generate_members
+
+    ensure_metadata_db()
+    # Its own process, as a task's: GX is loaded there for the first time, start-up and all.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ["PYTHONPATH"]])}
+    out = subprocess.run([sys.executable, "-c", RUN_DRY], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0 and "STATE success" in out.stdout, log[-4000:]
+
+    report = json.loads((retention_home / "reports" / "latest.json").read_text())
+    rel = report["data_docs"]["newsletter"]
+    assert rel.startswith(f"retention_nightly__{report['run_id']}".replace(":", "_").replace("+", "_") + "/newsletter/")
+    index = retention_home / "data_docs" / rel
+    assert index.is_file() and "plan_newsletter_member_suite" in index.read_text()
+    txt = (retention_home / "reports").glob("retention_nightly__*.txt")
+    assert f"Data Docs: data_docs/{rel}" in next(txt).read_text()
+    # Kept after the run succeeded, when its staging is gone.
+    assert not [p for p in (retention_home / "staging").glob("*/*") if p.is_dir()]
+
+    assert "newsletter: validation passed (3 suites;" in log
+    noise = [line for line in log.splitlines() if "great_expectations" in line]  # its loggers, its files' warnings
+    assert not noise, "GX noise in the task log:\n" + "\n".join(noise[:20])
+
+    members = generate_members(MEMBERS, seed=5, now=pd.Timestamp("2026-11-20T12:00:00+00:00").to_pydatetime())
+    text = all_text(retention_home / "data_docs")
+    assert not [m for m in members if m["email_address"].lower() in text or m["id"] in text]
