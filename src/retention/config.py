@@ -12,6 +12,9 @@ Environment variables (all optional except the pseudonym key):
   later plans again instead).
 - ``RETENTION_STAGING_KEEP_DAYS``: days the staging a failed or halted run left behind is kept
   for diagnosis before the nightly run purges it (default 7, at least 2).
+- ``RETENTION_DATA_DOCS_KEEP_DAYS``: days each run's Great Expectations suites, validation
+  results and Data Docs (``RETENTION_HOME/data_docs``) are kept before the nightly run purges
+  them (default 90, at least 1).
 - ``RETENTION_PSEUDONYM_KEY`` or ``RETENTION_PSEUDONYM_KEY_FILE``: the HMAC key for the
   pseudonymous keys in the ledger. There is no default: a key in code would make the
   pseudonyms reversible by anyone who reads the code. A blank or low-entropy key is refused
@@ -86,7 +89,18 @@ def staging_root() -> Path:
 
 
 def reports_dir() -> Path:
-    path = retention_home() / "reports"
+    return _home_dir("reports")
+
+
+def data_docs_dir() -> Path:
+    """Great Expectations' projects, one per run and system (suites, validation results and
+    their Data Docs), under ``RETENTION_HOME/data_docs``; the report names each system's index
+    page relative to this directory."""
+    return _home_dir("data_docs")
+
+
+def _home_dir(name: str) -> Path:
+    path = retention_home() / name
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -192,18 +206,28 @@ def key_fingerprint(key: bytes) -> str:
 
 
 DEFAULT_STAGING_KEEP_DAYS = 7
+DEFAULT_DATA_DOCS_KEEP_DAYS = 90
 
 
 def staging_keep_days() -> float:
     """How long a failed or halted run's staging is kept (``RETENTION_STAGING_KEEP_DAYS``)."""
-    text = os.environ.get("RETENTION_STAGING_KEEP_DAYS") or str(DEFAULT_STAGING_KEEP_DAYS)
+    # Under two days a run halted tonight, overridden and resumed tomorrow would lose its staging.
+    return _days("RETENTION_STAGING_KEEP_DAYS", DEFAULT_STAGING_KEEP_DAYS, least=2)
+
+
+def data_docs_keep_days() -> float:
+    """How long a run's GX suites, results and Data Docs are kept (``RETENTION_DATA_DOCS_KEEP_DAYS``)."""
+    return _days("RETENTION_DATA_DOCS_KEEP_DAYS", DEFAULT_DATA_DOCS_KEEP_DAYS, least=1)
+
+
+def _days(name: str, default: int, *, least: int, most: int = 3650) -> float:
+    text = os.environ.get(name) or str(default)
     try:
         days = float(text)
     except ValueError:
-        raise ConfigError(f"RETENTION_STAGING_KEEP_DAYS {text!r}: give a number of days, e.g. 7") from None
-    # Under two days a run halted tonight, overridden and resumed tomorrow would lose its staging.
-    if not 2 <= days <= 3650:
-        raise ConfigError(f"RETENTION_STAGING_KEEP_DAYS {text!r}: give between 2 and 3650 days")
+        raise ConfigError(f"{name} {text!r}: give a number of days, e.g. {default}") from None
+    if not least <= days <= most:
+        raise ConfigError(f"{name} {text!r}: give between {least} and {most} days")
     return days
 
 

@@ -1,8 +1,13 @@
 """Great Expectations checks on the extract and on the erasure plan, run inside tasks.
 
 GX is imported lazily (it takes seconds) and never at DAG parse time. Results are reduced to
-counts and aggregate values: GX's own result objects list unexpected values, which can be
-record identifiers, so they never leave this module.
+counts and aggregate values. GX's result objects would list unexpected values, which can be
+record identifiers: the suites run with result formats that keep none (pass or fail for a
+passing suite, counts for a failing one), so the results ``data_docs`` keeps carry none either.
+
+GX's start-up is quiet: its loggers log warnings and errors only, and its import's deprecation
+warnings are dropped, so a task log shows our own lines (the plan guard's numbers among them),
+not the few hundred lines GX writes while it registers its classes.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -36,6 +42,9 @@ class ValidationOutcome:
     name: str
     success: bool
     checks: list[dict] = field(default_factory=list)
+    # GX's suite and result, for ``data_docs`` to keep (the result holds no unexpected values).
+    suite: object = field(default=None, repr=False, compare=False)
+    result: object = field(default=None, repr=False, compare=False)
 
     def failures(self) -> list[dict]:
         return [c for c in self.checks if not c["success"]]
@@ -44,28 +53,62 @@ class ValidationOutcome:
         return {"name": self.name, "success": self.success, "checks": self.checks}
 
 
+#: What a failing suite is run again with: its counts and observed aggregates, no values.
+#: GX's BASIC would list up to 20 unexpected values (record ids, addresses) per expectation.
+COUNTS_ONLY = {
+    "result_format": "BASIC",
+    "partial_unexpected_count": 0,
+    "exclude_unexpected_values": True,
+    "include_unexpected_rows": False,
+    "return_unexpected_index_query": False,
+}
+
 _context = None
+
+
+def hush_gx() -> None:
+    """GX's loggers log warnings and errors only. Set before the import for the hundreds of
+    INFO lines it logs as it loads (``_docs_decorators``, the registries), and again after a
+    load for its modules that set their own logger's level (``data_context.types.base``)."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("great_expectations.") and isinstance(logger, logging.Logger):
+            if logger.level and logger.level < logging.WARNING:
+                logger.setLevel(logging.NOTSET)  # the parent's WARNING, then
 
 
 def _gx():
     global _context
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-
     if _context is None:
-        from great_expectations.execution_engine import pandas_execution_engine
+        hush_gx()
+        with warnings.catch_warnings():
+            # The import's own DeprecationWarnings (GX's modules, not ours), once per task.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import great_expectations as gx
+            from great_expectations.data_context.types import base  # noqa: F401 - sets its logger's level
+            from great_expectations.execution_engine import pandas_execution_engine
 
-        # GX fingerprints every pandas batch under 1 GB with an MD5 over all its rows, twice
-        # per suite, only to label the batch: 1.5 s per million records, for nothing we use.
-        pandas_execution_engine.HASH_THRESHOLD = 0
-        _context = gx.get_context(mode="ephemeral")
+            hush_gx()
+            # GX fingerprints every pandas batch under 1 GB with an MD5 over all its rows, twice
+            # per suite, only to label the batch: 1.5 s per million records, for nothing we use.
+            pandas_execution_engine.HASH_THRESHOLD = 0
+            _context = gx.get_context(mode="ephemeral")
         try:
             from great_expectations.data_context.types.base import ProgressBarsConfig
 
             _context.variables.progress_bars = ProgressBarsConfig(globally=False)
         except Exception:  # progress bars are cosmetic
             pass
+    import great_expectations as gx
+
     return gx, _context
+
+
+def gx_context():
+    """The process's one ephemeral GX context, the suites' (``data_docs`` hands it back as
+    GX's current project after opening a run's file-backed one)."""
+    return _gx()[1]
 
 
 def start_up() -> None:
@@ -100,7 +143,7 @@ def _run_suite(name: str, frame: pd.DataFrame, expectations: list) -> Validation
     if not result.success:
         # Counts and observed values only for a suite that failed: working them out costs a
         # pass over every row, and a passing suite has nothing to show in them.
-        result = batch.validate(suite, result_format="BASIC")
+        result = batch.validate(suite, result_format=COUNTS_ONLY)
     checks = []
     for r in result.results:
         cfg = r.expectation_config
@@ -115,7 +158,7 @@ def _run_suite(name: str, frame: pd.DataFrame, expectations: list) -> Validation
         if r.exception_info and r.exception_info.get("raised_exception"):
             check["error"] = str(r.exception_info.get("exception_message"))[:200]
         checks.append(check)
-    return ValidationOutcome(name, bool(result.success), checks)
+    return ValidationOutcome(name, bool(result.success), checks, suite=suite, result=result)
 
 
 def validate_extract(frame: pd.DataFrame, record_type: str, now: datetime) -> ValidationOutcome:

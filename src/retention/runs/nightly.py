@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from retention import config
+from retention.checks import data_docs
 from retention.checks.validation import PlanRejected, plan_check_frame, run_guard, validate_extract, validate_plan
 from retention.domain.holds import Holds
 from retention.domain.planning import plan_system
@@ -25,7 +26,7 @@ from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import DESTRUCTIVE, Status
 from retention.runs.context import RunInfo, Stopwatch, open_run, pseudonymizer, task_ledger
 from retention.runs.erasing import ErasureEngine, StateCheck
-from retention.store.reports import ledger_counts, status_line, write_report
+from retention.store.reports import ledger_counts, report_stem, status_line, write_report
 from retention.store.staging import purge_older_than
 from retention.systems.base import SourceSystem
 
@@ -173,18 +174,22 @@ def validate(run: RunInfo, system: str) -> dict:
     outcomes.append(run_guard(destructive - carried, total_extracted, run.max_plan_share))
     clock.lap("checks")
     success = all(o.success for o in outcomes)
-    summary = {"success": success, "suites": [o.as_dict() for o in outcomes], "seconds": clock.laps}
-    staging.write_json(system, "validation", summary)
     for o in outcomes:
         for c in o.failures():
             log.error("%s: validation %s failed: %s", system, o.name, json.dumps(c, default=str))
+    docs = keep_data_docs(run, system, outcomes)
+    clock.lap("data_docs")
+    summary = {"success": success, "suites": [o.as_dict() for o in outcomes], "seconds": clock.laps, "data_docs": docs}
+    staging.write_json(system, "validation", summary)
     if not success:
+        if docs:
+            log.info("%s: Data Docs of the failed validation: %s", system, docs)
         failed = [_failed_suite(o) for o in sorted((o for o in outcomes if not o.success), key=lambda o: o.name)]
         raise PlanRejected(f"{system}: validation failed ({'; '.join(dict.fromkeys(failed))}); nothing was erased")
-    log.info("%s: validation passed (%d suites; %s)", system, len(outcomes), clock)
+    log.info("%s: validation passed (%d suites; %s); Data Docs: %s", system, len(outcomes), clock, docs or "none")
     return {
         "success": True, "suites": len(outcomes), "destructive": destructive, "carried_over": carried,
-        "extracted": total_extracted, "seconds": clock.laps,
+        "extracted": total_extracted, "seconds": clock.laps, "data_docs": docs,
     }
 
 
@@ -199,6 +204,17 @@ def carried_over_in(destructive: pd.DataFrame, system: str) -> int:
             if carried:
                 n += int(part["record_key"].isin(carried).sum())
     return n
+
+
+def keep_data_docs(run: RunInfo, system: str, outcomes) -> str | None:
+    """The run's GX suites and results for ``system``, kept with their Data Docs under
+    ``RETENTION_HOME/data_docs``; the index page's path relative to it. Documents, not a check:
+    when they cannot be written the validation still stands, and the log says why."""
+    try:
+        return data_docs.keep(outcomes, config.data_docs_dir(), report_stem(run.dag_id, run.run_id), system)
+    except Exception as exc:  # noqa: BLE001 - any failure of GX's renderers or the disk
+        log.warning("%s: Data Docs not written (%s: %s)", system, type(exc).__name__, str(exc)[:200])
+        return None
 
 
 def _failed_suite(outcome) -> str:
@@ -305,9 +321,12 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
     with task_ledger() as ledger:
         started = (ledger.run(run.run_id) or {}).get("started_at")
         per_system = {}
+        docs = {}
         complete = True
         for system in systems:
             parts = {step: staging.read_json(system, step) for step in STEPS}
+            if (parts["validation"] or {}).get("data_docs"):
+                docs[system] = parts["validation"]["data_docs"]
             ok = all(parts[s] is not None for s in STEPS) and parts["validation"].get("success")
             complete &= bool(ok)
             per_system[system] = {
@@ -334,9 +353,14 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
             "policy_version": run.policy_version, "policy_label": run.policy_label,
             "state": state, "seconds": seconds, "systems": per_system, "ledger": ledger_counts(ledger, run.run_id),
             "quality_gate": "failed" if alarm else "passed", "quarantine_alarm": alarm,
+            # Each system's Data Docs index page, relative to RETENTION_HOME/data_docs.
+            "data_docs": docs,
         }
         # What failed or halted runs left behind is not kept for ever.
         rep["staging_purged"] = purge_older_than(config.staging_keep_days(), keep=staging)
+        rep["data_docs_purged"] = data_docs.prune(
+            config.data_docs_dir(), config.data_docs_keep_days(), keep=report_stem(run.dag_id, run.run_id)
+        )
         path = write_report(ledger, staging, rep, render_report(rep), latest=True)
     return {"state": state, "report": str(path), "alarm": alarm["message"] if alarm else None}
 
@@ -348,6 +372,8 @@ def render_report(rep: dict) -> str:
     ]
     for system, s in rep["systems"].items():
         lines.append(f"  {system}: extracted {s['extracted']}, validation {s['validation']}")
+        if rep.get("data_docs", {}).get(system):
+            lines.append(f"    Data Docs: data_docs/{rep['data_docs'][system]}")
         if s["quarantined"]:
             lines.append(f"    quarantined (never erased): {s['quarantined']}")
         if s.get("fallback_clock"):
@@ -370,6 +396,8 @@ def render_report(rep: dict) -> str:
             lines.append("    nothing due")
     if rep.get("staging_purged"):
         lines.append(f"  staging left by {rep['staging_purged']} earlier run(s) purged")
+    if rep.get("data_docs_purged"):
+        lines.append(f"  Data Docs of {rep['data_docs_purged']} run(s) older than RETENTION_DATA_DOCS_KEEP_DAYS purged")
     alarm = rep.get("quarantine_alarm")
     if alarm:
         lines.append(f"  QUALITY GATE FAILED: {alarm['message']}")
