@@ -104,7 +104,7 @@ def _failed_tasks(env: dict, run_id: str, errors: dict[str, str]) -> list[str]:
     skipped = sum(1 for r in rows if r.get("state") == "upstream_failed")
     lines = [f"task {t} failed: {errors.get(t, 'see its log')}" for t in failed]
     if skipped:
-        lines.append(f"{skipped} task(s) after it did not run (upstream_failed)")
+        lines.append(f"{skipped} task(s) downstream did not run (upstream_failed)")
     return lines
 
 
@@ -237,9 +237,10 @@ def show_outcome(code: int, run_id: str | None, failures: list[str]) -> bool:
         for rule, statuses in rules.items()
         if statuses.get("erased")
     }
-    say(f"erased per rule: {erased or 'nothing (nothing was due)'}")
+    ok = code == 0 and rep["state"] == "success"
+    say(f"erased per rule: {erased or ('nothing (nothing was due)' if ok else 'nothing')}")
     say(f"report: {config.reports_dir()}; ledger: {config.ledger_url()}")
-    return code == 0 and rep["state"] == "success"
+    return ok
 
 
 def show_people() -> None:
