@@ -1,8 +1,12 @@
 """Airflow's UI for the demo: api-server, scheduler and dag-processor on 127.0.0.1, as children.
 
-The demo's DAG runs go through them (``airflow dags test --use-executor``: the LocalExecutor
-runs each task in a worker that talks to this api-server), so every task writes its log where
-the UI reads it. The DAGs stay paused: the scheduler starts no run of its own.
+The demo's DAG run goes through the api-server (``airflow dags test --use-executor``: the
+LocalExecutor runs each task in a worker that talks to the api-server's execution API), so every
+task writes its log where the UI reads it. The scheduler and dag-processor start after that run
+(:meth:`AirflowUI.start_rest`): on SQLite every writer more during the run makes the workers wait
+for the database lock. The scheduler serves no logs (``--skip-serve-logs``: its log server would
+listen on all addresses; the api-server reads the log files itself). The DAGs stay paused: the
+scheduler starts no run of its own.
 """
 
 from __future__ import annotations
@@ -47,21 +51,24 @@ class AirflowUI:
         self.procs: list[subprocess.Popen] = []
         self.logs_dir = self.home / "demo-services"
 
-    def start(self, timeout: float = 180.0) -> AirflowUI:
-        if not port_free(self.port):
-            raise RuntimeError(f"port {self.port} on 127.0.0.1 is taken: give the demo another one with --port")
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        for name, args in (
-            ("api-server", ["api-server", "--host", "127.0.0.1", "--port", str(self.port)]),
-            ("dag-processor", ["dag-processor"]),
-            ("scheduler", ["scheduler"]),
-        ):
-            log = (self.logs_dir / f"{name}.log").open("w")
+    def _spawn(self, name: str, *args: str) -> None:
+        with (self.logs_dir / f"{name}.log").open("w") as log:
             self.procs.append(
                 subprocess.Popen([sys.executable, "-m", "airflow", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL)
             )
-            log.close()
+
+    def start_rest(self) -> None:
+        """The scheduler and the dag-processor (after the demo's run)."""
+        self._spawn("dag-processor", "dag-processor")
+        self._spawn("scheduler", "scheduler", "--skip-serve-logs")
+
+    def start(self, timeout: float = 180.0) -> AirflowUI:
+        """The api-server, once it answers."""
+        if not port_free(self.port):
+            raise RuntimeError(f"port {self.port} on 127.0.0.1 is taken: give the demo another one with --port")
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._spawn("api-server", "api-server", "--host", "127.0.0.1", "--port", str(self.port))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

@@ -19,6 +19,7 @@ import argparse
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,13 +47,18 @@ def _airflow(*args: str, env: dict, stream: bool = False, watch: _RunWatch | Non
             print(out.stdout[-4000:], out.stderr[-4000:], file=sys.stderr)
         return out.returncode
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    for line in proc.stdout:
-        if watch is not None:
-            watch.feed(line)
-        shown = _shown(line)
-        if shown:
-            print("   " + shown, flush=True)
-    return proc.wait()
+    try:
+        for line in proc.stdout:
+            if watch is not None:
+                watch.feed(line)
+            shown = _shown(line)
+            if shown:
+                print("   " + shown, flush=True)
+        return proc.wait()
+    except BaseException:  # Ctrl-C: the run stops with the demo
+        proc.terminate()
+        proc.wait()
+        raise
 
 
 _TASK = re.compile(r"\[DAG TEST\] running task <TaskInstance: \S+?\.(\S+) ")
@@ -132,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contacts", type=int, default=3000, help="CRM contacts to seed")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
+    # Ctrl-C, and a plain kill too, stop the demo's servers in the finally below (SIGINT set
+    # explicitly: a shell's background job starts with it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     if demo_servers.running():
         say("stopping the stand-ins started by `python -m retention_dev.standins start` (the demo starts its own)")
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ui = None
     try:
         if args.serve:
-            say(f"starting Airflow's api-server, scheduler and dag-processor on 127.0.0.1:{args.port}")
+            say(f"starting Airflow's api-server on 127.0.0.1:{args.port} (scheduler and dag-processor after the run)")
             ui = AirflowUI(env, args.port).start()
             env = ui.env
         say(f"newsletter before the run: {_mailchimp_counts(mailchimp)}")
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = show_outcome(code, run_id, failures)
         show_people()
         if ui is not None:
+            ui.start_rest()
             user, password = ui.login()
             say(f"Airflow's UI: {ui.url} (user {user}, password {password or 'see ' + str(ui.home)}); "
                 f"the stand-ins stay up for the README's commands. Ctrl-C stops everything.")
