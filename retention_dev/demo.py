@@ -30,7 +30,7 @@ import requests
 from retention import config
 from retention.domain.records import SYSTEMS
 from retention_dev import environment as envmod
-from retention_dev.airflow_ui import DEFAULT_PORT, AirflowUI
+from retention_dev.airflow_ui import DEFAULT_PORT, AirflowUI, port_free
 from retention_dev.standins import demo_servers
 from retention_dev.standins.process import StandIn
 
@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     # explicitly: a shell's background job starts with it ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.serve and not port_free(args.port):
+        print(f"demo: port {args.port} on 127.0.0.1 is taken: give another with --port", file=sys.stderr)
+        return 2
 
     if demo_servers.running():
         say("stopping the stand-ins started by `python -m retention_dev.standins start` (the demo starts its own)")
