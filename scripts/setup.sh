@@ -33,3 +33,10 @@ if [ -z "${RETENTION_PSEUDONYM_KEY:-}" ] && [ -z "${RETENTION_PSEUDONYM_KEY_FILE
   fi
   export RETENTION_PSEUDONYM_KEY_FILE="$RETENTION_HOME/pseudonym.key"
 fi
+# The Connections of this checkout (the demo writes its own there): one file that Airflow's own
+# file secrets backend and the `retention` command both read. A backend configured already wins.
+if [ -z "${AIRFLOW__SECRETS__BACKEND:-}" ]; then
+  [ -e "$RETENTION_HOME/connections.json" ] || (umask 077 && echo '{}' > "$RETENTION_HOME/connections.json")
+  export AIRFLOW__SECRETS__BACKEND=airflow.secrets.local_filesystem.LocalFilesystemBackend
+  export AIRFLOW__SECRETS__BACKEND_KWARGS="{\"connections_file_path\": \"$RETENTION_HOME/connections.json\"}"
+fi

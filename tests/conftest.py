@@ -26,6 +26,10 @@ os.environ["AIRFLOW_HOME"] = str(_SESSION_TMP / "airflow")
 os.environ.pop("AIRFLOW_CONFIG", None)
 for _name in [n for n in os.environ if n.startswith("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")]:  # also _CMD, _SECRET
     del os.environ[_name]
+# Nor the checkout's Connections file (scripts/setup.sh points Airflow's secrets backend at it,
+# and a backend is asked before AIRFLOW_CONN_*): the tests' Connections are their own.
+for _name in [n for n in os.environ if n.startswith("AIRFLOW__SECRETS__BACKEND")]:
+    del os.environ[_name]
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_SESSION_TMP / 'airflow' / 'airflow.db'}"
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(ROOT / "plugins"))
