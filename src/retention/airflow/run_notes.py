@@ -29,14 +29,33 @@ def note_text(dag_id: str, run_id: str) -> str:
     return note_for(find_run(dag_id, run_id))[:NOTE_MAX]
 
 
+def _write(dag_run) -> None:
+    current = dag_run.note
+    if current and not str(current).startswith(_OURS):
+        return  # a person's note stays
+    dag_run.note = note_text(dag_run.dag_id, dag_run.run_id)
+
+
 def set_note(dag_run) -> None:
     if dag_run.dag_id not in DAGS:
         return
     try:
-        current = dag_run.note
-        if current and not str(current).startswith(_OURS):
+        from sqlalchemy.orm import object_session
+
+        if object_session(dag_run) is not None:
+            # The scheduler: the run is in its session, which holds the run's row locked; the
+            # note is committed with the run's new state.
+            _write(dag_run)
             return
-        dag_run.note = note_text(dag_run.dag_id, dag_run.run_id)
+        # dag.test() hands over a run no session holds any more: the note in a session of its own.
+        import sqlalchemy as sa
+        from airflow.models.dagrun import DagRun
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            run = session.scalar(sa.select(DagRun).where(DagRun.dag_id == dag_run.dag_id, DagRun.run_id == dag_run.run_id))
+            if run is not None:
+                _write(run)
     except Exception:  # noqa: BLE001 - a note must never fail the scheduler's loop
         log.warning("run %s of %s: could not set its note", dag_run.run_id, dag_run.dag_id, exc_info=True)
 
