@@ -8,10 +8,12 @@ api-server's Content-Security-Policy for them says so). Every value from a repor
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from urllib.parse import quote
 
-from retention.airflow.run_reports import COLUMNS, Kind, RunReport
+from retention.airflow.run_reports import COLUMNS, Kind, RunReport, note_for
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1c2733;background:#f6f8fa}
@@ -59,9 +61,21 @@ def _mode(r: RunReport) -> str:
     return "<span class='badge dry'>DRY RUN</span>" if r.dry_run else "<span class='badge real'>erasing</span>"
 
 
-def _totals(r: RunReport) -> str:
-    t = r.totals()
-    return _e(", ".join(f"{c} {n}" for c, n in t.items()) or "nothing due")
+def when(iso: str | None) -> str:
+    """``2026-12-02T17:50:19.154086+00:00`` as ``2026-12-02 17:50:19 UTC`` (as written otherwise)."""
+    if not iso:
+        return ""
+    try:
+        moment = datetime.fromisoformat(iso).astimezone(UTC)
+    except ValueError:
+        return iso
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _nice(peak: float) -> float:
+    """The chart's top: the peak rounded up to 1, 2, 2.5 or 5 times a power of ten."""
+    scale = 10 ** math.floor(math.log10(peak))
+    return next(m * scale for m in (1, 2, 2.5, 5, 10) if m * scale >= peak)
 
 
 def _validation_cell(r: RunReport) -> str:
@@ -88,7 +102,7 @@ def chart(runs: Sequence[RunReport], title: str) -> str:
     colour = {rule: PALETTE[i % len(PALETTE)] for i, rule in enumerate(rules)}
     width, height, left, right, top, bottom = 860, 300, 56, 16, 30, 64
     plot_w, plot_h = width - left - right, height - top - bottom
-    peak = max([sum(r.erased_by_rule().values()) for r in runs] + [r.due or 0 for r in runs] + [1])
+    peak = _nice(max([sum(r.erased_by_rule().values()) for r in runs] + [r.due or 0 for r in runs] + [1]))
     step = plot_w / len(runs)
     bar = max(4.0, min(40.0, step * 0.6))
 
@@ -117,7 +131,7 @@ def chart(runs: Sequence[RunReport], title: str) -> str:
             base += n
         if r.due is not None:
             points.append((cx, y(r.due), r))
-        label = ("D " if r.dry_run else "") + (r.as_of or r.run_id)[:10]
+        label = ("D " if r.dry_run else "") + (when(r.as_of)[:16] if r.as_of else r.run_id[:16])
         out.append(
             f"<text x='{cx:.1f}' y='{top + plot_h + 14}' font-size='10' text-anchor='end' fill='#555' "
             f"transform='rotate(-35 {cx:.1f} {top + plot_h + 14})'>{_e(label)}</text>"
@@ -163,7 +177,7 @@ def list_page(base: str, runs: Sequence[RunReport], history: Sequence[RunReport]
         for r in runs:
             body.append(
                 f"<tr><td>{_e(r.dag_id)}</td><td><a href='{_e(run_href(base, r))}'>{_e(r.run_id)}</a></td><td>{_state(r.state)}</td>"
-                f"<td>{_mode(r)}</td><td>{_e(r.as_of)}</td><td>{_e(r.policy)}</td><td>{_totals(r)}</td><td>{_validation_cell(r)}</td></tr>"
+                f"<td>{_mode(r)}</td><td>{_e(when(r.as_of))}</td><td>{_e(r.policy)}</td><td>{_e(note_for(r))}</td><td>{_validation_cell(r)}</td></tr>"
             )
         body.append("</tbody></table>")
     return page("Retention run reports", "".join(body))
@@ -233,7 +247,7 @@ def _carried_over(r: RunReport) -> str:
 def run_page(base: str, r: RunReport, history: Sequence[RunReport], note: str) -> str:
     facts = [
         ("DAG", _e(r.dag_id)), ("run", _e(r.run_id)), ("kind", _e(r.kind)), ("state", _state(r.state)),
-        ("mode", _mode(r)), ("as of", _e(r.as_of or "—")), ("policy version", _e(r.policy or "—")),
+        ("mode", _mode(r)), ("as of", _e(when(r.as_of) or "—")), ("policy version", _e(r.policy or "—")),
         ("note in Airflow", _e(note)),
     ] + [("", _e(n)) for n in r.notes]
     docs_without_validation = {s: p for s, p in r.data_docs.items() if s not in {v.system for v in r.validations}}
