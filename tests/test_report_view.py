@@ -197,3 +197,22 @@ def test_the_note_says_dry_run_or_what_was_erased():
         "erased 0, quarantined 2, newsletter: plan guard 41 planned, 3 allowed"
     )
     assert note_for(None).startswith("no report")
+
+
+def test_the_plugin_serves_the_app_links_it_from_the_menu_and_each_run_and_listens_for_run_ends():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "plugins" / "retention_reports.py"
+    spec = importlib.util.spec_from_file_location("retention_reports_plugin", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plugin = module.RetentionReportsPlugin
+    [app] = plugin.fastapi_apps
+    assert app["url_prefix"] == "/retention/reports"
+    views = {v["destination"]: v for v in plugin.external_views}
+    assert views["nav"]["href"] == "retention/reports/"
+    assert views["dag_run"]["href"] == "retention/reports/runs/{DAG_ID}/{RUN_ID}"  # Airflow's UI fills these in
+    from retention.airflow import run_notes
+
+    assert plugin.listeners == [run_notes]
