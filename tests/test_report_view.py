@@ -194,7 +194,7 @@ def test_the_note_says_dry_run_or_what_was_erased():
     assert note_for(from_report(nightly("b", erased={"r1": 3}, held={"r2": 1}))) == "erased 3, held 1, quarantined 2"
     guard = {"planned": 41, "allowed": 3, "extracted": 300, "max_share": 0.01, "success": False}
     assert note_for(from_report(nightly("c", due={"r/erase": 41}, guard=guard, validation="failed"))) == (
-        "erased 0, quarantined 2, newsletter: plan guard 41 planned, 3 allowed"
+        "erased 0, halted 41, quarantined 2, newsletter: plan guard 41 planned, 3 allowed"
     )
     assert note_for(None).startswith("no report")
 

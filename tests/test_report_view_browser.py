@@ -11,6 +11,7 @@ Without a login the view refuses every page: 401 without a token, 403 with a bad
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -46,12 +47,10 @@ def browser():
 
 
 def shot(driver, name: str) -> Path:
-    """A screenshot of the whole page (the window stretched to the page's height)."""
-    height = driver.execute_script("return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)")
-    driver.set_window_size(1400, max(1000, min(int(height) + 40, 6000)))
+    """A screenshot of the whole page, beyond the window (Chromium's DevTools protocol)."""
+    data = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})["data"]
     path = SHOTS / f"{name}.png"
-    driver.save_screenshot(str(path))
-    driver.set_window_size(1400, 1000)
+    path.write_bytes(base64.b64decode(data))
     return path
 
 
@@ -124,7 +123,7 @@ def test_the_report_view_shows_real_runs_in_a_real_browser(tmp_path, postgres_ur
         # The notes the scheduler wrote, as Airflow's REST API (and its grid) shows them.
         due = int(runs["dry"]["note"].rsplit(" ", 1)[1])
         assert runs["dry"]["note"] == f"DRY RUN, nothing erased: would erase {due}", runs["dry"]
-        assert runs["guard"]["note"] == f"erased 0, newsletter: plan guard {due} planned, 3 allowed", runs["guard"]
+        assert runs["guard"]["note"] == f"erased 0, halted {due}, newsletter: plan guard {due} planned, 3 allowed", runs["guard"]
         assert runs["real"]["note"] == f"erased {due}", runs["real"]
 
         driver = browser()
@@ -175,6 +174,7 @@ def test_the_report_view_shows_real_runs_in_a_real_browser(tmp_path, postgres_ur
         driver.get(f"{view}runs/retention_nightly/manual__guard")
         page = driver.page_source
         assert f"{due} planned, 3 allowed of 300 extracted" in page and "failed" in page
+        assert "halted" in page and "validation rejected the plan" in page
         shot(driver, "05-report-guard-halted")
         driver.get(f"{view}runs/retention_nightly/manual__dry")
         assert "DRY RUN" in driver.page_source and "would erase" in driver.page_source

@@ -52,7 +52,7 @@ def test_a_tripped_plan_guard_is_in_the_failed_runs_note(mailchimp, retention_ho
     dr = run_dag({"systems": ["newsletter"], "max_plan_share": 0.01})
     assert dr.state == "failed"
     note = note_of(dr)
-    assert re.fullmatch(r"erased 0, newsletter: plan guard \d+ planned, 3 allowed", note), note
+    assert re.fullmatch(r"erased 0, halted (\d+), newsletter: plan guard \1 planned, 3 allowed", note), note
 
 
 @pytest.mark.airflow

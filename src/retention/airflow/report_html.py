@@ -100,7 +100,7 @@ def chart(runs: Sequence[RunReport], title: str) -> str:
         return "<p class='muted'>No runs yet.</p>"
     rules = sorted({rule for r in runs for rule in r.erased_by_rule()})
     colour = {rule: PALETTE[i % len(PALETTE)] for i, rule in enumerate(rules)}
-    width, height, left, right, top, bottom = 860, 300, 56, 16, 30, 64
+    width, height, left, right, top, bottom = 860, 330, 56, 16, 30, 96
     plot_w, plot_h = width - left - right, height - top - bottom
     peak = _nice(max([sum(r.erased_by_rule().values()) for r in runs] + [r.due or 0 for r in runs] + [1]))
     step = plot_w / len(runs)
@@ -115,10 +115,10 @@ def chart(runs: Sequence[RunReport], title: str) -> str:
         f"<title id='chart-title'>{_e(title)}</title>",
         f"<text x='{left}' y='18' font-size='13' font-weight='600' fill='#1c2733'>{_e(title)}</text>",
     ]
-    for frac in (0, 0.25, 0.5, 0.75, 1):
+    for frac in (0, 0.2, 0.4, 0.6, 0.8, 1):
         v = peak * frac
         out.append(f"<line x1='{left}' x2='{width - right}' y1='{y(v):.1f}' y2='{y(v):.1f}' stroke='#e3e8ee'/>")
-        out.append(f"<text x='{left - 6}' y='{y(v) + 4:.1f}' font-size='11' text-anchor='end' fill='#555'>{round(v)}</text>")
+        out.append(f"<text x='{left - 6}' y='{y(v) + 4:.1f}' font-size='11' text-anchor='end' fill='#555'>{v:g}</text>")
     points = []
     for i, r in enumerate(runs):
         cx = left + step * (i + 0.5)

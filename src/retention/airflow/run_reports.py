@@ -31,6 +31,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "already gone": ("already_gone",),
     "minimised": ("minimised",),
     "would erase": ("would_erase", "would_replay"),
+    "halted": ("halted",),
     "held": ("held", "would_keep"),
     "deferred": ("deferred", "would_defer"),
     "quarantined": ("quarantined",),
@@ -49,6 +50,7 @@ _REASONS = {
     "left_alone_undated": "no creation date to compare: left alone",
     "failed": "the system refused or failed: a retry resumes it",
     "planned": "not reached: the run stopped before it",
+    "halted": "planned, not erased: validation rejected the plan",
     "submitted": "handed to the system, answer not booked",
 }
 
@@ -157,6 +159,12 @@ def _nightly(rep: Mapping) -> tuple[list[Row], list[Validation], int | None]:
         for key, n in ((s.get("erase") or {}).get("would") or {}).items():
             rule, _, action = str(key).partition("/")
             rows.append(_row(system, rule, {WOULD.get(action, "would_erase"): n}))
+        # A plan validation rejected: what it would have erased, none of it erased.
+        if s.get("validation") == "failed" and not rep.get("dry_run"):
+            for key, n in (s.get("planned") or {}).items():
+                rule, _, action = str(key).partition("/")
+                if action in ("erase", "minimise"):
+                    rows.append(_row(system, rule, {"halted": n}))
         # Quarantined records have no rule: they are counted by record type and reason.
         for record_type, reasons in (s.get("quarantined") or {}).items():
             for reason, n in (reasons.items() if isinstance(reasons, Mapping) else [("", reasons)]):
