@@ -110,7 +110,7 @@ def chart(runs: Sequence[RunReport], title: str) -> str:
         return top + plot_h - plot_h * v / peak
 
     out = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 22 * ((len(rules) + 3) // 4)}' "
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 10 + 22 * ((len(rules) + 3) // 4)}' "
         f"role='img' aria-labelledby='chart-title' class='history-chart'>",
         f"<title id='chart-title'>{_e(title)}</title>",
         f"<text x='{left}' y='18' font-size='13' font-weight='600' fill='#1c2733'>{_e(title)}</text>",
