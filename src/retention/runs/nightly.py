@@ -336,6 +336,7 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
                 "planned": (parts["plan"] or {}).get("planned"),
                 "fallback_clock": (parts["plan"] or {}).get("fallback_clock"),
                 "validation": None if parts["validation"] is None else ("passed" if parts["validation"]["success"] else "failed"),
+                "validation_checks": validation_checks(parts["validation"]),
                 "erase": parts["erase"],
                 "verify": parts["verify"],
             }
@@ -363,6 +364,25 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
         )
         path = write_report(ledger, staging, rep, render_report(rep), latest=True)
     return {"state": state, "report": str(path), "alarm": alarm["message"] if alarm else None}
+
+
+def validation_checks(summary: dict | None) -> dict | None:
+    """The numbers of a system's validation for the report: each failed expectation (suite,
+    expectation, column, how many rows failed it) and the plan guard (planned against allowed of
+    extracted). Counts only: an observed value (a date, a key) is left out."""
+    if not summary:
+        return None
+    failed, guard = [], None
+    for suite in summary.get("suites") or []:
+        for c in suite.get("checks") or []:
+            if "allowed" in c:
+                guard = {k: c.get(k) for k in ("planned", "allowed", "extracted", "max_share")} | {"success": bool(c.get("success"))}
+            elif not c.get("success"):
+                failed.append({
+                    "suite": suite.get("name"), "expectation": c.get("expectation"), "column": c.get("column"),
+                    "unexpected_count": c.get("unexpected_count"),
+                })
+    return {"failed": failed, "guard": guard}
 
 
 def render_report(rep: dict) -> str:
