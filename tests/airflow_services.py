@@ -58,7 +58,7 @@ class AirflowServices:
     def start(self) -> AirflowServices:
         self.home.mkdir(parents=True, exist_ok=True)
         self.airflow("db", "migrate")
-        for name, args in (("api-server", ["api-server", "--host", "127.0.0.1", "--port", self.env["AIRFLOW__API__PORT"]]), ("dag-processor", ["dag-processor"]), ("scheduler", ["scheduler"])):
+        for name, args in (("api-server", ["api-server", "--host", "127.0.0.1", "--port", self.env["AIRFLOW__API__PORT"]]), ("dag-processor", ["dag-processor"]), ("scheduler", ["scheduler", "--skip-serve-logs"])):
             log = self.home / f"{name}.log"
             self.logs.append(log)
             fh = log.open("w")
@@ -87,6 +87,8 @@ class AirflowServices:
         return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]) for p in self.logs if p.exists())
 
     def stop(self) -> None:
+        # Checked while everything still runs: whatever the services or their workers opened.
+        wide = wildcard_listeners([p.pid for p in self.procs])
         for p in self.procs:
             p.terminate()
         for p in self.procs:
@@ -94,3 +96,56 @@ class AirflowServices:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        # The scheduler's log server (port 8793) listens on every interface unless told not to.
+        assert not wide, f"Airflow services listened beyond 127.0.0.1: {wide}"
+
+
+def _descendants(pids: list[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.add(pid)
+            todo.extend(children.get(pid, ()))
+    return out
+
+
+def wildcard_listeners(pids: list[int], tables: dict[str, str] | None = None) -> list[str]:
+    """The listening TCP sockets of ``pids`` and their descendants bound to anything but a
+    loopback address, as ``address:port`` (from /proc: no extra tool; ``tables``: the socket
+    tables' text, read from /proc/net when not given)."""
+    inodes: set[str] = set()
+    for pid in _descendants(pids):
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    wide = []
+    if tables is None:
+        tables = {}
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                tables[table] = Path(table).read_text()
+            except OSError:
+                continue
+    for text in tables.values():
+        for line in text.splitlines()[1:]:
+            cols = line.split()
+            local, state, inode = cols[1], cols[3], cols[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            address, port = local.split(":")
+            loopback = address in ("0100007F", "00000000000000000000000001000000") or address.endswith("7F")
+            if not loopback:
+                wide.append(f"{address}:{int(port, 16)}")
+    return wide

@@ -148,3 +148,22 @@ def test_every_stand_in_listens_on_loopback_by_default():
             for kw in node.keywords if kw.arg == "default" and isinstance(kw.value, ast.Constant)
         ]
         assert defaults == ["127.0.0.1"], f"{path.name}: --host defaults to {defaults}"
+
+
+def test_the_airflow_services_check_finds_a_server_listening_on_every_interface():
+    """What AirflowServices.stop checks before it stops the services (the scheduler's log server
+    listens on every interface unless started with --skip-serve-logs): a listener of the
+    process is found when the socket table says it is bound to 0.0.0.0, not when to 127.0.0.1.
+    (Nothing here listens beyond 127.0.0.1: the wildcard row is the real one, readdressed.)"""
+    from airflow_services import wildcard_listeners
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        table = Path("/proc/net/tcp").read_text()
+        mine = next(line for line in table.splitlines()[1:] if line.split()[1] == f"0100007F:{port:04X}")
+        assert wildcard_listeners([os.getpid()]) == []
+        header = table.splitlines()[0]
+        wide = mine.replace(f"0100007F:{port:04X}", f"00000000:{port:04X}", 1)
+        assert wildcard_listeners([os.getpid()], {"tcp": f"{header}\n{wide}"}) == [f"00000000:{port}"]
