@@ -33,3 +33,11 @@ if [ -z "${RETENTION_PSEUDONYM_KEY:-}" ] && [ -z "${RETENTION_PSEUDONYM_KEY_FILE
   fi
   export RETENTION_PSEUDONYM_KEY_FILE="$RETENTION_HOME/pseudonym.key"
 fi
+# The request key encrypts erasure requests' addresses in the request inbox until each request is
+# complete (a Fernet key: 32 random bytes, url-safe base64): one per checkout, outside git.
+if [ -z "${RETENTION_REQUEST_KEY:-}" ] && [ -z "${RETENTION_REQUEST_KEY_FILE:-}" ]; then
+  if [ ! -s "$RETENTION_HOME/request.key" ]; then
+    (umask 077 && "$VENV/bin/python" -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())' > "$RETENTION_HOME/request.key")
+  fi
+  export RETENTION_REQUEST_KEY_FILE="$RETENTION_HOME/request.key"
+fi

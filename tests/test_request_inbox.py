@@ -17,11 +17,11 @@ import pytest
 import requests
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
+from test_erasure_request import DAG_ID, PERSON_NAME, Systems, assert_nothing_personal, pseudo, report_of, systems  # noqa: F401
 
 from airflow_run import run_dag, task_states, xcom_values
 from retention.config import ConfigError
 from retention.domain.addresses import InvalidRequest
-from test_erasure_request import DAG_ID, PERSON_NAME, Systems, assert_nothing_personal, pseudo, report_of, systems  # noqa: F401
 
 KEY = Fernet.generate_key().decode()
 
@@ -40,6 +40,8 @@ def inbox():
 
 
 def inbox_rows(home: Path) -> list[dict]:
+    if not (home / "ledger.db").exists():
+        return []  # no ledger yet: nothing was ever filed
     engine = sa.create_engine(f"sqlite:///{home / 'ledger.db'}")
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(sa.text("select * from request_inbox")).mappings()]
@@ -108,6 +110,19 @@ def test_the_request_key_is_configuration(retention_home, monkeypatch, tmp_path)
     assert inbox().address(rid) == "greta@example.org"
 
 
+def test_setup_sh_generates_a_request_key_per_checkout(tmp_path):
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RETENTION_", "AIRFLOW"))}
+    env["RETENTION_HOME"] = str(tmp_path / "home")
+    script = (f'source "{root}/scripts/setup.sh" >/dev/null && '
+              'python -c "from retention.store.inbox import request_cipher; request_cipher(); print(\'key ok\')"')
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-2:] == ["key", "ok"], out.stderr
+    assert (tmp_path / "home" / "request.key").stat().st_mode & 0o077 == 0
+
+
 # --- erasure_request by request id (dag.test) -------------------------------------------------------
 
 
@@ -115,6 +130,11 @@ def test_the_request_key_is_configuration(retention_home, monkeypatch, tmp_path)
 def test_a_request_by_id_erases_the_person_and_then_forgets_the_address(systems, retention_home, request_key, capfd):  # noqa: F811
     s = systems
     rid = inbox().file(s.a_email)
+    dry = run_dag({"request_id": rid, "dry_run": True}, dag_id=DAG_ID)
+    assert dry.state == "success", task_states(dry)
+    assert s.member("a").status_code == 200 and [r["request_id"] for r in inbox_rows(retention_home)] == [rid], \
+        "a dry run erases nothing and keeps the address for the real run"
+
     dr = run_dag({"request_id": rid}, dag_id=DAG_ID)
     assert dr.state == "success", task_states(dr)
     assert s.member("a").status_code == 404 and s.user_state(s.a_uid) == "gone" and 10 not in s.ids("contact")
@@ -124,7 +144,7 @@ def test_a_request_by_id_erases_the_person_and_then_forgets_the_address(systems,
     assert rep["request_id"] == rid
     out, err = capfd.readouterr()
     assert_nothing_personal(
-        {"task output": out + err, "xcom": " ".join(xcom_values(dr)), "conf": json.dumps(dr.conf)},
+        {"task output": out + err, "xcom": " ".join(xcom_values(dr) + xcom_values(dry)), "conf": json.dumps(dr.conf)},
         [*address_forms(s.a_email), s.mc_hash["a"], *PERSON_NAME],
     )
 
@@ -203,8 +223,8 @@ def _token(api: str, user: str, password: str) -> str:
 @pytest.mark.airflow
 @pytest.mark.postgres
 @pytest.mark.timeout(1500)
-def test_a_request_through_the_plugin_leaves_no_address_in_airflow(  # noqa: F811
-    tmp_path, postgres_url_for, systems, retention_home, request_key
+def test_a_request_through_the_plugin_leaves_no_address_in_airflow(
+    tmp_path, postgres_url_for, systems, retention_home, request_key,  # noqa: F811
 ):
     from airflow_services import AirflowServices
 
@@ -274,6 +294,7 @@ def test_a_request_through_the_plugin_leaves_no_address_in_airflow(  # noqa: F81
         logs = [p for p in (af.home / "logs").rglob("*") if p.is_file()]
         assert any(run_id in str(p) or "erasure_request" in str(p) for p in logs), "task logs were written"
         texts |= {f"task log {p.relative_to(af.home)}": p.read_text(errors="replace") for p in logs}
+        assert any("address deleted from the request inbox" in text for text in texts.values()), "the report said so"
         texts |= {f"service log {p.name}": p.read_text(errors="replace") for p in af.logs}
         assert_nothing_personal(texts, [*address_forms(s.a_email), s.mc_hash["a"], *PERSON_NAME])
     finally:
