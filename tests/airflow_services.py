@@ -72,7 +72,9 @@ class AirflowServices:
                 pass
             time.sleep(1)
         else:
-            raise RuntimeError("api-server did not come up:\n" + self.tail())
+            tail = self.tail()
+            self.stop()  # the caller's try/finally has not begun: stop what was started here
+            raise RuntimeError("api-server did not come up:\n" + tail)
         return self
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
