@@ -40,3 +40,11 @@ if [ -z "${AIRFLOW__SECRETS__BACKEND:-}" ]; then
   export AIRFLOW__SECRETS__BACKEND=airflow.secrets.local_filesystem.LocalFilesystemBackend
   export AIRFLOW__SECRETS__BACKEND_KWARGS="{\"connections_file_path\": \"$RETENTION_HOME/connections.json\"}"
 fi
+# The request key encrypts erasure requests' addresses in the request inbox until each request is
+# complete (a Fernet key: 32 random bytes, url-safe base64): one per checkout, outside git.
+if [ -z "${RETENTION_REQUEST_KEY:-}" ] && [ -z "${RETENTION_REQUEST_KEY_FILE:-}" ]; then
+  if [ ! -s "$RETENTION_HOME/request.key" ]; then
+    (umask 077 && "$VENV/bin/python" -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())' > "$RETENTION_HOME/request.key")
+  fi
+  export RETENTION_REQUEST_KEY_FILE="$RETENTION_HOME/request.key"
+fi

@@ -63,16 +63,18 @@ class AirflowServices:
             self.logs.append(log)
             fh = log.open("w")
             self.procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *args], env=self.env, stdout=fh, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 360  # a loaded machine (a test suite beside other work) takes minutes to start the api-server
         while time.monotonic() < deadline:
             try:
                 if requests.get(f"{self.api}/api/v2/monitor/health", timeout=2).status_code == 200:
                     break
-            except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy starting
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy starting up on a loaded machine
                 pass
             time.sleep(1)
         else:
-            raise RuntimeError("api-server did not come up:\n" + self.tail())
+            tail = self.tail()
+            self.stop()  # the caller's try/finally has not begun: stop what was started here
+            raise RuntimeError("api-server did not come up:\n" + tail)
         return self
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:

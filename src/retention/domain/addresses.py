@@ -14,6 +14,9 @@ EMAIL_MAX_LENGTH = 254
 # created) and, with ``fullmatch`` (no trailing newline either), the first task's re-check.
 EMAIL_PATTERN = r'^[^@\s"(),:;<>\[\]\\]+@[^@\s"(),:;<>\[\]\\.]+(?:\.[^@\s"(),:;<>\[\]\\.]+)+$'
 _EMAIL = re.compile(EMAIL_PATTERN)
+#: A filed request's id (store/inbox.py): a random UUID (version 4) in its canonical form; the
+#: DAG's ``request_id`` param has this pattern, so Airflow refuses anything else before a run.
+REQUEST_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 
 
 class InvalidRequest(ValueError):

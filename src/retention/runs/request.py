@@ -10,11 +10,17 @@ finishes what an interrupted one began even when the record can no longer be fou
 Every step is idempotent: a record already gone is success, and the same request again finds
 nothing and succeeds.
 
+The request names its person in one of two ways (exactly one): ``email``, the address itself in
+the DAG run's conf (for automation; Airflow then keeps the address with the run in its metadata
+database), or ``request_id``, a request filed through the request inbox (the plugin
+plugins/retention_requests.py, ``store.inbox``): the address is kept there encrypted, each task
+reads it back by id, and the report deletes it once the request is complete (success, nothing
+deferred, not a dry run); a failed or incomplete request keeps it for its retry.
+
 The address is validated before anything runs and then only used to look records up. It never
 goes into a log line, an XCom, an exception message, the ledger or the report: these carry at
 most the **request key** ``HMAC(pseudonym key, "erasure_request:" + lower-cased address)``, which
-only the key holder can match against an address. Airflow itself keeps the trigger conf (the
-address) with the DAG run in its metadata database.
+only the key holder can match against an address, and the request id.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from retention.domain.statuses import UNFINISHED, Status
 from retention.runs.context import RunInfo, open_run, pseudonymizer, task_ledger
 from retention.runs.context import load_run as _load_run
 from retention.runs.erasing import ErasureEngine
+from retention.store.inbox import RequestInbox
 from retention.store.reports import ledger_counts, status_line, total, write_report
 from retention.systems.base import SourceSystem, adapter_for
 
@@ -44,8 +51,8 @@ DAG_ID = "erasure_request"
 PLAN = "request_plan"
 
 __all__ = [
-    "DAG_ID", "EMAIL_MAX_LENGTH", "EMAIL_PATTERN", "RULE_ID", "InvalidRequest", "erase_person", "erase_system", "load_run",
-    "normalise_email", "open_request", "report", "request_key",
+    "DAG_ID", "EMAIL_MAX_LENGTH", "EMAIL_PATTERN", "RULE_ID", "InvalidRequest", "address_of", "erase_person", "erase_system",
+    "load_run", "normalise_email", "open_request", "report", "request_key",
 ]
 
 
@@ -54,15 +61,29 @@ def request_key(email: str) -> str:
     return pseudonymizer().key_for("erasure_request", normalise_email(email))
 
 
-def open_request(dag_id: str, run_id: str, email: object, *, dry_run: bool = False) -> dict:
-    """Check the request before anything is looked up: the address, the policy, the pseudonym
-    key; then record the run in the ledger (idempotent). Returns counts only."""
-    normalise_email(email)
-    key = request_key(email)  # also fails now when the pseudonym key is missing
+def address_of(email: object, request_id: object = None) -> str:
+    """The request's address, checked and lower-cased: the ``email`` param, or the request
+    inbox's address for ``request_id``; exactly one of them. :class:`InvalidRequest` (or a
+    ``ConfigError`` for the request key) in one line that never repeats an address."""
+    has_email, has_id = email not in (None, ""), request_id not in (None, "")
+    if has_email and has_id:
+        raise InvalidRequest("erasure request: give either email or request_id, not both")
+    if has_id:
+        return RequestInbox.configured().address(request_id)
+    if not has_email:
+        raise InvalidRequest("erasure request: give either email or request_id (the request form's id); neither was given")
+    return normalise_email(email)
+
+
+def open_request(dag_id: str, run_id: str, email: object, *, request_id: object = None, dry_run: bool = False) -> dict:
+    """Check the request before anything is looked up: the address (or the filed request), the
+    policy, the pseudonym key; then record the run in the ledger (idempotent). Counts only."""
+    address = address_of(email, request_id)
+    key = request_key(address)  # also fails now when the pseudonym key is missing
     run = RunInfo.from_dict(open_run(dag_id, run_id, None, dry_run=dry_run, max_plan_share=None))
     log.info(
-        "erasure request accepted: request key %s, policy %s (%s), dry_run=%s; the address is not logged",
-        key, run.policy_version, run.policy_label, run.dry_run,
+        "erasure request accepted: request key %s%s, policy %s (%s), dry_run=%s; the address is not logged",
+        key, f", request id {request_id}" if request_id else "", run.policy_version, run.policy_label, run.dry_run,
     )
     return {"systems": len(SYSTEMS)}
 
@@ -187,16 +208,21 @@ def erase_system(run: RunInfo, system: str, email: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------- report
-def report(dag_id: str, run_id: str, email: str) -> dict | None:
+def report(dag_id: str, run_id: str, email: str | None, request_id: str | None = None) -> dict | None:
     """Counts per system and record type, written by the one report writer.
 
     ``None`` when the request was never accepted (nothing ran). State ``success`` when every
     system finished with nothing planned or failed left over; ``outstanding`` counts what was
     deferred (an unsolved ticket and its requester): run the request again later for those.
+
+    A request filed through the inbox (``request_id``) is complete when its state is success,
+    nothing is outstanding and it was no dry run: then its encrypted address is deleted from the
+    inbox, after the report is written. Otherwise it stays there for the retry or the next run.
     """
     with task_ledger() as ledger:
         if ledger.run(run_id) is None:
             return None
+        address = address_of(email, request_id)
         run = _load_run(dag_id, run_id, ledger)
         staging = run.staging
         per_system = {}
@@ -217,21 +243,41 @@ def report(dag_id: str, run_id: str, email: str) -> dict | None:
         unfinished = sum(totals.get(s, 0) for s in UNFINISHED)
         state = "success" if complete and not unfinished else "failed"
         rep = {
-            "dag_id": dag_id, "run_id": run_id, "request_key": request_key(email), "as_of": run.as_of,
+            "dag_id": dag_id, "run_id": run_id, "request_key": request_key(address), "request_id": request_id, "as_of": run.as_of,
             "policy_version": run.policy_version, "policy_label": run.policy_label, "dry_run": run.dry_run,
             "rule_id": RULE_ID, "state": state, "outstanding": int(totals.get(Status.DEFERRED, 0)),
             "totals": totals, "systems": per_system,
             "note": (
                 "Counts only: no address, name or record id. The request key is the keyed pseudonym of the "
-                "lower-cased address. Airflow keeps the address itself in this DAG run's conf in its "
-                "metadata database: delete the DAG run there when the request is closed."
+                "lower-cased address. " + (
+                    "The address was kept encrypted in the request inbox under the request id, never in Airflow; "
+                    "it is deleted there once the request is complete."
+                    if request_id else
+                    "Airflow keeps the address itself in this DAG run's conf in its metadata database: delete the "
+                    "DAG run there when the request is closed (or file requests through the request form)."
+                )
             ),
         }
         write_report(ledger, staging, rep, render_report(rep))
+    if request_id:
+        _close_filed_request(request_id, complete=state == "success" and not rep["outstanding"] and not run.dry_run)
     return {
         "state": state, "erased": int(totals.get(Status.ERASED, 0)), "already_gone": int(totals.get(Status.ALREADY_GONE, 0)),
         "held": int(totals.get(Status.HELD, 0)), "deferred": int(totals.get(Status.DEFERRED, 0)), "failed": int(unfinished),
     }
+
+
+def _close_filed_request(request_id: str, *, complete: bool) -> None:
+    """Delete a complete request's address from the inbox; say why an incomplete one keeps it."""
+    if complete:
+        RequestInbox.configured().forget(request_id)
+        log.info("erasure request %s complete: its address deleted from the request inbox", request_id)
+    else:
+        log.info(
+            "erasure request %s not complete (failed, deferred records or a dry run): its address stays encrypted "
+            "in the request inbox; trigger erasure_request with {\"request_id\": \"%s\"} again to finish it",
+            request_id, request_id,
+        )
 
 
 def render_report(rep: dict) -> str:

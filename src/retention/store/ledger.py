@@ -127,6 +127,18 @@ pseudonym_key = sa.Table(
 )
 
 
+# Erasure requests filed through the request inbox (plugins/retention_requests.py): the address,
+# encrypted with the request key (store/inbox.py), under a random request id that is all the DAG
+# run's conf holds. Deleted when the request's run completes; kept while a retry may need it.
+request_inbox = sa.Table(
+    "request_inbox",
+    metadata,
+    sa.Column("request_id", sa.String(36), primary_key=True),
+    sa.Column("address_token", sa.Text, nullable=False),
+    sa.Column("filed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 # Records seen quarantined, per system, record type and pseudonym (never a value): the first and
 # the last night (the run's as-of date) and run that saw it, how many nights, and the reason's
 # category. Each nightly plan step replaces its system's set (``observe_quarantine``): a record
