@@ -75,7 +75,7 @@ OWN_PASSWORD = {"retention_ledger": "LEDGER_DB_PASSWORD"}
 # Required secrets: only ever referenced as ${NAME:?...}, never written in the file.
 SECRETS = (
     "RETENTION_PSEUDONYM_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY", "_AIRFLOW_WWW_USER_PASSWORD",
-    "POSTGRES_PASSWORD", "AIRFLOW_DB_PASSWORD", "LEDGER_DB_PASSWORD", "CRM_DB_PASSWORD",
+    "POSTGRES_PASSWORD", "AIRFLOW_DB_PASSWORD", "LEDGER_DB_PASSWORD", "CRM_DB_PASSWORD", "RETENTION_REQUEST_KEY",
 )
 # Where the connections point: required too (no default points at a stand-in or anywhere else).
 SYSTEM_VARIABLES = (
@@ -92,7 +92,7 @@ TEST_SECRETS = {
     "RETENTION_PSEUDONYM_KEY": "test-only-compose-key-0123456789abcdef", "AIRFLOW__API_AUTH__JWT_SECRET": "test-only-jwt",
     "AIRFLOW__CORE__FERNET_KEY": "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg=", "_AIRFLOW_WWW_USER_PASSWORD": "test-only-admin",
     "POSTGRES_PASSWORD": "test-only-superuser", "AIRFLOW_DB_PASSWORD": "test-only-airflow", "LEDGER_DB_PASSWORD": "test-only-ledger",
-    "CRM_DB_PASSWORD": "test-only-crm",
+    "CRM_DB_PASSWORD": "test-only-crm", "RETENTION_REQUEST_KEY": "x3y9dCZ2sCkU2MqEUptCfZqkWQsXMZIV0u3Vq4Zp1Ys=",
 }
 
 
