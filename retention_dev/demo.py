@@ -22,6 +22,7 @@ import requests
 
 from retention import config
 from retention.domain.records import SYSTEMS
+from retention_dev import warehouse_demo
 from retention_dev.standins.process import StandIn
 
 MAILCHIMP_KEY = "standin-key-us0"
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if pools.returncode:
         print(pools.stderr[-4000:], file=sys.stderr)
         return 1
+
+    # The example warehouse DAG, registered before the run so that its erasure events queue a run of it.
+    warehouse = warehouse_demo.prepare(env)
 
     crm_url = f"sqlite:///{demo / 'crm.db'}"
     if not (demo / "crm.db").exists():
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     say(f"erased per rule: {erased or 'nothing (nothing was due)'}")
     say(f"report: {config.reports_dir()}; ledger: {config.ledger_url()}")
+    if warehouse:  # an example downstream: a warehouse DAG triggered by the run's asset events
+        warehouse_demo.run_consumer(env)
     return 0 if code == 0 and rep["state"] == "success" else 1
 
 

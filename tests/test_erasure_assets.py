@@ -185,7 +185,12 @@ def test_the_warehouse_consumer_is_triggered_by_the_erasure_event(tmp_path, post
 
     before = snapshot(crm.engine)
     meta = fresh_database(postgres_url_for("retention_airflow_assets"))
-    af = AirflowServices(tmp_path / "airflow", meta, {"AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": _bundles()}).start()
+    env = {
+        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": _bundles(),
+        # A loaded machine (parallel test runs) answers a task's first call late: wait, not fail.
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "120",
+    }
+    af = AirflowServices(tmp_path / "airflow", meta, env).start()
     try:
         af.wait_for_dag(CONSUMER)
         af.wait_for_dag("retention_nightly")
@@ -194,7 +199,7 @@ def test_the_warehouse_consumer_is_triggered_by_the_erasure_event(tmp_path, post
         # unpausing retention_nightly would start its schedule over all systems).
         produced = af.airflow("dags", "test", "retention_nightly", "--conf", json.dumps({"systems": ["crm"]}), timeout=600)
         assert [r["state"] for r in _runs(af, "retention_nightly")] == ["success"], produced.stdout[-3000:]
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 480
         while time.monotonic() < deadline:
             runs = _runs(af, CONSUMER)
             if runs and runs[0]["state"] in ("success", "failed"):
@@ -206,7 +211,7 @@ def test_the_warehouse_consumer_is_triggered_by_the_erasure_event(tmp_path, post
     finally:
         af.stop()
     (run,) = runs
-    assert run["state"] == "success", (run, logs[-3000:])
+    assert run["state"] == "success", (run, [line for line in logs.splitlines() if '"level":"error"' in line or "Error" in line][-20:])
     assert run["run_type"] == "asset_triggered", run
     rows = ledger_rows(retention_home)
     erased = per([r for r in rows if r["system"] == "crm"], "rule_id")
