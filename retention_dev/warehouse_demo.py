@@ -125,7 +125,7 @@ def run_consumer(env: dict, timeout: float = 240) -> int:
     if run is None:
         print(f"==> {CONSUMER}: no run finished within {timeout:.0f}s (see {home}/warehouse-demo-*.log)", file=sys.stderr)
         return 1
-    print(f"==> {CONSUMER}: run {run['run_id']} ({run['run_type']}) {run['state']}", flush=True)
+    print(f"==> {CONSUMER}: run {run['run_id']} {run['state']}", flush=True)
     logs = home / "logs" / f"dag_id={CONSUMER}" / f"run_id={run['run_id']}"
     for path in sorted(logs.rglob("*.log")) if logs.exists() else ():
         for m in _LINE.finditer(path.read_text(errors="replace")):

@@ -177,7 +177,7 @@ def _runs(af, dag_id: str) -> list[dict]:
 
 @pytest.mark.airflow
 @pytest.mark.postgres
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # four Airflow processes: slow on a loaded machine
 def test_the_warehouse_consumer_is_triggered_by_the_erasure_event(tmp_path, postgres_url_for, crm, retention_home):
     from test_backfill import fresh_database
 
@@ -212,7 +212,7 @@ def test_the_warehouse_consumer_is_triggered_by_the_erasure_event(tmp_path, post
         af.stop()
     (run,) = runs
     assert run["state"] == "success", (run, [line for line in logs.splitlines() if '"level":"error"' in line or "Error" in line][-20:])
-    assert run["run_type"] == "asset_triggered", run
+    assert run["run_id"].startswith("asset_triggered__"), run  # started by the scheduler on the event, not by hand
     rows = ledger_rows(retention_home)
     erased = per([r for r in rows if r["system"] == "crm"], "rule_id")
     assert erased
