@@ -53,6 +53,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from retention.airflow.alerts import task_defaults
+from retention.airflow.assets import emit_erasures, erasure_outlets
 from retention.airflow.params import checked_context, dry_run_param
 from retention.airflow.pools import REQUEST_SLOTS, provider_pool
 from retention.airflow.tasks import fail_without_retry, user_errors_in_one_line
@@ -87,7 +88,7 @@ def system_task(system: str):
     @task(
         task_id=system,
         doc_md=f"Finds the person in {system} and erases what no legal hold keeps (dry run: counts only); write-ahead ledger, a retry resumes. Deferred records (an unsolved ticket) are counted, not erased.",
-        **provider_pool(system, REQUEST_SLOTS),
+        **provider_pool(system, REQUEST_SLOTS), **erasure_outlets(system),
     )
     def erase_() -> dict:
         from retention.runs.request import erase_system, load_run
@@ -96,7 +97,10 @@ def system_task(system: str):
         run = load_run(ctx["dag"].dag_id, ctx["run_id"])
         address = _address(ctx["params"])
         with user_errors_in_one_line():  # a bad Connection: its one line, retried only if the host may come back
-            return erase_system(run, system, address)
+            result = erase_system(run, system, address)
+        # The asset retention_erasures_<system>: counts only, never the address or the request key.
+        emit_erasures(run, system)
+        return result
 
     return erase_()
 

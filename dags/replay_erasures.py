@@ -23,6 +23,7 @@ from airflow.sdk import dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from retention.airflow.alerts import run_failed, task_defaults
+from retention.airflow.assets import emit_erasures, erasure_outlets
 from retention.airflow.params import checked_context, dry_run_param, systems_param
 from retention.airflow.pools import provider_pool
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
@@ -51,14 +52,22 @@ def system_replay(system: str, run: dict):
         with system_adapter(system) as adapter:
             return find(run_info(run), system, adapter)
 
-    @task(task_id="erase", doc_md=f"Erases again in {system} what was found, under `replay:<rule>` (dry run: nothing).", **provider_pool(system))
+    @task(
+        task_id="erase",
+        doc_md=f"Erases again in {system} what was found, under `replay:<rule>` (dry run: nothing). "
+        f"Then updates the asset `retention_erasures_{system}` with the counts per rule (no event in a dry run).",
+        **provider_pool(system), **erasure_outlets(system),
+    )
     def erase_(run: dict, _found: dict) -> dict:
         from retention.checks.validation import PlanRejected
         from retention.runs.replay import erase
 
         # A plan without a successful validation, or older than RETENTION_MAX_PLAN_AGE: no retry helps.
         with system_adapter(system) as adapter, fail_without_retry(PlanRejected):
-            return erase(run_info(run), system, adapter)
+            result = erase(run_info(run), system, adapter)
+        # The replay's ledger run is its own (replay__<Airflow run>): the event names both.
+        emit_erasures(run_info(run), system, airflow_run_id=get_current_context()["run_id"])
+        return result
 
     @task(task_id="verify", doc_md=f"Checks in {system} that the replayed records are gone.", **provider_pool(system))
     def verify_(run: dict, _erased: dict) -> dict:

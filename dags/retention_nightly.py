@@ -41,6 +41,7 @@ from retention.airflow.alerts import (
     run_failed,
     task_defaults,
 )
+from retention.airflow.assets import emit_erasures, erasure_outlets
 from retention.airflow.params import checked_context, dry_run_param, share_param, systems_param
 from retention.airflow.pools import provider_pool
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
@@ -119,14 +120,21 @@ def system_run(system: str, run: dict):
         except PlanRejected as exc:
             raise PlanRejectedAlert(str(exc)) from None  # alerted as a rejected plan, with its numbers
 
-    @task(task_id="erase", doc_md=f"Erases {system}'s validated plan, write-ahead in the ledger; a retry resumes (dry run: nothing).", **provider_pool(system))
+    @task(
+        task_id="erase",
+        doc_md=f"Erases {system}'s validated plan, write-ahead in the ledger; a retry resumes (dry run: nothing). "
+        f"Then updates the asset `retention_erasures_{system}` with the counts per rule (no event in a dry run).",
+        **provider_pool(system), **erasure_outlets(system),
+    )
     def erase_(run: dict, _validated: dict) -> dict:
         from retention.checks.validation import PlanRejected
         from retention.runs.nightly import erase
 
         # A plan without a successful validation, or older than RETENTION_MAX_PLAN_AGE: no retry helps.
         with system_adapter(system) as adapter, fail_without_retry(PlanRejected):
-            return erase(run_info(run), system, adapter)
+            result = erase(run_info(run), system, adapter)
+        emit_erasures(run_info(run), system)  # for the copies downstream: counts only
+        return result
 
     @task(task_id="verify", doc_md=f"Checks in {system} that what the ledger says was erased is gone.", **provider_pool(system))
     def verify_(run: dict, _erased: dict) -> dict:

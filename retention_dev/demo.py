@@ -30,6 +30,7 @@ import requests
 from retention import config
 from retention.domain.records import SYSTEMS
 from retention_dev import environment as envmod
+from retention_dev import warehouse_demo
 from retention_dev.airflow_ui import DEFAULT_PORT, AirflowUI, port_free
 from retention_dev.standins import demo_servers
 from retention_dev.standins.process import StandIn
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         print(pools.stderr[-4000:], file=sys.stderr)
         return 1
 
+    # The example warehouse DAG, registered before the run so that its erasure events queue a run of it.
+    warehouse = warehouse_demo.prepare(env)
+
     if not envmod.seeded():
         say(f"seeding the demo systems ({args.contacts} CRM contacts, {args.members} newsletter members, "
             f"{args.tickets} tickets; synthetic people, example.* addresses)")
@@ -189,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"ticketing after the run: {_zendesk_counts(zendesk)}")
         say(f"CRM after the run: {_crm_counts(crm_url)}")
         ok = show_outcome(code, run_id, failures)
+        if warehouse and ui is None:  # an example downstream: a warehouse DAG triggered by the run's asset events
+            warehouse_demo.run_consumer(env)  # (with --serve, the scheduler started below runs it)
         show_people()
         if ui is not None:
             ui.start_rest()
