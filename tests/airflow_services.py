@@ -68,7 +68,7 @@ class AirflowServices:
             try:
                 if requests.get(f"{self.api}/api/v2/monitor/health", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy starting its workers
                 pass
             time.sleep(1)
         else:
