@@ -63,7 +63,7 @@ class AirflowServices:
             self.logs.append(log)
             fh = log.open("w")
             self.procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *args], env=self.env, stdout=fh, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 420  # minutes on a machine busy with other test sessions
         while time.monotonic() < deadline:
             try:
                 if requests.get(f"{self.api}/api/v2/monitor/health", timeout=2).status_code == 200:
