@@ -386,7 +386,7 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
             if validation and validation.get("needs_approval"):
                 asked = ledger.approvals(system=system, run_id=run.run_id)
                 decision = _decision_shown(asked[-1]) if asked else {"decision": "awaited", "plan_hash": validation["plan_hash"]}
-                if not ok:
+                if not ok and decision["decision"] != "approved":
                     not_approved.append(system)
             per_system[system] = {
                 "completed": bool(ok),
