@@ -217,8 +217,8 @@ def test_a_plan_over_the_guard_is_erased_only_on_an_approval_of_exactly_that_pla
         r = approver.call("PATCH", approver.hitl(changed), {"chosen_options": ["Approve"]})
         assert r.status_code == 200, r.text
         state, states = finished(approver, af, changed)
-        assert states["newsletter.approve"] == "success" and states["newsletter.erase"] == "failed", states
-        assert state == "failed", states
+        assert states["newsletter.approve"] == "success" and states["newsletter.erase"] == "failed", (json.dumps(states), af.tail(200))
+        assert state == "failed", json.dumps(states)
         assert deletes(mailchimp) == members_before
         assert ledger_entries(retention_home, changed) == []
         [decision] = [a for a in approvals(retention_home) if a["run_id"] == changed]
