@@ -4,7 +4,9 @@
 Enforces the privacy notice's retention rules (`include/policies/retention.yaml`) in the
 newsletter provider, the CRM and the ticketing system, as of the end of the run's data
 interval. Per system: **extract** → **plan** (quarantine, rules, holds) → **validate**
-(Great Expectations, plan-size guard) → **erase** (write-ahead ledger) → **verify**; then one
+(Great Expectations, plan-size guard) → **approve** (only a plan over the guard: a person approves
+or rejects exactly that plan, in Required Actions or the REST API; recorded in the ledger) →
+**erase** (write-ahead ledger) → **verify**; then one
 **report** with counts per rule and status. The report fails the run's quality gate when
 records have been quarantined on more than the policy's `quarantine_alarm_after` nights (after
 the run's erasures; a dry run too).
@@ -41,6 +43,7 @@ from retention.airflow.alerts import (
     run_failed,
     task_defaults,
 )
+from retention.airflow.approval import PlanApproval
 from retention.airflow.assets import emit_erasures, erasure_outlets
 from retention.airflow.params import checked_context, dry_run_param, share_param, systems_param
 from retention.airflow.pools import provider_pool
@@ -109,7 +112,8 @@ def system_run(system: str, run: dict):
 
     @task(
         task_id="validate", retries=0,
-        doc_md=f"Great Expectations on {system}'s plan and the plan-size guard; a rejected plan fails here and nothing is erased.",
+        doc_md=f"Great Expectations on {system}'s plan and the plan-size guard; a failed expectation fails here and nothing "
+        "is erased; a plan over the guard goes to **approve**.",
     )
     def validate_(run: dict, _planned: dict) -> dict:
         from retention.checks.validation import PlanRejected
@@ -120,15 +124,21 @@ def system_run(system: str, run: dict):
         except PlanRejected as exc:
             raise PlanRejectedAlert(str(exc)) from None  # alerted as a rejected plan, with its numbers
 
+    # A plan within the guard skips approve and is erased; one over it only on an approval of
+    # exactly that plan (checked again in erase against the ledger); rejected: erase is skipped.
     @task(
-        task_id="erase",
-        doc_md=f"Erases {system}'s validated plan, write-ahead in the ledger; a retry resumes (dry run: nothing). "
+        task_id="erase", trigger_rule="none_failed_min_one_success",
+        doc_md=f"Erases {system}'s validated (or approved) plan, write-ahead in the ledger; a retry resumes (dry run: nothing). "
         f"Then updates the asset `retention_erasures_{system}` with the counts per rule (no event in a dry run).",
         **provider_pool(system), **erasure_outlets(system),
     )
-    def erase_(run: dict, _validated: dict) -> dict:
+    def erase_(run: dict) -> dict:
         from retention.checks.validation import PlanRejected
         from retention.runs.nightly import erase
+
+        # Its trigger rule lets it run after a skipped approve: not for a system not selected.
+        if system not in get_current_context()["params"]["systems"]:
+            raise AirflowSkipException(f"{system} is not among this run's systems")
 
         # A plan without a successful validation, or older than RETENTION_MAX_PLAN_AGE: no retry helps.
         with system_adapter(system) as adapter, fail_without_retry(PlanRejected):
@@ -146,7 +156,15 @@ def system_run(system: str, run: dict):
     extracted = extract_(run)
     planned = plan_(run, extracted)
     validated = validate_(run, planned)
-    erased = erase_(run, validated)
+    approve = PlanApproval(
+        task_id="approve", system=system, run=run, validated=validated, retries=0,
+        doc_md=f"Skipped when {system}'s plan is within the plan-size guard. Over it, waits for a person to approve or "
+        "reject exactly this plan (its hash and the policy version), recorded in the ledger; rejected or timed out "
+        "(RETENTION_APPROVAL_TIMEOUT): nothing is erased.",
+    )
+    erased = erase_(run)
+    validated >> approve >> erased
+    validated >> erased
     return verify_(run, erased)
 
 
@@ -162,6 +180,11 @@ def report(run: dict) -> dict:
     systems = tuple(checked_context()["params"]["systems"])
     with user_errors_in_one_line():
         result = report_(run_info(run), systems)
+    if result["not_approved"]:  # a plan over the guard rejected or not answered: the run says so
+        raise AirflowFailException(
+            f"run incomplete: the plan of {', '.join(result['not_approved'])} was over the plan-size guard and not "
+            f"approved, nothing was erased there; see report {result['report']}"
+        )
     if result["state"] != "success":
         raise AirflowFailException(f"run incomplete, see report {result['report']}")
     if result["alarm"]:  # the quality gate, after every erasure of the run

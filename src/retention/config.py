@@ -10,6 +10,9 @@ Environment variables (all optional except the pseudonym key):
 - ``RETENTION_MAX_PLAN_AGE``: an ISO 8601 duration (default ``PT36H``); a plan made from an
   extract older than this is refused for erasure (a retried or cleared erase task a day or two
   later plans again instead).
+- ``RETENTION_APPROVAL_TIMEOUT``: an ISO 8601 duration (default ``PT12H``): how long a plan over
+  the plan-size guard waits for a person's approval before it counts as rejected (nothing is
+  erased). ``PT0S``: nobody is asked, a plan over the guard halts the run as validation failure.
 - ``RETENTION_STAGING_KEEP_DAYS``: days the staging a failed or halted run left behind is kept
   for diagnosis before the nightly run purges it (default 7, at least 2).
 - ``RETENTION_DATA_DOCS_KEEP_DAYS``: days each run's Great Expectations suites, validation
@@ -271,6 +274,26 @@ def erase_budget():
     if out <= timedelta(0):
         raise ConfigError(f"RETENTION_ERASE_BUDGET {text!r}: give a time longer than zero, e.g. PT2H")
     return out
+
+
+DEFAULT_APPROVAL_TIMEOUT = "PT12H"
+
+
+def approval_timeout():
+    """How long a plan over the guard waits for approval (``RETENTION_APPROVAL_TIMEOUT``); a zero
+    duration asks nobody. Light (no pandas): the DAG file reads it at parse time."""
+    from datetime import timedelta
+
+    from retention.domain.periods import Duration
+
+    text = os.environ.get("RETENTION_APPROVAL_TIMEOUT") or DEFAULT_APPROVAL_TIMEOUT
+    try:
+        wait = Duration.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"RETENTION_APPROVAL_TIMEOUT: {exc}") from None
+    if wait.months:
+        raise ConfigError(f"RETENTION_APPROVAL_TIMEOUT {text!r}: give days and hours (e.g. PT12H), not months or years")
+    return timedelta(days=wait.days, seconds=wait.seconds)
 
 
 def ledger_url() -> str:

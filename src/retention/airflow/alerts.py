@@ -35,6 +35,7 @@ TIMEOUTS = {"RETENTION_TASK_TIMEOUT": "PT3H", "RETENTION_RUN_DEADLINE": "PT20H"}
 class AlertKind(StrEnum):
     TASK_FAILED = "task failed"
     PLAN_REJECTED = "plan rejected"
+    APPROVAL_AWAITED = "plan awaits approval"
     QUARANTINE_ALARM = "stuck-quarantine alarm"
     RUN_FAILED = "run failed"
     PAST_DEADLINE = "run past its deadline"
@@ -185,6 +186,28 @@ def run_failed(context: dict) -> None:
         f"reason: {context.get('reason') or 'failed'}",
         f"last failed task: {ti.task_id}" if ti is not None and kind is AlertKind.RUN_FAILED else "",
     ], context)
+
+
+def approval_awaited(line: str):
+    """The alert of a tripped plan guard when a person is asked to approve the plan: a notifier
+    for the human-in-the-loop operator (``notifiers=``), called when the task starts waiting.
+    ``line``: this project's one line of counts (the guard's numbers)."""
+    from airflow.sdk.bases.notifier import BaseNotifier
+
+    class ApprovalAwaited(BaseNotifier):
+        template_fields = ()
+
+        def notify(self, context: dict) -> None:
+            dag_id, run_id = _ids(context)
+            ti = context.get("ti") or context.get("task_instance")
+            task_id = getattr(ti, "task_id", "?")
+            kind = AlertKind.APPROVAL_AWAITED
+            _send(f"[retention] {kind}: {dag_id} {run_id} {task_id}", [
+                f"{kind}", f"DAG: {dag_id}", f"run: {run_id}", f"task: {task_id}", line,
+                "Approve or reject it in Airflow (Browse > Required Actions) or through the REST API.",
+            ], context)
+
+    return ApprovalAwaited()
 
 
 def task_defaults() -> dict:

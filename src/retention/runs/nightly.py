@@ -19,6 +19,7 @@ import pyarrow as pa
 from retention import config
 from retention.checks import data_docs
 from retention.checks.validation import PlanRejected, plan_check_frame, run_guard, validate_extract, validate_plan
+from retention.domain import approval as approvals
 from retention.domain.holds import Holds
 from retention.domain.planning import plan_system
 from retention.domain.quarantine import reason_category
@@ -171,16 +172,33 @@ def validate(run: RunInfo, system: str) -> dict:
     # Work an earlier run validated and started but carried over for lack of time is not new:
     # the guard weighs only the rest, so a backlog does not trip it night after night.
     carried = carried_over_in(plan_frame[is_destructive], system)
-    outcomes.append(run_guard(destructive - carried, total_extracted, run.max_plan_share))
+    guard = run_guard(destructive - carried, total_extracted, run.max_plan_share)
+    outcomes.append(guard)
     clock.lap("checks")
     success = all(o.success for o in outcomes)
+    # Only the guard failed (Great Expectations passed): a person may approve this very plan.
+    # Not in a dry run, which erases nothing anyway, nor when RETENTION_APPROVAL_TIMEOUT is zero.
+    ask = not success and all(o.success for o in outcomes if o is not guard) and not run.dry_run and bool(config.approval_timeout())
     for o in outcomes:
         for c in o.failures():
             log.error("%s: validation %s failed: %s", system, o.name, json.dumps(c, default=str))
     docs = keep_data_docs(run, system, outcomes)
     clock.lap("data_docs")
     summary = {"success": success, "suites": [o.as_dict() for o in outcomes], "seconds": clock.laps, "data_docs": docs}
+    if ask:
+        numbers = guard.checks[0]
+        summary.update(
+            needs_approval=True, plan_hash=approvals.plan_hash(plan_frame), guard_line=_failed_suite(guard),
+            planned=int(numbers["planned"]), allowed=int(numbers["allowed"]), extracted=int(numbers["extracted"]),
+        )
     staging.write_json(system, "validation", summary)
+    if ask:
+        log.warning("%s: %s; nothing is erased unless a person approves this plan", system, summary["guard_line"])
+        return {
+            "success": False, "needs_approval": True, "suites": len(outcomes), "destructive": destructive,
+            "carried_over": carried, "extracted": total_extracted, "seconds": clock.laps, "data_docs": docs,
+            **{k: summary[k] for k in ("plan_hash", "guard_line", "planned", "allowed")},
+        }
     if not success:
         if docs:
             log.info("%s: Data Docs of the failed validation: %s", system, docs)
@@ -217,6 +235,88 @@ def keep_data_docs(run: RunInfo, system: str, outcomes) -> str | None:
         return None
 
 
+# --- approval of a plan over the guard ----------------------------------------------------------
+
+PREVIEW_KEYS = 5  # pseudonymous keys shown per rule
+
+
+def approval_request(run: RunInfo, system: str) -> dict:
+    """What the approver of a plan over the guard sees: the guard's numbers, the counts per rule
+    and a few pseudonymous keys per rule (never an id or a value), the plan's content hash and
+    the policy version the approval will be bound to. Markdown, as Airflow's UI shows it."""
+    staging = run.staging
+    validation = staging.read_json(system, "validation") or {}
+    if not validation.get("needs_approval"):
+        raise PlanRejected(f"{system}: the plan needs no approval in this run")
+    plan_frame = staging.read_frame(system, "plan")
+    counts = approvals.destructive_by_rule(plan_frame)
+    preview = approvals.key_preview(plan_frame, PREVIEW_KEYS)
+    lines = [
+        f"**{system}**: the plan-size guard tripped: {validation['guard_line']}.",
+        "Nothing is erased in this system unless you approve this very plan. Rejecting, or no answer in time, "
+        "erases nothing; the next run plans again.",
+        "",
+        f"- run `{run.run_id}`, as of {run.as_of}",
+        f"- plan hash `{validation['plan_hash']}`",
+        f"- policy version `{run.policy_version}` ({run.policy_label})",
+        "",
+        "| rule | records to erase or minimise |",
+        "|---|---|",
+        *(f"| `{rule}` | {n} |" for rule, n in counts.items()),
+        "",
+        f"Preview of keys (pseudonyms, the first {PREVIEW_KEYS} per rule; `retention explain` tells why a record is due):",
+        "",
+        *(f"- `{rule}`: " + ", ".join(f"`{k}`" for k in keys) for rule, keys in preview.items()),
+    ]
+    return {
+        "subject": f"Approve erasing {validation['planned']} records in {system}? (over the plan-size guard)",
+        "body": "\n".join(lines),
+        "line": f"{system}: {validation['guard_line']}; nothing is erased unless approved",
+        "plan_hash": validation["plan_hash"],
+    }
+
+
+def record_approval(run: RunInfo, system: str, decision: str, decided_by: str | None, decided_at: datetime) -> dict:
+    """Record a decision on this run's plan over the guard, bound to the plan hash the approver
+    was shown (validation's) and the run's policy version."""
+    validation = run.staging.read_json(system, "validation") or {}
+    if not validation.get("needs_approval"):
+        raise PlanRejected(f"{system}: the plan needs no approval in this run; nothing recorded")
+    row = {
+        "dag_id": run.dag_id, "run_id": run.run_id, "system": system, "plan_hash": validation["plan_hash"],
+        "policy_version": run.policy_version, "decision": str(decision), "decided_by": decided_by,
+        "decided_at": decided_at, "planned": validation["planned"], "allowed": validation["allowed"],
+        "extracted": validation["extracted"],
+    }
+    with task_ledger() as ledger:
+        ledger.record_approval(**row)
+    log.info("%s: plan %s… %s by %s", system, row["plan_hash"][:12], decision, decided_by or "nobody (timed out)")
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+
+
+def _approval_to_erase(run: RunInfo, system: str, plan_frame: pd.DataFrame) -> dict:
+    """The approval of exactly this plan (its content hash now) under the run's policy version,
+    or ``PlanRejected``: a plan over the guard is never erased on another plan's approval."""
+    now_hash = approvals.plan_hash(plan_frame)
+    with task_ledger() as ledger:
+        granted = approvals.approved(ledger.approvals(system=system, plan_hash=now_hash, policy_version=run.policy_version))
+        asked = ledger.approvals(system=system, run_id=run.run_id)
+    if granted is None:
+        why = "no approval of this plan"
+        if asked and asked[-1]["plan_hash"] != now_hash:
+            why = f"the plan changed after its {asked[-1]['decision']} (plan hash {asked[-1]['plan_hash'][:12]}…)"
+        elif asked:
+            why = f"the plan was {asked[-1]['decision']}"
+        raise PlanRejected(
+            f"{system}: the plan is over the plan-size guard and {why}: plan hash {now_hash[:12]}…, "
+            f"policy version {run.policy_version}; nothing was erased"
+        )
+    return {
+        "decision": str(granted["decision"]), "decided_by": granted["decided_by"], "plan_hash": now_hash,
+        "policy_version": run.policy_version, "decided_at": str(granted["decided_at"]),
+    }
+
+
 def _failed_suite(outcome) -> str:
     """A failed suite's name; the plan-size guard's with its numbers (counts only), so the task's
     one line and its alert say by how much the plan was too large."""
@@ -230,12 +330,16 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     """Hand the validated plan to the erasure engine. Resumable and idempotent."""
     staging = run.staging
     validation = staging.read_json(system, "validation")
-    if not validation or not validation.get("success"):
+    over_guard = bool(validation and validation.get("needs_approval"))
+    if not validation or not (validation.get("success") or over_guard):
         raise PlanRejected(f"{system}: no successful validation in this run; refusing to erase")
     plan_frame = staging.read_frame(system, "plan")
     extracted_at = _extracted_at(run, system)
+    approval = None
     try:
         refuse_an_old_plan(system, extracted_at)
+        if over_guard:
+            approval = _approval_to_erase(run, system, plan_frame)
     except PlanRejected:
         # This run will erase nothing more in this system: free it for a run that plans afresh.
         with task_ledger() as ledger:
@@ -258,6 +362,8 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
         "dry_run": False, "outcomes": outcomes, "seconds": result.seconds,
         "budget_seconds": int(budget.total_seconds()), **carry_over_summary(outcomes, result.seconds),
     }
+    if approval is not None:
+        summary["approval"] = approval
     if summary["carried_over"]:
         log.warning(
             "%s: %d erasures carried over to the next run (budget %s spent; about %s more night(s) at this rate)",
@@ -323,20 +429,34 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
         per_system = {}
         docs = {}
         complete = True
+        not_approved = []
         for system in systems:
             parts = {step: staging.read_json(system, step) for step in STEPS}
-            if (parts["validation"] or {}).get("data_docs"):
-                docs[system] = parts["validation"]["data_docs"]
-            ok = all(parts[s] is not None for s in STEPS) and parts["validation"].get("success")
+            validation = parts["validation"]
+            if (validation or {}).get("data_docs"):
+                docs[system] = validation["data_docs"]
+            # A plan over the guard counts as validated once erased on its approval.
+            validated = bool(validation) and (validation.get("success") or bool((parts["erase"] or {}).get("approval")))
+            ok = all(parts[s] is not None for s in STEPS) and validated
             complete &= bool(ok)
+            decision = None
+            if validation and validation.get("needs_approval"):
+                asked = ledger.approvals(system=system, run_id=run.run_id)
+                decision = _decision_shown(asked[-1]) if asked else {"decision": "awaited", "plan_hash": validation["plan_hash"]}
+                if not ok and decision["decision"] != "approved":
+                    not_approved.append(system)
             per_system[system] = {
                 "completed": bool(ok),
                 "extracted": (parts["extract"] or {}).get("extracted"),
                 "quarantined": (parts["plan"] or {}).get("quarantined"),
                 "planned": (parts["plan"] or {}).get("planned"),
                 "fallback_clock": (parts["plan"] or {}).get("fallback_clock"),
-                "validation": None if parts["validation"] is None else ("passed" if parts["validation"]["success"] else "failed"),
-                "validation_checks": validation_checks(parts["validation"]),
+                "validation": None if validation is None else (
+                    "passed" if validation["success"] else "over the plan-size guard" if validation.get("needs_approval") else "failed"
+                ),
+                "validation_checks": validation_checks(validation),
+                "guard": validation.get("guard_line") if validation and validation.get("needs_approval") else None,
+                "approval": decision,
                 "erase": parts["erase"],
                 "verify": parts["verify"],
             }
@@ -363,7 +483,15 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
             config.data_docs_dir(), config.data_docs_keep_days(), keep=report_stem(run.dag_id, run.run_id)
         )
         path = write_report(ledger, staging, rep, render_report(rep), latest=True)
-    return {"state": state, "report": str(path), "alarm": alarm["message"] if alarm else None}
+    return {"state": state, "report": str(path), "alarm": alarm["message"] if alarm else None, "not_approved": not_approved}
+
+
+def _decision_shown(row: dict) -> dict:
+    """A decision as the report shows it: who, when, which plan and policy version."""
+    return {
+        "decision": str(row["decision"]), "decided_by": row["decided_by"], "decided_at": str(row["decided_at"]),
+        "plan_hash": row["plan_hash"], "policy_version": row["policy_version"],
+    }
 
 
 def validation_checks(summary: dict | None) -> dict | None:
@@ -396,6 +524,11 @@ def render_report(rep: dict) -> str:
             lines.append(f"    Data Docs: data_docs/{rep['data_docs'][system]}")
         if s["quarantined"]:
             lines.append(f"    quarantined (never erased): {s['quarantined']}")
+        if s.get("approval"):
+            a = s["approval"]
+            who = f" by {a['decided_by']}" if a.get("decided_by") else ""
+            erased = "erased on that approval" if a["decision"] == "approved" and s["completed"] else "nothing erased"
+            lines.append(f"    {s['guard']}: plan {a['plan_hash'][:12]}… {a['decision'].replace('_', ' ')}{who}; {erased}")
         if s.get("fallback_clock"):
             lines.append(f"    planned by a fallback clock (the organisation's decision): {s['fallback_clock']}")
         for rule, statuses in sorted(rep["ledger"].get(system, {}).items()):

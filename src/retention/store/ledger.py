@@ -159,6 +159,30 @@ quarantine_seen = sa.Table(
 )
 
 
+# Decisions on plans over the plan-size guard (``domain/approval.py``): who approved, rejected or
+# let time out which plan (its content hash) under which policy version, with the guard's
+# counts. The erase step erases such a plan only when the newest decision on its hash and the
+# run's policy version is an approval. Written once per decision, never updated.
+plan_approval = sa.Table(
+    "plan_approval",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("dag_id", sa.String(250), nullable=False),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("system", sa.String(20), nullable=False),
+    sa.Column("plan_hash", sa.String(64), nullable=False),
+    sa.Column("policy_version", sa.String(64), nullable=False),
+    sa.Column("decision", sa.String(20), nullable=False),
+    sa.Column("decided_by", sa.String(250)),  # the Airflow user; none when the request timed out
+    sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("planned", sa.Integer, nullable=False),
+    sa.Column("allowed", sa.Integer, nullable=False),
+    sa.Column("extracted", sa.Integer, nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_plan_approval_plan", "system", "plan_hash", "policy_version"),
+)
+
+
 # One plan step's quarantined records, for the set-based update of ``quarantine_seen`` (a
 # temporary table of the transaction; not part of the schema).
 _quarantine_now = sa.Table(
@@ -585,6 +609,35 @@ class Ledger:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(pseudonym_key.c.fingerprint, pseudonym_key.c.recorded_at).where(pseudonym_key.c.id == 1)).first()
         return (row[0], row[1]) if row else None
+
+    # -- approvals of plans over the guard --------------------------------------------------
+    def record_approval(
+        self, *, dag_id: str, run_id: str, system: str, plan_hash: str, policy_version: str, decision: str,
+        decided_by: str | None, decided_at: datetime, planned: int, allowed: int, extracted: int,
+    ) -> None:
+        """Record a decision on a plan over the guard (one row per decision)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                plan_approval.insert().values(
+                    dag_id=dag_id, run_id=run_id, system=system, plan_hash=plan_hash, policy_version=policy_version,
+                    decision=str(decision), decided_by=decided_by, decided_at=decided_at, planned=planned,
+                    allowed=allowed, extracted=extracted, recorded_at=utcnow(),
+                )
+            )
+
+    def approvals(
+        self, *, system: str | None = None, plan_hash: str | None = None, policy_version: str | None = None,
+        run_id: str | None = None,
+    ) -> list[dict]:
+        """Decisions on plans over the guard, oldest first, optionally for one system, plan
+        hash, policy version or run."""
+        t = plan_approval
+        q = sa.select(t).order_by(t.c.decided_at, t.c.id)
+        for column, value in ((t.c.system, system), (t.c.plan_hash, plan_hash), (t.c.policy_version, policy_version), (t.c.run_id, run_id)):
+            if value is not None:
+                q = q.where(column == value)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
 
     # -- manual holds -------------------------------------------------------------------
     def add_hold(self, record_type: str, record_key: str, reason: str, expires_at: datetime | None) -> None:
