@@ -155,7 +155,7 @@ def test_a_plan_over_the_guard_is_erased_only_on_an_approval_of_exactly_that_pla
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:admin" for u in USERS),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         # Long enough for the test to answer, short enough to watch one request time out.
-        "RETENTION_APPROVAL_TIMEOUT": "PT90S",
+        "RETENTION_APPROVAL_TIMEOUT": "PT5M",  # an answer on a busy machine must not race the timeout
     }).start()
     try:
         subprocess.run([sys.executable, "-m", "retention.cli", "pools"], env=af.env, check=True, capture_output=True)
