@@ -511,3 +511,16 @@ def test_without_a_budget_nothing_is_carried_over(ledger):
     system = MemorySystem({"support_ticket": {str(i) for i in range(10)}, "ticket_user": set()}, pause=0.01)
     result = ErasureEngine(ledger, "nb", "ticketing", system, "v1").erase(plan_of([("support_ticket", str(i), "erase") for i in range(10)]))
     assert result.totals() == {"erased": 10}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("abc", r"^RETENTION_ERASE_BUDGET: 'abc' is not an ISO 8601 duration"),
+    ("P1M", r"^RETENTION_ERASE_BUDGET 'P1M': give days and hours \(e.g. PT2H\), not months or years$"),
+    ("PT0S", r"^RETENTION_ERASE_BUDGET 'PT0S': give a time longer than zero, e.g. PT2H$"),
+])
+def test_a_bad_erase_budget_is_one_line(monkeypatch, text, message):
+    monkeypatch.setenv("RETENTION_ERASE_BUDGET", text)
+    with pytest.raises(config.ConfigError, match=message):
+        config.erase_budget()
+    monkeypatch.delenv("RETENTION_ERASE_BUDGET")
+    assert config.erase_budget().total_seconds() == 2 * 3600

@@ -234,23 +234,32 @@ def _days(name: str, default: int, *, least: int, most: int = 3650) -> float:
     return days
 
 
+def _time_setting(name: str, default: str, example: str, *, positive: bool = False):
+    """A length of time from the environment variable ``name`` (an ISO 8601 duration in days,
+    hours, minutes and seconds, not months or years), as a ``timedelta``; one-line errors."""
+    from datetime import timedelta
+
+    from retention.domain.periods import Duration
+
+    text = os.environ.get(name) or default
+    try:
+        length = Duration.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    if length.months:
+        raise ConfigError(f"{name} {text!r}: give days and hours (e.g. {example}), not months or years")
+    out = timedelta(days=length.days, seconds=length.seconds)
+    if positive and out <= timedelta(0):
+        raise ConfigError(f"{name} {text!r}: give a time longer than zero, e.g. {example}")
+    return out
+
+
 DEFAULT_MAX_PLAN_AGE = "PT36H"
 
 
 def max_plan_age():
     """How old a plan's extract may be when its erasure starts (``RETENTION_MAX_PLAN_AGE``)."""
-    from datetime import timedelta
-
-    from retention.domain.periods import Duration
-
-    text = os.environ.get("RETENTION_MAX_PLAN_AGE") or DEFAULT_MAX_PLAN_AGE
-    try:
-        age = Duration.parse(text)
-    except ValueError as exc:
-        raise ConfigError(f"RETENTION_MAX_PLAN_AGE: {exc}") from None
-    if age.months:
-        raise ConfigError(f"RETENTION_MAX_PLAN_AGE {text!r}: give days and hours (e.g. PT36H), not months or years")
-    return timedelta(days=age.days, seconds=age.seconds)
+    return _time_setting("RETENTION_MAX_PLAN_AGE", DEFAULT_MAX_PLAN_AGE, "PT36H")
 
 
 DEFAULT_ERASE_BUDGET = "PT2H"
@@ -259,21 +268,7 @@ DEFAULT_ERASE_BUDGET = "PT2H"
 def erase_budget():
     """How long one system's erase step may erase (``RETENTION_ERASE_BUDGET``): what does not
     fit is carried over to the next run, so a backlog never holds a system's lock all day."""
-    from datetime import timedelta
-
-    from retention.domain.periods import Duration
-
-    text = os.environ.get("RETENTION_ERASE_BUDGET") or DEFAULT_ERASE_BUDGET
-    try:
-        budget = Duration.parse(text)
-    except ValueError as exc:
-        raise ConfigError(f"RETENTION_ERASE_BUDGET: {exc}") from None
-    if budget.months:
-        raise ConfigError(f"RETENTION_ERASE_BUDGET {text!r}: give hours and minutes (e.g. PT2H), not months or years")
-    out = timedelta(days=budget.days, seconds=budget.seconds)
-    if out <= timedelta(0):
-        raise ConfigError(f"RETENTION_ERASE_BUDGET {text!r}: give a time longer than zero, e.g. PT2H")
-    return out
+    return _time_setting("RETENTION_ERASE_BUDGET", DEFAULT_ERASE_BUDGET, "PT2H", positive=True)
 
 
 DEFAULT_APPROVAL_TIMEOUT = "PT12H"
@@ -282,18 +277,7 @@ DEFAULT_APPROVAL_TIMEOUT = "PT12H"
 def approval_timeout():
     """How long a plan over the guard waits for approval (``RETENTION_APPROVAL_TIMEOUT``); a zero
     duration asks nobody. Light (no pandas): the DAG file reads it at parse time."""
-    from datetime import timedelta
-
-    from retention.domain.periods import Duration
-
-    text = os.environ.get("RETENTION_APPROVAL_TIMEOUT") or DEFAULT_APPROVAL_TIMEOUT
-    try:
-        wait = Duration.parse(text)
-    except ValueError as exc:
-        raise ConfigError(f"RETENTION_APPROVAL_TIMEOUT: {exc}") from None
-    if wait.months:
-        raise ConfigError(f"RETENTION_APPROVAL_TIMEOUT {text!r}: give days and hours (e.g. PT12H), not months or years")
-    return timedelta(days=wait.days, seconds=wait.seconds)
+    return _time_setting("RETENTION_APPROVAL_TIMEOUT", DEFAULT_APPROVAL_TIMEOUT, "PT12H")
 
 
 def ledger_url() -> str:
