@@ -220,3 +220,19 @@ def test_the_warehouse_consumer_is_triggered_by_the_erasure_event(tmp_path, post
         for status, n in statuses.items():
             assert re.search(rf"crm\s+{re.escape(rule)}\s+{status}\s+{n}\b", logs), (rule, status, n, logs[-3000:])
     assert_nothing_personal({"consumer log": logs}, crm_secrets(before))
+
+
+def test_a_ledger_gone_after_the_erase_fails_the_event_in_one_line(monkeypatch, retention_home):
+    """The event is counted from the ledger after the erase: a ledger that cannot be reached then
+    fails the task with the ledger's one line (retryable), never a driver's traceback."""
+    from airflow.sdk.exceptions import AirflowException
+
+    from retention.airflow.assets import emit_erasures
+    from retention.runs.context import RunInfo
+
+    monkeypatch.setenv("RETENTION_LEDGER_URL", "postgresql://retention@127.0.0.1:9/ledger")
+    run = RunInfo("retention_nightly", "r1", "2026-12-01T00:00:00+00:00", "p.yaml", "v1", "label", False, 0.25)
+    with pytest.raises(AirflowException) as err:
+        emit_erasures(run, "crm")
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert "\n" not in str(err.value) and "127.0.0.1" not in str(err.value), str(err.value)

@@ -57,11 +57,13 @@ def emit_erasures(run: RunInfo, system: str, *, airflow_run_id: str | None = Non
     task's outlet events; a dry run adds none. Returns the event's extra, or ``None``."""
     from airflow.sdk import get_current_context
 
+    from retention.airflow.tasks import user_errors_in_one_line
     from retention.runs.events import erasure_counts
 
     if run.dry_run:
         return None
-    extra = erasure_counts(run, system, airflow_run_id=airflow_run_id)
+    with user_errors_in_one_line():  # a ledger gone since the erase: its one line, not a traceback
+        extra = erasure_counts(run, system, airflow_run_id=airflow_run_id)
     get_current_context()["outlet_events"][erasures_alias(system)].add(ASSETS[system], extra=extra)
     return extra
 
