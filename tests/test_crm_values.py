@@ -115,3 +115,47 @@ def test_property_no_unparsable_date_yields_a_clock(text):
         assert pd.isna(clock), repr(text)
     if not pd.isna(clock):
         assert CLOCK_RANGE[0] <= clock.to_pydatetime() < CLOCK_RANGE[1]
+
+
+# A column of the database's own types is converted as one array; the value-by-value reading is
+# the reference it must agree with, value for value and in what it calls unreadable.
+_OFFSETS = st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(hours=2)), dt.timezone(dt.timedelta(hours=-11, minutes=-30))])
+_INSTANTS = st.one_of(
+    st.none(),
+    st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30), timezones=st.one_of(st.none(), _OFFSETS)),
+    st.datetimes(min_value=dt.datetime(1899, 12, 30), max_value=dt.datetime(2201, 1, 2), timezones=_OFFSETS),
+)
+_DAYS = st.one_of(st.none(), st.dates(), st.dates(min_value=dt.date(1899, 12, 30), max_value=dt.date(2201, 1, 2)))
+_FLAGS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.integers(2**62, 2**64))
+_IDS = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.integers(2**63, 2**64))
+
+
+def _same(fast: tuple[pd.Series, object], each: tuple[pd.Series, object]) -> None:
+    pd.testing.assert_series_equal(fast[0], each[0])
+    assert list(fast[1]) == list(each[1])
+
+
+def _array(values: list) -> object:
+    import numpy as np
+
+    raw = np.empty(len(values), dtype=object)
+    raw[:] = values
+    return raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_INSTANTS, max_size=12), st.lists(_DAYS, max_size=12), st.booleans())
+def test_property_a_column_of_timestamps_or_dates_reads_as_value_by_value(instants, days, end_of_day):
+    from retention.systems.crm import values
+
+    for column in (instants, days):
+        _same(values._clocks(_array(column), end_of_day=end_of_day), values._clocks_each(_array(column), end_of_day=end_of_day))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_FLAGS, max_size=12), st.lists(_IDS, max_size=12), st.booleans())
+def test_property_a_column_of_flags_or_ids_reads_as_value_by_value(flags, ids, nullable):
+    from retention.systems.crm import values
+
+    _same(values._flags(_array(flags)), values._flags_each(_array(flags)))
+    _same(values._ids(_array(ids), nullable=nullable), values._ids_each(_array(ids), nullable=nullable))

@@ -116,7 +116,7 @@ def _as_text(v: Any) -> Any:
 
 def _text(raw: np.ndarray) -> tuple[pd.Series, np.ndarray]:
     bad = np.zeros(len(raw), dtype=bool)
-    if any(isinstance(v, (bytes, bytearray, memoryview)) for v in raw):
+    if not _kinds(raw) <= _TEXT_TYPES:
         for i, v in enumerate(raw):
             if isinstance(v, (bytes, bytearray, memoryview)):
                 raw[i] = utf8(v)
@@ -126,13 +126,19 @@ def _text(raw: np.ndarray) -> tuple[pd.Series, np.ndarray]:
 
 def _ids(raw: np.ndarray, *, nullable: bool) -> tuple[pd.Series, np.ndarray]:
     """Integers; NULL is <NA>, anything else unreadable (<NA> and flagged)."""
-    if all(type(v) is int for v in raw):  # the usual case, without a detour per value
-        try:
-            values = np.asarray(raw, dtype=np.int64)
-        except OverflowError:
-            pass
-        else:
-            return pd.Series(values, dtype="Int64" if nullable else "int64"), np.zeros(len(raw), dtype=bool)
+    if _kinds(raw) <= _INT_TYPES:  # the usual case, without a detour per value
+        fast = _as_int64(raw)
+        if fast is not None:
+            values, null = fast
+            clean = np.zeros(len(raw), dtype=bool)
+            if not null.any():
+                return pd.Series(values, dtype="Int64" if nullable else "int64"), clean
+            return pd.Series(pd.arrays.IntegerArray(values, null)), clean
+    return _ids_each(raw, nullable=nullable)
+
+
+def _ids_each(raw: np.ndarray, *, nullable: bool) -> tuple[pd.Series, np.ndarray]:
+    """``_ids`` value by value: the reference, and the way for anything but ints and NULLs."""
     ids = [_one_id(v) for v in raw]
     bad = np.fromiter((i is _UNREADABLE for i in ids), dtype=bool, count=len(ids))
     s = pd.Series(pd.array([None if i is _UNREADABLE else i for i in ids], dtype="Int64"))
@@ -142,6 +148,25 @@ def _ids(raw: np.ndarray, *, nullable: bool) -> tuple[pd.Series, np.ndarray]:
 
 
 _UNREADABLE = object()
+# The Python types a column's values come in where a whole column converts at once.
+_INT_TYPES = frozenset({int, np.int64, type(None)})
+_BOOL_TYPES = frozenset({bool, np.bool_, type(None)})
+_TEXT_TYPES = frozenset({str, type(None)})
+
+
+def _kinds(raw: np.ndarray) -> set[type]:
+    return set(map(type, raw))
+
+
+def _as_int64(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Ints, booleans and NULLs as int64 values (0 where NULL) and the NULL mask; None when an
+    int does not fit in 64 bits."""
+    null = np.fromiter((v is None for v in raw), dtype=bool, count=len(raw))
+    try:
+        values = np.where(null, 0, raw).astype(np.int64) if null.any() else np.asarray(raw, dtype=np.int64)
+    except OverflowError:
+        return None
+    return values, null
 
 
 def _one_id(v: Any) -> int | None | object:
@@ -165,6 +190,16 @@ def _one_id(v: Any) -> int | None | object:
 
 def _flags(raw: np.ndarray) -> tuple[pd.Series, np.ndarray]:
     """Booleans, 0/1, and the accepted spellings; NULL is False; anything else unreadable."""
+    if _kinds(raw) <= _INT_TYPES | _BOOL_TYPES:  # the database's booleans, or 0/1 computed in SQL
+        fast = _as_int64(raw)
+        if fast is not None:
+            values, null = fast
+            return pd.Series(values == 1, dtype=bool), ~null & (values != 0) & (values != 1)
+    return _flags_each(raw)
+
+
+def _flags_each(raw: np.ndarray) -> tuple[pd.Series, np.ndarray]:
+    """``_flags`` value by value: the reference, and the way for text and anything else."""
     out = np.zeros(len(raw), dtype=bool)
     bad = np.zeros(len(raw), dtype=bool)
     for i, v in enumerate(raw):
@@ -192,6 +227,32 @@ def _one_flag(v: Any) -> bool | None:
 def _clocks(raw: np.ndarray, *, end_of_day: bool = False) -> tuple[pd.Series, np.ndarray]:
     """Stored clocks as UTC instants within ``CLOCK_RANGE``; NULL is NaT; anything else is NaT
     and unreadable. Calendar dates are their day's start, or its end with ``end_of_day``."""
+    kinds = _kinds(raw)
+    if kinds <= {dt.datetime, type(None)} or kinds <= {dt.date, type(None)}:
+        # A column of the database's own timestamps or dates, converted as one array. A value
+        # pandas cannot hold becomes NaT, and, not being NULL, unreadable, as it would be below.
+        null = np.fromiter((v is None for v in raw), dtype=bool, count=len(raw))
+        if dt.datetime in kinds:
+            utc = pd.Series(pd.to_datetime(raw, utc=True, errors="coerce")).astype(TS)
+        else:
+            days = np.asarray(raw, dtype="datetime64[D]")  # None is NaT
+            years = days.astype("datetime64[Y]").astype(np.int64) + 1970
+            days[(years < _FIRST_YEAR - 1) | (years > _END_YEAR)] = np.datetime64("NaT")
+            utc = _days(pd.Series(days.astype("datetime64[us]")), end_of_day=end_of_day)
+        return _within_range(utc, null)
+    return _clocks_each(raw, end_of_day=end_of_day)
+
+
+def _within_range(utc: pd.Series, null: np.ndarray) -> tuple[pd.Series, np.ndarray]:
+    """Out of range is unreadable too: a placeholder must not start a clock."""
+    out = utc.reset_index(drop=True).astype(TS)
+    outside = (out < _LOW) | (out >= _HIGH)
+    out[outside.to_numpy()] = pd.NaT
+    return out, ~null & out.isna().to_numpy()
+
+
+def _clocks_each(raw: np.ndarray, *, end_of_day: bool = False) -> tuple[pd.Series, np.ndarray]:
+    """``_clocks`` value by value: the reference, and the way for text and mixed columns."""
     n = len(raw)
     utc = np.full(n, np.datetime64("NaT"), dtype="datetime64[us]")  # naive UTC while filled
     null = np.fromiter((_null(v) for v in raw), dtype=bool, count=n)
@@ -206,12 +267,7 @@ def _clocks(raw: np.ndarray, *, end_of_day: bool = False) -> tuple[pd.Series, np
         where = np.flatnonzero(kind == _DAY)
         days = pd.Series([v.isoformat() if _in_years(v) else None for v in raw[where]], dtype=object)
         utc[where] = _naive(_days(days, end_of_day=end_of_day))
-    # Out of range is unreadable too: a placeholder must not start a clock.
-    out = pd.Series(utc).dt.tz_localize("UTC").astype(TS)
-    outside = (out < _LOW) | (out >= _HIGH)
-    out[outside.to_numpy()] = pd.NaT
-    bad = ~null & out.isna().to_numpy()
-    return out, bad
+    return _within_range(pd.Series(utc).dt.tz_localize("UTC"), null)
 
 
 _NULL, _TEXT, _DAY, _INSTANT, _OTHER = range(5)
@@ -244,8 +300,9 @@ def _instants(values: np.ndarray) -> pd.Series:
 
 
 def _days(iso: pd.Series, *, end_of_day: bool = False) -> pd.Series:
-    """``YYYY-MM-DD`` text (or None) as the start of that day in Europe/Stockholm, or its end."""
-    days = pd.to_datetime(iso, errors="coerce", format="%Y-%m-%d")
+    """``YYYY-MM-DD`` text (or None), or naive dates, as the start of that day in
+    Europe/Stockholm, or its end."""
+    days = iso if iso.dtype.kind == "M" else pd.to_datetime(iso, errors="coerce", format="%Y-%m-%d")
     return day_instants(pd.Series(days, index=iso.index), LOCAL_TZ, end_of_day=end_of_day).astype(TS)
 
 
