@@ -396,6 +396,33 @@ def test_legal_holds_refuse_erasure(small):
     assert con.erase("crm_course_registration", [1, 2]) == {1: "erased", 2: "already_gone"}  # 2 went with contact 1
 
 
+@pytest.mark.parametrize("record_type", ["crm_contact", "crm_event_participation", "crm_course_registration",
+                                         "crm_survey_response", "crm_invoice"])
+def test_the_recheck_judges_the_extracts_frame_read_inside_the_erasure(small, record_type):
+    """Right before the deletes, inside their transaction, the records are read again and the
+    recheck gets exactly the frame the extract would give for them now (the same columns,
+    dtypes and values, by the same conversion); what it returns is left alone
+    (``changed_since_plan``) and stays, and the rest of the batch goes ahead."""
+    con = CrmConnector(small)
+    whole = con.read_frame(record_type)
+    ids = [int(i) for i in whole["record_id"]]
+    assert len(ids) >= 2
+    seen: list[pd.DataFrame] = []
+
+    def recheck(frame: pd.DataFrame) -> set[int]:
+        seen.append(frame)
+        return {ids[0]}
+
+    out = con.erase(record_type, ids, recheck=recheck)
+    assert len(seen) == 1, "the erasure did not read the records' current state"
+    pd.testing.assert_frame_equal(
+        seen[0].sort_values("record_id").reset_index(drop=True), whole.sort_values("record_id").reset_index(drop=True)
+    )
+    assert out[ids[0]] == "changed_since_plan"
+    assert con.existing(record_type, [ids[0]]) == {ids[0]}
+    assert "erased" in out.values()
+
+
 def test_erase_rejects_unknown_or_protected_record_types(small):
     con = CrmConnector(small)
     with pytest.raises(ValueError):
