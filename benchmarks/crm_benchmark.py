@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 import time
 
@@ -221,6 +222,7 @@ def main() -> int:
     )
     add_options(ap, repeat=1, repeat_help="runs of plan and validate (medians)")
     args = ap.parse_args()
+    load_before = os.getloadavg()  # the machine's other load shows in every figure: printed with them
     quiet = ("retention.systems.crm.client",)  # one line per batch otherwise
     with Bench("crm", "crm", keep=args.keep, ledger=args.ledger, postgres=True, quiet=quiet) as bench:
         from retention.systems.crm import schema
@@ -329,6 +331,11 @@ def main() -> int:
             f"(children {hand['children_s']:.2f}s + contacts {hand['contacts_s']:.2f}s) = {erase['wall'] / hand_total:.2f}x"
         )
         print(f"plan {rows[1].wall:.2f}s, validate {rows[2].wall:.2f}s, {peak_line(rows)}")
+        load_after = os.getloadavg()
+        print(
+            "load average (1, 5, 15 min): before " + " ".join(f"{v:.2f}" for v in load_before)
+            + ", after " + " ".join(f"{v:.2f}" for v in load_after) + f" ({os.cpu_count()} CPUs)"
+        )
         same = after_p == after_h
         print(f"row counts after erasure: {'identical in both databases' if same else 'DIFFERENT'}")
         if not same:
