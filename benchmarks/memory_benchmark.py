@@ -137,7 +137,7 @@ def seed_crm(bench: Bench, size: int) -> str:
     from retention.systems.crm import schema
     from retention_dev.synthetic import crm as synthetic
 
-    url = bench.env["BENCH_CRM_URL"] = bench.pg.database("retention_bench_memory_crm")
+    url = bench.env["BENCH_CRM_URL"] = bench.pg.database(f"retention_bench_{bench.name}")
     engine = sa.create_engine(url)
     t = time.perf_counter()
     schema.create_schema(engine)
@@ -185,7 +185,8 @@ def run_system(system: str, size: int, steps: tuple[str, ...], keep: bool) -> li
     print(f"\n=== {system}, {size:,} records; {machine()}", flush=True)
     out = []
     env = {"BENCH_SYSTEM": system}
-    with Bench(f"memory_{system}", system, keep=keep, ledger="postgres", postgres=True, env=env, quiet=QUIET[system]) as bench:
+    # The process id in the names: two runs (say, two systems) on one server do not meet.
+    with Bench(f"memory_{system}_{os.getpid()}", system, keep=keep, ledger="postgres", postgres=True, env=env, quiet=QUIET[system]) as bench:
         seeded = SEED[system](bench, size)
         print(f"  seeded: {seeded}", flush=True)
         bench.open_run()
