@@ -54,6 +54,8 @@ from retention.systems.base import Recheck, SourceSystem, batch_size
 
 log = logging.getLogger("retention")
 
+# Plan rows turned into Python values at a time (bounded memory for a plan of a million rows).
+_ROWS = 50_000
 # Ledger column widths.
 _RULE_WIDTH, _HOLD_WIDTH, _DETAIL_WIDTH = 60, 200, 200
 
@@ -88,6 +90,39 @@ class StateCheck:
     policy: Policy
     as_of: datetime
     extracted_at: datetime
+
+
+class _Statuses:
+    """(record type, key) -> status, kept as one dict per record type: a million plan rows
+    without a tuple and a record-type string each, as one dict keyed by both would hold."""
+
+    def __init__(self, pairs: dict[tuple[str, str], str] | None = None):
+        self.by_type: dict[str, dict[str, str]] = {}
+        for (t, k), s in (pairs or {}).items():
+            self.by_type.setdefault(t, {})[k] = Status(s)
+
+    def get(self, tk: tuple[str, str], default=None):
+        return self.by_type.get(tk[0], {}).get(tk[1], default)
+
+    def __contains__(self, tk: tuple[str, str]) -> bool:
+        return tk[1] in self.by_type.get(tk[0], ())
+
+    def __getitem__(self, tk: tuple[str, str]):
+        return self.by_type[tk[0]][tk[1]]
+
+    def __setitem__(self, tk: tuple[str, str], status) -> None:
+        self.by_type.setdefault(tk[0], {})[tk[1]] = status
+
+    def items(self) -> Iterator[tuple[tuple[str, str], str]]:
+        for t, statuses in self.by_type.items():
+            for k, s in statuses.items():
+                yield (t, k), s
+
+    def update_type(self, record_type: str, statuses: dict[str, str]) -> None:
+        self.by_type.setdefault(record_type, {}).update(statuses)
+
+    def __bool__(self) -> bool:
+        return any(self.by_type.values())
 
 
 def _text(value, width: int) -> str | None:
@@ -152,13 +187,10 @@ class ErasureEngine:
         self._check(plan)
         self._pace: dict[str, tuple[int, float]] = {}  # record type -> (records, seconds) sent so far
         deadline = None if budget_seconds is None else self.clock() + budget_seconds
-        self._status = {(t, k): Status(s) for (t, k), s in self.ledger.statuses(self.run_id, self.system).items()}
+        self._status = _Statuses(self.ledger.statuses(self.run_id, self.system))
         # What an earlier, killed attempt of this run handed to the system without hearing back.
         self._sent_before = {tk for tk, s in self._status.items() if s == Status.SUBMITTED}
         self._blocking_index: dict[str, dict[str, list[str]]] = {}
-        self._ids: dict[str, dict[str, str]] = {}
-        for t, i, k in zip(plan["record_type"].tolist(), plan["record_id"].astype(str).tolist(), plan["record_key"].tolist()):
-            self._ids.setdefault(t, {})[k] = i
         self._write_ahead(plan)
         destructive = plan[plan["action"].isin(DESTRUCTIVE).to_numpy()]
         progress = Progress(log, f"{self.system}: erasing", total=len(destructive))
@@ -199,23 +231,28 @@ class ErasureEngine:
             booker.shutdown(wait=True)
             self._wait_bookings(len(self._bookings))
         result = ErasureResult(dry_run=False, seconds=round(progress.finish(), 2))
-        for (record_type, key) in zip(plan["record_type"].tolist(), plan["record_key"].tolist()):
-            result.statuses.setdefault(record_type, Counter())[str(self._status[(record_type, key)])] += 1
+        for record_type, keys in plan.groupby("record_type", sort=False)["record_key"]:
+            statuses = self._status.by_type[record_type]
+            result.statuses[record_type] = Counter(str(statuses[k]) for k in keys)
         return result
 
     def _write_ahead(self, plan: pd.DataFrame) -> None:
         """A ledger entry for every plan row the ledger does not have yet, before anything is touched."""
         if plan.empty:
             return
-        new = plan[[(t, k) not in self._status for t, k in zip(plan["record_type"].tolist(), plan["record_key"].tolist())]]
+        # A first attempt (nothing in the ledger yet) writes the whole plan: no copy of it.
+        new = plan[[(t, k) not in self._status for t, k in zip(plan["record_type"].tolist(), plan["record_key"].tolist())]] if self._status else plan
         if new.empty:
             return
         versions = new["policy_version"] if "policy_version" in new else pd.Series(self.policy_version, index=new.index)
         before = new["action"].astype(str).map({str(a): str(s) for a, s in STATUS_BEFORE.items()})
         for (version, status), part in new.groupby([versions.astype(str), before.astype(str)], sort=False):
             self.ledger.write_ahead(self.run_id, version, self.system, _entries(part), status=status)
-        for t, k, s in zip(new["record_type"].tolist(), new["record_key"].tolist(), before.tolist()):
-            self._status[(t, k)] = s
+        for start in range(0, len(new), _ROWS):  # a slice at a time: no list of every row's values at once
+            rows = slice(start, start + _ROWS)
+            columns = (new["record_type"].iloc[rows].tolist(), new["record_key"].iloc[rows].tolist(), before.iloc[rows].tolist())
+            for t, k, s in zip(*columns):
+                self._status[(t, k)] = s
         deferred = new[(before == Status.DEFERRED).to_numpy()]
         for record_type, part in deferred.groupby("record_type"):
             keys = part["record_key"].tolist()
@@ -298,7 +335,7 @@ class ErasureEngine:
         if not settled:
             return batch
         self.ledger.complete(self.run_id, self.system, record_type, settled, detail)
-        self._status.update({(record_type, k): s for k, s in settled.items()})
+        self._status.update_type(record_type, settled)
         log.info("%s: %s before erasure: %s", self.system, record_type, dict(Counter(map(str, settled.values()))))
         return batch[[k not in settled for k in keys]]
 
@@ -324,6 +361,7 @@ class ErasureEngine:
         self._wait_bookings(self._previous_batch_bookings)
         self._previous_batch_bookings = len(self._bookings)
         key_of = dict(zip(batch["record_id"].astype(str).tolist(), batch["record_key"].tolist()))
+        id_of = {k: i for i, k in key_of.items()}
         heard: set[str] = set()
         pending: dict[str, Status] = {}
         last = time.monotonic()
@@ -339,15 +377,17 @@ class ErasureEngine:
                 heard.add(key)
                 pending[key] = status
                 if time.monotonic() - last >= self.flush_seconds:
-                    self._complete(record_type, pending)
+                    self._complete(record_type, pending, id_of)
                     pending, last = {}, time.monotonic()
         finally:
             # The outcomes heard so far are true whatever stops the batch: book them.
-            self._complete(record_type, pending)
+            self._complete(record_type, pending, id_of)
         # The system said nothing of these: not erased as far as anyone knows.
         self._complete(record_type, {k: Status.FAILED for k in key_of.values() if k not in heard})
 
-    def _complete(self, record_type: str, outcomes: dict[str, Status]) -> None:
+    def _complete(self, record_type: str, outcomes: dict[str, Status], id_of: dict[str, str] | None = None) -> None:
+        """Book outcomes (record_key -> status); ``id_of`` (record_key -> id) names the records
+        the state checks may have left alone, for the detail of a deferral."""
         if not outcomes:
             return
         detail = {}
@@ -356,13 +396,12 @@ class ErasureEngine:
                 if status == Status.ALREADY_GONE and (record_type, key) in self._sent_before:
                     outcomes[key] = Status.ERASED
                     detail[key] = "erased by an earlier attempt of this run, killed before it heard back"
-        if self._left_alone:
-            id_of = self._ids.get(record_type, {})
+        if self._left_alone and id_of:
             for key, status in outcomes.items():
                 why = self._left_alone.get((record_type, id_of.get(key, "")))
                 if why and status == Status.DEFERRED and key not in detail:
                     detail[key] = why
-        self._status.update({(record_type, k): s for k, s in outcomes.items()})
+        self._status.update_type(record_type, outcomes)
         if self._booker is None:
             self.ledger.complete(self.run_id, self.system, record_type, outcomes, detail or None)
             return
@@ -375,7 +414,7 @@ class ErasureEngine:
         """Mark a batch ``submitted``, committed before the batch goes to the system."""
         outcomes = dict.fromkeys(keys, Status.SUBMITTED)
         self.ledger.complete(self.run_id, self.system, record_type, outcomes)
-        self._status.update({(record_type, k): s for k, s in outcomes.items()})
+        self._status.update_type(record_type, outcomes)
 
     def _raise_failed_booking(self) -> None:
         """Raise the error of a booking that failed, of those done."""
@@ -442,13 +481,15 @@ def _plan_columns(chunk: pd.DataFrame | pa.RecordBatch) -> tuple[list[str], list
 
 
 def _entries(frame: pd.DataFrame) -> Iterator[dict]:
-    """Ledger entries for plan rows, made as the ledger takes them (a generator). A deferral is
-    recorded as the erasure it puts off."""
-    hold = frame["hold"].astype(object).where(frame["hold"].notna(), None).tolist() if "hold" in frame else [None] * len(frame)
-    columns = [frame[c].tolist() for c in ("record_type", "record_key", "rule_id", "action")]
-    for t, k, r, a, h in zip(*columns, hold):
-        action = Action.ERASE if a == Action.DEFER else a
-        yield {"record_type": t, "record_key": k, "rule_id": str(r)[:_RULE_WIDTH], "action": str(action), "hold": _text(h, _HOLD_WIDTH)}
+    """Ledger entries for plan rows, made as the ledger takes them (a generator, a slice of
+    rows at a time). A deferral is recorded as the erasure it puts off."""
+    for start in range(0, len(frame), _ROWS):
+        part = frame.iloc[start : start + _ROWS]
+        hold = part["hold"].astype(object).where(part["hold"].notna(), None).tolist() if "hold" in part else [None] * len(part)
+        columns = [part[c].tolist() for c in ("record_type", "record_key", "rule_id", "action")]
+        for t, k, r, a, h in zip(*columns, hold):
+            action = Action.ERASE if a == Action.DEFER else a
+            yield {"record_type": t, "record_key": k, "rule_id": str(r)[:_RULE_WIDTH], "action": str(action), "hold": _text(h, _HOLD_WIDTH)}
 
 
 __all__ = ["ErasureEngine", "ErasureResult", "StateCheck"]
