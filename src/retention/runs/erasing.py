@@ -432,6 +432,12 @@ class ErasureEngine:
     # Plan rows looked up at a time, in the ledger and in the system: what verify holds at once.
     verify_chunk = 50_000
 
+    @property
+    def verify_rows(self) -> int:
+        """Plan rows verified at a time: the adapter's ``verify_batch`` where it has one (a system
+        checked by one pass over all its records wants few, large chunks), else ``verify_chunk``."""
+        return int(getattr(self.adapter, "verify_batch", None) or self.verify_chunk)
+
     def verify(self, plan: pd.DataFrame | Iterable[pd.DataFrame | pa.RecordBatch]) -> tuple[int, int]:
         """Of the plan's records the ledger marks gone: how many, and how many are still there.
 
@@ -441,7 +447,7 @@ class ErasureEngine:
         a chunk's keys and statuses, not the whole run's."""
         checked = 0
         present: Counter = Counter()
-        for chunk in _chunks_of(plan, self.verify_chunk):
+        for chunk in _chunks_of(plan, self.verify_rows):
             by_type: dict[str, tuple[list[str], list[str]]] = {}
             for t, i, k in zip(*_plan_columns(chunk)):
                 ids, keys = by_type.setdefault(t, ([], []))
