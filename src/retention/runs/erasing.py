@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -192,22 +193,29 @@ class ErasureEngine:
         self._sent_before = {tk for tk, s in self._status.items() if s == Status.SUBMITTED}
         self._blocking_index: dict[str, dict[str, list[str]]] = {}
         self._write_ahead(plan)
-        destructive = plan[plan["action"].isin(DESTRUCTIVE).to_numpy()]
-        progress = Progress(log, f"{self.system}: erasing", total=len(destructive))
+        # Rows are picked by position, the batch's rows copied when it goes: no copy of the
+        # plan per record type and action (a million-row plan would be held several times).
+        is_destructive = plan["action"].isin(DESTRUCTIVE).to_numpy()
+        progress = Progress(log, f"{self.system}: erasing", total=int(is_destructive.sum()))
         self._booker = ThreadPoolExecutor(1, thread_name_prefix="ledger-booking")
         self._bookings, self._previous_batch_bookings = [], 0
         out_of_time = False
         try:
             for record_type in self.adapter.record_types:
-                mine = destructive[(destructive["record_type"] == record_type).to_numpy()]
+                mine = is_destructive & (plan["record_type"] == record_type).to_numpy()
+                if not mine.any():
+                    continue
                 for action in (Action.MINIMISE, Action.ERASE):
-                    rows = mine[(mine["action"] == action).to_numpy()]
-                    if rows.empty:
+                    positions = np.flatnonzero(mine & (plan["action"] == action).to_numpy())
+                    if not len(positions):
                         continue
-                    keys = rows["record_key"].tolist()
-                    finished = [self._status.get((record_type, k)) in DONE for k in keys]
-                    progress.add(sum(finished))
-                    todo = self._carried_first(record_type, rows[[not f for f in finished]])
+                    keys = plan["record_key"].iloc[positions]
+                    finished = np.fromiter(
+                        (self._status.get((record_type, k)) in DONE for k in keys), dtype=bool, count=len(positions)
+                    )
+                    del keys
+                    progress.add(int(finished.sum()))
+                    todo = self._carried_first(record_type, plan, positions[~finished])
                     size = batch_size(self.adapter, record_type)
                     start = 0
                     while start < len(todo):
@@ -215,15 +223,16 @@ class ErasureEngine:
                             out_of_time = True
                             log.warning("%s: the erase budget is spent; what is left is carried over to the next run", self.system)
                         if out_of_time:
-                            self._carry_over(record_type, todo.iloc[start:])
+                            self._carry_over(record_type, plan.iloc[todo[start:]])
                             break
                         n = size if deadline is None else self._slice(record_type, size, deadline)
                         began = self.clock()
-                        batch = self._before_batch(record_type, plan, todo.iloc[start : start + n])
+                        rows = plan.iloc[todo[start : start + n]]
+                        batch = self._before_batch(record_type, plan, rows)
                         self._erase_batch(record_type, action, batch)
                         done, took = self._pace.get(record_type, (0, 0.0))
                         self._pace[record_type] = (done + len(batch), took + self.clock() - began)
-                        progress.add(len(todo.iloc[start : start + n]))
+                        progress.add(len(rows))
                         start += n
         finally:
             # Whatever stops the run, the outcomes heard are in the ledger before it returns.
@@ -272,16 +281,16 @@ class ErasureEngine:
         left = max(deadline - self.clock(), 0.0)
         return max(1, min(size, int(sent / max(seconds, 1e-3) * left)))
 
-    def _carried_first(self, record_type: str, todo: pd.DataFrame) -> pd.DataFrame:
-        """``todo`` with what earlier runs carried over first: a backlog is cleared oldest first,
-        whatever new work each night brings."""
-        if todo.empty:
+    def _carried_first(self, record_type: str, plan: pd.DataFrame, todo: np.ndarray) -> np.ndarray:
+        """``todo`` (positions in ``plan``) with what earlier runs carried over first: a backlog
+        is cleared oldest first, whatever new work each night brings."""
+        if not len(todo):
             return todo
         carried = self.ledger.carried_over(self.system, record_type, exclude_run=self.run_id)
         if not carried:
             return todo
-        first = todo["record_key"].isin(carried).to_numpy()
-        return pd.concat([todo[first], todo[~first]])
+        first = plan["record_key"].iloc[todo].isin(carried).to_numpy(dtype=bool)
+        return np.concatenate([todo[first], todo[~first]])
 
     def _carry_over(self, record_type: str, rest: pd.DataFrame) -> None:
         """Book what the budget left untouched: nothing was sent for these records."""
