@@ -113,6 +113,64 @@ def test_write_ahead_then_erase_then_verify(ledger):
     assert engine.verify(plan) == (4, 1)
 
 
+class CountingSystem(MemorySystem):
+    """Notes how many ids each ``still_present`` call was given."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.looked_up: list[tuple[str, int]] = []
+
+    def still_present(self, record_type, record_ids):
+        self.looked_up.append((record_type, len(record_ids)))
+        return super().still_present(record_type, record_ids)
+
+
+def test_verify_takes_the_plan_a_chunk_at_a_time_with_the_same_answer(ledger):
+    """Bounded memory: verify looks a chunk of the plan up in the ledger and the system at a
+    time (never more ids than a chunk in one call) and counts exactly what a whole-plan verify
+    counts, whether given a frame or the plan's Arrow record batches."""
+    import pyarrow as pa
+
+    records = {"support_ticket": {str(i) for i in range(1, 12)}, "ticket_user": {"u1", "u2", "u3"}}
+    rows = [("support_ticket", str(i), "erase") for i in range(1, 11)] + [("ticket_user", "u1", "erase"), ("ticket_user", "u2", "erase")]
+    system = CountingSystem(records)
+    engine = ErasureEngine(ledger, "run-chunks", "ticketing", system, "v1")
+    plan = plan_of(rows)
+    engine.erase(plan)
+    system.records["support_ticket"] |= {"3", "9"}  # a restore brought two back
+    system.records["ticket_user"].add("u2")
+    assert engine.verify(plan) == (12, 3)
+    assert system.looked_up == [("support_ticket", 10), ("ticket_user", 2)]
+
+    engine.verify_chunk = 4
+    system.looked_up.clear()
+    assert engine.verify(plan) == (12, 3)
+    assert max(n for _, n in system.looked_up) <= 4 and sum(n for _, n in system.looked_up) == 12
+
+    engine.verify_chunk = ErasureEngine.verify_chunk
+    system.verify_batch = 3  # an adapter's own chunk wins
+    system.looked_up.clear()
+    assert engine.verify(plan) == (12, 3)
+    assert max(n for _, n in system.looked_up) <= 3 and sum(n for _, n in system.looked_up) == 12
+
+    system.looked_up.clear()
+    batches = pa.Table.from_pandas(plan[["record_type", "record_id", "record_key"]], preserve_index=False).to_batches(max_chunksize=5)
+    assert engine.verify(iter(batches)) == (12, 3)
+    assert max(n for _, n in system.looked_up) <= 5 and sum(n for _, n in system.looked_up) == 12
+
+
+def test_statuses_of_reads_only_the_keys_asked(ledger):
+    system = MemorySystem(TICKETS)
+    engine = ErasureEngine(ledger, "run-keys", "ticketing", system, "v1")
+    plan = plan_of(PLAN)
+    engine.erase(plan)
+    key = dict(zip(plan["record_id"], plan["record_key"]))
+    got = ledger.statuses_of("run-keys", "ticketing", "support_ticket", [key["1"], key["4"], key["u1"], "no-such-key"])
+    assert got == {key["1"]: "erased", key["4"]: "held"}  # u1 is a ticket_user: not of this record type
+    assert ledger.statuses_of("run-keys", "ticketing", "support_ticket", []) == {}
+    assert ledger.statuses_of("other-run", "ticketing", "support_ticket", [key["1"]]) == {}
+
+
 def test_a_requester_waits_for_every_ticket_of_theirs(ledger):
     """A ticket that failed keeps its requester: deferred, and erased once the ticket is gone."""
     system = MemorySystem(TICKETS, fail={"2"})

@@ -66,3 +66,15 @@ def test_a_bad_staging_keep_days_is_one_clear_error(monkeypatch, value):
 def test_the_staging_keep_days_default(monkeypatch):
     monkeypatch.delenv("RETENTION_STAGING_KEEP_DAYS", raising=False)
     assert config.staging_keep_days() == config.DEFAULT_STAGING_KEEP_DAYS == 7
+
+
+def test_a_staged_frame_is_read_in_batches_of_the_columns_asked(tmp_path):
+    staging = RunStaging("retention_nightly", "manual__1", root=tmp_path / "staging")
+    frame = pd.DataFrame({"record_id": [str(i) for i in range(7)], "action": ["erase"] * 7, "rule_id": ["r"] * 7})
+    staging.write_frame("crm", "plan", frame)
+    batches = list(staging.iter_batches("crm", "plan", ["record_id", "action"], batch_rows=3))
+    assert [b.num_rows for b in batches] == [3, 3, 1]
+    assert all(b.schema.names == ["record_id", "action"] for b in batches)
+    assert [i for b in batches for i in b.column("record_id").to_pylist()] == frame["record_id"].tolist()
+    with pytest.raises(FileNotFoundError, match="staging has no plan for newsletter"):
+        next(staging.iter_batches("newsletter", "plan", ["record_id"]))

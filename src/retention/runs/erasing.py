@@ -39,7 +39,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from retention.domain.holds import Holds
 from retention.domain.policy import Policy
@@ -52,6 +55,8 @@ from retention.systems.base import Recheck, SourceSystem, batch_size
 
 log = logging.getLogger("retention")
 
+# Plan rows turned into Python values at a time (bounded memory for a plan of a million rows).
+_ROWS = 50_000
 # Ledger column widths.
 _RULE_WIDTH, _HOLD_WIDTH, _DETAIL_WIDTH = 60, 200, 200
 
@@ -86,6 +91,39 @@ class StateCheck:
     policy: Policy
     as_of: datetime
     extracted_at: datetime
+
+
+class _Statuses:
+    """(record type, key) -> status, kept as one dict per record type: a million plan rows
+    without a tuple and a record-type string each, as one dict keyed by both would hold."""
+
+    def __init__(self, pairs: dict[tuple[str, str], str] | None = None):
+        self.by_type: dict[str, dict[str, str]] = {}
+        for (t, k), s in (pairs or {}).items():
+            self.by_type.setdefault(t, {})[k] = Status(s)
+
+    def get(self, tk: tuple[str, str], default=None):
+        return self.by_type.get(tk[0], {}).get(tk[1], default)
+
+    def __contains__(self, tk: tuple[str, str]) -> bool:
+        return tk[1] in self.by_type.get(tk[0], ())
+
+    def __getitem__(self, tk: tuple[str, str]):
+        return self.by_type[tk[0]][tk[1]]
+
+    def __setitem__(self, tk: tuple[str, str], status) -> None:
+        self.by_type.setdefault(tk[0], {})[tk[1]] = status
+
+    def items(self) -> Iterator[tuple[tuple[str, str], str]]:
+        for t, statuses in self.by_type.items():
+            for k, s in statuses.items():
+                yield (t, k), s
+
+    def update_type(self, record_type: str, statuses: dict[str, str]) -> None:
+        self.by_type.setdefault(record_type, {}).update(statuses)
+
+    def __bool__(self) -> bool:
+        return any(self.by_type.values())
 
 
 def _text(value, width: int) -> str | None:
@@ -150,30 +188,34 @@ class ErasureEngine:
         self._check(plan)
         self._pace: dict[str, tuple[int, float]] = {}  # record type -> (records, seconds) sent so far
         deadline = None if budget_seconds is None else self.clock() + budget_seconds
-        self._status = {(t, k): Status(s) for (t, k), s in self.ledger.statuses(self.run_id, self.system).items()}
+        self._status = _Statuses(self.ledger.statuses(self.run_id, self.system))
         # What an earlier, killed attempt of this run handed to the system without hearing back.
         self._sent_before = {tk for tk, s in self._status.items() if s == Status.SUBMITTED}
         self._blocking_index: dict[str, dict[str, list[str]]] = {}
-        self._ids: dict[str, dict[str, str]] = {}
-        for t, i, k in zip(plan["record_type"].tolist(), plan["record_id"].astype(str).tolist(), plan["record_key"].tolist()):
-            self._ids.setdefault(t, {})[k] = i
         self._write_ahead(plan)
-        destructive = plan[plan["action"].isin(DESTRUCTIVE).to_numpy()]
-        progress = Progress(log, f"{self.system}: erasing", total=len(destructive))
+        # Rows are picked by position, the batch's rows copied when it goes: no copy of the
+        # plan per record type and action (a million-row plan would be held several times).
+        is_destructive = plan["action"].isin(DESTRUCTIVE).to_numpy()
+        progress = Progress(log, f"{self.system}: erasing", total=int(is_destructive.sum()))
         self._booker = ThreadPoolExecutor(1, thread_name_prefix="ledger-booking")
         self._bookings, self._previous_batch_bookings = [], 0
         out_of_time = False
         try:
             for record_type in self.adapter.record_types:
-                mine = destructive[(destructive["record_type"] == record_type).to_numpy()]
+                mine = is_destructive & (plan["record_type"] == record_type).to_numpy()
+                if not mine.any():
+                    continue
                 for action in (Action.MINIMISE, Action.ERASE):
-                    rows = mine[(mine["action"] == action).to_numpy()]
-                    if rows.empty:
+                    positions = np.flatnonzero(mine & (plan["action"] == action).to_numpy())
+                    if not len(positions):
                         continue
-                    keys = rows["record_key"].tolist()
-                    finished = [self._status.get((record_type, k)) in DONE for k in keys]
-                    progress.add(sum(finished))
-                    todo = self._carried_first(record_type, rows[[not f for f in finished]])
+                    keys = plan["record_key"].iloc[positions]
+                    finished = np.fromiter(
+                        (self._status.get((record_type, k)) in DONE for k in keys), dtype=bool, count=len(positions)
+                    )
+                    del keys
+                    progress.add(int(finished.sum()))
+                    todo = self._carried_first(record_type, plan, positions[~finished])
                     size = batch_size(self.adapter, record_type)
                     start = 0
                     while start < len(todo):
@@ -181,15 +223,16 @@ class ErasureEngine:
                             out_of_time = True
                             log.warning("%s: the erase budget is spent; what is left is carried over to the next run", self.system)
                         if out_of_time:
-                            self._carry_over(record_type, todo.iloc[start:])
+                            self._carry_over(record_type, plan.iloc[todo[start:]])
                             break
                         n = size if deadline is None else self._slice(record_type, size, deadline)
                         began = self.clock()
-                        batch = self._before_batch(record_type, plan, todo.iloc[start : start + n])
+                        rows = plan.iloc[todo[start : start + n]]
+                        batch = self._before_batch(record_type, plan, rows)
                         self._erase_batch(record_type, action, batch)
                         done, took = self._pace.get(record_type, (0, 0.0))
                         self._pace[record_type] = (done + len(batch), took + self.clock() - began)
-                        progress.add(len(todo.iloc[start : start + n]))
+                        progress.add(len(rows))
                         start += n
         finally:
             # Whatever stops the run, the outcomes heard are in the ledger before it returns.
@@ -197,23 +240,28 @@ class ErasureEngine:
             booker.shutdown(wait=True)
             self._wait_bookings(len(self._bookings))
         result = ErasureResult(dry_run=False, seconds=round(progress.finish(), 2))
-        for (record_type, key) in zip(plan["record_type"].tolist(), plan["record_key"].tolist()):
-            result.statuses.setdefault(record_type, Counter())[str(self._status[(record_type, key)])] += 1
+        for record_type, keys in plan.groupby("record_type", sort=False)["record_key"]:
+            statuses = self._status.by_type[record_type]
+            result.statuses[record_type] = Counter(str(statuses[k]) for k in keys)
         return result
 
     def _write_ahead(self, plan: pd.DataFrame) -> None:
         """A ledger entry for every plan row the ledger does not have yet, before anything is touched."""
         if plan.empty:
             return
-        new = plan[[(t, k) not in self._status for t, k in zip(plan["record_type"].tolist(), plan["record_key"].tolist())]]
+        # A first attempt (nothing in the ledger yet) writes the whole plan: no copy of it.
+        new = plan[[(t, k) not in self._status for t, k in zip(plan["record_type"].tolist(), plan["record_key"].tolist())]] if self._status else plan
         if new.empty:
             return
         versions = new["policy_version"] if "policy_version" in new else pd.Series(self.policy_version, index=new.index)
         before = new["action"].astype(str).map({str(a): str(s) for a, s in STATUS_BEFORE.items()})
         for (version, status), part in new.groupby([versions.astype(str), before.astype(str)], sort=False):
             self.ledger.write_ahead(self.run_id, version, self.system, _entries(part), status=status)
-        for t, k, s in zip(new["record_type"].tolist(), new["record_key"].tolist(), before.tolist()):
-            self._status[(t, k)] = s
+        for start in range(0, len(new), _ROWS):  # a slice at a time: no list of every row's values at once
+            rows = slice(start, start + _ROWS)
+            columns = (new["record_type"].iloc[rows].tolist(), new["record_key"].iloc[rows].tolist(), before.iloc[rows].tolist())
+            for t, k, s in zip(*columns):
+                self._status[(t, k)] = s
         deferred = new[(before == Status.DEFERRED).to_numpy()]
         for record_type, part in deferred.groupby("record_type"):
             keys = part["record_key"].tolist()
@@ -233,16 +281,16 @@ class ErasureEngine:
         left = max(deadline - self.clock(), 0.0)
         return max(1, min(size, int(sent / max(seconds, 1e-3) * left)))
 
-    def _carried_first(self, record_type: str, todo: pd.DataFrame) -> pd.DataFrame:
-        """``todo`` with what earlier runs carried over first: a backlog is cleared oldest first,
-        whatever new work each night brings."""
-        if todo.empty:
+    def _carried_first(self, record_type: str, plan: pd.DataFrame, todo: np.ndarray) -> np.ndarray:
+        """``todo`` (positions in ``plan``) with what earlier runs carried over first: a backlog
+        is cleared oldest first, whatever new work each night brings."""
+        if not len(todo):
             return todo
         carried = self.ledger.carried_over(self.system, record_type, exclude_run=self.run_id)
         if not carried:
             return todo
-        first = todo["record_key"].isin(carried).to_numpy()
-        return pd.concat([todo[first], todo[~first]])
+        first = plan["record_key"].iloc[todo].isin(carried).to_numpy(dtype=bool)
+        return np.concatenate([todo[first], todo[~first]])
 
     def _carry_over(self, record_type: str, rest: pd.DataFrame) -> None:
         """Book what the budget left untouched: nothing was sent for these records."""
@@ -296,7 +344,7 @@ class ErasureEngine:
         if not settled:
             return batch
         self.ledger.complete(self.run_id, self.system, record_type, settled, detail)
-        self._status.update({(record_type, k): s for k, s in settled.items()})
+        self._status.update_type(record_type, settled)
         log.info("%s: %s before erasure: %s", self.system, record_type, dict(Counter(map(str, settled.values()))))
         return batch[[k not in settled for k in keys]]
 
@@ -306,9 +354,14 @@ class ErasureEngine:
         if check is None:
             return None
         planned = batch[["record_id", "action", "clock"]] if "clock" in batch else batch[["record_id", "action"]].assign(clock=pd.NaT)
+        planned = planned.assign(record_id=planned["record_id"].astype(str))
 
         def judge(current: pd.DataFrame) -> dict[str, str]:
-            reasons = leave_alone(record_type, current, planned, check.policy, check.as_of)
+            # The plan rows of the records read now only: a system re-reads a hundred at a time
+            # in a batch of up to 100,000, and the whole batch's rows copied for every hundred
+            # cost time and, in the client's threads, hundreds of MB.
+            mine = planned[planned["record_id"].isin(current["record_id"].astype(str)).to_numpy(dtype=bool)]
+            reasons = leave_alone(record_type, current, mine, check.policy, check.as_of)
             self._left_alone.update({(record_type, rid): why for rid, why in reasons.items()})
             return reasons
 
@@ -322,6 +375,7 @@ class ErasureEngine:
         self._wait_bookings(self._previous_batch_bookings)
         self._previous_batch_bookings = len(self._bookings)
         key_of = dict(zip(batch["record_id"].astype(str).tolist(), batch["record_key"].tolist()))
+        id_of = {k: i for i, k in key_of.items()}
         heard: set[str] = set()
         pending: dict[str, Status] = {}
         last = time.monotonic()
@@ -337,15 +391,17 @@ class ErasureEngine:
                 heard.add(key)
                 pending[key] = status
                 if time.monotonic() - last >= self.flush_seconds:
-                    self._complete(record_type, pending)
+                    self._complete(record_type, pending, id_of)
                     pending, last = {}, time.monotonic()
         finally:
             # The outcomes heard so far are true whatever stops the batch: book them.
-            self._complete(record_type, pending)
+            self._complete(record_type, pending, id_of)
         # The system said nothing of these: not erased as far as anyone knows.
         self._complete(record_type, {k: Status.FAILED for k in key_of.values() if k not in heard})
 
-    def _complete(self, record_type: str, outcomes: dict[str, Status]) -> None:
+    def _complete(self, record_type: str, outcomes: dict[str, Status], id_of: dict[str, str] | None = None) -> None:
+        """Book outcomes (record_key -> status); ``id_of`` (record_key -> id) names the records
+        the state checks may have left alone, for the detail of a deferral."""
         if not outcomes:
             return
         detail = {}
@@ -354,13 +410,12 @@ class ErasureEngine:
                 if status == Status.ALREADY_GONE and (record_type, key) in self._sent_before:
                     outcomes[key] = Status.ERASED
                     detail[key] = "erased by an earlier attempt of this run, killed before it heard back"
-        if self._left_alone:
-            id_of = self._ids.get(record_type, {})
+        if self._left_alone and id_of:
             for key, status in outcomes.items():
                 why = self._left_alone.get((record_type, id_of.get(key, "")))
                 if why and status == Status.DEFERRED and key not in detail:
                     detail[key] = why
-        self._status.update({(record_type, k): s for k, s in outcomes.items()})
+        self._status.update_type(record_type, outcomes)
         if self._booker is None:
             self.ledger.complete(self.run_id, self.system, record_type, outcomes, detail or None)
             return
@@ -373,7 +428,7 @@ class ErasureEngine:
         """Mark a batch ``submitted``, committed before the batch goes to the system."""
         outcomes = dict.fromkeys(keys, Status.SUBMITTED)
         self.ledger.complete(self.run_id, self.system, record_type, outcomes)
-        self._status.update({(record_type, k): s for k, s in outcomes.items()})
+        self._status.update_type(record_type, outcomes)
 
     def _raise_failed_booking(self) -> None:
         """Raise the error of a booking that failed, of those done."""
@@ -388,32 +443,73 @@ class ErasureEngine:
         self._bookings = self._bookings[upto:]
 
     # -- verify -------------------------------------------------------------------------------
-    def verify(self, plan: pd.DataFrame) -> tuple[int, int]:
-        """Of the plan's records the ledger marks gone: how many, and how many are still there."""
-        statuses = self.ledger.statuses(self.run_id, self.system)
-        checked = still = 0
-        for record_type in self.adapter.record_types:
-            mine = plan[(plan["record_type"] == record_type).to_numpy()]
-            gone = [i for i, k in zip(mine["record_id"].astype(str).tolist(), mine["record_key"].tolist())
-                    if statuses.get((record_type, k)) in GONE]
-            if not gone:
-                continue
-            present = self.adapter.still_present(record_type, gone)
-            checked += len(gone)
-            still += len(present)
-            if present:
-                log.error("%s: %d %s records the ledger marks gone are still present", self.system, len(present), record_type)
-        return checked, still
+    # Plan rows looked up at a time, in the ledger and in the system: what verify holds at once.
+    verify_chunk = 50_000
+
+    @property
+    def verify_rows(self) -> int:
+        """Plan rows verified at a time: the adapter's ``verify_batch`` where it has one (a system
+        checked by one pass over all its records wants few, large chunks), else ``verify_chunk``."""
+        return int(getattr(self.adapter, "verify_batch", None) or self.verify_chunk)
+
+    def verify(self, plan: pd.DataFrame | Iterable[pd.DataFrame | pa.RecordBatch]) -> tuple[int, int]:
+        """Of the plan's records the ledger marks gone: how many, and how many are still there.
+
+        ``plan``: a frame, or the plan in chunks (frames or Arrow record batches with at least
+        record_type, record_id and record_key). A chunk at a time is looked up in the ledger
+        (its entries only) and then in the system, so that verifying a million erasures holds
+        a chunk's keys and statuses, not the whole run's."""
+        checked = 0
+        present: Counter = Counter()
+        for chunk in _chunks_of(plan, self.verify_rows):
+            by_type: dict[str, tuple[list[str], list[str]]] = {}
+            for t, i, k in zip(*_plan_columns(chunk)):
+                ids, keys = by_type.setdefault(t, ([], []))
+                ids.append(i)
+                keys.append(k)
+            for record_type in self.adapter.record_types:
+                if record_type not in by_type:
+                    continue
+                ids, keys = by_type.pop(record_type)
+                statuses = self.ledger.statuses_of(self.run_id, self.system, record_type, keys)
+                gone = [i for i, k in zip(ids, keys) if statuses.get(k) in GONE]
+                del ids, keys, statuses
+                if not gone:
+                    continue
+                checked += len(gone)
+                present[record_type] += len(self.adapter.still_present(record_type, gone))
+        for record_type, n in present.items():
+            if n:
+                log.error("%s: %d %s records the ledger marks gone are still present", self.system, n, record_type)
+        return checked, sum(present.values())
+
+
+def _chunks_of(plan: pd.DataFrame | Iterable[pd.DataFrame | pa.RecordBatch], size: int) -> Iterator:
+    """A frame in slices of ``size`` rows; chunks as given."""
+    if isinstance(plan, pd.DataFrame):
+        for start in range(0, len(plan), size):
+            yield plan.iloc[start : start + size]
+        return
+    yield from plan
+
+
+def _plan_columns(chunk: pd.DataFrame | pa.RecordBatch) -> tuple[list[str], list[str], list[str]]:
+    """A plan chunk's record types, ids (as text, the ledger's and the adapters' form) and keys."""
+    if isinstance(chunk, pd.DataFrame):
+        return chunk["record_type"].astype(str).tolist(), chunk["record_id"].astype(str).tolist(), chunk["record_key"].tolist()
+    return tuple(pc.cast(chunk.column(c), pa.string()).to_pylist() for c in ("record_type", "record_id", "record_key"))
 
 
 def _entries(frame: pd.DataFrame) -> Iterator[dict]:
-    """Ledger entries for plan rows, made as the ledger takes them (a generator). A deferral is
-    recorded as the erasure it puts off."""
-    hold = frame["hold"].astype(object).where(frame["hold"].notna(), None).tolist() if "hold" in frame else [None] * len(frame)
-    columns = [frame[c].tolist() for c in ("record_type", "record_key", "rule_id", "action")]
-    for t, k, r, a, h in zip(*columns, hold):
-        action = Action.ERASE if a == Action.DEFER else a
-        yield {"record_type": t, "record_key": k, "rule_id": str(r)[:_RULE_WIDTH], "action": str(action), "hold": _text(h, _HOLD_WIDTH)}
+    """Ledger entries for plan rows, made as the ledger takes them (a generator, a slice of
+    rows at a time). A deferral is recorded as the erasure it puts off."""
+    for start in range(0, len(frame), _ROWS):
+        part = frame.iloc[start : start + _ROWS]
+        hold = part["hold"].astype(object).where(part["hold"].notna(), None).tolist() if "hold" in part else [None] * len(part)
+        columns = [part[c].tolist() for c in ("record_type", "record_key", "rule_id", "action")]
+        for t, k, r, a, h in zip(*columns, hold):
+            action = Action.ERASE if a == Action.DEFER else a
+            yield {"record_type": t, "record_key": k, "rule_id": str(r)[:_RULE_WIDTH], "action": str(action), "hold": _text(h, _HOLD_WIDTH)}
 
 
 __all__ = ["ErasureEngine", "ErasureResult", "StateCheck"]

@@ -316,6 +316,20 @@ class Ledger:
         with self.engine.connect() as conn:
             return {(t, k): s for t, k, s in conn.execute(q)}
 
+    def statuses_of(self, run_id: str, system: str, record_type: str, keys: Sequence[str]) -> dict[str, str]:
+        """record_key -> status of the given entries of this run and system (keys the ledger
+        has not are left out). For a chunk of keys at a time: a verify step that asks this per
+        chunk holds a chunk's statuses, not a whole run's as :meth:`statuses` does."""
+        t = erasure_ledger
+        size = 50_000 if self._postgres else 900
+        out: dict[str, str] = {}
+        mine = (t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type)
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(keys), size):
+                for key, status in conn.execute(sa.select(t.c.record_key, t.c.status).where(*mine, self._key_in(chunk))):
+                    out[key] = status
+        return out
+
     def write_ahead(
         self, run_id: str, policy_version: str, system: str, rows: Iterable[dict], status: str = "planned"
     ) -> None:

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -89,6 +90,14 @@ class RunStaging:
         if not path.exists():
             raise FileNotFoundError(f"staging has no {name} for {system}: did the earlier task of this run succeed?")
         return pd.read_parquet(path)
+
+    def iter_batches(self, system: str, name: str, columns: list[str], batch_rows: int = 50_000) -> Iterator[pa.RecordBatch]:
+        """A staged frame's ``columns`` in Arrow record batches of at most ``batch_rows`` rows:
+        for a step that needs a few columns of a large frame a chunk at a time (bounded memory)."""
+        path = self.system_dir(system) / f"{name}.parquet"
+        if not path.exists():
+            raise FileNotFoundError(f"staging has no {name} for {system}: did the earlier task of this run succeed?")
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
 
     def write_json(self, system: str, name: str, data: dict) -> Path:
         path = self.system_dir(system) / f"{name}.json"

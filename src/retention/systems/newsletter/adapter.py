@@ -158,6 +158,11 @@ class NewsletterAdapter:
                         chunk[f].append(wanted[h] if f == "id" else page[f][i])
         return members_frame(chunk)
 
+    # Ids verified at a time (the engine's chunk): a large check is one pass over the whole list,
+    # so a chunk this size keeps it to one pass up to 200,000 erasures (the ids of a chunk are
+    # a few tens of MB).
+    verify_batch = 200_000
+
     def still_present(self, record_type: str, record_ids: Sequence[str]) -> set[str]:
         groups, _unknown = self.audiences.by_audience(record_ids)  # no audience of ours: not found in ours
         present: set[str] = set()
