@@ -156,7 +156,8 @@ class Compiler:
 
 
 def _sqlite_canonical_clock(e: sa.ColumnElement) -> sa.ColumnElement:
-    """Text SQLite's ``date``/``datetime`` write back unchanged (so a valid date and time) in
+    """Text SQLite's ``date``/``datetime`` of its day number write back unchanged (so a valid
+    date and time: ``date`` alone would keep 30 February, the day number makes it 1 March) in
     one of the three forms the reading takes as they are, within the years it surely reads."""
     n = sa.func.length(e)
     head = sa.func.substr(e, 1, 19)
@@ -164,11 +165,11 @@ def _sqlite_canonical_clock(e: sa.ColumnElement) -> sa.ColumnElement:
         e >= sa.literal(f"{_YEARS[0]}-01-01", sa.String),
         e < sa.literal(f"{_YEARS[1]}-01-01", sa.String),
         sa.or_(
-            sa.and_(n == 10, sa.func.date(e) == e),
-            sa.and_(n == 19, sa.func.datetime(e) == e),
+            sa.and_(n == 10, sa.func.date(sa.func.julianday(e)) == e),
+            sa.and_(n == 19, sa.func.datetime(sa.func.julianday(e)) == e),
             sa.and_(
                 n == 26,
-                sa.func.datetime(head) == head,
+                sa.func.datetime(sa.func.julianday(head)) == head,
                 sa.func.substr(e, 20, 1) == ".",
                 sa.func.substr(e, 21, 6).op("GLOB")(_DIGITS6),
             ),
