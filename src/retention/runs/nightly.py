@@ -43,10 +43,14 @@ def _extracted_at(run: RunInfo, system: str) -> pd.Timestamp:
     return pd.Timestamp(extracted.get("extracted_at") or datetime.now(UTC))
 
 
-def extract(run: RunInfo, system: str, adapter: SourceSystem, *, lock_wait_seconds: float = 6 * 3600) -> dict:
+def extract(
+    run: RunInfo, system: str, adapter: SourceSystem, *, lock_wait_seconds: float = 6 * 3600, full: bool = False
+) -> dict:
     """Take the system for this run (raises ``LockTimeout`` after ``lock_wait_seconds``), then
     stream the records to staging: every record, or (an adapter that ``narrows_extract``) the
-    candidates of this run's plan, with ``extracted`` still counting every record."""
+    candidates of this run's plan, with ``extracted`` still counting every record. ``full``:
+    every record whatever the adapter can (a reconciliation; the replay, which looks for
+    restored copies, not for what is due)."""
     last_note = [0.0]
 
     def waiting(holder: str) -> None:
@@ -64,10 +68,9 @@ def extract(run: RunInfo, system: str, adapter: SourceSystem, *, lock_wait_secon
     for record_type in adapter.record_types:
         writer.declare(record_type)
     totals = None
-    if getattr(adapter, "narrows_extract", False):
+    if getattr(adapter, "narrows_extract", False) and not full:
         # Only the records a plan as of this run could touch (the CRM selects them by the
         # policy's conditions); ``totals``: every record type's size, what the guard weighs.
-        # A whole read (a reconciliation) is ``full=True``.
         totals = adapter.extract(writer.write, now, policy=run.policy(), as_of=run.as_of_ts)
     else:
         adapter.extract(writer.write, now)
