@@ -44,9 +44,14 @@ def _extracted_at(run: RunInfo, system: str) -> pd.Timestamp:
     return pd.Timestamp(extracted.get("extracted_at") or datetime.now(UTC))
 
 
-def extract(run: RunInfo, system: str, adapter: SourceSystem, *, lock_wait_seconds: float = 6 * 3600) -> dict:
+def extract(
+    run: RunInfo, system: str, adapter: SourceSystem, *, lock_wait_seconds: float = 6 * 3600, full: bool = False
+) -> dict:
     """Take the system for this run (raises ``LockTimeout`` after ``lock_wait_seconds``), then
-    stream every record to staging."""
+    stream the records to staging: every record, or (an adapter that ``narrows_extract``) the
+    candidates of this run's plan, with ``extracted`` still counting every record. ``full``:
+    every record whatever the adapter can (a reconciliation; the replay, which looks for
+    restored copies, not for what is due)."""
     last_note = [0.0]
 
     def waiting(holder: str) -> None:
@@ -63,11 +68,20 @@ def extract(run: RunInfo, system: str, adapter: SourceSystem, *, lock_wait_secon
     now = datetime.now(UTC)
     for record_type in adapter.record_types:
         writer.declare(record_type)
-    adapter.extract(writer.write, now)
+    totals = None
+    if getattr(adapter, "narrows_extract", False) and not full:
+        # Only the records a plan as of this run could touch (the CRM selects them by the
+        # policy's conditions); ``totals``: every record type's size, what the guard weighs.
+        totals = adapter.extract(writer.write, now, policy=run.policy(), as_of=run.as_of_ts)
+    else:
+        adapter.extract(writer.write, now)
     counts = writer.close()
-    summary = {"extracted": counts, "extracted_at": now.isoformat(), "seconds": round(time.monotonic() - started, 2)}
+    summary = {
+        "extracted": {**counts, **(totals or {})}, "read": counts,
+        "extracted_at": now.isoformat(), "seconds": round(time.monotonic() - started, 2),
+    }
     staging.write_json(system, "extract", summary)
-    log.info("%s: extracted %s in %.1fs", system, counts, summary["seconds"])
+    log.info("%s: extracted %s (read %s) in %.1fs", system, summary["extracted"], counts, summary["seconds"])
     return summary
 
 

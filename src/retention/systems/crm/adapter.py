@@ -14,7 +14,9 @@ from datetime import datetime
 
 import pandas as pd
 
+from retention.domain.candidates import candidates
 from retention.domain.conform import conform
+from retention.domain.policy import Policy
 from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import Action, Status
 from retention.progress import Progress
@@ -47,14 +49,38 @@ class CrmAdapter:
     def __init__(self, connector: CrmConnector):
         self.connector = connector
 
-    def extract(self, write, now: datetime) -> None:
+    # The nightly run may hand ``extract`` its policy: the CRM then reads only the candidates.
+    narrows_extract = True
+
+    def extract(
+        self, write, now: datetime, *, policy: Policy | None = None, as_of: datetime | None = None, full: bool = False
+    ) -> dict[str, int] | None:
+        """Stream the records to ``write``: every record (no ``policy``, or ``full``, the
+        reconciliation's whole read), or only the candidates of a plan under ``policy`` as of
+        ``as_of`` (default ``now``; any earlier as-of is covered too), the rows the domain's
+        ``candidates`` names, selected by the database. Narrowed, returns how many records
+        each record type has in all (``COUNT(*)``), which is what the plan-size guard weighs
+        the plan against; whole, None (the rows written are all there are)."""
+        narrowed = policy is not None and not full
+        totals: dict[str, int] = {}
         for record_type in (*self.record_types, "crm_legal_hold"):
-            progress = Progress(log, f"crm: reading {record_type}")
             target = SOURCE_HOLDS if record_type == "crm_legal_hold" else record_type
-            for frame in self.connector.iter_frames(record_type, now=now):
+            condition = None
+            if narrowed and record_type != "crm_legal_hold":  # the hold list is read whole: it is small
+                condition = candidates(record_type, policy, as_of or now, now)
+                totals[target] = self.connector.count_rows(record_type, now=now)
+            progress = Progress(log, f"crm: reading {record_type}" + (" (candidates)" if condition is not None else ""))
+            read = 0
+            for frame in self.connector.iter_frames(record_type, now=now, candidates=condition):
                 write(target, frame.assign(record_id=frame["record_id"].astype("string")))
                 progress.add(len(frame))
+                read += len(frame)
             progress.finish()
+            if narrowed:
+                totals.setdefault(target, read)
+                if condition is not None:
+                    log.info("crm extract %s: %d candidate rows of %d", record_type, read, totals[target])
+        return totals if narrowed else None
 
     def find_person(self, email: str) -> dict[str, pd.DataFrame]:
         """The contacts with this address and what belongs to them: children and invoices (with

@@ -11,13 +11,16 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from retention.domain.candidates import Condition
 from retention.domain.records import FLAG, KEY, SOURCE_HOLD_COLUMNS, TEXT, TIME, UNREADABLE
 from retention.domain.records import RECORD_TYPES as SCHEMA
+from retention.systems.crm.predicates import Column, Compiler
 from retention.systems.crm.sql import ConnectorBase
 from retention.systems.crm.values import TS, as_utc, distinct_ids, to_frame
 
@@ -63,17 +66,34 @@ _TABLES = {
     "crm_invoice": "invoice",
     "crm_legal_hold": "legal_hold",
 }
+# Frame columns the connector computes (0 or 1 whatever is stored): never unreadable.
+_COMPUTED = frozenset({"membership_active", "is_customer", "has_email", "has_invoice"})
 _SOURCES = {
     "crm_contact": {"membership_end": ("membership", "ends_on"), "has_email": ("contact", "email")},
     "crm_event_participation": {"membership_end": ("membership", "ends_on"), "opted_out": ("contact", "opted_out")},
 }
 
 
+@dataclass(frozen=True)
+class FrameParts:
+    """A record type's frame in SQL: each frame column's expression, the joined tables, the
+    order, and the logical tables joined on their id (the frame's key is unique when theirs are)."""
+
+    columns: dict[str, sa.ColumnElement]
+    source: sa.FromClause
+    order: sa.ColumnElement
+    keyed: tuple[str, ...] = ()
+
+
 class FrameReads(ConnectorBase):
     """Reading the CRM: frames of every record type, and what belongs to given contacts."""
 
-    def iter_frames(self, record_type: str, *, now: dt.datetime | None = None) -> Iterator[pd.DataFrame]:
-        """Yield the records of ``record_type`` in frames of at most ``chunk_size`` rows.
+    def iter_frames(
+        self, record_type: str, *, now: dt.datetime | None = None, candidates: Condition | None = None
+    ) -> Iterator[pd.DataFrame]:
+        """Yield the records of ``record_type`` in frames of at most ``chunk_size`` rows; with
+        ``candidates`` (the domain's condition, ``retention.domain.candidates``), only the rows
+        it may be true of (compiled by :mod:`~retention.systems.crm.predicates`).
 
         Bounded memory: a server-side cursor on PostgreSQL, ``fetchmany`` elsewhere. Rows come
         in ascending record id (legal holds: by hold id). A table with no rows yields one empty
@@ -83,7 +103,7 @@ class FrameReads(ConnectorBase):
             raise ValueError(f"unknown record type {record_type!r}; expected one of {RECORD_TYPES}")
         self._ensure_checked()
         now = as_utc(now or dt.datetime.now(dt.UTC))
-        stmt = self._frame_query(record_type, now)
+        stmt = self._frame_query(record_type, now, candidates)
         columns = FRAME_COLUMNS[record_type]
         ends = END_OF_DAY.get(record_type, ())
         rows_total = 0
@@ -119,6 +139,52 @@ class FrameReads(ConnectorBase):
         if unreadable > _LOGGED_ROWS:
             log.warning("crm extract %s: %d rows with unreadable values or no id in all (quarantined)", record_type, unreadable)
         log.info("crm extract %s: %d rows in %d chunk(s)", record_type, rows_total, max(chunks, 1))
+
+    def count_rows(self, record_type: str, *, now: dt.datetime | None = None) -> int:
+        """How many rows a whole read of ``record_type`` gives (``COUNT(*)`` over its frame's
+        tables), without reading them: what the plan-size guard weighs a narrowed plan against."""
+        if record_type not in FRAME_COLUMNS:
+            raise ValueError(f"unknown record type {record_type!r}; expected one of {RECORD_TYPES}")
+        self._ensure_checked()
+        parts = self._frame_parts(record_type, as_utc(now or dt.datetime.now(dt.UTC)))
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(parts.source)).scalar_one())
+
+    def _candidate_filter(self, record_type: str, parts: FrameParts, candidates: Condition) -> sa.ColumnElement:
+        """The domain's candidate condition for ``record_type`` as a WHERE clause of its frame."""
+        kinds = {"int64": "id", "Int64": "id", "bool": "flag", "str": "text", TS: "clock"}
+        columns = {}
+        for name, expr in parts.columns.items():
+            logical, col = _SOURCES.get(record_type, {}).get(name, (_TABLES[record_type], name))
+            columns[name] = Column(
+                expr, kinds[FRAME_COLUMNS[record_type][name]], computed=name in _COMPUTED,
+                sql_type=None if name in _COMPUTED else self._column_type(logical, "id" if col == "record_id" else col),
+            )
+        duplicate = None
+        if not all(self._keyed_by_id(t) for t in parts.keyed):
+            key = parts.columns["record_id"]
+            shared = sa.select(key).select_from(parts.source).group_by(key).having(sa.func.count() > 1)
+            duplicate = key.in_(shared.scalar_subquery())
+        return Compiler(self.dialect, columns, duplicate)(candidates)
+
+    def _reflected(self, logical: str) -> tuple[dict[str, object], list[str]]:
+        """(physical column -> SQL type, primary key columns) of a mapped table, read once."""
+        cache = self.__dict__.setdefault("_reflection", {})
+        if logical not in cache:
+            t = self._t(logical)
+            inspector = sa.inspect(self.engine)
+            types = {col["name"]: col["type"] for col in inspector.get_columns(t.name, schema=t.schema)}
+            pk = inspector.get_pk_constraint(t.name, schema=t.schema).get("constrained_columns") or []
+            cache[logical] = (types, list(pk))
+        return cache[logical]
+
+    def _column_type(self, logical: str, column: str):
+        physical = self._t(logical).columns.get(column)
+        return self._reflected(logical)[0].get(physical)
+
+    def _keyed_by_id(self, logical: str) -> bool:
+        """The table's id is its primary key on its own (so no two rows share it)."""
+        return self._reflected(logical)[1] == [self._t(logical).columns.get("id")]
 
     def _log_unreadable(self, record_type: str, frame: pd.DataFrame, start: int, logged: int) -> int:
         """Name table, column and key of each row with an unreadable value or no id (the first
@@ -168,14 +234,22 @@ class FrameReads(ConnectorBase):
             .subquery("ms")
         )
 
-    def _relationship_columns(self, ms) -> list[sa.ColumnElement]:
-        return [
-            sa.func.coalesce(ms.c.active, 0).label("membership_active"),
-            sa.case((ms.c.active == 1, sa.null()), else_=ms.c.last_end).label("membership_end"),
-            sa.case((ms.c.org.is_(None), 0), else_=1).label("is_customer"),
-        ]
+    def _relationship_columns(self, ms) -> dict[str, sa.ColumnElement]:
+        return {
+            "membership_active": sa.func.coalesce(ms.c.active, 0),
+            "membership_end": sa.case((ms.c.active == 1, sa.null()), else_=ms.c.last_end),
+            "is_customer": sa.case((ms.c.org.is_(None), 0), else_=1),
+        }
 
-    def _frame_query(self, record_type: str, now: dt.datetime) -> sa.Select:
+    def _frame_query(self, record_type: str, now: dt.datetime, candidates: Condition | None = None) -> sa.Select:
+        """The record type's frame as one statement (only the rows ``candidates`` may be true of, when given)."""
+        parts = self._frame_parts(record_type, now)
+        stmt = sa.select(*(e.label(n) for n, e in parts.columns.items())).select_from(parts.source)
+        if candidates is not None:
+            stmt = stmt.where(self._candidate_filter(record_type, parts, candidates))
+        return stmt.order_by(parts.order)
+
+    def _frame_parts(self, record_type: str, now: dt.datetime) -> FrameParts:
         today = now.astimezone(self.local_tz).date()
         if record_type == "crm_contact":
             c = self._t("contact").alias("c")
@@ -190,43 +264,38 @@ class FrameReads(ConnectorBase):
             has_email = sa.case(
                 (sa.and_(c.c.email.is_not(None), sa.func.trim(c.c.email) != ""), 1), else_=0
             )
-            return (
-                sa.select(
-                    c.c.id.label("record_id"),
-                    c.c.kind.label("kind"),
-                    c.c.organisation_id.label("organisation_id"),
-                    *self._relationship_columns(ms),
-                    c.c.last_interaction_at.label("last_interaction_at"),
-                    c.c.opted_out.label("opted_out"),
-                    has_email.label("has_email"),
-                    c.c.created_at.label("created_at"),
-                    sa.case((with_inv.c.cid.is_(None), 0), else_=1).label("has_invoice"),
-                )
-                .select_from(
-                    c.table.outerjoin(ms, ms.c.org == c.c.organisation_id).outerjoin(
-                        with_inv, with_inv.c.cid == c.c.id
-                    )
-                )
-                .order_by(c.c.id)
+            return FrameParts(
+                {
+                    "record_id": c.c.id,
+                    "kind": c.c.kind,
+                    "organisation_id": c.c.organisation_id,
+                    **self._relationship_columns(ms),
+                    "last_interaction_at": c.c.last_interaction_at,
+                    "opted_out": c.c.opted_out,
+                    "has_email": has_email,
+                    "created_at": c.c.created_at,
+                    "has_invoice": sa.case((with_inv.c.cid.is_(None), 0), else_=1),
+                },
+                c.table.outerjoin(ms, ms.c.org == c.c.organisation_id).outerjoin(with_inv, with_inv.c.cid == c.c.id),
+                c.c.id,
+                keyed=("contact",),
             )
         if record_type == "crm_event_participation":
             e = self._t("event_participation").alias("e")
             c = self._t("contact").alias("c")
             ms = self._membership_stats(today)
-            return (
-                sa.select(
-                    e.c.id.label("record_id"),
-                    e.c.contact_id.label("contact_id"),
-                    e.c.event_date.label("event_date"),
-                    *self._relationship_columns(ms),
-                    c.c.opted_out.label("opted_out"),
-                )
-                .select_from(
-                    e.table.outerjoin(c.table, c.c.id == e.c.contact_id).outerjoin(
-                        ms, ms.c.org == c.c.organisation_id
-                    )
-                )
-                .order_by(e.c.id)
+            return FrameParts(
+                {
+                    "record_id": e.c.id,
+                    "contact_id": e.c.contact_id,
+                    "event_date": e.c.event_date,
+                    **self._relationship_columns(ms),
+                    "opted_out": c.c.opted_out,
+                },
+                e.table.outerjoin(c.table, c.c.id == e.c.contact_id).outerjoin(ms, ms.c.org == c.c.organisation_id),
+                e.c.id,
+                # Joined on the contact's id: a contact id held twice would double the row.
+                keyed=("event_participation", "contact"),
             )
         simple = {
             "crm_course_registration": ("course_registration", "course_end"),
@@ -236,20 +305,16 @@ class FrameReads(ConnectorBase):
         if record_type in simple:
             logical, clock = simple[record_type]
             t = self._t(logical)
-            return sa.select(
-                t.c.id.label("record_id"),
-                t.c.contact_id.label("contact_id"),
-                t.c[clock].label(clock),
-            ).order_by(t.c.id)
+            return FrameParts(
+                {"record_id": t.c.id, "contact_id": t.c.contact_id, clock: t.c[clock]}, t.table, t.c.id, keyed=(logical,)
+            )
         h = self._t("legal_hold")
         order = h.c.id if h.columns.get("id") else h.c.record_id
-        return sa.select(
-            h.c.record_type.label("record_type"),
-            h.c.record_id.label("record_id"),
-            h.c.reason.label("reason"),
-            h.c.expires_at.label("expires_at"),
-        ).order_by(order)
-
+        return FrameParts(
+            {"record_type": h.c.record_type, "record_id": h.c.record_id, "reason": h.c.reason, "expires_at": h.c.expires_at},
+            h.table,
+            order,
+        )
 
     # ------------------------------------------------------------------ look-ups
     def find_contact_ids_by_email(self, email: str) -> list[int]:
