@@ -48,6 +48,7 @@ from retention.domain.records import blocked_by
 from retention.domain.statuses import DESTRUCTIVE, DONE, GONE, STATUS_BEFORE, WOULD, Action, Status
 from retention.progress import Progress
 from retention.store.ledger import Ledger
+from retention.store.record_index import RecordIndex
 from retention.systems.base import Recheck, SourceSystem, batch_size
 
 log = logging.getLogger("retention")
@@ -403,6 +404,10 @@ class ErasureEngine:
             still += len(present)
             if present:
                 log.error("%s: %d %s records the ledger marks gone are still present", self.system, len(present), record_type)
+            # Erased for good, as the system now confirms: out of the record index, which a change
+            # feed would never tell (a record deleted for good leaves Zendesk's exports silently).
+            erased = set(mine["record_id"].astype(str)[(mine["action"] == Action.ERASE).to_numpy()].tolist())
+            RecordIndex(self.ledger.engine, self.system).forget(record_type, sorted((set(gone) & erased) - set(present)))
         return checked, still
 
 
