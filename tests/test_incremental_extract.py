@@ -11,6 +11,7 @@ import json
 import os
 import re
 import uuid
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -94,6 +95,11 @@ def failed_run_id(ledger) -> str:
         return conn.execute(sa.text("select run_id from system_lock where system = 'ticketing'")).scalar_one()
 
 
+def task_logs(run_id: str) -> str:
+    logs = Path(os.environ["AIRFLOW_HOME"]) / "logs"
+    return "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and run_id in str(p))
+
+
 def report(home) -> dict:
     return json.loads((home / "reports" / "latest.json").read_text())
 
@@ -112,7 +118,7 @@ def test_the_ticketing_adapter_is_a_change_feed():
 
 
 @pytest.mark.airflow
-def test_a_second_night_reads_only_the_change_and_plans_as_a_full_read(zendesk, retention_home, tmp_path, monkeypatch, capfd):
+def test_a_second_night_reads_only_the_change_and_plans_as_a_full_read(zendesk, retention_home, tmp_path, monkeypatch, capfd, caplog):
     z = zendesk
     # Night 1: no index yet, a full read. (Dry runs: the plans stay full of due records; that
     # erased records leave the index is test_ticketing_pipeline's second night, which plans nothing.)
@@ -168,13 +174,16 @@ def test_a_second_night_reads_only_the_change_and_plans_as_a_full_read(zendesk, 
     restart_with(z, tmp_path, monkeypatch, purge)
     assert victim not in z.tickets().index
     capfd.readouterr()
+    caplog.clear()
     dr3 = run_dag({"systems": ["ticketing"], "dry_run": True, "reconcile": True})
     assert dr3.state == "success", task_states(dr3)
     read3 = report(retention_home)["systems"]["ticketing"]["read"]
     assert read3["mode"] == "reconciliation"
     assert read3["drift"] == {"support_ticket": {"missing": 0, "extra": 1, "different": 0}}
-    out = "".join(capfd.readouterr())
-    lines = [line for line in out.splitlines() if "ticketing: reconciliation (" in line]
+    # The task's log: on the terminal, or (once another test has set up logging in this process)
+    # in pytest's log capture or the run's task log files.
+    out = "".join(capfd.readouterr()) + caplog.text + task_logs(dr3.run_id)
+    lines = sorted({line.split("] ", 1)[-1] for line in out.splitlines() if "ticketing: reconciliation (" in line})
     assert len(lines) == 1, lines
     assert "ticketing: reconciliation (asked for): record index drift support_ticket: 0 missing, 1 extra, 0 different" in lines[0]
     assert not re.search(rf"\b{victim}\b", lines[0])
