@@ -13,7 +13,9 @@ the run's erasures; a dry run too).
 
 Params: `dry_run` plans and validates but erases nothing; `max_plan_share` overrides the
 policy's plan-size guard for this run (more than 0, at most 1); `systems` limits the run to some
-systems (at least one). Any other conf key (`dryrun`) fails **open_run** at once, naming the key
+systems (at least one); `reconcile` reads the systems with a change feed in full, rebuilds their
+record index and reports its drift (otherwise such a system is read in full only every
+`RETENTION_RECONCILE_EVERY`, P7D, and in between only what changed). Any other conf key (`dryrun`) fails **open_run** at once, naming the key
 and the known ones: nothing is read, planned or erased.
 
 **The first run: a dry run while the DAG is paused.** The DAG is created paused: unpausing it
@@ -45,7 +47,7 @@ from retention.airflow.alerts import (
 )
 from retention.airflow.approval import PlanApproval
 from retention.airflow.assets import emit_erasures, erasure_outlets
-from retention.airflow.params import checked_context, dry_run_param, share_param, systems_param
+from retention.airflow.params import checked_context, dry_run_param, reconcile_param, share_param, systems_param
 from retention.airflow.pools import provider_pool
 from retention.airflow.tasks import fail_without_retry, run_info, system_adapter, user_errors_in_one_line
 from retention.domain.records import SYSTEMS
@@ -90,14 +92,15 @@ def system_run(system: str, run: dict):
         from retention.runs.nightly import extract
         from retention.store.ledger import LockTimeout
 
-        if system not in get_current_context()["params"]["systems"]:
+        params = get_current_context()["params"]
+        if system not in params["systems"]:
             raise AirflowSkipException(f"{system} is not among this run's systems")
         try:
             # The system's lock, taken over at once from a run Airflow no longer runs (killed);
             # extract() then finds it this run's already.
             take_system(run_info(run), system)
             with system_adapter(system) as adapter:
-                return extract(run_info(run), system, adapter, lock_wait_seconds=0)
+                return extract(run_info(run), system, adapter, lock_wait_seconds=0, reconcile=bool(params.get("reconcile")))
         except LockTimeout:
             # Another run (a backfill beside the schedule) holds the system: give the worker
             # slot back and try again in a minute rather than wait in it.
@@ -212,6 +215,10 @@ def report(run: dict) -> dict:
             "records its plan may erase, more than 0 and at most 1. Empty: the policy's plan_guard.max_share.",
         ),
         "systems": systems_param("The systems this run reads and erases in (at least one)."),
+        "reconcile": reconcile_param(
+            "Read every record of the systems in full, rebuild their record index and report its drift, instead of "
+            "reading only what changed since the last run (a full read comes by itself every RETENTION_RECONCILE_EVERY)."
+        ),
     },
     tags=["privacy", "retention"],
 )

@@ -115,7 +115,7 @@ def assert_one_line_naming(text: str, unknown: list[str], known: list[str]) -> N
 
 # --- a key that is no param: the first task refuses it, nothing is erased -----------------------
 
-NIGHTLY_PARAMS = ["dry_run", "max_plan_share", "systems"]
+NIGHTLY_PARAMS = ["dry_run", "max_plan_share", "reconcile", "systems"]
 
 
 @pytest.mark.airflow

@@ -271,6 +271,15 @@ def erase_budget():
     return _time_setting("RETENTION_ERASE_BUDGET", DEFAULT_ERASE_BUDGET, "PT2H", positive=True)
 
 
+DEFAULT_RECONCILE_EVERY = "P7D"
+
+
+def reconcile_every():
+    """How often a system with a change feed is read in full to rebuild its record index and
+    count its drift (``RETENTION_RECONCILE_EVERY``; zero: every night)."""
+    return _time_setting("RETENTION_RECONCILE_EVERY", DEFAULT_RECONCILE_EVERY, "P7D")
+
+
 DEFAULT_APPROVAL_TIMEOUT = "PT12H"
 
 

@@ -42,6 +42,10 @@ def dry_run_param(description: str, *, section: str | None = SAFETY) -> Param:
     return Param(False, description=description, title="Dry run", type="boolean", **_section(section))
 
 
+def reconcile_param(description: str, *, section: str | None = SCOPE) -> Param:
+    return Param(False, description=description, title="Reconcile", type="boolean", **_section(section))
+
+
 def share_param(*, title: str, description: str, section: str | None = SAFETY) -> Param:
     """Empty, or a share of more than 0 and at most 1. ``exclusiveMinimum``/``maximum`` let NaN
     through (NaN <= 0 and NaN > 1 are both false); ``not`` a number at most 0 refuses it, because

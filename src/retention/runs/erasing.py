@@ -51,7 +51,8 @@ from retention.domain.records import blocked_by
 from retention.domain.statuses import DESTRUCTIVE, DONE, GONE, STATUS_BEFORE, WOULD, Action, Status
 from retention.progress import Progress
 from retention.store.ledger import Ledger
-from retention.systems.base import Recheck, SourceSystem, batch_size
+from retention.store.record_index import RecordIndex
+from retention.systems.base import ChangeFeed, Recheck, SourceSystem, batch_size
 
 log = logging.getLogger("retention")
 
@@ -456,28 +457,38 @@ class ErasureEngine:
         """Of the plan's records the ledger marks gone: how many, and how many are still there.
 
         ``plan``: a frame, or the plan in chunks (frames or Arrow record batches with at least
-        record_type, record_id and record_key). A chunk at a time is looked up in the ledger
+        record_type, record_id, record_key and action). A chunk at a time is looked up in the ledger
         (its entries only) and then in the system, so that verifying a million erasures holds
         a chunk's keys and statuses, not the whole run's."""
         checked = 0
         present: Counter = Counter()
+        # Only a system read through a change feed keeps a record index (the CRM has none).
+        index = RecordIndex(self.ledger.engine, self.system) if isinstance(self.adapter, ChangeFeed) else None
+        erase = str(Action.ERASE)
         for chunk in _chunks_of(plan, self.verify_rows):
-            by_type: dict[str, tuple[list[str], list[str]]] = {}
-            for t, i, k in zip(*_plan_columns(chunk)):
-                ids, keys = by_type.setdefault(t, ([], []))
+            by_type: dict[str, tuple[list[str], list[str], list[bool]]] = {}
+            for t, i, k, a in zip(*_plan_columns(chunk)):
+                ids, keys, erased = by_type.setdefault(t, ([], [], []))
                 ids.append(i)
                 keys.append(k)
+                erased.append(a == erase)
             for record_type in self.adapter.record_types:
                 if record_type not in by_type:
                     continue
-                ids, keys = by_type.pop(record_type)
+                ids, keys, erased = by_type.pop(record_type)
                 statuses = self.ledger.statuses_of(self.run_id, self.system, record_type, keys)
-                gone = [i for i, k in zip(ids, keys) if statuses.get(k) in GONE]
-                del ids, keys, statuses
+                gone = [(i, e) for i, k, e in zip(ids, keys, erased) if statuses.get(k) in GONE]
+                del ids, keys, erased, statuses
                 if not gone:
                     continue
                 checked += len(gone)
-                present[record_type] += len(self.adapter.still_present(record_type, gone))
+                still = set(self.adapter.still_present(record_type, [i for i, _ in gone]))
+                present[record_type] += len(still)
+                # Erased for good, as the system now confirms: out of the record index, which a
+                # change feed would never tell (a record deleted for good leaves Zendesk's
+                # exports silently).
+                if index is not None:
+                    index.forget(record_type, sorted(i for i, e in gone if e and i not in still))
         for record_type, n in present.items():
             if n:
                 log.error("%s: %d %s records the ledger marks gone are still present", self.system, n, record_type)
@@ -493,11 +504,13 @@ def _chunks_of(plan: pd.DataFrame | Iterable[pd.DataFrame | pa.RecordBatch], siz
     yield from plan
 
 
-def _plan_columns(chunk: pd.DataFrame | pa.RecordBatch) -> tuple[list[str], list[str], list[str]]:
-    """A plan chunk's record types, ids (as text, the ledger's and the adapters' form) and keys."""
+def _plan_columns(chunk: pd.DataFrame | pa.RecordBatch) -> tuple[list[str], list[str], list[str], list[str]]:
+    """A plan chunk's record types, ids (as text, the ledger's and the adapters' form), keys and
+    actions."""
+    columns = ("record_type", "record_id", "record_key", "action")
     if isinstance(chunk, pd.DataFrame):
-        return chunk["record_type"].astype(str).tolist(), chunk["record_id"].astype(str).tolist(), chunk["record_key"].tolist()
-    return tuple(pc.cast(chunk.column(c), pa.string()).to_pylist() for c in ("record_type", "record_id", "record_key"))
+        return tuple(chunk[c].astype(str).tolist() if c != "record_key" else chunk[c].tolist() for c in columns)
+    return tuple(pc.cast(chunk.column(c), pa.string()).to_pylist() for c in columns)
 
 
 def _entries(frame: pd.DataFrame) -> Iterator[dict]:

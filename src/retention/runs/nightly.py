@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
+from enum import StrEnum
 
 import pandas as pd
 import pyarrow as pa
@@ -28,9 +29,10 @@ from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import DESTRUCTIVE, Status
 from retention.runs.context import RunInfo, Stopwatch, open_run, pseudonymizer, task_ledger
 from retention.runs.erasing import ErasureEngine, StateCheck
+from retention.store.record_index import GONE_SUFFIX, RecordIndex
 from retention.store.reports import ledger_counts, report_stem, status_line, write_report
 from retention.store.staging import purge_older_than
-from retention.systems.base import SourceSystem
+from retention.systems.base import ChangeFeed, SourceSystem
 
 log = logging.getLogger("retention")
 
@@ -45,13 +47,16 @@ def _extracted_at(run: RunInfo, system: str) -> pd.Timestamp:
 
 
 def extract(
-    run: RunInfo, system: str, adapter: SourceSystem, *, lock_wait_seconds: float = 6 * 3600, full: bool = False
+    run: RunInfo, system: str, adapter: SourceSystem, *, lock_wait_seconds: float = 6 * 3600, reconcile: bool = False,
 ) -> dict:
     """Take the system for this run (raises ``LockTimeout`` after ``lock_wait_seconds``), then
-    stream the records to staging: every record, or (an adapter that ``narrows_extract``) the
-    candidates of this run's plan, with ``extracted`` still counting every record. ``full``:
-    every record whatever the adapter can (a reconciliation; the replay, which looks for
-    restored copies, not for what is due)."""
+    stream the records to staging. An adapter with a change feed whose record index has a cursor
+    and no reconciliation due (``RETENTION_RECONCILE_EVERY``) or asked (``reconcile``) reads what
+    changed, applies it to the index and stages the whole index. An adapter that
+    ``narrows_extract`` (the CRM) stages only the candidates of this run's plan, selected by the
+    policy's conditions, with ``extracted`` still counting every record. Otherwise, and whenever
+    ``reconcile`` is asked (the replay asks: it looks for restored copies, not for what is due),
+    every record is read."""
     last_note = [0.0]
 
     def waiting(holder: str) -> None:
@@ -69,20 +74,90 @@ def extract(
     for record_type in adapter.record_types:
         writer.declare(record_type)
     totals = None
-    if getattr(adapter, "narrows_extract", False) and not full:
-        # Only the records a plan as of this run could touch (the CRM selects them by the
-        # policy's conditions); ``totals``: every record type's size, what the guard weighs.
+    if isinstance(adapter, ChangeFeed):
+        feed = _extract_through_index(system, adapter, writer, now, reconcile=reconcile)
+    elif getattr(adapter, "narrows_extract", False) and not reconcile:
+        # Only the records a plan as of this run could touch; ``totals``: every record type's
+        # size, what the guard weighs.
         totals = adapter.extract(writer.write, now, policy=run.policy(), as_of=run.as_of_ts)
+        feed = {"mode": str(ExtractMode.CANDIDATES)}
     else:
         adapter.extract(writer.write, now)
+        feed = {"mode": str(ExtractMode.FULL)}
     counts = writer.close()
     summary = {
         "extracted": {**counts, **(totals or {})}, "read": counts,
-        "extracted_at": now.isoformat(), "seconds": round(time.monotonic() - started, 2),
+        "extracted_at": now.isoformat(), "seconds": round(time.monotonic() - started, 2), **feed,
     }
     staging.write_json(system, "extract", summary)
-    log.info("%s: extracted %s (read %s) in %.1fs", system, summary["extracted"], counts, summary["seconds"])
+    log.info("%s: extracted %s (read %s) in %.1fs (%s)", system, summary["extracted"], counts, summary["seconds"], summary["mode"])
     return summary
+
+
+class ExtractMode(StrEnum):
+    FULL = "full"  # no record index yet (or an adapter without a change feed)
+    INCREMENTAL = "incremental"  # what changed since the stored cursor, planned with the whole index
+    RECONCILIATION = "reconciliation"  # a full read rebuilding an existing index, its drift counted
+    CANDIDATES = "candidates"  # only the records the policy's conditions select (the CRM, in SQL)
+
+
+def _extract_through_index(system: str, adapter: ChangeFeed, writer, now: datetime, *, reconcile: bool) -> dict:
+    """Read through the adapter's change feed and keep the record index (see ``extract``). The
+    index and the new cursor are written in one transaction once the read is complete: a read
+    that fails leaves both as they were."""
+    with task_ledger() as ledger:
+        index = RecordIndex(ledger.engine, system)
+        state = index.state()
+        every = config.reconcile_every()
+        due = state is None or state.cursor is None or reconcile or now - state.reconciled_at >= every
+        if not due:
+            with index.update(full=False) as update:
+                cursor = adapter.extract_changes(update.write, now, state.cursor)
+                applied = update.finish(cursor, now)
+            # The staged extract is the whole index, in the frames a full read gives: planning,
+            # validation and the guard see every record, as after a full read.
+            for record_type in adapter.record_types:
+                for frame in index.frames(record_type):
+                    writer.write(record_type, frame)
+            changed, gone = applied["changed"], applied["gone"]
+            log.info(
+                "%s: incremental extract from the stored cursor: %d changed, %d gone (%s)",
+                system, sum(changed.values()), sum(gone.values()), _per_type_text({**changed, **gone}) or "nothing",
+            )
+            return {"mode": str(ExtractMode.INCREMENTAL), "changed": changed, "gone": gone}
+
+        def both(record_type: str, frame: pd.DataFrame) -> None:
+            if not record_type.endswith(GONE_SUFFIX):  # a full read has nothing gone to stage
+                writer.write(record_type, frame)
+            update.write(record_type, frame)
+
+        mode = ExtractMode.FULL if state is None else ExtractMode.RECONCILIATION
+        with index.update(full=True) as update:
+            cursor = adapter.extract_changes(both, now, None)
+            applied = update.finish(cursor, now)
+    drift = applied["drift"] if state is not None else {}
+    if mode is ExtractMode.RECONCILIATION:
+        if reconcile:
+            why = "asked for"
+        elif state.cursor is None:
+            why = "no cursor stored"
+        else:
+            why = f"due, the last on {state.reconciled_at:%Y-%m-%d %H:%M} UTC"
+        log.info("%s: reconciliation (%s): record index drift %s", system, why, _drift_text(drift))
+    return {"mode": str(mode), "changed": applied["records"], "gone": {}, "drift": drift}
+
+
+def _per_type_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{rt} {n}" for rt, n in sorted(counts.items()))
+
+
+def _drift_text(drift: dict[str, dict[str, int]]) -> str:
+    """Counts only: per record type, index rows missing, extra and different."""
+    if not drift:
+        return "none"
+    return "; ".join(
+        f"{rt}: {d['missing']} missing, {d['extra']} extra, {d['different']} different" for rt, d in sorted(drift.items())
+    )
 
 
 def plan(run: RunInfo, system: str) -> dict:
@@ -471,6 +546,10 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
             per_system[system] = {
                 "completed": bool(ok),
                 "extracted": (parts["extract"] or {}).get("extracted"),
+                # How the system was read: in full, from its change feed, or a reconciliation
+                # (counts of changed and gone records and the index's drift; no ids).
+                "read": {k: (parts["extract"] or {}).get(k) for k in ("mode", "changed", "gone", "drift")}
+                if (parts["extract"] or {}).get("mode") else None,
                 "quarantined": (parts["plan"] or {}).get("quarantined"),
                 "planned": (parts["plan"] or {}).get("planned"),
                 "fallback_clock": (parts["plan"] or {}).get("fallback_clock"),
@@ -543,6 +622,14 @@ def render_report(rep: dict) -> str:
     ]
     for system, s in rep["systems"].items():
         lines.append(f"  {system}: extracted {s['extracted']}, validation {s['validation']}")
+        read = s.get("read")
+        if read and read["mode"] != "full":
+            line = f"    read {read['mode']}: {_per_type_text(read.get('changed') or {}) or 'nothing'} changed"
+            if read["mode"] == "incremental":
+                line += f", {_per_type_text(read.get('gone') or {}) or 'nothing'} gone"
+            else:
+                line += f"; record index drift {_drift_text(read.get('drift') or {})}"
+            lines.append(line)
         if rep.get("data_docs", {}).get(system):
             lines.append(f"    Data Docs: data_docs/{rep['data_docs'][system]}")
         if s["quarantined"]:

@@ -82,7 +82,9 @@ def erased_entries(ledger: Ledger, system: str, exclude_run: str | None = None) 
 def find(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     """Extract the system and find the records the ledger marks erased; stage what to replay."""
     staging = run.staging
-    extracted = extract_step(run, system, adapter, full=True)  # restored copies need not be due
+    # A full read, whatever the record index holds or the policy selects: a copy restored from a
+    # backup carries its old clocks, a change feed never lists it, and it need not be due.
+    extracted = extract_step(run, system, adapter, reconcile=True)
     now = pd.Timestamp(datetime.now(UTC))
     with task_ledger() as ledger:
         erased = erased_entries(ledger, system, exclude_run=run.run_id)

@@ -183,6 +183,32 @@ plan_approval = sa.Table(
 )
 
 
+# The record index (``store/record_index.py``): per system, the records as the last extract left
+# them, so that a night can read only what changed (``systems.base.ChangeFeed``) and still plan
+# from every record. A row holds the record's id and its columns of the domain's record schema
+# (``domain.records``: ids, statuses, clocks, flags, never a name or an address) as one JSON
+# object, so a column added to the schema needs no migration here.
+record_index = sa.Table(
+    "record_index",
+    metadata,
+    sa.Column("system", sa.String(20), primary_key=True),
+    sa.Column("record_type", sa.String(40), primary_key=True),
+    sa.Column("record_id", sa.String(250), primary_key=True),
+    sa.Column("fields", sa.Text, nullable=False),
+)
+
+# Per system, where its change feed stands: the adapter's opaque cursor (``None`` until a full
+# read stored one), when that cursor was read, and when the index was last rebuilt from a full read.
+record_cursor = sa.Table(
+    "record_cursor",
+    metadata,
+    sa.Column("system", sa.String(20), primary_key=True),
+    sa.Column("cursor", sa.Text),
+    sa.Column("read_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reconciled_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 # One plan step's quarantined records, for the set-based update of ``quarantine_seen`` (a
 # temporary table of the transaction; not part of the schema).
 _quarantine_now = sa.Table(

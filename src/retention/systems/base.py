@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import pandas as pd
 
@@ -66,6 +66,23 @@ class SourceSystem(Protocol):
         """Which of these ids the system still holds (for verification)."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """An adapter that can read only what changed since a cursor (besides ``extract``). The
+    nightly extract keeps the system's records in the ledger's record index and reads through
+    this from the stored cursor; a full read (the first night, a reconciliation) rebuilds it."""
+
+    def extract_changes(self, write: Write, now: datetime, cursor: str | None) -> str:
+        """cursor None: read everything (as `extract` does). Otherwise read only what changed
+        since `cursor` (an opaque string this adapter returned last time). Calls
+        write(record_type, frame) for new/changed records in the domain's schema (exactly the
+        frames `extract` would give for those records), and write(f"{record_type}:gone", frame)
+        with a single `record_id` column (string) for records the system reports as gone
+        (permanently deleted). Returns the new cursor. The cursor must be conservative: reading
+        a record twice is harmless, missing one is not (overlap a little where the API compares
+        coarse times)."""
 
 
 def batch_size(adapter: SourceSystem, record_type: str) -> int:
