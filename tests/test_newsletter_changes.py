@@ -191,6 +191,23 @@ def test_exactly_the_changed_members_in_both_audiences_with_requests_proportiona
     assert again.empty
 
 
+def test_requests_grow_with_the_change_a_page_per_thousand_members(big):
+    adapter = adapter_for(big, FIRST, SECOND)
+    freeze(big, CLOCK0 + timedelta(hours=1))
+    base, _types, cursor = changes(adapter, None)
+    subscribed = base.loc[~base["record_id"].str.contains(":") & (base["status"] == "subscribed"), "record_id"]
+    moved = subscribed.iloc[:1200].tolist()
+    with requests.Session() as session:
+        for h in moved:
+            url = member_url(big, FIRST, h)
+            assert session.patch(url, json={"status": "unsubscribed"}, auth=("x", KEY), timeout=10).status_code == 200
+    admin(big, "reset-stats", {})
+    frame, _types, _cursor = changes(adapter, cursor)
+    assert sorted(frame["record_id"]) == sorted(moved)
+    # Two pages for the 1,200 changed in the first audience, one (empty) for the second.
+    assert requests_by_kind(big) == {"ping": 1, "list_members": 3}
+
+
 def test_a_change_in_the_same_second_as_the_cursor_is_read(small):
     adapter = adapter_for(small, FIRST)
     base = full(adapter)
@@ -254,7 +271,7 @@ def prop(tmp_path_factory):
 @given(ops=OPS)
 def test_merging_the_changes_into_the_full_frame_gives_the_next_full_frame(prop, ops):
     adapter = adapter_for(prop, FIRST, SECOND)
-    clock = CLOCK0 + timedelta(seconds=10 * next(_clock))
+    clock = CLOCK0 + timedelta(seconds=20 * next(_clock))  # past the last example's ticks (at most 12)
     freeze(prop, clock)
     base, _types, cursor = changes(adapter, None)
     erased: set[str] = set()

@@ -124,6 +124,15 @@ class NewsletterAdapter:
         self.log_every = log_every
 
     def extract(self, write, now: datetime) -> None:
+        # Why every status is read, not only those the newsletter rules can match (Mailchimp's
+        # ``status`` filter, the rest counted by ``total_items``): quarantine judges every member,
+        # whatever its status (a subscribed member without an address, with no readable or a
+        # future ``last_changed``, or listed twice is quarantined and counted), and validation
+        # and the plan guard count the same rows; several filtered listings, each at its own
+        # instant, would also disagree with their counts when a member changes status between
+        # them. Filtered, the quarantine and the guard's counts would no longer be those of the
+        # full read. The change feed takes no status filter either: a member leaving the
+        # candidates (subscribing again) is a change the index must see.
         total = sum(self.client.total_members(list_id) for list_id in self.audiences.list_ids)
         self._read(write, dict.fromkeys(self.audiences.list_ids), total)
 
