@@ -498,3 +498,11 @@ def test_added_members_survive_a_restart(tmp_path):
         assert requests.get(api(s, f"/lists/{LIST}/members/{added['id']}"), auth=AUTH).json()["status"] == "subscribed"
     finally:
         s.stop()
+
+
+def test_a_cleaned_pending_or_archived_member_cannot_be_archived(server):
+    for status in ("cleaned", "pending", "archived"):
+        m = requests.get(members_url(server), params={"count": 1, "status": status}, auth=AUTH).json()["members"][0]
+        refused = requests.delete(api(server, f"/lists/{LIST}/members/{m['id']}"), auth=AUTH)
+        assert refused.status_code == 405 and "Can not archive" in refused.json()["detail"]
+        assert requests.get(api(server, f"/lists/{LIST}/members/{m['id']}"), auth=AUTH).json() == m

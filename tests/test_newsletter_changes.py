@@ -72,6 +72,10 @@ def add(s: StandIn, list_id: str, email: str, status: str) -> str:
     return response.json()["id"]
 
 
+def member_status(s: StandIn, list_id: str, subscriber_hash: str) -> str:
+    return requests.get(member_url(s, list_id, subscriber_hash), auth=("x", KEY), timeout=10).json()["status"]
+
+
 def adapter_for(s: StandIn, *lists: str) -> NewsletterAdapter:
     return NewsletterAdapter(MailchimpClient(KEY, base_url=f"{s.base_url}/3.0", backoff=0.01), list_ids=list(lists))
 
@@ -282,7 +286,9 @@ def test_merging_the_changes_into_the_full_frame_gives_the_next_full_frame(prop,
         if kind == "status":
             assert set_status(prop, list_id, member, status) == 200
         elif kind == "archive":
-            assert archive(prop, list_id, member) == 204
+            current = member_status(prop, list_id, member)
+            # Mailchimp refuses to archive a cleaned, pending or archived member (405).
+            assert archive(prop, list_id, member) == (405 if current in ("cleaned", "pending", "archived") else 204)
         elif kind == "add":
             add(prop, list_id, f"prop.{next(_new)}@example.org", status)
         elif kind == "erase":

@@ -21,7 +21,8 @@ are Mailchimp problem documents ``{"type", "title", "status", "detail", "instanc
 * ``GET /3.0/lists/{list_id}/members/{subscriber_hash}`` (404 when unknown or erased; the
   path segment may also be the address itself, as Mailchimp allows)
 * ``DELETE /3.0/lists/{list_id}/members/{subscriber_hash}``: *archives* (status ``archived``,
-  data kept, ``last_changed`` now), 204. ``PATCH`` with ``{"status": ...}`` changes the status
+  data kept, ``last_changed`` now), 204; 405 for a cleaned, pending or archived member, as the
+  real API answers. ``PATCH`` with ``{"status": ...}`` changes the status
   (``last_changed`` now, when it changed).
 * Every answer has a ``Date`` header (the server's clock), as the real API's do.
 * ``POST /3.0/lists/{list_id}/members/{subscriber_hash}/actions/delete-permanent``: erases the

@@ -29,6 +29,7 @@ MEMBER_FIELDS = (
     "list_id",
 )
 ARCHIVED = STATUS_CODE["archived"]
+_NOT_ARCHIVABLE = frozenset(STATUS_CODE[s] for s in ("cleaned", "pending", "archived"))
 _STATUS_BYTES = [name.encode() for name in STATUSES]
 _BYTE_COLUMNS = {
     "id": "ids",
@@ -187,7 +188,15 @@ class Audience:
         return self.render([row], MEMBER_FIELDS)[0]
 
     # -- mutations ---------------------------------------------------------------------------
-    def archive(self, subscriber_hash: str, now: int) -> bool:
+    def archive(self, subscriber_hash: str, now: int) -> bool | None:
+        """Archive a member: True, False when unknown, None when its status forbids it (the real
+        API refuses to archive a cleaned ("bounced"), pending or already archived contact)."""
+        with self.lock:
+            row = self.row_of(subscriber_hash)
+            if row is None:
+                return False
+            if int(self.cols.status[row]) in _NOT_ARCHIVABLE:
+                return None
         return self.set_status(subscriber_hash, ARCHIVED, now)
 
     def set_status(self, subscriber_hash: str, status: int, now: int) -> bool:

@@ -73,7 +73,13 @@ class MemberRoutes:
                     raise _member_not_found()
                 return 200, project(member, fields, exclude)
             if method == "DELETE":
-                if not aud.archive(subscriber_hash, self.now_seconds()):
+                archived = aud.archive(subscriber_hash, self.now_seconds())
+                if archived is None:  # the real API's answer, word for word
+                    raise ApiError(
+                        405, "Method Not Allowed",
+                        "This list member cannot be removed. Can not archive a contact that is bounced, pending or archived",
+                    )
+                if not archived:
                     raise _member_not_found()
                 self.control.add("archives")
                 return 204, None
