@@ -14,6 +14,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from retention.config import DEFAULT_POLICY
+from retention.domain.policy import load_policy
+from retention.domain.quarantine import split_quarantine
 from retention.systems.newsletter.adapter import MEMBER_FIELDS, NewsletterAdapter, members_frame
 from retention.systems.newsletter.client import MailchimpClient
 from retention_dev.standins.process import StandIn
@@ -304,3 +307,21 @@ def test_merging_the_changes_into_the_full_frame_gives_the_next_full_frame(prop,
     # exactly those are the difference, which the weekly reconciliation removes.
     assert set(expected["record_id"]) - set(after["record_id"]) == erased
     pd.testing.assert_frame_equal(expected[~expected["record_id"].isin(erased)].reset_index(drop=True), after)
+
+
+# --- why the full read asks for every status -----------------------------------------------------
+
+
+def test_quarantine_judges_members_of_every_status_so_the_full_read_takes_no_status_filter(small):
+    """A server-side ``status`` filter for the statuses the rules can match would drop these
+    subscribed members from the extract, and with them their quarantine (counted in the plan,
+    reported, and alarmed on when stuck): the full read must keep asking for every status."""
+    frame = full(adapter_for(small, FIRST))
+    subscribed = frame.index[frame["status"] == "subscribed"][:2]
+    frame.loc[subscribed[0], "has_email"] = False
+    frame.loc[subscribed[1], "last_changed"] = pd.NaT
+    policy = load_policy(DEFAULT_POLICY)
+    _clean, _quarantined, counts = split_quarantine(frame, "newsletter_member", policy, NOW)
+    assert counts == {"no e-mail address": 1, "missing or invalid last_changed": 1}
+    candidates = {v for r in policy.rules_for("newsletter_member") for v in r.when.get("status", ())}
+    assert "subscribed" not in candidates  # what a status filter would leave out
