@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
@@ -256,3 +256,17 @@ def test_archived_members_still_exist_until_erased(writer):
         assert c.exists_many(LIST, [h]) == {h: True}
         assert c.delete_permanent_many(LIST, [h]) == {h: "erased"}
         assert c.exists_many(LIST, [h]) == {h: False}
+
+
+def test_clock_is_the_earlier_of_the_servers_date_and_ours(writer):
+    c = client_for(writer)
+    try:
+        past = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+        requests.post(f"{writer.base_url}/_standin/clock", json={"now": past.isoformat()}).raise_for_status()
+        assert c.clock() == past  # the server's clock, behind ours
+        future = datetime.now(UTC) + timedelta(hours=3)
+        requests.post(f"{writer.base_url}/_standin/clock", json={"now": future.isoformat()}).raise_for_status()
+        before = datetime.now(UTC).replace(microsecond=0)
+        assert before <= c.clock() <= datetime.now(UTC)  # ours, behind the server's: the earlier one
+    finally:
+        c.close()

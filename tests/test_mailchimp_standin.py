@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 
 import numpy as np
 import pytest
@@ -414,3 +415,94 @@ def test_since_filter_sees_archive_changes(server):
     recent = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
     body = requests.get(members_url(server), params={"since_last_changed": recent}, auth=AUTH).json()
     assert [x["id"] for x in body["members"]] == [m["id"]]
+
+
+# --- the clock, adding members, whole seconds (what the change feed relies on) ----------------
+
+
+def freeze(s: StandIn, when: datetime | None) -> None:
+    body = {"now": None if when is None else when.isoformat()}
+    assert requests.post(f"{s.base_url}/_standin/clock", json=body).status_code == 200
+
+
+def test_every_answer_carries_the_server_date_and_the_clock_can_be_frozen(server):
+    before = datetime.now(UTC).replace(microsecond=0)
+    answered = requests.get(api(server, "/ping"), auth=AUTH)
+    assert before <= parsedate_to_datetime(answered.headers["Date"]) <= datetime.now(UTC)
+    frozen = NOW + timedelta(days=2, seconds=7)
+    freeze(server, frozen)
+    assert parsedate_to_datetime(requests.get(api(server, "/ping"), auth=AUTH).headers["Date"]) == frozen
+    m = requests.get(members_url(server), params={"count": 1, "status": "subscribed"}, auth=AUTH).json()["members"][0]
+    changed = requests.patch(api(server, f"/lists/{LIST}/members/{m['id']}"), json={"status": "unsubscribed"}, auth=AUTH)
+    assert changed.json()["last_changed"] == frozen.isoformat()
+    assert requests.post(f"{server.base_url}/_standin/clock", json={"now": "2026-01-01T00:00:00"}).status_code == 400
+    freeze(server, None)
+    assert parsedate_to_datetime(requests.get(api(server, "/ping"), auth=AUTH).headers["Date"]) >= before
+
+
+def test_since_last_changed_is_strictly_after_in_whole_seconds(server):
+    at = NOW + timedelta(days=3)
+    freeze(server, at)
+    m = requests.get(members_url(server), params={"count": 1, "status": "subscribed"}, auth=AUTH).json()["members"][0]
+    requests.delete(api(server, f"/lists/{LIST}/members/{m['id']}"), auth=AUTH)
+
+    def listed(since: datetime) -> list[str]:
+        body = requests.get(members_url(server), params={"since_last_changed": since.isoformat()}, auth=AUTH).json()
+        return [x["id"] for x in body["members"]]
+
+    assert listed(at - timedelta(seconds=1)) == [m["id"]]
+    # Changed at 12:00:00 is not "after" 12:00:00, nor after 12:00:00.5 (compared to the second).
+    assert listed(at) == [] and listed(at + timedelta(milliseconds=500)) == []
+    archived = requests.get(members_url(server), params={"since_last_changed": (at - timedelta(seconds=1)).isoformat(),
+                                                        "status": "archived"}, auth=AUTH).json()
+    assert [(x["id"], x["status"], x["last_changed"]) for x in archived["members"]] == [(m["id"], "archived", at.isoformat())]
+
+
+def test_adding_a_member(server):
+    at = NOW + timedelta(days=4)
+    freeze(server, at)
+    before = stats(server)
+    added = requests.post(members_url(server), json={"email_address": "New.Person@Example.org", "status": "pending",
+                                                     "merge_fields": {"FNAME": "New", "LNAME": "Person"}}, auth=AUTH)
+    assert added.status_code == 200
+    member = added.json()
+    assert member["id"] == hashlib.md5(b"new.person@example.org").hexdigest()
+    assert member["status"] == "pending" and member["email_address"] == "New.Person@Example.org"
+    # Added through the API: no signup time, as Mailchimp records it; changed now.
+    assert member["timestamp_signup"] == "" and member["last_changed"] == at.isoformat()
+    assert requests.get(api(server, f"/lists/{LIST}/members/{member['id']}"), auth=AUTH).json() == member
+    listed = requests.get(members_url(server), params={"count": 1000}, auth=AUTH).json()
+    assert listed["members"][-1]["id"] == member["id"] and listed["total_items"] == before["total"] + 1
+    assert stats(server)["pending"] == before["pending"] + 1 and stats(server)["adds"] == before["adds"] + 1
+
+    again = requests.post(members_url(server), json={"email_address": "new.person@example.org", "status": "subscribed"}, auth=AUTH)
+    assert again.status_code == 400 and again.json()["title"] == "Member Exists"
+    url = api(server, f"/lists/{LIST}/members/{member['id']}")
+    assert requests.post(f"{url}/actions/delete-permanent", auth=AUTH).status_code == 204
+    forgotten = requests.post(members_url(server), json={"email_address": "new.person@example.org", "status": "subscribed"}, auth=AUTH)
+    assert forgotten.status_code == 400 and forgotten.json()["title"] == "Forgotten Email Not Subscribed"
+    assert "new.person" not in forgotten.text
+    for bad in ({"email_address": "no-at-sign", "status": "subscribed"}, {"email_address": "a@b.org", "status": "archived"},
+                {"email_address": 'quo"te@b.org', "status": "subscribed"}, []):
+        assert requests.post(members_url(server), json=bad, auth=AUTH).status_code == 400
+
+
+def test_added_members_survive_a_restart(tmp_path):
+    s = start(tmp_path, members=50)
+    try:
+        added = requests.post(members_url(s), json={"email_address": "kept@example.org", "status": "subscribed"}, auth=AUTH).json()
+    finally:
+        s.stop()
+    s = start(tmp_path, members=50)
+    try:
+        assert requests.get(api(s, f"/lists/{LIST}/members/{added['id']}"), auth=AUTH).json()["status"] == "subscribed"
+    finally:
+        s.stop()
+
+
+def test_a_cleaned_pending_or_archived_member_cannot_be_archived(server):
+    for status in ("cleaned", "pending", "archived"):
+        m = requests.get(members_url(server), params={"count": 1, "status": status}, auth=AUTH).json()["members"][0]
+        refused = requests.delete(api(server, f"/lists/{LIST}/members/{m['id']}"), auth=AUTH)
+        assert refused.status_code == 405 and "Can not archive" in refused.json()["detail"]
+        assert requests.get(api(server, f"/lists/{LIST}/members/{m['id']}"), auth=AUTH).json() == m

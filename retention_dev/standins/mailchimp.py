@@ -12,10 +12,19 @@ are Mailchimp problem documents ``{"type", "title", "status", "detail", "instanc
 * ``GET /3.0/lists/{list_id}/members``: ``count`` (default 10, at most 1000), ``offset``,
   ``status``, ``since_last_changed``, ``fields`` / ``exclude_fields`` (dotted paths such as
   ``members.id``); members come in insertion order; paging is O(page) at any offset.
+  ``since_last_changed`` lists the members whose ``last_changed`` is strictly after it, compared
+  in whole seconds (a fraction is dropped), archived members included (status ``archived``).
+* ``POST /3.0/lists/{list_id}/members`` with ``email_address``, ``status`` (not ``archived``) and
+  optionally ``merge_fields``: adds a member, 200 with it; like the real API it has no signup
+  time, 400 ``Member Exists`` for a member, ``Forgotten Email Not Subscribed`` for an address
+  erased for good.
 * ``GET /3.0/lists/{list_id}/members/{subscriber_hash}`` (404 when unknown or erased; the
   path segment may also be the address itself, as Mailchimp allows)
 * ``DELETE /3.0/lists/{list_id}/members/{subscriber_hash}``: *archives* (status ``archived``,
-  data kept), 204.
+  data kept, ``last_changed`` now), 204; 405 for a cleaned, pending or archived member, as the
+  real API answers. ``PATCH`` with ``{"status": ...}`` changes the status
+  (``last_changed`` now, when it changed).
+* Every answer has a ``Date`` header (the server's clock), as the real API's do.
 * ``POST /3.0/lists/{list_id}/members/{subscriber_hash}/actions/delete-permanent``: erases the
   member for good (its data is blanked at once, only the hash is remembered), 204; 404 when
   absent.
@@ -38,6 +47,9 @@ Admin endpoints (no auth, not under ``/3.0``):
   the connection is cut). ``slow_ms`` delays every matching response until cleared. ``{}``
   clears all faults.
 * ``POST /_standin/reset-stats``, ``POST /_standin/save``.
+* ``POST /_standin/clock`` with ``{"now": "<ISO 8601 with offset>"}`` freezes the stand-in's clock
+  (``last_changed`` of every change, the ``Date`` header) at that instant; ``{"now": null}`` lets
+  it run again. Tests of the change feed use it to change members within one given second.
 
 This module is the command line; the parts live next to it: ``mailchimp_audience`` (the
 members, their state file), ``mailchimp_routes`` (the API), ``mailchimp_fields`` (``fields`` /

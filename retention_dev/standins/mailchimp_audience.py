@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from sortedcontainers import SortedList
 
-from retention_dev.standins.mailchimp_data import STATUS_CODE, STATUSES, MemberColumns, iso_column
+from retention_dev.standins.mailchimp_data import NO_TIME, STATUS_CODE, STATUSES, MemberColumns, iso_column
 
 MEMBER_FIELDS = (
     "id",
@@ -29,6 +29,7 @@ MEMBER_FIELDS = (
     "list_id",
 )
 ARCHIVED = STATUS_CODE["archived"]
+_NOT_ARCHIVABLE = frozenset(STATUS_CODE[s] for s in ("cleaned", "pending", "archived"))
 _STATUS_BYTES = [name.encode() for name in STATUSES]
 _BYTE_COLUMNS = {
     "id": "ids",
@@ -187,7 +188,15 @@ class Audience:
         return self.render([row], MEMBER_FIELDS)[0]
 
     # -- mutations ---------------------------------------------------------------------------
-    def archive(self, subscriber_hash: str, now: int) -> bool:
+    def archive(self, subscriber_hash: str, now: int) -> bool | None:
+        """Archive a member: True, False when unknown, None when its status forbids it (the real
+        API refuses to archive a cleaned ("bounced"), pending or already archived contact)."""
+        with self.lock:
+            row = self.row_of(subscriber_hash)
+            if row is None:
+                return False
+            if int(self.cols.status[row]) in _NOT_ARCHIVABLE:
+                return None
         return self.set_status(subscriber_hash, ARCHIVED, now)
 
     def set_status(self, subscriber_hash: str, status: int, now: int) -> bool:
@@ -204,6 +213,48 @@ class Audience:
                 self.cols.last_changed[row] = now
                 self.version += 1
             return True
+
+    def add(self, email: str, status: int, now: int, first: str = "", last: str = "") -> str | None:
+        """A new member (``POST /lists/{id}/members``): its subscriber hash, or None when the
+        address is already a member. Like members added through the real API it has no signup
+        time (``timestamp_signup`` is empty); its opt-in is now when it is subscribed.
+        Raises ``ValueError`` for an address Mailchimp would refuse: one erased for good (it
+        cannot be re-imported, only sign up again itself) or one needing JSON escaping."""
+        subscriber_hash = hashlib.md5(email.strip().lower().encode("utf-8")).hexdigest()
+        needle = subscriber_hash.encode("ascii")
+        row_values = {
+            "ids": needle,
+            "emails": email.strip().encode("utf-8"),
+            "unique_email_ids": needle[:10],
+            "contact_ids": hashlib.md5(needle).hexdigest().encode("ascii"),
+            "first_names": first.encode("utf-8"),
+            "last_names": last.encode("utf-8"),
+        }
+        check_json_safe(MemberColumns(**{k: np.array([v]) for k, v in row_values.items()}, status=np.zeros(1, np.int8),
+                                      timestamp_signup=np.zeros(1, np.int64), timestamp_opt=np.zeros(1, np.int64),
+                                      last_changed=np.zeros(1, np.int64)))
+        with self.lock:
+            if needle in self.deleted:
+                raise ValueError("was permanently deleted and cannot be re-imported")
+            i = int(np.searchsorted(self.sorted_ids, needle))
+            if i < len(self.sorted_ids) and self.sorted_ids[i] == needle:
+                if self.alive[self.hash_order[i]]:
+                    return None
+            c = self.cols
+            row = len(c)
+            for name, value in row_values.items():
+                setattr(c, name, np.append(getattr(c, name), np.array([value])))
+            c.status = np.append(c.status, np.int8(status))
+            c.timestamp_signup = np.append(c.timestamp_signup, np.int64(NO_TIME))
+            c.timestamp_opt = np.append(c.timestamp_opt, np.int64(now if status == STATUS_CODE["subscribed"] else NO_TIME))
+            c.last_changed = np.append(c.last_changed, np.int64(now))
+            self.alive = np.append(self.alive, True)
+            self.all.add(row)
+            self.by_status[status].add(row)
+            self.sorted_ids = np.insert(self.sorted_ids, i, needle)
+            self.hash_order = np.insert(self.hash_order, i, row)
+            self.version += 1
+        return subscriber_hash
 
     def delete_permanent(self, subscriber_hash: str) -> bool:
         with self.lock:

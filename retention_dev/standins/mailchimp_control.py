@@ -18,6 +18,7 @@ class Control:
         "permanent_deletes",
         "archives",
         "updates",
+        "adds",
         "throttled",
         "throttled_injected",
         "errors_injected",

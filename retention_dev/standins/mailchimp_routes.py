@@ -1,6 +1,6 @@
 """The Mailchimp stand-in's API endpoints under ``/3.0`` (for each list it serves): ``ping``, ``lists/{list_id}``,
 ``lists/{list_id}/members`` (paging, ``status``, ``since_last_changed``, ``fields`` /
-``exclude_fields``), a member's GET, PATCH (a status change, e.g. subscribing again) and DELETE
+``exclude_fields``; POST adds a member), a member's GET, PATCH (a status change, e.g. subscribing again) and DELETE
 (archive) and ``actions/delete-permanent``."""
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ class MemberRoutes:
         if rest[0] != "members":
             raise ApiError(404, "Resource Not Found", "The requested resource could not be found.")
         if len(rest) == 1:
+            if method == "POST":
+                return 200, project(self.add_member(aud, body), fields, exclude)
             if method != "GET":
                 raise _not_allowed()
             return 200, self.list_members(params, fields, exclude, aud)
@@ -71,7 +73,13 @@ class MemberRoutes:
                     raise _member_not_found()
                 return 200, project(member, fields, exclude)
             if method == "DELETE":
-                if not aud.archive(subscriber_hash, int(time.time())):
+                archived = aud.archive(subscriber_hash, self.now_seconds())
+                if archived is None:  # the real API's answer, word for word
+                    raise ApiError(
+                        405, "Method Not Allowed",
+                        "This list member cannot be removed. Can not archive a contact that is bounced, pending or archived",
+                    )
+                if not archived:
                     raise _member_not_found()
                 self.control.add("archives")
                 return 204, None
@@ -82,7 +90,7 @@ class MemberRoutes:
                     raise ApiError(400, "Invalid Resource", "The request body must be a JSON object.") from None
                 if status not in STATUS_CODE or status == "archived":
                     raise ApiError(400, "Invalid Resource", "Unknown or unsettable status.")
-                if not aud.set_status(subscriber_hash, STATUS_CODE[status], int(time.time())):
+                if not aud.set_status(subscriber_hash, STATUS_CODE[status], self.now_seconds()):
                     raise _member_not_found()
                 self.control.add("updates")
                 return 200, project(aud.member(subscriber_hash), fields, exclude)
@@ -95,6 +103,39 @@ class MemberRoutes:
             self.control.add("permanent_deletes")
             return 204, None
         raise ApiError(404, "Resource Not Found", "The requested resource could not be found.")
+
+    def now_seconds(self) -> int:
+        """The stand-in's clock in whole seconds (Mailchimp keeps ``last_changed`` to the second)."""
+        return int(self.now())
+
+    def now(self) -> float:
+        return time.time()
+
+    def add_member(self, aud: Audience, body: bytes) -> dict:
+        """``POST /lists/{list_id}/members``: ``email_address`` and ``status`` (subscribed,
+        unsubscribed, cleaned, pending or transactional), optionally ``merge_fields``."""
+        try:
+            spec = json.loads(body or b"{}")
+        except ValueError:
+            raise ApiError(400, "Invalid Resource", "The request body must be a JSON object.") from None
+        if not isinstance(spec, dict):
+            raise ApiError(400, "Invalid Resource", "The request body must be a JSON object.")
+        email, status = spec.get("email_address"), spec.get("status")
+        if not isinstance(email, str) or email.count("@") != 1 or not email.strip():
+            raise ApiError(400, "Invalid Resource", "Please provide a valid email address.")
+        if status not in STATUS_CODE or status == "archived":
+            raise ApiError(400, "Invalid Resource", "Unknown or unsettable status.")
+        merge = spec.get("merge_fields") if isinstance(spec.get("merge_fields"), dict) else {}
+        try:
+            added = aud.add(email, STATUS_CODE[status], self.now_seconds(), str(merge.get("FNAME", "")), str(merge.get("LNAME", "")))
+        except ValueError as exc:
+            # Neither the address nor the hash in the message (nothing personal in errors).
+            raise ApiError(400, "Forgotten Email Not Subscribed" if "permanently" in str(exc) else "Invalid Resource",
+                           f"The contact {exc}.") from None
+        if added is None:
+            raise ApiError(400, "Member Exists", "The contact is already a list member.")
+        self.control.add("adds")
+        return aud.member(added)
 
     def list_members(
         self, params: dict[str, str], fields: dict | None, exclude: dict | None, aud: Audience | None = None

@@ -11,6 +11,8 @@ import logging
 import socket
 import threading
 import time
+from datetime import datetime
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,8 @@ class Handler(BaseHTTPRequestHandler):
                 f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\n"
                 f"Content-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n"
             )
+        # Like the real API, every answer says the server's time (the change feed's cursor reads it).
+        head += f"Date: {formatdate(self.server.now(), usegmt=True)}\r\n"
         if self.close_connection:
             head += "Connection: close\r\n"
         self.wfile.write(head.encode() + b"\r\n" + payload)
@@ -194,7 +198,7 @@ def _kind(method: str, parts: list[str]) -> str:
     if len(parts) == 2 and parts[0] == "lists":
         return "list"
     if len(parts) == 3 and parts[2] == "members":
-        return "list_members"
+        return "add_member" if method == "POST" else "list_members"
     if len(parts) == 4 and parts[2] == "members":
         return {"GET": "get_member", "DELETE": "archive"}.get(method, f"{method.lower()}_member")
     if len(parts) == 6 and parts[4] == "actions" and parts[5] == "delete-permanent":
@@ -219,6 +223,12 @@ class StandInServer(MemberRoutes, ThreadingHTTPServer):
         self.state_file = state_file
         self.save_lock = threading.Lock()
         self.started = time.time()
+        self.frozen_at: float | None = None  # set through POST /_standin/clock
+
+    def now(self) -> float:
+        """The stand-in's clock: the real one, or the instant it was frozen at."""
+        frozen = self.frozen_at
+        return time.time() if frozen is None else frozen
 
     def save(self) -> int | None:
         if self.state_file is None:
@@ -245,6 +255,8 @@ class StandInServer(MemberRoutes, ThreadingHTTPServer):
             if not isinstance(spec, dict):
                 raise ApiError(400, "Invalid Resource", "faults body must be a JSON object")
             return 200, {"faults": self.control.set_faults(spec)}
+        if method == "POST" and name == "clock":
+            return 200, self.set_clock(body)
         if method == "POST" and name == "reset-stats":
             self.control.reset()
             return 200, {"reset": True}
@@ -252,6 +264,20 @@ class StandInServer(MemberRoutes, ThreadingHTTPServer):
             saved = self.save()
             return 200, {"saved": saved is not None, "members": saved}
         raise ApiError(404, "Resource Not Found", "Unknown stand-in admin endpoint.")
+
+    def set_clock(self, body: bytes) -> dict:
+        """``{"now": "<ISO 8601 with offset>"}`` freezes the clock there (``last_changed`` of
+        every change and the ``Date`` header), ``{"now": null}`` lets it run again."""
+        try:
+            spec = json.loads(body or b"{}")
+            when = spec.get("now")
+            frozen = None if when is None else datetime.fromisoformat(when)
+        except (ValueError, AttributeError, TypeError):
+            raise ApiError(400, "Invalid Resource", "clock body must be {\"now\": ISO 8601 time or null}") from None
+        if frozen is not None and frozen.tzinfo is None:
+            raise ApiError(400, "Invalid Resource", "clock time needs a UTC offset")
+        self.frozen_at = None if frozen is None else frozen.timestamp()
+        return {"now": None if frozen is None else frozen.isoformat()}
 
     def stats(self) -> dict:
         counts = self.audience.counts()

@@ -26,6 +26,8 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from operator import attrgetter
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
@@ -160,6 +162,25 @@ class MailchimpClient:
         """True when the API answers ``GET /ping`` (credentials and base URL are right)."""
         self.session.request("GET", "/ping", endpoint="ping", ok=(200,))
         return True
+
+    def clock(self) -> datetime:
+        """A time no later than Mailchimp's clock now, to the whole second: the earlier of this
+        machine's clock (read before asking) and the ``Date`` of a ``GET /ping`` answer.
+
+        A change cursor must be on the clock that stamps ``last_changed``; the server's own
+        ``Date`` keeps it right when this machine's clock runs ahead. Taking the earlier of the
+        two errs towards reading a change twice, never towards missing one.
+        """
+        local = datetime.now(UTC).replace(microsecond=0)
+        response = self.session.request("GET", "/ping", endpoint="ping", ok=(200,))
+        response.close()
+        try:
+            server = parsedate_to_datetime(response.headers.get("Date") or "")
+        except (TypeError, ValueError):
+            return local  # no (readable) Date: this machine's clock alone
+        if server.tzinfo is None:
+            return local
+        return min(local, server.astimezone(UTC).replace(microsecond=0))
 
     # -- reading -----------------------------------------------------------------------------
     def _members_params(
