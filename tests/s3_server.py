@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class S3Store:
 @contextlib.contextmanager
 def s3_server() -> Iterator[S3Store]:
     port = free_port()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
