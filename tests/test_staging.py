@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from s3_server import s3_server
 
 from retention import config
 from retention.store import staging as staging_module
 from retention.store.staging import RunStaging, purge_older_than
+from s3_server import s3_server
 
 
 def _mode(path) -> int:
