@@ -157,3 +157,11 @@ def test_the_staging_url_defaults_to_the_local_directory(monkeypatch, retention_
     staging = RunStaging("retention_nightly", "manual__1")
     staging.write_json("crm", "plan", {})
     assert (retention_home / "staging" / "retention_nightly" / "manual__1" / "crm" / "plan.json").exists()
+
+
+def test_a_staging_connection_that_does_not_exist_is_one_clear_error(monkeypatch, retention_home):
+    monkeypatch.setenv("RETENTION_STAGING_URL", "s3://bucket/prefix")
+    monkeypatch.setenv("RETENTION_STAGING_CONN_ID", "no_such_store")
+    monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_STORE", raising=False)
+    with pytest.raises(config.ConfigError, match=r"^connection 'no_such_store' \(the staging store's\): not defined or unreadable$"):
+        RunStaging("retention_nightly", "manual__1")

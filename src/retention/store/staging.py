@@ -54,7 +54,13 @@ def staging_path(root: Root | None = None) -> ObjectStoragePath:
         return root
     if isinstance(root, Path):
         return ObjectStoragePath(f"file://{root.resolve()}")
-    return ObjectStoragePath(root or config.staging_url(), conn_id=config.staging_conn_id())
+    conn_id = config.staging_conn_id()
+    path = ObjectStoragePath(root or config.staging_url(), conn_id=conn_id)
+    if conn_id:
+        # Resolved now: Airflow would otherwise fall back silently to the store's defaults and
+        # fail later with a credentials error that does not name the Connection.
+        path.fs  # noqa: B018
+    return path
 
 
 def _is_local(path: ObjectStoragePath) -> bool:
