@@ -1,5 +1,6 @@
 """A real Airflow deployment for tests: PostgreSQL metadata database, api-server, scheduler and
-dag-processor as separate processes with the LocalExecutor."""
+dag-processor as separate processes, with the LocalExecutor (or another executor whose workers
+the test adds with :meth:`AirflowServices.spawn`, e.g. Celery workers)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def free_port() -> int:
 
 
 class AirflowServices:
-    def __init__(self, home: Path, metadata_url: str, env: dict[str, str]):
+    def __init__(self, home: Path, metadata_url: str, env: dict[str, str], executor: str = "LocalExecutor"):
         self.home = home
         port = free_port()
         self.api = f"http://127.0.0.1:{port}"
@@ -31,7 +32,7 @@ class AirflowServices:
             **env,
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": executor,
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
@@ -59,10 +60,7 @@ class AirflowServices:
         self.home.mkdir(parents=True, exist_ok=True)
         self.airflow("db", "migrate")
         for name, args in (("api-server", ["api-server", "--host", "127.0.0.1", "--port", self.env["AIRFLOW__API__PORT"]]), ("dag-processor", ["dag-processor"]), ("scheduler", ["scheduler", "--skip-serve-logs"])):
-            log = self.home / f"{name}.log"
-            self.logs.append(log)
-            fh = log.open("w")
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *args], env=self.env, stdout=fh, stderr=subprocess.STDOUT))
+            self.spawn(name, *args)
         deadline = time.monotonic() + 360  # a loaded machine (a test suite beside other work) takes minutes to start the api-server
         while time.monotonic() < deadline:
             try:
@@ -76,6 +74,16 @@ class AirflowServices:
             self.stop()  # the caller's try/finally has not begun: stop what was started here
             raise RuntimeError("api-server did not come up:\n" + tail)
         return self
+
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        """Start ``airflow <args>`` beside the services (a worker, with its own ``env`` additions
+        and working directory), logging to ``<home>/<name>.log``; :meth:`stop` stops it too."""
+        log = self.home / f"{name}.log"
+        self.logs.append(log)
+        with log.open("w") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "airflow", *args], env={**self.env, **(env or {})}, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout

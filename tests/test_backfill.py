@@ -13,11 +13,9 @@ import pytest
 import sqlalchemy as sa
 
 from airflow_services import AirflowServices
+from nightly_systems import standin_systems
 from retention.config import DEFAULT_POLICY
 from retention.domain.policy import load_policy
-from retention.systems.crm import schema as crm_schema
-from retention_dev.standins.process import StandIn
-from retention_dev.synthetic.crm import generate as generate_crm
 
 DAG = "retention_nightly"
 
@@ -36,29 +34,10 @@ def fresh_database(url: str) -> str:
 @pytest.fixture
 def systems(tmp_path, retention_home, monkeypatch):
     now = datetime.now(UTC).replace(microsecond=0).isoformat()
-    mailchimp = StandIn("mailchimp", "--port", "0", "--members", "600", "--seed", "5", "--now", now, "--state-file", str(tmp_path / "mc.state")).start()
-    zendesk = StandIn(
-        "zendesk", "--port", "0", "--tickets", "400", "--seed", "5", "--now", now, "--job-seconds", "0.1",
-        "--incremental-per-minute", "600", "--user-deletes-per-10min", "7000", "--state-file", str(tmp_path / "zd.state"),
-    ).start()
-    crm_url = f"sqlite:///{tmp_path / 'crm.db'}"
-    engine = sa.create_engine(crm_url)
-    crm_schema.create_schema(engine)
-    generate_crm(engine, contacts=300, seed=5, now=datetime.fromisoformat(now))
-    conns = {
-        "AIRFLOW_CONN_RETENTION_MAILCHIMP": {"conn_type": "retention_mailchimp", "host": f"{mailchimp.base_url}/3.0", "password": "standin-key-us0", "extra": {"list_id": "demo-list"}},
-        "AIRFLOW_CONN_RETENTION_ZENDESK": {
-            "conn_type": "retention_zendesk", "host": zendesk.base_url, "login": "agent@example.org", "password": "t",
-            "extra": {"incremental_per_minute": 600, "user_deletes_per_10min": 7000, "job_poll_interval": 0.1},
-        },
-        "AIRFLOW_CONN_RETENTION_CRM": {"conn_type": "retention_crm", "extra": {"sqlalchemy_url": crm_url}},
-    }
-    for k, v in conns.items():
-        monkeypatch.setenv(k, json.dumps(v))
-    yield {"mailchimp": mailchimp, "zendesk": zendesk, "crm": engine}
-    mailchimp.stop()
-    zendesk.stop()
-    engine.dispose()
+    with standin_systems(tmp_path, now) as found:
+        for k, v in found["connections"].items():
+            monkeypatch.setenv(k, v)
+        yield found
 
 
 def _runs(af: AirflowServices) -> list[dict]:

@@ -1884,3 +1884,86 @@ def test_airflow_init_refuses_a_malformed_fernet_key(project, compose, key, refu
     out = subprocess.run(["bash", "-c", checks], check=False, capture_output=True, text=True, env=env, timeout=60)
     assert (out.returncode, "AIRFLOW__CORE__FERNET_KEY is not a Fernet key" in out.stdout) == ((1, True) if refused else (0, False)), out.stdout + out.stderr
     assert key not in out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# docker-compose.celery.yml: the CeleryExecutor on top of the LocalExecutor default
+
+CELERY_FILE = "docker-compose.celery.yml"
+CELERY_SECRETS = {"REDIS_PASSWORD": "test-only-redis", "FLOWER_BASIC_AUTH": "admin:test-only-flower"}
+CELERY_SERVICES = {"redis", "airflow-worker"}
+
+
+def _celery(env: dict[str, str], *args: str, profiles: tuple[str, ...] = ()) -> tuple[int, str, str]:
+    """Compose with docker-compose.yml and the Celery file on top, as the file's header says."""
+    environ = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "DOCKER_CONFIG")}
+    environ.update(env)
+    out = subprocess.run(
+        [*require_compose(), "--project-directory", str(ROOT), "--project-name", "retention", "-f", str(ROOT / "docker-compose.yml"),
+         "-f", str(ROOT / CELERY_FILE), "--env-file", os.devnull, *[a for p in profiles for a in ("--profile", p)], *args],
+        check=False, capture_output=True, text=True, env=environ, timeout=120,
+    )
+    return out.returncode, out.stdout, out.stderr.strip()
+
+
+def _celery_model(env: dict[str, str], profiles: tuple[str, ...] = ()) -> dict:
+    code, out, err = _celery(env, "config", "--format", "json", profiles=profiles)
+    assert code == 0, err
+    return _unescape(json.loads(out))
+
+
+def test_celery_file_runs_every_airflow_service_on_the_celery_executor(compose):
+    code, _, err = _celery({**REAL_ENV, **CELERY_SECRETS}, "config", "-q")
+    assert code == 0, err
+    doc = _celery_model({**REAL_ENV, **CELERY_SECRETS})
+    services = doc["services"]
+    assert set(services) == {"postgres", *CORE_AIRFLOW_SERVICES, *CELERY_SERVICES}
+    for name in {*CORE_AIRFLOW_SERVICES, "airflow-worker"}:
+        env = _env_of(services[name])
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
+        assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://:test-only-redis@redis:6379/0", name
+        # The results in Airflow's own database, with Airflow's own role.
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == "db+postgresql://airflow:test-only-airflow@postgres/airflow", name
+    worker = services["airflow-worker"]
+    assert worker["command"] == ["celery", "worker"]
+    assert "inspect ping" in " ".join(worker["healthcheck"]["test"])
+    assert _env_of(worker)["DUMB_INIT_SETSID"] == "0"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    # The worker runs the tasks the scheduler ran under the LocalExecutor: the same image,
+    # mounts and settings (connections, keys), not a copy that drifts.
+    scheduler = services["airflow-scheduler"]
+    assert (worker["image"], worker["volumes"], worker["user"]) == (scheduler["image"], scheduler["volumes"], scheduler["user"])
+    assert {k: v for k, v in _env_of(worker).items() if k != "DUMB_INIT_SETSID"} == _env_of(scheduler)
+
+
+def test_celery_broker_is_private_and_needs_a_password(compose):
+    doc = _celery_model({**REAL_ENV, **CELERY_SECRETS}, profiles=("*",))
+    redis = doc["services"]["redis"]
+    # Reached on the stack's network only: never published on the host.
+    assert not redis.get("ports"), redis.get("ports")
+    assert _env_of(redis)["REDIS_PASSWORD"] == "test-only-redis"
+    assert "--requirepass" in " ".join(redis["command"]) and "test-only-redis" not in " ".join(redis["command"])
+    assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+    for secret in CELERY_SECRETS:
+        code, _, err = _celery({**REAL_ENV, **{k: v for k, v in CELERY_SECRETS.items() if k != secret}}, "config", "-q")
+        assert code != 0 and f"required variable {secret} is missing a value" in err, err
+        assert secret in _env_example_values(Project())
+
+
+def test_flower_is_optional_and_on_localhost_with_a_login(compose):
+    assert "flower" not in _celery_model({**REAL_ENV, **CELERY_SECRETS})["services"]
+    flower = _celery_model({**REAL_ENV, **CELERY_SECRETS}, profiles=("flower",))["services"]["flower"]
+    assert flower["command"] == ["celery", "flower"]
+    assert [(p["host_ip"], p["published"], p["target"]) for p in flower["ports"]] == [("127.0.0.1", "5555", 5555)]
+    assert _env_of(flower)["AIRFLOW__CELERY__FLOWER_BASIC_AUTH"] == "admin:test-only-flower"
+    assert "--user" in " ".join(flower["healthcheck"]["test"])
+
+
+def test_the_default_stays_the_local_executor_without_redis(project, compose):
+    doc = project.model(REAL_ENV, profiles=("*",))
+    assert not CELERY_SERVICES & set(doc["services"])
+    assert _env_of(doc["x-airflow-common"])["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    # Staging goes local by default and to object storage only when .env says so.
+    staging = _env_of(_celery_model({**REAL_ENV, **CELERY_SECRETS, "RETENTION_STAGING_URL": "s3://bucket/staging",
+                                     "RETENTION_STAGING_CONN_ID": "retention_staging"})["services"]["airflow-worker"])
+    assert (staging["RETENTION_STAGING_URL"], staging["RETENTION_STAGING_CONN_ID"]) == ("s3://bucket/staging", "retention_staging")

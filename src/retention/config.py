@@ -13,6 +13,13 @@ Environment variables (all optional except the pseudonym key):
 - ``RETENTION_APPROVAL_TIMEOUT``: an ISO 8601 duration (default ``PT12H``): how long a plan over
   the plan-size guard waits for a person's approval before it counts as rejected (nothing is
   erased). ``PT0S``: nobody is asked, a plan over the guard halts the run as validation failure.
+- ``RETENTION_STAGING_URL``: where runs stage their data between tasks, as an
+  ``ObjectStoragePath`` URL: a local directory (default ``RETENTION_HOME/staging``) or, for
+  workers on more than one machine, object storage every worker reaches, e.g.
+  ``s3://bucket/prefix`` (any fsspec store Airflow has a filesystem for).
+- ``RETENTION_STAGING_CONN_ID``: the Airflow Connection of that store (for ``s3://``: an ``aws``
+  Connection, login and password the access key, extra ``endpoint_url`` and ``region_name``);
+  without it the store's own environment is used (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``...).
 - ``RETENTION_STAGING_KEEP_DAYS``: days the staging a failed or halted run left behind is kept
   for diagnosis before the nightly run purges it (default 7, at least 2).
 - ``RETENTION_DATA_DOCS_KEEP_DAYS``: days each run's Great Expectations suites, validation
@@ -89,6 +96,25 @@ def policy_file() -> Path:
 
 def staging_root() -> Path:
     return retention_home() / "staging"
+
+
+def staging_url() -> str:
+    """``RETENTION_STAGING_URL``, or the local staging directory; a URL without a scheme or with
+    a blank path is refused in one line (a typo must not stage identifiers somewhere unexpected)."""
+    url = (os.environ.get("RETENTION_STAGING_URL") or "").strip()
+    if not url:
+        return f"file://{staging_root()}"
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme or not rest.strip("/"):
+        raise ConfigError(
+            f"RETENTION_STAGING_URL {url!r}: expected a URL such as s3://bucket/prefix or file:///srv/staging"
+        )
+    return url
+
+
+def staging_conn_id() -> str | None:
+    """``RETENTION_STAGING_CONN_ID``: the Airflow Connection of the staging store, if any."""
+    return (os.environ.get("RETENTION_STAGING_CONN_ID") or "").strip() or None
 
 
 def reports_dir() -> Path:

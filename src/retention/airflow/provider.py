@@ -10,6 +10,7 @@ means something else by it.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 
 from retention.systems.forms import connection_types
 
@@ -27,4 +28,14 @@ def get_provider_info() -> dict:
         "description": "Retention rules of the IIS privacy notice, enforced in a CRM, Mailchimp and Zendesk.",
         "versions": versions,
         "connection-types": connection_types(),
+        # s3:// for ObjectStoragePath (the staging store): the Amazon provider's own when it is
+        # installed, else the project's on plain s3fs (retention.store.s3).
+        "filesystems": [] if _has_amazon_provider() else ["retention.store.s3"],
     }
+
+
+def _has_amazon_provider() -> bool:
+    try:
+        return find_spec("airflow.providers.amazon") is not None
+    except ModuleNotFoundError:  # airflow.providers itself missing
+        return False

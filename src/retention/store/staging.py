@@ -1,11 +1,17 @@
 """The run-scoped staging area: data passes between tasks as Parquet files here, not XCom.
 
-``<RETENTION_HOME>/staging/<dag_id>/<run_id>/<system>/`` holds the extract (chunked), the plan,
-the quarantine list and small JSON summaries. It holds record identifiers, never names or
-e-mail addresses, and is removed when the run's report is written. Identifiers are still
-personal data (a subscriber hash is the MD5 of an address), so the area is the owner's only
-(directories 0700, files 0600), and what a failed or halted run left behind is purged by
+``<staging root>/<dag_id>/<run_id>/<system>/`` holds the extract (chunked), the plan, the
+quarantine list and small JSON summaries. It holds record identifiers, never names or e-mail
+addresses, and is removed when the run's report is written. Identifiers are still personal data
+(a subscriber hash is the MD5 of an address), so a local area is the owner's only (directories
+0700, files 0600), and what a failed or halted run left behind is purged by
 :func:`purge_older_than` after ``RETENTION_STAGING_KEEP_DAYS``.
+
+The root is an Airflow ``ObjectStoragePath``: ``RETENTION_HOME/staging`` by default, or object
+storage that every worker reaches (``RETENTION_STAGING_URL=s3://bucket/prefix``, Connection
+``RETENTION_STAGING_CONN_ID``) when tasks of one run land on different machines (Celery
+workers). There, who may read is the bucket's policy: objects have no file modes. Parquet is
+written and read through the store's file objects, a part at a time, as on local disk.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from airflow.sdk import ObjectStoragePath
 
-from retention.config import staging_root
+from retention import config
 from retention.domain.conform import conform
 
 # Staging files live for one run: write them fast rather than small. Dictionary encoding is
@@ -34,22 +43,92 @@ PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": False}
 log = logging.getLogger(__name__)
 
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+LOCAL = frozenset({"", "file", "local"})
+
+Root = ObjectStoragePath | Path | str
 
 
-def _private_dir(path: Path) -> Path:
-    """``path`` and its missing parents under the staging root, readable by the owner only."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
-    for p in missing:
-        os.chmod(p, PRIVATE_DIR)
+def staging_path(root: Root | None = None) -> ObjectStoragePath:
+    """The staging root as an ``ObjectStoragePath``: ``root`` when given (a local ``Path``, a URL
+    or a path already), else ``RETENTION_STAGING_URL`` with ``RETENTION_STAGING_CONN_ID``."""
+    if isinstance(root, ObjectStoragePath):
+        return root
+    if isinstance(root, Path):
+        return ObjectStoragePath(f"file://{root.resolve()}")
+    conn_id = config.staging_conn_id()
+    path = ObjectStoragePath(root or config.staging_url(), conn_id=conn_id)
+    if conn_id:
+        # Resolved now: Airflow would otherwise fall back silently to the store's defaults and
+        # fail later with a credentials error that does not name the Connection.
+        path.fs  # noqa: B018
     return path
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+def _is_local(path: ObjectStoragePath) -> bool:
+    return path.protocol in LOCAL
+
+
+def _local(path: ObjectStoragePath) -> Path:
+    return Path(path.path)
+
+
+def _private_dir(path: ObjectStoragePath) -> ObjectStoragePath:
+    """``path`` and its missing parents, readable by the owner only (local disk; an object store
+    has no directories to make)."""
+    if _is_local(path):
+        local = _local(path)
+        missing = [p for p in (local, *local.parents) if not p.exists()]
+        local.mkdir(parents=True, exist_ok=True)
+        for p in missing:
+            os.chmod(p, PRIVATE_DIR)
+    return path
+
+
+def _private_file(path: ObjectStoragePath) -> None:
     # Created owner-only before any row is in it.
-    path.touch(mode=PRIVATE_FILE, exist_ok=True)
-    os.chmod(path, PRIVATE_FILE)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, **PARQUET_OPTIONS)
+    local = _local(path)
+    local.touch(mode=PRIVATE_FILE, exist_ok=True)
+    os.chmod(local, PRIVATE_FILE)
+
+
+def _write_parquet(frame: pd.DataFrame, path: ObjectStoragePath) -> None:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if _is_local(path):
+        _private_file(path)
+        pq.write_table(table, _local(path), **PARQUET_OPTIONS)
+        return
+    # The store's file object uploads in parts as pyarrow writes (s3fs: multipart).
+    with path.open("wb") as out:
+        pq.write_table(table, out, **PARQUET_OPTIONS)
+
+
+def _read_parquet(path: ObjectStoragePath) -> pd.DataFrame:
+    if _is_local(path):
+        return pd.read_parquet(_local(path))
+    with path.open("rb") as src:  # ranged reads: the footer, then the column chunks
+        return pd.read_parquet(src)
+
+
+def _write_text(path: ObjectStoragePath, text: str) -> None:
+    if _is_local(path):
+        # Written beside, then renamed: a reader never sees half a summary.
+        tmp = _local(path).with_suffix(".tmp")
+        tmp.touch(mode=PRIVATE_FILE, exist_ok=True)
+        os.chmod(tmp, PRIVATE_FILE)
+        tmp.write_text(text)
+        tmp.replace(_local(path))
+        return
+    path.write_text(text)  # one PUT: an object appears whole or not at all
+
+
+def _remove_tree(path: ObjectStoragePath) -> None:
+    if _is_local(path):
+        shutil.rmtree(_local(path), ignore_errors=True)
+        return
+    try:
+        path.fs.rm(path.path, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 def _safe(name: str) -> str:
@@ -57,39 +136,42 @@ def _safe(name: str) -> str:
 
 
 class RunStaging:
-    def __init__(self, dag_id: str, run_id: str, root: Path | None = None):
-        self.root = (root or staging_root()) / _safe(dag_id) / _safe(run_id)
+    def __init__(self, dag_id: str, run_id: str, root: Root | None = None):
+        self.root = staging_path(root) / _safe(dag_id) / _safe(run_id)
 
-    def system_dir(self, system: str) -> Path:
+    def system_dir(self, system: str) -> ObjectStoragePath:
         return _private_dir(self.root / system)
 
     # -- extract, written in chunks ------------------------------------------------------
     def reset_extract(self, system: str) -> None:
-        shutil.rmtree(self.system_dir(system) / "extract", ignore_errors=True)
+        _remove_tree(self.system_dir(system) / "extract")
 
     def extract_writer(self, system: str) -> ExtractWriter:
         return ExtractWriter(self.system_dir(system) / "extract")
 
     def read_extract(self, system: str, record_type: str) -> pd.DataFrame | None:
         path = self.system_dir(system) / "extract" / record_type
-        parts = sorted(path.glob("part-*.parquet")) if path.exists() else []
+        parts = sorted(path.glob("part-*.parquet"), key=str) if path.exists() else []
         if not parts:
             return None
-        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+        return pd.concat([_read_parquet(p) for p in parts], ignore_index=True)
 
     # -- whole frames ---------------------------------------------------------------------
-    def write_frame(self, system: str, name: str, frame: pd.DataFrame) -> Path:
+    def write_frame(self, system: str, name: str, frame: pd.DataFrame) -> ObjectStoragePath:
         path = self.system_dir(system) / f"{name}.parquet"
+        if not _is_local(path):
+            _write_parquet(frame, path)  # one object, complete when the upload completes
+            return path
         tmp = path.with_suffix(".tmp")
         _write_parquet(frame, tmp)
-        tmp.replace(path)
+        _local(tmp).replace(_local(path))
         return path
 
     def read_frame(self, system: str, name: str) -> pd.DataFrame:
         path = self.system_dir(system) / f"{name}.parquet"
         if not path.exists():
             raise FileNotFoundError(f"staging has no {name} for {system}: did the earlier task of this run succeed?")
-        return pd.read_parquet(path)
+        return _read_parquet(path)
 
     def iter_batches(self, system: str, name: str, columns: list[str], batch_rows: int = 50_000) -> Iterator[pa.RecordBatch]:
         """A staged frame's ``columns`` in Arrow record batches of at most ``batch_rows`` rows:
@@ -97,15 +179,15 @@ class RunStaging:
         path = self.system_dir(system) / f"{name}.parquet"
         if not path.exists():
             raise FileNotFoundError(f"staging has no {name} for {system}: did the earlier task of this run succeed?")
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
+        if _is_local(path):
+            yield from pq.ParquetFile(_local(path)).iter_batches(batch_size=batch_rows, columns=columns)
+            return
+        with path.open("rb") as src:  # ranged reads: the footer, then the column chunks
+            yield from pq.ParquetFile(src).iter_batches(batch_size=batch_rows, columns=columns)
 
-    def write_json(self, system: str, name: str, data: dict) -> Path:
+    def write_json(self, system: str, name: str, data: dict) -> ObjectStoragePath:
         path = self.system_dir(system) / f"{name}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.touch(mode=PRIVATE_FILE, exist_ok=True)
-        os.chmod(tmp, PRIVATE_FILE)
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(path)
+        _write_text(path, json.dumps(data, indent=2, default=str))
         return path
 
     def read_json(self, system: str, name: str) -> dict | None:
@@ -113,35 +195,52 @@ class RunStaging:
         return json.loads(path.read_text()) if path.exists() else None
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        _remove_tree(self.root)
 
 
-def _newest_change(run_dir: Path) -> float:
-    newest = run_dir.stat().st_mtime
-    for folder, _dirs, files in os.walk(run_dir):
-        for name in files:
-            try:
-                newest = max(newest, os.stat(os.path.join(folder, name)).st_mtime)
-            except FileNotFoundError:  # removed under us by the run it belongs to
-                pass
-    return newest
+def _newest_change(run_dir: ObjectStoragePath) -> float:
+    if _is_local(run_dir):
+        local = _local(run_dir)
+        newest = local.stat().st_mtime
+        for folder, _dirs, files in os.walk(local):
+            for name in files:
+                try:
+                    newest = max(newest, os.stat(os.path.join(folder, name)).st_mtime)
+                except FileNotFoundError:  # removed under us by the run it belongs to
+                    pass
+        return newest
+    found = run_dir.fs.find(run_dir.path, detail=True)
+    return max((_modified(info) for info in found.values()), default=0.0)
 
 
-def purge_older_than(days: float, *, keep: RunStaging | None = None, root: Path | None = None) -> int:
+def _modified(info: dict[str, Any]) -> float:
+    """An object's last change, as the store reports it (s3: LastModified; gcs: updated)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return 0.0
+
+
+def purge_older_than(days: float, *, keep: RunStaging | None = None, root: Root | None = None) -> int:
     """Remove the staging of every run (of any DAG) that has not changed for ``days`` days: a
     failed or halted run's ids must not stay on disk for ever. ``keep`` (the calling run) is
     never removed. Returns how many runs' staging went; logs the count only."""
-    root = root or staging_root()
+    root = staging_path(root)
     if not root.exists():
         return 0
     cutoff = time.time() - days * 86400
     purged = 0
-    for dag_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for run_dir in sorted(p for p in dag_dir.iterdir() if p.is_dir()):
-            if keep is not None and run_dir == keep.root:
+    for dag_dir in sorted((p for p in root.iterdir() if p.is_dir()), key=str):
+        for run_dir in sorted((p for p in dag_dir.iterdir() if p.is_dir()), key=str):
+            if keep is not None and str(run_dir) == str(keep.root):
                 continue
             if _newest_change(run_dir) < cutoff:
-                shutil.rmtree(run_dir, ignore_errors=True)
+                _remove_tree(run_dir)
                 purged += 1
     if purged:
         log.info("staging: purged what %d earlier run(s) left, unchanged for more than %g days", purged, days)
@@ -151,7 +250,7 @@ def purge_older_than(days: float, *, keep: RunStaging | None = None, root: Path 
 class ExtractWriter:
     """Buffers rows per record type and writes Parquet parts of ``chunk_rows`` rows."""
 
-    def __init__(self, directory: Path, chunk_rows: int = 200_000):
+    def __init__(self, directory: ObjectStoragePath, chunk_rows: int = 200_000):
         self.directory = directory
         self.chunk_rows = chunk_rows
         self.buffers: dict[str, list[pd.DataFrame]] = {}
