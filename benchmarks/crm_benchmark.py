@@ -35,7 +35,7 @@ import sys
 import time
 
 import sqlalchemy as sa
-from harness import AdapterProxy, Bench, Hooks, Row, add_options, machine, peak_line, table, timed_erase
+from harness import AdapterProxy, Bench, Hooks, LoadWatch, Row, add_options, machine, peak_line, table, timed_erase
 
 from retention.systems.crm.adapter import CrmAdapter
 
@@ -221,6 +221,7 @@ def main() -> int:
     )
     add_options(ap, repeat=1, repeat_help="runs of plan and validate (medians)")
     args = ap.parse_args()
+    watch = LoadWatch()
     quiet = ("retention.systems.crm.client",)  # one line per batch otherwise
     with Bench("crm", "crm", keep=args.keep, ledger=args.ledger, postgres=True, quiet=quiet) as bench:
         from retention.systems.crm import schema
@@ -335,6 +336,7 @@ def main() -> int:
             for k in after_p:
                 if after_p[k] != after_h[k]:
                     print(f"  {k}: pipeline {after_p[k]:,}, hand-written {after_h[k]:,}")
+        print(watch.line())
     return 0
 
 
