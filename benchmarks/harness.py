@@ -396,7 +396,7 @@ class Bench:
                     if not p.is_alive():
                         raise SystemExit(f"step {name} failed (exit code {p.exitcode}); see its traceback above") from None
                     if timeout is not None and time.monotonic() - started > timeout:
-                        raise StepTimeout(f"step {label} stopped after {time.monotonic() - started:.0f}s (limit {timeout:.0f}s)")
+                        raise StepTimeout(f"step {label} stopped after {time.monotonic() - started:.0f}s (limit {timeout:.0f}s)") from None
             p.join()
         finally:
             if p.is_alive():  # interrupted: do not leave the step running
