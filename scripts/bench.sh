@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Run a benchmark: scripts/bench.sh newsletter|crm|ticketing [options] (--help: its options). Prints figures.
-# The three share benchmarks/harness.py (scratch RETENTION_HOME and ledger, one process per step, figures).
+# Run a benchmark: scripts/bench.sh newsletter|crm|ticketing|nightly [options] (--help: its options). Prints figures.
+# They share benchmarks/harness.py (scratch RETENTION_HOME and ledger, one process per step, figures).
 set -euo pipefail
 name=${1:-}
 if [ -z "$name" ] || [ ! -f "$(dirname "$0")/../benchmarks/${name}_benchmark.py" ]; then
-  echo "usage: scripts/bench.sh newsletter|crm|ticketing [options]   (scripts/bench.sh NAME --help: its options)" >&2
+  echo "usage: scripts/bench.sh newsletter|crm|ticketing|nightly [options]   (scripts/bench.sh NAME --help: its options)" >&2
   exit 2
 fi
 shift

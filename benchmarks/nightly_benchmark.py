@@ -1,0 +1,604 @@
+"""Nightly benchmark: what a night costs at a million records per system, the night after a first.
+
+Per system (``--systems``, default all three; ``--records`` each, default 1,000,000):
+
+1. **Set-up.** The CRM is generated into PostgreSQL (``retention_dev.synthetic.crm``, COPY);
+   Mailchimp's and Zendesk's stand-ins generate their data into a state file. ``--due-share``
+   (default 1%) is due at first: a system whose first backlog was cleared long ago, so that the
+   first night's erasure stays short (``scripts/bench.sh newsletter|crm|ticketing`` measure
+   large erasures).
+2. **Night 1, a first full run,** as of ``--clock-step-hours`` (24) before night 2: the pipeline's
+   own steps, ``retention.runs.nightly``'s ``open_run``, ``extract``, ``plan``, ``validate``,
+   ``erase``, ``verify``, ``report``, in that order, each but ``open_run``/``report`` in a fresh
+   process as Airflow runs a task (``harness.Bench.step``), on a PostgreSQL ledger that lives on
+   into night 2 (whatever the pipeline keeps there between nights, a cursor or a record index,
+   is kept). Zendesk's stand-in and client run with RELAXED limits here (``--setup-limit``
+   requests a minute, incremental exports included, and as many permanent user deletions):
+   only the set-up is relaxed, and the output says so.
+3. **The change,** ``--change-share`` (0.1%) of the records, with the stand-in stopped (its state
+   file) or in the CRM's database: status changes, new records and a few deletions (see
+   ``change_*``); and the clock moves by ``--clock-step-hours``, so that records nobody touched
+   fall due too.
+4. **The reference: a full read of the changed state,** extract and plan only, on a fresh ledger
+   (nothing carried over from night 1: no cursor, no index, so the pipeline reads everything),
+   as of night 2's as-of time, with relaxed limits. Its plan is what night 2's must equal.
+5. **Night 2, under the providers' real limits** (Zendesk: ``--requests-per-minute`` 700, the
+   incremental exports 10 a minute, permanent user deletions 700 per 10 minutes, the deleted-
+   tickets listing 10 a minute; Mailchimp: 10 connections, its only limit and the stand-in's
+   throughout; the CRM has none): the same steps as night 1 on night 1's ledger. Its plan is
+   compared with the reference's (same rows, same values, in any order) before it erases. A
+   night-2 step that runs past ``--give-up-after`` seconds (default 600, five times the target)
+   is stopped, and the figure is a FAIL.
+
+Printed per system and night: wall time (the step functions' own, and the elapsed time with a
+process per step), requests (counted at the stand-ins: every API request; the CRM: the SQL
+statements the pipeline sent, counted on its engine, and the rows the server read in the CRM's
+database, ``pg_stat_database``'s ``tup_returned + tup_fetched``), the load average around each
+step; then PASS/FAIL per done-when figure:
+
+* night 2 finishes within ``--target-seconds`` (120) under the real limits;
+* requests proportional to the change: night 2's extract sends at most
+  ``--proportional-share`` (10%) of the requests the reference full read's extract sent (CRM:
+  rows the server read); the change is 0.1% of the records: 10% leaves room for fixed costs
+  such as a cursor's last empty page, and for reading every candidate of a status;
+* night 2's plan equals the reference full read's.
+
+    scripts/bench.sh nightly [--records 1000000] [--systems crm newsletter ticketing] [--keep] (the rest: --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import inspect
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import requests
+from harness import Bench, Hooks, LoadWatch, StepTimeout, describe, machine
+
+SYSTEMS = ("crm", "newsletter", "ticketing")
+STEPS = ("extract", "plan", "validate", "erase", "verify")
+DAG_ID = "bench_nightly"
+MC_KEY = "standin-key-us0"
+MC_LIST = "bench-list"
+ZD_EMAIL = "agent@example.org"
+ZD_TOKEN = "bench-token"
+CRM_DB = "retention_bench_nightly_crm"
+# Zendesk's documented limits (the stand-in's defaults too).
+ZD_REAL = {"requests": 700, "incremental": 10, "user_deletes": 700, "deleted_list": 10}
+QUIET = ("retention.systems.ticketing.client", "retention.systems.crm.client", "retention.systems.newsletter.client")
+
+
+# ---------------------------------------------------------------------- the step process
+def prepare(step: str, env: dict) -> Hooks:
+    """The adapter of ``BENCH_SYSTEM``, built as the pipeline's hooks build it; for the CRM,
+    the statements sent on its engine."""
+    if step not in ("extract", "erase", "verify"):
+        return Hooks()
+    system = env["BENCH_SYSTEM"]
+    if system == "newsletter":
+        from retention.systems.newsletter.adapter import NewsletterAdapter
+        from retention.systems.newsletter.client import MailchimpClient
+
+        return Hooks(adapter=NewsletterAdapter(MailchimpClient(MC_KEY, base_url=env["BENCH_BASE_URL"] + "/3.0"), MC_LIST))
+    if system == "ticketing":
+        from retention.systems.ticketing.adapter import TicketingAdapter
+        from retention.systems.ticketing.client import ZendeskClient
+
+        client = ZendeskClient(
+            base_url=env["BENCH_BASE_URL"], email=ZD_EMAIL, api_token=ZD_TOKEN,
+            requests_per_minute=int(env["BENCH_ZD_REQUESTS"]), incremental_per_minute=int(env["BENCH_ZD_INCREMENTAL"]),
+            user_deletes_per_10min=int(env["BENCH_ZD_USER_DELETES"]), deleted_list_per_minute=int(env["BENCH_ZD_DELETED_LIST"]),
+        )
+        return Hooks(adapter=TicketingAdapter(client), after=lambda start, end: {"client": client.stats()})
+    import sqlalchemy as sa
+
+    from retention.systems.crm.adapter import CrmAdapter
+    from retention.systems.crm.client import CrmConnector
+
+    engine = sa.create_engine(env["BENCH_CRM_URL"])
+    statements = [0]
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def count(conn, cursor, statement, parameters, context, executemany):
+        statements[0] += 1
+
+    return Hooks(adapter=CrmAdapter(CrmConnector(engine)), after=lambda start, end: {"statements": statements[0]})
+
+
+# ---------------------------------------------------------------------- the systems
+class Standin:
+    """A stand-in's process over a state file, started with some limits, stopped (saving its
+    state) to be changed or restarted with others."""
+
+    def __init__(self, bench: Bench, module: str, state: Path, base_args: list[str]):
+        self.bench, self.module, self.state, self.base_args = bench, module, state, base_args
+        self.proc = None
+
+    def start(self, args: list[str], what: str) -> str:
+        self.proc = self.bench.standin(self.module, "--port", "0", "--state-file", str(self.state), *self.base_args, *args, what=what)
+        return self.proc.base_url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            t = time.perf_counter()
+            self.proc.stop(timeout=600)
+            self.bench.standins.remove(self.proc)
+            self.proc = None
+            print(f"  {self.module} stand-in stopped, state saved ({time.perf_counter() - t:.1f}s)", flush=True)
+
+    def stats(self) -> dict:
+        return requests.get(f"{self.proc.base_url}/_standin/stats", timeout=60).json()
+
+
+class System:
+    """One system's set-up, limits, change and request counting; subclasses per system."""
+
+    name = ""
+    unit = "requests"
+
+    def __init__(self, bench: Bench, args: argparse.Namespace):
+        self.bench, self.args = bench, args
+        self.bench.env["BENCH_SYSTEM"] = self.name
+
+    def setup(self) -> None: ...
+    def start(self, real: bool) -> None: ...
+    def stop(self) -> None: ...
+    def change(self, n: int, rng: np.random.Generator) -> dict: ...
+    def counter(self) -> dict: ...
+    def limits(self, real: bool) -> str: ...
+
+    def step_requests(self, out: dict, before: dict, after: dict) -> int:
+        return after["requests"] - before["requests"]
+
+
+class Newsletter(System):
+    name = "newsletter"
+
+    def setup(self) -> None:
+        a = self.args
+        self.si = Standin(self.bench, "mailchimp", self.bench.work / "mailchimp.npz",
+                          ["--list-id", MC_LIST, "--api-key", MC_KEY, "--members", str(a.records), "--seed", str(a.seed),
+                           "--erase-share", str(a.due_share)])
+
+    def start(self, real: bool) -> None:
+        self.bench.env["BENCH_BASE_URL"] = self.si.start([], f"{self.args.records:,} members, 10 connections")
+
+    def stop(self) -> None:
+        self.si.stop()
+
+    def limits(self, real: bool) -> str:
+        return "10 connections (Mailchimp's limit; the same in both nights)"
+
+    def counter(self) -> dict:
+        s = self.si.stats()
+        return {"requests": s["requests"], "by_kind": s.get("requests_by_kind", {})}
+
+    def change(self, n: int, rng: np.random.Generator) -> dict:
+        """Status changes (subscribed -> unsubscribed or cleaned, last_changed now), new
+        members (subscribed now) and a few permanent deletions made in Mailchimp's own UI."""
+        from retention_dev.standins.mailchimp_audience import Audience
+        from retention_dev.standins.mailchimp_data import STATUS_CODE, MemberColumns, generate_columns
+
+        aud = Audience.load(self.si.state, MC_LIST)
+        cols = aud.cols.as_dict()
+        now = int(time.time()) - 1
+        n_status, n_new = int(n * 0.5), int(n * 0.4)
+        n_gone = n - n_status - n_new
+        subscribed = np.flatnonzero(cols["status"] == STATUS_CODE["subscribed"])
+        picked = rng.choice(subscribed, n_status + n_gone, replace=False)
+        changed, gone = picked[:n_status], picked[n_status:]
+        cols["status"][changed] = np.where(
+            rng.random(len(changed)) < 0.8, STATUS_CODE["unsubscribed"], STATUS_CODE["cleaned"]
+        ).astype(cols["status"].dtype)
+        cols["last_changed"][changed] = now
+        keep = np.ones(len(cols["ids"]), dtype=bool)
+        keep[gone] = False
+        deleted = set(aud.deleted) | {bytes(x) for x in cols["ids"][gone]}
+        fresh = generate_columns(n_new * 2, seed=self.args.seed + 1000, now=dt.datetime.now(dt.UTC), erase_share=0.0).as_dict()
+        new = np.flatnonzero(~np.isin(fresh["ids"], cols["ids"]) & (fresh["status"] == STATUS_CODE["subscribed"]))[:n_new]
+        fresh["timestamp_signup"][new] = now
+        fresh["timestamp_opt"][new] = now
+        fresh["last_changed"][new] = now
+        merged = {}
+        for k, v in cols.items():
+            extra = fresh[k][new]
+            width = max(v.dtype.itemsize, extra.dtype.itemsize) if v.dtype.kind == "S" else None
+            dtype = np.dtype(f"S{width}") if width else v.dtype
+            merged[k] = np.concatenate([v[keep].astype(dtype), extra.astype(dtype)])
+        Audience(MemberColumns(**merged), MC_LIST, deleted).save(self.si.state)
+        return {"status changed": len(changed), "new": len(new), "deleted": len(gone)}
+
+
+class Ticketing(System):
+    name = "ticketing"
+
+    def setup(self) -> None:
+        a = self.args
+        self.si = Standin(self.bench, "zendesk", self.bench.work / "zendesk.npz",
+                          ["--tickets", str(a.records), "--seed", str(a.seed), "--due-share", str(a.due_share), "--token", ZD_TOKEN])
+
+    def _limits(self, real: bool) -> dict:
+        if real:
+            return dict(ZD_REAL, requests=self.args.requests_per_minute)
+        lim = self.args.setup_limit
+        return {"requests": lim, "incremental": lim, "user_deletes": lim, "deleted_list": lim}
+
+    def limits(self, real: bool) -> str:
+        lim = self._limits(real)
+        return (
+            f"{'REAL' if real else 'RELAXED (set-up only)'} limits: {lim['requests']} requests/min, incremental export "
+            f"{lim['incremental']}/min, permanent user deletions {lim['user_deletes']}/10 min, deleted tickets listing "
+            f"{lim['deleted_list']}/min"
+        )
+
+    def start(self, real: bool) -> None:
+        lim = self._limits(real)
+        self.bench.env.update(
+            BENCH_ZD_REQUESTS=str(lim["requests"]), BENCH_ZD_INCREMENTAL=str(lim["incremental"]),
+            BENCH_ZD_USER_DELETES=str(lim["user_deletes"]), BENCH_ZD_DELETED_LIST=str(lim["deleted_list"]),
+        )
+        self.bench.env["BENCH_BASE_URL"] = self.si.start(
+            ["--requests-per-minute", str(lim["requests"]), "--incremental-per-minute", str(lim["incremental"]),
+             "--user-deletes-per-10min", str(lim["user_deletes"]), "--deleted-list-per-minute", str(lim["deleted_list"])],
+            self.limits(real),
+        )
+
+    def stop(self) -> None:
+        self.si.stop()
+
+    def counter(self) -> dict:
+        s = self.si.stats()
+        return {"requests": s["requests"], "by_kind": s.get("requests_by_endpoint", {})}
+
+    def change(self, n: int, rng: np.random.Generator) -> dict:
+        """Status changes (open tickets solved, closed ones reopened), new tickets by existing
+        requesters and a few tickets deleted by an agent (soft deletion); ``updated_at`` now."""
+        from retention_dev.standins import zendesk_data as zd
+        from retention_dev.standins.zendesk_common import DELETED
+
+        path = self.si.state
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name].copy() for name in data.files}
+        now = int(time.time()) - 1
+        st = arrays["t_status"]
+        n_status, n_new = int(n * 0.5), int(n * 0.4)
+        n_gone = n - n_status - n_new
+        live = np.flatnonzero(st < DELETED)
+        picked = rng.choice(live, n_status + n_gone, replace=False)
+        changed, gone = picked[:n_status], picked[n_status:]
+        open_ = np.isin(st[changed], zd.OPEN_CODES)
+        arrays["t_prev"][changed] = st[changed]
+        st[changed[open_]] = zd.STATUS_CODE["solved"]
+        arrays["t_solved"][changed[open_]] = now
+        st[changed[~open_]] = zd.STATUS_CODE["open"]
+        arrays["t_solved"][changed[~open_]] = zd.NO_TIME
+        arrays["t_prev"][gone] = st[gone]
+        st[gone] = DELETED
+        arrays["t_deleted_at"][gone] = now
+        arrays["t_updated"][picked] = now
+        requesters = rng.choice(np.unique(arrays["t_requester"][6:]), n_new)
+        new = {
+            "t_status": np.full(n_new, zd.STATUS_CODE["open"], dtype=st.dtype),
+            "t_prev": np.full(n_new, zd.STATUS_CODE["open"], dtype=st.dtype),
+            "t_requester": requesters.astype(np.int64),
+            "t_created": np.full(n_new, now, dtype=np.int64),
+            "t_updated": np.full(n_new, now, dtype=np.int64),
+            "t_solved": np.full(n_new, zd.NO_TIME, dtype=np.int64),
+            "t_deleted_at": np.full(n_new, zd.NO_TIME, dtype=np.int64),
+        }
+        for k, v in new.items():
+            arrays[k] = np.concatenate([arrays[k], v.astype(arrays[k].dtype)])
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+        return {"status changed": len(changed), "new": n_new, "deleted": len(gone)}
+
+
+class Crm(System):
+    name = "crm"
+    unit = "statements"
+
+    def setup(self) -> None:
+        import sqlalchemy as sa
+
+        from retention_dev.synthetic import crm as synthetic
+
+        a = self.args
+        self.url = self.bench.env["BENCH_CRM_URL"] = self.bench.pg.database(CRM_DB)
+        print(f"generating {a.records:,} contacts (seed {a.seed}, {a.due_share:.0%} due) into {CRM_DB}...", flush=True)
+        t = time.perf_counter()
+        engine = sa.create_engine(self.url)
+        rows = synthetic.generate(engine, contacts=a.records, seed=a.seed, now=dt.datetime.now(dt.UTC), due_share=a.due_share)
+        engine.dispose()
+        print(f"  {sum(rows.values()):,} rows in {time.perf_counter() - t:.1f}s", flush=True)
+        self.engine = sa.create_engine(self.url, isolation_level="AUTOCOMMIT")
+
+    def limits(self, real: bool) -> str:
+        return "PostgreSQL on this machine (no limit)"
+
+    def counter(self) -> dict:
+        with self.engine.connect() as c:
+            c.exec_driver_sql("SELECT pg_stat_clear_snapshot()")
+            row = c.exec_driver_sql(
+                "SELECT tup_returned + tup_fetched FROM pg_stat_database WHERE datname = current_database()"
+            ).scalar()
+        return {"rows_read": int(row)}
+
+    def step_requests(self, out: dict, before: dict, after: dict) -> int:
+        return int(out.get("statements", 0))
+
+    def change(self, n: int, rng: np.random.Generator) -> dict:
+        """Contacts whose last interaction moves back (to before the retention period: due) or
+        forward (now: no longer due), opt-outs, new contacts (copies of existing rows under new
+        ids, created now) and a few contacts deleted with their notes by hand."""
+        n_back, n_now, n_opt = int(n * 0.2), int(n * 0.2), int(n * 0.1)
+        n_new = int(n * 0.4)
+        n_gone = n - n_back - n_now - n_opt - n_new
+        with self.engine.begin() as c:
+            ids = np.array([r[0] for r in c.exec_driver_sql("SELECT id FROM contact")], dtype=np.int64)
+            picked = [int(x) for x in rng.choice(ids, n_back + n_now + n_opt + n_gone, replace=False)]
+            back, now_, opt = picked[:n_back], picked[n_back:n_back + n_now], picked[n_back + n_now:n_back + n_now + n_opt]
+            gone = picked[n_back + n_now + n_opt:]
+            c.exec_driver_sql(
+                "UPDATE contact SET last_interaction_at = now() - interval '6 years' WHERE id = ANY(%(ids)s)", {"ids": back}
+            )
+            c.exec_driver_sql("UPDATE contact SET last_interaction_at = now() WHERE id = ANY(%(ids)s)", {"ids": now_})
+            c.exec_driver_sql("UPDATE contact SET opted_out = true WHERE id = ANY(%(ids)s)", {"ids": opt})
+            for table in ("communication_note", "event_participation", "course_registration", "survey_response"):
+                c.exec_driver_sql(f"DELETE FROM {table} WHERE contact_id = ANY(%(ids)s)", {"ids": gone})
+            c.exec_driver_sql("UPDATE invoice SET contact_id = NULL WHERE contact_id = ANY(%(ids)s)", {"ids": gone})
+            c.exec_driver_sql("DELETE FROM contact WHERE id = ANY(%(ids)s)", {"ids": gone})
+            top = int(c.exec_driver_sql("SELECT max(id) FROM contact").scalar())
+            cols = [r[0] for r in c.exec_driver_sql(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'contact' AND column_name NOT IN "
+                "('id', 'created_at', 'last_interaction_at') ORDER BY ordinal_position"
+            )]
+            source = [int(x) for x in rng.choice(ids[~np.isin(ids, picked)], n_new, replace=False)]
+            listed = ", ".join(cols)
+            c.exec_driver_sql(
+                f"INSERT INTO contact (id, created_at, last_interaction_at, {listed}) "
+                f"SELECT %(top)s + row_number() OVER (ORDER BY id), now(), now(), {listed} FROM contact WHERE id = ANY(%(ids)s)",
+                {"top": top, "ids": source},
+            )
+        return {"last interaction moved back (due)": n_back, "last interaction now": n_now, "opted out": n_opt,
+                "new": n_new, "deleted": n_gone}
+
+
+DRIVERS = {"crm": Crm, "newsletter": Newsletter, "ticketing": Ticketing}
+
+
+# ---------------------------------------------------------------------- a night
+def open_run(label: str, as_of: dt.datetime) -> dict:
+    from retention.runs import nightly
+
+    run_id = f"{label}_{int(time.time() * 1000)}"
+    return nightly.open_run(DAG_ID, run_id, as_of, dry_run=False, max_plan_share=0.5)
+
+
+def night(bench: Bench, sysd: System, label: str, as_of: dt.datetime, steps=STEPS, give_up: float | None = None,
+          on_plan=None) -> dict:
+    """The pipeline's steps in order; figures per step. ``on_plan(run)`` runs after plan."""
+    from retention.runs import nightly
+
+    print(f"\n== {sysd.name}: {label} (as of {as_of:%Y-%m-%d %H:%M} UTC) ==", flush=True)
+    t0 = time.perf_counter()
+    out: dict = {"label": label, "steps": {}, "requests": {}, "rows": {}, "load": [os.getloadavg()[0]], "finished": True}
+    t = time.perf_counter()
+    bench.run = open_run(label.split()[0], as_of)
+    out["steps"]["open_run"] = {"wall": time.perf_counter() - t}
+    base = sysd.counter()
+    for step in steps:
+        before = sysd.counter()
+        try:
+            fig = bench.step(step, prepare, label=f"{label}: {step}", timeout=give_up)
+        except StepTimeout as exc:
+            print(f"  {exc}", flush=True)
+            out["finished"] = False
+            out["gave_up"] = str(exc)
+            after = sysd.counter()
+            out["requests"][step] = sysd.step_requests({}, before, after)
+            if "rows_read" in after:
+                out["rows"][step] = after["rows_read"] - before["rows_read"]
+            break
+        after = sysd.counter()
+        out["steps"][step] = fig
+        out["requests"][step] = sysd.step_requests(fig, before, after)
+        if "rows_read" in after:
+            out["rows"][step] = after["rows_read"] - before["rows_read"]
+        if step == "plan" and on_plan is not None:
+            on_plan(bench.run)
+    end = sysd.counter()
+    out["by_kind"] = {k: v - base.get("by_kind", {}).get(k, 0) for k, v in end.get("by_kind", {}).items()
+                      if v != base.get("by_kind", {}).get(k, 0)}
+    if out["finished"] and steps == STEPS:
+        t = time.perf_counter()
+        rep = nightly.report(nightly.RunInfo.from_dict(bench.run), (sysd.name,))
+        out["steps"]["report"] = {"wall": time.perf_counter() - t, "result": rep}
+        print(f"  report: {rep['state']} ({time.perf_counter() - t:.2f}s)", flush=True)
+    out["elapsed"] = time.perf_counter() - t0
+    out["wall"] = sum(s["wall"] for s in out["steps"].values())
+    out["load"].append(os.getloadavg()[0])
+    out["run"] = bench.run
+    return out
+
+
+def plan_frame(run: dict, system: str) -> pd.DataFrame:
+    from retention.runs import nightly
+
+    return nightly.RunInfo.from_dict(run).staging.read_frame(system, "plan")
+
+
+def same_plan(a: pd.DataFrame, b: pd.DataFrame) -> tuple[bool, str]:
+    """Equal as sets of rows: the same columns, the same rows with the same values, any order."""
+    if sorted(a.columns) != sorted(b.columns):
+        return False, f"columns differ: {sorted(set(a.columns) ^ set(b.columns))}"
+    cols = sorted(a.columns)
+    if len(a) != len(b):
+        return False, f"{len(a):,} rows against {len(b):,}"
+
+    def canon(f: pd.DataFrame) -> pd.DataFrame:
+        f = f[cols].astype(str)
+        return f.sort_values(cols, kind="stable").reset_index(drop=True)
+
+    ca, cb = canon(a), canon(b)
+    if ca.equals(cb):
+        return True, f"{len(a):,} rows, identical"
+    diff = (ca != cb).any(axis=1)
+    bad = [c for c in cols if (ca[c] != cb[c]).any()]
+    return False, f"{int(diff.sum()):,} of {len(a):,} rows differ (columns {bad})"
+
+
+class Ledger:
+    """Swap the ledger the steps use (the reference read's fresh one), and back."""
+
+    def __init__(self, bench: Bench, url: str):
+        self.bench, self.url = bench, url
+
+    def __enter__(self):
+        import json
+
+        self.saved = {k: self.bench.env[k] for k in ("RETENTION_LEDGER_URL", "AIRFLOW_CONN_RETENTION_LEDGER")}
+        new = {"RETENTION_LEDGER_URL": self.url,
+               "AIRFLOW_CONN_RETENTION_LEDGER": json.dumps({"conn_type": "generic", "extra": {"sqlalchemy_url": self.url}})}
+        self.bench.env.update(new)
+        os.environ.update(new)
+
+    def __exit__(self, *exc):
+        self.bench.env.update(self.saved)
+        os.environ.update(self.saved)
+
+
+# ---------------------------------------------------------------------- one system
+def bench_system(name: str, args: argparse.Namespace) -> dict:
+    from retention.runs import nightly
+
+    with Bench(f"nightly_{name}", name, keep=args.keep, ledger="postgres", postgres=True, quiet=QUIET) as bench:
+        sysd = DRIVERS[name](bench, args)
+        rng = np.random.default_rng(args.seed)
+        t = time.perf_counter()
+        sysd.setup()
+        clock_step = dt.timedelta(hours=args.clock_step_hours)
+        as_of_1 = dt.datetime.now(dt.UTC) - clock_step
+        sysd.start(real=False)
+        print(f"  set-up {time.perf_counter() - t:.1f}s; {sysd.limits(False)}", flush=True)
+        n1 = night(bench, sysd, "night1 (first full run)", as_of_1)
+        n1["limits"] = sysd.limits(False)
+        sysd.stop()
+
+        n_change = max(1, round(args.records * args.change_share))
+        t = time.perf_counter()
+        changes = sysd.change(n_change, rng)
+        print(f"\nchanged {sum(changes.values()):,} records ({args.change_share:.2%}): {changes} "
+              f"({time.perf_counter() - t:.1f}s); the clock moves by {args.clock_step_hours:g} h", flush=True)
+        as_of_2 = dt.datetime.now(dt.UTC)
+
+        # The reference: a full read of the same state on a fresh ledger (nothing kept from night 1).
+        reconcile = "reconcile" in inspect.signature(nightly.open_run).parameters
+        ref_url = bench.pg.database(f"retention_bench_nightly_{name}_reference")
+        sysd.start(real=False)
+        with Ledger(bench, ref_url):
+            ref = night(bench, sysd, "reference full read (fresh ledger)", as_of_2, steps=("extract", "plan"))
+        ref_plan = plan_frame(ref["run"], name)
+        sysd.stop()
+
+        sysd.start(real=True)
+        compared: dict = {}
+
+        def compare(run: dict) -> None:
+            ok, why = same_plan(plan_frame(run, name), ref_plan)
+            compared.update(ok=ok, why=why)
+            print(f"  plan compared with the reference full read's: {'EQUAL' if ok else 'DIFFERENT'} ({why})", flush=True)
+
+        n2 = night(bench, sysd, "night2 (after the change)", as_of_2, give_up=args.give_up_after, on_plan=compare)
+        n2["limits"] = sysd.limits(True)
+        sysd.stop()
+        return {"system": name, "night1": n1, "night2": n2, "reference": ref, "changes": changes, "n_change": n_change,
+                "plan": compared, "reconcile_param": reconcile, "unit": sysd.unit}
+
+
+# ---------------------------------------------------------------------- figures
+def verdict(ok: bool | None) -> str:
+    return "n/a " if ok is None else "PASS" if ok else "FAIL"
+
+
+def report(r: dict, args: argparse.Namespace) -> list[bool | None]:
+    name, n1, n2 = r["system"], r["night1"], r["night2"]
+    print(f"\n{name}: {args.records:,} records; change {r['n_change']:,} ({r['changes']})")
+    for n in (n1, r["reference"], n2):
+        req = n["requests"]
+        rows = n["rows"]
+        rows = f"; rows read in the CRM's database {sum(rows.values()):,} ({', '.join(f'{k} {v:,}' for k, v in rows.items())})" if rows else ""
+        state = "" if n["finished"] else f"  GAVE UP: {n['gave_up']}"
+        print(
+            f"  {n['label']:<36} wall {n['wall']:8.1f}s (steps; {n['elapsed']:.1f}s elapsed, a process per step), "
+            f"{r['unit']} {sum(req.values()):,} ({', '.join(f'{k} {v:,}' for k, v in req.items())}){rows}; "
+            f"load {n['load'][0]:.2f} -> {n['load'][1]:.2f}{state}"
+        )
+        for step, fig in n["steps"].items():
+            if "rss_mb" in fig:
+                print(f"      {step:<9} {describe(fig)}")
+        if n.get("by_kind"):
+            print(f"      {r['unit']} by kind: {n['by_kind']}")
+    print(f"  night 1: {n1.get('limits', '')}; night 2: {n2.get('limits', '')}")
+    finished = n2["finished"] and n2["wall"] <= args.target_seconds
+    ref = r["reference"]
+    if ref["rows"]:
+        full, inc, what = ref["rows"].get("extract", 0), n2["rows"].get("extract", 0), "extract read rows (server)"
+    else:
+        full, inc, what = ref["requests"].get("extract", 0), n2["requests"].get("extract", 0), "extract sent requests"
+    share = inc / full if full else float("nan")
+    proportional = share <= args.proportional_share
+    if not n2["finished"] and not n2["steps"].get("extract") and inc <= args.proportional_share * full:
+        proportional = None  # stopped during the extract while still under the bound: unknown
+    incremental = {k: v for k, v in ref.get("by_kind", {}).items() if k.startswith("incremental.")}
+    if incremental and not n2["finished"]:
+        need = sum(incremental.values())
+        print(f"  a full read needs {need:,} incremental-export requests ({incremental}): at Zendesk's "
+              f"{ZD_REAL['incremental']} a minute, {need / ZD_REAL['incremental']:.0f} minutes before anything is planned")
+    plan_ok = r["plan"].get("ok")
+    print(f"  {verdict(finished)} night 2 within {args.target_seconds:g}s under the real limits: "
+          f"{n2['wall']:.1f}s" + ("" if n2["finished"] else " (given up, not finished)"))
+    print(f"  {verdict(proportional)} requests proportional to the change: night 2's {what} {inc:,} = {share:.2%} of "
+          f"the full read's {full:,} (at most {args.proportional_share:.0%}; the change is {args.change_share:.2%})")
+    print(f"  {verdict(plan_ok)} night 2's plan equals a full read's: {r['plan'].get('why', 'not compared: night 2 did not plan')}"
+          + ("" if not r["reconcile_param"] else " (open_run has a reconcile param; the reference used a fresh ledger)"))
+    return [finished, proportional, plan_ok]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--records", type=int, default=1_000_000, help="records per system (contacts, members, tickets)")
+    ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--due-share", type=float, default=0.01, help="share due at set-up (night 1's erasure)")
+    ap.add_argument("--change-share", type=float, default=0.001, help="share of the records changed before night 2")
+    ap.add_argument("--clock-step-hours", type=float, default=24, help="how far the clock moves between the nights")
+    ap.add_argument("--requests-per-minute", type=int, default=ZD_REAL["requests"], help="Zendesk's limit in night 2")
+    ap.add_argument("--setup-limit", type=int, default=100_000, help="Zendesk's relaxed limits for night 1 and the reference")
+    ap.add_argument("--give-up-after", type=float, default=600, help="seconds after which a night-2 step is stopped")
+    ap.add_argument("--target-seconds", type=float, default=120)
+    ap.add_argument("--proportional-share", type=float, default=0.10)
+    ap.add_argument("--keep", action="store_true", help="leave RETENTION_HOME and the databases in place")
+    args = ap.parse_args()
+    if args.records < 1000:
+        ap.error("--records must be at least 1000")
+    watch = LoadWatch()
+    print(f"Nightly benchmark: {args.records:,} records per system ({', '.join(args.systems)}); {machine()}", flush=True)
+    results = [bench_system(name, args) for name in args.systems]
+    print(f"\n==== Nightly benchmark: {args.records:,} records per system; {machine()}")
+    verdicts = []
+    for r in results:
+        verdicts += report(r, args)
+    print(watch.line())
+    return 0 if all(v is True for v in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
