@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 import time
 
 import sqlalchemy as sa
-from harness import AdapterProxy, Bench, Hooks, Row, add_options, machine, peak_line, table, timed_erase
+from harness import AdapterProxy, Bench, Hooks, LoadWatch, Row, add_options, machine, peak_line, table, timed_erase
 
 from retention.systems.crm.adapter import CrmAdapter
 
@@ -222,7 +221,7 @@ def main() -> int:
     )
     add_options(ap, repeat=1, repeat_help="runs of plan and validate (medians)")
     args = ap.parse_args()
-    load_before = os.getloadavg()  # the machine's other load shows in every figure: printed with them
+    watch = LoadWatch()  # the machine's other load shows in every figure: printed with them
     quiet = ("retention.systems.crm.client",)  # one line per batch otherwise
     with Bench("crm", "crm", keep=args.keep, ledger=args.ledger, postgres=True, quiet=quiet) as bench:
         from retention.systems.crm import schema
@@ -331,17 +330,13 @@ def main() -> int:
             f"(children {hand['children_s']:.2f}s + contacts {hand['contacts_s']:.2f}s) = {erase['wall'] / hand_total:.2f}x"
         )
         print(f"plan {rows[1].wall:.2f}s, validate {rows[2].wall:.2f}s, {peak_line(rows)}")
-        load_after = os.getloadavg()
-        print(
-            "load average (1, 5, 15 min): before " + " ".join(f"{v:.2f}" for v in load_before)
-            + ", after " + " ".join(f"{v:.2f}" for v in load_after) + f" ({os.cpu_count()} CPUs)"
-        )
         same = after_p == after_h
         print(f"row counts after erasure: {'identical in both databases' if same else 'DIFFERENT'}")
         if not same:
             for k in after_p:
                 if after_p[k] != after_h[k]:
                     print(f"  {k}: pipeline {after_p[k]:,}, hand-written {after_h[k]:,}")
+        print(watch.line())
     return 0
 
 

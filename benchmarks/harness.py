@@ -91,6 +91,31 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, load average {a:.2f} {b:.2f} {c:.2f}"
 
 
+# A machine whose 1-minute load average exceeds this share of its CPUs shares them with other
+# work: a CPU-bound figure measured then is below what the code does on a quiet machine.
+LOADED_SHARE = 0.5
+
+
+class LoadWatch:
+    """The load average when a benchmark started, and the line that says whether the machine
+    was loaded over it: ``watch = LoadWatch()`` first, ``print(watch.line())`` with the figures."""
+
+    def __init__(self) -> None:
+        self.before = os.getloadavg()
+
+    def line(self) -> str:
+        after = os.getloadavg()
+        cpus = os.cpu_count() or 1
+        peak = max(self.before[0], after[0])
+        fmt = " ".join(f"{x:.2f}" for x in self.before), " ".join(f"{x:.2f}" for x in after)
+        verdict = (
+            f"LOADED machine (1-minute load {peak:.2f} on {cpus} CPUs): CPU-bound figures are below a quiet machine's"
+            if peak > LOADED_SHARE * cpus
+            else f"quiet machine (1-minute load at most {peak:.2f} on {cpus} CPUs)"
+        )
+        return f"load average before {fmt[0]}, after {fmt[1]}: {verdict}"
+
+
 # ---------------------------------------------------------------------- the step process
 @dataclass
 class Hooks:
@@ -341,8 +366,17 @@ class Bench:
         return nightly.RunInfo.from_dict(self.run)
 
     # ------------------------------------------------------------------ steps
-    def step(self, name: str, prepare=None, *, label: str | None = None, note: Callable[[dict], str] | None = None) -> dict:
-        """Run one step in a fresh process; print and return its figures (see the module)."""
+    def step(
+        self,
+        name: str,
+        prepare=None,
+        *,
+        label: str | None = None,
+        note: Callable[[dict], str] | None = None,
+        timeout: float | None = None,
+    ) -> dict:
+        """Run one step in a fresh process; print and return its figures (see the module).
+        ``timeout``: seconds after which the step process is stopped and ``StepTimeout`` raised."""
         if self.run is None:
             self.open_run()
         label = label or name
@@ -352,14 +386,17 @@ class Bench:
         q = ctx.Queue()
         p = ctx.Process(target=_child, args=(name, self.system, self.run, self.env, prepare, self.quiet, q), name=f"bench-{name}")
         p.start()
+        started = time.monotonic()
         try:
             while True:
                 try:
-                    out = q.get(timeout=5)
+                    out = q.get(timeout=5 if timeout is None else min(5, timeout))
                     break
                 except queue_module.Empty:  # still working, or dead
                     if not p.is_alive():
                         raise SystemExit(f"step {name} failed (exit code {p.exitcode}); see its traceback above") from None
+                    if timeout is not None and time.monotonic() - started > timeout:
+                        raise StepTimeout(f"step {label} stopped after {time.monotonic() - started:.0f}s (limit {timeout:.0f}s)") from None
             p.join()
         finally:
             if p.is_alive():  # interrupted: do not leave the step running
@@ -373,6 +410,10 @@ class Bench:
 
     def repeat(self, n: int, name: str, prepare=None, *, note: Callable[[dict], str] | None = None) -> list[dict]:
         return [self.step(name, prepare, label=f"{name} {i + 1}/{n}" if n > 1 else name, note=note) for i in range(n)]
+
+
+class StepTimeout(Exception):
+    """A step ran longer than its ``timeout`` and was stopped."""
 
 
 def describe(out: dict) -> str:

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
-from harness import Bench, Hooks, Row, add_options, machine, median_run, peak_line, table
+from harness import Bench, Hooks, LoadWatch, Row, add_options, machine, median_run, peak_line, table
 
 KEY = "standin-key-us0"
 LIST = "bench-list"
@@ -93,6 +93,7 @@ def main() -> int:
     ap.add_argument("--ceiling-deletes", type=int, default=10_000)
     add_options(ap, repeat=3, repeat_help="runs of the read ceiling/extract, plan and validate (medians)")
     args = ap.parse_args()
+    watch = LoadWatch()
     with Bench("newsletter", "newsletter", keep=args.keep) as bench:
         standin = bench.standin(
             "mailchimp", "--port", "0", "--members", str(args.members), "--seed", "7", "--list-id", LIST, "--api-key", KEY,
@@ -155,6 +156,7 @@ def main() -> int:
         print(peak_line(rows))
         stats = requests.get(f"{base}/_standin/stats").json()
         print(f"stand-in after: {stats['statuses']}, max in flight {stats['max_in_flight']}, 429s {stats['throttled']}")
+        print(watch.line())
     return 0
 
 

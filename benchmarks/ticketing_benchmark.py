@@ -59,7 +59,7 @@ import sys
 import time
 
 import requests
-from harness import AdapterProxy, Bench, Hooks, Row, add_options, machine, peak_line, table, timed_erase
+from harness import AdapterProxy, Bench, Hooks, LoadWatch, Row, add_options, machine, peak_line, table, timed_erase
 
 EMAIL = "agent@example.org"
 TOKEN = "bench-token"
@@ -219,6 +219,7 @@ def main() -> int:
     )
     add_options(ap, repeat=1, repeat_help="runs of plan and validate (medians)")
     args = ap.parse_args()
+    watch = LoadWatch()
     incremental = args.incremental_limit or args.limit
     user_deletes = args.user_deletes_per_10min or 10 * args.limit
     env = {
@@ -353,6 +354,7 @@ def main() -> int:
             f"{after['users_permanently_deleted']:,}; 429s sent {after['throttled'] - before['throttled']}; "
             f"jobs {after['jobs']}"
         )
+        print(watch.line())
     return 0
 
 
