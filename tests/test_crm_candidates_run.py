@@ -81,6 +81,7 @@ def test_nightly_run_reads_the_candidates_and_erases_what_a_whole_read_would(ret
         summary = extract_summary(dr)
         assert summary["extracted"] == sizes
         read = summary["read"]
+        assert summary["mode"] == "candidates"
         assert sum(read.values()) < 0.5 * sum(sizes.values()), (read, sizes)
         assert read["crm_event_participation"] < sizes["crm_event_participation"]
         assert read["crm_contact"] < sizes["crm_contact"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def plan_of(z: Zendesk, as_of, *, feed: bool, reconcile: bool = False) -> tuple[
 
 
 def assert_same_plan(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    if len(a) != len(b):  # say which rows (synthetic ids) before the frames' own message
+        rows = lambda f: set(zip(f["record_type"], f["record_id"].astype(str), f["rule_id"], f["action"].astype(str)))  # noqa: E731
+        assert rows(a) == rows(b), f"only from the index: {sorted(rows(a) - rows(b))}; only from a full read: {sorted(rows(b) - rows(a))}"
     pd.testing.assert_frame_equal(a, b)
     assert plan_hash(a) == plan_hash(b)
 
@@ -126,7 +130,10 @@ def test_a_second_night_reads_only_the_change_and_plans_as_a_full_read(zendesk, 
     dr1 = run_dag({"systems": ["ticketing"], "dry_run": True})
     assert dr1.state == "success", task_states(dr1)
     read1 = report(retention_home)["systems"]["ticketing"]["read"]
-    assert read1 == {"mode": "full", "changed": {"support_ticket": len(t0), "ticket_user": len(u0)}, "gone": {}, "drift": {}}
+    assert read1 == {
+        "mode": "full", "changed": {"support_ticket": len(t0), "ticket_user": len(u0)}, "gone": {}, "drift": {},
+        "records": {"support_ticket": len(t0), "ticket_user": len(u0)},
+    }
     tickets = z.tickets()
     full_requests = incremental_requests(z)
 
@@ -261,9 +268,14 @@ def apply(z: Zendesk, change: tuple, tickets: pd.DataFrame, users: pd.DataFrame)
 @given(changes=CHANGES)
 def test_planning_from_the_index_gives_the_full_reads_plan_whatever_changed(module_zendesk, changes):
     z = module_zendesk
-    tickets, users = z.tickets(), z.users()
+    # Zendesk leaves the last minute out of its exports, so a change never lands behind a cursor
+    # in the second the cursor was taken; the stand-in here leaves nothing out (no export lag, to
+    # keep the test fast), so the changes wait for the next second instead.
+    time.sleep(1.05 - time.time() % 1)
     for change in changes:
-        apply(z, change, tickets, users)
+        # The systems as they are now: an earlier change may have deleted the record a snapshot
+        # taken before it would pick.
+        apply(z, change, z.tickets(), z.users())
     as_of = z.now
     from_index, summary = plan_of(z, as_of, feed=True)
     assert summary["mode"] in ("full", "incremental")

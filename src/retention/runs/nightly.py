@@ -547,9 +547,12 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
                 "completed": bool(ok),
                 "extracted": (parts["extract"] or {}).get("extracted"),
                 # How the system was read: in full, from its change feed, or a reconciliation
-                # (counts of changed and gone records and the index's drift; no ids).
-                "read": {k: (parts["extract"] or {}).get(k) for k in ("mode", "changed", "gone", "drift")}
-                if (parts["extract"] or {}).get("mode") else None,
+                # (counts of changed and gone records and the index's drift; no ids); or only the
+                # candidates of the plan (the CRM: ``records`` counts what was read).
+                "read": {
+                    **{k: (parts["extract"] or {}).get(k) for k in ("mode", "changed", "gone", "drift")},
+                    "records": (parts["extract"] or {}).get("read"),
+                } if (parts["extract"] or {}).get("mode") else None,
                 "quarantined": (parts["plan"] or {}).get("quarantined"),
                 "planned": (parts["plan"] or {}).get("planned"),
                 "fallback_clock": (parts["plan"] or {}).get("fallback_clock"),
@@ -623,7 +626,9 @@ def render_report(rep: dict) -> str:
     for system, s in rep["systems"].items():
         lines.append(f"  {system}: extracted {s['extracted']}, validation {s['validation']}")
         read = s.get("read")
-        if read and read["mode"] != "full":
+        if read and read["mode"] == ExtractMode.CANDIDATES:
+            lines.append(f"    read the plan's candidates only: {_per_type_text(read.get('records') or {}) or 'none'}")
+        elif read and read["mode"] != "full":
             line = f"    read {read['mode']}: {_per_type_text(read.get('changed') or {}) or 'nothing'} changed"
             if read["mode"] == "incremental":
                 line += f", {_per_type_text(read.get('gone') or {}) or 'nothing'} gone"
