@@ -157,7 +157,8 @@ def _child(step: str, system: str, run: dict, env: dict, prepare, quiet: tuple[s
         args += (hooks.adapter,)
     figures["rss_start_mb"] = rss_mb()
     start = time.perf_counter()
-    result = getattr(nightly, step)(*args)
+    kwargs = {"reconcile": True} if step == "extract" and env.get("BENCH_RECONCILE") == "1" else {}
+    result = getattr(nightly, step)(*args, **kwargs)
     end = time.perf_counter()
     figures.update(wall=end - start, rss_mb=peak_rss_mb(), ru_maxrss_mb=_ru_maxrss_mb(), result=result)
     if hooks.after:
