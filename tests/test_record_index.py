@@ -142,3 +142,24 @@ def test_odd_values_round_trip_exactly_and_the_last_word_on_a_record_wins(index,
         up.write("support_ticket", many)
         up.write("support_ticket", odd)
         assert up.finish("c2", T0)["drift"] == {}
+
+
+def test_within_one_update_the_last_word_wins_changed_or_gone(index, monkeypatch):
+    """A record listed changed and then gone (or gone and then changed again) in one extract, in
+    one chunk or across chunks: what came last is what the index keeps."""
+    with index.update(full=True) as up:
+        up.write("support_ticket", tickets((1, "open", None, ""), (2, "open", None, ""), (3, "open", None, "")))
+        up.finish("c1", T0)
+    for chunk_rows in (1000, 1):  # all in one chunk; a chunk per write
+        monkeypatch.setattr(ri, "CHUNK_ROWS", chunk_rows)
+        with index.update(full=False) as up:
+            up.write("support_ticket", tickets((1, "solved", None, ""), (2, "pending", None, "")))
+            up.write("support_ticket:gone", gone(1))
+            up.write("support_ticket:gone", gone(3))
+            up.write("support_ticket", tickets((3, "new", None, "")))
+            summary = up.finish("c2", T0)
+        assert summary == {"changed": {"support_ticket": 2}, "gone": {"support_ticket": 1}}, chunk_rows
+        same(read(index, "support_ticket"), tickets((2, "pending", None, ""), (3, "new", None, "")))
+        with index.update(full=True) as up:  # back to the start for the next round
+            up.write("support_ticket", tickets((1, "open", None, ""), (2, "open", None, ""), (3, "open", None, "")))
+            up.finish("c1", T0)

@@ -10,7 +10,8 @@ What a row holds: the record's id and its columns of the domain's record schema
 (``domain.records``: ids, statuses, clocks, flags; never a name or an address), as one JSON object
 with the clocks as integer microseconds (exact, whatever the year). Any other column of a frame is
 refused. Set-based and in bounded memory: frames go into a temporary table a chunk at a time
-(COPY on PostgreSQL), then one statement applies them; the index is read back a chunk at a time.
+(COPY on PostgreSQL), the last word on each record is kept, and one statement applies them; the
+index is read back a chunk at a time.
 """
 
 from __future__ import annotations
@@ -36,26 +37,19 @@ from retention.store.ledger import record_cursor, record_index
 CHUNK_ROWS = 50_000
 GONE_SUFFIX = ":gone"
 
-# What one extract brought, before it is applied: the last word on each record (``fields`` NULL:
-# gone). A temporary table of the updating connection; not part of the schema.
+# What one extract brought (``fields`` NULL: gone), before it is applied: one row per record and
+# chunk (``chunk``: the flush it came in; within a chunk the last word is kept before writing).
+# No key, so that writing it is a plain append (COPY on PostgreSQL); ``finish`` keeps each
+# record's last chunk. A temporary table of the updating connection; not part of the schema.
 _incoming = sa.Table(
     "record_index_incoming",
     sa.MetaData(),
-    sa.Column("record_type", sa.String(40), primary_key=True),
-    sa.Column("record_id", sa.String(250), primary_key=True),
-    sa.Column("fields", sa.Text),
-    prefixes=["TEMPORARY"],
-)
-# One chunk on its way into ``_incoming`` (PostgreSQL: COPY cannot resolve a conflict itself).
-_chunk = sa.Table(
-    "record_index_chunk",
-    sa.MetaData(),
+    sa.Column("chunk", sa.Integer, nullable=False),
     sa.Column("record_type", sa.String(40), nullable=False),
     sa.Column("record_id", sa.String(250), nullable=False),
     sa.Column("fields", sa.Text),
     prefixes=["TEMPORARY"],
 )
-
 
 @dataclass(frozen=True)
 class FeedState:
@@ -75,9 +69,7 @@ def fields_of(record_type: str, frame: pd.DataFrame) -> list[str]:
     microseconds since 1970, null when missing; ``unreadable`` only where a row has it). A frame
     column outside the schema is refused: the index never stores what the schema does not name."""
     columns = _columns(record_type)
-    extra = sorted(set(frame.columns) - {"record_id", UNREADABLE, *columns})
-    if extra:
-        raise ValueError(f"{record_type}: column(s) {', '.join(extra)} are not in the record schema; not indexed")
+    _refuse_other_columns(record_type, frame)
     frame = conform(record_type, frame)
     out = {}
     for column, kind in columns.items():
@@ -95,6 +87,12 @@ def fields_of(record_type: str, frame: pd.DataFrame) -> list[str]:
             for t, u in zip(texts, flagged.tolist(), strict=True)
         ]
     return texts
+
+
+def _refuse_other_columns(record_type: str, frame: pd.DataFrame) -> None:
+    extra = sorted(set(frame.columns) - {"record_id", UNREADABLE, *_columns(record_type)})
+    if extra:
+        raise ValueError(f"{record_type}: column(s) {', '.join(extra)} are not in the record schema; not indexed")
 
 
 def frame_of(record_type: str, ids: list[str], fields: list[str]) -> pd.DataFrame:
@@ -169,14 +167,12 @@ class RecordIndex:
         with self.engine.begin() as conn:
             # A failed update rolls back; where a temporary table outlives that (SQLite's DDL is
             # not transactional under pysqlite), the next update starts from an empty one.
-            for table in (_chunk, _incoming):
-                table.drop(conn, checkfirst=True)
-                table.create(conn)
+            _incoming.drop(conn, checkfirst=True)
+            _incoming.create(conn)
             update = IndexUpdate(self, conn, full=full)
             yield update
             if not update.finished:
                 raise RuntimeError("record index update left without finish(): nothing applied")
-            _chunk.drop(conn)
             _incoming.drop(conn)
 
 
@@ -188,60 +184,95 @@ class IndexUpdate:
         self.conn = conn
         self.full = full
         self.finished = False
-        self._pending: dict[str, list[tuple[str, str | None]]] = {}
-        self._sizes: dict[str, int] = {}
+        # Frames (and gone ids) gathered per record type until a chunk's worth: converting and
+        # writing 50,000 rows at once costs a fraction of doing it for every page of 1,000.
+        self._pending: dict[str, list[pd.DataFrame | list[str]]] = {}
+        self._pending_rows: dict[str, int] = {}
+        self._chunks = 0
 
     def write(self, record_type: str, frame: pd.DataFrame) -> None:
         """A frame as an adapter writes it: records of ``record_type``, or ``<type>:gone`` with
         a ``record_id`` column of records the system reports gone."""
         if record_type.endswith(GONE_SUFFIX):
             base = record_type[: -len(GONE_SUFFIX)]
-            ids = frame["record_id"].astype("string").tolist()
-            self._add(base, [(str(i), None) for i in ids])
+            self._add(base, [str(i) for i in frame["record_id"].astype("string").tolist()], len(frame))
             return
         if record_type not in RECORD_TYPES or RECORD_TYPES[record_type].system != self.index.system:
             raise ValueError(f"{record_type!r} is no record type of {self.index.system}")
         if not len(frame):
             return
-        ids = frame["record_id"].astype("string").tolist()
-        self._add(record_type, list(zip([str(i) for i in ids], fields_of(record_type, frame), strict=True)))
+        _refuse_other_columns(record_type, frame)  # at once, not when the chunk is written
+        self._add(record_type, frame, len(frame))
 
-    def _add(self, record_type: str, rows: list[tuple[str, str | None]]) -> None:
-        pending = self._pending.setdefault(record_type, [])
-        pending.extend(rows)
-        if len(pending) >= CHUNK_ROWS:
+    def _add(self, record_type: str, part: pd.DataFrame | list[str], rows: int) -> None:
+        self._pending.setdefault(record_type, []).append(part)
+        self._pending_rows[record_type] = self._pending_rows.get(record_type, 0) + rows
+        if self._pending_rows[record_type] >= CHUNK_ROWS:
             self._flush(record_type)
 
+    def _rows(self, record_type: str, parts: list[pd.DataFrame | list[str]]) -> Iterator[tuple[str, str | None]]:
+        """The parts' rows in the order they came: frames converted a run of them at a time."""
+        frames: list[pd.DataFrame] = []
+
+        def converted() -> Iterator[tuple[str, str | None]]:
+            if frames:
+                frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+                ids = [str(i) for i in frame["record_id"].astype("string").tolist()]
+                yield from zip(ids, fields_of(record_type, frame), strict=True)
+                frames.clear()
+
+        for part in parts:
+            if isinstance(part, pd.DataFrame):
+                frames.append(part)
+            else:
+                yield from converted()
+                yield from ((i, None) for i in part)
+        yield from converted()
+
     def _flush(self, record_type: str) -> None:
-        rows = self._pending.pop(record_type, [])
-        if not rows:
+        parts = self._pending.pop(record_type, [])
+        self._pending_rows.pop(record_type, None)
+        if not parts:
             return
-        last = dict(rows)  # the last word on each record within the chunk
+        self._chunks += 1
+        chunk = self._chunks
+        rows = dict(self._rows(record_type, parts)).items()  # the last word on each record within the chunk
         if self.index._postgres:
             buffer = io.StringIO()
             writer = csv.writer(buffer, lineterminator="\n")
             # In CSV an unquoted empty field is NULL (gone); JSON texts are never empty.
-            writer.writerows((record_type, i, "" if f is None else f) for i, f in last.items())
+            writer.writerows((chunk, record_type, i, "" if f is None else f) for i, f in rows)
             buffer.seek(0)
             with self.conn.connection.dbapi_connection.cursor() as cursor:
                 cursor.copy_expert(
-                    f"COPY {_chunk.name} (record_type, record_id, fields) FROM STDIN WITH (FORMAT csv)", buffer
+                    f"COPY {_incoming.name} (chunk, record_type, record_id, fields) FROM STDIN WITH (FORMAT csv)", buffer
                 )
-            stmt = postgresql.insert(_incoming).from_select(
-                ["record_type", "record_id", "fields"], sa.select(_chunk.c.record_type, _chunk.c.record_id, _chunk.c.fields)
-            )
-            self.conn.execute(stmt.on_conflict_do_update(
-                index_elements=[_incoming.c.record_type, _incoming.c.record_id], set_={"fields": stmt.excluded.fields},
-            ))
-            self.conn.execute(_chunk.delete())
         else:
-            stmt = sqlite_insert(_incoming)
             self.conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[_incoming.c.record_type, _incoming.c.record_id], set_={"fields": stmt.excluded.fields},
-                ),
-                [{"record_type": record_type, "record_id": i, "fields": f} for i, f in last.items()],
+                _incoming.insert(),
+                [{"chunk": chunk, "record_type": record_type, "record_id": i, "fields": f} for i, f in rows],
             )
+
+    def _keep_the_last_word(self) -> None:
+        """Leave in ``_incoming`` one row per record, the one of the last chunk that named it. A
+        record read twice in one extract is rare (a page boundary that moved): one aggregate
+        finds none, and only records read twice are deleted from."""
+        inc, conn = _incoming, self.conn
+        key = [inc.c.record_type, inc.c.record_id]
+        twice = conn.execute(
+            sa.select(*key, sa.func.max(inc.c.chunk)).group_by(*key).having(sa.func.count() > 1)
+        ).all()
+        for part in range(0, len(twice), 500):
+            conn.execute(inc.delete().where(sa.or_(*(
+                sa.and_(inc.c.record_type == rt, inc.c.record_id == rid, inc.c.chunk < last)
+                for rt, rid, last in twice[part : part + 500]
+            ))))
+        # The comparisons and the upsert join it with the index by record: SQLite needs an index
+        # to do that well; PostgreSQL needs the table's size (temporary tables are never analysed).
+        if conn.dialect.name == "sqlite":
+            conn.execute(sa.text(f"CREATE UNIQUE INDEX {inc.name}_key ON {inc.name} (record_type, record_id)"))
+        else:
+            conn.execute(sa.text(f"ANALYZE {inc.name}"))
 
     def finish(self, cursor: str | None, read_at: datetime) -> dict:
         """Apply what was written and store ``cursor``; returns the counts per record type:
@@ -249,6 +280,7 @@ class IndexUpdate:
         ``missing``, ``extra`` and ``different`` from what the full read found)."""
         for record_type in list(self._pending):
             self._flush(record_type)
+        self._keep_the_last_word()
         conn, system, t, new = self.conn, self.index.system, record_index, _incoming
         mine = t.c.system == system
         joined = sa.and_(mine, t.c.record_type == new.c.record_type, t.c.record_id == new.c.record_id)
@@ -266,11 +298,18 @@ class IndexUpdate:
                 rt: {"missing": missing.get(rt, 0), "extra": extra.get(rt, 0), "different": different.get(rt, 0)}
                 for rt in kinds
             }
-            conn.execute(t.delete().where(mine))
-            conn.execute(t.insert().from_select(
-                ["system", "record_type", "record_id", "fields"],
-                sa.select(sa.literal(system, sa.String), new.c.record_type, new.c.record_id, new.c.fields).where(present),
-            ))
+            # The index becomes what was read by changing only where it differs: a reconciliation
+            # with little drift writes little (the first read inserts everything).
+            if extra:
+                conn.execute(t.delete().where(mine, ~sa.exists().where(joined, present)))
+            if different:
+                conn.execute(t.update().values(fields=new.c.fields).where(joined, present, t.c.fields != new.c.fields))
+            if missing:
+                conn.execute(t.insert().from_select(
+                    ["system", "record_type", "record_id", "fields"],
+                    sa.select(sa.literal(system, sa.String), new.c.record_type, new.c.record_id, new.c.fields)
+                    .where(present, ~sa.exists().where(joined)),
+                ))
             out["records"] = _per_type(conn, sa.select(new.c.record_type, sa.func.count()).where(present).group_by(new.c.record_type))
         else:
             out["changed"] = _per_type(conn, sa.select(new.c.record_type, sa.func.count()).where(
