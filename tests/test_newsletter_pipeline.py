@@ -278,7 +278,7 @@ class Corrupting:
         self.inner, self.victims = inner, victims
         self.system, self.record_types, self.erase_batch = inner.system, inner.record_types, inner.erase_batch
 
-    def extract(self, write, now):
+    def _corrupting(self, write):
         def corrupt(record_type, frame):
             no_email, bad_time, duplicate = self.victims
             frame = frame.copy()
@@ -287,7 +287,14 @@ class Corrupting:
             dup = frame[frame["record_id"] == duplicate]
             write(record_type, pd.concat([frame, dup], ignore_index=True))
 
-        self.inner.extract(corrupt, now)
+        return corrupt
+
+    def extract(self, write, now):
+        self.inner.extract(self._corrupting(write), now)
+
+    def extract_changes(self, write, now, cursor):
+        # The nightly run reads the newsletter through its change feed (the first night: all).
+        return self.inner.extract_changes(self._corrupting(write), now, cursor)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
