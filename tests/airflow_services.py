@@ -4,6 +4,7 @@ the test adds with :meth:`AirflowServices.spawn`, e.g. Celery workers)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -95,6 +96,28 @@ class AirflowServices:
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]) for p in self.logs if p.exists())
+
+    def task_errors(self, dag_id: str, run_id: str, states: dict[str, str | None], lines: int = 4) -> str:
+        """The run's tasks that did not succeed (or were skipped), each with the last error lines
+        of its log: what a failed assertion on a run shows first, before the services' tails."""
+        out = []
+        for task_id, state in sorted(states.items()):
+            if state in ("success", "skipped"):
+                continue
+            errors = []
+            for log in sorted((self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}").glob("attempt=*.log")):
+                for line in log.read_text(errors="replace").splitlines():
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    if str(event.get("level", "")).lower() in ("error", "critical"):
+                        detail = event.get("error_detail") or ""
+                        if isinstance(detail, list) and detail:  # the exception, innermost last
+                            detail = f"{detail[-1].get('exc_type')}: {detail[-1].get('exc_value')}"
+                        errors.append(f"{log.name}: {str(event.get('event'))[:300]} {str(detail)[:300]}".rstrip())
+            out.append(f"{task_id} {state}: " + (" | ".join(errors[-lines:]) or "no error in its log"))
+        return "\n".join(out) or "every task succeeded or was skipped"
 
     def stop(self) -> None:
         # Checked while everything still runs: whatever the services or their workers opened.

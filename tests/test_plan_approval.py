@@ -242,11 +242,12 @@ def test_a_plan_over_the_guard_is_erased_only_on_an_approval_of_exactly_that_pla
         r = approver.call("PATCH", approver.hitl(approved), {"chosen_options": ["Approve"]})
         assert r.status_code == 200, r.text
         state, states = finished(approver, af, approved)
+        why = af.task_errors(DAG, approved, states)  # what failed first, then the services' tails
         logs = af.tail()
     finally:
         af.stop()
 
-    assert state == "success", (states, logs)
+    assert state == "success", f"{why}\n{states}\n{logs}"
     assert all(states[t] == "success" for t in SYSTEM_TASKS), states
     assert deletes(mailchimp) - members_before == planned
     entries = ledger_entries(retention_home, approved)
