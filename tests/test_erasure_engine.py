@@ -154,7 +154,7 @@ def test_verify_takes_the_plan_a_chunk_at_a_time_with_the_same_answer(ledger):
     assert max(n for _, n in system.looked_up) <= 3 and sum(n for _, n in system.looked_up) == 12
 
     system.looked_up.clear()
-    batches = pa.Table.from_pandas(plan[["record_type", "record_id", "record_key"]], preserve_index=False).to_batches(max_chunksize=5)
+    batches = pa.Table.from_pandas(plan[["record_type", "record_id", "record_key", "action"]], preserve_index=False).to_batches(max_chunksize=5)
     assert engine.verify(iter(batches)) == (12, 3)
     assert max(n for _, n in system.looked_up) <= 5 and sum(n for _, n in system.looked_up) == 12
 

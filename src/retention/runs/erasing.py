@@ -456,8 +456,8 @@ class ErasureEngine:
     def verify(self, plan: pd.DataFrame | Iterable[pd.DataFrame | pa.RecordBatch]) -> tuple[int, int]:
         """Of the plan's records the ledger marks gone: how many, and how many are still there.
 
-        ``plan``: a frame, or the plan in chunks (frames or Arrow record batches with at least
-        record_type, record_id and record_key; with action, confirmed erasures leave the record
+        ``plan``: a frame, or the plan in chunks (frames or Arrow record batches with
+        record_type, record_id, record_key and action: confirmed erasures leave the record
         index). A chunk at a time is looked up in the ledger
         (its entries only) and then in the system, so that verifying a million erasures holds
         a chunk's keys and statuses, not the whole run's."""
@@ -507,15 +507,11 @@ def _chunks_of(plan: pd.DataFrame | Iterable[pd.DataFrame | pa.RecordBatch], siz
 
 def _plan_columns(chunk: pd.DataFrame | pa.RecordBatch) -> tuple[list[str], ...]:
     """A plan chunk's record types, ids (as text, the ledger's and the adapters' form), keys and
-    actions (None where the chunk has no action column: nothing is then dropped from the index)."""
+    actions."""
     if isinstance(chunk, pd.DataFrame):
         columns = [chunk[c].astype(str).tolist() for c in ("record_type", "record_id")] + [chunk["record_key"].tolist()]
-        actions = chunk["action"].astype(str).tolist() if "action" in chunk.columns else [None] * len(chunk)
-    else:
-        columns = [pc.cast(chunk.column(c), pa.string()).to_pylist() for c in ("record_type", "record_id", "record_key")]
-        has = chunk.schema.get_field_index("action") >= 0
-        actions = pc.cast(chunk.column("action"), pa.string()).to_pylist() if has else [None] * chunk.num_rows
-    return (*columns, actions)
+        return (*columns, chunk["action"].astype(str).tolist())
+    return tuple(pc.cast(chunk.column(c), pa.string()).to_pylist() for c in ("record_type", "record_id", "record_key", "action"))
 
 
 def _entries(frame: pd.DataFrame) -> Iterator[dict]:
