@@ -13,9 +13,7 @@ pg_bin() {
   return 1
 }
 if ! BIN=$(pg_bin); then
-  echo "PostgreSQL not found; installing it from Debian" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2 && apt-get install -y -qq postgresql >&2
+  CALLER=postgres.sh APT_RECOMMENDS=1 "$(dirname "$0")/apt-install.sh" "the ledger and CRM tests" postgresql
   BIN=$(pg_bin)
 fi
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 from retention_dev.standins.mailchimp_audience import MEMBER_FIELDS, Audience
 from retention_dev.standins.mailchimp_control import Control
 from retention_dev.standins.mailchimp_data import STATUS_CODE
-from retention_dev.standins.mailchimp_errors import ApiError
+from retention_dev.standins.mailchimp_errors import ApiError, json_object
 from retention_dev.standins.mailchimp_fields import field_tree, project
 
 MAX_COUNT = 1000
@@ -84,10 +84,7 @@ class MemberRoutes:
                 self.control.add("archives")
                 return 204, None
             if method == "PATCH":
-                try:
-                    status = json.loads(body or b"{}").get("status")
-                except (ValueError, AttributeError):
-                    raise ApiError(400, "Invalid Resource", "The request body must be a JSON object.") from None
+                status = json_object(body).get("status")
                 if status not in STATUS_CODE or status == "archived":
                     raise ApiError(400, "Invalid Resource", "Unknown or unsettable status.")
                 if not aud.set_status(subscriber_hash, STATUS_CODE[status], self.now_seconds()):
@@ -114,12 +111,7 @@ class MemberRoutes:
     def add_member(self, aud: Audience, body: bytes) -> dict:
         """``POST /lists/{list_id}/members``: ``email_address`` and ``status`` (subscribed,
         unsubscribed, cleaned, pending or transactional), optionally ``merge_fields``."""
-        try:
-            spec = json.loads(body or b"{}")
-        except ValueError:
-            raise ApiError(400, "Invalid Resource", "The request body must be a JSON object.") from None
-        if not isinstance(spec, dict):
-            raise ApiError(400, "Invalid Resource", "The request body must be a JSON object.")
+        spec = json_object(body)
         email, status = spec.get("email_address"), spec.get("status")
         if not isinstance(email, str) or email.count("@") != 1 or not email.strip():
             raise ApiError(400, "Invalid Resource", "Please provide a valid email address.")

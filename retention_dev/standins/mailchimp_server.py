@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from retention_dev.standins.mailchimp_audience import Audience, list_state_file
 from retention_dev.standins.mailchimp_control import Control
-from retention_dev.standins.mailchimp_errors import ApiError, problem
+from retention_dev.standins.mailchimp_errors import ApiError, json_object, problem
 from retention_dev.standins.mailchimp_routes import MemberRoutes
 
 log = logging.getLogger("retention_dev.standins.mailchimp")
@@ -248,13 +248,7 @@ class StandInServer(MemberRoutes, ThreadingHTTPServer):
         if method == "GET" and name == "stats":
             return 200, self.stats()
         if method == "POST" and name == "faults":
-            try:
-                spec = json.loads(body or b"{}")
-            except ValueError:
-                raise ApiError(400, "Invalid Resource", "faults body must be JSON") from None
-            if not isinstance(spec, dict):
-                raise ApiError(400, "Invalid Resource", "faults body must be a JSON object")
-            return 200, {"faults": self.control.set_faults(spec)}
+            return 200, {"faults": self.control.set_faults(json_object(body, "faults body must be a JSON object"))}
         if method == "POST" and name == "clock":
             return 200, self.set_clock(body)
         if method == "POST" and name == "reset-stats":
