@@ -1,7 +1,8 @@
 """The nightly run, one function per DAG task: open, extract, index (beside plan, validate
-and erase), plan, validate, erase, verify, report. Each reads its inputs from the run's staging area and returns a small dict of counts
-(safe for XCom). Systems are reached only through the ``SourceSystem`` port; the plan goes to
-the one erasure engine (``runs.erasing``) and the one report writer (``store.reports``).
+and erase), plan, validate, erase, verify, report. Each reads its inputs from the run's staging
+area and returns a small dict of counts (safe for XCom). Systems are reached only through the
+``SourceSystem`` port; the plan goes to the one erasure engine (``runs.erasing``) and the one
+report writer (``store.reports``).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def extract(
     stream the records to staging. An adapter with a change feed whose record index has a cursor
     and no reconciliation due (``RETENTION_RECONCILE_EVERY``) or asked (``reconcile``) reads what
     changed, applies it to the index and stages the whole index; otherwise it is read in full and
-    staged, and the ``index`` step builds the index from staging and stores the new cursor. An adapter that
-    ``narrows_extract`` (the CRM) stages only the candidates of this run's plan, selected by the
+    staged, and the ``index`` step builds the index from staging and stores the new cursor. An
+    adapter that ``narrows_extract`` (the CRM) stages only the candidates of this run's plan, selected by the
     policy's conditions, with ``extracted`` still counting every record. Otherwise, and whenever
     ``reconcile`` is asked (the replay asks: it looks for restored copies, not for what is due),
     every record is read."""
