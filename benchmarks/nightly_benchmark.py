@@ -8,8 +8,9 @@ Per system (``--systems``, default all three; ``--records`` each, default 1,000,
    first night's erasure stays short (``scripts/bench.sh newsletter|crm|ticketing`` measure
    large erasures).
 2. **Night 1, a first full run,** as of ``--clock-step-hours`` (24) before night 2: the pipeline's
-   own steps, ``retention.runs.nightly``'s ``open_run``, ``extract``, ``plan``, ``validate``,
-   ``erase``, ``verify``, ``report``, in that order, each but ``open_run``/``report`` in a fresh
+   own steps, ``retention.runs.nightly``'s ``open_run``, ``extract``, ``index``, ``plan``,
+   ``validate``, ``erase``, ``verify``, ``report``, in that order (the DAG runs ``index`` beside
+   plan, validate and erase: the sum of the steps is an upper bound of the night), each but ``open_run``/``report`` in a fresh
    process as Airflow runs a task (``harness.Bench.step``), on a PostgreSQL ledger that lives on
    into night 2 (whatever the pipeline keeps there between nights, a cursor or a record index,
    is kept). Zendesk's stand-in and client run with RELAXED limits here (``--setup-limit``

@@ -6,7 +6,8 @@ newsletter provider, the CRM and the ticketing system, as of the end of the run'
 interval. Per system: **extract** → **plan** (quarantine, rules, holds) → **validate**
 (Great Expectations, plan-size guard) → **approve** (only a plan over the guard: a person approves
 or rejects exactly that plan, in Required Actions or the REST API; recorded in the ledger) →
-**erase** (write-ahead ledger) → **verify**; then one
+**erase** (write-ahead ledger) → **verify**; beside plan, validate and erase, **index** builds the record
+index of a system read in full through its change feed (before verify); then one
 **report** with counts per rule and status. The report fails the run's quality gate when
 records have been quarantined on more than the policy's `quarantine_alarm_after` nights (after
 the run's erasures; a dry run too).
@@ -106,6 +107,19 @@ def system_run(system: str, run: dict):
             # slot back and try again in a minute rather than wait in it.
             raise AirflowRescheduleException(pendulum.now("UTC").add(seconds=60)) from None
 
+    @task(
+        task_id="index",
+        doc_md=f"After a full read of {system} (the first night, a reconciliation): builds its record index from the "
+        "staged extract, counts the drift and stores the change feed's cursor, in one transaction, beside plan, "
+        "validate and erase. Otherwise nothing to do (an incremental night updated the index in extract; a system "
+        "without a change feed keeps none).",
+    )
+    def index_(run: dict, _extracted: dict) -> dict:
+        from retention.runs.nightly import index
+
+        with user_errors_in_one_line():
+            return index(run_info(run), system)
+
     @task(task_id="plan", doc_md=f"Plans {system}'s records: quarantine, the policy's rules, legal holds.")
     def plan_(run: dict, _extracted: dict) -> dict:
         from retention.runs.nightly import plan
@@ -149,7 +163,12 @@ def system_run(system: str, run: dict):
         emit_erasures(run_info(run), system)  # for the copies downstream: counts only
         return result
 
-    @task(task_id="verify", doc_md=f"Checks in {system} that what the ledger says was erased is gone.", **provider_pool(system))
+    @task(
+        task_id="verify",
+        doc_md=f"Checks in {system} that what the ledger says was erased is gone (and drops those records from the "
+        "record index: after **index**).",
+        **provider_pool(system),
+    )
     def verify_(run: dict, _erased: dict) -> dict:
         from retention.runs.nightly import verify
 
@@ -157,6 +176,9 @@ def system_run(system: str, run: dict):
             return verify(run_info(run), system, adapter)
 
     extracted = extract_(run)
+    # Beside plan, validate, approve and erase (it touches neither the system nor their staging),
+    # but before verify, which forgets confirmed erasures from the index this step rebuilds.
+    indexed = index_(run, extracted)
     planned = plan_(run, extracted)
     validated = validate_(run, planned)
     approve = PlanApproval(
@@ -168,7 +190,9 @@ def system_run(system: str, run: dict):
     erased = erase_(run)
     validated >> approve >> erased
     validated >> erased
-    return verify_(run, erased)
+    verified = verify_(run, erased)
+    indexed >> verified
+    return verified
 
 
 @task(

@@ -7,11 +7,13 @@ in its state file while it is stopped (a record gone for good without a word to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_ticketing_pipeline import STANDIN_LIMITS, Zendesk, adapter_for, as_of_of
 
-from airflow_run import run_dag, task_states
+from airflow_run import ensure_metadata_db, load_dag, run_dag, task_states
 from retention.domain.approval import plan_hash
 from retention.runs import nightly as pipeline
 from retention.runs.context import task_ledger
@@ -60,6 +62,8 @@ def plan_of(z: Zendesk, as_of, *, feed: bool, reconcile: bool = False) -> tuple[
     finally:
         adapter.close()
     planned = pipeline.plan(run, "ticketing")["planned"]
+    # As in the DAG: the index step after extract (a full read's index and cursor are its work).
+    summary = {**summary, **pipeline.index(run, "ticketing")}
     with task_ledger() as ledger:
         ledger.release_system("ticketing", run.run_id)
     frame = run.staging.read_frame("ticketing", "plan")
@@ -219,6 +223,130 @@ def test_a_reconciliation_comes_when_due_and_a_failed_feed_keeps_the_old_cursor(
         assert RecordIndex(ledger.engine, "ticketing").state().cursor == cursor, "a failed read moved the cursor"
         ledger.release_run(failed_run_id(ledger))
     assert plan_of(z, as_of, feed=True)[1]["changed"] == {"support_ticket": 1}
+
+
+# --- the index step: a full read's index and cursor off the extract's critical path ----------
+
+
+def _open(as_of) -> pipeline.RunInfo:
+    return pipeline.RunInfo.from_dict(
+        pipeline.open_run("retention_nightly", f"inproc__{uuid.uuid4().hex}", as_of, dry_run=True, max_plan_share=1.0)
+    )
+
+
+def _extract(z: Zendesk, run: pipeline.RunInfo, **kw) -> dict:
+    adapter = adapter_for(z)
+    try:
+        return pipeline.extract(run, "ticketing", adapter, **kw)
+    finally:
+        adapter.close()
+
+
+def _state_and_counts():
+    with task_ledger() as ledger:
+        index = RecordIndex(ledger.engine, "ticketing")
+        return index.state(), index.counts()
+
+
+def test_a_full_read_stages_only_and_the_index_step_builds_the_index_and_stores_the_cursor(zendesk, monkeypatch):
+    z = zendesk
+    # Night 1, a first full read: extract stages the records and leaves the index and the cursor
+    # alone; what the index step must do is in the staged summary, the cursor not in the XCom.
+    run = _open(z.now)
+    summary = _extract(z, run)
+    assert summary["mode"] == "full" and "changed" not in summary and summary["index"]["mode"] == "full"
+    assert "cursor" not in summary["index"]
+    pending = run.staging.read_json("ticketing", "extract")["index"]
+    assert pending["mode"] == "full" and pending["cursor"] and pending["read_at"] == summary["extracted_at"]
+    assert _state_and_counts() == (None, {})
+    built = pipeline.index(run, "ticketing")
+    assert built["index"] == "built" and built["mode"] == "full" and built["drift"] == {}
+    assert built["changed"] == summary["read"]  # every record read is indexed (no record twice here)
+    state, counts = _state_and_counts()
+    assert state.cursor == pending["cursor"] and state.reconciled_at == datetime.fromisoformat(pending["read_at"])
+    assert counts == summary["read"]
+    assert run.staging.read_json("ticketing", "index") == built
+    with task_ledger() as ledger:
+        ledger.release_system("ticketing", run.run_id)
+
+    # Night 2, incremental: the changes went into the index in extract; nothing left to do.
+    tickets = z.tickets()
+    z.set_status(int(tickets.index[tickets["status"] == "open"][0]), "solved")
+    run2 = _open(z.now)
+    summary2 = _extract(z, run2)
+    assert summary2["mode"] == "incremental" and summary2["changed"] == {"support_ticket": 1} and "index" not in summary2
+    moved, _ = _state_and_counts()
+    assert moved.cursor != state.cursor, "an incremental extract stores its cursor itself"
+    assert pipeline.index(run2, "ticketing") == {"mode": "incremental", "index": "nothing to do"}
+    assert _state_and_counts() == (moved, counts)
+    with task_ledger() as ledger:
+        ledger.release_system("ticketing", run2.run_id)
+
+    # A reconciliation: the extract leaves the old cursor; the index step stores the new one
+    # with the rebuilt index and the drift; the report reads the drift from it.
+    run3 = _open(z.now)
+    summary3 = _extract(z, run3, reconcile=True)
+    assert summary3["mode"] == "reconciliation" and summary3["index"]["why"] == "asked for"
+    assert _state_and_counts()[0] == moved
+    rebuilt = pipeline.index(run3, "ticketing")
+    assert rebuilt["mode"] == "reconciliation" and rebuilt["drift"] == {}
+    after, _ = _state_and_counts()
+    assert after.cursor == run3.staging.read_json("ticketing", "extract")["index"]["cursor"]
+    assert after.reconciled_at > moved.reconciled_at
+    read = pipeline._read_of(run3.staging.read_json("ticketing", "extract"), run3.staging.read_json("ticketing", "index"))
+    assert read == {"mode": "reconciliation", "changed": rebuilt["changed"], "gone": {}, "drift": {}, "records": summary3["read"]}
+    # Before the index step finished, the report says so rather than show no drift.
+    unbuilt = pipeline._read_of(run3.staging.read_json("ticketing", "extract"), None)
+    assert unbuilt["drift"] is None and unbuilt["changed"] is None
+    assert "the record index was not rebuilt" in pipeline.render_report({
+        "run_id": "r", "dry_run": True, "as_of": "a", "policy_version": "v", "policy_label": "l", "state": "failed",
+        "seconds": 1, "ledger": {}, "systems": {"ticketing": {
+            "extracted": {}, "validation": None, "read": unbuilt, "quarantined": None, "planned": None, "erase": None,
+        }},
+    })
+    with task_ledger() as ledger:
+        ledger.release_system("ticketing", run3.run_id)
+
+
+def test_a_failed_index_step_leaves_the_old_index_and_cursor(zendesk, monkeypatch):
+    z = zendesk
+    plan_of(z, z.now, feed=True)  # a first night, index built
+    before = _state_and_counts()
+    tickets = z.tickets()
+    z.set_status(int(tickets.index[tickets["status"] == "open"][0]), "solved")
+    run = _open(z.now)
+    _extract(z, run, reconcile=True)
+    real = RecordIndex.update
+
+    def failing(self, *, full):
+        @contextlib.contextmanager
+        def broken():
+            with real(self, full=full) as update:
+                update.write("support_ticket", run.staging.read_extract("ticketing", "support_ticket").head(3))
+                raise RuntimeError("the ledger database went away")
+                yield update
+        return broken()
+
+    monkeypatch.setattr(RecordIndex, "update", failing)
+    with pytest.raises(RuntimeError, match="went away"):
+        pipeline.index(run, "ticketing")
+    assert _state_and_counts() == before
+    monkeypatch.setattr(RecordIndex, "update", real)
+    # Retried, the step finishes the work: the index follows the read, the cursor moves.
+    assert pipeline.index(run, "ticketing")["drift"] == {"support_ticket": {"missing": 0, "extra": 0, "different": 1}}
+    assert _state_and_counts()[0].cursor != before[0].cursor
+
+
+def test_the_nightly_dag_runs_index_beside_plan_and_before_verify():
+    ensure_metadata_db()
+    dag = load_dag("retention_nightly")
+    for system in ("crm", "newsletter", "ticketing"):
+        index = dag.get_task(f"{system}.index")
+        assert index.upstream_task_ids == {"open_run", f"{system}.extract"}
+        assert index.downstream_task_ids == {f"{system}.verify"}
+        assert index.trigger_rule == "all_success"  # skipped with extract (a system not selected)
+        assert dag.get_task(f"{system}.verify").upstream_task_ids == {"open_run", f"{system}.erase", f"{system}.index"}
+        assert dag.get_task(f"{system}.plan").upstream_task_ids == {"open_run", f"{system}.extract"}
 
 
 # --- the property: for any changes a feed sees, the index's plan is the full read's ------------

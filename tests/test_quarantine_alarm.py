@@ -208,7 +208,7 @@ def test_a_record_stuck_in_quarantine_fails_the_quality_gate_after_the_erasures(
     states = task_states(dr)
     assert dr.state == "failed"
     assert states["report"] == "failed"
-    assert {states[f"newsletter.{t}"] for t in ("extract", "plan", "validate", "erase", "verify")} == {"success"}
+    assert {states[f"newsletter.{t}"] for t in ("extract", "index", "plan", "validate", "erase", "verify")} == {"success"}
     after = member_statuses(audience)
     assert ids["due_night_3"] not in after, "the alarm stopped the erasure of another record"
     assert after[ids["stuck"]] == "unsubscribed", "a quarantined record was erased"

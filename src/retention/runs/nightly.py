@@ -1,7 +1,8 @@
-"""The nightly run, one function per DAG task: open, extract, plan, validate, erase, verify,
-report. Each reads its inputs from the run's staging area and returns a small dict of counts
-(safe for XCom). Systems are reached only through the ``SourceSystem`` port; the plan goes to
-the one erasure engine (``runs.erasing``) and the one report writer (``store.reports``).
+"""The nightly run, one function per DAG task: open, extract, index (beside plan, validate
+and erase), plan, validate, erase, verify, report. Each reads its inputs from the run's staging
+area and returns a small dict of counts (safe for XCom). Systems are reached only through the
+``SourceSystem`` port; the plan goes to the one erasure engine (``runs.erasing``) and the one
+report writer (``store.reports``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from retention.systems.base import ChangeFeed, SourceSystem
 log = logging.getLogger("retention")
 
 __all__ = [
-    "RunInfo", "erase", "extract", "open_run", "plan", "quarantine_alarm", "render_report", "report", "validate", "verify",
+    "RunInfo", "erase", "extract", "index", "open_run", "plan", "quarantine_alarm", "render_report", "report", "validate", "verify",
 ]
 
 
@@ -52,8 +53,9 @@ def extract(
     """Take the system for this run (raises ``LockTimeout`` after ``lock_wait_seconds``), then
     stream the records to staging. An adapter with a change feed whose record index has a cursor
     and no reconciliation due (``RETENTION_RECONCILE_EVERY``) or asked (``reconcile``) reads what
-    changed, applies it to the index and stages the whole index. An adapter that
-    ``narrows_extract`` (the CRM) stages only the candidates of this run's plan, selected by the
+    changed, applies it to the index and stages the whole index; otherwise it is read in full and
+    staged, and the ``index`` step builds the index from staging and stores the new cursor. An
+    adapter that ``narrows_extract`` (the CRM) stages only the candidates of this run's plan, selected by the
     policy's conditions, with ``extracted`` still counting every record. Otherwise, and whenever
     ``reconcile`` is asked (the replay asks: it looks for restored copies, not for what is due),
     every record is read."""
@@ -91,6 +93,8 @@ def extract(
     }
     staging.write_json(system, "extract", summary)
     log.info("%s: extracted %s (read %s) in %.1fs (%s)", system, summary["extracted"], counts, summary["seconds"], summary["mode"])
+    if "index" in summary:  # the feed's cursor stays in staging, for the index step; not in XCom
+        summary = {**summary, "index": {k: v for k, v in summary["index"].items() if k != "cursor"}}
     return summary
 
 
@@ -102,9 +106,11 @@ class ExtractMode(StrEnum):
 
 
 def _extract_through_index(system: str, adapter: ChangeFeed, writer, now: datetime, *, reconcile: bool) -> dict:
-    """Read through the adapter's change feed and keep the record index (see ``extract``). The
-    index and the new cursor are written in one transaction once the read is complete: a read
-    that fails leaves both as they were."""
+    """Read through the adapter's change feed (see ``extract``). An incremental night applies the
+    changes to the record index here, with the new cursor in the same transaction, and stages the
+    whole index. A full read only stages the records: the ``index`` step builds the index from
+    the staged extract and stores the cursor the feed returned (``pending``), off this step's
+    critical path. Until then the stored cursor is the old one: a failed run reads again from it."""
     with task_ledger() as ledger:
         index = RecordIndex(ledger.engine, system)
         state = index.state()
@@ -126,25 +132,68 @@ def _extract_through_index(system: str, adapter: ChangeFeed, writer, now: dateti
             )
             return {"mode": str(ExtractMode.INCREMENTAL), "changed": changed, "gone": gone}
 
-        def both(record_type: str, frame: pd.DataFrame) -> None:
-            if not record_type.endswith(GONE_SUFFIX):  # a full read has nothing gone to stage
-                writer.write(record_type, frame)
-            update.write(record_type, frame)
+    def staged(record_type: str, frame: pd.DataFrame) -> None:
+        # The index becomes what is staged: a record a full read reports gone is simply not in it.
+        if not record_type.endswith(GONE_SUFFIX):
+            writer.write(record_type, frame)
 
-        mode = ExtractMode.FULL if state is None else ExtractMode.RECONCILIATION
-        with index.update(full=True) as update:
-            cursor = adapter.extract_changes(both, now, None)
-            applied = update.finish(cursor, now)
-    drift = applied["drift"] if state is not None else {}
+    mode = ExtractMode.FULL if state is None else ExtractMode.RECONCILIATION
+    cursor = adapter.extract_changes(staged, now, None)
+    if mode is ExtractMode.FULL:
+        why = "no record index yet"
+    elif reconcile:
+        why = "asked for"
+    elif state.cursor is None:
+        why = "no cursor stored"
+    else:
+        why = f"due, the last on {state.reconciled_at:%Y-%m-%d %H:%M} UTC"
+    # What the index step must do. The cursor is the feed's opaque position (no personal data).
+    pending = {"mode": str(mode), "cursor": cursor, "read_at": now.isoformat(), "why": why}
+    return {"mode": str(mode), "gone": {}, "index": pending}
+
+
+class IndexStep(StrEnum):
+    BUILT = "built"  # a full read's records written into the index, its cursor stored
+    NOTHING_TO_DO = "nothing to do"  # an incremental night (applied in extract), or no change feed
+
+
+def index(run: RunInfo, system: str) -> dict:
+    """After a full read of a system with a change feed (the first night, a reconciliation):
+    build or rebuild its record index from the staged extract, a staged part at a time, count the
+    drift (a reconciliation), and store the cursor the feed returned, in one transaction: a
+    failure leaves index and cursor as they were. Otherwise nothing to do: an incremental night
+    applied its changes in ``extract``; a system without a change feed keeps no index. Runs
+    beside plan, validate and erase; before verify, which forgets confirmed erasures."""
+    staging = run.staging
+    extracted = staging.read_json(system, "extract")
+    if extracted is None:
+        raise FileNotFoundError(f"staging has no extract for {system}: did the earlier task of this run succeed?")
+    pending = extracted.get("index")
+    if not pending:
+        summary = {"mode": extracted.get("mode"), "index": str(IndexStep.NOTHING_TO_DO)}
+        staging.write_json(system, "index", summary)
+        log.info("%s: record index: nothing to do (%s read)", system, extracted.get("mode"))
+        return summary
+    started = time.monotonic()
+    mode = ExtractMode(pending["mode"])
+    with task_ledger() as ledger:
+        record_index = RecordIndex(ledger.engine, system)
+        with record_index.update(full=True) as update:
+            for record_type in record_types_of(system):
+                for frame in staging.iter_extract(system, record_type):
+                    update.write(record_type, frame)
+            applied = update.finish(pending["cursor"], datetime.fromisoformat(pending["read_at"]))
+    drift = applied["drift"] if mode is ExtractMode.RECONCILIATION else {}
     if mode is ExtractMode.RECONCILIATION:
-        if reconcile:
-            why = "asked for"
-        elif state.cursor is None:
-            why = "no cursor stored"
-        else:
-            why = f"due, the last on {state.reconciled_at:%Y-%m-%d %H:%M} UTC"
-        log.info("%s: reconciliation (%s): record index drift %s", system, why, _drift_text(drift))
-    return {"mode": str(mode), "changed": applied["records"], "gone": {}, "drift": drift}
+        log.info("%s: reconciliation (%s): record index drift %s", system, pending.get("why"), _drift_text(drift))
+    summary = {
+        "mode": str(mode), "index": str(IndexStep.BUILT), "changed": applied["records"], "drift": drift,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    staging.write_json(system, "index", summary)
+    built = "rebuilt" if mode is ExtractMode.RECONCILIATION else "built"
+    log.info("%s: record index %s from the staged %s read in %.1fs", system, built, mode, summary["seconds"])
+    return summary
 
 
 def _per_type_text(counts: dict[str, int]) -> str:
@@ -546,13 +595,7 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
             per_system[system] = {
                 "completed": bool(ok),
                 "extracted": (parts["extract"] or {}).get("extracted"),
-                # How the system was read: in full, from its change feed, or a reconciliation
-                # (counts of changed and gone records and the index's drift; no ids); or only the
-                # candidates of the plan (the CRM: ``records`` counts what was read).
-                "read": {
-                    **{k: (parts["extract"] or {}).get(k) for k in ("mode", "changed", "gone", "drift")},
-                    "records": (parts["extract"] or {}).get("read"),
-                } if (parts["extract"] or {}).get("mode") else None,
+                "read": _read_of(parts["extract"], staging.read_json(system, "index")),
                 "quarantined": (parts["plan"] or {}).get("quarantined"),
                 "planned": (parts["plan"] or {}).get("planned"),
                 "fallback_clock": (parts["plan"] or {}).get("fallback_clock"),
@@ -589,6 +632,20 @@ def report(run: RunInfo, systems: tuple[str, ...]) -> dict:
         )
         path = write_report(ledger, staging, rep, render_report(rep), latest=True)
     return {"state": state, "report": str(path), "alarm": alarm["message"] if alarm else None, "not_approved": not_approved}
+
+
+def _read_of(extracted: dict | None, indexed: dict | None) -> dict | None:
+    """How the system was read: in full, from its change feed, or a reconciliation (counts of
+    changed and gone records and the index's drift; no ids); or only the candidates of the plan
+    (the CRM: ``records`` counts what was read). After a full read through a change feed, the
+    records and the drift are the index step's (None when it did not finish)."""
+    if not (extracted or {}).get("mode"):
+        return None
+    read = {k: extracted.get(k) for k in ("mode", "changed", "gone", "drift")}
+    if extracted.get("index"):
+        built = indexed if (indexed or {}).get("index") == IndexStep.BUILT else {}
+        read.update(changed=built.get("changed"), drift=built.get("drift"))
+    return {**read, "records": extracted.get("read")}
 
 
 def _decision_shown(row: dict) -> dict:
@@ -632,6 +689,8 @@ def render_report(rep: dict) -> str:
             line = f"    read {read['mode']}: {_per_type_text(read.get('changed') or {}) or 'nothing'} changed"
             if read["mode"] == "incremental":
                 line += f", {_per_type_text(read.get('gone') or {}) or 'nothing'} gone"
+            elif read.get("drift") is None:  # the index step did not finish: no drift counted
+                line = f"    read {read['mode']}: the record index was not rebuilt (see the index step)"
             else:
                 line += f"; record index drift {_drift_text(read.get('drift') or {})}"
             lines.append(line)

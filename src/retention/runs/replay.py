@@ -40,6 +40,7 @@ from retention.runs.context import RunInfo, pseudonymizer, task_ledger
 from retention.runs.context import open_run as open_pipeline_run
 from retention.runs.erasing import ErasureEngine
 from retention.runs.nightly import extract as extract_step
+from retention.runs.nightly import index as index_step
 from retention.runs.nightly import refuse_an_old_plan
 from retention.store.ledger import Ledger, erasure_ledger
 from retention.store.reports import write_report
@@ -85,6 +86,8 @@ def find(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     # A full read, whatever the record index holds or the policy selects: a copy restored from a
     # backup carries its old clocks, a change feed never lists it, and it need not be due.
     extracted = extract_step(run, system, adapter, reconcile=True)
+    # A full read through a change feed rebuilds the record index, as the nightly run's index step.
+    index_step(run, system)
     now = pd.Timestamp(datetime.now(UTC))
     with task_ledger() as ledger:
         erased = erased_entries(ledger, system, exclude_run=run.run_id)

@@ -156,6 +156,13 @@ class RunStaging:
             return None
         return pd.concat([_read_parquet(p) for p in parts], ignore_index=True)
 
+    def iter_extract(self, system: str, record_type: str) -> Iterator[pd.DataFrame]:
+        """The staged extract of ``record_type`` a part at a time (at most ``ExtractWriter``'s
+        ``chunk_rows``), in the order it was written: bounded memory for a step that reads it all."""
+        path = self.system_dir(system) / "extract" / record_type
+        for part in sorted(path.glob("part-*.parquet"), key=str) if path.exists() else []:
+            yield _read_parquet(part)
+
     # -- whole frames ---------------------------------------------------------------------
     def write_frame(self, system: str, name: str, frame: pd.DataFrame) -> ObjectStoragePath:
         path = self.system_dir(system) / f"{name}.parquet"

@@ -72,7 +72,8 @@ class SourceSystem(Protocol):
 class ChangeFeed(Protocol):
     """An adapter that can read only what changed since a cursor (besides ``extract``). The
     nightly extract keeps the system's records in the ledger's record index and reads through
-    this from the stored cursor; a full read (the first night, a reconciliation) rebuilds it."""
+    this from the stored cursor; after a full read (the first night, a reconciliation) the
+    nightly index step rebuilds it from the staged records and stores the new cursor."""
 
     def extract_changes(self, write: Write, now: datetime, cursor: str | None) -> str:
         """cursor None: read everything (as `extract` does). Otherwise read only what changed
