@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     # The example warehouse DAG, registered before the run so that its erasure events queue a run of it.
     warehouse = warehouse_demo.prepare(env)
 
-    if not envmod.seeded():
+    # Seeded afresh (--reset, or a first run): the ledger's record index and change-feed cursors
+    # (in RETENTION_HOME, kept by --reset with the rest of the ledger) describe other systems: a
+    # change feed would not list the new ones' records, so this run reconciles, as after a restore.
+    fresh = not envmod.seeded()
+    if fresh:
         say(f"seeding the demo systems ({args.contacts} CRM contacts, {args.members} newsletter members, "
             f"{args.tickets} tickets; synthetic people, example.* addresses)")
         seed_systems(members=args.members, tickets=args.tickets, contacts=args.contacts, seed=args.seed)
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             env = ui.env
         say(f"newsletter before the run: {_mailchimp_counts(mailchimp)}")
         say(f"ticketing before the run: {_zendesk_counts(zendesk)}")
-        code, run_id, failures = run_nightly(env, dry_run=args.dry_run, use_executor=ui is not None)
+        code, run_id, failures = run_nightly(env, dry_run=args.dry_run, use_executor=ui is not None, reconcile=fresh)
         say(f"newsletter after the run: {_mailchimp_counts(mailchimp)}")
         say(f"ticketing after the run: {_zendesk_counts(zendesk)}")
         say(f"CRM after the run: {_crm_counts(crm_url)}")
@@ -213,12 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         zendesk.stop()
 
 
-def run_nightly(env: dict, *, dry_run: bool, use_executor: bool) -> tuple[int, str | None, list[str]]:
+def run_nightly(env: dict, *, dry_run: bool, use_executor: bool, reconcile: bool = False) -> tuple[int, str | None, list[str]]:
     """One run of ``retention_nightly`` through Airflow: its exit code, its run id (None when
-    Airflow never finished the run) and the failed tasks, each with its one-line error."""
+    Airflow never finished the run) and the failed tasks, each with its one-line error.
+    ``reconcile``: the systems were seeded afresh under a ledger whose record index remembers
+    the old ones (a restore, as far as the change feeds can tell): read them in full."""
     # The demo systems start with years of backlog, more than a nightly run would ever see:
     # the plan-size guard is raised for the demo as an engineer would for a first run.
-    conf = json.dumps({"dry_run": dry_run, "systems": list(SYSTEMS), "max_plan_share": 0.5})
+    conf = {"dry_run": dry_run, "systems": list(SYSTEMS), "max_plan_share": 0.5}
+    if reconcile:
+        conf["reconcile"] = True
+    conf = json.dumps(conf)
     say(f"running retention_nightly through Airflow (airflow dags test, conf {conf})")
     started = time.monotonic()
     extra = ["--use-executor"] if use_executor else []
