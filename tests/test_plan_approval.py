@@ -108,7 +108,12 @@ def _wait(what, until, af: AirflowServices, timeout: float = 600):
 
 
 def awaiting_approval(api: Api, af: AirflowServices, run_id: str) -> dict:
-    """Wait until the run's approval task waits for a human; return what the approver sees."""
+    """Wait until the run's approval task waits for a human; return what the approver sees.
+
+    Also until the scheduler has taken in that the task paused: an answer that comes before
+    (a test answers within milliseconds, a person never does) queues the task again while the
+    executor's event for the pause is still unread, and the scheduler then marks the task failed
+    ("finished with state success, but the task instance's state attribute is queued")."""
     def waiting():
         states = api.task_states(run_id)
         if api.run_state(run_id) in ("success", "failed"):
@@ -116,6 +121,9 @@ def awaiting_approval(api: Api, af: AirflowServices, run_id: str) -> dict:
         return states.get("newsletter.approve") == "awaiting_input"
 
     _wait(f"{run_id} to await approval", waiting, af)
+    paused = re.compile(rf"TaskInstance Finished: dag_id={DAG}, task_id=newsletter\.approve, run_id={re.escape(run_id)},.*state=awaiting_input")
+    scheduler_log = af.home / "scheduler.log"
+    _wait(f"the scheduler to take in that {run_id} awaits approval", lambda: paused.search(scheduler_log.read_text(errors="replace")), af)
     return api.get(api.hitl(run_id))
 
 
