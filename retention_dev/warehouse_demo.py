@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -103,9 +104,12 @@ def run_consumer(env: dict, timeout: float = 240) -> int:
     print(f"==> {CONSUMER}: the erasure events queued a run; starting a scheduler to run it", flush=True)
     procs = []
     try:
-        for name, args in (("api-server", ["api-server", "--host", "127.0.0.1", "--port", str(port)]), ("scheduler", ["scheduler"])):
+        # The scheduler serves no logs: its log server would listen on every interface (8793).
+        # Each in a process group of its own, so that its workers stop with it (below).
+        for name, args in (("api-server", ["api-server", "--host", "127.0.0.1", "--port", str(port)]), ("scheduler", ["scheduler", "--skip-serve-logs"])):
             log = (home / f"warehouse-demo-{name}.log").open("w")
-            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *args], env=env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
         deadline = time.monotonic() + timeout
         run = None
         while time.monotonic() < deadline:
@@ -122,6 +126,10 @@ def run_consumer(env: dict, timeout: float = 240) -> int:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+            try:  # what the service left behind in its group (the LocalExecutor's workers)
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
     if run is None:
         print(f"==> {CONSUMER}: no run finished within {timeout:.0f}s (see {home}/warehouse-demo-*.log)", file=sys.stderr)
         return 1
