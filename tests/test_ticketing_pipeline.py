@@ -529,7 +529,14 @@ def test_soft_then_permanent_deletion_with_job_statuses_polled_to_completion(zen
     assert {c["state"] for c in polls} <= {"queued", "working", "completed"}
     sent = s1["requests_by_endpoint"]["job_statuses.show_many"] - s0["requests_by_endpoint"].get("job_statuses.show_many", 0)
     assert sent == trace.polls and "job_statuses" not in s1["requests_by_endpoint"]
-    assert trace.polls < len(soft_subs) + len(perm_subs), "one poll per job: job statuses were not read together"
+    # No job is asked for again once a poll saw it end. (That jobs waited for together share
+    # a poll is test_zendesk_client's: these jobs end in 0.1 s, and on a loaded machine the
+    # chunks' jobs may not overlap at all, each then rightly polled on its own.)
+    ended_at = {}
+    for c in polls:
+        assert c["job"] not in ended_at or ended_at[c["job"]] == c["poll"], "a job was polled after it was seen ending"
+        if c["state"] in ("completed", "failed"):
+            ended_at[c["job"]] = c["poll"]
     peak = adapter.client.jobs_in_flight_peak
     assert 1 <= peak <= adapter.client.max_jobs_in_flight <= 30
 

@@ -144,6 +144,44 @@ def test_job_status_is_polled_to_completion(tmp_path):
         s.stop()
 
 
+def test_jobs_waited_for_together_are_polled_in_one_request(tmp_path):
+    """Three jobs waited for at once are polled with one ``job_statuses/show_many`` request each
+    time, never one request per job. The jobs run 3 s, so that all three are waited for long
+    before any ends, however loaded the machine (the pipeline tests' jobs end in 0.1 s, too
+    quickly to say whether their polls could have been shared)."""
+    s = start(tmp_path, "--job-seconds", "3")
+    try:
+        with client_for(s, job_poll_interval=0.1) as c:
+            jobs = [
+                requests.delete(f"{s.base_url}/api/v2/tickets/destroy_many", params={"ids": str(tid)}).json()["job_status"]
+                for tid in (1, 2, 3)
+            ]
+            polled: list[list[str]] = []
+            inner = c.session.request
+
+            def request(method, path, **kw):
+                if "job_statuses" in path:
+                    polled.append(kw["params"]["ids"].split(","))
+                return inner(method, path, **kw)
+
+            c.session.request = request
+            finals: dict[str, dict] = {}
+            threads = [threading.Thread(target=lambda j=j: finals.update({j["id"]: c._wait_job(j)})) for j in jobs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            ids = {j["id"] for j in jobs}
+            assert {k: v["status"] for k, v in finals.items()} == dict.fromkeys(ids, "completed")
+            assert c.request_counts["job_statuses.get"] == 0
+            assert polled and all(len(p) == len(set(p)) for p in polled)
+            # While all three ran (seconds, with a poll at least every 0.5 s), polls asked for all three at once.
+            assert sum(set(p) == ids for p in polled) >= 2, polled
+            assert all(set(p) <= ids for p in polled)
+    finally:
+        s.stop()
+
+
 def test_unsolved_tickets_are_deferred_not_erased(server, client):
     ids = list(range(1, 201))
     shown = client.ticket_statuses(ids)
