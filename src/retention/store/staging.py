@@ -150,11 +150,8 @@ class RunStaging:
         return ExtractWriter(self.system_dir(system) / "extract")
 
     def read_extract(self, system: str, record_type: str) -> pd.DataFrame | None:
-        path = self.system_dir(system) / "extract" / record_type
-        parts = sorted(path.glob("part-*.parquet"), key=str) if path.exists() else []
-        if not parts:
-            return None
-        return pd.concat([_read_parquet(p) for p in parts], ignore_index=True)
+        frames = list(self.iter_extract(system, record_type))
+        return pd.concat(frames, ignore_index=True) if frames else None
 
     def iter_extract(self, system: str, record_type: str) -> Iterator[pd.DataFrame]:
         """The staged extract of ``record_type`` a part at a time (at most ``ExtractWriter``'s
