@@ -34,6 +34,7 @@ import datetime as dt
 import sys
 import time
 
+import pandas as pd
 import sqlalchemy as sa
 from harness import AdapterProxy, Bench, Hooks, LoadWatch, Row, add_options, machine, peak_line, table, timed_erase
 
@@ -100,9 +101,10 @@ def _instrument_ledger(ledger_s: dict, completed_at: dict, written_ahead: list) 
     def timed_write_ahead(self, run_id, policy_version, system, rows, *args, **kwargs):
         seen: dict[str, int] = {}
 
-        def tap(rows):  # count the entries per record type, as the ledger takes them
-            for r in rows:
-                seen[r["record_type"]] = seen.get(r["record_type"], 0) + 1
+        def tap(rows):  # count the entries per record type, as the ledger takes them (frames or dicts)
+            for r in [rows] if isinstance(rows, pd.DataFrame) else rows:
+                for record_type, n in (r["record_type"].value_counts().items() if isinstance(r, pd.DataFrame) else [(r["record_type"], 1)]):
+                    seen[record_type] = seen.get(record_type, 0) + int(n)
                 yield r
 
         t = time.perf_counter()

@@ -55,16 +55,41 @@ def test_a_failed_run_shows_its_cause_and_no_earlier_report(tmp_path):
     assert re.search(r"task \S+ failed: ", out) or "no report was written" in out, out[-3000:]
 
 
+def left_behind(home: Path, wait: float = 15.0) -> list[str]:
+    """Processes still alive that were started with this ``RETENTION_HOME`` (read from
+    /proc/PID/environ), after up to ``wait`` seconds for stopping ones to end: what a demo
+    that returned left running (an Airflow scheduler's workers, a log server)."""
+    marker = f"RETENTION_HOME={home}".encode()
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0") and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    alive.append(f"{proc.name}: {command[:200]}")
+            except OSError:
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
 @pytest.mark.timeout(1200)
 def test_a_reset_demo_erases_what_a_first_one_does(tmp_path):
     """--reset seeds the systems afresh but keeps the ledger, whose record index and change-feed
     cursors describe the old systems: the run reconciles, so the erasures per rule are a first
-    run's (an incremental read would not see the reseeded records and erase nothing)."""
+    run's (an incremental read would not see the reseeded records and erase nothing). And a
+    demo that returned leaves nothing running (its warehouse consumer once left an Airflow log
+    server listening on every address, and idle workers)."""
     erased = []
     for _ in range(2):
         out = demo(demo_env(tmp_path), "--reset", *SMALL)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         erased.append(re.search(r"^==> erased per rule: (\{.*\})$", out.stdout, re.M).group(1))
+        assert left_behind(tmp_path / "retention") == []
     assert erased[1] == erased[0] and "newsletter/" in erased[0] and "ticketing/" in erased[0], erased
     assert '"reconcile": true' in out.stdout and "record index drift" in out.stdout, out.stdout[-3000:]
 

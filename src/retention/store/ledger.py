@@ -18,11 +18,13 @@ import io
 import itertools
 import json
 import logging
-import operator
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -257,19 +259,27 @@ _COPY_COLUMNS = (
 )
 
 
-def _copy_entries(conn: sa.Connection, fixed: dict, rows: Sequence[dict]) -> None:
-    """New entries through PostgreSQL's COPY, in the caller's transaction: a hundred thousand
-    entries take a second this way and half a minute as INSERTs."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+def _copy_frame(conn: sa.Connection, fixed: dict, frame: pd.DataFrame) -> None:
+    """New entries from a frame's columns through COPY, in the caller's transaction: the CSV
+    made by Arrow in one go (a dict and a Python row per entry cost as much as the COPY)."""
+    n = len(frame)
     head = [fixed[c] for c in _COPY_COLUMNS[:6]]
-    head = ["" if v is None else (v.isoformat() if isinstance(v, datetime) else v) for v in head]
-    writer.writerows(
-        [*head, r["record_type"], r["record_key"], r["rule_id"], r["action"], r["hold"] if isinstance(r.get("hold"), str) else ""]
-        for r in rows
+    head = [None if v is None else (v.isoformat() if isinstance(v, datetime) else str(v)) for v in head]
+    hold = frame["hold"].astype(object).where(frame["hold"].notna() & (frame["hold"].astype(str) != ""), None)
+    columns = [pa.array([v] * n, pa.string()) if v is not None else pa.nulls(n, pa.string()) for v in head]
+    columns += [pa.array(frame[c].astype(str).to_numpy(dtype=object), pa.string()) for c in ("record_type", "record_key", "rule_id", "action")]
+    columns.append(pa.array(hold.to_numpy(dtype=object), pa.string()))
+    buffer = io.BytesIO()
+    # Quoted only where needed: an empty unquoted field is NULL to COPY (completed_at, hold).
+    pa_csv.write_csv(
+        pa.Table.from_arrays(columns, names=list(_COPY_COLUMNS)), buffer,
+        pa_csv.WriteOptions(include_header=False, quoting_style="needed"),
     )
     buffer.seek(0)
-    # In CSV, an unquoted empty field is NULL: completed_at and hold when there is none.
+    _copy(conn, buffer)
+
+
+def _copy(conn: sa.Connection, buffer) -> None:
     sql = f"COPY {erasure_ledger.name} ({', '.join(_COPY_COLUMNS)}) FROM STDIN WITH (FORMAT csv)"
     dbapi = conn.dialect.loaded_dbapi
     try:
@@ -279,10 +289,27 @@ def _copy_entries(conn: sa.Connection, fixed: dict, rows: Sequence[dict]) -> Non
         raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
 
 
-# Entries go in in this order: the unique index (run, system, record type, key) then takes a
-# chunk in one sweep instead of at random pages (half the server's work of a COPY), and a
-# chunk's entries share heap pages.
-_by_key = operator.itemgetter("record_type", "record_key")
+# A new entry's own columns. Entries go in sorted by record type and key: the unique index
+# (run, system, record type, key) then takes a chunk in one sweep instead of at random pages
+# (half the server's work of a COPY), and a chunk's entries share heap pages.
+_ENTRY_COLUMNS = ("record_type", "record_key", "rule_id", "action", "hold")
+
+
+def _entry_frames(rows: Iterable[dict] | pd.DataFrame | Iterable[pd.DataFrame], size: int) -> Iterator[pd.DataFrame]:
+    """New entries as frames of at most ``size`` rows, whether given as dicts or as frames."""
+    if isinstance(rows, pd.DataFrame):
+        rows = [rows]
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        return
+    if isinstance(first, pd.DataFrame):
+        for frame in itertools.chain([first], rows):
+            for start in range(0, len(frame), size):
+                yield frame.iloc[start : start + size].reindex(columns=list(_ENTRY_COLUMNS))
+        return
+    for chunk in _batched(itertools.chain([first], rows), size):
+        yield pd.DataFrame.from_records(chunk, columns=list(_ENTRY_COLUMNS))
 
 
 #: Where a ledger is set, for the one line that says it cannot be reached.
@@ -357,15 +384,16 @@ class Ledger:
         return out
 
     def write_ahead(
-        self, run_id: str, policy_version: str, system: str, rows: Iterable[dict], status: str = "planned"
+        self, run_id: str, policy_version: str, system: str, rows: Iterable[dict] | pd.DataFrame | Iterable[pd.DataFrame],
+        status: str = "planned",
     ) -> None:
         """Insert entries (record_type, record_key, rule_id, action, hold) before acting on them,
-        all in one transaction. ``rows`` may be a generator: it is consumed in chunks, so that a
-        few hundred thousand entries never sit in memory as dicts at once. A hold of ``None`` or
-        ``""`` is stored as no hold (NULL).
+        all in one transaction. ``rows``: dicts with those keys, or frames with those columns (a
+        generator is consumed as it goes, so that a few hundred thousand entries never sit in
+        memory at once). A hold of ``None`` or ``""`` is stored as no hold (NULL).
 
-        Set-based: each chunk in key order (``_by_key``), through COPY on PostgreSQL, one
-        executemany elsewhere."""
+        Set-based: each chunk in key order (``_ENTRY_COLUMNS``), through COPY on PostgreSQL (a frame's
+        chunk as Arrow's CSV), one executemany elsewhere."""
         now = utcnow()
         fixed = {
             "run_id": run_id, "policy_version": policy_version, "system": system, "status": status,
@@ -373,13 +401,16 @@ class Ledger:
         }
         written = 0
         with self.engine.begin() as conn:
-            for chunk in _batched(rows, 50_000 if self._postgres else 5000):
-                chunk.sort(key=_by_key)
+            for frame in _entry_frames(rows, 50_000 if self._postgres else 5000):
+                frame = frame.sort_values(["record_type", "record_key"])  # see _ENTRY_COLUMNS
                 if self._postgres:
-                    _copy_entries(conn, fixed, chunk)
+                    _copy_frame(conn, fixed, frame)
                 else:
-                    conn.execute(erasure_ledger.insert(), [{**fixed, **r, "hold": r.get("hold") or None} for r in chunk])
-                written += len(chunk)
+                    conn.execute(erasure_ledger.insert(), [
+                        {**fixed, "record_type": t, "record_key": k, "rule_id": r, "action": a, "hold": h if isinstance(h, str) and h else None}
+                        for t, k, r, a, h in zip(*(frame[c].tolist() for c in _ENTRY_COLUMNS))
+                    ])
+                written += len(frame)
             if self._postgres and written >= 10_000:
                 # Fresh statistics, so that completing these entries batch by batch finds them
                 # through an index rather than by scanning the table each time.
@@ -405,6 +436,12 @@ class Ledger:
         size = 50_000 if self._postgres else 900
         mine = (t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type)
         with self.engine.begin() as conn:
+            if self._postgres:
+                # A run's entries found by key through the unique index: with a fresh ledger (or
+                # one run's batch being a tenth of the table) the planner would scan the whole
+                # table for each batch instead, about twice the time (a scan that grows with the
+                # ledger's other runs).
+                conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
             for status, keys in by_status.items():
                 values = {"status": status, "completed_at": None if status in _OPEN else now}
                 for chunk in _chunks(keys, size):
