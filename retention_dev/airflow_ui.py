@@ -7,12 +7,16 @@ task writes its log where the UI reads it. The scheduler and dag-processor start
 for the database lock. The scheduler serves no logs (``--skip-serve-logs``: its log server would
 listen on all addresses; the api-server reads the log files itself). The DAGs stay paused: the
 scheduler starts no run of its own.
+
+Each service runs in a process group of its own, and :meth:`AirflowUI.stop` ends the group after
+the service: the LocalExecutor's workers are the scheduler's children and would outlive it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,13 +59,17 @@ class AirflowUI:
         with (self.logs_dir / f"{name}.log").open("w") as log:
             self.procs.append(
                 subprocess.Popen([sys.executable, "-m", "airflow", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
             )
+
+    def start_scheduler(self) -> None:
+        """A scheduler that serves no logs (its log server would listen on every interface)."""
+        self._spawn("scheduler", "scheduler", "--skip-serve-logs")
 
     def start_rest(self) -> None:
         """The scheduler and the dag-processor (after the demo's run)."""
         self._spawn("dag-processor", "dag-processor")
-        self._spawn("scheduler", "scheduler", "--skip-serve-logs")
+        self.start_scheduler()
 
     def start(self, timeout: float = 180.0) -> AirflowUI:
         """The api-server, once it answers."""
@@ -103,4 +111,8 @@ class AirflowUI:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+            try:  # what the service left behind in its group (the LocalExecutor's workers)
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         self.procs = []

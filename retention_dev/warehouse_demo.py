@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from retention_dev.airflow_ui import AirflowUI
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_DAGS = ROOT / "retention_dev" / "example_dags"
@@ -90,51 +91,33 @@ def run_consumer(env: dict, timeout: float = 240) -> int:
     if not _queued(env):
         print(f"==> {CONSUMER}: no erasure event queued a run (a dry run emits none)", flush=True)
         return 0
-    port = _free_port()
-    env = {
-        **env,
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-    }
-    home = Path(env.get("AIRFLOW_HOME") or ".airflow")
-    before = {r["run_id"] for r in _runs(env)}
+    # The scheduler's tasks report to an api-server: both on a free port of 127.0.0.1, stopped
+    # (with the workers they started) before this returns.
+    ui = AirflowUI({**env, "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1"}, _free_port())
+    before = {r["run_id"] for r in _runs(ui.env)}
     print(f"==> {CONSUMER}: the erasure events queued a run; starting a scheduler to run it", flush=True)
-    procs = []
     try:
-        # The scheduler serves no logs: its log server would listen on every interface (8793).
-        # Each in a process group of its own, so that its workers stop with it (below).
-        for name, args in (("api-server", ["api-server", "--host", "127.0.0.1", "--port", str(port)]), ("scheduler", ["scheduler", "--skip-serve-logs"])):
-            log = (home / f"warehouse-demo-{name}.log").open("w")
-            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True))
+        ui.start()
+    except RuntimeError as e:  # stopped already; the demo goes on without the consumer's run
+        print(f"==> {CONSUMER}: {e}", file=sys.stderr)
+        return 1
+    try:
+        ui.start_scheduler()
         deadline = time.monotonic() + timeout
         run = None
         while time.monotonic() < deadline:
-            fresh = [r for r in _runs(env) if r["run_id"] not in before]
+            fresh = [r for r in _runs(ui.env) if r["run_id"] not in before]
             if fresh and fresh[0]["state"] in ("success", "failed"):
                 run = fresh[0]
                 break
             time.sleep(3)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            try:  # what the service left behind in its group (the LocalExecutor's workers)
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        ui.stop()
     if run is None:
-        print(f"==> {CONSUMER}: no run finished within {timeout:.0f}s (see {home}/warehouse-demo-*.log)", file=sys.stderr)
+        print(f"==> {CONSUMER}: no run finished within {timeout:.0f}s (see {ui.logs_dir})", file=sys.stderr)
         return 1
     print(f"==> {CONSUMER}: run {run['run_id']} {run['state']}", flush=True)
-    logs = home / "logs" / f"dag_id={CONSUMER}" / f"run_id={run['run_id']}"
+    logs = ui.home / "logs" / f"dag_id={CONSUMER}" / f"run_id={run['run_id']}"
     for path in sorted(logs.rglob("*.log")) if logs.exists() else ():
         for m in _LINE.finditer(path.read_text(errors="replace")):
             print(f"   {m.group(1)}", flush=True)

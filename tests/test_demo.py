@@ -140,3 +140,4 @@ def test_serve_keeps_the_ui_and_the_stand_ins_up_with_task_logs(tmp_path):
     assert "stopping" in log.read_text()
     with pytest.raises(requests.ConnectionError):  # the api-server is gone
         requests.get(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=10)
+    assert left_behind(tmp_path / "retention") == []  # nor the scheduler's workers
