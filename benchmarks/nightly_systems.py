@@ -23,7 +23,8 @@ ZD_EMAIL = "agent@example.org"
 ZD_TOKEN = "bench-token"
 CRM_DB = "retention_bench_nightly_crm"
 # Zendesk's documented limits (the stand-in's defaults too).
-ZD_REAL = {"requests": 700, "incremental": 10, "user_deletes": 700, "deleted_list": 10}
+# Zendesk's real limits, and its exports' lag: they leave out what changed in the last minute.
+ZD_REAL = {"requests": 700, "incremental": 10, "user_deletes": 700, "deleted_list": 10, "export_lag": 60}
 QUIET = ("retention.systems.ticketing.client", "retention.systems.crm.client", "retention.systems.newsletter.client")
 
 
@@ -106,6 +107,10 @@ class System:
     def counter(self) -> dict: ...
     def limits(self, real: bool) -> str: ...
 
+    def export_lag(self, real: bool) -> int:
+        """Seconds a change stays out of the system's change feed (0: none)."""
+        return 0
+
     def step_requests(self, out: dict, before: dict, after: dict) -> int:
         return after["requests"] - before["requests"]
 
@@ -180,14 +185,17 @@ class Ticketing(System):
         if real:
             return dict(ZD_REAL, requests=self.args.requests_per_minute)
         lim = self.args.setup_limit
-        return {"requests": lim, "incremental": lim, "user_deletes": lim, "deleted_list": lim}
+        return {"requests": lim, "incremental": lim, "user_deletes": lim, "deleted_list": lim, "export_lag": 0}
+
+    def export_lag(self, real: bool) -> int:
+        return self._limits(real)["export_lag"]
 
     def limits(self, real: bool) -> str:
         lim = self._limits(real)
         return (
             f"{'REAL' if real else 'RELAXED (set-up only)'} limits: {lim['requests']} requests/min, incremental export "
             f"{lim['incremental']}/min, permanent user deletions {lim['user_deletes']}/10 min, deleted tickets listing "
-            f"{lim['deleted_list']}/min"
+            f"{lim['deleted_list']}/min, exports leave out the last {lim['export_lag']} s"
         )
 
     def start(self, real: bool) -> None:
@@ -198,7 +206,8 @@ class Ticketing(System):
         )
         self.bench.env["BENCH_BASE_URL"] = self.si.start(
             ["--requests-per-minute", str(lim["requests"]), "--incremental-per-minute", str(lim["incremental"]),
-             "--user-deletes-per-10min", str(lim["user_deletes"]), "--deleted-list-per-minute", str(lim["deleted_list"])],
+             "--user-deletes-per-10min", str(lim["user_deletes"]), "--deleted-list-per-minute", str(lim["deleted_list"]),
+             "--export-lag-seconds", str(lim["export_lag"])],
             self.limits(real),
         )
 
