@@ -131,7 +131,7 @@ class Hooks:
     after: Callable[[float, float], dict] | None = None
 
 
-def _child(step: str, system: str, run: dict, env: dict, prepare, quiet: tuple[str, ...], queue) -> None:
+def _child(step: str, system: str, run: dict, env: dict, prepare, quiet: tuple[str, ...], queue, kwargs: dict) -> None:
     os.environ.update(env)
     import logging
 
@@ -157,7 +157,6 @@ def _child(step: str, system: str, run: dict, env: dict, prepare, quiet: tuple[s
         args += (hooks.adapter,)
     figures["rss_start_mb"] = rss_mb()
     start = time.perf_counter()
-    kwargs = {"reconcile": True} if step == "extract" and env.get("BENCH_RECONCILE") == "1" else {}
     result = getattr(nightly, step)(*args, **kwargs)
     end = time.perf_counter()
     figures.update(wall=end - start, rss_mb=peak_rss_mb(), ru_maxrss_mb=_ru_maxrss_mb(), result=result)
@@ -375,9 +374,12 @@ class Bench:
         label: str | None = None,
         note: Callable[[dict], str] | None = None,
         timeout: float | None = None,
+        kwargs: dict | None = None,
     ) -> dict:
         """Run one step in a fresh process; print and return its figures (see the module).
-        ``timeout``: seconds after which the step process is stopped and ``StepTimeout`` raised."""
+        ``timeout``: seconds after which the step process is stopped and ``StepTimeout`` raised.
+        ``kwargs``: the step function's keyword arguments (``reconcile=True`` for an extract
+        that reads everything, as the DAG's ``reconcile`` param asks)."""
         if self.run is None:
             self.open_run()
         label = label or name
@@ -385,7 +387,8 @@ class Bench:
         before = load1()
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        p = ctx.Process(target=_child, args=(name, self.system, self.run, self.env, prepare, self.quiet, q), name=f"bench-{name}")
+        p = ctx.Process(target=_child, args=(name, self.system, self.run, self.env, prepare, self.quiet, q, kwargs or {}),
+                        name=f"bench-{name}")
         p.start()
         started = time.monotonic()
         try:

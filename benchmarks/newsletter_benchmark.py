@@ -113,7 +113,6 @@ def main() -> int:
         # extract are measured in turns, plan and validate repeated, and medians reported.
         extracts, indexes = [], []
         # Every extract a full read (a reconciliation after the first): what this measures.
-        bench.env["BENCH_RECONCILE"] = "1"
         for i in range(args.repeat):
             pages_s = bare_read(base, total)
 
@@ -122,11 +121,11 @@ def main() -> int:
                 out.update(ceiling=ceiling, n=n, share=n / out["wall"] / ceiling)
                 return f"ceiling {ceiling:,.0f} records/s, extract {n / out['wall']:,.0f}/s = {out['share']:.0%} of the ceiling"
 
-            extracts.append(bench.step("extract", prepare, label=f"extract {i + 1}/{args.repeat}", note=share))
+            extracts.append(bench.step("extract", prepare, label=f"extract {i + 1}/{args.repeat}", note=share,
+                                       kwargs={"reconcile": True}))
             # The record index of that full read (the first, then reconciliations): its own step,
             # beside plan, validate and erase in the DAG, off the extract's critical path.
             indexes.append(bench.step("index", prepare, label=f"index {i + 1}/{args.repeat}"))
-        del bench.env["BENCH_RECONCILE"]
         plans = bench.repeat(args.repeat, "plan", note=lambda out: f"{out['result']['seconds']}")
         validations = bench.repeat(args.repeat, "validate", note=lambda out: f"{out['result']['seconds']}")
         erase = bench.step("erase", prepare)

@@ -75,8 +75,9 @@ def open_run(label: str, as_of: dt.datetime) -> dict:
 
 
 def night(bench: Bench, sysd: System, label: str, as_of: dt.datetime, steps=STEPS, give_up: float | None = None,
-          on_plan=None) -> dict:
-    """The pipeline's steps in order; figures per step. ``on_plan(run)`` runs after plan."""
+          on_plan=None, reconcile: bool = False) -> dict:
+    """The pipeline's steps in order; figures per step. ``on_plan(run)`` runs after plan.
+    ``reconcile``: the extract reads everything (the DAG's ``reconcile`` param)."""
     from retention.runs import nightly
 
     print(f"\n== {sysd.name}: {label} (as of {as_of:%Y-%m-%d %H:%M} UTC) ==", flush=True)
@@ -90,7 +91,8 @@ def night(bench: Bench, sysd: System, label: str, as_of: dt.datetime, steps=STEP
         before = sysd.counter()
         t = time.perf_counter()
         try:
-            fig = bench.step(step, prepare, label=f"{label}: {step}", timeout=give_up)
+            fig = bench.step(step, prepare, label=f"{label}: {step}", timeout=give_up,
+                             kwargs={"reconcile": True} if reconcile and step == "extract" else None)
         except StepTimeout as exc:
             print(f"  {exc}", flush=True)
             out["finished"] = False
@@ -212,12 +214,8 @@ def bench_system(name: str, args: argparse.Namespace) -> dict:
         # Asked to reconcile, the extract reads every record whatever the adapter could narrow
         # (the CRM selects the plan's candidates otherwise); on a fresh ledger a change feed has
         # no index yet and reads in full anyway.
-        bench.env["BENCH_RECONCILE"] = "1"
-        try:
-            with Ledger(bench, ref_url):
-                ref = night(bench, sysd, "reference full read (fresh ledger)", as_of_2, steps=("extract", "plan"))
-        finally:
-            del bench.env["BENCH_RECONCILE"]
+        with Ledger(bench, ref_url):
+            ref = night(bench, sysd, "reference full read (fresh ledger)", as_of_2, steps=("extract", "plan"), reconcile=True)
         ref_plan = plan_frame(ref["run"], name)
         sysd.stop()
 
