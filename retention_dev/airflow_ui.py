@@ -115,4 +115,22 @@ class AirflowUI:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        # An idle LocalExecutor worker catches SIGTERM and waits on its queue for a word the
+        # stopped scheduler never sends: what is still in a group after a grace is killed.
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            while _group_alive(p.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _group_alive(p.pid):
+                os.killpg(p.pid, signal.SIGKILL)
         self.procs = []
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of the group that is not ours: not one we started
+        return False
+    return True

@@ -57,8 +57,10 @@ def test_a_failed_run_shows_its_cause_and_no_earlier_report(tmp_path):
 
 def left_behind(home: Path, wait: float = 15.0) -> list[str]:
     """Processes still alive that were started with this ``RETENTION_HOME`` (read from
-    /proc/PID/environ), after up to ``wait`` seconds for stopping ones to end: what a demo
-    that returned left running (an Airflow scheduler's workers, a log server)."""
+    /proc/PID/environ) or hold a file open under its directory's parent (the demo's AIRFLOW_HOME
+    is beside it: an Airflow worker renames itself over its environment, so only its open
+    metadata database shows whose it is), after up to ``wait`` seconds for stopping ones to
+    end: what a demo that returned left running (an Airflow scheduler's workers, a log server)."""
     marker = f"RETENTION_HOME={home}".encode()
     deadline = time.monotonic() + wait
     while True:
@@ -67,7 +69,8 @@ def left_behind(home: Path, wait: float = 15.0) -> list[str]:
             if not proc.name.isdigit() or int(proc.name) == os.getpid():
                 continue
             try:
-                if marker in (proc / "environ").read_bytes().split(b"\0") and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                if (marker in (proc / "environ").read_bytes().split(b"\0") or _holds_under(proc, home.parent)) \
+                        and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                     command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                     alive.append(f"{proc.name}: {command[:200]}")
             except OSError:
@@ -75,6 +78,21 @@ def left_behind(home: Path, wait: float = 15.0) -> list[str]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.5)
+
+
+def _holds_under(proc: Path, root: Path) -> bool:
+    """Whether the process has a file open under ``root``."""
+    try:
+        fds = list((proc / "fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd).startswith(f"{root}/"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @pytest.mark.timeout(1200)
