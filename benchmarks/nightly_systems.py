@@ -22,8 +22,8 @@ MC_LIST = "bench-list"
 ZD_EMAIL = "agent@example.org"
 ZD_TOKEN = "bench-token"
 CRM_DB = "retention_bench_nightly_crm"
-# Zendesk's documented limits (the stand-in's defaults too).
-# Zendesk's real limits, and its exports' lag: they leave out what changed in the last minute.
+# Zendesk's documented limits (the stand-in's defaults too), and its exports' lag: they leave
+# out what changed in the last minute (the stand-in's default lag is 0, so it is passed).
 ZD_REAL = {"requests": 700, "incremental": 10, "user_deletes": 700, "deleted_list": 10, "export_lag": 60}
 QUIET = ("retention.systems.ticketing.client", "retention.systems.crm.client", "retention.systems.newsletter.client")
 
