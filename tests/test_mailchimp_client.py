@@ -154,6 +154,43 @@ def test_closing_the_page_iterator_early(reader):
         assert threading.active_count() < 20
 
 
+@pytest.mark.parametrize("filters", [{}, {"status": "pending"}, {"since_last_changed": "cut"}])
+def test_member_arrays_are_the_member_columns(reader, expected, filters):
+    """The full read's pages as Arrow arrays (parsed by Arrow's JSON reader) hold what the pages
+    decoded value by value hold: the same members, fields and values, page by page."""
+    if "since_last_changed" in filters:
+        filters = {"since_last_changed": sorted(m["last_changed"] for m in expected)[2_000]}
+    fields = ("id", "email_address", "status", "last_changed", "timestamp_signup")
+    with client_for(reader) as c:
+        columns = list(c.iter_member_columns(LIST, fields=fields, count=300, **filters))
+        arrays = list(c.iter_member_arrays(LIST, fields=fields, count=300, **filters))
+    assert columns and [len(p["id"]) for p in arrays] == [len(p["id"]) for p in columns]
+    assert [{f: p[f].to_pylist() for f in fields} for p in arrays] == columns
+
+
+def test_a_page_arrow_will_not_read_as_text_is_read_value_by_value():
+    """A value that is not text (a number, a flag, an object) is kept as its text, as the
+    value-by-value decoding keeps it; a member without a field has it missing; a page laid out
+    over several lines reads the same; what is no members page is refused in one line."""
+    from retention.systems.newsletter.client import _arrow_page_options, _columns_decoder, _page_arrays
+
+    fields = ("id", "email_address", "status")
+    options, decoder = _arrow_page_options(fields), _columns_decoder(fields)
+
+    def read(content: bytes) -> tuple[dict, int, int]:
+        page, n, total = _page_arrays(content, fields, options, decoder)
+        return {f: a.to_pylist() for f, a in page.items()}, n, total
+
+    text = b'{"members": [\n {"id": "a1", "email_address": "x@example.org", "status": "subscribed"},\n {"id": "a2", "status": "cleaned"}\n], "total_items": 7}'
+    assert read(text) == ({"id": ["a1", "a2"], "email_address": ["x@example.org", None], "status": ["subscribed", "cleaned"]}, 2, 7)
+    mixed = b'{"members": [{"id": "a1", "email_address": "x@example.org", "status": 3}, {"id": true, "status": "pending"}], "total_items": 2}'
+    assert read(mixed) == ({"id": ["a1", "True"], "email_address": ["x@example.org", None], "status": ["3", "pending"]}, 2, 2)
+    assert read(b'{"total_items": 0}') == ({"id": [], "email_address": [], "status": []}, 0, 0)
+    for wrong in (b'[1, 2]', b'{"members": null}', b'{"members": 5}', b'not json'):
+        with pytest.raises(HTTPError, match="unexpected page shape"):
+            read(wrong)
+
+
 # --- erasing ------------------------------------------------------------------------------
 
 

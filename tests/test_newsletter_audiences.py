@@ -331,3 +331,20 @@ def test_record_ids_of_audiences_are_distinct_and_lead_back(lists, hashes):
     assert unknown == []
     assert {(a, h): rid for a, members in groups.items() for h, rid in members.items()} == ids
     assert audiences.by_audience([f"{lists[0]}:{hashes[0]}", f"not-ours:{hashes[0]}"])[1] == [f"{lists[0]}:{hashes[0]}", f"not-ours:{hashes[0]}"]
+
+
+@given(
+    lists=st.lists(st.text("abcdef0123456789-", min_size=1, max_size=12), min_size=1, max_size=4, unique=True),
+    hashes=st.lists(st.one_of(st.none(), st.text("0123456789abcdef", min_size=32, max_size=32)), max_size=20),
+)
+def test_record_ids_of_an_arrow_page_are_those_of_its_values(lists, hashes):
+    """The full read maps a page's hashes as an Arrow array (``record_id_array``): the same ids
+    as ``record_ids`` gives for the values, a missing hash still missing."""
+    import pyarrow as pa
+
+    from retention.systems.newsletter.audiences import Audiences
+
+    audiences = Audiences(lists)
+    for list_id in lists:
+        got = audiences.record_id_array(list_id, pa.array(hashes, pa.string())).to_pylist()
+        assert got == audiences.record_ids(list_id, hashes)

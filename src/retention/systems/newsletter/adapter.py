@@ -27,7 +27,7 @@ from retention.domain.statuses import Action, Status
 from retention.progress import Progress
 from retention.systems.base import Outcome, Recheck, outcomes_as_they_arrive
 from retention.systems.newsletter.audiences import Audiences
-from retention.systems.newsletter.client import MailchimpClient
+from retention.systems.newsletter.client import MailchimpClient, text_array
 
 log = logging.getLogger("retention")
 
@@ -35,11 +35,10 @@ MEMBER_FIELDS = ("id", "email_address", "status", "last_changed", "timestamp_sig
 CURSOR_VERSION = 1  # of the change cursor's JSON (extract_changes)
 
 
-def _text(values: list) -> pa.Array:
-    try:
-        return pa.array(values, type=pa.string())
-    except (pa.ArrowTypeError, pa.ArrowInvalid):  # a value that is not a string: keep it as text
-        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+def _text(values: list | pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)) and values.type == pa.string():
+        return values
+    return text_array(values)  # a value that is not a string is kept as text
 
 
 def _parse_times(values: list) -> pd.Series:
@@ -54,8 +53,9 @@ def _parse_times(values: list) -> pd.Series:
         return pd.Series(parsed).dt.as_unit("us")
 
 
-def members_frame(columns: dict[str, list]) -> pd.DataFrame:
-    """Member columns (as ``MailchimpClient.iter_member_columns`` yields them) as the extract frame.
+def members_frame(columns: dict[str, list | pa.Array | pa.ChunkedArray]) -> pd.DataFrame:
+    """Member columns (as ``MailchimpClient.iter_member_columns`` or ``iter_member_arrays``
+    yields them) as the extract frame.
 
     The e-mail address is reduced to whether there is one; the address itself goes no further.
     """
@@ -175,22 +175,28 @@ class NewsletterAdapter:
         changes = any(at is not None for at in since.values())
         label = "newsletter: reading members changed since the last read" if changes else "newsletter: reading members"
         progress = Progress(log, label, total=total)
-        # Pages are gathered into chunks: building a frame costs about as much for a thousand
-        # members as for tens of thousands.
-        chunk: dict[str, list] = {f: [] for f in MEMBER_FIELDS}
+        # Pages (as Arrow arrays) are gathered into chunks: building a frame costs about as much
+        # for a thousand members as for tens of thousands.
+        chunk: dict[str, list[pa.Array]] = {f: [] for f in MEMBER_FIELDS}
+        rows = 0
+
+        def flush() -> None:
+            write("newsletter_member", members_frame({f: pa.chunked_array(parts, pa.string()) for f, parts in chunk.items()}))
+
         for list_id in self.audiences.list_ids:
             at = since.get(list_id)
             since_text = None if at is None else _mailchimp_time(at)
-            for page in self.client.iter_member_columns(list_id, fields=MEMBER_FIELDS, since_last_changed=since_text):
-                page["id"] = self.audiences.record_ids(list_id, page["id"])
+            for page in self.client.iter_member_arrays(list_id, fields=MEMBER_FIELDS, since_last_changed=since_text):
+                page["id"] = self.audiences.record_id_array(list_id, page["id"])
                 for f in MEMBER_FIELDS:
-                    chunk[f] += page[f]
+                    chunk[f].append(page[f])
+                rows += len(page["id"])
                 progress.add(len(page["id"]))
-                if len(chunk["id"]) >= self.chunk_rows:
-                    write("newsletter_member", members_frame(chunk))
-                    chunk = {f: [] for f in MEMBER_FIELDS}
-        if chunk["id"]:
-            write("newsletter_member", members_frame(chunk))
+                if rows >= self.chunk_rows:
+                    flush()
+                    chunk, rows = {f: [] for f in MEMBER_FIELDS}, 0
+        if rows:
+            flush()
         progress.finish()
 
     def find_person(self, email: str) -> dict[str, pd.DataFrame]:

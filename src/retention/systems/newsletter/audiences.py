@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from retention.config import SettingError
 
 SEPARATOR = ":"  # between the audience and the subscriber hash; never in a list id
@@ -54,6 +57,12 @@ class Audiences:
             return hashes
         prefix = f"{list_id}{SEPARATOR}"
         return [None if h is None else prefix + str(h) for h in hashes]
+
+    def record_id_array(self, list_id: str, hashes: pa.Array) -> pa.Array:
+        """``record_ids`` for an Arrow text array of hashes."""
+        if list_id == self.first:
+            return hashes
+        return pc.binary_join_element_wise(pa.scalar(f"{list_id}{SEPARATOR}"), hashes, "")
 
     def record_id(self, list_id: str, subscriber_hash: str) -> str:
         return self.record_ids(list_id, [subscriber_hash])[0]

@@ -33,6 +33,8 @@ from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import msgspec
+import pyarrow as pa
+import pyarrow.json as pa_json
 
 from retention.systems.http import HTTPError, RetryingSession
 
@@ -287,6 +289,40 @@ class MailchimpClient:
         # mostly wait for each other (Python's GIL), and that slowed the reads by a sixth.
         return self._paged(fetch, count, parse)
 
+    def iter_member_arrays(
+        self,
+        list_id: str,
+        *,
+        fields: Sequence[str] = DEFAULT_MEMBER_FIELDS,
+        status: str | None = None,
+        since_last_changed: str | None = None,
+        count: int = MAX_PAGE,
+    ) -> Iterator[dict[str, pa.Array]]:
+        """As :meth:`iter_member_columns`, but each page's fields as Arrow text arrays.
+
+        For the full read of a million members: Arrow's JSON reader turns a page into columns
+        in C++ (about five times cheaper than decoding it and building the arrays from Python
+        values), and does so without Python's lock, so the pages are parsed by the fetching
+        threads. A page Arrow will not read as text columns (a value that is not text, a
+        surprising shape) is decoded as :meth:`iter_member_columns` decodes it, values that are
+        not text kept as their text, and a page that is not a members page is refused the same
+        way.
+        """
+        fields = tuple(fields)
+        decoder = _columns_decoder(fields)
+        options = _arrow_page_options(fields)
+
+        def fetch(offset: int) -> tuple[dict[str, pa.Array], int, int]:
+            params = self._members_params(
+                fields=fields, status=status, since_last_changed=since_last_changed, count=count, offset=offset
+            )
+            response = self.session.request(
+                "GET", self._members_path(list_id), endpoint="list-members", ok=(200,), params=params
+            )
+            return _page_arrays(response.content, fields, options, decoder)
+
+        return self._paged(fetch, count)
+
     def _paged(self, fetch: Callable[[int], Any], count: int, parse: Callable[[Any], tuple[T, int, int]] | None = None) -> Iterator[T]:
         """Offset paging, pages in order: ``parse(fetch(offset)) -> (page, members in it,
         total_items)``; ``fetch`` runs on worker threads, ``parse`` in the consumer's thread."""
@@ -492,6 +528,49 @@ def _columns_decoder(fields: tuple[str, ...]) -> msgspec.json.Decoder:
     member = msgspec.defstruct("Member", [(f, Any, None) for f in fields])
     page = msgspec.defstruct("MembersPage", [("members", list[member], []), ("total_items", int, 0)])
     return msgspec.json.Decoder(page)
+
+
+def text_array(values: list) -> pa.Array:
+    """Values as an Arrow text array; a value that is not text is kept as its text."""
+    try:
+        return pa.array(values, type=pa.string())
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+def _arrow_page_options(fields: tuple[str, ...]) -> tuple[pa_json.ReadOptions, pa_json.ParseOptions]:
+    """Arrow's JSON reader set to read a list-members page as one row: its members' ``fields``
+    as text (a member without one has it null) and ``total_items``; anything else ignored."""
+    member = pa.struct([(f, pa.string()) for f in fields])
+    schema = pa.schema([("members", pa.list_(member)), ("total_items", pa.int64())])
+    # One block for the whole page (a page of a thousand members is a few hundred kB), and
+    # newlines allowed anywhere, since a page is one JSON document, not one per line.
+    read = pa_json.ReadOptions(use_threads=False, block_size=1 << 24)
+    parse = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=True)
+    return read, parse
+
+
+def _page_arrays(
+    content: bytes, fields: tuple[str, ...], options: tuple[pa_json.ReadOptions, pa_json.ParseOptions], decoder: msgspec.json.Decoder
+) -> tuple[dict[str, pa.Array], int, int]:
+    """A list-members page as ({field: text array}, members, total_items)."""
+    try:
+        table = pa_json.read_json(pa.BufferReader(content), read_options=options[0], parse_options=options[1])
+        if table.num_rows == 1 and table.column("members").null_count == 0:
+            members = table.column("members").combine_chunks().flatten()
+            total = table.column("total_items")[0].as_py() or 0
+            return {f: members.field(f) for f in fields}, len(members), int(total)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    # Not text throughout, or not the shape Arrow was told: decoded value by value, as
+    # iter_member_columns does (a page that is no members page is refused there).
+    try:
+        page = decoder.decode(content)
+    except msgspec.DecodeError as exc:
+        # The message names the JSON path, never the value.
+        raise HTTPError("GET", "list-members", 200, f"unexpected page shape: {exc}") from None
+    members = page.members
+    return {f: text_array(list(map(attrgetter(f), members))) for f in fields}, len(members), page.total_items
 
 
 def _unique(items: Iterable[str]) -> Iterator[str]:
