@@ -172,13 +172,13 @@ def test_a_page_arrow_will_not_read_as_text_is_read_value_by_value():
     """A value that is not text (a number, a flag, an object) is kept as its text, as the
     value-by-value decoding keeps it; a member without a field has it missing; a page laid out
     over several lines reads the same; what is no members page is refused in one line."""
-    from retention.systems.newsletter.client import _arrow_page_options, _columns_decoder, _page_arrays
+    from retention.systems.newsletter.client import _arrow_page_options, _page_arrays
 
     fields = ("id", "email_address", "status")
-    options, decoder = _arrow_page_options(fields), _columns_decoder(fields)
+    options = _arrow_page_options(fields)
 
     def read(content: bytes) -> tuple[dict, int, int]:
-        page, n, total = _page_arrays(content, fields, options, decoder)
+        page, n, total = _page_arrays(content, fields, options)
         return {f: a.to_pylist() for f, a in page.items()}, n, total
 
     text = b'{"members": [\n {"id": "a1", "email_address": "x@example.org", "status": "subscribed"},\n {"id": "a2", "status": "cleaned"}\n], "total_items": 7}'
@@ -186,7 +186,7 @@ def test_a_page_arrow_will_not_read_as_text_is_read_value_by_value():
     mixed = b'{"members": [{"id": "a1", "email_address": "x@example.org", "status": 3}, {"id": true, "status": "pending"}], "total_items": 2}'
     assert read(mixed) == ({"id": ["a1", "True"], "email_address": ["x@example.org", None], "status": ["3", "pending"]}, 2, 2)
     assert read(b'{"total_items": 0}') == ({"id": [], "email_address": [], "status": []}, 0, 0)
-    for wrong in (b'[1, 2]', b'{"members": null}', b'{"members": 5}', b'not json'):
+    for wrong in (b'[1, 2]', b'{"members": null}', b'{"members": 5}', b'{"members": [null]}', b'not json'):
         with pytest.raises(HTTPError, match="unexpected page shape"):
             read(wrong)
 

@@ -309,7 +309,6 @@ class MailchimpClient:
         way.
         """
         fields = tuple(fields)
-        decoder = _columns_decoder(fields)
         options = _arrow_page_options(fields)
 
         def fetch(offset: int) -> tuple[dict[str, pa.Array], int, int]:
@@ -319,7 +318,7 @@ class MailchimpClient:
             response = self.session.request(
                 "GET", self._members_path(list_id), endpoint="list-members", ok=(200,), params=params
             )
-            return _page_arrays(response.content, fields, options, decoder)
+            return _page_arrays(response.content, fields, options)
 
         return self._paged(fetch, count)
 
@@ -551,21 +550,24 @@ def _arrow_page_options(fields: tuple[str, ...]) -> tuple[pa_json.ReadOptions, p
 
 
 def _page_arrays(
-    content: bytes, fields: tuple[str, ...], options: tuple[pa_json.ReadOptions, pa_json.ParseOptions], decoder: msgspec.json.Decoder
+    content: bytes, fields: tuple[str, ...], options: tuple[pa_json.ReadOptions, pa_json.ParseOptions]
 ) -> tuple[dict[str, pa.Array], int, int]:
     """A list-members page as ({field: text array}, members, total_items)."""
     try:
         table = pa_json.read_json(pa.BufferReader(content), read_options=options[0], parse_options=options[1])
         if table.num_rows == 1 and table.column("members").null_count == 0:
             members = table.column("members").combine_chunks().flatten()
-            total = table.column("total_items")[0].as_py() or 0
-            return {f: members.field(f) for f in fields}, len(members), int(total)
+            # A member that is null is no member: refused below, as value by value.
+            if members.null_count == 0:
+                total = table.column("total_items")[0].as_py() or 0
+                return {f: members.field(f) for f in fields}, len(members), int(total)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         pass
     # Not text throughout, or not the shape Arrow was told: decoded value by value, as
-    # iter_member_columns does (a page that is no members page is refused there).
+    # iter_member_columns does (a page that is no members page is refused there). A decoder of
+    # its own: this runs in the fetching threads, and such a page is rare.
     try:
-        page = decoder.decode(content)
+        page = _columns_decoder(fields).decode(content)
     except msgspec.DecodeError as exc:
         # The message names the JSON path, never the value.
         raise HTTPError("GET", "list-members", 200, f"unexpected page shape: {exc}") from None
