@@ -266,28 +266,10 @@ class MailchimpClient:
         """
         fields = tuple(fields)
         decoder = _columns_decoder(fields)
-
-        def fetch(offset: int) -> bytes:
-            params = self._members_params(
-                fields=fields, status=status, since_last_changed=since_last_changed, count=count, offset=offset
-            )
-            response = self.session.request(
-                "GET", self._members_path(list_id), endpoint="list-members", ok=(200,), params=params
-            )
-            return response.content
-
-        def parse(content: bytes) -> tuple[dict[str, list], int, int]:
-            try:
-                page = decoder.decode(content)
-            except msgspec.DecodeError as exc:
-                # The message names the JSON path, never the value.
-                raise HTTPError("GET", "list-members", 200, f"unexpected page shape: {exc}") from None
-            members = page.members
-            return {f: list(map(attrgetter(f), members)) for f in fields}, len(members), page.total_items
-
+        fetch = self._page_bodies(list_id, fields, status, since_last_changed, count)
         # Decoded by the consumer, not by the fetching threads: ten threads decoding at once
         # mostly wait for each other (Python's GIL), and that slowed the reads by a sixth.
-        return self._paged(fetch, count, parse)
+        return self._paged(fetch, count, lambda content: _decode_columns(content, fields, decoder))
 
     def iter_member_arrays(
         self,
@@ -310,17 +292,24 @@ class MailchimpClient:
         """
         fields = tuple(fields)
         options = _arrow_page_options(fields)
+        body = self._page_bodies(list_id, fields, status, since_last_changed, count)
+        return self._paged(lambda offset: _page_arrays(body(offset), fields, options), count)
 
-        def fetch(offset: int) -> tuple[dict[str, pa.Array], int, int]:
+    def _page_bodies(
+        self, list_id: str, fields: tuple[str, ...], status: str | None, since_last_changed: str | None, count: int
+    ) -> Callable[[int], bytes]:
+        """The body of the list-members page at an offset, undecoded."""
+
+        def fetch(offset: int) -> bytes:
             params = self._members_params(
                 fields=fields, status=status, since_last_changed=since_last_changed, count=count, offset=offset
             )
             response = self.session.request(
                 "GET", self._members_path(list_id), endpoint="list-members", ok=(200,), params=params
             )
-            return _page_arrays(response.content, fields, options)
+            return response.content
 
-        return self._paged(fetch, count)
+        return fetch
 
     def _paged(self, fetch: Callable[[int], Any], count: int, parse: Callable[[Any], tuple[T, int, int]] | None = None) -> Iterator[T]:
         """Offset paging, pages in order: ``parse(fetch(offset)) -> (page, members in it,
@@ -566,13 +555,19 @@ def _page_arrays(
     # Not text throughout, or not the shape Arrow was told: decoded value by value, as
     # iter_member_columns does (a page that is no members page is refused there). A decoder of
     # its own: this runs in the fetching threads, and such a page is rare.
+    columns, n, total = _decode_columns(content, fields, _columns_decoder(fields))
+    return {f: text_array(values) for f, values in columns.items()}, n, total
+
+
+def _decode_columns(content: bytes, fields: tuple[str, ...], decoder: msgspec.json.Decoder) -> tuple[dict[str, list], int, int]:
+    """A list-members page decoded value by value: ({field: values}, members, total_items)."""
     try:
-        page = _columns_decoder(fields).decode(content)
+        page = decoder.decode(content)
     except msgspec.DecodeError as exc:
         # The message names the JSON path, never the value.
         raise HTTPError("GET", "list-members", 200, f"unexpected page shape: {exc}") from None
     members = page.members
-    return {f: text_array(list(map(attrgetter(f), members))) for f in fields}, len(members), page.total_items
+    return {f: list(map(attrgetter(f), members)) for f in fields}, len(members), page.total_items
 
 
 def _unique(items: Iterable[str]) -> Iterator[str]:
