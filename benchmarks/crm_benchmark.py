@@ -91,9 +91,9 @@ class _TimedAdapter(AdapterProxy):
 
 
 def _instrument_ledger(ledger_s: dict, completed_at: dict, written_ahead: list) -> None:
-    """Time the ledger's writes per record type (step process only). A write-ahead of several
-    record types at once is shared out by their numbers of entries; ``written_ahead`` gets
-    ``(end, {record type: seconds})`` per write-ahead."""
+    """Time the ledger's writes per record type (write-ahead, batches handed over, completions;
+    step process only). A write-ahead of several record types at once is shared out by their
+    numbers of entries; ``written_ahead`` gets ``(end, {record type: seconds})`` per write-ahead."""
     from retention.store.ledger import Ledger
 
     write_ahead, complete = Ledger.write_ahead, Ledger.complete
@@ -124,7 +124,14 @@ def _instrument_ledger(ledger_s: dict, completed_at: dict, written_ahead: list) 
         ledger_s[record_type] = ledger_s.get(record_type, 0.0) + end - t
         completed_at[record_type] = end
 
-    Ledger.write_ahead, Ledger.complete = timed_write_ahead, timed_complete
+    submit = Ledger.submit
+
+    def timed_submit(self, run_id, system, record_type, keys):
+        t = time.perf_counter()
+        submit(self, run_id, system, record_type, keys)
+        ledger_s[record_type] = ledger_s.get(record_type, 0.0) + time.perf_counter() - t
+
+    Ledger.write_ahead, Ledger.complete, Ledger.submit = timed_write_ahead, timed_complete, timed_submit
 
 
 def prepare(step: str, env: dict) -> Hooks:

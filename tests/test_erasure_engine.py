@@ -80,9 +80,7 @@ def ledger(retention_home):
 
 
 def entries(ledger: Ledger, run_id: str) -> dict[tuple[str, str], dict]:
-    with ledger.engine.connect() as conn:
-        rows = conn.execute(sa.text("select * from erasure_ledger where run_id = :r"), {"r": run_id}).mappings().all()
-    return {(r["record_type"], r["record_key"]): dict(r) for r in rows}
+    return {(r["record_type"], r["record_key"]): r for r in ledger.entries(run_id)}
 
 
 TICKETS = {"support_ticket": {"1", "2", "3", "4", "5"}, "ticket_user": {"u1", "u2"}}

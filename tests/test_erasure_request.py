@@ -197,11 +197,12 @@ def systems(tmp_path, monkeypatch, retention_home):
 
 
 def ledger_rows(home, run_id: str | None = None) -> list[dict]:
-    engine = sa.create_engine(f"sqlite:///{home / 'ledger.db'}")
-    with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(sa.text("select * from erasure_ledger")).mappings()]
-    engine.dispose()
-    return [r for r in rows if run_id is None or r["run_id"] == run_id]
+    """The entries as the ledger reads them (a batch handed over without its outcomes booked: ``submitted``)."""
+    ledger = Ledger(f"sqlite:///{home / 'ledger.db'}")
+    try:
+        return ledger.entries(run_id)
+    finally:
+        ledger.engine.dispose()
 
 
 def by_type(rows: list[dict]) -> dict[str, dict[str, int]]:

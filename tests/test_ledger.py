@@ -611,3 +611,52 @@ def test_completion_is_set_based_and_finds_every_entry(ledger):
     with ledger.engine.connect() as conn:
         open_ = conn.execute(sa.select(erasure_ledger.c.completed_at).where(erasure_ledger.c.record_key.in_(["e0", "n0"]))).scalars()
         assert list(open_) == [None, None]
+
+
+def test_a_batch_handed_over_reads_submitted_until_its_outcomes_are_booked(ledger):
+    """A batch handed to the system is one row, not an update of its entries; its entries still
+    ``planned`` read ``submitted`` in every reader (statuses, statuses of some keys, counts,
+    entries, the report's counts) until booked, and once the run's submissions are forgotten
+    what is still planned reads planned again. Other runs and systems are not touched."""
+    from retention.store.reports import ledger_counts
+
+    ledger.open_run("r1", "d", NOW, "v1", "label", False)
+    ledger.open_run("r2", "d", NOW, "v1", "label", False)
+    row = lambda k, rule="lead": {"record_type": "crm_contact", "record_key": k, "rule_id": rule, "action": "erase", "hold": None}  # noqa: E731
+    ledger.write_ahead("r1", "v1", "crm", [row(f"k{i}", "lead" if i < 3 else "former") for i in range(6)])
+    ledger.write_ahead("r2", "v1", "crm", [row(f"k{i}") for i in range(6)])
+    ledger.write_ahead("r1", "v1", "newsletter", [{**row("k0"), "record_type": "newsletter_member"}])
+
+    updates: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("UPDATE"):
+            updates.append(statement)
+
+    sa.event.listen(ledger.engine, "before_cursor_execute", seen)
+    try:
+        ledger.submit("r1", "crm", "crm_contact", ["k0", "k1", "k3"])
+    finally:
+        sa.event.remove(ledger.engine, "before_cursor_execute", seen)
+    assert updates == []
+    ledger.complete("r1", "crm", "crm_contact", {"k0": "erased"})  # k0's outcome is booked
+
+    statuses = {k: s for (_, k), s in ledger.statuses("r1", "crm").items()}
+    assert statuses == {"k0": "erased", "k1": "submitted", "k2": "planned", "k3": "submitted", "k4": "planned", "k5": "planned"}
+    assert ledger.statuses_of("r1", "crm", "crm_contact", ["k0", "k1", "k2", "k9"]) == {"k0": "erased", "k1": "submitted", "k2": "planned"}
+    assert {r["record_key"]: r["status"] for r in ledger.entries("r1") if r["system"] == "crm"} == statuses
+    assert set(ledger.statuses("r2", "crm").values()) == {"planned"}
+    assert set(ledger.statuses("r1", "newsletter").values()) == {"planned"}
+    expected = {
+        "crm": {"former": {"planned": 2, "submitted": 1}, "lead": {"erased": 1, "planned": 1, "submitted": 1}},
+        "newsletter": {"lead": {"planned": 1}},
+    }
+    assert ledger.status_counts("r1") == expected
+    assert ledger_counts(ledger, "r1") == expected
+    assert ledger_counts(ledger, "r1", by="record_type")["crm"] == {"crm_contact": {"erased": 1, "planned": 3, "submitted": 2}}
+    assert [c for c in ledger.counts("r1") if c["system"] == "crm" and c["rule_id"] == "lead"] == [
+        {"system": "crm", "rule_id": "lead", "status": s, "n": 1} for s in ("erased", "planned", "submitted")
+    ]
+
+    ledger.forget_submissions("r1", "crm")
+    assert {k: s for (_, k), s in ledger.statuses("r1", "crm").items()} == {**dict.fromkeys(statuses, "planned"), "k0": "erased"}

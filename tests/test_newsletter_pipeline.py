@@ -10,9 +10,9 @@ from datetime import datetime
 import pandas as pd
 import pytest
 import requests
-import sqlalchemy as sa
 
 from airflow_run import run_dag, task_states, xcom_values
+from retention.store.ledger import Ledger
 from retention_dev.standins.mailchimp_data import generate_members
 from retention_dev.standins.process import StandIn
 
@@ -60,9 +60,12 @@ def all_members(standin) -> dict[str, str]:
 
 
 def ledger_rows(home) -> list[dict]:
-    engine = sa.create_engine(f"sqlite:///{home / 'ledger.db'}")
-    with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(sa.text("select * from erasure_ledger")).mappings()]
+    """The entries as the ledger reads them (a batch handed over without its outcomes booked: ``submitted``)."""
+    ledger = Ledger(f"sqlite:///{home / 'ledger.db'}")
+    try:
+        return ledger.entries()
+    finally:
+        ledger.engine.dispose()
 
 
 def expected_due(members_before: dict[str, str]) -> set[str]:

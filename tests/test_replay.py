@@ -126,11 +126,12 @@ def systems(tmp_path, monkeypatch, retention_home):
 
 
 def ledger_rows(home) -> list[dict]:
-    engine = sa.create_engine(f"sqlite:///{home / 'ledger.db'}")
-    with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(sa.text("select * from erasure_ledger")).mappings()]
-    engine.dispose()
-    return rows
+    """The entries as the ledger reads them (a batch handed over without its outcomes booked: ``submitted``)."""
+    ledger = Ledger(f"sqlite:///{home / 'ledger.db'}")
+    try:
+        return ledger.entries()
+    finally:
+        ledger.engine.dispose()
 
 
 def erased_in(rows: list[dict], system: str, run_id: str | None = None) -> list[dict]:

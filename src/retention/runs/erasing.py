@@ -19,8 +19,9 @@ What it guarantees, in this order, for one system of one run:
 4. **Erase in batches, outcomes booked as they arrive.** The adapter yields each record's
    outcome as the system reports it; the engine completes the ledger entries at least every
    second and at the end of every batch, so a task killed mid-batch loses at most the last
-   second of outcomes. Each batch is marked ``submitted`` in one statement, committed before
-   it goes to the system, so the retry knows which records its own killed attempt sent. The
+   second of outcomes. Each batch is recorded as handed over (one row of its keys, committed
+   before it goes to the system; its entries read ``submitted`` until their outcomes are
+   booked), so the retry knows which records its own killed attempt sent. The
    outcomes are written by one booking thread, in order, while the next batch goes on (the
    ledger's statements and the system's run side by side); every erase call waits for them
    before it returns or raises, and a failed booking stops the run at the next batch.
@@ -240,6 +241,9 @@ class ErasureEngine:
             booker, self._booker = self._booker, None
             booker.shutdown(wait=True)
             self._wait_bookings(len(self._bookings))
+        # Every batch handed over has its outcomes booked (what was not heard of, failed): the
+        # record of what was handed over has served. A step stopped on the way keeps it for its retry.
+        self.ledger.forget_submissions(self.run_id, self.system)
         result = ErasureResult(dry_run=False, seconds=round(progress.finish(), 2))
         for record_type, keys in plan.groupby("record_type", sort=False)["record_key"]:
             statuses = self._status.by_type[record_type]
@@ -426,10 +430,11 @@ class ErasureEngine:
         )
 
     def _submitted(self, record_type: str, keys: Iterable[str]) -> None:
-        """Mark a batch ``submitted``, committed before the batch goes to the system."""
-        outcomes = dict.fromkeys(keys, Status.SUBMITTED)
-        self.ledger.complete(self.run_id, self.system, record_type, outcomes)
-        self._status.update_type(record_type, outcomes)
+        """Record the batch as handed to the system (its entries read ``submitted``), committed
+        before the batch goes: one row for the batch, not an update of each entry."""
+        keys = list(keys)
+        self.ledger.submit(self.run_id, self.system, record_type, keys)
+        self._status.update_type(record_type, dict.fromkeys(keys, Status.SUBMITTED))
 
     def _raise_failed_booking(self) -> None:
         """Raise the error of a booking that failed, of those done."""

@@ -43,6 +43,7 @@ metadata = sa.MetaData()
 STATUSES = tuple(str(s) for s in Status)
 DONE = tuple(str(s) for s in DONE_STATUSES)
 _OPEN = (str(Status.PLANNED), str(Status.SUBMITTED))  # entries not completed yet
+_PLANNED, _SUBMITTED = _OPEN
 
 erasure_run = sa.Table(
     "erasure_run",
@@ -80,6 +81,23 @@ erasure_ledger = sa.Table(
     # No index on status or completed_at, and pages half full on PostgreSQL: completing an
     # entry is then a heap-only update that touches no index, several times cheaper.
     postgresql_with={"fillfactor": 50},
+)
+
+# A destructive batch handed to its system, its outcomes not all booked yet: one row per batch,
+# committed right before the batch goes (the batch's keys as a JSON array), instead of an UPDATE
+# of each entry to ``submitted``, which cost as much as booking the outcomes. An entry still
+# ``planned`` whose key is in a submission of its run reads as ``submitted``. Deleted once the
+# erase step has booked every outcome (``forget_submissions``); a killed step leaves them.
+erasure_submission = sa.Table(
+    "erasure_submission",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("system", sa.String(20), nullable=False),
+    sa.Column("record_type", sa.String(40), nullable=False),
+    sa.Column("record_keys", sa.Text, nullable=False),
+    sa.Column("submitted_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_submission_run", "run_id", "system"),
 )
 
 legal_hold = sa.Table(
@@ -368,7 +386,62 @@ class Ledger:
             erasure_ledger.c.run_id == run_id, erasure_ledger.c.system == system
         )
         with self.engine.connect() as conn:
-            return {(t, k): s for t, k, s in conn.execute(q)}
+            out = {(t, k): s for t, k, s in conn.execute(q)}
+            sent = self._submissions(conn, run_id, system)
+        for (_, _, record_type), keys in sent.items():
+            for key in keys:
+                if out.get((record_type, key)) == _PLANNED:
+                    out[(record_type, key)] = _SUBMITTED
+        return out
+
+    def entries(self, run_id: str | None = None) -> list[dict]:
+        """Every entry (of one run, or of all), each as a dict of its columns, in the order
+        written; an entry of a batch handed to its system without its outcome booked reads
+        ``submitted``, as in :meth:`statuses`."""
+        q = sa.select(erasure_ledger).order_by(erasure_ledger.c.id)
+        if run_id is not None:
+            q = q.where(erasure_ledger.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(q).mappings()]
+            sent = self._submissions(conn, run_id)
+        if sent:
+            for row in rows:
+                if row["status"] == _PLANNED and row["record_key"] in sent.get((row["run_id"], row["system"], row["record_type"]), ()):
+                    row["status"] = _SUBMITTED
+        return rows
+
+    def submit(self, run_id: str, system: str, record_type: str, keys: Sequence[str]) -> None:
+        """Record, committed before it goes, that a batch of entries (by key) is handed to the
+        system now: until their outcomes are booked they read ``submitted``, and a retry after a
+        kill books a record it then finds gone as erased by this run. One row per batch."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                erasure_submission.insert().values(
+                    run_id=run_id, system=system, record_type=record_type,
+                    record_keys=json.dumps(list(keys), separators=(",", ":")), submitted_at=utcnow(),
+                )
+            )
+
+    def forget_submissions(self, run_id: str, system: str) -> None:
+        """Drop the run's submissions for the system: for an erase step that has booked the
+        outcome of every batch it handed over (none of their entries is ``planned`` any more)."""
+        t = erasure_submission
+        with self.engine.begin() as conn:
+            conn.execute(t.delete().where(t.c.run_id == run_id, t.c.system == system))
+
+    @staticmethod
+    def _submissions(conn: sa.Connection, run_id: str | None, system: str | None = None) -> dict[tuple[str, str, str], set[str]]:
+        """(run, system, record type) -> the keys of the batches handed over and not forgotten."""
+        t = erasure_submission
+        q = sa.select(t.c.run_id, t.c.system, t.c.record_type, t.c.record_keys)
+        if run_id is not None:
+            q = q.where(t.c.run_id == run_id)
+        if system is not None:
+            q = q.where(t.c.system == system)
+        out: dict[tuple[str, str, str], set[str]] = {}
+        for run, sys_, record_type, keys in conn.execute(q):
+            out.setdefault((run, sys_, record_type), set()).update(json.loads(keys))
+        return out
 
     def statuses_of(self, run_id: str, system: str, record_type: str, keys: Sequence[str]) -> dict[str, str]:
         """record_key -> status of the given entries of this run and system (keys the ledger
@@ -382,6 +455,9 @@ class Ledger:
             for chunk in _chunks(list(keys), size):
                 for key, status in conn.execute(sa.select(t.c.record_key, t.c.status).where(*mine, self._key_in(chunk))):
                     out[key] = status
+            if _PLANNED in out.values():
+                sent = self._submissions(conn, run_id, system).get((run_id, system, record_type), set())
+                out.update({k: _SUBMITTED for k, s in out.items() if s == _PLANNED and k in sent})
         return out
 
     def write_ahead(
@@ -471,15 +547,43 @@ class Ledger:
         return erasure_ledger.c.record_key.in_(keys)
 
     def counts(self, run_id: str) -> list[dict]:
+        """The run's entries counted by system, rule and status: dicts of system, rule_id,
+        status and n, in that order."""
+        return [
+            {"system": system, "rule_id": rule, "status": status, "n": n}
+            for system, rules in self.status_counts(run_id).items()
+            for rule, statuses in rules.items()
+            for status, n in statuses.items()
+        ]
+
+    def status_counts(self, run_id: str, by: str = "rule_id") -> dict[str, dict[str, dict[str, int]]]:
+        """``{system: {rule (or the column ``by``): {status: n}}}`` of the run's entries, sorted;
+        those of a batch handed over without its outcomes booked count as ``submitted``."""
         t = erasure_ledger
+        group = t.c[by]
         q = (
-            sa.select(t.c.system, t.c.rule_id, t.c.status, sa.func.count().label("n"))
+            sa.select(t.c.system, group, t.c.status, sa.func.count().label("n"))
             .where(t.c.run_id == run_id)
-            .group_by(t.c.system, t.c.rule_id, t.c.status)
-            .order_by(t.c.system, t.c.rule_id, t.c.status)
+            .group_by(t.c.system, group, t.c.status)
         )
+        found: dict[tuple[str, str, str], int] = {}
+        size = 50_000 if self._postgres else 900
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
+            for system, name, status, n in conn.execute(q):
+                found[(system, name, status)] = int(n)
+            sent = self._submissions(conn, run_id) if any(s == _PLANNED for _, _, s in found) else {}
+            for (_, system, record_type), keys in sent.items():
+                mine = (t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type, t.c.status == _PLANNED)
+                for chunk in _chunks(sorted(keys), size):
+                    q = sa.select(group, sa.func.count()).where(*mine, self._key_in(chunk)).group_by(group)
+                    for name, n in conn.execute(q):
+                        found[(system, name, _PLANNED)] -= int(n)
+                        found[(system, name, _SUBMITTED)] = found.get((system, name, _SUBMITTED), 0) + int(n)
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for (system, name, status), n in sorted(found.items()):
+            if n:
+                out.setdefault(system, {}).setdefault(name, {})[status] = n
+        return out
 
     def carried_over(self, system: str, record_type: str, exclude_run: str | None = None) -> set[str]:
         """The keys of ``record_type`` an earlier run left ``carried_over`` and no run has

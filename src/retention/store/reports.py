@@ -16,10 +16,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from retention import config
-from retention.store.ledger import Ledger, erasure_ledger
+from retention.store.ledger import Ledger
 from retention.store.staging import RunStaging
 
 log = logging.getLogger("retention")
@@ -31,19 +29,7 @@ def report_stem(dag_id: str, run_id: str) -> str:
 
 def ledger_counts(ledger: Ledger, run_id: str, by: str = "rule_id") -> dict[str, dict[str, dict[str, int]]]:
     """``{system: {rule or record type: {status: n}}}`` of the run's ledger entries."""
-    t = erasure_ledger
-    group = t.c[by]
-    q = (
-        sa.select(t.c.system, group, t.c.status, sa.func.count().label("n"))
-        .where(t.c.run_id == run_id)
-        .group_by(t.c.system, group, t.c.status)
-        .order_by(t.c.system, group, t.c.status)
-    )
-    out: dict = {}
-    with ledger.engine.connect() as conn:
-        for system, name, status, n in conn.execute(q):
-            out.setdefault(system, {}).setdefault(name, {})[status] = int(n)
-    return out
+    return ledger.status_counts(run_id, by)
 
 
 def write_report(
