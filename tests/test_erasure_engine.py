@@ -580,3 +580,61 @@ def test_a_bad_erase_budget_is_one_line(monkeypatch, text, message):
         config.erase_budget()
     monkeypatch.delenv("RETENTION_ERASE_BUDGET")
     assert config.erase_budget().total_seconds() == 2 * 3600
+
+
+class SlowWriteAheadLedger(Ledger):
+    """A ledger whose write-aheads take ``seconds`` each, noting when each one ended."""
+
+    def __init__(self, engine, seconds: float):
+        super().__init__(engine)
+        self.seconds, self.written_at = seconds, []
+
+    def write_ahead(self, *args, **kwargs):
+        time.sleep(self.seconds)
+        super().write_ahead(*args, **kwargs)
+        self.written_at.append(time.monotonic())
+
+
+class CheckedSystem(MemorySystem):
+    """Notes when each batch starts, and which of its records had no ledger entry then."""
+
+    def __init__(self, records, ledger: Ledger, run_id: str, **kwargs):
+        super().__init__(records, **kwargs)
+        self.ledger, self.run_id = ledger, run_id
+        self.started_at: list[float] = []
+        self.unwritten: list[str] = []
+
+    def erase(self, record_type, action, record_ids, recheck=None):
+        self.started_at.append(time.monotonic())
+        pseudo = pseudonymizer()
+        keys = {pseudo.key_for(record_type, i): i for i in record_ids}
+        known = self.ledger.statuses_of(self.run_id, self.system, record_type, list(keys))
+        self.unwritten += [i for k, i in keys.items() if k not in known]
+        yield from super().erase(record_type, action, record_ids, recheck)
+
+
+def test_batches_go_while_the_rest_of_the_plan_is_written_ahead(ledger, monkeypatch):
+    """The plan's write-ahead runs beside the erasure, in the order the batches go: the first
+    batch goes once its own entries are in, not once the whole plan's are; no batch ever goes
+    before its entries are; and a run that stops on the way leaves every plan row in the ledger."""
+    from retention.runs import erasing
+
+    monkeypatch.setattr(erasing._WriteAhead, "chunk", 3)  # a chunk per batch of 3
+    slow = SlowWriteAheadLedger(ledger.engine, 0.3)
+    records = {"support_ticket": {str(i) for i in range(1, 13)}, "ticket_user": {f"u{i}" for i in range(1, 4)}}
+    plan = plan_of([("support_ticket", str(i), "erase") for i in range(1, 13)] + [("ticket_user", f"u{i}", "erase") for i in range(1, 4)])
+    system = CheckedSystem(records, ledger, "run-10")
+    result = ErasureEngine(slow, "run-10", "ticketing", system, "v1").erase(plan)
+    assert result.totals() == {"erased": 15}
+    assert system.unwritten == [], "a batch went before its entries were written"
+    assert len(slow.written_at) == 5 and len(system.started_at) == 5
+    assert system.started_at[0] < slow.written_at[-1], "the first batch waited for the whole plan's write-ahead"
+    assert [r["status"] for r in entries(ledger, "run-10").values()] == ["erased"] * 15
+
+    slow = SlowWriteAheadLedger(ledger.engine, 0.3)
+    system = CheckedSystem(records | {"support_ticket": {str(i) for i in range(1, 13)}}, ledger, "run-11", die_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        ErasureEngine(slow, "run-11", "ticketing", system, "v1").erase(plan)
+    statuses = [r["status"] for r in entries(ledger, "run-11").values()]
+    assert len(statuses) == 15, "every plan row is in the ledger when the run stops"
+    assert statuses.count("erased") == 2 and statuses.count("submitted") == 1 and statuses.count("planned") == 12

@@ -2,9 +2,12 @@
 
 What it guarantees, in this order, for one system of one run:
 
-1. **Write-ahead.** Every plan row gets a ledger entry before the system is touched: ``planned``
-   for an erasure or minimisation, ``held`` for a hold, ``deferred`` for a deferral. A row the
-   ledger already has for this run (an earlier attempt of the task) is not written again.
+1. **Write-ahead.** Every plan row gets a ledger entry before its record is touched: ``held``
+   for a hold and ``deferred`` for a deferral first, then ``planned`` for an erasure or
+   minimisation, in the order the batches go, by a thread of its own while the first batches
+   already go (a batch goes once its own entries are committed; a step that stops on the way
+   still leaves every row in the ledger). A row the ledger already has for this run (an earlier
+   attempt of the task) is not written again.
 2. **Resume.** Entries already finished (``erased``, ``already_gone``, ``held``) are skipped; the
    rest (``planned``, ``submitted``, ``failed``, ``deferred`` by the system) are tried again. A
    record already gone counts as success, so a retried task never fails on what it did before it
@@ -194,53 +197,52 @@ class ErasureEngine:
         # What an earlier, killed attempt of this run handed to the system without hearing back.
         self._sent_before = {tk for tk, s in self._status.items() if s == Status.SUBMITTED}
         self._blocking_index: dict[str, dict[str, list[str]]] = {}
-        self._write_ahead(plan)
         # Rows are picked by position, the batch's rows copied when it goes: no copy of the
         # plan per record type and action (a million-row plan would be held several times).
         is_destructive = plan["action"].isin(DESTRUCTIVE).to_numpy()
+        is_new = self._write_ahead(plan, is_destructive)
+        groups = self._groups(plan, is_destructive)
         progress = Progress(log, f"{self.system}: erasing", total=int(is_destructive.sum()))
+        for _, _, _, finished in groups:
+            progress.add(finished)
+        # The destructive rows' entries are written in the order the loop below takes them, by a
+        # thread of their own, while the loop erases what is written already (a batch goes only
+        # once its entries are committed): the write-ahead of a large plan no longer holds up
+        # the first batch for as long as it takes to write the whole plan.
+        ahead = _WriteAhead(self, plan, [(todo, is_new[todo]) for _, _, todo, _ in groups])
         self._booker = ThreadPoolExecutor(1, thread_name_prefix="ledger-booking")
         self._bookings, self._previous_batch_bookings = [], 0
         out_of_time = False
         try:
-            for record_type in self.adapter.record_types:
-                mine = is_destructive & (plan["record_type"] == record_type).to_numpy()
-                if not mine.any():
-                    continue
-                for action in (Action.MINIMISE, Action.ERASE):
-                    positions = np.flatnonzero(mine & (plan["action"] == action).to_numpy())
-                    if not len(positions):
-                        continue
-                    keys = plan["record_key"].iloc[positions]
-                    finished = np.fromiter(
-                        (self._status.get((record_type, k)) in DONE for k in keys), dtype=bool, count=len(positions)
-                    )
-                    del keys
-                    progress.add(int(finished.sum()))
-                    todo = self._carried_first(record_type, plan, positions[~finished])
-                    size = batch_size(self.adapter, record_type)
-                    start = 0
-                    while start < len(todo):
-                        if not out_of_time and deadline is not None and self.clock() >= deadline:
-                            out_of_time = True
-                            log.warning("%s: the erase budget is spent; what is left is carried over to the next run", self.system)
-                        if out_of_time:
-                            self._carry_over(record_type, plan.iloc[todo[start:]])
-                            break
-                        n = size if deadline is None else self._slice(record_type, size, deadline)
-                        began = self.clock()
-                        rows = plan.iloc[todo[start : start + n]]
-                        batch = self._before_batch(record_type, plan, rows)
-                        self._erase_batch(record_type, action, batch)
-                        done, took = self._pace.get(record_type, (0, 0.0))
-                        self._pace[record_type] = (done + len(batch), took + self.clock() - began)
-                        progress.add(len(rows))
-                        start += n
+            for group, (record_type, action, todo, _) in enumerate(groups):
+                size = batch_size(self.adapter, record_type)
+                start = 0
+                while start < len(todo):
+                    if not out_of_time and deadline is not None and self.clock() >= deadline:
+                        out_of_time = True
+                        log.warning("%s: the erase budget is spent; what is left is carried over to the next run", self.system)
+                    if out_of_time:
+                        ahead.wait(group)
+                        self._carry_over(record_type, plan.iloc[todo[start:]])
+                        break
+                    n = size if deadline is None else self._slice(record_type, size, deadline)
+                    began = self.clock()
+                    rows = plan.iloc[todo[start : start + n]]
+                    ahead.wait(group, upto=start + len(rows))
+                    batch = self._before_batch(record_type, plan, rows)
+                    self._erase_batch(record_type, action, batch)
+                    done, took = self._pace.get(record_type, (0, 0.0))
+                    self._pace[record_type] = (done + len(batch), took + self.clock() - began)
+                    progress.add(len(rows))
+                    start += n
         finally:
-            # Whatever stops the run, the outcomes heard are in the ledger before it returns.
+            # Whatever stops the run, the whole plan is written ahead and the outcomes heard are
+            # in the ledger before it returns.
+            ahead.close()
             booker, self._booker = self._booker, None
             booker.shutdown(wait=True)
             self._wait_bookings(len(self._bookings))
+        ahead.wait_all()  # a write-ahead that failed after the last batch is the run's error too
         # Every batch handed over has its outcomes booked (what was not heard of, failed): the
         # record of what was handed over has served. A step stopped on the way keeps it for its retry.
         self.ledger.forget_submissions(self.run_id, self.system)
@@ -250,29 +252,59 @@ class ErasureEngine:
             result.statuses[record_type] = Counter(str(statuses[k]) for k in keys)
         return result
 
-    def _write_ahead(self, plan: pd.DataFrame) -> None:
-        """A ledger entry for every plan row the ledger does not have yet, before anything is touched."""
+    def _write_ahead(self, plan: pd.DataFrame, is_destructive: np.ndarray) -> np.ndarray:
+        """A ledger entry, now, for every plan row that erases nothing (held, deferred) the ledger
+        does not have yet; the destructive rows it does not have yet are marked planned here and
+        returned (a mask over the plan) for :class:`_WriteAhead` to write before their batches."""
         if plan.empty:
-            return
-        # A first attempt (nothing in the ledger yet) writes the whole plan: no copy of it.
-        new = plan[[(t, k) not in self._status for t, k in zip(plan["record_type"].tolist(), plan["record_key"].tolist())]] if self._status else plan
-        if new.empty:
-            return
-        versions = new["policy_version"] if "policy_version" in new else pd.Series(self.policy_version, index=new.index)
-        before = new["action"].astype(str).map({str(a): str(s) for a, s in STATUS_BEFORE.items()})
-        for (version, status), part in new.groupby([versions.astype(str), before.astype(str)], sort=False):
-            self.ledger.write_ahead(self.run_id, version, self.system, _entries(part), status=status)
-        for start in range(0, len(new), _ROWS):  # a slice at a time: no list of every row's values at once
+            return np.zeros(0, dtype=bool)
+        if self._status:
+            pairs = zip(plan["record_type"].tolist(), plan["record_key"].tolist())
+            is_new = np.fromiter(((t, k) not in self._status for t, k in pairs), dtype=bool, count=len(plan))
+        else:  # a first attempt: nothing in the ledger yet
+            is_new = np.ones(len(plan), dtype=bool)
+        for start in range(0, len(plan), _ROWS):  # a slice at a time: no list of every row's values at once
             rows = slice(start, start + _ROWS)
-            columns = (new["record_type"].iloc[rows].tolist(), new["record_key"].iloc[rows].tolist(), before.iloc[rows].tolist())
-            for t, k, s in zip(*columns):
-                self._status[(t, k)] = s
-        deferred = new[(before == Status.DEFERRED).to_numpy()]
+            new = is_new[rows]
+            types, keys, actions = (plan[c].iloc[rows].astype(str).to_numpy()[new] for c in ("record_type", "record_key", "action"))
+            for t, k, a in zip(types.tolist(), keys.tolist(), actions.tolist()):
+                self._status[(t, k)] = STATUS_BEFORE[Action(a)]
+        settled = plan[is_new & ~is_destructive]
+        if settled.empty:
+            return is_new
+        versions = settled["policy_version"] if "policy_version" in settled else pd.Series(self.policy_version, index=settled.index)
+        before = settled["action"].astype(str).map({str(a): str(s) for a, s in STATUS_BEFORE.items()})
+        for (version, status), part in settled.groupby([versions.astype(str), before.astype(str)], sort=False):
+            self.ledger.write_ahead(self.run_id, version, self.system, _entries(part), status=status)
+        deferred = settled[(before == Status.DEFERRED).to_numpy()]
         for record_type, part in deferred.groupby("record_type"):
             keys = part["record_key"].tolist()
             why = part["detail"].tolist() if "detail" in part else [None] * len(part)
             details = {k: d[:_DETAIL_WIDTH] for k, d in zip(keys, why) if isinstance(d, str) and d}
             self.ledger.complete(self.run_id, self.system, record_type, dict.fromkeys(keys, Status.DEFERRED), details)
+        return is_new
+
+    def _groups(self, plan: pd.DataFrame, is_destructive: np.ndarray) -> list[tuple[str, Action, np.ndarray, int]]:
+        """What the erase loop takes, in its order: per record type (the adapter's order) and
+        action (minimise, then erase), the positions left to do (what earlier runs carried over
+        first) and how many of the type's rows an earlier attempt finished."""
+        groups = []
+        for record_type in self.adapter.record_types:
+            mine = is_destructive & (plan["record_type"] == record_type).to_numpy()
+            if not mine.any():
+                continue
+            for action in (Action.MINIMISE, Action.ERASE):
+                positions = np.flatnonzero(mine & (plan["action"] == action).to_numpy())
+                if not len(positions):
+                    continue
+                keys = plan["record_key"].iloc[positions]
+                finished = np.fromiter(
+                    (self._status.get((record_type, k)) in DONE for k in keys), dtype=bool, count=len(positions)
+                )
+                del keys
+                todo = self._carried_first(record_type, plan, positions[~finished])
+                groups.append((record_type, action, todo, int(finished.sum())))
+        return groups
 
     def _slice(self, record_type: str, size: int, deadline: float) -> int:
         """Under a budget, a batch is cut to what this record type's pace so far says still fits
@@ -499,6 +531,58 @@ class ErasureEngine:
             if n:
                 log.error("%s: %d %s records the ledger marks gone are still present", self.system, n, record_type)
         return checked, sum(present.values())
+
+
+class _WriteAhead:
+    """The destructive plan rows' write-ahead, in the order the erase loop takes them: per group
+    (record type and action) chunk by chunk, each chunk one transaction, in a thread of its own.
+    ``wait`` holds a batch until its rows' entries are committed; ``close`` waits for the whole
+    plan, so that a step that stops on the way still leaves every plan row in the ledger."""
+
+    chunk = 50_000
+
+    def __init__(self, engine: ErasureEngine, plan: pd.DataFrame, groups: list[tuple[np.ndarray, np.ndarray]]):
+        """``groups``: per group, its positions in the plan in the loop's order, and which of
+        them the ledger does not have yet (only those are written)."""
+        self._engine, self._plan = engine, plan
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-write-ahead")
+        self._written: list[np.ndarray] = []  # per group: how many new rows up to each position
+        self._chunks: list[list[Future]] = []
+        total = 0
+        for todo, new in groups:
+            positions = todo[new]
+            self._written.append(np.cumsum(new))
+            self._chunks.append([
+                self._thread.submit(self._write, positions[start : start + self.chunk])
+                for start in range(0, len(positions), self.chunk)
+            ])
+            total += len(positions)
+        self._analyzed = self._thread.submit(engine.ledger.analyze) if total >= 10_000 else None
+
+    def _write(self, positions: np.ndarray) -> None:
+        engine, part = self._engine, self._plan.iloc[positions]
+        versions = part["policy_version"].astype(str) if "policy_version" in part else pd.Series(engine.policy_version, index=part.index)
+        for version, rows in part.groupby(versions, sort=False):
+            engine.ledger.write_ahead(engine.run_id, version, engine.system, _entries(rows), status=str(Status.PLANNED), analyze=False)
+
+    def wait(self, group: int, upto: int | None = None) -> None:
+        """Until the entries of the group's first ``upto`` rows in the loop's order (all when
+        ``None``) are committed; raises the error of a chunk that failed."""
+        chunks = self._chunks[group]
+        if upto is not None:
+            new = int(self._written[group][upto - 1]) if upto > 0 else 0
+            chunks = chunks[: (new + self.chunk - 1) // self.chunk]
+        for future in chunks:
+            future.result()
+
+    def wait_all(self) -> None:
+        for group in range(len(self._chunks)):
+            self.wait(group)
+        if self._analyzed is not None:
+            self._analyzed.result()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
 
 
 def _chunks_of(plan: pd.DataFrame | Iterable[pd.DataFrame | pa.RecordBatch], size: int) -> Iterator:

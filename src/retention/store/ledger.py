@@ -462,7 +462,7 @@ class Ledger:
 
     def write_ahead(
         self, run_id: str, policy_version: str, system: str, rows: Iterable[dict] | pd.DataFrame | Iterable[pd.DataFrame],
-        status: str = "planned",
+        status: str = "planned", analyze: bool = True,
     ) -> None:
         """Insert entries (record_type, record_key, rule_id, action, hold) before acting on them,
         all in one transaction. ``rows``: dicts with those keys, or frames with those columns (a
@@ -470,7 +470,9 @@ class Ledger:
         memory at once). A hold of ``None`` or ``""`` is stored as no hold (NULL).
 
         Set-based: each chunk in key order (``_ENTRY_COLUMNS``), through COPY on PostgreSQL (a frame's
-        chunk as Arrow's CSV), one executemany elsewhere."""
+        chunk as Arrow's CSV), one executemany elsewhere. ``analyze``: refresh the table's
+        statistics after ten thousand entries or more (a caller writing a plan in parts does so
+        once, with :meth:`analyze`)."""
         now = utcnow()
         fixed = {
             "run_id": run_id, "policy_version": policy_version, "system": system, "status": status,
@@ -488,10 +490,18 @@ class Ledger:
                         for t, k, r, a, h in zip(*(frame[c].tolist() for c in _ENTRY_COLUMNS))
                     ])
                 written += len(frame)
-            if self._postgres and written >= 10_000:
-                # Fresh statistics, so that completing these entries batch by batch finds them
-                # through an index rather than by scanning the table each time.
-                conn.exec_driver_sql(f"ANALYZE {erasure_ledger.name}")
+            if analyze and written >= 10_000:
+                self._analyze(conn)
+
+    def analyze(self) -> None:
+        """Fresh statistics of the entries (PostgreSQL), so that completing and verifying them
+        batch by batch finds them through an index rather than by scanning the table each time."""
+        with self.engine.begin() as conn:
+            self._analyze(conn)
+
+    def _analyze(self, conn: sa.Connection) -> None:
+        if self._postgres:
+            conn.exec_driver_sql(f"ANALYZE {erasure_ledger.name}")
 
     def complete(self, run_id: str, system: str, record_type: str, outcomes: dict[str, str], detail: dict[str, str] | None = None) -> None:
         """Set the final status of entries: ``outcomes`` maps record_key -> status; ``detail``
