@@ -263,12 +263,13 @@ class ErasureEngine:
             is_new = np.fromiter(((t, k) not in self._status for t, k in pairs), dtype=bool, count=len(plan))
         else:  # a first attempt: nothing in the ledger yet
             is_new = np.ones(len(plan), dtype=bool)
+        before_of = {str(a): str(s) for a, s in STATUS_BEFORE.items()}
         for start in range(0, len(plan), _ROWS):  # a slice at a time: no list of every row's values at once
             rows = slice(start, start + _ROWS)
             new = is_new[rows]
             types, keys, actions = (plan[c].iloc[rows].astype(str).to_numpy()[new] for c in ("record_type", "record_key", "action"))
             for t, k, a in zip(types.tolist(), keys.tolist(), actions.tolist()):
-                self._status[(t, k)] = STATUS_BEFORE[Action(a)]
+                self._status[(t, k)] = before_of[a]
         settled = plan[is_new & ~is_destructive]
         if settled.empty:
             return is_new
