@@ -587,11 +587,14 @@ class Ledger:
                 for chunk in _chunks(sorted(keys), size):
                     q = sa.select(group, sa.func.count()).where(*mine, self._key_in(chunk)).group_by(group)
                     for name, n in conn.execute(q):
-                        found[(system, name, _PLANNED)] -= int(n)
+                        # Another system's erase step may write entries ahead between the two
+                        # reads (the nightly run's systems erase side by side): never below zero.
+                        planned = found.get((system, name, _PLANNED), 0)
+                        found[(system, name, _PLANNED)] = max(planned - int(n), 0)
                         found[(system, name, _SUBMITTED)] = found.get((system, name, _SUBMITTED), 0) + int(n)
         out: dict[str, dict[str, dict[str, int]]] = {}
         for (system, name, status), n in sorted(found.items()):
-            if n:
+            if n > 0:
                 out.setdefault(system, {}).setdefault(name, {})[status] = n
         return out
 
