@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -576,6 +577,22 @@ def test_migrations_command_line(tmp_path):
     assert current.stdout.split() == [migrations.head(), "(head)"]
 
 
+@contextlib.contextmanager
+def updates_on(engine: sa.Engine):
+    """The UPDATE statements sent to ``engine`` inside the block, as a list filled as they go."""
+    updates: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("UPDATE"):
+            updates.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        yield updates
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
+
+
 def test_completion_is_set_based_and_finds_every_entry(ledger):
     """Completion takes one UPDATE per status and one for the details (not one per key), whichever
     ledger object wrote the entries, and new entries go in whatever order they come."""
@@ -587,20 +604,11 @@ def test_completion_is_set_based_and_finds_every_entry(ledger):
     ledger.write_ahead("r1", "v1", "crm", (row(f"n{i}") for i in (4, 2, 0, 3, 1)))
     ledger.write_ahead("r1", "v1", "crm", [row("n9")], status="held")
 
-    updates: list[str] = []
-
-    def seen(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith("UPDATE"):
-            updates.append(statement)
-
-    sa.event.listen(ledger.engine, "before_cursor_execute", seen)
-    try:
+    with updates_on(ledger.engine) as updates:
         outcomes = {"e0": "erased", "e1": "failed", "e2": "erased", "n0": "erased", "n1": "failed", "n2": "erased",
                     "n3": "erased", "n4": "already_gone", "n9": "deferred"}
         details = {"e1": "timed out", "n1": "refused, then 'timed out'", "n9": "a ticket of theirs is not erased yet"}
         ledger.complete("r1", "crm", "crm_contact", outcomes, details)
-    finally:
-        sa.event.remove(ledger.engine, "before_cursor_execute", seen)
     with ledger.engine.connect() as conn:
         got = {r.record_key: (r.status, r.detail, r.completed_at is not None) for r in conn.execute(sa.select(erasure_ledger))}
     assert got == {k: (s, details.get(k), True) for k, s in outcomes.items()}
@@ -627,17 +635,8 @@ def test_a_batch_handed_over_reads_submitted_until_its_outcomes_are_booked(ledge
     ledger.write_ahead("r2", "v1", "crm", [row(f"k{i}") for i in range(6)])
     ledger.write_ahead("r1", "v1", "newsletter", [{**row("k0"), "record_type": "newsletter_member"}])
 
-    updates: list[str] = []
-
-    def seen(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith("UPDATE"):
-            updates.append(statement)
-
-    sa.event.listen(ledger.engine, "before_cursor_execute", seen)
-    try:
+    with updates_on(ledger.engine) as updates:
         ledger.submit("r1", "crm", "crm_contact", ["k0", "k1", "k3"])
-    finally:
-        sa.event.remove(ledger.engine, "before_cursor_execute", seen)
     assert updates == []
     ledger.complete("r1", "crm", "crm_contact", {"k0": "erased"})  # k0's outcome is booked
 
