@@ -603,9 +603,12 @@ class CheckedSystem(MemorySystem):
         self.ledger, self.run_id = ledger, run_id
         self.started_at: list[float] = []
         self.unwritten: list[str] = []
+        self.in_flight: list[int] = []  # batches recorded as handed over, at each batch's start
 
     def erase(self, record_type, action, record_ids, recheck=None):
         self.started_at.append(time.monotonic())
+        with self.ledger.engine.connect() as conn:
+            self.in_flight.append(conn.execute(sa.text("select count(*) from erasure_submission")).scalar_one())
         pseudo = pseudonymizer()
         keys = {pseudo.key_for(record_type, i): i for i in record_ids}
         known = self.ledger.statuses_of(self.run_id, self.system, record_type, list(keys))
@@ -630,6 +633,11 @@ def test_batches_go_while_the_rest_of_the_plan_is_written_ahead(ledger, monkeypa
     assert len(slow.written_at) == 5 and len(system.started_at) == 5
     assert system.started_at[0] < slow.written_at[-1], "the first batch waited for the whole plan's write-ahead"
     assert [r["status"] for r in entries(ledger, "run-10").values()] == ["erased"] * 15
+    # A batch's record of being handed over goes once its outcomes are booked: this one's and at
+    # most the previous one's are there when a batch goes, none when the step ends.
+    assert system.in_flight[0] == 1 and max(system.in_flight) <= 2, system.in_flight
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.text("select count(*) from erasure_submission")).scalar_one() == 0
 
     slow = SlowWriteAheadLedger(ledger.engine, 0.3)
     system = CheckedSystem(records | {"support_ticket": {str(i) for i in range(1, 13)}}, ledger, "run-11", die_after=2)

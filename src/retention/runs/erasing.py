@@ -243,8 +243,9 @@ class ErasureEngine:
             booker.shutdown(wait=True)
             self._wait_bookings(len(self._bookings))
         ahead.wait_all()  # a write-ahead that failed after the last batch is the run's error too
-        # Every batch handed over has its outcomes booked (what was not heard of, failed): the
-        # record of what was handed over has served. A step stopped on the way keeps it for its retry.
+        # Every batch handed over has its outcomes booked (what was not heard of, failed), an
+        # earlier attempt's too: the record of what was handed over has served. A step stopped on
+        # the way keeps it for its retry.
         self.ledger.forget_submissions(self.run_id, self.system)
         result = ErasureResult(dry_run=False, seconds=round(progress.finish(), 2))
         for record_type, keys in plan.groupby("record_type", sort=False)["record_key"]:
@@ -418,7 +419,8 @@ class ErasureEngine:
         pending: dict[str, Status] = {}
         last = time.monotonic()
         recheck = self._recheck(record_type, batch)
-        self._submitted(record_type, key_of.values())
+        booked_from = len(self._bookings)  # this batch's bookings are the ones made from here on
+        submission = self._submitted(record_type, key_of.values())
         # The adapter is given a check only when the flow judges current state (the nightly run).
         args = (record_type, str(action), list(key_of), *((recheck,) if recheck else ()))
         try:
@@ -436,6 +438,7 @@ class ErasureEngine:
             self._complete(record_type, pending, id_of)
         # The system said nothing of these: not erased as far as anyone knows.
         self._complete(record_type, {k: Status.FAILED for k in key_of.values() if k not in heard})
+        self._forget_when_booked(submission, self._bookings[booked_from:])
 
     def _complete(self, record_type: str, outcomes: dict[str, Status], id_of: dict[str, str] | None = None) -> None:
         """Book outcomes (record_key -> status); ``id_of`` (record_key -> id) names the records
@@ -462,12 +465,25 @@ class ErasureEngine:
             self._booker.submit(self.ledger.complete, self.run_id, self.system, record_type, dict(outcomes), detail or None)
         )
 
-    def _submitted(self, record_type: str, keys: Iterable[str]) -> None:
+    def _submitted(self, record_type: str, keys: Iterable[str]) -> int:
         """Record the batch as handed to the system (its entries read ``submitted``), committed
-        before the batch goes: one row for the batch, not an update of each entry."""
+        before the batch goes: one row for the batch, not an update of each entry. Returns the
+        row's id."""
         keys = list(keys)
-        self.ledger.submit(self.run_id, self.system, record_type, keys)
+        submission = self.ledger.submit(self.run_id, self.system, record_type, keys)
         self._status.update_type(record_type, dict.fromkeys(keys, Status.SUBMITTED))
+        return submission
+
+    def _forget_when_booked(self, submission: int, bookings: list[Future]) -> None:
+        """Drop a batch's record of being handed over once its outcomes are booked, in the
+        booking thread after them (so the ledger keeps only the batches in flight); kept when
+        one of those bookings failed, for the retry."""
+
+        def forget() -> None:
+            if all(booking.exception() is None for booking in bookings):  # done: booked before this, in order
+                self.ledger.forget_submission(submission)
+
+        self._bookings.append(self._booker.submit(forget))
 
     def _raise_failed_booking(self) -> None:
         """Raise the error of a booking that failed, of those done."""

@@ -87,7 +87,7 @@ erasure_ledger = sa.Table(
 # committed right before the batch goes (the batch's keys as a JSON array), instead of an UPDATE
 # of each entry to ``submitted``, which cost as much as booking the outcomes. An entry still
 # ``planned`` whose key is in a submission of its run reads as ``submitted``. Deleted once the
-# erase step has booked every outcome (``forget_submissions``); a killed step leaves them.
+# batch's outcomes are booked (``forget_submission``); a killed step leaves them for its retry.
 erasure_submission = sa.Table(
     "erasure_submission",
     metadata,
@@ -410,17 +410,25 @@ class Ledger:
                     row["status"] = _SUBMITTED
         return rows
 
-    def submit(self, run_id: str, system: str, record_type: str, keys: Sequence[str]) -> None:
+    def submit(self, run_id: str, system: str, record_type: str, keys: Sequence[str]) -> int:
         """Record, committed before it goes, that a batch of entries (by key) is handed to the
         system now: until their outcomes are booked they read ``submitted``, and a retry after a
-        kill books a record it then finds gone as erased by this run. One row per batch."""
+        kill books a record it then finds gone as erased by this run. One row per batch; returns
+        its id, for :meth:`forget_submission`."""
         with self.engine.begin() as conn:
-            conn.execute(
+            inserted = conn.execute(
                 erasure_submission.insert().values(
                     run_id=run_id, system=system, record_type=record_type,
                     record_keys=json.dumps(list(keys), separators=(",", ":")), submitted_at=utcnow(),
                 )
             )
+            return int(inserted.inserted_primary_key[0])
+
+    def forget_submission(self, submission_id: int) -> None:
+        """Drop one batch's record of being handed over: its outcomes are booked."""
+        t = erasure_submission
+        with self.engine.begin() as conn:
+            conn.execute(t.delete().where(t.c.id == submission_id))
 
     def forget_submissions(self, run_id: str, system: str) -> None:
         """Drop the run's submissions for the system: for an erase step that has booked the

@@ -8,9 +8,9 @@ One row per destructive batch, written and committed right before the batch goes
 system: the run, system and record type, and the batch's record keys (pseudonyms, as a JSON
 array). It replaces marking each of the batch's ledger entries ``submitted`` one by one (an
 UPDATE of every entry, as costly as booking the outcomes). An entry still ``planned`` whose key
-is in a submission of its run reads as ``submitted`` (``Ledger.statuses`` and the counts). A run's
-submissions are deleted once its erase step has booked every outcome; a killed step leaves them
-for its retry. Ledger entries written ``submitted`` by an earlier version keep that status.
+is in a submission of its run reads as ``submitted`` (``Ledger.statuses`` and the counts). A batch's row
+is deleted once its outcomes are booked (the table holds the batches in flight); a killed step
+leaves its rows for its retry. Ledger entries written ``submitted`` by an earlier version keep that status.
 """
 
 from __future__ import annotations
