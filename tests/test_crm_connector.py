@@ -460,6 +460,101 @@ def _recheck_only(con: CrmConnector, record_type: str, batch: list[int], seen: l
     return con.erase(record_type, batch, recheck=recheck)
 
 
+def _state(engine) -> dict[str, list[int]]:
+    with engine.connect() as conn:
+        return {t: sorted(conn.exec_driver_sql(f"SELECT id FROM {t}").scalars()) for t in (*CHILDREN, "contact", "invoice")}
+
+
+def _erase_in_parts(engine, record_type: str, ids: list[int], parts: int, recheck) -> dict[int, str]:
+    con = CrmConnector(engine, erase_connections=parts)
+    if record_type == "crm_contact":
+        return con.minimise_contacts(ids, recheck=recheck)
+    return con.erase(record_type, ids, recheck=recheck)
+
+
+@pytest.mark.parametrize("record_type", ["crm_contact", "crm_event_participation"])
+def test_a_large_batch_goes_in_parts_side_by_side_with_the_outcomes_of_one(engine, record_type, monkeypatch):
+    """On PostgreSQL a batch is split into ``erase_connections`` parts, each its own transaction,
+    side by side: each part's check runs while the other's rows are locked (a barrier both must
+    reach at once, which one transaction after the other never does). The outcomes and what is
+    left in the database are those of one transaction over the whole batch: holds, invoices and
+    the check's verdicts alike. SQLite (one writer at a time) keeps one transaction."""
+    import threading
+
+    import retention.systems.crm.erasure as erasure
+
+    monkeypatch.setattr(erasure, "MIN_PART", 50)
+    postgres = engine.dialect.name == "postgresql"
+
+    def seeded() -> list[int]:
+        synthetic.generate(engine, contacts=600, seed=11, now=NOW)
+        ids = [int(i) for i in CrmConnector(engine).read_frame(record_type)["record_id"]]
+        held = ids[5]  # a live manual hold in the CRM's own list
+        insert(engine, schema.legal_hold,
+               [{"id": 9001, "record_type": record_type, "record_id": held, "reason": "Dispute", "expires_at": None}])
+        return ids
+
+    def with_a_fresh_crm() -> None:
+        if postgres:
+            with engine.connect() as conn:
+                namespace = conn.exec_driver_sql("SELECT current_schema()").scalar()
+            reset_namespace(engine, namespace)
+        else:
+            schema.metadata.drop_all(engine)
+        schema.create_schema(engine)
+
+    ids = seeded()
+    leave = set(ids[1::9])  # what the check says may no longer be erased
+    seen: list[list[int]] = []
+    meet = threading.Barrier(2, timeout=20)
+
+    def side_by_side(frame: pd.DataFrame) -> set[int]:
+        seen.append(sorted(int(i) for i in frame["record_id"]))
+        if postgres:
+            meet.wait()  # both parts in their transactions, rows locked, at the same time
+        return {int(i) for i in frame["record_id"]} & leave
+
+    batch = [*ids, 10**9]  # and one never there
+    split = _erase_in_parts(engine, record_type, batch, 2, side_by_side)
+    after_split = _state(engine)
+    assert len(seen) == (2 if postgres else 1)
+    assert sorted(i for part in seen for i in part) == sorted(ids), "every record checked once, in one part"
+
+    with_a_fresh_crm()
+    assert seeded() == ids
+    whole = _erase_in_parts(engine, record_type, batch, 1, lambda f: {int(i) for i in f["record_id"]} & leave)
+    assert split == whole
+    assert _state(engine) == after_split
+    assert split[10**9] == "already_gone" and split[ids[5]] == "held_legal_hold" and split[ids[1]] == "changed_since_plan"
+    assert {"erased", "minimised"} & set(split.values())
+
+
+def test_a_part_that_fails_leaves_the_other_committed_and_raises(engine, monkeypatch):
+    """A part whose transaction fails rolls back alone: the other part's erasures stand (as a
+    killed call's would), every part runs to its end, and the failure reaches the caller, whose
+    retry then finds those records gone."""
+    import retention.systems.crm.erasure as erasure
+
+    monkeypatch.setattr(erasure, "MIN_PART", 50)
+    synthetic.generate(engine, contacts=300, seed=4, now=NOW)
+    ids = sorted(int(i) for i in CrmConnector(engine).read_frame("crm_event_participation")["record_id"])
+    assert len(ids) >= 100
+
+    def fail_the_first_part(frame: pd.DataFrame) -> set[int]:
+        if ids[0] in set(frame["record_id"].astype(int)):
+            raise RuntimeError("the check failed")
+        return set()
+
+    with pytest.raises(RuntimeError, match="the check failed"):
+        _erase_in_parts(engine, "crm_event_participation", ids, 2, fail_the_first_part)
+    left = set(_state(engine)["event_participation"]) & set(ids)
+    if engine.dialect.name == "postgresql":
+        half = -(-len(ids) // 2)
+        assert left == set(ids[:half])  # the failed part rolled back, the other committed
+    else:
+        assert left == set(ids)  # one transaction: nothing erased
+
+
 def test_erase_rejects_unknown_or_protected_record_types(small):
     con = CrmConnector(small)
     with pytest.raises(ValueError):

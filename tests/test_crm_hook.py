@@ -68,11 +68,13 @@ def test_crm_connection_with_sqlalchemy_url_mapping_and_chunk_size(monkeypatch, 
     set_conn(
         monkeypatch,
         conn_type="retention_crm",
-        extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "mapping": "include/crm_mapping.yaml", "chunk_size": 25},
+        extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "mapping": "include/crm_mapping.yaml", "chunk_size": 25,
+               "erase_connections": 3},
     )
     connector = CrmHook().get_conn()
     assert isinstance(connector, CrmConnector)
     assert connector.chunk_size == 25
+    assert connector.erase_connections == 3
     assert Path(connector.mapping.source).resolve() == ROOT / "include" / "crm_mapping.yaml"
     frames = list(connector.iter_frames("crm_contact", now=NOW))
     assert len(frames) == 5 and sum(len(f) for f in frames) == 120
@@ -86,6 +88,7 @@ def test_sqlite_uri_connection(monkeypatch, crm_db):
     assert hook.get_sqlalchemy_url().database == str(crm_db)
     connector = hook.get_conn()
     assert connector.chunk_size == 50_000
+    assert connector.erase_connections == 2
     assert len(connector.read_frame("crm_invoice", now=NOW)) > 0
     assert hook.test_connection()[0]
 
@@ -179,6 +182,9 @@ def test_url_forms_and_no_password_in_errors(monkeypatch, crm_db):
     assert "s3cret" not in str(err.value)
     set_conn(monkeypatch, conn_type="retention_crm", extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "chunk_size": 0})
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        CrmHook().get_conn()
+    set_conn(monkeypatch, conn_type="retention_crm", extra={"sqlalchemy_url": f"sqlite:///{crm_db}", "erase_connections": 0})
+    with pytest.raises(ValueError, match="erase_connections must be >= 1"):
         CrmHook().get_conn()
 
 

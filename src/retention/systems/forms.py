@@ -14,6 +14,7 @@ from typing import Any
 MAILCHIMP_MAX_CONNECTIONS = 10  # Mailchimp's limit of simultaneous connections per user
 ZENDESK_MAX_JOBS = 30  # Zendesk's limit of queued or running background jobs per account
 CRM_CHUNK_SIZE = 50_000
+CRM_ERASE_CONNECTIONS = 2  # transactions side by side per erase call (PostgreSQL)
 
 
 def conn_field(label: str, kind: str = "string", *, default: Any = None, description: str | None = None,
@@ -91,6 +92,10 @@ FORMS: dict[str, dict[str, Any]] = {
                 "SQLAlchemy URL", secret=True, description="Overrides host, login, password, port and database."
             ),
             "chunk_size": conn_field("Rows per frame", "integer", default=CRM_CHUNK_SIZE),
+            "erase_connections": conn_field(
+                "Erase connections", "integer", default=CRM_ERASE_CONNECTIONS,
+                description="Transactions side by side per erase batch, each its own part of it (PostgreSQL; 1: one).",
+            ),
         },
         "ui-field-behaviour": {
             "hidden-fields": [],

@@ -77,6 +77,7 @@ from retention.systems.crm.erasure import (
 from retention.systems.crm.mapping import CrmMapping
 from retention.systems.crm.reads import FRAME_COLUMNS, RECORD_TYPES, FrameReads
 from retention.systems.crm.values import LOCAL_TZ, TS
+from retention.systems.forms import CRM_ERASE_CONNECTIONS
 
 
 class CrmConnector(FrameReads, Erasure):
@@ -94,12 +95,17 @@ class CrmConnector(FrameReads, Erasure):
         *,
         chunk_size: int = 50_000,
         local_tz: str = LOCAL_TZ,
+        erase_connections: int = CRM_ERASE_CONNECTIONS,
     ):
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
+        if erase_connections < 1:
+            raise ValueError("erase_connections must be positive")
         self.engine = engine
         self.mapping = mapping or CrmMapping.default()
         self.chunk_size = int(chunk_size)
+        # Parts of one erase call run side by side, each its own transaction (PostgreSQL only).
+        self.erase_connections = int(erase_connections)
         self.local_tz = ZoneInfo(local_tz)
         self._checked = False
 

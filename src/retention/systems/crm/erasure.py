@@ -4,6 +4,13 @@ Each call is one transaction with a fixed number of statements, whatever the bat
 caller batches, e.g. 5,000 ids): one hold/invoice check, then one set-based ``DELETE`` per
 table. Children of a contact are deleted explicitly (no reliance on ``ON DELETE CASCADE``). The
 outcomes are documented in :mod:`retention.systems.crm.client`.
+
+On PostgreSQL a large call is split into ``erase_connections`` parts (default 2), each its own
+transaction on its own connection, side by side: most of a batch's time is the server's (the
+rows locked, re-read and judged, then deleted), and one connection keeps one of its CPUs busy
+at a time. The parts hold disjoint ids (and so disjoint children and invoices): they lock no
+row the other needs. Each part checks its own records inside its own transaction, as a whole
+call does. SQLite takes one writer at a time: one transaction there.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import sqlalchemy as sa
@@ -41,6 +49,8 @@ ERASABLE = {
     "crm_survey_response": "survey_response",
     "crm_invoice": "invoice",
 }
+#: Fewest ids a part of a split call gets: below it, a second transaction costs more than it saves.
+MIN_PART = 2_000
 #: Tables holding a contact's personal data besides the contact row (deleted with it).
 CONTACT_CHILDREN = ("communication_note", "event_participation", "course_registration", "survey_response")
 #: Child tables whose rows can be on a manual hold (logical table -> record type).
@@ -53,6 +63,8 @@ HOLDABLE_CHILDREN = {
 
 class Erasure(ConnectorBase):
     """Erasing and minimising CRM records, and checking which are still there."""
+
+    erase_connections: int = 1  # the connector sets its own (default 2)
 
     def existing(self, record_type: str, ids: Sequence[int]) -> set[int]:
         """The subset of ``ids`` that still exist (for verification after erasure)."""
@@ -82,6 +94,11 @@ class Erasure(ConnectorBase):
         if not ids:
             return {}
         self._ensure_checked()
+        outcome = self._in_parts(lambda part: self._erase_part(record_type, logical, part, recheck), ids)
+        _log_outcomes("erase", record_type, outcome)
+        return outcome
+
+    def _erase_part(self, record_type: str, logical: str, ids: list[int], recheck: Recheck | None) -> dict[int, str]:
         now = dt.datetime.now(dt.UTC)
         now_p = self._ts_param("now", now)
         with self.engine.begin() as conn:
@@ -101,7 +118,6 @@ class Erasure(ConnectorBase):
                 gone = self._delete_returning(conn, self._t(logical), ok) if ok else set()
         outcome = {i: refused.get(i) or (ERASED if i in gone else ALREADY_GONE) for i in ids}
         outcome.update(dict.fromkeys(changed, CHANGED))
-        _log_outcomes("erase", record_type, outcome)
         return outcome
 
     def minimise_contacts(self, ids: Sequence[int], recheck: Recheck | None = None) -> dict[int, str]:
@@ -120,6 +136,11 @@ class Erasure(ConnectorBase):
         if not ids:
             return {}
         self._ensure_checked()
+        outcome = self._in_parts(lambda part: self._minimise_part(part, recheck), ids)
+        _log_outcomes("minimise", "crm_contact", outcome)
+        return outcome
+
+    def _minimise_part(self, ids: list[int], recheck: Recheck | None) -> dict[int, str]:
         now = dt.datetime.now(dt.UTC)
         now_p = self._ts_param("now", now)
         inv = self._t("invoice")
@@ -146,7 +167,24 @@ class Erasure(ConnectorBase):
                 outcome[i] = MINIMISED if i in had_invoice else ERASED
             else:
                 outcome[i] = ALREADY_GONE
-        _log_outcomes("minimise", "crm_contact", outcome)
+        return outcome
+
+    def _in_parts(self, work: Callable[[list[int]], dict[int, str]], ids: list[int]) -> dict[int, str]:
+        """``work`` on ``ids`` split into up to ``erase_connections`` parts, side by side, each
+        part its own transaction (PostgreSQL; one part otherwise). Every part runs to its end
+        before a failure of one is raised: a part that committed is not left half-known to the
+        caller's retry, which finds its records gone."""
+        n = self.erase_connections if self.engine.dialect.name == "postgresql" else 1
+        n = max(1, min(n, len(ids) // MIN_PART))
+        if n == 1:
+            return work(ids)
+        size = -(-len(ids) // n)
+        parts = [ids[i : i + size] for i in range(0, len(ids), size)]
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="crm-erase") as pool:
+            futures = [pool.submit(work, part) for part in parts]
+        outcome: dict[int, str] = {}
+        for future in futures:  # all done (the pool's exit waited): the first failure, if any, is raised
+            outcome.update(future.result())
         return outcome
 
     def _left_alone(

@@ -10,7 +10,8 @@ Extra fields (JSON) override or complete it::
 
     {"sqlalchemy_url": "postgresql+psycopg2://...",   # wins over the URI parts
      "mapping": "include/crm_mapping.yaml",            # table/column mapping (default: identity)
-     "chunk_size": 50000}                              # rows per extracted frame
+     "chunk_size": 50000,                              # rows per extracted frame
+     "erase_connections": 2}                           # transactions side by side per erase call (PostgreSQL)
 
 A relative mapping path is looked up in the working directory, then in the project root (the
 directory holding ``plugins/`` and ``include/``). A ``retention_crm`` connection without
@@ -33,6 +34,7 @@ from retention.config import PROJECT_ROOT, create_engine, database_url
 from retention.systems.crm.client import CrmConnector
 from retention.systems.crm.mapping import CrmMapping
 from retention.systems.forms import CRM_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
+from retention.systems.forms import CRM_ERASE_CONNECTIONS as DEFAULT_ERASE_CONNECTIONS
 from retention.systems.hooks import RetentionHook
 
 
@@ -81,7 +83,8 @@ class CrmHook(RetentionHook):
 
     def create_conn(self) -> CrmConnector:
         chunk_size = self.extra_option("chunk_size", int, DEFAULT_CHUNK_SIZE, minimum=1)
-        return CrmConnector(self.get_engine(), self.get_mapping(), chunk_size=chunk_size)
+        parts = self.extra_option("erase_connections", int, DEFAULT_ERASE_CONNECTIONS, minimum=1)
+        return CrmConnector(self.get_engine(), self.get_mapping(), chunk_size=chunk_size, erase_connections=parts)
 
     def get_conn(self) -> CrmConnector:
         """A connector on the Connection's database, with its mapping and chunk size (created
