@@ -333,6 +333,12 @@ def main() -> int:
                     f"  {rt:<26}{len(ids.get(rt, [])):>10,} records  connector {erase['adapter_erase_s'].get(rt, 0):7.2f}s"
                     f"  ledger {erase['ledger_s'].get(rt, 0):7.2f}s"
                 )
+        waited = erase["result"].get("waited_seconds") or {}
+        if waited:
+            print(
+                f"  the erase loop waited {waited.get('write_ahead', 0):.2f}s for batches' write-ahead and "
+                f"{waited.get('bookings', 0):.2f}s for the previous batch's bookings"
+            )
         print()
         print(
             "erasure of the due contacts (crm_contact with notes, event participations, course registrations, survey responses;"

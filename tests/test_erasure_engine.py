@@ -633,6 +633,10 @@ def test_batches_go_while_the_rest_of_the_plan_is_written_ahead(ledger, monkeypa
     assert len(slow.written_at) == 5 and len(system.started_at) == 5
     assert system.started_at[0] < slow.written_at[-1], "the first batch waited for the whole plan's write-ahead"
     assert [r["status"] for r in entries(ledger, "run-10").values()] == ["erased"] * 15
+    # What the loop waited on is told: here, whose batches take no time, about the whole
+    # write-ahead (five chunks of 0.3 s), at least the first chunk's.
+    assert set(result.waited) == {"write_ahead", "bookings"}
+    assert 0.25 <= result.waited["write_ahead"] <= 2.5, result.waited
     # A batch's record of being handed over goes once its outcomes are booked: this one's and at
     # most the previous one's are there when a batch goes, none when the step ends.
     assert system.in_flight[0] == 1 and max(system.in_flight) <= 2, system.in_flight

@@ -76,6 +76,10 @@ class ErasureResult:
     would_by_rule: dict[str, int] = field(default_factory=dict)  # "rule/action" -> n (dry run)
     would_by_type: dict[str, dict[str, int]] = field(default_factory=dict)  # record type -> would_* -> n
     seconds: float = 0.0
+    # Of ``seconds``, how long the erase loop waited, and on what: the write-ahead of a batch's
+    # entries, the booking of the previous batch's outcomes (what sets a step's pace besides
+    # the system itself).
+    waited: dict[str, float] = field(default_factory=dict)
 
     def totals(self) -> Counter:
         out: Counter = Counter()
@@ -212,6 +216,7 @@ class ErasureEngine:
         ahead = _WriteAhead(self, plan, [(todo, is_new[todo]) for _, _, todo, _ in groups])
         self._booker = ThreadPoolExecutor(1, thread_name_prefix="ledger-booking")
         self._bookings, self._previous_batch_bookings = [], 0
+        self._waited = {"write_ahead": 0.0, "bookings": 0.0}
         out_of_time = False
         try:
             for group, (record_type, action, todo, _) in enumerate(groups):
@@ -228,7 +233,9 @@ class ErasureEngine:
                     n = size if deadline is None else self._slice(record_type, size, deadline)
                     began = self.clock()
                     rows = plan.iloc[todo[start : start + n]]
+                    waiting = time.perf_counter()
                     ahead.wait(group, upto=start + len(rows))
+                    self._waited["write_ahead"] += time.perf_counter() - waiting
                     batch = self._before_batch(record_type, plan, rows)
                     self._erase_batch(record_type, action, batch)
                     done, took = self._pace.get(record_type, (0, 0.0))
@@ -248,6 +255,11 @@ class ErasureEngine:
         # the way keeps it for its retry.
         self.ledger.forget_submissions(self.run_id, self.system)
         result = ErasureResult(dry_run=False, seconds=round(progress.finish(), 2))
+        result.waited = {what: round(s, 2) for what, s in self._waited.items()}
+        log.info(
+            "%s: erase loop waited %.1fs for the write-ahead of its batches, %.1fs for the previous batch's bookings",
+            self.system, result.waited["write_ahead"], result.waited["bookings"],
+        )
         for record_type, keys in plan.groupby("record_type", sort=False)["record_key"]:
             statuses = self._status.by_type[record_type]
             result.statuses[record_type] = Counter(str(statuses[k]) for k in keys)
@@ -275,7 +287,7 @@ class ErasureEngine:
         if settled.empty:
             return is_new
         versions = settled["policy_version"] if "policy_version" in settled else pd.Series(self.policy_version, index=settled.index)
-        before = settled["action"].astype(str).map({str(a): str(s) for a, s in STATUS_BEFORE.items()})
+        before = settled["action"].astype(str).map(before_of)
         for (version, status), part in settled.groupby([versions.astype(str), before.astype(str)], sort=False):
             self.ledger.write_ahead(self.run_id, version, self.system, _entries(part), status=status)
         deferred = settled[(before == Status.DEFERRED).to_numpy()]
@@ -411,7 +423,9 @@ class ErasureEngine:
             return
         # At most one batch's outcomes are still being booked while this one goes: the previous
         # batch's. A ledger that fails or falls behind stops or slows the run a batch later.
+        waiting = time.perf_counter()
         self._wait_bookings(self._previous_batch_bookings)
+        self._waited["bookings"] += time.perf_counter() - waiting
         self._previous_batch_bookings = len(self._bookings)
         key_of = dict(zip(batch["record_id"].astype(str).tolist(), batch["record_key"].tolist()))
         id_of = {k: i for i, k in key_of.items()}

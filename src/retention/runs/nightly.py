@@ -498,7 +498,7 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
         result = engine.erase(plan_frame, budget_seconds=budget.total_seconds())
     outcomes = dict(sorted(result.totals().items()))
     summary = {
-        "dry_run": False, "outcomes": outcomes, "seconds": result.seconds,
+        "dry_run": False, "outcomes": outcomes, "seconds": result.seconds, "waited_seconds": result.waited,
         "budget_seconds": int(budget.total_seconds()), **carry_over_summary(outcomes, result.seconds),
     }
     if approval is not None:
