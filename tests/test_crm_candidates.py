@@ -20,10 +20,13 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retention.domain.candidates import candidates
+from retention.domain.candidates import candidates, surely_due
 from retention.domain.conform import conform
 from retention.domain.planning import plan_system
 from retention.domain.policy import load_policy
+from retention.domain.recheck import leave_alone
+from retention.domain.statuses import Status
+from retention.systems.base import Recheck
 from retention.systems.crm import schema
 from retention.systems.crm.adapter import CrmAdapter
 from retention.systems.crm.client import CrmConnector
@@ -267,3 +270,117 @@ def test_the_candidates_leave_out_what_no_rule_can_plan():
     assert sorted(cand.plan["record_id"]) == sorted(full.plan["record_id"]) == ["2", "3"]
     assert candidates("crm_contact", POLICY, as_of, as_of) is not None
 
+
+
+# ------------------------------------------------------------------ surely due (the erasure's DELETE)
+# The record types the CRM's erasure lets go in its DELETE when the domain's condition is true
+# of them now (contacts always go through the recheck: children, invoices, minimisation).
+SURELY = ("crm_event_participation", "crm_course_registration", "crm_survey_response", "crm_invoice")
+TABLE = {"crm_event_participation": "event_participation", "crm_course_registration": "course_registration",
+         "crm_survey_response": "survey_response", "crm_invoice": "invoice"}
+
+
+def let_go_by_the_recheck(connector: CrmConnector, record_type: str, ids: list[int], as_of: dt.datetime) -> set[int]:
+    """The records of ``ids`` the recheck as of ``as_of`` lets go, judged on their current frame."""
+    frame = connector.read_frame(record_type, now=dt.datetime.now(UTC))
+    current = conform(record_type, frame.assign(record_id=frame["record_id"].astype("string")))
+    current = current[current["record_id"].isin([str(i) for i in ids])]
+    planned = pd.DataFrame({"record_id": [str(i) for i in ids], "action": "erase", "clock": pd.NaT})
+    left = leave_alone(record_type, current, planned, POLICY, as_of)
+    return {int(i) for i in current["record_id"].astype(str) if i not in left}
+
+
+def erased_in_the_delete(engine: sa.Engine, record_type: str, ids: list[int], as_of: dt.datetime) -> set[int]:
+    """What the erasure deletes by its condition alone: the recheck it is given leaves every record
+    it is shown alone, so only the DELETE of the surely-due ones erases anything."""
+    shown: list[int] = []
+
+    def nothing_goes(current: pd.DataFrame) -> dict[str, str]:
+        shown.extend(int(i) for i in current["record_id"])
+        return {str(i): "left alone by the test" for i in current["record_id"]}
+
+    recheck = Recheck(since=as_of, leave_alone=nothing_goes, surely_due=surely_due(record_type, POLICY, as_of))
+    # Not closed: disposing of the engine would drop an in-memory SQLite database.
+    out = dict(CrmAdapter(CrmConnector(engine)).erase(record_type, "erase", [str(i) for i in ids], recheck))
+    erased = {int(i) for i, s in out.items() if s == Status.ERASED}
+    assert not erased & set(shown), "a record both read for the recheck and erased in the DELETE"
+    return erased
+
+
+def assert_surely_due_is_let_go(engine: sa.Engine, as_of: dt.datetime) -> int:
+    """For every record type, what the DELETE erases the recheck would have let go, and none is
+    under a live hold. Returns how many it erased (to show the property is not empty)."""
+    connector = CrmConnector(engine)
+    erased_total = 0
+    for record_type in SURELY:
+        with engine.connect() as conn:
+            stored = conn.exec_driver_sql(f"SELECT id FROM {TABLE[record_type]}").scalars().all()
+        ids = sorted({int(i) for i in stored if isinstance(i, int) or (isinstance(i, str) and i.isdigit())})
+        if not ids:
+            continue
+        with engine.connect() as conn:
+            held = {int(r) for r, exp in conn.exec_driver_sql(
+                "SELECT record_id, expires_at FROM legal_hold WHERE record_type = ?" if engine.dialect.name == "sqlite"
+                else "SELECT record_id, expires_at FROM legal_hold WHERE record_type = %s", (record_type,)
+            ) if exp is None}
+        let_go = let_go_by_the_recheck(connector, record_type, ids, as_of)
+        erased = erased_in_the_delete(engine, record_type, ids, as_of)
+        assert erased <= let_go, f"{record_type}: erased in the DELETE though the recheck keeps {sorted(erased - let_go)}"
+        assert not erased & held, f"{record_type}: erased under a live hold"
+        erased_total += len(erased)
+    return erased_total
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(crms(messy=True))
+def test_sqlite_what_the_delete_lets_go_the_recheck_lets_go(case):
+    """On messy stored values (flags as words, clocks as text in every form, out-of-range years,
+    shared text ids), as of times around every rule's boundary: the erasure's DELETE never erases
+    a record the recheck of its current frame would keep."""
+    as_of, _, tables = case
+    engine = sa.create_engine("sqlite://")
+    load(engine, tables, messy=True)
+    assert_surely_due_is_let_go(engine, as_of)
+    engine.dispose()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(crms(messy=False))
+def test_postgresql_what_the_delete_lets_go_the_recheck_lets_go(pg_engine, case):
+    as_of, _, tables = case
+    load(pg_engine, tables, messy=False)
+    assert_surely_due_is_let_go(pg_engine, as_of)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_the_delete_erases_what_is_long_due_and_leaves_the_rest_to_the_recheck(dialect, request):
+    """A condition that is never true would pass the property above: records long past their
+    deadline go in the DELETE, unread; a recent one, an active member's event, a held one and one
+    on the rule's very boundary (inside the margin) are read and judged by the recheck."""
+    engine = sa.create_engine("sqlite://") if dialect == "sqlite" else request.getfixturevalue("pg_engine")
+    as_of = dt.datetime(2026, 6, 15, 10, tzinfo=UTC)
+    long_ago, recent = dt.date(2020, 1, 1), dt.date(2026, 6, 1)
+    boundary = (as_of.astimezone(STHLM) - dt.timedelta(days=366)).date()  # due, but within the narrowing's margin
+    tables = {name: [] for name in ("membership", "survey_response", "invoice")}
+    tables["organisation"] = [{"id": 1, "name": "Org 1"}, {"id": 2, "name": "Org 2"}]
+    tables["membership"] = [{"organisation_id": 1, "starts_on": dt.date(2000, 1, 1), "ends_on": None}]
+    tables["contact"] = [
+        {"id": c, "kind": "lead" if org is None else "member", "organisation_id": org, "email": None,
+         "last_interaction_at": as_of, "created_at": as_of, "opted_out": False}
+        for c, org in ((1, None), (2, 1))
+    ]
+    tables["event_participation"] = [
+        {"id": 1, "contact_id": 1, "event_date": long_ago}, {"id": 2, "contact_id": 1, "event_date": long_ago},
+        {"id": 3, "contact_id": 1, "event_date": recent}, {"id": 4, "contact_id": 2, "event_date": long_ago},
+        {"id": 5, "contact_id": 1, "event_date": long_ago}, {"id": 6, "contact_id": 1, "event_date": boundary},
+    ]
+    tables["course_registration"] = [{"id": 1, "contact_id": 1, "course_end": long_ago}]
+    tables["legal_hold"] = [{"record_type": "crm_event_participation", "record_id": 5, "reason": "audit", "expires_at": None}]
+    load(engine, tables, messy=False)
+    erased = erased_in_the_delete(engine, "crm_event_participation", [1, 2, 3, 4, 5, 6, 99], as_of)
+    assert erased == {1, 2}
+    assert erased_in_the_delete(engine, "crm_course_registration", [1], as_of) == {1}
+    # The recheck itself lets event 6 go (it is due): only the margin kept it out of the DELETE.
+    assert let_go_by_the_recheck(CrmConnector(engine), "crm_event_participation", [3, 4, 5, 6], as_of) == {5, 6}
+    if dialect == "sqlite":
+        engine.dispose()

@@ -27,6 +27,13 @@ negated); ``Unreadable`` may be true of more values than the system's reading re
 Because deadlines only pass as time goes on, the condition as of a later time covers the one as
 of an earlier time: an extract narrowed as of its own ``now`` serves any run as of a time
 before it.
+
+:func:`surely_due` is the other direction, for the check right before an erasure: a *subset*
+of the records the recheck (``retention.domain.recheck.leave_alone``) would let go, never more
+(a record in it and not let go would be erased wrongly). The system compiles it with
+``AtMost``/``After`` narrowed instead of widened and ``Unreadable`` as wide as ever, so that
+``Not(Unreadable)`` is true only of values it surely reads as they are; what it leaves out is
+read and judged as before.
 """
 
 from __future__ import annotations
@@ -134,6 +141,27 @@ def candidates(record_type: str, policy: Policy, as_of: datetime, now: datetime)
         no_clock = AllOf(tuple(Missing(c) for c in (*rule.clocks, *rule.fallback_clocks)))
         parts.append(AllOf((when, AnyOf((no_clock, AllOf((Not(protected), _may_be_due(rule, as_of_ts, policy.timezone))))))))
     return AnyOf(tuple(parts))
+
+
+def surely_due(record_type: str, policy: Policy, as_of: datetime) -> Condition | None:
+    """The records of ``record_type`` the recheck as of ``as_of`` surely lets go (no value it
+    cannot read, not protected, and due under a rule), to be compiled *narrowing* ``AtMost``
+    and ``After``; None when the type is judged with others (its records then always go through
+    the recheck). Holds are not in it: the system's own hold list and the manual holds are
+    checked apart, as before."""
+    if not narrowable(record_type):
+        return None
+    rules = policy.rules_for(record_type)
+    if not rules:
+        return None
+    rt = RECORD_TYPES[record_type]
+    as_of_ts = _utc(as_of)
+    readable = tuple(Not(Unreadable(c)) for c in ("record_id", *rt.extracted_columns))
+    due = tuple(
+        AllOf((AllOf(tuple(In(c, tuple(v)) for c, v in rule.when.items())), _may_be_due(rule, as_of_ts, policy.timezone)))
+        for rule in rules
+    )
+    return AllOf((*readable, Not(_protected(record_type, policy)), AnyOf(due)))
 
 
 def _utc(t) -> pd.Timestamp:

@@ -48,6 +48,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from retention.domain.candidates import surely_due
 from retention.domain.holds import Holds
 from retention.domain.policy import Policy
 from retention.domain.recheck import leave_alone
@@ -416,7 +417,11 @@ class ErasureEngine:
             self._left_alone.update({(record_type, rid): why for rid, why in reasons.items()})
             return reasons
 
-        return Recheck(since=check.extracted_at, leave_alone=judge)
+        # Once per record type (a search over the rules' deadlines), not per batch.
+        surely = self.__dict__.setdefault("_surely_due", {})
+        if record_type not in surely:
+            surely[record_type] = surely_due(record_type, check.policy, check.as_of)
+        return Recheck(since=check.extracted_at, leave_alone=judge, surely_due=surely[record_type])
 
     def _erase_batch(self, record_type: str, action: Action, batch: pd.DataFrame) -> None:
         if batch.empty:

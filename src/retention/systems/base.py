@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import pandas as pd
 
+from retention.domain.candidates import Condition
 from retention.domain.records import SYSTEMS
 from retention.domain.statuses import Status
 
@@ -25,7 +26,7 @@ Outcome = tuple[str, Status]
 class Recheck:
     """What an adapter does right before each destructive call: read the current state of the
     records it is about to erase and leave alone (yield ``deferred`` for) those the domain says
-    may no longer be erased as planned.
+    may no longer be erased as planned (``surely_due``: those it surely lets go, as a condition).
 
     ``since``: when the plan's extract was read (a system that can list what changed since, as
     Mailchimp can, reads only that). ``leave_alone(current)``: current records (record_id and the
@@ -34,6 +35,10 @@ class Recheck:
 
     since: datetime
     leave_alone: Callable[[pd.DataFrame], dict[str, str]]
+    # The domain's ``surely_due`` for the batch's record type (None: none): a system that can
+    # evaluate it where the records are (the CRM, in its DELETE) may let go what it is true of
+    # without reading and judging those records; ``leave_alone`` judges the rest.
+    surely_due: Condition | None = None
 
 
 class SourceSystem(Protocol):

@@ -99,6 +99,8 @@ class CrmAdapter:
     ) -> Iterator[Outcome]:
         ids = [int(i) for i in record_ids]
         extra = {"recheck": self._check(record_type, recheck)} if recheck else {}
+        if action == Action.ERASE and recheck is not None and recheck.surely_due is not None:
+            extra["surely_due"] = recheck.surely_due
         if action == Action.MINIMISE:
             if record_type != "crm_contact":
                 raise ValueError(f"only contacts are minimised, not {record_type}")

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 import sqlalchemy as sa
 
+from retention.domain.candidates import Condition
 from retention.systems.crm.reads import END_OF_DAY, FRAME_COLUMNS
 from retention.systems.crm.sql import ConnectorBase
 from retention.systems.crm.values import distinct_ids, to_frame
@@ -79,7 +80,9 @@ class Erasure(ConnectorBase):
             return {int(i) for i in found}
 
     # ------------------------------------------------------------------ erasure
-    def erase(self, record_type: str, ids: Sequence[int], recheck: Recheck | None = None) -> dict[int, str]:
+    def erase(
+        self, record_type: str, ids: Sequence[int], recheck: Recheck | None = None, surely_due: Condition | None = None
+    ) -> dict[int, str]:
         """Delete the records ``ids`` of ``record_type`` in one transaction.
 
         ``crm_contact`` takes the contact's communication notes, event participations, course
@@ -88,21 +91,31 @@ class Erasure(ConnectorBase):
         hold are refused with ``held_legal_hold``. ``crm_legal_hold`` cannot be erased. With
         ``recheck``, the records' current frame is read first inside the transaction (their rows
         locked on PostgreSQL) and those ``recheck(frame)`` returns are left alone (``changed_since_plan``).
+
+        ``surely_due`` (with ``recheck``; the domain's :func:`~retention.domain.candidates.surely_due`
+        for this record type): the records it is true of now, read in the very ``DELETE`` (a
+        subset of what ``recheck`` lets go, compiled narrowed), and under no live hold, are
+        deleted by that one statement, without their frame; ``recheck`` judges the rest as above.
         """
         logical = _erasable(record_type)
         ids = distinct_ids(ids)
         if not ids:
             return {}
         self._ensure_checked()
-        outcome = self._in_parts(lambda part: self._erase_part(record_type, logical, part, recheck), ids)
+        surely = surely_due if recheck is not None and logical != "contact" else None
+        outcome = self._in_parts(lambda part: self._erase_part(record_type, logical, part, recheck, surely), ids)
         _log_outcomes("erase", record_type, outcome)
         return outcome
 
-    def _erase_part(self, record_type: str, logical: str, ids: list[int], recheck: Recheck | None) -> dict[int, str]:
+    def _erase_part(
+        self, record_type: str, logical: str, ids: list[int], recheck: Recheck | None, surely: Condition | None
+    ) -> dict[int, str]:
         now = dt.datetime.now(dt.UTC)
         now_p = self._ts_param("now", now)
         with self.engine.begin() as conn:
-            changed = self._left_alone(conn, record_type, ids, now, recheck)
+            surely_gone = self._delete_surely_due(conn, record_type, logical, ids, now, now_p, surely) if surely else set()
+            ids = [i for i in ids if i not in surely_gone]
+            changed = self._left_alone(conn, record_type, ids, now, recheck) if ids else set()
             ids = [i for i in ids if i not in changed]
             if logical == "contact":
                 refused = self._refused_contacts(conn, ids, now_p, invoices_refuse=True)
@@ -118,7 +131,40 @@ class Erasure(ConnectorBase):
                 gone = self._delete_returning(conn, self._t(logical), ok) if ok else set()
         outcome = {i: refused.get(i) or (ERASED if i in gone else ALREADY_GONE) for i in ids}
         outcome.update(dict.fromkeys(changed, CHANGED))
+        outcome.update(dict.fromkeys(surely_gone, ERASED))
         return outcome
+
+    def _delete_surely_due(
+        self, conn: sa.Connection, record_type: str, logical: str, ids: list[int], now: dt.datetime,
+        now_p: sa.BindParameter, surely: Condition,
+    ) -> set[int]:
+        """One ``DELETE``: the records of ``ids`` under no live hold whose current frame row
+        ``surely`` is true of (compiled narrowed), the rows it deletes locked by it. Nothing when
+        the frame's key may repeat (a joined table without its id as primary key): one row of a
+        record would then speak for another."""
+        parts = self._frame_parts(record_type, now)
+        if not all(self._keyed_by_id(t) for t in parts.keyed):
+            return set()
+        h = self._t("legal_hold")
+        held = {int(i) for i in conn.execute(
+            sa.select(h.c.record_id).where(self._live_hold(h, record_type, now_p), self._in_ids(h.c.record_id, ids, "held_ids"))
+        ).scalars()}
+        free = [i for i in ids if i not in held]
+        if not free:
+            return set()
+        key = parts.columns["record_id"]
+        due = (
+            sa.select(key).select_from(parts.source)
+            .where(self._in_ids(key, free, "due_ids"), self._candidate_filter(record_type, parts, surely, narrow=True))
+        )
+        t = self._t(logical)
+        where = sa.and_(self._in_ids(t.c.id, free, "ids"), t.c.id.in_(due.scalar_subquery()))
+        if conn.dialect.delete_returning:
+            return {int(i) for i in conn.execute(sa.delete(t.table).where(where).returning(t.c.id)).scalars()}
+        found = {int(i) for i in conn.execute(sa.select(t.c.id).where(where)).scalars()}
+        if found:
+            conn.execute(sa.delete(t.table).where(self._in_ids(t.c.id, sorted(found), "ids")))
+        return found
 
     def minimise_contacts(self, ids: Sequence[int], recheck: Recheck | None = None) -> dict[int, str]:
         """Delete everything about these contacts except what bookkeeping law keeps.

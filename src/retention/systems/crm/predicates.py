@@ -49,10 +49,16 @@ class Column:
 
 
 class Compiler:
-    def __init__(self, dialect: str, columns: dict[str, Column], duplicate: sa.ColumnElement | None):
+    """A condition as a WHERE clause. By default a superset (the extract's candidates: clocks
+    widened by ``SLACK``, a clock SQL cannot compare is true); with ``narrow`` a subset (the
+    domain's ``surely_due``: clocks narrowed by ``SLACK``, a clock SQL cannot compare is false,
+    and ``Not`` may wrap ``Unreadable``, which stays a superset, so its negation is a subset)."""
+
+    def __init__(self, dialect: str, columns: dict[str, Column], duplicate: sa.ColumnElement | None, *, narrow: bool = False):
         self.dialect = dialect
         self.columns = columns
         self.duplicate = duplicate  # the rows whose key another row shares; None when keys are unique
+        self.narrow = narrow
 
     def __call__(self, cond) -> sa.ColumnElement:
         if isinstance(cond, c.AllOf):
@@ -60,6 +66,8 @@ class Compiler:
         if isinstance(cond, c.AnyOf):
             return sa.or_(sa.false(), *(self(p) for p in cond.parts))
         if isinstance(cond, c.Not):
+            if self.narrow and isinstance(cond.part, c.Unreadable):
+                return sa.not_(self(cond.part))
             if not _exact(cond.part):
                 raise ValueError(f"only exact conditions can be negated, not {type(cond.part).__name__}")
             return sa.not_(self(cond.part))
@@ -68,12 +76,16 @@ class Compiler:
         if isinstance(cond, c.In):
             return self._in(self.columns[cond.column], cond.values)
         if isinstance(cond, c.AtMost):
-            return self._compare(self.columns[cond.column], cond.instant + SLACK, at_most=True)
+            slack = -SLACK if self.narrow else SLACK
+            return self._compare(self.columns[cond.column], cond.instant + slack, at_most=True)
         if isinstance(cond, c.After):
-            return self._compare(self.columns[cond.column], cond.instant - SLACK, at_most=False)
+            slack = SLACK if self.narrow else -SLACK
+            return self._compare(self.columns[cond.column], cond.instant + slack, at_most=False)
         if isinstance(cond, c.Unreadable):
             return self._unreadable(self.columns[cond.column])
         if isinstance(cond, c.DuplicateKey):
+            if self.narrow:
+                raise ValueError("a duplicate key is no part of a narrowed condition")
             return sa.false() if self.duplicate is None else self.duplicate
         raise TypeError(f"unknown condition {cond!r}")
 
@@ -107,8 +119,8 @@ class Compiler:
 
     def _compare(self, col: Column, instant: pd.Timestamp, *, at_most: bool) -> sa.ColumnElement:
         storage = self._clock_storage(col)
-        if storage is None:
-            return sa.true()  # not narrowed (and the column is unreadable-possible anyway)
+        if storage is None:  # not comparable in SQL: anything may be, nothing is sure
+            return sa.false() if self.narrow else sa.true()
         instant = pd.Timestamp(instant).tz_convert("UTC")
         # A bound the comparison cannot miss: an instant beyond the reading's range compares
         # with the range's edge (every readable clock is inside it).

@@ -150,8 +150,11 @@ class FrameReads(ConnectorBase):
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(parts.source)).scalar_one())
 
-    def _candidate_filter(self, record_type: str, parts: FrameParts, candidates: Condition) -> sa.ColumnElement:
-        """The domain's candidate condition for ``record_type`` as a WHERE clause of its frame."""
+    def _candidate_filter(
+        self, record_type: str, parts: FrameParts, candidates: Condition, *, narrow: bool = False
+    ) -> sa.ColumnElement:
+        """The domain's candidate condition for ``record_type`` as a WHERE clause of its frame (a
+        superset of its rows), or with ``narrow`` a condition such as ``surely_due`` (a subset)."""
         kinds = {"int64": "id", "Int64": "id", "bool": "flag", "str": "text", TS: "clock"}
         columns = {}
         for name, expr in parts.columns.items():
@@ -161,11 +164,11 @@ class FrameReads(ConnectorBase):
                 sql_type=None if name in _COMPUTED else self._column_type(logical, "id" if col == "record_id" else col),
             )
         duplicate = None
-        if not all(self._keyed_by_id(t) for t in parts.keyed):
+        if not narrow and not all(self._keyed_by_id(t) for t in parts.keyed):
             key = parts.columns["record_id"]
             shared = sa.select(key).select_from(parts.source).group_by(key).having(sa.func.count() > 1)
             duplicate = key.in_(shared.scalar_subquery())
-        return Compiler(self.dialect, columns, duplicate)(candidates)
+        return Compiler(self.dialect, columns, duplicate, narrow=narrow)(candidates)
 
     def _reflected(self, logical: str) -> tuple[dict[str, object], list[str]]:
         """(physical column -> SQL type, primary key columns) of a mapped table, read once."""
