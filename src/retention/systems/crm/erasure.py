@@ -83,7 +83,8 @@ class Erasure(ConnectorBase):
     def erase(
         self, record_type: str, ids: Sequence[int], recheck: Recheck | None = None, surely_due: Condition | None = None
     ) -> dict[int, str]:
-        """Delete the records ``ids`` of ``record_type`` in one transaction.
+        """Delete the records ``ids`` of ``record_type`` in one transaction (one per part, each
+        part side by side on its own connection, when the call is split: see the module).
 
         ``crm_contact`` takes the contact's communication notes, event participations, course
         registrations and survey responses with it; a contact that still has an invoice is
