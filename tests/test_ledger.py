@@ -363,6 +363,14 @@ def pg_physical(engine: sa.Engine) -> tuple[set[str], list[str] | None]:
     return indexes, options
 
 
+def submission_keys_storage(engine: sa.Engine) -> str:
+    """How PostgreSQL stores a submission's keys: 'x' compressed when large (its default), 'e' not."""
+    with engine.connect() as conn:
+        return conn.exec_driver_sql(
+            "SELECT attstorage FROM pg_attribute WHERE attrelid = 'erasure_submission'::regclass AND attname = 'record_keys'"
+        ).scalar()
+
+
 def count_statements(engine: sa.Engine) -> list[str]:
     statements: list[str] = []
     sa.event.listen(engine, "before_cursor_execute", lambda conn, cursor, sql, *rest: statements.append(sql))
@@ -377,6 +385,7 @@ def test_a_new_ledger_is_at_head_and_matches_the_model(empty_db):
     assert set(sa.inspect(engine).get_table_names()) == {*metadata.tables, migrations.VERSION_TABLE}
     if engine.dialect.name == "postgresql":
         assert pg_physical(engine) == ({"erasure_ledger_pkey", "uq_ledger_run_record", "ix_ledger_record_key"}, ["fillfactor=50"])
+        assert submission_keys_storage(engine) == "e"  # external: uncompressed (revision 0010)
     # Opened again (the next task): one query, the version, and nothing written.
     statements = count_statements(engine)
     Ledger(engine)
@@ -396,6 +405,7 @@ def test_an_old_postgres_ledger_is_upgraded_when_opened(fresh_pg):
     indexes, options = pg_physical(engine)
     assert "ix_ledger_status" not in indexes and "ix_ledger_record_key" in indexes
     assert options == ["fillfactor=50"]
+    assert submission_keys_storage(engine) == "e"
     assert migrations.stored_versions(engine) == {migrations.head()}
     assert schema_diff(engine) == []
     # Every row kept, and the ledger works on them.

@@ -84,6 +84,27 @@ def test_a_staged_frame_is_read_in_batches_of_the_columns_asked(tmp_path):
         next(staging.iter_batches("newsletter", "plan", ["record_id"]))
 
 
+def test_a_staged_frame_is_read_as_pandas_reads_it_with_each_column_in_one_piece(tmp_path):
+    staging = RunStaging("retention_nightly", "manual__1", root=tmp_path / "staging")
+    n = 200_000  # more than one piece of pd.read_parquet's (about 130,000 rows)
+    frame = pd.DataFrame({
+        "record_id": pd.Series([str(i) for i in range(n)], dtype="string"),
+        "record_type": ["crm_contact"] * n,  # plain strings
+        "hold": pd.Series([None, "case 7"] * (n // 2), dtype="string"),
+        "blocks": [None, "1 2"] * (n // 2),  # strings and None, as object
+        "clock": pd.Series(pd.date_range("2020-01-01", periods=n, freq="min", tz="UTC")).where(lambda c: c.dt.minute != 3),
+        "fallback_clock": [i % 3 == 0 for i in range(n)],
+        "count": pd.Series(range(n), dtype="Int64"),
+    })
+    path = staging.write_frame("crm", "plan", frame)
+    read = staging.read_frame("crm", "plan")
+    pd.testing.assert_frame_equal(read, pd.read_parquet(str(path.path)))
+    pd.testing.assert_frame_equal(read, frame, check_dtype=False)
+    arrow_backed = [c for c in read.columns if hasattr(read[c].array, "__arrow_array__") and not isinstance(read[c].dtype, pd.Int64Dtype)]
+    assert {"record_id", "hold"} <= set(arrow_backed)
+    assert {c: read[c].array.__arrow_array__().num_chunks for c in arrow_backed} == dict.fromkeys(arrow_backed, 1)
+
+
 # --- on object storage ---------------------------------------------------------------------------
 
 MEMBER = {"status": "unsubscribed", "last_changed": pd.Timestamp("2026-01-01", tz="UTC"), "timestamp_signup": pd.NaT, "has_email": True}

@@ -48,7 +48,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retention.domain.candidates import surely_due
+from retention.domain.candidates import Condition, surely_due
 from retention.domain.holds import Holds
 from retention.domain.policy import Policy
 from retention.domain.recheck import leave_alone
@@ -63,6 +63,10 @@ log = logging.getLogger("retention")
 
 # Plan rows turned into Python values at a time (bounded memory for a plan of a million rows).
 _ROWS = 50_000
+# The plan columns a batch's checks and the adapter read (``_before_batch``, ``_recheck``,
+# ``_erase_batch``, ``_carry_over``), and those a ledger entry is made of (``_entry_frame``).
+_BATCH_COLUMNS = ("record_id", "record_key", "action", "clock")
+_ENTRY_SOURCE = ("record_type", "record_key", "rule_id", "action", "hold", "policy_version")
 # Ledger column widths.
 _RULE_WIDTH, _HOLD_WIDTH, _DETAIL_WIDTH = 60, 200, 200
 
@@ -161,6 +165,8 @@ class ErasureEngine:
         self.policy_version = policy_version
         self.state_check = state_check
         self._left_alone: dict[tuple[str, str], str] = {}  # (record type, id) -> why, from the state checks
+        # Record type -> what the state check surely lets go (domain.candidates.surely_due), made once.
+        self._surely_due: dict[str, Condition | None] = {}
         self._sent_before: set[tuple[str, str]] = set()
         self._blocking_index: dict[str, dict[str, list[str]]] = {}
         self._booker: ThreadPoolExecutor | None = None
@@ -170,7 +176,7 @@ class ErasureEngine:
     # -- dry run ------------------------------------------------------------------------------
     @staticmethod
     def _check(plan: pd.DataFrame) -> None:
-        unknown = set(plan["action"].astype(str)) - {str(a) for a in Action}
+        unknown = {str(a) for a in plan["action"].unique()} - {str(a) for a in Action}
         if unknown:  # a row nobody knows how to carry out must stop the run, not be skipped
             raise ValueError(f"plan has unknown action(s) {sorted(unknown)}; known: {', '.join(map(str, Action))}")
 
@@ -214,7 +220,10 @@ class ErasureEngine:
         # thread of their own, while the loop erases what is written already (a batch goes only
         # once its entries are committed): the write-ahead of a large plan no longer holds up
         # the first batch for as long as it takes to write the whole plan.
-        ahead = _WriteAhead(self, plan, [(todo, is_new[todo]) for _, _, todo, _ in groups])
+        ahead = _WriteAhead(self, plan[[c for c in _ENTRY_SOURCE if c in plan]], [(todo, is_new[todo]) for _, _, todo, _ in groups])
+        # A batch's rows are taken from the columns the checks and the adapter read: every column
+        # of the plan copied per batch cost seconds for a million rows.
+        work = plan[[c for c in _BATCH_COLUMNS if c in plan]]
         self._booker = ThreadPoolExecutor(1, thread_name_prefix="ledger-booking")
         self._bookings, self._previous_batch_bookings = [], 0
         self._waited = {"write_ahead": 0.0, "bookings": 0.0}
@@ -229,11 +238,11 @@ class ErasureEngine:
                         log.warning("%s: the erase budget is spent; what is left is carried over to the next run", self.system)
                     if out_of_time:
                         ahead.wait(group)
-                        self._carry_over(record_type, plan.iloc[todo[start:]])
+                        self._carry_over(record_type, work.iloc[todo[start:]])
                         break
                     n = size if deadline is None else self._slice(record_type, size, deadline)
                     began = self.clock()
-                    rows = plan.iloc[todo[start : start + n]]
+                    rows = work.iloc[todo[start : start + n]]
                     waiting = time.perf_counter()
                     ahead.wait(group, upto=start + len(rows))
                     self._waited["write_ahead"] += time.perf_counter() - waiting
@@ -262,8 +271,10 @@ class ErasureEngine:
             self.system, result.waited["write_ahead"], result.waited["bookings"],
         )
         for record_type, keys in plan.groupby("record_type", sort=False)["record_key"]:
-            statuses = self._status.by_type[record_type]
-            result.statuses[record_type] = Counter(str(statuses[k]) for k in keys)
+            # Counted in C (map and Counter), the keys as one list: a Python step per plan row
+            # over an Arrow-backed column cost a second or more for a million rows.
+            counted = Counter(map(self._status.by_type[record_type].__getitem__, keys.tolist()))
+            result.statuses[record_type] = Counter({str(s): n for s, n in counted.items()})
         return result
 
     def _write_ahead(self, plan: pd.DataFrame, is_destructive: np.ndarray) -> np.ndarray:
@@ -282,8 +293,10 @@ class ErasureEngine:
             rows = slice(start, start + _ROWS)
             new = is_new[rows]
             types, keys, actions = (plan[c].iloc[rows].astype(str).to_numpy()[new] for c in ("record_type", "record_key", "action"))
-            for t, k, a in zip(types.tolist(), keys.tolist(), actions.tolist()):
-                self._status[(t, k)] = before_of[a]
+            # Per record type and action, the slice's keys in one dict.fromkeys (in C): a
+            # Python step per row cost a second for a million rows, before the first batch.
+            for (t, a), part in pd.DataFrame({"t": types, "k": keys, "a": actions}).groupby(["t", "a"], sort=False)["k"]:
+                self._status.update_type(t, dict.fromkeys(part.tolist(), before_of[a]))
         settled = plan[is_new & ~is_destructive]
         if settled.empty:
             return is_new
@@ -312,11 +325,12 @@ class ErasureEngine:
                 positions = np.flatnonzero(mine & (plan["action"] == action).to_numpy())
                 if not len(positions):
                     continue
-                keys = plan["record_key"].iloc[positions]
-                finished = np.fromiter(
-                    (self._status.get((record_type, k)) in DONE for k in keys), dtype=bool, count=len(positions)
-                )
-                del keys
+                done = {k for k, s in self._status.by_type.get(record_type, {}).items() if s in DONE}
+                if done:  # a retry: what its earlier attempts finished
+                    finished = plan["record_key"].iloc[positions].isin(done).to_numpy(dtype=bool)
+                else:  # a first attempt, and no per-row step over a million keys before the first batch
+                    finished = np.zeros(len(positions), dtype=bool)
+                del done
                 todo = self._carried_first(record_type, plan, positions[~finished])
                 groups.append((record_type, action, todo, int(finished.sum())))
         return groups
@@ -418,10 +432,9 @@ class ErasureEngine:
             return reasons
 
         # Once per record type (a search over the rules' deadlines), not per batch.
-        surely = self.__dict__.setdefault("_surely_due", {})
-        if record_type not in surely:
-            surely[record_type] = surely_due(record_type, check.policy, check.as_of)
-        return Recheck(since=check.extracted_at, leave_alone=judge, surely_due=surely[record_type])
+        if record_type not in self._surely_due:
+            self._surely_due[record_type] = surely_due(record_type, check.policy, check.as_of)
+        return Recheck(since=check.extracted_at, leave_alone=judge, surely_due=self._surely_due[record_type])
 
     def _erase_batch(self, record_type: str, action: Action, batch: pd.DataFrame) -> None:
         if batch.empty:
@@ -649,8 +662,11 @@ def _entries(plan: pd.DataFrame) -> Iterator[pd.DataFrame]:
 def _entry_frame(frame: pd.DataFrame) -> pd.DataFrame:
     action = frame["action"].astype(str)
     if "hold" in frame:
-        hold = frame["hold"].astype(object)
-        hold = hold.where(hold.map(lambda h: isinstance(h, str) and h != ""), None).map(lambda h: h if h is None else h[:_HOLD_WIDTH])
+        # Column-wise (a Python step per row cost a second per million entries, in the thread
+        # that writes ahead beside the erase loop): a missing or empty hold is None.
+        hold = frame["hold"].astype("string")
+        given = (hold.notna() & (hold != "")).to_numpy(dtype=bool)
+        hold = hold.str.slice(0, _HOLD_WIDTH).astype(object).where(given, None)
     else:
         hold = pd.Series(None, index=frame.index, dtype=object)
     return pd.DataFrame({

@@ -123,11 +123,7 @@ class Erasure(ConnectorBase):
                 ok = [i for i in ids if i not in refused]
                 gone = self._delete_contacts(conn, ok) if ok else set()
             else:
-                h = self._t("legal_hold")
-                held_stmt = sa.select(h.c.record_id).where(
-                    self._live_hold(h, record_type, now_p), self._in_ids(h.c.record_id, ids, "ids")
-                )
-                refused = {int(i): HELD_LEGAL_HOLD for i in conn.execute(held_stmt).scalars()}
+                refused = dict.fromkeys(self._held(conn, record_type, ids, now_p), HELD_LEGAL_HOLD)
                 ok = [i for i in ids if i not in refused]
                 gone = self._delete_returning(conn, self._t(logical), ok) if ok else set()
         outcome = {i: refused.get(i) or (ERASED if i in gone else ALREADY_GONE) for i in ids}
@@ -146,10 +142,7 @@ class Erasure(ConnectorBase):
         parts = self._frame_parts(record_type, now)
         if not all(self._keyed_by_id(t) for t in parts.keyed):
             return set()
-        h = self._t("legal_hold")
-        held = {int(i) for i in conn.execute(
-            sa.select(h.c.record_id).where(self._live_hold(h, record_type, now_p), self._in_ids(h.c.record_id, ids, "held_ids"))
-        ).scalars()}
+        held = self._held(conn, record_type, ids, now_p)
         free = [i for i in ids if i not in held]
         if not free:
             return set()
@@ -166,6 +159,12 @@ class Erasure(ConnectorBase):
         if found:
             conn.execute(sa.delete(t.table).where(self._in_ids(t.c.id, sorted(found), "ids")))
         return found
+
+    def _held(self, conn: sa.Connection, record_type: str, ids: list[int], now_p: sa.BindParameter) -> set[int]:
+        """The records of ``ids`` under a live hold in the CRM's own hold list, now."""
+        h = self._t("legal_hold")
+        stmt = sa.select(h.c.record_id).where(self._live_hold(h, record_type, now_p), self._in_ids(h.c.record_id, ids, "held_ids"))
+        return {int(i) for i in conn.execute(stmt).scalars()}
 
     def minimise_contacts(self, ids: Sequence[int], recheck: Recheck | None = None) -> dict[int, str]:
         """Delete everything about these contacts except what bookkeeping law keeps.
