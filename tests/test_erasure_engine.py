@@ -616,6 +616,33 @@ class CheckedSystem(MemorySystem):
         yield from super().erase(record_type, action, record_ids, recheck)
 
 
+def test_the_first_batch_waits_for_its_own_entries_not_a_whole_chunk(ledger, monkeypatch):
+    """A system that erases a few at a time (Zendesk: a hundred) has its first batch go once
+    that batch's entries are in, not once a whole write-ahead chunk's are."""
+    from retention.runs import erasing
+
+    monkeypatch.setattr(erasing._WriteAhead, "chunk", 9)  # three batches of 3 per chunk
+    sizes: list[int] = []  # entries per write-ahead
+
+    class SizedLedger(SlowWriteAheadLedger):
+        def write_ahead(self, run_id, policy_version, system, rows, **kwargs):
+            rows = list(rows)  # frames of entries
+            sizes.append(sum(len(frame) for frame in rows))
+            super().write_ahead(run_id, policy_version, system, rows, **kwargs)
+
+    slow = SizedLedger(ledger.engine, 0.3)
+    records = {"support_ticket": {str(i) for i in range(1, 13)}, "ticket_user": {"u1"}}
+    plan = plan_of([("support_ticket", str(i), "erase") for i in range(1, 13)] + [("ticket_user", "u1", "erase")])
+    system = CheckedSystem(records, ledger, "run-12")
+    result = ErasureEngine(slow, "run-12", "ticketing", system, "v1").erase(plan)
+    assert result.totals() == {"erased": 13}
+    assert sizes == [3, 9, 1], "a group's first chunk is its first batch, then whole chunks"
+    assert system.unwritten == [], "a batch went before its entries were written"
+    assert system.started_at[0] < slow.written_at[1], "the first batch waited for more than its own entries"
+    # The second batch's entries are in the second chunk: it waited for that chunk, not more.
+    assert slow.written_at[1] <= system.started_at[1] < slow.written_at[2]
+
+
 def test_batches_go_while_the_rest_of_the_plan_is_written_ahead(ledger, monkeypatch):
     """The plan's write-ahead runs beside the erasure, in the order the batches go: the first
     batch goes once its own entries are in, not once the whole plan's are; no batch ever goes

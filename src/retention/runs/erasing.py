@@ -220,7 +220,10 @@ class ErasureEngine:
         # thread of their own, while the loop erases what is written already (a batch goes only
         # once its entries are committed): the write-ahead of a large plan no longer holds up
         # the first batch for as long as it takes to write the whole plan.
-        ahead = _WriteAhead(self, plan[[c for c in _ENTRY_SOURCE if c in plan]], [(todo, is_new[todo]) for _, _, todo, _ in groups])
+        ahead = _WriteAhead(
+            self, plan[[c for c in _ENTRY_SOURCE if c in plan]],
+            [(todo, is_new[todo], batch_size(self.adapter, record_type)) for record_type, _, todo, _ in groups],
+        )
         # A batch's rows are taken from the columns the checks and the adapter read: every column
         # of the plan copied per batch cost seconds for a million rows.
         work = plan[[c for c in _BATCH_COLUMNS if c in plan]]
@@ -585,26 +588,31 @@ class ErasureEngine:
 class _WriteAhead:
     """The destructive plan rows' write-ahead, in the order the erase loop takes them: per group
     (record type and action) chunk by chunk, each chunk one transaction, in a thread of its own.
-    ``wait`` holds a batch until its rows' entries are committed; ``close`` waits for the whole
-    plan, so that a step that stops on the way still leaves every plan row in the ledger."""
+    A group's first chunk is its first batch (when smaller than a chunk), so that the first
+    batch of a system that erases a hundred at a time waits for its hundred entries, not for
+    fifty thousand. ``wait`` holds a batch until its rows' entries are committed; ``close``
+    waits for the whole plan, so that a step that stops on the way still leaves every plan row
+    in the ledger."""
 
     chunk = 50_000
 
-    def __init__(self, engine: ErasureEngine, plan: pd.DataFrame, groups: list[tuple[np.ndarray, np.ndarray]]):
-        """``groups``: per group, its positions in the plan in the loop's order, and which of
-        them the ledger does not have yet (only those are written)."""
+    def __init__(self, engine: ErasureEngine, plan: pd.DataFrame, groups: list[tuple[np.ndarray, np.ndarray, int]]):
+        """``groups``: per group, its positions in the plan in the loop's order, which of them
+        the ledger does not have yet (only those are written), and its batch size."""
         self._engine, self._plan = engine, plan
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-write-ahead")
         self._written: list[np.ndarray] = []  # per group: how many new rows up to each position
+        self._ends: list[np.ndarray] = []  # per group: how many new rows its chunks cover, each
         self._chunks: list[list[Future]] = []
         total = 0
-        for todo, new in groups:
+        for todo, new, batch in groups:
             positions = todo[new]
+            first = max(1, min(self.chunk, batch))
+            starts = [0, *range(first, len(positions), self.chunk)] if len(positions) else []
+            ends = [*starts[1:], len(positions)] if starts else []
             self._written.append(np.cumsum(new))
-            self._chunks.append([
-                self._thread.submit(self._write, positions[start : start + self.chunk])
-                for start in range(0, len(positions), self.chunk)
-            ])
+            self._ends.append(np.asarray(ends, dtype=np.int64))
+            self._chunks.append([self._thread.submit(self._write, positions[a:b]) for a, b in zip(starts, ends)])
             total += len(positions)
         self._analyzed = self._thread.submit(engine.ledger.analyze) if total >= 10_000 else None
 
@@ -620,7 +628,8 @@ class _WriteAhead:
         chunks = self._chunks[group]
         if upto is not None:
             new = int(self._written[group][upto - 1]) if upto > 0 else 0
-            chunks = chunks[: (new + self.chunk - 1) // self.chunk]
+            # The chunks up to the first that ends at or after the ``new``-th new row.
+            chunks = chunks[: int(np.searchsorted(self._ends[group], new)) + 1] if new else []
         for future in chunks:
             future.result()
 
