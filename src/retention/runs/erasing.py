@@ -329,9 +329,9 @@ class ErasureEngine:
                 if not len(positions):
                     continue
                 done = {k for k, s in self._status.by_type.get(record_type, {}).items() if s in DONE}
-                if done:  # a retry: what its earlier attempts finished
+                if done:  # what earlier attempts finished, and the rows settled already (holds)
                     finished = plan["record_key"].iloc[positions].isin(done).to_numpy(dtype=bool)
-                else:  # a first attempt, and no per-row step over a million keys before the first batch
+                else:  # nothing finished: no per-row step over a million keys before the first batch
                     finished = np.zeros(len(positions), dtype=bool)
                 del done
                 todo = self._carried_first(record_type, plan, positions[~finished])
