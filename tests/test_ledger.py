@@ -20,7 +20,9 @@ from retention.store.ledger import (
     Ledger,
     LockTimeout,
     SchemaError,
+    erasure_entry,
     erasure_ledger,
+    erasure_outcome,
     metadata,
     pseudonym_key,
     read_holds,
@@ -356,10 +358,10 @@ def schema_diff(engine: sa.Engine) -> list:
         return compare_metadata(ctx, metadata)
 
 
-def pg_physical(engine: sa.Engine) -> tuple[set[str], list[str] | None]:
+def pg_physical(engine: sa.Engine, table: str = "erasure_entry") -> tuple[set[str], list[str] | None]:
     with engine.connect() as conn:
-        indexes = set(conn.exec_driver_sql("SELECT indexname FROM pg_indexes WHERE tablename = 'erasure_ledger'").scalars())
-        options = conn.exec_driver_sql("SELECT reloptions FROM pg_class WHERE oid = 'erasure_ledger'::regclass").scalar()
+        indexes = set(conn.exec_driver_sql(f"SELECT indexname FROM pg_indexes WHERE tablename = '{table}'").scalars())
+        options = conn.exec_driver_sql(f"SELECT reloptions FROM pg_class WHERE oid = '{table}'::regclass").scalar()
     return indexes, options
 
 
@@ -384,7 +386,8 @@ def test_a_new_ledger_is_at_head_and_matches_the_model(empty_db):
     assert schema_diff(engine) == []
     assert set(sa.inspect(engine).get_table_names()) == {*metadata.tables, migrations.VERSION_TABLE}
     if engine.dialect.name == "postgresql":
-        assert pg_physical(engine) == ({"erasure_ledger_pkey", "uq_ledger_run_record", "ix_ledger_record_key"}, ["fillfactor=50"])
+        assert pg_physical(engine) == ({"erasure_entry_pkey", "uq_ledger_run_record", "ix_ledger_record_key"}, ["fillfactor=50"])
+        assert pg_physical(engine, "erasure_outcome") == ({"erasure_outcome_pkey", "ix_outcome_run"}, None)
         assert submission_keys_storage(engine) == "e"  # external: uncompressed (revision 0010)
     # Opened again (the next task): one query, the version, and nothing written.
     statements = count_statements(engine)
@@ -397,7 +400,7 @@ def test_a_new_ledger_is_at_head_and_matches_the_model(empty_db):
 def test_an_old_postgres_ledger_is_upgraded_when_opened(fresh_pg):
     engine = sa.create_engine(fresh_pg("retention_ledger_old"))
     old_ledger(engine)
-    indexes, options = pg_physical(engine)
+    indexes, options = pg_physical(engine, "erasure_ledger")
     assert "ix_ledger_status" in indexes and options is None  # the old design, default fillfactor
     assert migrations.stored_versions(engine) is None
 
@@ -436,7 +439,7 @@ def test_an_old_sqlite_ledger_is_adopted_with_its_rows(tmp_path):
     assert [h["reason"] for h in ledger.holds()] == ["dispute"]
     assert {"system_lock", "legal_hold_lift"} <= set(sa.inspect(engine).get_table_names())
     # SQLite keeps the old status index: revision 0002 changes PostgreSQL only.
-    assert "ix_ledger_status" in {i["name"] for i in sa.inspect(engine).get_indexes("erasure_ledger")}
+    assert "ix_ledger_status" in {i["name"] for i in sa.inspect(engine).get_indexes("erasure_entry")}
 
 
 def test_a_ledger_from_newer_code_is_refused(tmp_path):
@@ -604,7 +607,7 @@ def updates_on(engine: sa.Engine):
 
 
 def test_completion_is_set_based_and_finds_every_entry(ledger):
-    """Completion takes one UPDATE per status and one for the details (not one per key), whichever
+    """Completion appends the outcomes (no UPDATE of the entries: revision 0011), whichever
     ledger object wrote the entries, and new entries go in whatever order they come."""
     ledger.open_run("r1", "d", NOW, "v1", "label", False)
     row = lambda k: {"record_type": "crm_contact", "record_key": k, "rule_id": "lead", "action": "erase", "hold": None}  # noqa: E731
@@ -622,13 +625,78 @@ def test_completion_is_set_based_and_finds_every_entry(ledger):
     with ledger.engine.connect() as conn:
         got = {r.record_key: (r.status, r.detail, r.completed_at is not None) for r in conn.execute(sa.select(erasure_ledger))}
     assert got == {k: (s, details.get(k), True) for k, s in outcomes.items()}
-    assert len(updates) == 5, updates  # erased, failed, already_gone, deferred; the details
+    assert updates == []
+    with ledger.engine.connect() as conn:
+        booked = conn.execute(sa.select(erasure_outcome.c.record_key, erasure_outcome.c.status)).all()
+        entries = conn.execute(sa.select(erasure_entry.c.record_key, erasure_entry.c.status)).all()
+    assert sorted(booked) == sorted(outcomes.items())
+    assert sorted(entries) == sorted({**dict.fromkeys(outcomes, "planned"), "n9": "held"}.items())  # as written ahead
 
     ledger.complete("r1", "crm", "crm_contact", dict.fromkeys(["e0", "n0"], "submitted"))
     assert {k: v for (_, k), v in ledger.statuses("r1", "crm").items() if k in ("e0", "n0")} == {"e0": "submitted", "n0": "submitted"}
     with ledger.engine.connect() as conn:
         open_ = conn.execute(sa.select(erasure_ledger.c.completed_at).where(erasure_ledger.c.record_key.in_(["e0", "n0"]))).scalars()
         assert list(open_) == [None, None]
+
+
+def test_the_last_outcome_booked_is_the_status_in_every_reader(ledger):
+    """A retry books an entry again (failed, then erased): the last outcome is its status, its
+    completion time and its detail, in the view, statuses, statuses of some keys, counts and
+    entries; an outcome of a key the run never wrote ahead is not an entry."""
+    ledger.open_run("r1", "d", NOW, "v1", "label", False)
+    row = lambda k: {"record_type": "crm_contact", "record_key": k, "rule_id": "lead", "action": "erase", "hold": None}  # noqa: E731
+    ledger.write_ahead("r1", "v1", "crm", [row("a"), row("b"), row("c")])
+    ledger.complete("r1", "crm", "crm_contact", {"a": "failed", "b": "failed", "c": "deferred"}, {"a": "timed out", "c": "later"})
+    ledger.complete("r1", "crm", "crm_contact", {"a": "erased", "c": "carried_over"})
+    ledger.complete("r1", "crm", "crm_contact", {"zz": "erased"})  # no entry of this run has that key
+    expected = {"a": "erased", "b": "failed", "c": "carried_over"}
+    assert {k: v for (_, k), v in ledger.statuses("r1", "crm").items()} == expected
+    # (statuses_of trusts an outcome to have its entry, as the engine books none before it)
+    assert ledger.statuses_of("r1", "crm", "crm_contact", ["a", "b", "c", "nope"]) == expected
+    assert ledger.status_counts("r1") == {"crm": {"lead": {"carried_over": 1, "erased": 1, "failed": 1}}}
+    got = {e["record_key"]: (e["status"], e["detail"]) for e in ledger.entries("r1")}
+    assert got == {"a": ("erased", None), "b": ("failed", None), "c": ("carried_over", None)}
+    assert ledger.erased_keys() == {("crm_contact", "a")}
+    # The next run: what this one carried over is the backlog, until a later run finishes it.
+    assert ledger.carried_over("crm", "crm_contact") == {"c"}
+    ledger.open_run("r2", "d", NOW, "v1", "label", False)
+    ledger.write_ahead("r2", "v1", "crm", [row("c")])
+    assert ledger.carried_over("crm", "crm_contact", exclude_run="r2") == {"c"}
+    ledger.complete("r2", "crm", "crm_contact", {"c": "erased"})
+    assert ledger.carried_over("crm", "crm_contact", exclude_run="r2") == set()
+    # A key with no outcome yet reads its entry's own status.
+    ledger.write_ahead("r1", "v1", "crm", [row("d")])
+    assert ledger.statuses_of("r1", "crm", "crm_contact", ["a", "d"]) == {"a": "erased", "d": "planned"}
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_ledger_upgraded_through_0011_keeps_its_statuses_and_goes_back(dialect, tmp_path, fresh_pg):
+    """Entries completed before outcomes were appended keep their statuses (read through the
+    view), new outcomes add to them, and a downgrade puts each entry's last status back."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}" if dialect == "sqlite" else fresh_pg("retention_ledger_0010")
+    engine = sa.create_engine(url)
+    migrations.upgrade(engine, "0010")
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO erasure_ledger (run_id, policy_version, system, record_type, record_key, rule_id, action, status, planned_at, completed_at, detail) "
+            "VALUES ('old', 'v0', 'crm', 'crm_contact', :k, 'lead', 'erase', :s, :t, :t, :d)"
+        ), [{"k": "k0", "s": "erased", "t": NOW, "d": None}, {"k": "k1", "s": "failed", "t": NOW, "d": "timed out"}])
+    ledger = Ledger(engine)
+    assert schema_diff(engine) == []
+    assert ledger.statuses_of("old", "crm", "crm_contact", ["k0", "k1"]) == {"k0": "erased", "k1": "failed"}
+    ledger.complete("old", "crm", "crm_contact", {"k1": "erased"})  # the old run's retry
+    assert {e["record_key"]: (e["status"], e["detail"]) for e in ledger.entries("old")} == {"k0": ("erased", None), "k1": ("erased", None)}
+    from alembic import command  # the downgrade as a person would run it, under the migration lock
+
+    with engine.connect() as conn:
+        migrations.lock(conn)
+        command.downgrade(migrations.alembic_config(conn), "0010")
+        conn.commit()
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT record_key, status FROM erasure_ledger ORDER BY record_key")).all()
+        tables = set(sa.inspect(conn).get_table_names())
+    assert [tuple(r) for r in rows] == [("k0", "erased"), ("k1", "erased")]
+    assert "erasure_outcome" not in tables and "erasure_entry" not in tables
 
 
 def test_a_batch_handed_over_reads_submitted_until_its_outcomes_are_booked(ledger):

@@ -533,8 +533,10 @@ class ErasureEngine:
         self._bookings = self._bookings[upto:]
 
     # -- verify -------------------------------------------------------------------------------
-    # Plan rows looked up at a time, in the ledger and in the system: what verify holds at once.
-    verify_chunk = 50_000
+    # Plan rows looked up at a time, in the ledger and in the system: what verify holds at once
+    # (tens of megabytes). Each lookup of a chunk's statuses reads the run's outcomes of a record
+    # type once (they have no index on the key): few, large chunks.
+    verify_chunk = 200_000
 
     @property
     def verify_rows(self) -> int:

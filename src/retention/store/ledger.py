@@ -1,11 +1,13 @@
 """The erasure ledger: a write-ahead record of every erasure, keyed by pseudonyms.
 
 Before the pipeline touches a batch of records it writes one ``planned`` entry per record
-and commits; after the source system answers it completes each entry (``erased``,
-``already_gone``, ``failed``, ``held``, ``deferred``). A run that is killed in between is
-resumed by the task's retry: completed entries are skipped, ``planned`` ones are tried again
-(erasure is idempotent, so a record that did go counts as ``already_gone``). Nothing in the
-ledger identifies a person without the pseudonym key.
+(``erasure_entry``) and commits; after the source system answers it books each entry's outcome
+(``erased``, ``already_gone``, ``failed``, ``held``, ``deferred``, ``carried_over``), appended
+to ``erasure_outcome``. The view ``erasure_ledger`` reads both as one row per entry with its
+current status. A run that is killed in between is resumed by the task's retry: finished
+entries are skipped, ``planned`` ones are tried again (erasure is idempotent, so a record that
+did go counts as ``already_gone``). Nothing in the ledger identifies a person without the
+pseudonym key.
 
 The schema is kept by Alembic revisions in ``store/migrations`` (not by ``create_all``): opening
 a ``Ledger`` brings its database to the newest revision.
@@ -60,8 +62,12 @@ erasure_run = sa.Table(
     sa.Column("report", sa.Text),
 )
 
-erasure_ledger = sa.Table(
-    "erasure_ledger",
+# An erasure's entry, written ahead (before its record is touched) with the status it starts in:
+# ``planned`` for what goes to the system, ``held`` or ``deferred`` for what does not. How it
+# ended is in ``erasure_outcome``; ``erasure_ledger`` (a view) gives both as one row per entry.
+# (Ledgers from before revision 0011 keep their entries' final statuses here.)
+erasure_entry = sa.Table(
+    "erasure_entry",
     metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.String(250), nullable=False),
@@ -78,9 +84,35 @@ erasure_ledger = sa.Table(
     sa.Column("detail", sa.String(200)),
     sa.UniqueConstraint("run_id", "system", "record_type", "record_key", name="uq_ledger_run_record"),
     sa.Index("ix_ledger_record_key", "record_key"),
-    # No index on status or completed_at, and pages half full on PostgreSQL: completing an
-    # entry is then a heap-only update that touches no index, several times cheaper.
+    # Pages half full on PostgreSQL (revision 0002): from when outcomes were booked by updating
+    # the entry (before revision 0011), kept so that an upgraded ledger and a new one agree.
     postgresql_with={"fillfactor": 50},
+)
+
+# An outcome booked: one row per entry and booking, appended (``COPY`` on PostgreSQL) and never
+# updated, which costs a quarter of updating the entry (revision 0011). An entry tried again by a
+# retry has several; the last (highest ``id``) counts.
+erasure_outcome = sa.Table(
+    "erasure_outcome",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("system", sa.String(20), nullable=False),
+    sa.Column("record_type", sa.String(40), nullable=False),
+    sa.Column("record_key", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("completed_at", sa.DateTime(timezone=True)),
+    sa.Column("detail", sa.String(200)),
+    sa.Index("ix_outcome_run", "run_id", "system"),
+)
+
+# The ledger as it reads: every entry with its current status (its last outcome, else its own).
+# A view (revision 0011, ``view_sql``), so it is described in a metadata of its own: the schema's
+# ``metadata`` holds the tables Alembic compares.
+erasure_ledger = sa.Table(
+    "erasure_ledger",
+    sa.MetaData(),
+    *(sa.Column(c.name, c.type) for c in erasure_entry.columns),
 )
 
 # A destructive batch handed to its system, its outcomes not all booked yet: one row per batch,
@@ -298,14 +330,37 @@ def _copy_frame(conn: sa.Connection, fixed: dict, frame: pd.DataFrame) -> None:
     _copy(conn, buffer)
 
 
-def _copy(conn: sa.Connection, buffer) -> None:
-    sql = f"COPY {erasure_ledger.name} ({', '.join(_COPY_COLUMNS)}) FROM STDIN WITH (FORMAT csv)"
+def _copy(conn: sa.Connection, buffer, table: str = "erasure_entry", columns: Sequence[str] = _COPY_COLUMNS) -> None:
+    sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
     dbapi = conn.dialect.loaded_dbapi
     try:
         with conn.connection.dbapi_connection.cursor() as cursor:
             cursor.copy_expert(sql, buffer)
     except dbapi.Error as exc:  # as SQLAlchemy's own errors (IntegrityError for a duplicate entry)
         raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
+
+
+_OUTCOME_COLUMNS = ("run_id", "system", "record_type", "record_key", "status", "completed_at", "detail")
+
+
+def _copy_outcomes(
+    conn: sa.Connection, fixed: tuple[str, str, str], keys: list[str], statuses: list[str],
+    done: list[str | None], texts: list[str | None],
+) -> None:
+    """Outcomes through COPY, in the caller's transaction, as Arrow's CSV (see ``_copy_frame``);
+    ``done``: when each was completed, in ISO format, or None for an open status."""
+    n = len(keys)
+    columns = [pa.array([v] * n, pa.string()) for v in fixed]
+    columns += [pa.array(keys, pa.string()), pa.array(statuses, pa.string())]
+    columns.append(pa.array(done, pa.string()))
+    columns.append(pa.array(texts, pa.string()))
+    buffer = io.BytesIO()
+    pa_csv.write_csv(
+        pa.Table.from_arrays(columns, names=list(_OUTCOME_COLUMNS)), buffer,
+        pa_csv.WriteOptions(include_header=False, quoting_style="needed"),
+    )
+    buffer.seek(0)
+    _copy(conn, buffer, erasure_outcome.name, _OUTCOME_COLUMNS)
 
 
 # A new entry's own columns. Entries go in sorted by record type and key: the unique index
@@ -454,14 +509,31 @@ class Ledger:
     def statuses_of(self, run_id: str, system: str, record_type: str, keys: Sequence[str]) -> dict[str, str]:
         """record_key -> status of the given entries of this run and system (keys the ledger
         has not are left out). For a chunk of keys at a time: a verify step that asks this per
-        chunk holds a chunk's statuses, not a whole run's as :meth:`statuses` does."""
-        t = erasure_ledger
-        size = 50_000 if self._postgres else 900
+        chunk holds a chunk's statuses, not a whole run's as :meth:`statuses` does.
+
+        From the two tables, not the view (which would sort the run's every outcome): first the
+        run's outcomes of those keys in the order booked (the last one counts), then the entries
+        of the keys without one, by key (unique index). An outcome is only ever booked for an
+        entry written ahead (the erase engine books nothing before a batch's entries are
+        committed), so a key with an outcome needs no look at its entry: a verify after an erase
+        that went through reads the outcomes alone. They have no index on the key (it would cost
+        as much at booking as the UPDATE they replace), so they are read in one pass over the
+        run's outcomes of the type, not one per chunk of keys: on PostgreSQL with every key as one
+        array (compared through a hash), on SQLite (no such array) filtered here."""
+        e, o = erasure_entry, erasure_outcome
+        wanted = set(keys)
         out: dict[str, str] = {}
-        mine = (t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type)
         with self.engine.connect() as conn:
-            for chunk in _chunks(list(keys), size):
-                for key, status in conn.execute(sa.select(t.c.record_key, t.c.status).where(*mine, self._key_in(chunk))):
+            q = sa.select(o.c.record_key, o.c.status).where(o.c.run_id == run_id, o.c.system == system, o.c.record_type == record_type)
+            if self._postgres:
+                q = q.where(self._key_in(list(wanted), o.c.record_key))
+            for key, status in conn.execute(q.order_by(o.c.id)):
+                if key in wanted:
+                    out[key] = status
+            rest = [k for k in wanted if k not in out]
+            mine = (e.c.run_id == run_id, e.c.system == system, e.c.record_type == record_type)
+            for chunk in _chunks(rest, 50_000 if self._postgres else 900):
+                for key, status in conn.execute(sa.select(e.c.record_key, e.c.status).where(*mine, self._key_in(chunk, e.c.record_key))):
                     out[key] = status
             if _PLANNED in out.values():
                 sent = self._submissions(conn, run_id, system).get((run_id, system, record_type), set())
@@ -493,7 +565,7 @@ class Ledger:
                 if self._postgres:
                     _copy_frame(conn, fixed, frame)
                 else:
-                    conn.execute(erasure_ledger.insert(), [
+                    conn.execute(erasure_entry.insert(), [
                         {**fixed, "record_type": t, "record_key": k, "rule_id": r, "action": a, "hold": h if isinstance(h, str) and h else None}
                         for t, k, r, a, h in zip(*(frame[c].tolist() for c in _ENTRY_COLUMNS))
                     ])
@@ -509,60 +581,44 @@ class Ledger:
 
     def _analyze(self, conn: sa.Connection) -> None:
         if self._postgres:
-            conn.exec_driver_sql(f"ANALYZE {erasure_ledger.name}")
+            conn.exec_driver_sql(f"ANALYZE {erasure_entry.name}, {erasure_outcome.name}")
 
     def complete(self, run_id: str, system: str, record_type: str, outcomes: dict[str, str], detail: dict[str, str] | None = None) -> None:
-        """Set the final status of entries: ``outcomes`` maps record_key -> status; ``detail``
+        """Book the outcome of entries: ``outcomes`` maps record_key -> status; ``detail``
         (record_key -> text, at most 200 characters kept) says why, for some of them.
 
-        Set-based, in one transaction: one UPDATE per status and one for the details, per chunk
-        of keys: on PostgreSQL the keys as one array parameter (the details as two arrays,
-        keys and texts), on SQLite IN lists within its limit on bound parameters (the details
-        as one executemany)."""
+        Appended to ``erasure_outcome`` in one transaction, never updating the entry: through
+        COPY on PostgreSQL (the rows as Arrow's CSV), one executemany elsewhere. The last outcome
+        booked for an entry is its status (``erasure_ledger``)."""
         if not outcomes:
             return
-        by_status: dict[str, list[str]] = {}
-        for key, status in outcomes.items():
-            if status not in STATUSES:
-                raise ValueError(f"unknown ledger status {status!r}")
-            by_status.setdefault(str(status), []).append(key)
+        keys = list(outcomes)
+        statuses = [str(s) for s in outcomes.values()]
+        unknown = set(statuses) - set(STATUSES)
+        if unknown:
+            raise ValueError(f"unknown ledger status {sorted(unknown)[0]!r}")
         now = utcnow()
-        t = erasure_ledger
-        size = 50_000 if self._postgres else 900
-        mine = (t.c.run_id == run_id, t.c.system == system, t.c.record_type == record_type)
+        detail = detail or {}
+        texts = [None if (d := detail.get(k)) is None else str(d)[:200] for k in keys]
+        at = now.isoformat() if self._postgres else now
+        done = [None if s in _OPEN else at for s in statuses]
         with self.engine.begin() as conn:
-            if self._postgres:
-                # A run's entries found by key through the unique index: with a fresh ledger (one
-                # batch a tenth of the table) the planner would scan the whole table for each
-                # batch instead (measured: 0.66 s against 0.51 s per 50,000 keys at a million
-                # entries, and a scan grows with the ledger's other runs).
-                conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
-            for status, keys in by_status.items():
-                values = {"status": status, "completed_at": None if status in _OPEN else now}
-                for chunk in _chunks(keys, size):
-                    conn.execute(t.update().where(*mine, self._key_in(chunk)).values(**values))
-            if detail:
-                self._set_details(conn, mine, {k: str(v)[:200] for k, v in detail.items()})
+            for start in range(0, len(keys), 50_000 if self._postgres else 5000):
+                part = slice(start, start + (50_000 if self._postgres else 5000))
+                if self._postgres:
+                    _copy_outcomes(conn, (run_id, system, record_type), keys[part], statuses[part], done[part], texts[part])
+                    continue
+                conn.execute(erasure_outcome.insert(), [
+                    {"run_id": run_id, "system": system, "record_type": record_type, "record_key": k, "status": s,
+                     "completed_at": c, "detail": d}
+                    for k, s, c, d in zip(keys[part], statuses[part], done[part], texts[part])
+                ])
 
-    def _set_details(self, conn: sa.Connection, mine: tuple, detail: dict[str, str]) -> None:
-        """The details in one statement per chunk: an UPDATE from the arrays of keys and texts on
-        PostgreSQL, one executemany elsewhere."""
-        t = erasure_ledger
+    def _key_in(self, keys: Sequence[str], column: sa.ColumnElement | None = None):
+        column = erasure_ledger.c.record_key if column is None else column
         if self._postgres:
-            for chunk in _chunks(list(detail.items()), 50_000):
-                given = sa.func.unnest(
-                    sa.bindparam("detail_keys", [k for k, _ in chunk], type_=postgresql.ARRAY(sa.String)),
-                    sa.bindparam("detail_texts", [v for _, v in chunk], type_=postgresql.ARRAY(sa.String)),
-                ).table_valued("key", "text", name="given").render_derived()
-                conn.execute(t.update().where(*mine, t.c.record_key == given.c.key).values(detail=given.c.text))
-            return
-        stmt = t.update().where(*mine, t.c.record_key == sa.bindparam("key")).values(detail=sa.bindparam("text"))
-        conn.execute(stmt, [{"key": k, "text": v} for k, v in detail.items()])
-
-    def _key_in(self, keys: Sequence[str]):
-        if self._postgres:
-            return erasure_ledger.c.record_key == sa.any_(sa.bindparam("keys", list(keys), type_=postgresql.ARRAY(sa.String)))
-        return erasure_ledger.c.record_key.in_(keys)
+            return column == sa.any_(sa.bindparam("keys", list(keys), type_=postgresql.ARRAY(sa.String)))
+        return column.in_(keys)
 
     def counts(self, run_id: str) -> list[dict]:
         """The run's entries counted by system, rule and status: dicts of system, rule_id,
@@ -608,20 +664,21 @@ class Ledger:
 
     def carried_over(self, system: str, record_type: str, exclude_run: str | None = None) -> set[str]:
         """The keys of ``record_type`` an earlier run left ``carried_over`` and no run has
-        finished since (erased, gone or held): the backlog the next erase step takes first."""
-        t = erasure_ledger
-        later = t.alias("later")
-        finished = (
-            sa.select(later.c.id)
-            .where(
-                later.c.system == t.c.system, later.c.record_type == t.c.record_type, later.c.record_key == t.c.record_key,
-                later.c.status.in_(DONE), later.c.planned_at >= t.c.planned_at,
-            )
-            .exists()
+        finished since (erased, gone or held): the backlog the next erase step takes first.
+
+        Finished since: an entry written finished (a hold) no earlier than the carried-over one
+        was planned, or an outcome booked finished since then."""
+        t, e, o = erasure_ledger, erasure_entry, erasure_outcome
+        mine = (t.c.system == system, t.c.record_type == record_type)
+        written = sa.select(e.c.id).where(
+            e.c.system == t.c.system, e.c.record_type == t.c.record_type, e.c.record_key == t.c.record_key,
+            e.c.status.in_(DONE), e.c.planned_at >= t.c.planned_at,
         )
-        q = sa.select(t.c.record_key).where(
-            t.c.system == system, t.c.record_type == record_type, t.c.status == str(Status.CARRIED_OVER), ~finished
+        booked = sa.select(o.c.id).where(
+            o.c.system == t.c.system, o.c.record_type == t.c.record_type, o.c.record_key == t.c.record_key,
+            o.c.status.in_(DONE), o.c.completed_at >= t.c.planned_at,
         )
+        q = sa.select(t.c.record_key).where(*mine, t.c.status == str(Status.CARRIED_OVER), ~written.exists(), ~booked.exists())
         if exclude_run:
             q = q.where(t.c.run_id != exclude_run)
         with self.engine.connect() as conn:
