@@ -90,7 +90,7 @@ erasure_entry = sa.Table(
 )
 
 # An outcome booked: one row per entry and booking, appended (``COPY`` on PostgreSQL) and never
-# updated, which costs a quarter of updating the entry (revision 0011). An entry tried again by a
+# updated, which costs about a third of updating the entry (revision 0011). An entry tried again by a
 # retry has several; the last (highest ``id``) counts.
 erasure_outcome = sa.Table(
     "erasure_outcome",
@@ -516,8 +516,8 @@ class Ledger:
         of the keys without one, by key (unique index). An outcome is only ever booked for an
         entry written ahead (the erase engine books nothing before a batch's entries are
         committed), so a key with an outcome needs no look at its entry: a verify after an erase
-        that went through reads the outcomes alone. They have no index on the key (it would cost
-        as much at booking as the UPDATE they replace), so they are read in one pass over the
+        that went through reads the outcomes alone. They have no index on the key (it would double
+        the cost of booking them), so they are read in one pass over the
         run's outcomes of the type, not one per chunk of keys: on PostgreSQL with every key as one
         array (compared through a hash), on SQLite (no such array) filtered here."""
         e, o = erasure_entry, erasure_outcome
