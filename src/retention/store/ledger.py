@@ -311,8 +311,8 @@ _COPY_COLUMNS = (
 
 
 def _copy_frame(conn: sa.Connection, fixed: dict, frame: pd.DataFrame) -> None:
-    """New entries from a frame's columns through COPY, in the caller's transaction: the CSV
-    made by Arrow in one go (a dict and a Python row per entry cost as much as the COPY)."""
+    """New entries from a frame's columns through COPY, in the caller's transaction (a dict and
+    a Python row per entry cost as much as the COPY)."""
     n = len(frame)
     head = [fixed[c] for c in _COPY_COLUMNS[:6]]
     head = [None if v is None else (v.isoformat() if isinstance(v, datetime) else str(v)) for v in head]
@@ -320,18 +320,24 @@ def _copy_frame(conn: sa.Connection, fixed: dict, frame: pd.DataFrame) -> None:
     columns = [pa.array([v] * n, pa.string()) if v is not None else pa.nulls(n, pa.string()) for v in head]
     columns += [pa.array(frame[c].astype(str).to_numpy(dtype=object), pa.string()) for c in ("record_type", "record_key", "rule_id", "action")]
     columns.append(pa.array(hold.to_numpy(dtype=object), pa.string()))
+    _copy_arrays(conn, erasure_entry.name, _COPY_COLUMNS, columns)
+
+
+def _copy_arrays(conn: sa.Connection, table: str, names: Sequence[str], columns: list[pa.Array]) -> None:
+    """Rows given column by column (Arrow arrays of text) through COPY, in the caller's
+    transaction: the CSV made by Arrow in one go."""
     buffer = io.BytesIO()
     # Arrow quotes every text and leaves a null empty and unquoted, which COPY reads as NULL
-    # (completed_at, hold).
+    # (completed_at, hold, detail).
     pa_csv.write_csv(
-        pa.Table.from_arrays(columns, names=list(_COPY_COLUMNS)), buffer,
+        pa.Table.from_arrays(columns, names=list(names)), buffer,
         pa_csv.WriteOptions(include_header=False, quoting_style="needed"),
     )
     buffer.seek(0)
-    _copy(conn, buffer)
+    _copy(conn, buffer, table, names)
 
 
-def _copy(conn: sa.Connection, buffer, table: str = "erasure_entry", columns: Sequence[str] = _COPY_COLUMNS) -> None:
+def _copy(conn: sa.Connection, buffer, table: str, columns: Sequence[str]) -> None:
     sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
     dbapi = conn.dialect.loaded_dbapi
     try:
@@ -348,25 +354,17 @@ def _copy_outcomes(
     conn: sa.Connection, fixed: tuple[str, str, str], keys: list[str], statuses: list[str],
     done: list[str | None], texts: list[str | None],
 ) -> None:
-    """Outcomes through COPY, in the caller's transaction, as Arrow's CSV (see ``_copy_frame``);
-    ``done``: when each was completed, in ISO format, or None for an open status."""
+    """Outcomes through COPY, in the caller's transaction; ``done``: when each was completed,
+    in ISO format, or None for an open status."""
     n = len(keys)
     columns = [pa.array([v] * n, pa.string()) for v in fixed]
-    columns += [pa.array(keys, pa.string()), pa.array(statuses, pa.string())]
-    columns.append(pa.array(done, pa.string()))
-    columns.append(pa.array(texts, pa.string()))
-    buffer = io.BytesIO()
-    pa_csv.write_csv(
-        pa.Table.from_arrays(columns, names=list(_OUTCOME_COLUMNS)), buffer,
-        pa_csv.WriteOptions(include_header=False, quoting_style="needed"),
-    )
-    buffer.seek(0)
-    _copy(conn, buffer, erasure_outcome.name, _OUTCOME_COLUMNS)
+    columns += [pa.array(values, pa.string()) for values in (keys, statuses, done, texts)]
+    _copy_arrays(conn, erasure_outcome.name, _OUTCOME_COLUMNS, columns)
 
 
 # A new entry's own columns. Entries go in sorted by record type and key: the unique index
-# (run, system, record type, key) then takes a chunk in one sweep instead of at random pages
-# (half the server's work of a COPY), and a chunk's entries share heap pages.
+# (key first, revision 0012) then takes a chunk in one sweep instead of at random pages (half
+# the server's work of a COPY), and a chunk's entries share heap pages.
 _ENTRY_COLUMNS = ("record_type", "record_key", "rule_id", "action", "hold")
 
 
