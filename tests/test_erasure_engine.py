@@ -8,6 +8,7 @@ tests run the same engine against the stand-ins over real HTTP.
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import time
 
@@ -561,6 +562,32 @@ def test_a_spent_budget_carries_the_rest_over_and_the_next_runs_clear_it_first(l
         )).all()
     assert len(erased) == 310 and {n for _, n in erased} == {1}, "a record erased twice or missed"
     assert ledger.carried_over("ticketing", "support_ticket") == set(), "a carried-over record is still a backlog once erased"
+
+
+def test_batches_hold_neighbouring_ids_whatever_the_plan_order(ledger):
+    """A batch holds records next to each other in the system's id order (numerically for whole
+    numbers), so that a database touches neighbouring pages; what a night carried over still
+    goes first, in the same order among itself."""
+    system = MemorySystem({"support_ticket": {str(i) for i in range(1, 13)}, "ticket_user": {"b", "a", "c"}})
+    order = ["12", "3", "10", "1", "7", "2", "11", "9", "4", "8", "6", "5"]
+    plan = plan_of([("support_ticket", i, "erase") for i in order] + [("ticket_user", u, "erase") for u in "cab"])
+    ErasureEngine(ledger, "run-ids", "ticketing", system, "v1").erase(plan)
+    assert [ids for _, _, ids in system.calls] == [
+        ["1", "2", "3"], ["4", "5", "6"], ["7", "8", "9"], ["10", "11", "12"], ["a", "b", "c"],
+    ]
+
+    # Carried over from an earlier night (ids 9 and 2) first, each part in id order.
+    back = {"9", "2"}
+    system = MemorySystem({"support_ticket": {str(i) for i in range(1, 13)}, "ticket_user": set()})
+    pseudo = dict(zip(plan["record_id"], plan["record_key"]))
+    ledger.open_run("night-0", "d", dt.datetime.now(dt.UTC), "v1", "l", False)
+    ledger.write_ahead("night-0", "v1", "ticketing", [
+        {"record_type": "support_ticket", "record_key": pseudo[i], "rule_id": "support-ticket", "action": "erase", "hold": None}
+        for i in back
+    ])
+    ledger.complete("night-0", "ticketing", "support_ticket", {pseudo[i]: "carried_over" for i in back})
+    ErasureEngine(ledger, "night-1", "ticketing", system, "v1").erase(plan_of([("support_ticket", i, "erase") for i in order]))
+    assert sent_ids(system) == ["2", "9", "1", "3", "4", "5", "6", "7", "8", "10", "11", "12"]
 
 
 def test_without_a_budget_nothing_is_carried_over(ledger):

@@ -357,9 +357,9 @@ class ErasureEngine:
             return todo
         carried = self.ledger.carried_over(self.system, record_type, exclude_run=self.run_id)
         if not carried:
-            return todo
+            return _in_id_order(plan, todo)
         first = plan["record_key"].iloc[todo].isin(carried).to_numpy(dtype=bool)
-        return np.concatenate([todo[first], todo[~first]])
+        return np.concatenate([_in_id_order(plan, todo[first]), _in_id_order(plan, todo[~first])])
 
     def _carry_over(self, record_type: str, rest: pd.DataFrame) -> None:
         """Book what the budget left untouched: nothing was sent for these records."""
@@ -643,6 +643,22 @@ class _WriteAhead:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+
+
+def _in_id_order(plan: pd.DataFrame, positions: np.ndarray) -> np.ndarray:
+    """``positions`` (in ``plan``) in the order of their records' ids: shorter ids first, then
+    as text, which is numeric order for whole numbers. A batch then holds neighbouring records,
+    which a database keeps on neighbouring pages: the CRM's 25,000-row deletes of event
+    participations took 2.2 times as long with ids drawn from the whole table as with a run of
+    them (measured on 2,000,000 rows). What is erased does not change, only which batch it
+    goes in."""
+    if len(positions) < 2 or "record_id" not in plan:
+        return positions
+    ids = pa.array(plan["record_id"].iloc[positions].astype(str).to_numpy(dtype=object), pa.string())
+    order = pc.sort_indices(
+        pa.table({"length": pc.utf8_length(ids), "id": ids}), sort_keys=[("length", "ascending"), ("id", "ascending")]
+    )
+    return positions[order.to_numpy()]
 
 
 def _chunks_of(plan: pd.DataFrame | Iterable[pd.DataFrame | pa.RecordBatch], size: int) -> Iterator:
