@@ -25,7 +25,7 @@ Measured with ``COPY`` per 50,000 (the write-ahead's own way) into the table alo
 against 10.2 to 10.5 s before.
 
 SQLite cannot drop a constraint in place: the table is copied (Alembic's batch mode), with the
-view dropped around it.
+view dropped around it and created again from its own stored SQL.
 """
 
 from __future__ import annotations
@@ -38,59 +38,38 @@ branch_labels = None
 depends_on = None
 
 
-def _view(dialect: str) -> str:
-    # The view of revision 0011, as it stands (revisions do not import each other).
-    key = ("run_id", "system", "record_type", "record_key")
-    last = {
-        "postgresql": (
-            "SELECT DISTINCT ON (run_id, system, record_type, record_key) "
-            "run_id, system, record_type, record_key, status, completed_at, detail "
-            "FROM erasure_outcome ORDER BY run_id, system, record_type, record_key, id DESC"
-        ),
-        "sqlite": (
-            "SELECT run_id, system, record_type, record_key, status, completed_at, detail, max(id) AS last_id "
-            "FROM erasure_outcome GROUP BY run_id, system, record_type, record_key"
-        ),
-    }[dialect]
-    on = " AND ".join(f"o.{c} = e.{c}" for c in key)
-    return (
-        "CREATE VIEW erasure_ledger AS SELECT e.id, e.run_id, e.policy_version, e.system, e.record_type, "
-        "e.record_key, e.rule_id, e.action, e.hold, COALESCE(o.status, e.status) AS status, e.planned_at, "
-        "CASE WHEN o.status IS NULL THEN e.completed_at ELSE o.completed_at END AS completed_at, "
-        "CASE WHEN o.status IS NULL THEN e.detail ELSE o.detail END AS detail "
-        f"FROM erasure_entry e LEFT JOIN ({last}) o ON {on}"
-    )
+_KEY_FIRST = ["record_key", "record_type", "system", "run_id"]
+_RUN_FIRST = ["run_id", "system", "record_type", "record_key"]
+
+
+def _replace(drop: tuple[str, str], unique: tuple[str, list[str]], index: tuple[str, list[str]]) -> None:
+    """Drop the unique constraint and the index named in ``drop``; create ``unique`` and
+    ``index`` (name, columns) in their place."""
+    old_unique, old_index = drop
+    if op.get_bind().dialect.name != "sqlite":
+        op.create_unique_constraint(unique[0], "erasure_entry", unique[1])
+        op.create_index(index[0], "erasure_entry", index[1])
+        op.drop_constraint(old_unique, "erasure_entry", type_="unique")
+        op.drop_index(old_index, table_name="erasure_entry")
+        return
+    # SQLite copies the table; the view on it goes for the while and comes back as it was.
+    view = op.get_bind().exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'view' AND name = 'erasure_ledger'").scalar_one()
+    op.execute("DROP VIEW erasure_ledger")
+    with op.batch_alter_table("erasure_entry", recreate="always") as batch:
+        batch.drop_constraint(old_unique, type_="unique")
+        batch.drop_index(old_index)
+        batch.create_unique_constraint(*unique)
+        batch.create_index(*index)
+    op.execute(view)
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "sqlite":
-        op.execute("DROP VIEW erasure_ledger")
-        with op.batch_alter_table("erasure_entry", recreate="always") as batch:
-            batch.drop_constraint("uq_ledger_run_record", type_="unique")
-            batch.drop_index("ix_ledger_record_key")
-            batch.create_unique_constraint("uq_entry_record", ["record_key", "record_type", "system", "run_id"])
-            batch.create_index("ix_entry_run", ["run_id", "system"])
-        op.execute(_view("sqlite"))
-        return
-    op.create_unique_constraint("uq_entry_record", "erasure_entry", ["record_key", "record_type", "system", "run_id"])
-    op.create_index("ix_entry_run", "erasure_entry", ["run_id", "system"])
-    op.drop_constraint("uq_ledger_run_record", "erasure_entry", type_="unique")
-    op.drop_index("ix_ledger_record_key", table_name="erasure_entry")
-    op.execute("ALTER TABLE erasure_entry RESET (fillfactor)")
+    _replace(("uq_ledger_run_record", "ix_ledger_record_key"), ("uq_entry_record", _KEY_FIRST), ("ix_entry_run", ["run_id", "system"]))
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("ALTER TABLE erasure_entry RESET (fillfactor)")
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "sqlite":
-        op.execute("DROP VIEW erasure_ledger")
-        with op.batch_alter_table("erasure_entry", recreate="always") as batch:
-            batch.drop_constraint("uq_entry_record", type_="unique")
-            batch.drop_index("ix_entry_run")
-            batch.create_unique_constraint("uq_ledger_run_record", ["run_id", "system", "record_type", "record_key"])
-            batch.create_index("ix_ledger_record_key", ["record_key"])
-        op.execute(_view("sqlite"))
-        return
-    op.create_unique_constraint("uq_ledger_run_record", "erasure_entry", ["run_id", "system", "record_type", "record_key"])
-    op.create_index("ix_ledger_record_key", "erasure_entry", ["record_key"])
-    op.drop_constraint("uq_entry_record", "erasure_entry", type_="unique")
-    op.drop_index("ix_entry_run", table_name="erasure_entry")
-    op.execute("ALTER TABLE erasure_entry SET (fillfactor = 50)")
+    _replace(("uq_entry_record", "ix_entry_run"), ("uq_ledger_run_record", _RUN_FIRST), ("ix_ledger_record_key", ["record_key"]))
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("ALTER TABLE erasure_entry SET (fillfactor = 50)")
