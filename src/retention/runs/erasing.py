@@ -317,8 +317,9 @@ class ErasureEngine:
 
     def _groups(self, plan: pd.DataFrame, is_destructive: np.ndarray) -> list[tuple[str, Action, np.ndarray, int]]:
         """What the erase loop takes, in its order: per record type (the adapter's order) and
-        action (minimise, then erase), the positions left to do (what earlier runs carried over
-        first) and how many of the type's rows an earlier attempt finished."""
+        action (minimise, then erase), the positions left to do (in :meth:`_in_loop_order`:
+        what earlier runs carried over first, each part in id order) and how many of the type's
+        rows an earlier attempt finished."""
         groups = []
         for record_type in self.adapter.record_types:
             mine = is_destructive & (plan["record_type"] == record_type).to_numpy()
@@ -334,7 +335,7 @@ class ErasureEngine:
                 else:  # nothing finished: no per-row step over a million keys before the first batch
                     finished = np.zeros(len(positions), dtype=bool)
                 del done
-                todo = self._carried_first(record_type, plan, positions[~finished])
+                todo = self._in_loop_order(record_type, plan, positions[~finished])
                 groups.append((record_type, action, todo, int(finished.sum())))
         return groups
 
@@ -350,9 +351,10 @@ class ErasureEngine:
         left = max(deadline - self.clock(), 0.0)
         return max(1, min(size, int(sent / max(seconds, 1e-3) * left)))
 
-    def _carried_first(self, record_type: str, plan: pd.DataFrame, todo: np.ndarray) -> np.ndarray:
-        """``todo`` (positions in ``plan``) with what earlier runs carried over first: a backlog
-        is cleared oldest first, whatever new work each night brings."""
+    def _in_loop_order(self, record_type: str, plan: pd.DataFrame, todo: np.ndarray) -> np.ndarray:
+        """``todo`` (positions in ``plan``) in the order the loop takes them: what earlier runs
+        carried over first (a backlog is cleared oldest first, whatever new work each night
+        brings), then the rest, each part in the records' id order (:func:`_in_id_order`)."""
         if not len(todo):
             return todo
         carried = self.ledger.carried_over(self.system, record_type, exclude_run=self.run_id)
