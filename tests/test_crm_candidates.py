@@ -251,6 +251,72 @@ def test_postgresql_candidates_plan_as_a_whole_read(pg_engine, case):
     assert_same_plan(*plan_both(pg_engine, as_of, now))
 
 
+# ------------------------------------------------------------------ the re-checks' reads, by row
+# The erasure re-checks a batch on its current frame rows, read for its ids only; on PostgreSQL
+# each row's contact, memberships and invoices are then looked up by index (LATERAL) instead of
+# the whole tables being joined. The rows and values must be the whole read's.
+BY_ROW = ("crm_contact", "crm_event_participation")
+
+
+def assert_read_by_row_as_a_whole_read(engine: sa.Engine, now: dt.datetime, every: int) -> int:
+    """For each record type read by row: the frame of some of its ids (and one no record has)
+    equals the whole read's rows of those ids. Returns how many rows were compared."""
+    connector = CrmConnector(engine)
+    compared = 0
+    for record_type in BY_ROW:
+        whole = connector.read_frame(record_type, now=now)
+        ids = sorted(int(i) for i in whole["record_id"])[::every] + [10**9]
+        with engine.connect() as conn:
+            read = connector._frame_of(conn, record_type, ids, now)
+        expected = whole[whole["record_id"].isin(ids)]
+        pd.testing.assert_frame_equal(_sorted(read, ["record_id"]), _sorted(expected, ["record_id"]))
+        compared += len(read)
+    return compared
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(crms(messy=False), st.integers(1, 3))
+def test_postgresql_reads_a_batch_by_row_as_a_whole_read(pg_engine, case, every):
+    _, now, tables = case
+    load(pg_engine, tables, messy=False)
+    # The reference schema has the indexes: the look-ups by row are what is compared here.
+    assert CrmConnector(pg_engine)._by_row(("membership", "organisation_id"), ("invoice", "contact_id"))
+    assert_read_by_row_as_a_whole_read(pg_engine, now, every)
+
+
+def test_a_crm_without_the_indexes_reads_a_batch_by_joining_the_tables(pg_engine):
+    """Where a probe would be a scan (no index leads with the looked-up column), the batch's rows
+    come from the whole-table join, and are still the whole read's."""
+    as_of = dt.datetime(2026, 6, 15, 10, tzinfo=UTC)
+    old = as_of - dt.timedelta(days=400)
+    tables = {name: [] for name in ("course_registration", "survey_response", "legal_hold")}
+    tables["organisation"] = [{"id": 1, "name": "Org 1"}, {"id": 2, "name": "Org 2"}]
+    tables["membership"] = [
+        {"organisation_id": 1, "starts_on": dt.date(2000, 1, 1), "ends_on": dt.date(2024, 1, 31)},
+        {"organisation_id": 1, "starts_on": dt.date(2000, 1, 1), "ends_on": dt.date(2025, 3, 31)},
+        {"organisation_id": 2, "starts_on": dt.date(2000, 1, 1), "ends_on": None},
+    ]
+    tables["contact"] = [
+        {"id": i, "kind": "member" if i < 3 else "lead", "organisation_id": i if i < 3 else None, "email": None,
+         "last_interaction_at": old, "created_at": old, "opted_out": i == 2}
+        for i in (1, 2, 3)
+    ]
+    tables["event_participation"] = [{"id": i, "contact_id": 1 + i % 3, "event_date": dt.date(2024, 5, i)} for i in range(1, 7)]
+    tables["invoice"] = [{"id": 1, "contact_id": 2, "invoice_number": "F1", "issued_on": dt.date(2010, 1, 1), "amount": 1,
+                          "financial_year_end": dt.date(2010, 12, 31)}]
+    load(pg_engine, tables, messy=False)
+    assert CrmConnector(pg_engine)._by_row(("membership", "organisation_id"))
+    assert assert_read_by_row_as_a_whole_read(pg_engine, as_of, 1) == 9
+    with pg_engine.begin() as conn:
+        for name in ("membership", "invoice"):
+            for ix in sa.inspect(conn).get_indexes(name):
+                conn.exec_driver_sql(f'DROP INDEX "{ix["name"]}"')
+    connector = CrmConnector(pg_engine)
+    assert not connector._by_row(("membership", "organisation_id"))
+    assert not connector._by_row(("invoice", "contact_id"))
+    assert assert_read_by_row_as_a_whole_read(pg_engine, as_of, 1) == 9
+
+
 def test_the_candidates_leave_out_what_no_rule_can_plan():
     """A condition that cannot fail is no test: recent records are not read, due ones are."""
     as_of = dt.datetime(2026, 6, 15, 10, tzinfo=UTC)

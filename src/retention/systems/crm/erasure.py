@@ -24,9 +24,8 @@ import pandas as pd
 import sqlalchemy as sa
 
 from retention.domain.candidates import Condition
-from retention.systems.crm.reads import END_OF_DAY, FRAME_COLUMNS
 from retention.systems.crm.sql import ConnectorBase
-from retention.systems.crm.values import distinct_ids, to_frame
+from retention.systems.crm.values import distinct_ids
 
 # The caller's check of current records: their frame -> the ids to leave alone.
 Recheck = Callable[[pd.DataFrame], set[int]]
@@ -139,7 +138,7 @@ class Erasure(ConnectorBase):
         ``surely`` is true of (compiled narrowed), the rows it deletes locked by it. Nothing when
         the frame's key may repeat (a joined table without its id as primary key): one row of a
         record would then speak for another."""
-        parts = self._frame_parts(record_type, now)
+        parts = self._frame_parts(record_type, now, by_row=True)
         if not all(self._keyed_by_id(t) for t in parts.keyed):
             return set()
         held = self._held(conn, record_type, ids, now_p)
@@ -243,11 +242,7 @@ class Erasure(ConnectorBase):
         t = self._t(_erasable(record_type))
         if conn.dialect.name == "postgresql":
             conn.execute(sa.select(t.c.id).where(self._in_ids(t.c.id, ids, "lock_ids")).with_for_update())
-        # The extract's own query (FrameReads, the other half of CrmConnector), for these ids only.
-        query = self._frame_query(record_type, now).order_by(None).subquery("now")
-        with self._raw_text(conn):  # a row not UTF-8 now is left alone by the check, not a crash
-            rows = conn.execute(sa.select(query).where(self._in_ids(query.c.record_id, ids, "now_ids"))).all()
-        return {int(i) for i in recheck(to_frame(rows, FRAME_COLUMNS[record_type], END_OF_DAY.get(record_type, ())))}
+        return {int(i) for i in recheck(self._frame_of(conn, record_type, ids, now))}
 
     def _refused_contacts(
         self, conn: sa.Connection, ids: list[int], now_p: sa.BindParameter, *, invoices_refuse: bool

@@ -102,6 +102,11 @@ class MappedTable:
     def alias(self, name: str) -> _Aliased:
         return _Aliased(self, self.table.alias(name))
 
+    def through(self, from_clause: Any) -> _Aliased:
+        """The logical columns read through ``from_clause``: a subquery of this table that keeps
+        the physical names of the columns it selects."""
+        return _Aliased(self, from_clause)
+
 
 @dataclass(frozen=True)
 class _Aliased:
