@@ -296,23 +296,14 @@ class FrameReads(ConnectorBase):
         if record_type == "crm_contact":
             c = self._t("contact").alias("c")
             inv = self._t("invoice")
-            if by_row and self._by_row(("membership", "organisation_id"), ("invoice", "contact_id")):
-                ms = self._membership_stats(today, of_org=c.c.organisation_id)
-                with_inv = (
-                    sa.select(inv.c.contact_id.label("cid"))
-                    .where(inv.c.contact_id == c.c.id)
-                    .group_by(inv.c.contact_id)
-                    .lateral("inv")
-                )
+            look_up = by_row and self._by_row(("membership", "organisation_id"), ("invoice", "contact_id"))
+            ms = self._membership_stats(today, of_org=c.c.organisation_id if look_up else None)
+            invoiced = sa.select(inv.c.contact_id.label("cid")).group_by(inv.c.contact_id)
+            if look_up:
+                with_inv = invoiced.where(inv.c.contact_id == c.c.id).lateral("inv")
                 source = c.table.outerjoin(ms, sa.true()).outerjoin(with_inv, sa.true())
             else:
-                ms = self._membership_stats(today)
-                with_inv = (
-                    sa.select(inv.c.contact_id.label("cid"))
-                    .where(inv.c.contact_id.is_not(None))
-                    .group_by(inv.c.contact_id)
-                    .subquery("inv")
-                )
+                with_inv = invoiced.where(inv.c.contact_id.is_not(None)).subquery("inv")
                 source = c.table.outerjoin(ms, ms.c.org == c.c.organisation_id).outerjoin(with_inv, with_inv.c.cid == c.c.id)
             has_email = sa.case(
                 (sa.and_(c.c.email.is_not(None), sa.func.trim(c.c.email) != ""), 1), else_=0
