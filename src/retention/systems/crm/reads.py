@@ -257,12 +257,17 @@ class FrameReads(ConnectorBase):
 
     def _indexed(self, logical: str) -> set[str]:
         """The logical columns of a mapped table that lead an index, its primary key or a unique
-        constraint, read once."""
+        constraint, read once. A partial index (one with a ``WHERE``) does not count: a look-up
+        of a row outside its predicate could not use it."""
         cache = self.__dict__.setdefault("_index_leads", {})
         if logical not in cache:
             t = self._t(logical)
             inspector = sa.inspect(self.engine)
-            leads = [ix["column_names"][:1] for ix in inspector.get_indexes(t.name, schema=t.schema)]
+            leads = [
+                ix["column_names"][:1]
+                for ix in inspector.get_indexes(t.name, schema=t.schema)
+                if not ix.get("dialect_options", {}).get("postgresql_where")
+            ]
             leads += [uq["column_names"][:1] for uq in inspector.get_unique_constraints(t.name, schema=t.schema)]
             leads.append(self._reflected(logical)[1][:1])
             physical = {p for lead in leads for p in lead if p}
