@@ -33,18 +33,33 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import statistics
 import sys
 import time
 
 import pandas as pd
 import sqlalchemy as sa
-from harness import AdapterProxy, Bench, Hooks, LoadWatch, Row, add_options, machine, peak_line, table, timed_erase
+from harness import (
+    AdapterProxy,
+    Bench,
+    Hooks,
+    LoadWatch,
+    Row,
+    add_options,
+    machine,
+    median_run,
+    peak_line,
+    spread,
+    table,
+    timed_erase,
+)
 
 from retention.systems.crm.adapter import CrmAdapter
 
 CRM_BATCH = CrmAdapter.erase_batch
 DB_PIPELINE = "retention_bench_crm_pipeline"
 DB_HAND = "retention_bench_crm_hand"
+DB_SEED = "retention_bench_crm_seed"  # the generated CRM, copied afresh for every pass
 CHILD_TYPES = {  # record type -> table, erased by their own rules before the contacts
     "crm_event_participation": "event_participation",
     "crm_course_registration": "course_registration",
@@ -105,7 +120,9 @@ def _instrument_ledger(ledger_s: dict, completed_at: dict, written_ahead: list) 
 
         def tap(rows):  # count the entries per record type, as the ledger takes them (frames or dicts)
             for r in [rows] if isinstance(rows, pd.DataFrame) else rows:
-                for record_type, n in (r["record_type"].value_counts().items() if isinstance(r, pd.DataFrame) else [(r["record_type"], 1)]):
+                for record_type, n in (
+                    r["record_type"].value_counts().items() if isinstance(r, pd.DataFrame) else [(r["record_type"], 1)]
+                ):
                     seen[record_type] = seen.get(record_type, 0) + int(n)
                 yield r
 
@@ -228,6 +245,155 @@ def hand_erase(url: str, child_ids: dict[str, list[int]], contact_ids: list[int]
     }
 
 
+# ---------------------------------------------------------------------- one pass
+def one_pass(bench: Bench, args: argparse.Namespace) -> dict:
+    """One night over fresh copies of the generated CRM (``DB_SEED``): extract, plan, validate,
+    the hand-written erasure, then the pipeline's erase and verify; the figures of each."""
+    url_p = bench.env["BENCH_CRM_URL"] = bench.pg.database(DB_PIPELINE, template=DB_SEED)
+    url_h = bench.pg.database(DB_HAND, template=DB_SEED)
+    t = time.perf_counter()
+    for url in (url_p, url_h):
+        vacuum_analyze(url)  # the same physical state in both, every table read once (warm cache)
+    print(f"  copied into {DB_PIPELINE} and {DB_HAND} and VACUUM ANALYZEd both in {time.perf_counter() - t:.1f}s", flush=True)
+
+    bench.open_run()
+    extract = bench.step("extract", prepare)
+    plans = bench.repeat(args.repeat, "plan")
+    validations = bench.repeat(args.repeat, "validate")
+
+    # The hand-written erasure first, from the staged plan: each of the two erasures starts on
+    # a server with nothing of the other's left to do (its deletions vacuumed, its pages
+    # written out). Measured after the pipeline's, it shared the server with the autovacuum
+    # of the pipeline's million deletions and moved between 19 and 35 s from run to run.
+    plan = bench.info.staging.read_frame("crm", "plan")
+    destructive = plan[plan["action"].isin(["erase", "minimise"])]
+    ids = {rt: [int(i) for i in g["record_id"]] for rt, g in destructive.groupby("record_type")}
+    contact_ids = ids.get("crm_contact", [])
+    by_action = destructive[destructive["record_type"] == "crm_contact"]["action"].value_counts().to_dict()
+    planned = len(destructive)
+    del plan, destructive
+    print(f"hand-written erasure in {DB_HAND} ({len(contact_ids):,} contacts from the plan parquet)...", flush=True)
+    checkpoint(url_h)
+    hand = hand_erase(url_h, ids, contact_ids)
+    print(f"  children {hand['children_s']:.2f}s, contacts {hand['contacts_s']:.2f}s", flush=True)
+    vacuum_analyze(url_h)
+    checkpoint(url_h)
+
+    erase = bench.step("erase", prepare)
+    verify = bench.step("verify", prepare)
+    return {
+        "extract": extract,
+        "plans": plans,
+        "validations": validations,
+        "hand": hand,
+        "erase": erase,
+        "verify": verify,
+        "ids": ids,
+        "by_action": by_action,
+        "planned": planned,
+        "after_pipeline": table_counts(url_p),
+        "after_hand": table_counts(url_h),
+    }
+
+
+def whole_ratio(p: dict) -> float:
+    """The pipeline's whole erase step over the hand-written statements (children + contacts)."""
+    return p["erase"]["wall"] / (p["hand"]["children_s"] + p["hand"]["contacts_s"])
+
+
+def print_pass(p: dict) -> None:
+    """One pass's table and its erasure's figures in detail."""
+    extract, plans, validations, hand, erase, verify, ids = (
+        p[k] for k in ("extract", "plans", "validations", "hand", "erase", "verify", "ids")
+    )
+    contact_ids = ids.get("crm_contact", [])
+    extracted = sum(extract["result"]["extracted"].values())
+    outcomes = erase["result"]["outcomes"]
+    contact_phase = erase["contact_phase_s"]
+    planned = p["planned"]
+    print(
+        f"extracted {extracted:,} records; planned {planned:,} erasures "
+        f"({planned / max(extracted, 1):.1%} of extracted): "
+        + ", ".join(f"{rt} {len(v):,}" for rt, v in sorted(ids.items()))
+        + f"; contacts by action {p['by_action']}"
+    )
+    print()
+    rows = [
+        Row("extract", extract, extracted),
+        Row("plan", plans, extracted),
+        Row("validate", validations, extracted, f"{validations[0]['result']['suites']} suites"),
+        Row("erase", erase, sum(v for k, v in outcomes.items() if k in ("erased", "already_gone")), f"outcomes {outcomes}"),
+        Row("verify", verify, verify["result"]["checked"], f"still present {verify['result']['still_present']}"),
+    ]
+    table(rows)
+    print()
+    print(
+        "pipeline erase step, per record type (seconds in the connector / in the ledger; a batch's outcomes are "
+        "booked while the next batch runs, so the two overlap and do not add up to the step's wall time):"
+    )
+    for rt in ("crm_event_participation", "crm_course_registration", "crm_survey_response", "crm_invoice", "crm_contact"):
+        if rt in erase["adapter_erase_s"] or rt in erase["ledger_s"]:
+            print(
+                f"  {rt:<26}{len(ids.get(rt, [])):>10,} records  connector {erase['adapter_erase_s'].get(rt, 0):7.2f}s"
+                f"  ledger {erase['ledger_s'].get(rt, 0):7.2f}s"
+            )
+    waited = erase["result"].get("waited_seconds") or {}
+    if waited:
+        print(
+            f"  the erase loop waited {waited.get('write_ahead', 0):.2f}s for batches' write-ahead and "
+            f"{waited.get('bookings', 0):.2f}s for the previous batch's bookings"
+        )
+    print()
+    print("erasure of the due contacts (crm_contact with notes, event participations, course registrations, survey responses;")
+    print("invoices of minimised contacts detached), from the same rows in both databases:")
+    print(
+        f"  pipeline contact phase   {contact_phase:8.2f}s  ({len(contact_ids):,} contacts, batches of {CRM_BATCH:,}, "
+        f"write-ahead + completion in the ledger included; connector alone "
+        f"{erase['adapter_erase_s'].get('crm_contact', 0):.2f}s)"
+    )
+    if erase["contact_write_ahead_before_s"]:
+        print(
+            f"{'':29}of which {erase['contact_write_ahead_before_s']:.2f}s: the contacts' share of the plan's write-ahead, "
+            "written before the phase began (beside earlier batches; counted in full)"
+        )
+    print(
+        f"  hand-written statement   {hand['contacts_s']:8.2f}s  (one CTE of DELETE ... RETURNING; rows {hand['contact_rows']})"
+    )
+    ratio = contact_phase / hand["contacts_s"]
+    print(f"  ratio                    {ratio:8.2f}x  (target <= 1.5x)")
+    print(f"  ratio, connector only    {erase['adapter_erase_s'].get('crm_contact', 0) / hand['contacts_s']:8.2f}x")
+    hand_total = hand["children_s"] + hand["contacts_s"]
+    print(
+        f"whole erasure: pipeline erase step {erase['wall']:.2f}s vs hand-written {hand_total:.2f}s "
+        f"(children {hand['children_s']:.2f}s + contacts {hand['contacts_s']:.2f}s) = {whole_ratio(p):.2f}x"
+    )
+    print(f"plan {rows[1].wall:.2f}s, validate {rows[2].wall:.2f}s, {peak_line(rows)}")
+
+
+def print_passes(passes: list[dict]) -> None:
+    """Every pass's erasure side by side, their medians and the ratio of the medians."""
+    print(
+        f"{'pass':<8}{'erase step s':>13}{'hand-written s':>16}{'ratio':>8}{'EP connector s':>16}"
+        f"{'verify s':>10}{'erase RSS MB':>14}{'load 1m':>14}"
+    )
+    for i, p in enumerate(passes, 1):
+        e, h = p["erase"], p["hand"]
+        load = f"{e['load'][0]:.2f}->{e['load'][1]:.2f}"
+        print(
+            f"{i:<8}{e['wall']:13.2f}{h['children_s'] + h['contacts_s']:16.2f}{whole_ratio(p):7.2f}x"
+            f"{e['adapter_erase_s'].get('crm_event_participation', 0):16.2f}{p['verify']['wall']:10.2f}"
+            f"{e['rss_mb']:14.0f}{load:>14}"
+        )
+    step = statistics.median(p["erase"]["wall"] for p in passes)
+    hand = statistics.median(p["hand"]["children_s"] + p["hand"]["contacts_s"] for p in passes)
+    lo, mid, hi = spread(whole_ratio(p) for p in passes)
+    print(f"{'median':<8}{step:13.2f}{hand:16.2f}{mid:7.2f}x")
+    print(
+        f"whole erasure over {len(passes)} passes: the erase step's median {step:.2f}s / the hand-written statements' "
+        f"median {hand:.2f}s = {step / hand:.2f}x (target <= 1.5x); single passes {lo:.2f}x to {hi:.2f}x"
+    )
+
+
 # ---------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -239,8 +405,17 @@ def main() -> int:
         default="postgres",
         help="the ledger's database: retention_bench_crm_ledger on the same server (as deployed), or SQLite under RETENTION_HOME",
     )
-    add_options(ap, repeat=1, repeat_help="runs of plan and validate (medians)")
+    ap.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="whole nights, each on fresh copies of the generated CRM and an empty ledger (extract to verify, the "
+        "hand-written erasure beside it); with more than one, every pass's erasure side by side and their medians",
+    )
+    add_options(ap, repeat=1, repeat_help="runs of plan and validate within each pass (medians)")
     args = ap.parse_args()
+    if args.passes < 1 or args.repeat < 1:
+        ap.error("--passes and --repeat must be at least 1")
     watch = LoadWatch()  # the machine's other load shows in every figure: printed with them
     quiet = ("retention.systems.crm.client",)  # one line per batch otherwise
     with Bench("crm", "crm", keep=args.keep, ledger=args.ledger, postgres=True, quiet=quiet) as bench:
@@ -248,9 +423,8 @@ def main() -> int:
         from retention_dev.synthetic import crm as synthetic
 
         now = dt.datetime.now(dt.UTC)
-        print(f"generating {args.contacts:,} contacts (seed {args.seed}, 10% due) into {DB_PIPELINE}...", flush=True)
-        url_p = bench.env["BENCH_CRM_URL"] = bench.pg.database(DB_PIPELINE)
-        engine = sa.create_engine(url_p)
+        print(f"generating {args.contacts:,} contacts (seed {args.seed}, 10% due) into {DB_SEED}...", flush=True)
+        engine = sa.create_engine(bench.pg.database(DB_SEED))
         t = time.perf_counter()
         schema.create_schema(engine)
         generated = synthetic.generate(engine, contacts=args.contacts, seed=args.seed, now=now, due_share=0.1)
@@ -260,43 +434,16 @@ def main() -> int:
             f"  {sum(generated.values()):,} rows in {gen_s:.1f}s: " + ", ".join(f"{k} {v:,}" for k, v in generated.items()),
             flush=True,
         )
-        t = time.perf_counter()
-        url_h = bench.pg.database(DB_HAND, template=DB_PIPELINE)
-        for url in (url_p, url_h):
-            vacuum_analyze(url)  # the same physical state in both, every table read once (warm cache)
-        print(f"  cloned into {DB_HAND} and VACUUM ANALYZEd both in {time.perf_counter() - t:.1f}s", flush=True)
 
-        bench.open_run()
-        extract = bench.step("extract", prepare)
-        plans = bench.repeat(args.repeat, "plan")
-        validations = bench.repeat(args.repeat, "validate")
-
-        # The hand-written erasure first, from the staged plan: each of the two erasures starts on
-        # a server with nothing of the other's left to do (its deletions vacuumed, its pages
-        # written out). Measured after the pipeline's, it shared the server with the autovacuum
-        # of the pipeline's million deletions and moved between 19 and 35 s from run to run.
-        plan = bench.info.staging.read_frame("crm", "plan")
-        destructive = plan[plan["action"].isin(["erase", "minimise"])]
-        ids = {rt: [int(i) for i in g["record_id"]] for rt, g in destructive.groupby("record_type")}
-        contact_ids = ids.get("crm_contact", [])
-        by_action = destructive[destructive["record_type"] == "crm_contact"]["action"].value_counts().to_dict()
-        planned = len(destructive)
-        del plan, destructive
-        print(f"hand-written erasure in {DB_HAND} ({len(contact_ids):,} contacts from the plan parquet)...", flush=True)
-        checkpoint(url_h)
-        hand = hand_erase(url_h, ids, contact_ids)
-        print(f"  children {hand['children_s']:.2f}s, contacts {hand['contacts_s']:.2f}s", flush=True)
-        vacuum_analyze(url_h)
-        checkpoint(url_h)
-
-        erase = bench.step("erase", prepare)
-        verify = bench.step("verify", prepare)
-        after_p, after_h = table_counts(url_p), table_counts(url_h)
+        passes = []
+        for i in range(args.passes):
+            if args.passes > 1:
+                print(f"pass {i + 1}/{args.passes} (fresh copies of {DB_SEED}, an empty ledger)", flush=True)
+            if i:
+                bench.fresh_ledger()
+            passes.append(one_pass(bench, args))
 
         # ------------------------------------------------------------------ figures
-        extracted = sum(extract["result"]["extracted"].values())
-        outcomes = erase["result"]["outcomes"]
-        contact_phase = erase["contact_phase_s"]
         print()
         print(
             f"CRM benchmark: {args.contacts:,} contacts, seed {args.seed}, PostgreSQL {bench.pg.version()} "
@@ -307,71 +454,30 @@ def main() -> int:
             + ", ".join(f"{k} {v:,}" for k, v in generated.items())
             + ")"
         )
-        print(
-            f"extracted {extracted:,} records; planned {planned:,} erasures "
-            f"({planned / max(extracted, 1):.1%} of extracted): "
-            + ", ".join(f"{rt} {len(v):,}" for rt, v in sorted(ids.items()))
-            + f"; contacts by action {by_action}"
-        )
-        print()
-        rows = [
-            Row("extract", extract, extracted),
-            Row("plan", plans, extracted),
-            Row("validate", validations, extracted, f"{validations[0]['result']['suites']} suites"),
-            Row("erase", erase, sum(v for k, v in outcomes.items() if k in ("erased", "already_gone")), f"outcomes {outcomes}"),
-            Row("verify", verify, verify["result"]["checked"], f"still present {verify['result']['still_present']}"),
-        ]
-        table(rows)
-        print()
-        print(
-        "pipeline erase step, per record type (seconds in the connector / in the ledger; a batch's outcomes are "
-        "booked while the next batch runs, so the two overlap and do not add up to the step's wall time):"
-    )
-        for rt in ("crm_event_participation", "crm_course_registration", "crm_survey_response", "crm_invoice", "crm_contact"):
-            if rt in erase["adapter_erase_s"] or rt in erase["ledger_s"]:
-                print(
-                    f"  {rt:<26}{len(ids.get(rt, [])):>10,} records  connector {erase['adapter_erase_s'].get(rt, 0):7.2f}s"
-                    f"  ledger {erase['ledger_s'].get(rt, 0):7.2f}s"
-                )
-        waited = erase["result"].get("waited_seconds") or {}
-        if waited:
+        shown = median_run(passes, lambda p: p["erase"]["wall"])
+        if len(passes) > 1:
             print(
-                f"  the erase loop waited {waited.get('write_ahead', 0):.2f}s for batches' write-ahead and "
-                f"{waited.get('bookings', 0):.2f}s for the previous batch's bookings"
+                f"{len(passes)} passes; in detail the pass whose erase step is nearest the median "
+                f"(pass {passes.index(shown) + 1}):"
             )
-        print()
+        print_pass(shown)
+        if len(passes) > 1:
+            print()
+            print_passes(passes)
+        differ = [i for i, p in enumerate(passes, 1) if p["after_pipeline"] != p["after_hand"]]
         print(
-            "erasure of the due contacts (crm_contact with notes, event participations, course registrations, survey responses;"
-        )
-        print("invoices of minimised contacts detached), from the same rows in both databases:")
-        print(
-            f"  pipeline contact phase   {contact_phase:8.2f}s  ({len(contact_ids):,} contacts, batches of {CRM_BATCH:,}, "
-            f"write-ahead + completion in the ledger included; connector alone "
-            f"{erase['adapter_erase_s'].get('crm_contact', 0):.2f}s)"
-        )
-        if erase["contact_write_ahead_before_s"]:
-            print(
-                f"{'':29}of which {erase['contact_write_ahead_before_s']:.2f}s: the contacts' share of the plan's write-ahead, "
-                "written before the phase began (beside earlier batches; counted in full)"
+            "row counts after erasure: "
+            + (
+                "identical in both databases" + (" in every pass" if len(passes) > 1 else "")
+                if not differ
+                else f"DIFFERENT (pass {', '.join(map(str, differ))})"
             )
-        print(
-            f"  hand-written statement   {hand['contacts_s']:8.2f}s  (one CTE of DELETE ... RETURNING; rows {hand['contact_rows']})"
         )
-        ratio = contact_phase / hand["contacts_s"]
-        print(f"  ratio                    {ratio:8.2f}x  (target <= 1.5x)")
-        print(f"  ratio, connector only    {erase['adapter_erase_s'].get('crm_contact', 0) / hand['contacts_s']:8.2f}x")
-        hand_total = hand["children_s"] + hand["contacts_s"]
-        print(
-            f"whole erasure: pipeline erase step {erase['wall']:.2f}s vs hand-written {hand_total:.2f}s "
-            f"(children {hand['children_s']:.2f}s + contacts {hand['contacts_s']:.2f}s) = {erase['wall'] / hand_total:.2f}x"
-        )
-        print(f"plan {rows[1].wall:.2f}s, validate {rows[2].wall:.2f}s, {peak_line(rows)}")
-        same = after_p == after_h
-        print(f"row counts after erasure: {'identical in both databases' if same else 'DIFFERENT'}")
-        if not same:
+        for i in differ:
+            after_p, after_h = passes[i - 1]["after_pipeline"], passes[i - 1]["after_hand"]
             for k in after_p:
                 if after_p[k] != after_h[k]:
-                    print(f"  {k}: pipeline {after_p[k]:,}, hand-written {after_h[k]:,}")
+                    print(f"  pass {i}, {k}: pipeline {after_p[k]:,}, hand-written {after_h[k]:,}")
         print(watch.line())
     return 0
 

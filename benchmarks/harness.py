@@ -363,6 +363,17 @@ class Bench:
         print(f"  ready in {time.perf_counter() - t:.1f}s", flush=True)
         return standin
 
+    def fresh_ledger(self) -> None:
+        """An empty ledger again (for a benchmark's next pass over fresh copies of its data):
+        the PostgreSQL database created anew, or the SQLite file removed. Every task opens the
+        ledger anew and migrates it, so nothing holds the old one."""
+        if self.ledger == "postgres":
+            self.pg.database(f"retention_bench_{self.name}_ledger")
+        else:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                (self.work / f"ledger.db{suffix}").unlink(missing_ok=True)
+        self.run = None
+
     def open_run(self) -> dict:
         from retention.runs import nightly
 
