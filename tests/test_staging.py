@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from retention import config
@@ -97,6 +98,8 @@ def test_a_staged_frame_is_read_as_pandas_reads_it_with_each_column_in_one_piece
         "count": pd.Series(range(n), dtype="Int64"),
     })
     path = staging.write_frame("crm", "plan", frame)
+    # Written in row groups (a reader of a few columns a batch at a time decodes one at once).
+    assert pq.ParquetFile(str(path.path)).metadata.num_row_groups == 2
     read = staging.read_frame("crm", "plan")
     pd.testing.assert_frame_equal(read, pd.read_parquet(str(path.path)))
     pd.testing.assert_frame_equal(read, frame, check_dtype=False)

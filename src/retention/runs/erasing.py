@@ -535,10 +535,16 @@ class ErasureEngine:
         self._bookings = self._bookings[upto:]
 
     # -- verify -------------------------------------------------------------------------------
-    # Plan rows looked up at a time, in the ledger and in the system: what verify holds at once
-    # (tens of megabytes). Each lookup of a chunk's statuses reads the run's outcomes of a record
-    # type once (they have no index on the key): few, large chunks.
-    verify_chunk = 200_000
+    # Plan rows looked up at a time, in the ledger and in the system: what verify holds at once.
+    # Each lookup of a chunk's statuses reads the run's outcomes of a record type once (they have
+    # no index on the key), so fewer chunks are faster. But the step's memory crept up chunk
+    # after chunk (allocators keeping what a chunk's keys, ids, statuses and result rows took) to
+    # a level set by the chunk's size: for the benchmark's CRM at a million contacts (835,000
+    # erasures; the step alone, no Airflow) 549 MB at 200,000 rows a chunk and 11.4 s, 397 MB at
+    # 50,000 and 12.6 s, 354 MB at 25,000 and 14.9 s. With 25,000-row chunks, the plan staged in
+    # row groups and read in one thread (``RunStaging``), the verify step peaks at 314 MB at a
+    # million contacts and 299 MB at 250,000 (``scripts/bench.sh memory``).
+    verify_chunk = 25_000
 
     @property
     def verify_rows(self) -> int:

@@ -38,6 +38,12 @@ from retention.domain.conform import conform
 # Staging files live for one run: write them fast rather than small. Dictionary encoding is
 # wasted on columns of unique keys, which most of these columns are.
 PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": False}
+# A staged frame is written in row groups of at most this many rows. A reader of a few columns a
+# batch at a time (verify's ``iter_batches``) decodes a whole row group at its first batch: a
+# million-row plan in one row group cost the verify step 39 MB of Arrow buffers at once (11 MB in
+# row groups of 100,000), a quarter-million-row plan a quarter of that, so the step's memory grew
+# with the plan. A frame read whole still has each column in one piece.
+ROW_GROUP_ROWS = 100_000
 
 
 log = logging.getLogger(__name__)
@@ -95,11 +101,11 @@ def _write_parquet(frame: pd.DataFrame, path: ObjectStoragePath) -> None:
     table = pa.Table.from_pandas(frame, preserve_index=False)
     if _is_local(path):
         _private_file(path)
-        pq.write_table(table, _local(path), **PARQUET_OPTIONS)
+        pq.write_table(table, _local(path), row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
         return
     # The store's file object uploads in parts as pyarrow writes (s3fs: multipart).
     with path.open("wb") as out:
-        pq.write_table(table, out, **PARQUET_OPTIONS)
+        pq.write_table(table, out, row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
 
 
 def _read_parquet(path: ObjectStoragePath) -> pd.DataFrame:
@@ -113,8 +119,9 @@ def _read_whole_frame(path: ObjectStoragePath) -> pd.DataFrame:
     """A staged frame with each column in one piece. ``pd.read_parquet`` hands back a column in
     pieces of about 130,000 rows, and taking a batch's rows out of a column in pieces costs
     twenty times as much (7.7 ms against 0.3 ms for 50,000 keys of an 835,000-row plan; the
-    erase step takes its batches that way). A file read whole keeps its row group as one
-    piece; pandas' own metadata in the file gives the same frame as ``pd.read_parquet``."""
+    erase step takes its batches that way). A file read whole keeps each column in one piece,
+    whatever its row groups (``ROW_GROUP_ROWS``); pandas' own metadata in the file gives the
+    same frame as ``pd.read_parquet``."""
     if _is_local(path):
         table = pq.ParquetFile(_local(path)).read(use_pandas_metadata=True)
     else:
@@ -193,15 +200,18 @@ class RunStaging:
 
     def iter_batches(self, system: str, name: str, columns: list[str], batch_rows: int = 50_000) -> Iterator[pa.RecordBatch]:
         """A staged frame's ``columns`` in Arrow record batches of at most ``batch_rows`` rows:
-        for a step that needs a few columns of a large frame a chunk at a time (bounded memory)."""
+        for a step that needs a few columns of a large frame a chunk at a time (bounded memory).
+        Decoded in this thread: Arrow's decoding threads each kept memory of their own (the CRM's
+        verify step at a million contacts peaked 27 MB higher with them), and a few columns of
+        25,000 rows gain little from threads."""
         path = self.system_dir(system) / f"{name}.parquet"
         if not path.exists():
             raise FileNotFoundError(f"staging has no {name} for {system}: did the earlier task of this run succeed?")
         if _is_local(path):
-            yield from pq.ParquetFile(_local(path)).iter_batches(batch_size=batch_rows, columns=columns)
+            yield from pq.ParquetFile(_local(path)).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
             return
         with path.open("rb") as src:  # ranged reads: the footer, then the column chunks
-            yield from pq.ParquetFile(src).iter_batches(batch_size=batch_rows, columns=columns)
+            yield from pq.ParquetFile(src).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
 
     def write_json(self, system: str, name: str, data: dict) -> ObjectStoragePath:
         path = self.system_dir(system) / f"{name}.json"
