@@ -1,8 +1,8 @@
 """CRM benchmark: 1,000,000 contacts with their notes and tags on PostgreSQL, about 10% due.
 
 Generates the synthetic CRM once (``retention_dev.synthetic.crm``, COPY) into
-``retention_bench_crm_pipeline`` and clones it (``CREATE DATABASE ... TEMPLATE``) into
-``retention_bench_crm_hand``, so both hold the same rows. In the first it runs the pipeline's
+``retention_bench_crm_seed`` and clones it (``CREATE DATABASE ... TEMPLATE``) into
+``retention_bench_crm_pipeline`` and ``retention_bench_crm_hand``, so both hold the same rows. In the first it runs the pipeline's
 steps (extract, plan, validate, erase, verify), each in a fresh spawned process as Airflow
 runs each task (``harness``), through ``CrmAdapter(CrmConnector(engine))``, and prints wall
 time, records/s and peak RSS of the step process (``--repeat``: plan and validate that many
@@ -26,7 +26,12 @@ The ledger is PostgreSQL (``retention_bench_crm_ledger`` on the same server, as 
 deployment) unless ``--ledger sqlite``. The machine's other load shows in the figures: run it
 on a quiet machine for numbers to compare across commits.
 
-    scripts/bench.sh crm [--contacts 1000000] [--seed 11] [--ledger postgres|sqlite] [--repeat 1] [--keep]
+``--passes N`` runs N whole nights (extract to verify, the hand-written erasure beside each), each
+on fresh copies of the CRM generated once (``DB_SEED``) and an empty ledger, and prints every
+pass's erasure side by side, the pass nearest the median in detail, and the ratio of the
+medians: the erase step moves by seconds from run to run on a 2-core machine.
+
+    scripts/bench.sh crm [--contacts 1000000] [--seed 11] [--ledger postgres|sqlite] [--passes 1] [--repeat 1] [--keep]
 """
 
 from __future__ import annotations

@@ -202,8 +202,8 @@ class RunStaging:
         """A staged frame's ``columns`` in Arrow record batches of at most ``batch_rows`` rows:
         for a step that needs a few columns of a large frame a chunk at a time (bounded memory).
         Decoded in this thread: Arrow's decoding threads each kept memory of their own (the CRM's
-        verify step at a million contacts peaked 27 MB higher with them), and a few columns of
-        25,000 rows gain little from threads."""
+        verify step at a million contacts peaked 27 MB higher with them), and a batch of a few
+        columns gains little from them."""
         path = self.system_dir(system) / f"{name}.parquet"
         if not path.exists():
             raise FileNotFoundError(f"staging has no {name} for {system}: did the earlier task of this run succeed?")
