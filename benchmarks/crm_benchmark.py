@@ -280,6 +280,10 @@ def one_pass(bench: Bench, args: argparse.Namespace) -> dict:
     print(f"hand-written erasure in {DB_HAND} ({len(contact_ids):,} contacts from the plan parquet)...", flush=True)
     checkpoint(url_h)
     hand = hand_erase(url_h, ids, contact_ids)
+    # counts only from here: the id lists (~30 MB at a million contacts) would otherwise stay
+    # alive through the pipeline's erase and verify and pile up over the passes
+    counts = {rt: len(v) for rt, v in ids.items()}
+    del ids, contact_ids
     print(f"  children {hand['children_s']:.2f}s, contacts {hand['contacts_s']:.2f}s", flush=True)
     vacuum_analyze(url_h)
     checkpoint(url_h)
@@ -293,7 +297,7 @@ def one_pass(bench: Bench, args: argparse.Namespace) -> dict:
         "hand": hand,
         "erase": erase,
         "verify": verify,
-        "ids": ids,
+        "counts": counts,
         "by_action": by_action,
         "planned": planned,
         "after_pipeline": table_counts(url_p),
@@ -308,10 +312,9 @@ def whole_ratio(p: dict) -> float:
 
 def print_pass(p: dict) -> None:
     """One pass's table and its erasure's figures in detail."""
-    extract, plans, validations, hand, erase, verify, ids = (
-        p[k] for k in ("extract", "plans", "validations", "hand", "erase", "verify", "ids")
+    extract, plans, validations, hand, erase, verify, counts = (
+        p[k] for k in ("extract", "plans", "validations", "hand", "erase", "verify", "counts")
     )
-    contact_ids = ids.get("crm_contact", [])
     extracted = sum(extract["result"]["extracted"].values())
     outcomes = erase["result"]["outcomes"]
     contact_phase = erase["contact_phase_s"]
@@ -319,7 +322,7 @@ def print_pass(p: dict) -> None:
     print(
         f"extracted {extracted:,} records; planned {planned:,} erasures "
         f"({planned / max(extracted, 1):.1%} of extracted): "
-        + ", ".join(f"{rt} {len(v):,}" for rt, v in sorted(ids.items()))
+        + ", ".join(f"{rt} {n:,}" for rt, n in sorted(counts.items()))
         + f"; contacts by action {p['by_action']}"
     )
     print()
@@ -339,7 +342,7 @@ def print_pass(p: dict) -> None:
     for rt in ("crm_event_participation", "crm_course_registration", "crm_survey_response", "crm_invoice", "crm_contact"):
         if rt in erase["adapter_erase_s"] or rt in erase["ledger_s"]:
             print(
-                f"  {rt:<26}{len(ids.get(rt, [])):>10,} records  connector {erase['adapter_erase_s'].get(rt, 0):7.2f}s"
+                f"  {rt:<26}{counts.get(rt, 0):>10,} records  connector {erase['adapter_erase_s'].get(rt, 0):7.2f}s"
                 f"  ledger {erase['ledger_s'].get(rt, 0):7.2f}s"
             )
     waited = erase["result"].get("waited_seconds") or {}
@@ -352,7 +355,7 @@ def print_pass(p: dict) -> None:
     print("erasure of the due contacts (crm_contact with notes, event participations, course registrations, survey responses;")
     print("invoices of minimised contacts detached), from the same rows in both databases:")
     print(
-        f"  pipeline contact phase   {contact_phase:8.2f}s  ({len(contact_ids):,} contacts, batches of {CRM_BATCH:,}, "
+        f"  pipeline contact phase   {contact_phase:8.2f}s  ({counts.get('crm_contact', 0):,} contacts, batches of {CRM_BATCH:,}, "
         f"write-ahead + completion in the ledger included; connector alone "
         f"{erase['adapter_erase_s'].get('crm_contact', 0):.2f}s)"
     )
