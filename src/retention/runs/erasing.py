@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import repeat
 
 import numpy as np
 import pandas as pd
@@ -276,14 +277,19 @@ class ErasureEngine:
         for record_type, keys in plan.groupby("record_type", sort=False)["record_key"]:
             # Counted in C (map and Counter), the keys as one list: a Python step per plan row
             # over an Arrow-backed column cost a second or more for a million rows.
-            counted = Counter(map(self._status.by_type[record_type].__getitem__, keys.tolist()))
+            # A row without a status was never reached: only a step that raised leaves one, and it
+            # returns no count.
+            counted = Counter(map(self._status.by_type.get(record_type, {}).get, keys.tolist(), repeat(Status.PLANNED)))
             result.statuses[record_type] = Counter({str(s): n for s, n in counted.items()})
         return result
 
     def _write_ahead(self, plan: pd.DataFrame, is_destructive: np.ndarray) -> np.ndarray:
         """A ledger entry, now, for every plan row that erases nothing (held, deferred) the ledger
-        does not have yet; the destructive rows it does not have yet are marked planned here and
-        returned (a mask over the plan) for :class:`_WriteAhead` to write before their batches."""
+        does not have yet; the destructive rows it does not have yet are returned (a mask over the
+        plan) for :class:`_WriteAhead` to write before their batches. A destructive row's status
+        here is set when its batch is handed over (or it is settled or carried over before): not
+        for every row up front, which cost half a second for a million rows before the first
+        batch, and until then it reads as planned (:meth:`erase`'s count)."""
         if plan.empty:
             return np.zeros(0, dtype=bool)
         if self._status:
@@ -291,20 +297,14 @@ class ErasureEngine:
             is_new = np.fromiter(((t, k) not in self._status for t, k in pairs), dtype=bool, count=len(plan))
         else:  # a first attempt: nothing in the ledger yet
             is_new = np.ones(len(plan), dtype=bool)
-        before_of = {str(a): str(s) for a, s in STATUS_BEFORE.items()}
-        for start in range(0, len(plan), _ROWS):  # a slice at a time: no list of every row's values at once
-            rows = slice(start, start + _ROWS)
-            new = is_new[rows]
-            types, keys, actions = (plan[c].iloc[rows].astype(str).to_numpy()[new] for c in ("record_type", "record_key", "action"))
-            # Per record type and action, the slice's keys in one dict.fromkeys (in C): a
-            # Python step per row cost a second for a million rows, before the first batch.
-            for (t, a), part in pd.DataFrame({"t": types, "k": keys, "a": actions}).groupby(["t", "a"], sort=False)["k"]:
-                self._status.update_type(t, dict.fromkeys(part.tolist(), before_of[a]))
         settled = plan[is_new & ~is_destructive]
         if settled.empty:
             return is_new
+        before_of = {str(a): str(s) for a, s in STATUS_BEFORE.items()}
         versions = settled["policy_version"] if "policy_version" in settled else pd.Series(self.policy_version, index=settled.index)
         before = settled["action"].astype(str).map(before_of)
+        for (record_type, status), keys in settled.groupby([settled["record_type"].astype(str), before.astype(str)], sort=False)["record_key"]:
+            self._status.update_type(record_type, dict.fromkeys(keys.astype(str).tolist(), Status(status)))
         for (version, status), part in settled.groupby([versions.astype(str), before.astype(str)], sort=False):
             self.ledger.write_ahead(self.run_id, version, self.system, _entries(part), status=status)
         deferred = settled[(before == Status.DEFERRED).to_numpy()]
@@ -321,12 +321,20 @@ class ErasureEngine:
         what earlier runs carried over first, each part in id order) and how many of the type's
         rows an earlier attempt finished."""
         groups = []
+        # Each column's values as codes once: comparing a million texts per record type and
+        # action cost a third of a second before the first batch.
+        type_codes, types = pd.factorize(plan["record_type"].astype(str))
+        action_codes, actions = pd.factorize(plan["action"].astype(str))
         for record_type in self.adapter.record_types:
-            mine = is_destructive & (plan["record_type"] == record_type).to_numpy()
+            if record_type not in types:
+                continue
+            mine = is_destructive & (type_codes == types.get_loc(record_type))
             if not mine.any():
                 continue
             for action in (Action.MINIMISE, Action.ERASE):
-                positions = np.flatnonzero(mine & (plan["action"] == action).to_numpy())
+                if str(action) not in actions:
+                    continue
+                positions = np.flatnonzero(mine & (action_codes == actions.get_loc(str(action))))
                 if not len(positions):
                     continue
                 done = {k for k, s in self._status.by_type.get(record_type, {}).items() if s in DONE}
@@ -406,11 +414,11 @@ class ErasureEngine:
 
         # Manual holds put on since the plan was made (``retention hold add``): read now.
         holds = Holds.at(datetime.now(UTC), ledger=self.ledger.holds())
-        for k in keys:
-            ref = holds.reason(record_type, record_key=k)
-            if ref and k not in settled:
+        held = holds.keys(record_type)  # a set: no Python step per key of a batch without holds
+        for k in [k for k in keys if k in held] if held else ():
+            if k not in settled:
                 settled[k] = Status.HELD
-                detail[k] = _text(f"under {ref}, added after the plan", _DETAIL_WIDTH)
+                detail[k] = _text(f"under {holds.reason(record_type, record_key=k)}, added after the plan", _DETAIL_WIDTH)
 
         if not settled:
             return batch
@@ -451,7 +459,6 @@ class ErasureEngine:
         self._waited["bookings"] += time.perf_counter() - waiting
         self._previous_batch_bookings = len(self._bookings)
         key_of = dict(zip(batch["record_id"].astype(str).tolist(), batch["record_key"].tolist()))
-        id_of = {k: i for i, k in key_of.items()}
         heard: set[str] = set()
         pending: dict[str, Status] = {}
         last = time.monotonic()
@@ -468,18 +475,18 @@ class ErasureEngine:
                 heard.add(key)
                 pending[key] = status
                 if time.monotonic() - last >= self.flush_seconds:
-                    self._complete(record_type, pending, id_of)
+                    self._complete(record_type, pending, key_of)
                     pending, last = {}, time.monotonic()
         finally:
             # The outcomes heard so far are true whatever stops the batch: book them.
-            self._complete(record_type, pending, id_of)
+            self._complete(record_type, pending, key_of)
         # The system said nothing of these: not erased as far as anyone knows.
         self._complete(record_type, {k: Status.FAILED for k in key_of.values() if k not in heard})
         self._forget_when_booked(submission, self._bookings[booked_from:])
 
-    def _complete(self, record_type: str, outcomes: dict[str, Status], id_of: dict[str, str] | None = None) -> None:
-        """Book outcomes (record_key -> status); ``id_of`` (record_key -> id) names the records
-        the state checks may have left alone, for the detail of a deferral."""
+    def _complete(self, record_type: str, outcomes: dict[str, Status], key_of: dict[str, str] | None = None) -> None:
+        """Book outcomes (record_key -> status); ``key_of`` (the batch's record id -> key) names
+        the records the state checks may have left alone, for the detail of a deferral."""
         if not outcomes:
             return
         detail = {}
@@ -488,7 +495,8 @@ class ErasureEngine:
                 if status == Status.ALREADY_GONE and (record_type, key) in self._sent_before:
                     outcomes[key] = Status.ERASED
                     detail[key] = "erased by an earlier attempt of this run, killed before it heard back"
-        if self._left_alone and id_of:
+        if self._left_alone and key_of:
+            id_of = {k: i for i, k in key_of.items()}  # made only when a check left something alone
             for key, status in outcomes.items():
                 why = self._left_alone.get((record_type, id_of.get(key, "")))
                 if why and status == Status.DEFERRED and key not in detail:
