@@ -13,6 +13,7 @@ import itertools
 import time
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 
@@ -653,8 +654,11 @@ def test_the_first_batch_waits_for_its_own_entries_not_a_whole_chunk(ledger, mon
 
     class SizedLedger(SlowWriteAheadLedger):
         def write_ahead(self, run_id, policy_version, system, rows, **kwargs):
-            rows = list(rows)  # frames of entries
-            sizes.append(sum(len(frame) for frame in rows))
+            if isinstance(rows, pa.Table):  # the engine's write-ahead of destructive rows
+                sizes.append(rows.num_rows)
+            else:  # frames of entries (held and deferred rows)
+                rows = list(rows)
+                sizes.append(sum(len(frame) for frame in rows))
             super().write_ahead(run_id, policy_version, system, rows, **kwargs)
 
     slow = SizedLedger(ledger.engine, 0.3)
@@ -704,3 +708,24 @@ def test_batches_go_while_the_rest_of_the_plan_is_written_ahead(ledger, monkeypa
     statuses = [r["status"] for r in entries(ledger, "run-11").values()]
     assert len(statuses) == 15, "every plan row is in the ledger when the run stops"
     assert statuses.count("erased") == 2 and statuses.count("submitted") == 1 and statuses.count("planned") == 12
+
+
+def test_entries_made_in_arrow_are_the_entries_made_in_pandas():
+    """The destructive rows' write-ahead shapes its entries in Arrow (``_entry_table``), the
+    held and deferred rows' in pandas (``_entry_frame``): the same entries from the same rows."""
+    from retention.runs.erasing import _entry_frame, _entry_table
+
+    frame = pd.DataFrame({
+        "record_type": ["crm_contact", "crm_invoice", "crm_contact", "crm_contact", "crm_contact"],
+        "record_key": ["k1", "k2", "k3", "k4", "k5"],
+        "rule_id": ["lead", "r" * 80, "lead", "lead", "lead"],
+        "action": ["erase", "minimise", "defer", "hold", "erase"],
+        "hold": [None, "", "h" * 250, 'complaint, "urgent"', float("nan")],
+    }).astype({c: "string[pyarrow]" for c in ("record_type", "record_key", "rule_id", "action", "hold")})
+    from_pandas = _entry_frame(frame).astype(object).where(lambda f: f.notna(), None)
+    from_arrow = _entry_table(pa.Table.from_pandas(frame, preserve_index=False)).to_pandas().astype(object).where(lambda f: f.notna(), None)
+    assert from_arrow.to_dict("records") == from_pandas.reset_index(drop=True).to_dict("records")
+    got = from_arrow.to_dict("records")
+    assert [r["action"] for r in got] == ["erase", "minimise", "erase", "hold", "erase"]  # a deferral is the erasure it puts off
+    assert len(got[1]["rule_id"]) == 60 and len(got[2]["hold"]) == 200
+    assert [got[i]["hold"] for i in (0, 1, 4)] == [None, None, None]

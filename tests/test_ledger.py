@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -97,10 +98,11 @@ def test_write_ahead_then_complete(ledger):
 
 
 def test_entries_given_as_frames_are_the_entries_given_as_dicts(ledger):
-    """The engine hands the plan's entries over as frames (a slice at a time); the ledger writes
-    them as it writes dicts, across its chunks."""
-    ledger.open_run("r1", "d", NOW, "v1", "label", False)
-    ledger.open_run("r2", "d", NOW, "v1", "label", False)
+    """The engine hands the plan's entries over as frames (a slice at a time) or, for the
+    destructive rows it writes beside the erasure, as one Arrow table; the ledger writes both as
+    it writes dicts, across its chunks."""
+    for run in ("r1", "r2", "r3"):
+        ledger.open_run(run, "d", NOW, "v1", "label", False)
     holds = [None, "", 'complaint, "urgent"', "line one\nline two", "åäö \\N", float("nan")]
     rows = [
         {"record_type": "crm_contact" if i % 2 else "crm_invoice", "record_key": f"k{i}", "rule_id": "lead",
@@ -110,11 +112,12 @@ def test_entries_given_as_frames_are_the_entries_given_as_dicts(ledger):
     ledger.write_ahead("r1", "v1", "crm", [{**r, "hold": None if r["hold"] != r["hold"] else r["hold"]} for r in rows])
     frame = pd.DataFrame(rows)
     ledger.write_ahead("r2", "v1", "crm", (frame.iloc[i : i + 5] for i in range(0, len(frame), 5)))
+    ledger.write_ahead("r3", "v1", "crm", pa.Table.from_pandas(frame.iloc[::-1], preserve_index=False))  # out of key order
     columns = ("record_type", "record_key", "rule_id", "action", "hold", "status", "completed_at")
     with ledger.engine.connect() as conn:
         got = {run: sorted(tuple(r[c] for c in columns) for r in conn.execute(sa.select(erasure_ledger).where(erasure_ledger.c.run_id == run)).mappings())
-               for run in ("r1", "r2")}
-    assert got["r1"] == got["r2"] and len(got["r1"]) == len(rows)
+               for run in ("r1", "r2", "r3")}
+    assert got["r1"] == got["r2"] == got["r3"] and len(got["r1"]) == len(rows)
     assert sorted({h for *_, h, _, _ in got["r2"]}, key=str) == sorted({None, *holds[2:5]}, key=str)
 
 

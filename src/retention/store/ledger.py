@@ -26,6 +26,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -313,14 +314,19 @@ _COPY_COLUMNS = (
 def _copy_frame(conn: sa.Connection, fixed: dict, frame: pd.DataFrame) -> None:
     """New entries from a frame's columns through COPY, in the caller's transaction (a dict and
     a Python row per entry cost as much as the COPY)."""
-    n = len(frame)
+    hold = frame["hold"].astype(object).where(frame["hold"].notna() & (frame["hold"].astype(str) != ""), None)
+    texts = [pa.array(frame[c].astype(str).to_numpy(dtype=object), pa.string()) for c in ("record_type", "record_key", "rule_id", "action")]
+    _copy_entries(conn, fixed, [*texts, pa.array(hold.to_numpy(dtype=object), pa.string())])
+
+
+def _copy_entries(conn: sa.Connection, fixed: dict, texts: list[pa.Array]) -> None:
+    """New entries through COPY: ``fixed``'s run, version, system, status and times for every
+    one, ``texts`` their record_type, record_key, rule_id, action and hold (null: none)."""
+    n = len(texts[0])
     head = [fixed[c] for c in _COPY_COLUMNS[:6]]
     head = [None if v is None else (v.isoformat() if isinstance(v, datetime) else str(v)) for v in head]
-    hold = frame["hold"].astype(object).where(frame["hold"].notna() & (frame["hold"].astype(str) != ""), None)
     columns = [pa.array([v] * n, pa.string()) if v is not None else pa.nulls(n, pa.string()) for v in head]
-    columns += [pa.array(frame[c].astype(str).to_numpy(dtype=object), pa.string()) for c in ("record_type", "record_key", "rule_id", "action")]
-    columns.append(pa.array(hold.to_numpy(dtype=object), pa.string()))
-    _copy_arrays(conn, erasure_entry.name, _COPY_COLUMNS, columns)
+    _copy_arrays(conn, erasure_entry.name, _COPY_COLUMNS, columns + list(texts))
 
 
 def _copy_arrays(conn: sa.Connection, table: str, names: Sequence[str], columns: list[pa.Array]) -> None:
@@ -540,13 +546,16 @@ class Ledger:
         return out
 
     def write_ahead(
-        self, run_id: str, policy_version: str, system: str, rows: Iterable[dict] | pd.DataFrame | Iterable[pd.DataFrame],
+        self, run_id: str, policy_version: str, system: str,
+        rows: Iterable[dict] | pd.DataFrame | Iterable[pd.DataFrame] | pa.Table,
         status: str = "planned", analyze: bool = True,
     ) -> None:
         """Insert entries (record_type, record_key, rule_id, action, hold) before acting on them,
         all in one transaction. ``rows``: dicts with those keys, or frames with those columns (a
         generator is consumed as it goes, so that a few hundred thousand entries never sit in
-        memory at once). A hold of ``None`` or ``""`` is stored as no hold (NULL).
+        memory at once), or one Arrow table with those columns (the erase engine's write-ahead:
+        sorted and copied without a pandas step). A hold of ``None`` or ``""`` is stored as no
+        hold (NULL).
 
         Set-based: each chunk in key order (``_ENTRY_COLUMNS``), through COPY on PostgreSQL (a frame's
         chunk as Arrow's CSV), one executemany elsewhere. ``analyze``: refresh the table's
@@ -558,6 +567,12 @@ class Ledger:
             "planned_at": now, "completed_at": now if status in DONE else None,
         }
         written = 0
+        if isinstance(rows, pa.Table):
+            with self.engine.begin() as conn:
+                self._write_table(conn, fixed, rows)
+                if analyze and rows.num_rows >= 10_000:
+                    self._analyze(conn)
+            return
         with self.engine.begin() as conn:
             for frame in _entry_frames(rows, 50_000 if self._postgres else 5000):
                 frame = frame.sort_values(["record_type", "record_key"])  # see _ENTRY_COLUMNS
@@ -571,6 +586,22 @@ class Ledger:
                 written += len(frame)
             if analyze and written >= 10_000:
                 self._analyze(conn)
+
+    def _write_table(self, conn: sa.Connection, fixed: dict, table: pa.Table) -> None:
+        """:meth:`write_ahead`'s entries from an Arrow table, a chunk at a time in key order."""
+        size = 50_000 if self._postgres else 5000
+        for start in range(0, table.num_rows, size):
+            part = table.slice(start, size).select(list(_ENTRY_COLUMNS))
+            part = part.take(pc.sort_indices(part, sort_keys=[("record_type", "ascending"), ("record_key", "ascending")]))
+            texts = [pc.cast(part.column(c), pa.string()) for c in _ENTRY_COLUMNS]
+            hold = texts[-1]
+            texts[-1] = pc.if_else(pc.equal(hold, ""), pa.scalar(None, pa.string()), hold)  # no hold: NULL
+            if self._postgres:
+                _copy_entries(conn, fixed, texts)
+                continue
+            conn.execute(erasure_entry.insert(), [
+                {**fixed, **dict(zip(_ENTRY_COLUMNS, values))} for values in zip(*(c.to_pylist() for c in texts))
+            ])
 
     def analyze(self) -> None:
         """Fresh statistics of the entries (PostgreSQL), so that completing and verifying them
@@ -591,16 +622,18 @@ class Ledger:
         booked for an entry is its status (``erasure_ledger``)."""
         if not outcomes:
             return
+        # Lists made in C where the outcomes allow (no detail, no open status): this runs in the
+        # booking thread beside the erase loop, a million outcomes a night.
         keys = list(outcomes)
-        statuses = [str(s) for s in outcomes.values()]
-        unknown = set(statuses) - set(STATUSES)
+        statuses = list(map(str, outcomes.values()))
+        distinct = set(statuses)
+        unknown = distinct - set(STATUSES)
         if unknown:
             raise ValueError(f"unknown ledger status {sorted(unknown)[0]!r}")
         now = utcnow()
-        detail = detail or {}
-        texts = [None if (d := detail.get(k)) is None else str(d)[:200] for k in keys]
+        texts = [None if (d := detail.get(k)) is None else str(d)[:200] for k in keys] if detail else [None] * len(keys)
         at = now.isoformat() if self._postgres else now
-        done = [None if s in _OPEN else at for s in statuses]
+        done = [None if s in _OPEN else at for s in statuses] if distinct & set(_OPEN) else [at] * len(keys)
         with self.engine.begin() as conn:
             for start in range(0, len(keys), 50_000 if self._postgres else 5000):
                 part = slice(start, start + (50_000 if self._postgres else 5000))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from datetime import datetime
+from itertools import repeat
 
 import pandas as pd
 
@@ -110,8 +111,10 @@ class CrmAdapter:
         else:
             raise ValueError(f"unknown action {action!r}")
         # One transaction per call: its outcomes are known (and true) once it has committed.
-        for i in ids:
-            yield str(i), _OUTCOMES.get(result.get(i, "failed"), Status.FAILED)
+        # Handed on through iterators in C: a generator step per record cost a third of a second
+        # for a million.
+        status_of = {code: _OUTCOMES.get(code, Status.FAILED) for code in {*result.values(), "failed"}}
+        yield from zip(map(str, ids), map(status_of.__getitem__, map(result.get, ids, repeat("failed"))))
 
     @staticmethod
     def _check(record_type: str, recheck: Recheck):
