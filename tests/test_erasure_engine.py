@@ -729,3 +729,17 @@ def test_entries_made_in_arrow_are_the_entries_made_in_pandas():
     assert [r["action"] for r in got] == ["erase", "minimise", "erase", "hold", "erase"]  # a deferral is the erasure it puts off
     assert len(got[1]["rule_id"]) == 60 and len(got[2]["hold"]) == 200
     assert [got[i]["hold"] for i in (0, 1, 4)] == [None, None, None]
+
+
+def test_plan_rows_with_their_own_policy_version_are_written_ahead_under_it(ledger):
+    """A plan may carry each row's policy version (a replay's); a row without one is the run's.
+    Every destructive row is written ahead under its own, none left out."""
+    system = MemorySystem(TICKETS)
+    plan = plan_of(PLAN).assign(policy_version=pd.Series(["v0", None, "v0", "v0", None], dtype="string"))
+    result = ErasureEngine(ledger, "run-13", "ticketing", system, "v1").erase(plan)
+    rows = entries(ledger, "run-13")
+    key = dict(zip(plan["record_id"], plan["record_key"]))
+    assert {rid: rows[(t, key[rid])]["policy_version"] for t, rid in zip(plan["record_type"], plan["record_id"])} == {
+        "1": "v0", "2": "v1", "3": "v0", "4": "v0", "u1": "v1",
+    }
+    assert result.totals() == {"erased": 4, "held": 1}

@@ -647,7 +647,8 @@ class _WriteAhead:
         if "policy_version" not in part.column_names:
             versions = [(engine.policy_version, part)]
         else:
-            column = pc.cast(part.column("policy_version"), pa.string())
+            # A row without a version is the run's (as for the held and deferred rows), never left out.
+            column = pc.fill_null(pc.cast(part.column("policy_version"), pa.string()), engine.policy_version)
             versions = [(str(v), part.filter(pc.equal(column, v))) for v in pc.unique(column).to_pylist()]
         for version, rows in versions:
             engine.ledger.write_ahead(engine.run_id, version, engine.system, _entry_table(rows), status=str(Status.PLANNED), analyze=False)
