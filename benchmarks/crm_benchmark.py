@@ -43,6 +43,8 @@ import sys
 import time
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from harness import (
     AdapterProxy,
@@ -123,7 +125,7 @@ def _instrument_ledger(ledger_s: dict, completed_at: dict, written_ahead: list) 
     def timed_write_ahead(self, run_id, policy_version, system, rows, *args, **kwargs):
         seen: dict[str, int] = {}
 
-        def tap(rows):  # count the entries per record type, as the ledger takes them (frames or dicts)
+        def tap(rows):  # count the entries per record type, as the ledger takes them (frames, dicts)
             for r in [rows] if isinstance(rows, pd.DataFrame) else rows:
                 for record_type, n in (
                     r["record_type"].value_counts().items() if isinstance(r, pd.DataFrame) else [(r["record_type"], 1)]
@@ -131,8 +133,13 @@ def _instrument_ledger(ledger_s: dict, completed_at: dict, written_ahead: list) 
                     seen[record_type] = seen.get(record_type, 0) + int(n)
                 yield r
 
+        if isinstance(rows, pa.Table):  # the engine's write-ahead of destructive rows, one table
+            for counted in pc.value_counts(pc.cast(rows.column("record_type"), pa.string())).to_pylist():
+                seen[counted["values"]] = seen.get(counted["values"], 0) + counted["counts"]
+        else:
+            rows = tap(rows)
         t = time.perf_counter()
-        write_ahead(self, run_id, policy_version, system, tap(rows), *args, **kwargs)
+        write_ahead(self, run_id, policy_version, system, rows, *args, **kwargs)
         end = time.perf_counter()
         total = sum(seen.values())
         shares = {rt: (end - t) * n / total for rt, n in seen.items()}
