@@ -710,10 +710,12 @@ def test_batches_go_while_the_rest_of_the_plan_is_written_ahead(ledger, monkeypa
     assert statuses.count("erased") == 2 and statuses.count("submitted") == 1 and statuses.count("planned") == 12
 
 
-def test_entries_made_in_arrow_are_the_entries_made_in_pandas():
-    """The destructive rows' write-ahead shapes its entries in Arrow (``_entry_table``), the
-    held and deferred rows' in pandas (``_entry_frame``): the same entries from the same rows."""
-    from retention.runs.erasing import _entry_frame, _entry_table
+@pytest.mark.parametrize("dtype", ["string[pyarrow]", "object", "category"])
+def test_entries_are_shaped_from_plan_rows_of_any_text_dtype(dtype):
+    """Every write-ahead (destructive, held and deferred rows alike) shapes its entries through
+    ``_entry_table``: the rule id and the hold cut to their columns' widths, a missing or empty
+    hold null, a deferral recorded as the erasure it puts off, whatever text dtype the plan uses."""
+    from retention.runs.erasing import _arrow, _entry_table
 
     frame = pd.DataFrame({
         "record_type": ["crm_contact", "crm_invoice", "crm_contact", "crm_contact", "crm_contact"],
@@ -721,14 +723,16 @@ def test_entries_made_in_arrow_are_the_entries_made_in_pandas():
         "rule_id": ["lead", "r" * 80, "lead", "lead", "lead"],
         "action": ["erase", "minimise", "defer", "hold", "erase"],
         "hold": [None, "", "h" * 250, 'complaint, "urgent"', float("nan")],
-    }).astype({c: "string[pyarrow]" for c in ("record_type", "record_key", "rule_id", "action", "hold")})
-    from_pandas = _entry_frame(frame).astype(object).where(lambda f: f.notna(), None)
-    from_arrow = _entry_table(pa.Table.from_pandas(frame, preserve_index=False)).to_pandas().astype(object).where(lambda f: f.notna(), None)
-    assert from_arrow.to_dict("records") == from_pandas.reset_index(drop=True).to_dict("records")
-    got = from_arrow.to_dict("records")
-    assert [r["action"] for r in got] == ["erase", "minimise", "erase", "hold", "erase"]  # a deferral is the erasure it puts off
-    assert len(got[1]["rule_id"]) == 60 and len(got[2]["hold"]) == 200
-    assert [got[i]["hold"] for i in (0, 1, 4)] == [None, None, None]
+        "detail": ["not an entry column"] * 5,
+    }).astype({c: dtype for c in ("record_type", "record_key", "rule_id", "action", "hold")})
+    got = _entry_table(_arrow(frame)).to_pylist()
+    assert got == [
+        {"record_type": "crm_contact", "record_key": "k1", "rule_id": "lead", "action": "erase", "hold": None},
+        {"record_type": "crm_invoice", "record_key": "k2", "rule_id": "r" * 60, "action": "minimise", "hold": None},
+        {"record_type": "crm_contact", "record_key": "k3", "rule_id": "lead", "action": "erase", "hold": "h" * 200},
+        {"record_type": "crm_contact", "record_key": "k4", "rule_id": "lead", "action": "hold", "hold": 'complaint, "urgent"'},
+        {"record_type": "crm_contact", "record_key": "k5", "rule_id": "lead", "action": "erase", "hold": None},
+    ]
 
 
 def test_plan_rows_with_their_own_policy_version_are_written_ahead_under_it(ledger):
@@ -743,3 +747,18 @@ def test_plan_rows_with_their_own_policy_version_are_written_ahead_under_it(ledg
         "1": "v0", "2": "v1", "3": "v0", "4": "v0", "u1": "v1",
     }
     assert result.totals() == {"erased": 4, "held": 1}
+
+
+def test_a_write_ahead_chunk_that_loses_rows_stops_the_step_before_its_batch(ledger, monkeypatch):
+    """The write-ahead counts what it writes against the rows it was given: a chunk that lost
+    some (as Arrow's filter once dropped the rows without a policy version) stops the step
+    before the batch waiting for it, rather than erasing records without entries."""
+    import pyarrow.compute
+
+    monkeypatch.setattr(pyarrow.compute, "fill_null", lambda column, value: column)  # the old bug, back
+    system = MemorySystem(TICKETS)
+    before = {t: set(ids) for t, ids in system.records.items()}
+    plan = plan_of(PLAN).assign(policy_version=pd.Series(["v0", None, "v0", "v0", None], dtype="string"))
+    with pytest.raises(RuntimeError, match="lost some of them"):
+        ErasureEngine(ledger, "run-14", "ticketing", system, "v1").erase(plan)
+    assert system.records == before, "nothing is erased"
