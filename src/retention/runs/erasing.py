@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,10 +62,17 @@ from retention.systems.base import ChangeFeed, Recheck, SourceSystem, batch_size
 
 log = logging.getLogger("retention")
 
+# Plan rows turned into Python values at a time (bounded memory for a plan of a million rows).
+_ROWS = 50_000
 # The plan columns a batch's checks and the adapter read (``_before_batch``, ``_recheck``,
 # ``_erase_batch``, ``_carry_over``), and those a ledger entry is made of (``_entry_table``).
 _BATCH_COLUMNS = ("record_id", "record_key", "action", "clock")
 _ENTRY_SOURCE = ("record_type", "record_key", "rule_id", "action", "hold", "policy_version")
+# Every plan column the engine reads: a caller holding a large plan reads only these, the
+# few-valued texts as categoricals (``RunStaging.read_frame``); the rest of a nightly plan
+# (system, deadline, fallback clock) and a text per row of the others took half its memory.
+PLAN_COLUMNS = tuple(dict.fromkeys((*_BATCH_COLUMNS, *_ENTRY_SOURCE, "blocks", "detail")))
+PLAN_CATEGORIES = ("record_type", "rule_id", "action")
 # Ledger column widths.
 _RULE_WIDTH, _HOLD_WIDTH, _DETAIL_WIDTH = 60, 200, 200
 
@@ -108,12 +115,38 @@ class StateCheck:
 
 class _Statuses:
     """(record type, key) -> status, kept as one dict per record type: a million plan rows
-    without a tuple and a record-type string each, as one dict keyed by both would hold."""
+    without a tuple and a record-type string each, as one dict keyed by both would hold.
+
+    A key whose status is final for the erase call and that nothing looks up again by key (a
+    batch's outcome, of a record type no other waits for) is counted instead and let go
+    (:meth:`let_go`): the dicts hold a batch or so, not every plan row (a million keys held to
+    the end cost the CRM's erase step 110 MB at a million contacts)."""
 
     def __init__(self, pairs: dict[tuple[str, str], str] | None = None):
         self.by_type: dict[str, dict[str, str]] = {}
+        self.let_go_counts: dict[str, Counter] = {}  # record type -> statuses of the keys let go
         for (t, k), s in (pairs or {}).items():
             self.by_type.setdefault(t, {})[k] = Status(s)
+
+    def let_go(self, record_type: str, statuses: dict[str, Status]) -> None:
+        """Count ``statuses`` (final for this call) and forget their keys."""
+        mine = self.by_type.get(record_type)
+        if mine:
+            deque(map(mine.pop, statuses, repeat(None)), maxlen=0)  # in C
+        self.let_go_counts.setdefault(record_type, Counter()).update(statuses.values())
+
+    def count(self, record_type: str, keys: pd.Series) -> Counter:
+        """The statuses of a record type's plan rows (``keys``, each once): those held by key,
+        those let go, and the rest planned (never reached; only a step that raised leaves one)."""
+        status_of, counted = self.by_type.get(record_type, {}).get, Counter()
+        for start in range(0, len(keys), _ROWS):  # a slice of keys at a time, counted in C
+            counted.update(map(status_of, keys.iloc[start : start + _ROWS].tolist()))
+        let_go = self.let_go_counts.get(record_type, Counter())
+        planned = counted.pop(None, 0) - sum(let_go.values())
+        counted.update(let_go)
+        if planned:
+            counted[Status.PLANNED] += planned
+        return counted
 
     def get(self, tk: tuple[str, str], default=None):
         return self.by_type.get(tk[0], {}).get(tk[1], default)
@@ -168,6 +201,7 @@ class ErasureEngine:
         self._surely_due: dict[str, Condition | None] = {}
         self._sent_before: set[tuple[str, str]] = set()
         self._blocking_index: dict[str, dict[str, list[str]]] = {}
+        self._waited_for: set[str] = set()  # record types others wait for (set by ``erase``)
         self._booker: ThreadPoolExecutor | None = None
         self._bookings: list[Future] = []  # not yet waited for, in the order they were made
         self._previous_batch_bookings = 0  # how many of them were made before the last batch began
@@ -204,6 +238,8 @@ class ErasureEngine:
         self._pace: dict[str, tuple[int, float]] = {}  # record type -> (records, seconds) sent so far
         deadline = None if budget_seconds is None else self.clock() + budget_seconds
         self._status = _Statuses(self.ledger.statuses(self.run_id, self.system))
+        # The record types others wait for (``blocks``): their outcomes are looked up by key.
+        self._waited_for = {b for t in self.adapter.record_types for b, _ in blocked_by(t)}
         # What an earlier, killed attempt of this run handed to the system without hearing back.
         self._sent_before = {tk for tk, s in self._status.items() if s == Status.SUBMITTED}
         self._blocking_index: dict[str, dict[str, list[str]]] = {}
@@ -272,13 +308,12 @@ class ErasureEngine:
             "%s: erase loop waited %.1fs for the write-ahead of its batches, %.1fs for the previous batch's bookings",
             self.system, result.waited["write_ahead"], result.waited["bookings"],
         )
-        for record_type, keys in plan.groupby("record_type", sort=False)["record_key"]:
-            # Counted in C (map and Counter), the keys as one list: a Python step per plan row
-            # over an Arrow-backed column cost a second or more for a million rows.
-            # A row without a status was never reached: only a step that raised leaves one, and it
-            # returns no count.
-            counted = Counter(map(self._status.by_type.get(record_type, {}).get, keys.tolist(), repeat(Status.PLANNED)))
-            result.statuses[record_type] = Counter({str(s): n for s, n in counted.items()})
+        for record_type, keys in plan.groupby("record_type", sort=False, observed=True)["record_key"]:
+            # Counted in C, the keys a slice at a time (a list of a million keys at once was 40 MB
+            # more at the step's peak; a Python step per plan row over an Arrow-backed column
+            # cost a second or more for a million rows).
+            counted = self._status.count(str(record_type), keys)
+            result.statuses[str(record_type)] = Counter({str(s): n for s, n in counted.items()})
         return result
 
     def _write_ahead(self, plan: pd.DataFrame, is_destructive: np.ndarray) -> np.ndarray:
@@ -321,8 +356,8 @@ class ErasureEngine:
         groups = []
         # Each column's values as codes once: comparing a million texts per record type and
         # action cost a third of a second before the first batch.
-        type_codes, types = pd.factorize(plan["record_type"].astype(str))
-        action_codes, actions = pd.factorize(plan["action"].astype(str))
+        type_codes, types = _factorized(plan["record_type"])
+        action_codes, actions = _factorized(plan["action"])
         for record_type in self.adapter.record_types:
             if record_type not in types:
                 continue
@@ -501,7 +536,10 @@ class ErasureEngine:
                 why = self._left_alone.get((record_type, id_of.get(key, "")))
                 if why and status == Status.DEFERRED and key not in detail:
                     detail[key] = why
-        self._status.update_type(record_type, outcomes)
+        if record_type in self._waited_for:
+            self._status.update_type(record_type, outcomes)
+        else:  # final for this call, and nothing looks these keys up again
+            self._status.let_go(record_type, outcomes)
         if self._booker is None:
             self.ledger.complete(self.run_id, self.system, record_type, outcomes, detail or None)
             return
@@ -675,6 +713,14 @@ class _WriteAhead:
         self._thread.shutdown(wait=True)
 
 
+def _factorized(column: pd.Series) -> tuple[np.ndarray, pd.Index]:
+    """A text column's codes and values. A categorical has them already: made again from its
+    texts, a million-row plan's record types cost 50 MB more before the first batch."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.cat.codes.to_numpy(), pd.Index(column.cat.categories.astype(str))
+    return pd.factorize(column.astype(str))
+
+
 def _in_id_order(plan: pd.DataFrame, positions: np.ndarray) -> np.ndarray:
     """``positions`` (in ``plan``) in the order of their records' ids: shorter ids first, then
     as text, which is numeric order for whole numbers. A batch then holds neighbouring records,
@@ -683,7 +729,9 @@ def _in_id_order(plan: pd.DataFrame, positions: np.ndarray) -> np.ndarray:
     table, 1.2 to 1.6 s in id order. What is erased does not change, only which batch it goes in."""
     if len(positions) < 2 or "record_id" not in plan:
         return positions
-    ids = pa.array(plan["record_id"].iloc[positions].astype(str).to_numpy(dtype=object), pa.string())
+    # Straight to Arrow: no Python text per id (an Arrow-backed column's ids as objects were 25 MB
+    # for half a million rows).
+    ids = pc.cast(pa.array(plan["record_id"].iloc[positions]), pa.string())
     order = pc.sort_indices(
         pa.table({"length": pc.utf8_length(ids), "id": ids}), sort_keys=[("length", "ascending"), ("id", "ascending")]
     )
@@ -737,4 +785,4 @@ def _entry_table(part: pa.Table) -> pa.Table:
     })
 
 
-__all__ = ["ErasureEngine", "ErasureResult", "StateCheck"]
+__all__ = ["PLAN_CATEGORIES", "PLAN_COLUMNS", "ErasureEngine", "ErasureResult", "StateCheck"]
