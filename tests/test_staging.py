@@ -108,6 +108,30 @@ def test_a_staged_frame_is_read_as_pandas_reads_it_with_each_column_in_one_piece
     assert {c: read[c].array.__arrow_array__().num_chunks for c in arrow_backed} == dict.fromkeys(arrow_backed, 1)
 
 
+
+def test_a_staged_frame_is_read_with_the_columns_asked_and_few_valued_texts_as_categoricals(tmp_path):
+    """The erase step reads only the engine's columns, record types, rules and actions as
+    categoricals; a column asked for that the frame does not have is left out (a nightly plan
+    has no policy_version), and the values are those of the whole read."""
+    staging = RunStaging("retention_nightly", "manual__1", root=tmp_path / "staging")
+    n = 150_000  # more than one row group
+    frame = pd.DataFrame({
+        "record_type": ["crm_contact", "crm_invoice", "crm_contact"] * (n // 3),
+        "record_id": pd.Series([str(i) for i in range(n)], dtype="string"),
+        "action": pd.Series(["erase", "minimise", None] * (n // 3), dtype="string"),
+        "deadline": pd.Series(pd.date_range("2020-01-01", periods=n, freq="min", tz="UTC")),
+    })
+    staging.write_frame("crm", "plan", frame)
+    whole = staging.read_frame("crm", "plan")
+    read = staging.read_frame("crm", "plan", columns=("record_id", "action", "record_type", "policy_version"), categories=("record_type", "action", "hold"))
+    assert list(read.columns) == ["record_id", "action", "record_type"]
+    assert {c: str(read[c].dtype) for c in ("record_type", "action")} == {"record_type": "category", "action": "category"}
+    assert read["record_id"].dtype == whole["record_id"].dtype
+    assert read["action"].isna().sum() == n // 3
+    pd.testing.assert_frame_equal(read.astype({"record_type": whole["record_type"].dtype, "action": whole["action"].dtype}), whole[list(read.columns)])
+    assert read["record_id"].array.__arrow_array__().num_chunks == 1
+
+
 # --- on object storage ---------------------------------------------------------------------------
 
 MEMBER = {"status": "unsubscribed", "last_changed": pd.Timestamp("2026-01-01", tz="UTC"), "timestamp_signup": pd.NaT, "has_email": True}
@@ -156,6 +180,8 @@ def test_a_run_stages_through_object_storage(s3, s3_staging, retention_home):
     assert again.read_extract("newsletter", "newsletter_member")["record_id"].tolist() == ["a", "b", "c"]
     assert again.read_extract("newsletter", "crm_contact") is None
     assert again.read_frame("newsletter", "plan").to_dict("list") == {"record_id": ["b"], "action": ["erase"]}
+    part = again.read_frame("newsletter", "plan", columns=["action", "hold"], categories=["action"])
+    assert part["action"].astype(str).tolist() == ["erase"] and list(part.columns) == ["action"]
     assert again.read_json("newsletter", "extract") == {"extracted": 3}
     assert again.read_json("newsletter", "validation") is None
     with pytest.raises(FileNotFoundError, match="staging has no quarantine for newsletter"):

@@ -29,7 +29,7 @@ from retention.domain.quarantine import reason_category
 from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import DESTRUCTIVE, Status
 from retention.runs.context import RunInfo, Stopwatch, open_run, pseudonymizer, task_ledger
-from retention.runs.erasing import ErasureEngine, StateCheck
+from retention.runs.erasing import PLAN_CATEGORIES, PLAN_COLUMNS, ErasureEngine, StateCheck
 from retention.store.record_index import GONE_SUFFIX, RecordIndex
 from retention.store.reports import ledger_counts, report_stem, status_line, write_report
 from retention.store.staging import purge_older_than
@@ -472,7 +472,12 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     over_guard = bool(validation and validation.get("needs_approval"))
     if not validation or not (validation.get("success") or over_guard):
         raise PlanRejected(f"{system}: no successful validation in this run; refusing to erase")
-    plan_frame = staging.read_frame(system, "plan")
+    # An approval is of the whole plan (its hash over every column); otherwise the engine's
+    # columns are all this step reads.
+    if over_guard:
+        plan_frame = staging.read_frame(system, "plan")
+    else:
+        plan_frame = staging.read_frame(system, "plan", columns=PLAN_COLUMNS, categories=PLAN_CATEGORIES)
     extracted_at = _extracted_at(run, system)
     approval = None
     try:
