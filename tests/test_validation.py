@@ -7,6 +7,10 @@ import pandas as pd
 import pytest
 
 from retention.checks import validation
+from retention.config import DEFAULT_POLICY
+from retention.domain.policy import load_policy
+
+POLICY = load_policy(DEFAULT_POLICY)
 
 NOW = pd.Timestamp("2026-06-01", tz="UTC")
 
@@ -69,3 +73,44 @@ def test_guard_reports_its_figures():
     assert ok.success and ok.checks[0]["allowed"] == 25
     too_many = validation.run_guard(30, 100, 0.25)
     assert not too_many.success and too_many.checks[0]["planned"] == 30
+
+
+def test_the_plan_check_frame_carries_each_rows_protecting_values_or_none():
+    """Each plan row of the record type gets its record's protecting values from the clean
+    extract (found by id, taken by position); a row whose record is not in the extract gets
+    none, and a row the schema's exception uncovers (an active member who opted out) has its
+    protecting values blanked. Only the plan columns the suite reads are kept."""
+    plan = pd.DataFrame({
+        "record_type": ["crm_event_participation"] * 4 + ["crm_contact"],
+        "record_id": pd.Series(["3", "1", "2", "9", "1"], dtype="string"),
+        "record_key": ["k3", "k1", "k2", "k9", "c1"],
+        "action": ["erase", "erase", "hold", "erase", "erase"],
+        "rule_id": ["event-participation"] * 4 + ["lead"],
+        "deadline": pd.Timestamp("2020-01-01", tz="UTC"),
+        "system": "crm",
+        "fallback_clock": False,
+    })
+    clean = pd.DataFrame({
+        "record_id": pd.Series(["1", "2", "3", "4"], dtype="string"),
+        "membership_active": [True, False, True, True],
+        "opted_out": [True, False, False, False],
+        "event_date": pd.Timestamp("2019-01-01", tz="UTC"),
+    })
+    check = validation.plan_check_frame(plan, clean, "crm_event_participation", live_hold_ids={"2"})
+    assert list(check.columns) == [
+        "record_id", "record_key", "action", "rule_id", "deadline", "membership_active", "opted_out", "erases_held_record"]
+    rows = check.astype(object).where(check.notna(), None)[["record_id", "membership_active", "opted_out", "erases_held_record"]]
+    assert rows.values.tolist() == [
+        ["3", True, False, False],  # an active member: protected
+        ["1", None, True, False],  # active but opted out: uncovered, its protection blanked
+        ["2", False, False, False],  # held, but the plan holds it too (not destructive)
+        ["9", None, None, False],  # not in the extract: no values
+    ]
+    outcome = validation.validate_plan(check, "crm_event_participation", POLICY, pd.Timestamp("2026-01-01", tz="UTC"))
+    failed = {(c["expectation"], c["column"]) for c in outcome.checks if not c["success"]}
+    assert failed == {("expect_column_values_to_not_be_in_set", "membership_active")}, outcome.checks
+
+    everything_in_extract = validation.plan_check_frame(plan[plan["record_id"] != "9"], clean, "crm_event_participation", set())
+    assert everything_in_extract["opted_out"].tolist() == [False, True, False]
+    none_in_extract = validation.plan_check_frame(plan, clean.iloc[:0], "crm_event_participation", set())
+    assert none_in_extract["membership_active"].isna().all() and len(none_in_extract) == 4
