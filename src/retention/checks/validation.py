@@ -202,7 +202,9 @@ def plan_check_frame(plan: pd.DataFrame, clean: pd.DataFrame, record_type: str, 
         # Each plan row's record in the clean extract, found by Arrow's index_in, and its
         # protecting values taken by position: a join of the frames (a left merge on the ids)
         # cost 128 MB more at its peak for the CRM's 504,000 planned event participations. A plan
-        # row whose record is not in the extract gets no values (null), as the join gave it.
+        # row whose record is not in the extract gets no values (null), as the join gave it. An id
+        # twice in the extract is found once here (the join gave the row twice); the extract's
+        # own suite fails on it, and with it the validation.
         ids = pa.array(clean["record_id"].astype("string"), type=pa.large_string())
         at = pc.index_in(pa.array(mine["record_id"].astype("string"), type=pa.large_string()), value_set=ids)
         found = pd.Series(at.is_valid().to_numpy(zero_copy_only=False), index=mine.index)

@@ -256,7 +256,7 @@ class ErasureEngine:
         # once its entries are committed): the write-ahead of a large plan no longer holds up
         # the first batch for as long as it takes to write the whole plan.
         ahead = _WriteAhead(
-            self, plan[[c for c in _ENTRY_SOURCE if c in plan]],
+            self, plan,
             [(todo, is_new[todo], batch_size(self.adapter, record_type)) for record_type, _, todo, _ in groups],
         )
         # A batch's rows are taken from the columns the checks and the adapter read: every column
@@ -678,7 +678,7 @@ class _WriteAhead:
         # texts converted, sorted through categoricals) cost four times the CPU, in the thread
         # that writes beside the erase loop and the system's deletions on the same cores.
         if self._table is None:
-            self._table = pa.Table.from_pandas(self._plan, preserve_index=False)
+            self._table = _arrow(self._plan)
         engine, part = self._engine, self._table.take(pa.array(positions, pa.int64()))
         if "policy_version" not in part.column_names:
             versions = [(engine.policy_version, part)]
