@@ -815,3 +815,91 @@ def test_an_erase_counts_what_the_ledger_says_though_it_lets_go_of_the_keys(ledg
     # A first attempt keeps by key only the row it settled before the loop (the held one).
     assert not budgeted._status.by_type.get("crm_invoice"), "the outcomes' keys are let go"
     assert set(budgeted._status.by_type.get("crm_contact", {})) == {plan["record_key"].iloc[-1]}, "only the held row is kept by key"
+
+
+class SlicesOnly:
+    """A staged plan the engine may read only a slice at a time: never whole. Notes the largest
+    slice read."""
+
+    def __init__(self, rows):
+        self._rows, self.columns, self.num_rows, self.largest = rows, rows.columns, rows.num_rows, 0
+
+    def chunks(self, columns, start=0, stop=None, rows=50_000, categories=()):
+        for chunk in self._rows.chunks(columns, start, stop, rows, categories):
+            self.largest = max(self.largest, len(chunk))
+            yield chunk
+
+    def whole(self, columns=None, categories=()):
+        raise AssertionError("the plan was read whole")
+
+
+def test_a_staged_plan_is_erased_a_slice_at_a_time_as_the_same_plan_in_memory(ledger, tmp_path, monkeypatch, caplog):
+    """The nightly erase step hands the engine its staged plan, which the engine reads a batch's
+    rows at a time (the step's memory does not grow with the plan): the same batches, outcomes
+    and ledger as the same plan in memory; a killed attempt and its retry, a backlog taken
+    first and a staged plan out of erase order (staged by an older version) alike."""
+    from retention.domain.planning import erase_order
+    from retention.runs import erasing
+    from retention.store import staging as staging_module
+    from retention.store.staging import RunStaging
+
+    monkeypatch.setattr(erasing, "_ROWS", 4)  # slices of four rows
+    monkeypatch.setattr(staging_module, "ROW_GROUP_ROWS", 5)
+    monkeypatch.setattr(erasing._WriteAhead, "chunk", 5)
+    records = {"support_ticket": {str(i) for i in range(1, 21)}, "ticket_user": {"u1", "u2", "u3"}}
+    rows = [("support_ticket", str(i), "erase", f"u{i % 3 + 1}") for i in range(20, 0, -1)]
+    rows += [("support_ticket", "21", "hold", "u3"), ("ticket_user", "u2", "erase"), ("ticket_user", "u3", "erase"),
+             ("ticket_user", "u1", "erase"), ("support_ticket", "22", "erase", "u1")]  # 22: gone already
+    plan = plan_of(rows)
+    staging = RunStaging("retention_nightly", "manual__1", root=tmp_path)
+
+    def staged(frame: pd.DataFrame, in_order: bool = True) -> SlicesOnly:
+        staging.write_frame("ticketing", "plan", frame, order=erase_order(frame, MemorySystem.record_types) if in_order else None)
+        return SlicesOnly(staging.rows("ticketing", "plan"))
+
+    def statuses(run_id: str) -> dict[str, str]:
+        return {k: r["status"] for (_, k), r in entries(ledger, run_id).items()}
+
+    in_memory, from_staging = MemorySystem(records), MemorySystem(records)
+    expected = ErasureEngine(ledger, "mem", "ticketing", in_memory, "v1").erase(plan)
+    plan_rows = staged(plan)
+    got = ErasureEngine(ledger, "staged", "ticketing", from_staging, "v1").erase(plan_rows)
+    assert got.statuses == expected.statuses
+    assert got.totals() == {"erased": 22, "already_gone": 1, "held": 1, "deferred": 1}  # u3 waits for the held 21
+    assert from_staging.calls == in_memory.calls and from_staging.records == in_memory.records
+    assert [len(ids) for t, _, ids in from_staging.calls if t == "support_ticket"] == [3] * 7
+    assert statuses("staged") == statuses("mem")
+    assert 0 < plan_rows.largest <= 4
+    assert ErasureEngine(ledger, "dry", "ticketing", from_staging, "v1").count(plan_rows).would_by_type == {
+        "support_ticket": {"would_erase": 21, "would_keep": 1}, "ticket_user": {"would_erase": 3},
+    }
+
+    # Killed after seven erasures; the retry skips what was done and books the rest.
+    killed = MemorySystem(records, die_after=7)
+    with pytest.raises(KeyboardInterrupt):
+        ErasureEngine(ledger, "killed", "ticketing", killed, "v1").erase(staged(plan))
+    assert len(entries(ledger, "killed")) == len(plan), "every plan row is in the ledger when the run stops"
+    retry = MemorySystem(killed.records)
+    result = ErasureEngine(ledger, "killed", "ticketing", retry, "v1").erase(staged(plan))
+    assert statuses("killed") == statuses("mem")
+    assert result.statuses == expected.statuses
+    resent = [i for t, _, ids in retry.calls for i in ids if t == "support_ticket"]
+    assert resent == [str(i) for i in range(8, 21)] + ["22"], "sent again what the killed attempt had erased"
+
+    # A backlog first, in a staged plan out of erase order (read whole, ordered by the engine).
+    pseudo = dict(zip(plan["record_id"], plan["record_key"]))
+    ledger.open_run("night-0", "d", dt.datetime.now(dt.UTC), "v1", "l", False)
+    ledger.write_ahead("night-0", "v1", "ticketing", [
+        {"record_type": "support_ticket", "record_key": pseudo[i], "rule_id": "support-ticket", "action": "erase", "hold": None}
+        for i in ("17", "4")
+    ])
+    ledger.complete("night-0", "ticketing", "support_ticket", {pseudo[i]: "carried_over" for i in ("17", "4")})
+    backlog = MemorySystem(records)
+    with pytest.raises(AssertionError, match="read whole"):
+        ErasureEngine(ledger, "night-1", "ticketing", backlog, "v1").erase(staged(plan, in_order=False))
+    assert backlog.calls == [] and entries(ledger, "night-1") == {}, "nothing written before the plan was found out of order"
+    unordered = staging.rows("ticketing", "plan")
+    result = ErasureEngine(ledger, "night-1", "ticketing", backlog, "v1").erase(unordered)
+    assert "not in erase order" in caplog.text
+    assert result.statuses == expected.statuses
+    assert sent_ids(backlog)[:5] == ["4", "17", "1", "2", "3"]

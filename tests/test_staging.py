@@ -108,7 +108,6 @@ def test_a_staged_frame_is_read_as_pandas_reads_it_with_each_column_in_one_piece
     assert {c: read[c].array.__arrow_array__().num_chunks for c in arrow_backed} == dict.fromkeys(arrow_backed, 1)
 
 
-
 def test_a_staged_frame_is_read_with_the_columns_asked_and_few_valued_texts_as_categoricals(tmp_path):
     """The erase step reads only the engine's columns, record types, rules and actions as
     categoricals; a column asked for that the frame does not have is left out (a nightly plan
@@ -130,6 +129,40 @@ def test_a_staged_frame_is_read_with_the_columns_asked_and_few_valued_texts_as_c
     assert read["action"].isna().sum() == n // 3
     pd.testing.assert_frame_equal(read.astype({"record_type": whole["record_type"].dtype, "action": whole["action"].dtype}), whole[list(read.columns)])
     assert read["record_id"].array.__arrow_array__().num_chunks == 1
+
+
+def test_a_staged_frame_is_read_a_slice_of_rows_at_a_time_as_it_is_read_whole(tmp_path, monkeypatch):
+    """The erase step reads its plan a batch's rows at a time (``RunStaging.rows``): any slice,
+    across row groups, in frames of at most the rows asked, gives the rows and dtypes of the
+    whole read; ``order`` stages the rows in the order given."""
+    monkeypatch.setattr(staging_module, "ROW_GROUP_ROWS", 7)
+    staging = RunStaging("retention_nightly", "manual__1", root=tmp_path / "staging")
+    n = 40
+    frame = pd.DataFrame({
+        "record_type": ["crm_contact", "crm_invoice"] * (n // 2),
+        "record_id": pd.Series([str(i) for i in range(n)], dtype="string"),
+        "hold": pd.Series([None, "case 7", None, None] * (n // 4), dtype="string"),
+        "clock": pd.Series(pd.date_range("2020-01-01", periods=n, freq="min", tz="UTC")),
+    })
+    order = [*range(1, n, 2), *range(0, n, 2)]  # the invoices first
+    path = staging.write_frame("crm", "plan", frame, order=order)
+    assert pq.ParquetFile(str(path.path)).metadata.num_row_groups == 6
+    whole = staging.read_frame("crm", "plan")
+    pd.testing.assert_frame_equal(whole, frame.iloc[order].reset_index(drop=True))
+    rows = staging.rows("crm", "plan")
+    assert (rows.num_rows, rows.columns) == (n, list(frame.columns))
+    for start, stop, size in [(0, None, 5), (6, 8, 100), (7, 14, 7), (13, 29, 3), (39, 40, 1), (12, 12, 4), (35, 99, 10)]:
+        chunks = list(rows.chunks(["clock", "record_id", "policy_version"], start, stop, rows=size))
+        assert all(0 < len(c) <= size for c in chunks)
+        read = pd.concat(chunks, ignore_index=True) if chunks else whole.iloc[:0][["clock", "record_id"]]
+        pd.testing.assert_frame_equal(read, whole[["clock", "record_id"]].iloc[start:stop].reset_index(drop=True))
+    types = pd.concat(rows.chunks(["record_type"], 10, 30, categories=["record_type"]), ignore_index=True)["record_type"]
+    assert isinstance(types.dtype, pd.CategoricalDtype) and types.astype(str).tolist() == whole["record_type"].iloc[10:30].tolist()
+    pd.testing.assert_frame_equal(rows.whole(), whole)
+    with pytest.raises(ValueError, match="an order of 3 rows for a frame of 40"):
+        staging.write_frame("crm", "other", frame, order=[0, 1, 2])
+    with pytest.raises(FileNotFoundError, match="staging has no quarantine for crm"):
+        staging.rows("crm", "quarantine")
 
 
 # --- on object storage ---------------------------------------------------------------------------
@@ -182,6 +215,8 @@ def test_a_run_stages_through_object_storage(s3, s3_staging, retention_home):
     assert again.read_frame("newsletter", "plan").to_dict("list") == {"record_id": ["b"], "action": ["erase"]}
     part = again.read_frame("newsletter", "plan", columns=["action", "hold"], categories=["action"])
     assert part["action"].astype(str).tolist() == ["erase"] and list(part.columns) == ["action"]
+    staged = again.rows("newsletter", "plan")
+    assert [c.to_dict("list") for c in staged.chunks(["record_id"], 0, 1)] == [{"record_id": ["b"]}]
     assert again.read_json("newsletter", "extract") == {"extracted": 3}
     assert again.read_json("newsletter", "validation") is None
     with pytest.raises(FileNotFoundError, match="staging has no quarantine for newsletter"):

@@ -13,11 +13,14 @@ requester frame from the tickets planned before it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from retention.domain.derive import derive_frame
 from retention.domain.engine import empty_plan, plan_record_type
@@ -26,9 +29,41 @@ from retention.domain.policy import Policy
 from retention.domain.pseudonyms import Pseudonymizer
 from retention.domain.quarantine import split_quarantine
 from retention.domain.records import SOURCE_HOLDS, record_types_of
-from retention.domain.statuses import DESTRUCTIVE
+from retention.domain.statuses import DESTRUCTIVE, Action
 
 _SO_FAR = ["record_type", "record_id", "action", "deadline"]
+
+
+# The order the erasure engine takes a record type's actions in; what erases nothing comes after.
+ERASE_ACTIONS = (Action.MINIMISE, Action.ERASE)
+
+
+def erase_order(plan: pd.DataFrame, record_types: Sequence[str]) -> np.ndarray:
+    """The positions of ``plan``'s rows in the order the erasure engine takes them: by record
+    type (``record_types``' order; any other after, in the order they first appear), then action
+    (``ERASE_ACTIONS``, then the rest), then record id, shorter ids first and then as text (which
+    is numeric order for whole numbers: a batch holds neighbouring records, which a database
+    keeps on neighbouring pages). Stable: rows alike keep their order.
+
+    A plan staged in this order is read by the erase step a slice at a time, each record type
+    and action one run of rows, instead of whole (``runs.erasing``)."""
+    if len(plan) < 2:
+        return np.arange(len(plan))
+
+    def rank(column: str, order: Sequence[str]) -> np.ndarray:
+        codes, values = pd.factorize(plan[column], sort=False)
+        at = {str(v): i for i, v in enumerate(order)}
+        ranks = [at.get(str(v), len(at) + i) for i, v in enumerate(values)]
+        return np.asarray([*ranks, len(at) + len(ranks)], dtype=np.int64)[codes]  # a missing value (-1) last
+
+    ids = pc.cast(pa.array(plan["record_id"], from_pandas=True), pa.string())
+    keys = pa.table({
+        "type": rank("record_type", record_types),
+        "action": rank("action", [str(a) for a in ERASE_ACTIONS]),
+        "length": pc.utf8_length(ids),
+        "id": ids,
+    })
+    return pc.sort_indices(keys, sort_keys=[(c, "ascending") for c in keys.column_names]).to_numpy()
 
 
 @dataclass

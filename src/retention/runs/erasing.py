@@ -30,15 +30,20 @@ What it guarantees, in this order, for one system of one run:
    before it returns or raises, and a failed booking stops the run at the next batch.
 5. **Verify.** Every record the ledger marks gone is looked up in the system again.
 
+The plan is read a slice of rows at a time (:mod:`.plan_rows`), each record type and action one
+run of rows in erase order: the nightly step's staged plan, which the plan step wrote in that
+order, is never held whole, so the step holds a batch and a slice whatever the plan's size.
+
 Dry run: the same plan is counted, no ledger entry is written, nothing is touched.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,25 +56,27 @@ import pyarrow.compute as pc
 
 from retention.domain.candidates import Condition, surely_due
 from retention.domain.holds import Holds
+from retention.domain.planning import ERASE_ACTIONS
 from retention.domain.policy import Policy
 from retention.domain.recheck import leave_alone
 from retention.domain.records import blocked_by
 from retention.domain.statuses import DESTRUCTIVE, DONE, GONE, STATUS_BEFORE, WOULD, Action, Status
 from retention.progress import Progress
+from retention.runs.plan_rows import FramePlan, Layout, PlanRows, layout
 from retention.store.ledger import Ledger
 from retention.store.record_index import RecordIndex
 from retention.systems.base import ChangeFeed, Recheck, SourceSystem, batch_size
 
 log = logging.getLogger("retention")
 
-# Plan rows turned into Python values at a time (bounded memory for a plan of a million rows).
+# Plan rows read or turned into Python values at a time (bounded memory for a plan of a million rows).
 _ROWS = 50_000
 # The plan columns a batch's checks and the adapter read (``_before_batch``, ``_recheck``,
 # ``_erase_batch``, ``_carry_over``), and those a ledger entry is made of (``_entry_table``).
 _BATCH_COLUMNS = ("record_id", "record_key", "action", "clock")
 _ENTRY_SOURCE = ("record_type", "record_key", "rule_id", "action", "hold", "policy_version")
-# Every plan column the engine reads: a caller holding a large plan reads only these, the
-# few-valued texts as categoricals (``RunStaging.read_frame``); the rest of a nightly plan
+# Every plan column the engine reads: a staged plan out of erase order, read whole, is read with
+# only these, the few-valued texts as categoricals (``_plan_rows``); the rest of a nightly plan
 # (system, deadline, fallback clock) and a text per row of the others took half its memory.
 PLAN_COLUMNS = tuple(dict.fromkeys((*_BATCH_COLUMNS, *_ENTRY_SOURCE, "blocks", "detail")))
 PLAN_CATEGORIES = ("record_type", "rule_id", "action")
@@ -135,14 +142,20 @@ class _Statuses:
             deque(map(mine.pop, statuses, repeat(None)), maxlen=0)  # in C
         self.let_go_counts.setdefault(record_type, Counter()).update(statuses.values())
 
-    def count(self, record_type: str, keys: pd.Series) -> Counter:
-        """The statuses of a record type's plan rows (``keys``, each once): those held by key,
-        those let go, and the rest planned (never reached; only a step that raised leaves one)."""
-        status_of, counted = self.by_type.get(record_type, {}).get, Counter()
-        for start in range(0, len(keys), _ROWS):  # a slice of keys at a time, counted in C
-            counted.update(map(status_of, keys.iloc[start : start + _ROWS].tolist()))
+    def count(self, record_type: str, rows: int, keys: Callable[[], Iterable[pd.Series]]) -> Counter:
+        """The statuses of a record type's ``rows`` plan rows (``keys()``: their keys, each once,
+        a slice at a time, read only when some are held by key): those held by key, those let
+        go, and the rest planned (never reached; only a step that raised leaves one)."""
+        counted: Counter = Counter()
+        mine = self.by_type.get(record_type)
+        if mine:
+            status_of = mine.get
+            for chunk in keys():
+                for start in range(0, len(chunk), _ROWS):  # a slice of keys at a time, counted in C
+                    counted.update(map(status_of, chunk.iloc[start : start + _ROWS].tolist()))
+            counted.pop(None, None)
         let_go = self.let_go_counts.get(record_type, Counter())
-        planned = counted.pop(None, 0) - sum(let_go.values())
+        planned = rows - sum(counted.values()) - sum(let_go.values())
         counted.update(let_go)
         if planned:
             counted[Status.PLANNED] += planned
@@ -207,89 +220,102 @@ class ErasureEngine:
         self._previous_batch_bookings = 0  # how many of them were made before the last batch began
 
     # -- dry run ------------------------------------------------------------------------------
-    @staticmethod
-    def _check(plan: pd.DataFrame) -> None:
-        unknown = {str(a) for a in plan["action"].unique()} - {str(a) for a in Action}
-        if unknown:  # a row nobody knows how to carry out must stop the run, not be skipped
+    def _plan_rows(self, plan: pd.DataFrame | PlanRows) -> tuple[PlanRows, Layout]:
+        """The plan as the engine reads it, and where each record type and action is in it. A
+        plan that names an action nobody knows how to carry out stops the run before anything
+        is written (not skipped)."""
+        rows = FramePlan(plan, self.adapter.record_types) if isinstance(plan, pd.DataFrame) else plan
+        shape = layout(rows, chunk_rows=_ROWS)
+        if shape is None:  # staged out of erase order (by an older version): read whole, ordered here
+            log.warning("%s: the staged plan is not in erase order; it is read whole", self.system)
+            rows = FramePlan(rows.whole(PLAN_COLUMNS, PLAN_CATEGORIES), self.adapter.record_types)
+            shape = layout(rows, chunk_rows=_ROWS)
+        unknown = shape.actions - {str(a) for a in Action}
+        if unknown:
             raise ValueError(f"plan has unknown action(s) {sorted(unknown)}; known: {', '.join(map(str, Action))}")
+        return rows, shape
 
-    def count(self, plan: pd.DataFrame) -> ErasureResult:
+    def count(self, plan: pd.DataFrame | PlanRows) -> ErasureResult:
         """What :meth:`erase` would do with ``plan``, touching nothing."""
-        self._check(plan)
+        rows, shape = self._plan_rows(plan)
         result = ErasureResult(dry_run=True)
-        if plan.empty:
-            return result
-        for (rule, action), n in plan.groupby(["rule_id", "action"]).size().items():
-            result.would_by_rule[f"{rule}/{action}"] = int(n)
-        for (record_type, action), n in plan.groupby(["record_type", "action"]).size().items():
-            mine = result.would_by_type.setdefault(record_type, {})
-            mine[WOULD[Action(action)]] = mine.get(WOULD[Action(action)], 0) + int(n)
+        by_rule: Counter = Counter()
+        for chunk in rows.chunks(["rule_id", "action"], categories=("rule_id", "action")):
+            by_rule.update({(str(r), str(a)): int(n) for (r, a), n in chunk.groupby(["rule_id", "action"], observed=True).size().items()})
+        result.would_by_rule = {f"{rule}/{action}": n for (rule, action), n in sorted(by_rule.items()) if n}
+        for run in sorted(shape.runs, key=lambda r: (r.record_type, r.action)):
+            mine = result.would_by_type.setdefault(run.record_type, {})
+            mine[WOULD[Action(run.action)]] = mine.get(WOULD[Action(run.action)], 0) + len(run)
         return result
 
     # -- erase --------------------------------------------------------------------------------
-    def erase(self, plan: pd.DataFrame, budget_seconds: float | None = None) -> ErasureResult:
+    def erase(self, plan: pd.DataFrame | PlanRows, budget_seconds: float | None = None) -> ErasureResult:
         """Write ahead, erase batch by batch, complete the ledger. Resumable and idempotent.
+
+        ``plan``: a frame, or a staged plan read a slice at a time (:mod:`.plan_rows`; the
+        nightly step's, staged in erase order: the step then holds a batch, not the plan).
 
         ``budget_seconds``: no batch starts after the budget is spent, and batches are cut so
         that none runs far past it; every record not reached is booked ``carried_over``
         (nothing was sent for it) and the next run, which plans it again, takes it before
         anything new (:meth:`Ledger.carried_over`)."""
-        self._check(plan)
+        rows, shape = self._plan_rows(plan)
+        self._shape = shape
         self._pace: dict[str, tuple[int, float]] = {}  # record type -> (records, seconds) sent so far
         deadline = None if budget_seconds is None else self.clock() + budget_seconds
         self._status = _Statuses(self.ledger.statuses(self.run_id, self.system))
+        # The entries an earlier attempt of this run wrote (not written again), and those of them
+        # it finished (not taken again).
+        known = {t: frozenset(keys) for t, keys in self._status.by_type.items() if keys}
+        finished = {t: frozenset(k for k, s in keys.items() if s in DONE) for t, keys in self._status.by_type.items()}
         # The record types others wait for (``blocks``): their outcomes are looked up by key.
         self._waited_for = {b for t in self.adapter.record_types for b, _ in blocked_by(t)}
         # What an earlier, killed attempt of this run handed to the system without hearing back.
         self._sent_before = {tk for tk, s in self._status.items() if s == Status.SUBMITTED}
         self._blocking_index: dict[str, dict[str, list[str]]] = {}
-        # Rows are picked by position, the batch's rows copied when it goes: no copy of the
-        # plan per record type and action (a million-row plan would be held several times).
-        is_destructive = plan["action"].isin(DESTRUCTIVE).to_numpy()
-        is_new = self._write_ahead(plan, is_destructive)
-        groups = self._groups(plan, is_destructive)
-        progress = Progress(log, f"{self.system}: erasing", total=int(is_destructive.sum()))
-        for _, _, _, finished in groups:
-            progress.add(finished)
+        self._write_ahead(rows, shape, known)
+        groups = self._groups(rows, shape, finished)
+        progress = Progress(log, f"{self.system}: erasing", total=shape.rows(actions=[str(a) for a in DESTRUCTIVE]))
+        for group in groups:
+            progress.add(group.finished)
         # The destructive rows' entries are written in the order the loop below takes them, by a
         # thread of their own, while the loop erases what is written already (a batch goes only
         # once its entries are committed): the write-ahead of a large plan no longer holds up
         # the first batch for as long as it takes to write the whole plan.
-        ahead = _WriteAhead(
-            self, plan,
-            [(todo, is_new[todo], batch_size(self.adapter, record_type)) for record_type, _, todo, _ in groups],
-        )
-        # A batch's rows are taken from the columns the checks and the adapter read: every column
-        # of the plan copied per batch cost seconds for a million rows.
-        work = plan[[c for c in _BATCH_COLUMNS if c in plan]]
+        ahead = _WriteAhead(self, rows, groups, known)
         self._booker = ThreadPoolExecutor(1, thread_name_prefix="ledger-booking")
         self._bookings, self._previous_batch_bookings = [], 0
         self._waited = {"write_ahead": 0.0, "bookings": 0.0}
         out_of_time = False
         try:
-            for group, (record_type, action, todo, _) in enumerate(groups):
-                size = batch_size(self.adapter, record_type)
-                start = 0
-                while start < len(todo):
+            for number, group in enumerate(groups):
+                record_type, size = group.record_type, batch_size(self.adapter, group.record_type)
+                # A batch's rows are read when it goes, the columns the checks and the adapter read.
+                todo = _Taker(self._todo(rows, group, _BATCH_COLUMNS))
+                taken = 0
+                while True:
                     if not out_of_time and deadline is not None and self.clock() >= deadline:
                         out_of_time = True
                         log.warning("%s: the erase budget is spent; what is left is carried over to the next run", self.system)
                     if out_of_time:
-                        ahead.wait(group)
-                        self._carry_over(record_type, work.iloc[todo[start:]])
+                        ahead.wait(number)
+                        for rest in todo.rest():
+                            self._carry_over(record_type, rest)
                         break
                     n = size if deadline is None else self._slice(record_type, size, deadline)
                     began = self.clock()
-                    rows = work.iloc[todo[start : start + n]]
+                    batch_rows = todo.take(n)
+                    if batch_rows is None:
+                        break
+                    taken += len(batch_rows)
                     waiting = time.perf_counter()
-                    ahead.wait(group, upto=start + len(rows))
+                    ahead.wait(number, upto=taken)
                     self._waited["write_ahead"] += time.perf_counter() - waiting
-                    batch = self._before_batch(record_type, plan, rows)
-                    self._erase_batch(record_type, action, batch)
+                    batch = self._before_batch(record_type, rows, batch_rows)
+                    self._erase_batch(record_type, group.action, batch)
                     done, took = self._pace.get(record_type, (0, 0.0))
                     self._pace[record_type] = (done + len(batch), took + self.clock() - began)
-                    progress.add(len(rows))
-                    start += n
+                    progress.add(len(batch_rows))
         finally:
             # Whatever stops the run, the whole plan is written ahead and the outcomes heard are
             # in the ledger before it returns.
@@ -308,31 +334,36 @@ class ErasureEngine:
             "%s: erase loop waited %.1fs for the write-ahead of its batches, %.1fs for the previous batch's bookings",
             self.system, result.waited["write_ahead"], result.waited["bookings"],
         )
-        for record_type, keys in plan.groupby("record_type", sort=False, observed=True)["record_key"]:
-            # Counted in C, the keys a slice at a time (a list of a million keys at once was 40 MB
-            # more at the step's peak; a Python step per plan row over an Arrow-backed column
-            # cost a second or more for a million rows).
-            counted = self._status.count(str(record_type), keys)
-            result.statuses[str(record_type)] = Counter({str(s): n for s, n in counted.items()})
+        for record_type in shape.types:
+            counted = self._status.count(record_type, shape.rows(record_type), lambda t=record_type: self._keys(rows, t))
+            result.statuses[record_type] = Counter({str(s): n for s, n in counted.items()})
         return result
 
-    def _write_ahead(self, plan: pd.DataFrame, is_destructive: np.ndarray) -> np.ndarray:
+    def _keys(self, rows: PlanRows, record_type: str) -> Iterator[pd.Series]:
+        """A record type's plan keys, a slice at a time."""
+        for run in self._shape.of(record_type):
+            for chunk in rows.chunks(["record_key"], run.start, run.stop, rows=_ROWS):
+                yield chunk["record_key"]
+
+    def _write_ahead(self, rows: PlanRows, shape: Layout, known: dict[str, frozenset[str]]) -> None:
         """A ledger entry, now, for every plan row that erases nothing (held, deferred) the ledger
-        does not have yet; the destructive rows it does not have yet are returned (a mask over the
-        plan) for :class:`_WriteAhead` to write before their batches. A destructive row's status
-        here is set when its batch is handed over (or it is settled or carried over before): not
-        for every row up front, which cost half a second for a million rows before the first
-        batch, and until then it reads as planned (:meth:`erase`'s count)."""
-        if plan.empty:
-            return np.zeros(0, dtype=bool)
-        if self._status:
-            pairs = zip(plan["record_type"].tolist(), plan["record_key"].tolist())
-            is_new = np.fromiter(((t, k) not in self._status for t, k in pairs), dtype=bool, count=len(plan))
-        else:  # a first attempt: nothing in the ledger yet
-            is_new = np.ones(len(plan), dtype=bool)
-        settled = plan[is_new & ~is_destructive]
-        if settled.empty:
-            return is_new
+        does not have yet (``known``), a slice at a time; :class:`_WriteAhead` writes the
+        destructive rows' before their batches. A destructive row's status here is set when its
+        batch is handed over (or it is settled or carried over before): not for every row up
+        front, which cost half a second for a million rows before the first batch, and until
+        then it reads as planned (:meth:`erase`'s count)."""
+        destructive = {str(a) for a in DESTRUCTIVE}
+        for run in shape.runs:
+            if run.action in destructive:
+                continue
+            for chunk in rows.chunks([*_ENTRY_SOURCE, "detail"], run.start, run.stop, rows=_ROWS):
+                if known.get(run.record_type):
+                    chunk = chunk[~chunk["record_key"].isin(known[run.record_type]).to_numpy(dtype=bool)]
+                if len(chunk):
+                    self._settle(chunk)
+
+    def _settle(self, settled: pd.DataFrame) -> None:
+        """Write held and deferred plan rows ahead as what they are (a deferral with its detail)."""
         before_of = {str(a): str(s) for a, s in STATUS_BEFORE.items()}
         versions = settled["policy_version"] if "policy_version" in settled else pd.Series(self.policy_version, index=settled.index)
         before = settled["action"].astype(str).map(before_of)
@@ -341,44 +372,53 @@ class ErasureEngine:
         for (version, status), part in settled.groupby([versions.astype(str), before.astype(str)], sort=False):
             self.ledger.write_ahead(self.run_id, version, self.system, _entry_table(_arrow(part)), status=status)
         deferred = settled[(before == Status.DEFERRED).to_numpy()]
-        for record_type, part in deferred.groupby("record_type"):
+        for record_type, part in deferred.groupby(deferred["record_type"].astype(str)):
             keys = part["record_key"].tolist()
             why = part["detail"].tolist() if "detail" in part else [None] * len(part)
             details = {k: d[:_DETAIL_WIDTH] for k, d in zip(keys, why) if isinstance(d, str) and d}
             self.ledger.complete(self.run_id, self.system, record_type, dict.fromkeys(keys, Status.DEFERRED), details)
-        return is_new
 
-    def _groups(self, plan: pd.DataFrame, is_destructive: np.ndarray) -> list[tuple[str, Action, np.ndarray, int]]:
+    def _groups(self, rows: PlanRows, shape: Layout, finished: dict[str, frozenset[str]]) -> list[_Group]:
         """What the erase loop takes, in its order: per record type (the adapter's order) and
-        action (minimise, then erase), the positions left to do (in :meth:`_in_loop_order`:
-        what earlier runs carried over first, each part in id order) and how many of the type's
-        rows an earlier attempt finished."""
+        action (minimise, then erase), its rows, what earlier attempts finished of them
+        (``finished``, keys: skipped) and what earlier runs carried over (taken first)."""
         groups = []
-        # Each column's values as codes once: comparing a million texts per record type and
-        # action cost a third of a second before the first batch.
-        type_codes, types = _factorized(plan["record_type"])
-        action_codes, actions = _factorized(plan["action"])
         for record_type in self.adapter.record_types:
-            if record_type not in types:
-                continue
-            mine = is_destructive & (type_codes == types.get_loc(record_type))
-            if not mine.any():
-                continue
-            for action in (Action.MINIMISE, Action.ERASE):
-                if str(action) not in actions:
-                    continue
-                positions = np.flatnonzero(mine & (action_codes == actions.get_loc(str(action))))
-                if not len(positions):
-                    continue
-                done = {k for k, s in self._status.by_type.get(record_type, {}).items() if s in DONE}
-                if done:  # what earlier attempts finished, and the rows settled already (holds)
-                    finished = plan["record_key"].iloc[positions].isin(done).to_numpy(dtype=bool)
-                else:  # nothing finished: no per-row step over a million keys before the first batch
-                    finished = np.zeros(len(positions), dtype=bool)
-                del done
-                todo = self._in_loop_order(record_type, plan, positions[~finished])
-                groups.append((record_type, action, todo, int(finished.sum())))
+            done = finished.get(record_type, frozenset())
+            for action in ERASE_ACTIONS:
+                for run in shape.of(record_type, str(action)):  # one run: the layout is in erase order
+                    n_done = 0
+                    if done:  # only a retry has finished rows: a first attempt reads no keys here
+                        n_done = sum(
+                            int(chunk["record_key"].isin(done).sum())
+                            for chunk in rows.chunks(["record_key"], run.start, run.stop, rows=_ROWS)
+                        )
+                    carried = frozenset()
+                    if n_done < len(run):
+                        carried = frozenset(self.ledger.carried_over(self.system, record_type, exclude_run=self.run_id))
+                    groups.append(_Group(record_type, action, run.start, run.stop, done, carried, n_done))
         return groups
+
+    @staticmethod
+    def _todo(rows: PlanRows, group: _Group, columns: Sequence[str]) -> Iterator[pd.DataFrame]:
+        """A group's rows left to do, in the order the loop takes them (the erase loop's and the
+        write-ahead's alike): what earlier runs carried over first (a backlog is cleared oldest
+        first, whatever new work each night brings), then the rest, each part in the plan's (id)
+        order; rows an earlier attempt finished left out."""
+        wanted = list(dict.fromkeys((*columns, "record_key")))
+        for first in (True, False) if group.carried else (None,):
+            for chunk in rows.chunks(wanted, group.start, group.stop, rows=_ROWS):
+                keys = chunk["record_key"]
+                keep = np.ones(len(chunk), dtype=bool)
+                if group.done:
+                    keep &= ~keys.isin(group.done).to_numpy(dtype=bool)
+                if first is not None:
+                    carried = keys.isin(group.carried).to_numpy(dtype=bool)
+                    keep &= carried if first else ~carried
+                if keep.all():
+                    yield chunk
+                elif keep.any():
+                    yield chunk[keep]
 
     def _slice(self, record_type: str, size: int, deadline: float) -> int:
         """Under a budget, a batch is cut to what this record type's pace so far says still fits
@@ -392,40 +432,30 @@ class ErasureEngine:
         left = max(deadline - self.clock(), 0.0)
         return max(1, min(size, int(sent / max(seconds, 1e-3) * left)))
 
-    def _in_loop_order(self, record_type: str, plan: pd.DataFrame, todo: np.ndarray) -> np.ndarray:
-        """``todo`` (positions in ``plan``) in the order the loop takes them: what earlier runs
-        carried over first (a backlog is cleared oldest first, whatever new work each night
-        brings), then the rest, each part in the records' id order (:func:`_in_id_order`)."""
-        if not len(todo):
-            return todo
-        carried = self.ledger.carried_over(self.system, record_type, exclude_run=self.run_id)
-        if not carried:
-            return _in_id_order(plan, todo)
-        first = plan["record_key"].iloc[todo].isin(carried).to_numpy(dtype=bool)
-        return np.concatenate([_in_id_order(plan, todo[first]), _in_id_order(plan, todo[~first])])
-
     def _carry_over(self, record_type: str, rest: pd.DataFrame) -> None:
         """Book what the budget left untouched: nothing was sent for these records."""
         if rest.empty:
             return
         self._complete(record_type, dict.fromkeys(rest["record_key"].tolist(), Status.CARRIED_OVER))
 
-    def _blocking(self, plan: pd.DataFrame, blocker: str) -> dict[str, list[str]]:
+    def _blocking(self, rows: PlanRows, blocker: str) -> dict[str, list[str]]:
         """Record id -> the keys of the ``blocker`` records of the plan that name it in ``blocks``
         (one id, or several separated by spaces). Made once per erase call, not per batch: a plan
         of a million tickets and a thousand batches of users."""
         cached = self._blocking_index.get(blocker)
         if cached is not None:
             return cached
-        mine = plan[(plan["record_type"] == blocker).to_numpy() & plan["blocks"].notna().to_numpy()]
-        pairs = mine[["blocks", "record_key"]].assign(blocks=mine["blocks"].astype(str).str.split()).explode("blocks")
         index: dict[str, list[str]] = {}
-        for i, k in zip(pairs["blocks"].astype(str).tolist(), pairs["record_key"].tolist()):
-            index.setdefault(i, []).append(k)
+        for run in self._shape.of(blocker):
+            for chunk in rows.chunks(["blocks", "record_key"], run.start, run.stop, rows=_ROWS):
+                mine = chunk[chunk["blocks"].notna().to_numpy(dtype=bool)]
+                pairs = mine.assign(blocks=mine["blocks"].astype(str).str.split()).explode("blocks")
+                for i, k in zip(pairs["blocks"].astype(str).tolist(), pairs["record_key"].tolist()):
+                    index.setdefault(i, []).append(k)
         self._blocking_index[blocker] = index
         return index
 
-    def _before_batch(self, record_type: str, plan: pd.DataFrame, batch: pd.DataFrame) -> pd.DataFrame:
+    def _before_batch(self, record_type: str, rows: PlanRows, batch: pd.DataFrame) -> pd.DataFrame:
         """The checks right before a destructive batch: what may not be erased now is settled in
         the ledger here (deferred or held) and left out of the batch."""
         settled: dict[str, Status] = {}
@@ -436,9 +466,9 @@ class ErasureEngine:
         # Dependencies: a requester (a CC, a follower) goes only once every ticket of theirs in
         # this plan is gone. ``blocks`` names one record, or several separated by spaces.
         for blocker, column in blocked_by(record_type):
-            if "blocks" not in plan:
+            if "blocks" not in rows.columns:
                 break
-            blocking = self._blocking(plan, blocker)
+            blocking = self._blocking(rows, blocker)
             open_ = {i for i in ids if any(self._status.get((blocker, k)) not in GONE for k in blocking.get(i, ()))}
             for i, k in zip(ids, keys):
                 if i in open_:
@@ -641,101 +671,150 @@ class ErasureEngine:
         return checked, sum(present.values())
 
 
+@dataclass(frozen=True)
+class _Group:
+    """One record type and action of the plan, as the erase loop takes it: rows ``start`` to
+    ``stop``, less those earlier attempts finished (``done``, keys), those earlier runs carried
+    over (``carried``) first."""
+
+    record_type: str
+    action: Action
+    start: int
+    stop: int
+    done: frozenset[str]
+    carried: frozenset[str]
+    finished: int  # how many of the rows are in ``done``
+
+
+class _Taker:
+    """A group's rows to do, handed out a batch at a time from the slices they are read in."""
+
+    def __init__(self, chunks: Iterator[pd.DataFrame]):
+        self._chunks = chunks
+        self._left: pd.DataFrame | None = None
+
+    def take(self, n: int) -> pd.DataFrame | None:
+        """The next ``n`` rows (fewer at the end); ``None`` when none are left."""
+        parts, have = [], 0
+        while have < n:
+            if self._left is None or not len(self._left):
+                self._left = next(self._chunks, None)
+                if self._left is None:
+                    break
+                continue
+            part, self._left = self._left.iloc[: n - have], self._left.iloc[n - have :]
+            parts.append(part)
+            have += len(part)
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+
+    def rest(self) -> Iterator[pd.DataFrame]:
+        if self._left is not None and len(self._left):
+            yield self._left
+        self._left = None
+        yield from self._chunks
+
+
 class _WriteAhead:
     """The destructive plan rows' write-ahead, in the order the erase loop takes them: per group
-    (record type and action) chunk by chunk, each chunk one transaction, in a thread of its own.
-    A group's first chunk is its first batch (when smaller than a chunk), so that the first
-    batch of a system that erases a hundred at a time waits for its hundred entries, not for
-    fifty thousand. ``wait`` holds a batch until its rows' entries are committed; ``close``
-    waits for the whole plan, so that a step that stops on the way still leaves every plan row
-    in the ledger."""
+    (record type and action) chunk by chunk, each chunk one transaction, in a thread of its own
+    that reads the plan a slice at a time as the loop does. A group's first chunk is its first
+    batch (when smaller than a chunk), so that the first batch of a system that erases a
+    hundred at a time waits for its hundred entries, not for fifty thousand. ``wait`` holds a
+    batch until its rows' entries are committed; ``close`` waits for the whole plan, so that a
+    step that stops on the way still leaves every plan row in the ledger."""
 
     chunk = 50_000
 
-    def __init__(self, engine: ErasureEngine, plan: pd.DataFrame, groups: list[tuple[np.ndarray, np.ndarray, int]]):
-        """``groups``: per group, its positions in the plan in the loop's order, which of them
-        the ledger does not have yet (only those are written), and its batch size."""
-        self._engine, self._plan = engine, plan
-        self._table: pa.Table | None = None  # the plan's entry columns in Arrow, made by the thread
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-write-ahead")
-        self._written: list[np.ndarray] = []  # per group: how many new rows up to each position
-        self._ends: list[np.ndarray] = []  # per group: how many new rows its chunks cover, each
-        self._chunks: list[list[Future]] = []
-        total = 0
-        for todo, new, batch in groups:
-            positions = todo[new]
-            first = max(1, min(self.chunk, batch))
-            starts = [0, *range(first, len(positions), self.chunk)] if len(positions) else []
-            ends = [*starts[1:], len(positions)] if starts else []
-            self._written.append(np.cumsum(new))
-            self._ends.append(np.asarray(ends, dtype=np.int64))
-            self._chunks.append([self._thread.submit(self._write, positions[a:b]) for a, b in zip(starts, ends)])
-            total += len(positions)
-        self._analyzed = self._thread.submit(engine.ledger.analyze) if total >= 10_000 else None
+    def __init__(self, engine: ErasureEngine, rows: PlanRows, groups: list[_Group], known: dict[str, frozenset[str]]):
+        """``known``: per record type, the keys the ledger has already (not written again)."""
+        self._engine, self._rows, self._groups, self._known = engine, rows, groups, known
+        self._changed = threading.Condition()
+        self._covered = [0] * len(groups)  # per group: rows in the loop's order whose entries are in
+        self._complete = [False] * len(groups)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ledger-write-ahead", daemon=True)
+        self._thread.start()
 
-    def _write(self, positions: np.ndarray) -> None:
-        # Taken, shaped and sorted in Arrow: the same through pandas (a frame's rows taken, its
-        # texts converted, sorted through categoricals) cost four times the CPU, in the thread
-        # that writes beside the erase loop and the system's deletions on the same cores.
-        if self._table is None:
-            self._table = _arrow(self._plan)
-        engine, part = self._engine, self._table.take(pa.array(positions, pa.int64()))
+    def _run(self) -> None:
+        try:
+            written = sum(self._write_group(number, group) for number, group in enumerate(self._groups))
+            if written >= 10_000:
+                self._engine.ledger.analyze()
+        except BaseException as error:  # handed to the loop's next wait
+            with self._changed:
+                self._error = error
+        finally:
+            with self._changed:
+                self._changed.notify_all()
+
+    def _write_group(self, number: int, group: _Group) -> int:
+        engine = self._engine
+        limit = max(1, min(self.chunk, batch_size(engine.adapter, group.record_type)))
+        known = self._known.get(group.record_type)
+        pending: list[pd.DataFrame] = []
+        waiting = seen = written = 0
+        for chunk in engine._todo(self._rows, group, _ENTRY_SOURCE):
+            new = np.flatnonzero(~chunk["record_key"].isin(known).to_numpy(dtype=bool)) if known else np.arange(len(chunk))
+            while len(new):
+                take, new = new[: limit - waiting], new[limit - waiting :]
+                pending.append(chunk.iloc[take])
+                waiting += len(take)
+                if waiting == limit:
+                    self._write(pending)
+                    written += waiting
+                    self._publish(number, seen + int(take[-1]) + 1)
+                    pending, waiting, limit = [], 0, self.chunk
+            seen += len(chunk)
+            if not waiting:
+                self._publish(number, seen)
+        if pending:
+            self._write(pending)
+            written += waiting
+        self._publish(number, seen, complete=True)
+        return written
+
+    def _publish(self, number: int, covered: int, complete: bool = False) -> None:
+        with self._changed:
+            self._covered[number] = covered
+            self._complete[number] = self._complete[number] or complete
+            self._changed.notify_all()
+
+    def _write(self, pending: list[pd.DataFrame]) -> None:
+        # Shaped and split in Arrow: the same through pandas cost four times the CPU, in the
+        # thread that writes beside the erase loop and the system's deletions on the same cores.
+        engine = self._engine
+        expected = sum(len(p) for p in pending)
+        part = pa.concat_tables([_texts(_arrow(p)) for p in pending])
         if "policy_version" not in part.column_names:
             versions = [(engine.policy_version, part)]
         else:
             # A row without a version is the run's (as for the held and deferred rows), never left out.
-            column = pc.fill_null(pc.cast(part.column("policy_version"), pa.string()), engine.policy_version)
+            column = pc.fill_null(part.column("policy_version"), engine.policy_version)
             versions = [(str(v), part.filter(pc.equal(column, v))) for v in pc.unique(column).to_pylist()]
-        if sum(rows.num_rows for _, rows in versions) != len(positions):
+        if sum(rows.num_rows for _, rows in versions) != expected:
             # A row left out here would be erased without an entry: stop the step instead.
-            raise RuntimeError(f"{engine.system}: the write-ahead of a chunk of {len(positions)} plan rows lost some of them")
+            raise RuntimeError(f"{engine.system}: the write-ahead of a chunk of {expected} plan rows lost some of them")
         for version, rows in versions:
             engine.ledger.write_ahead(engine.run_id, version, engine.system, _entry_table(rows), status=str(Status.PLANNED), analyze=False)
 
     def wait(self, group: int, upto: int | None = None) -> None:
         """Until the entries of the group's first ``upto`` rows in the loop's order (all when
-        ``None``) are committed; raises the error of a chunk that failed."""
-        chunks = self._chunks[group]
-        if upto is not None:
-            new = int(self._written[group][upto - 1]) if upto > 0 else 0
-            # The chunks up to the first that ends at or after the ``new``-th new row.
-            chunks = chunks[: int(np.searchsorted(self._ends[group], new)) + 1] if new else []
-        for future in chunks:
-            future.result()
+        ``None``) are committed; raises the write-ahead's error when they never will be."""
+        with self._changed:
+            while not (self._complete[group] or (upto is not None and self._covered[group] >= upto)):
+                if self._error is not None:
+                    raise self._error
+                self._changed.wait()
 
     def wait_all(self) -> None:
-        for group in range(len(self._chunks)):
-            self.wait(group)
-        if self._analyzed is not None:
-            self._analyzed.result()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
-
-
-def _factorized(column: pd.Series) -> tuple[np.ndarray, pd.Index]:
-    """A text column's codes and values. A categorical has them already: made again from its
-    texts, a million-row plan's record types cost 50 MB more before the first batch."""
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        return column.cat.codes.to_numpy(), pd.Index(column.cat.categories.astype(str))
-    return pd.factorize(column.astype(str))
-
-
-def _in_id_order(plan: pd.DataFrame, positions: np.ndarray) -> np.ndarray:
-    """``positions`` (in ``plan``) in the order of their records' ids: shorter ids first, then
-    as text, which is numeric order for whole numbers. A batch then holds neighbouring records,
-    which a database keeps on neighbouring pages: 25,000-row deletes on the benchmark's
-    2,000,000 event participations took 2.0 to 2.1 s per 250,000 with ids drawn from the whole
-    table, 1.2 to 1.6 s in id order. What is erased does not change, only which batch it goes in."""
-    if len(positions) < 2 or "record_id" not in plan:
-        return positions
-    # Straight to Arrow: no Python text per id (an Arrow-backed column's ids as objects were 25 MB
-    # for half a million rows).
-    ids = pc.cast(pa.array(plan["record_id"].iloc[positions]), pa.string())
-    order = pc.sort_indices(
-        pa.table({"length": pc.utf8_length(ids), "id": ids}), sort_keys=[("length", "ascending"), ("id", "ascending")]
-    )
-    return positions[order.to_numpy()]
+        self._thread.join()
 
 
 def _chunks_of(plan: pd.DataFrame | Iterable[pd.DataFrame | pa.RecordBatch], size: int) -> Iterator:
@@ -759,6 +838,12 @@ def _plan_columns(chunk: pd.DataFrame | pa.RecordBatch) -> tuple[list[str], ...]
 def _arrow(plan: pd.DataFrame) -> pa.Table:
     """A plan's entry columns (those it has) as an Arrow table, for :func:`_entry_table`."""
     return pa.Table.from_pandas(plan[[c for c in _ENTRY_SOURCE if c in plan]], preserve_index=False)
+
+
+def _texts(table: pa.Table) -> pa.Table:
+    """Every column as text: slices of a plan read apart (each its own categories, a column of
+    nothing but nulls) made alike, to be joined."""
+    return pa.table({name: pc.cast(table.column(name), pa.string()) for name in table.column_names})
 
 
 def _entry_table(part: pa.Table) -> pa.Table:

@@ -25,12 +25,12 @@ from retention.checks import data_docs
 from retention.checks.validation import PlanRejected, plan_check_frame, run_guard, validate_extract, validate_plan
 from retention.domain import approval as approvals
 from retention.domain.holds import Holds
-from retention.domain.planning import plan_system
+from retention.domain.planning import erase_order, plan_system
 from retention.domain.quarantine import reason_category
 from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import DESTRUCTIVE, Status
 from retention.runs.context import RunInfo, Stopwatch, open_run, pseudonymizer, task_ledger
-from retention.runs.erasing import PLAN_CATEGORIES, PLAN_COLUMNS, ErasureEngine, StateCheck
+from retention.runs.erasing import ErasureEngine, StateCheck
 from retention.store.record_index import GONE_SUFFIX, RecordIndex
 from retention.store.reports import ledger_counts, report_stem, status_line, write_report
 from retention.store.staging import purge_older_than
@@ -230,7 +230,9 @@ def plan(run: RunInfo, system: str) -> dict:
     clock.lap("quarantine_ledger")
     for record_type, clean in sp.clean.items():
         staging.write_frame(system, f"clean_{record_type}", clean)
-    staging.write_frame(system, "plan", sp.plan)
+    # In the order the erase step takes it: each record type and action one run of rows, in id
+    # order, read a batch at a time there (``runs.plan_rows``).
+    staging.write_frame(system, "plan", sp.plan, order=erase_order(sp.plan, record_types_of(system)))
     if len(sp.quarantined):
         staging.write_frame(system, "quarantine", sp.quarantined)
     clock.lap("write")
@@ -475,18 +477,15 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     over_guard = bool(validation and validation.get("needs_approval"))
     if not validation or not (validation.get("success") or over_guard):
         raise PlanRejected(f"{system}: no successful validation in this run; refusing to erase")
-    # An approval is of the whole plan (its hash over every column); otherwise the engine's
-    # columns are all this step reads.
-    if over_guard:
-        plan_frame = staging.read_frame(system, "plan")
-    else:
-        plan_frame = staging.read_frame(system, "plan", columns=PLAN_COLUMNS, categories=PLAN_CATEGORIES)
+    # The engine reads the staged plan a batch's rows at a time (staged in erase order by the
+    # plan step): the step holds a batch, not the plan.
+    plan_rows = staging.rows(system, "plan")
     extracted_at = _extracted_at(run, system)
     approval = None
     try:
         refuse_an_old_plan(system, extracted_at)
-        if over_guard:
-            approval = _approval_to_erase(run, system, plan_frame)
+        if over_guard:  # an approval is of the whole plan: its hash over every column
+            approval = _approval_to_erase(run, system, plan_rows.whole())
     except PlanRejected:
         # This run will erase nothing more in this system: free it for a run that plans afresh.
         with task_ledger() as ledger:
@@ -497,13 +496,13 @@ def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     with task_ledger() as ledger:
         engine = ErasureEngine(ledger, run.run_id, system, adapter, run.policy_version, check)
         if run.dry_run:
-            would = engine.count(plan_frame).would_by_rule
+            would = engine.count(plan_rows).would_by_rule
             summary = {"dry_run": True, "would": would}
             staging.write_json(system, "erase", summary)
             log.info("%s: dry run, nothing erased; would act on %s", system, would or "nothing")
             return summary
         budget = config.erase_budget()
-        result = engine.erase(plan_frame, budget_seconds=budget.total_seconds())
+        result = engine.erase(plan_rows, budget_seconds=budget.total_seconds())
     outcomes = dict(sorted(result.totals().items()))
     summary = {
         "dry_run": False, "outcomes": outcomes, "seconds": result.seconds, "waited_seconds": result.waited,

@@ -16,6 +16,7 @@ written and read through the store's file objects, a part at a time, as on local
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,15 +99,28 @@ def _private_file(path: ObjectStoragePath) -> None:
     os.chmod(local, PRIVATE_FILE)
 
 
-def _write_parquet(frame: pd.DataFrame, path: ObjectStoragePath) -> None:
+def _write_parquet(frame: pd.DataFrame, path: ObjectStoragePath, order: np.ndarray | None = None) -> None:
     table = pa.Table.from_pandas(frame, preserve_index=False)
+
+    def write(out) -> None:
+        if order is None:
+            pq.write_table(table, out, row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
+            return
+        # A row group at a time in ``order``: the frame rearranged whole would be a third copy.
+        with pq.ParquetWriter(out, table.schema, **PARQUET_OPTIONS) as writer:
+            for start in range(0, len(order), ROW_GROUP_ROWS):
+                writer.write_table(table.take(pa.array(order[start : start + ROW_GROUP_ROWS], pa.int64())))
+
+    order = None if order is None else np.asarray(order, dtype=np.int64)
+    if order is not None and len(order) != len(frame):
+        raise ValueError(f"an order of {len(order)} rows for a frame of {len(frame)}")
     if _is_local(path):
         _private_file(path)
-        pq.write_table(table, _local(path), row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
+        write(str(_local(path)))
         return
     # The store's file object uploads in parts as pyarrow writes (s3fs: multipart).
     with path.open("wb") as out:
-        pq.write_table(table, out, row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
+        write(out)
 
 
 def _read_parquet(path: ObjectStoragePath) -> pd.DataFrame:
@@ -202,13 +217,14 @@ class RunStaging:
             yield _read_parquet(part)
 
     # -- whole frames ---------------------------------------------------------------------
-    def write_frame(self, system: str, name: str, frame: pd.DataFrame) -> ObjectStoragePath:
+    def write_frame(self, system: str, name: str, frame: pd.DataFrame, order: np.ndarray | None = None) -> ObjectStoragePath:
+        """Stage ``frame``; with ``order`` (positions), its rows in that order."""
         path = self.system_dir(system) / f"{name}.parquet"
         if not _is_local(path):
-            _write_parquet(frame, path)  # one object, complete when the upload completes
+            _write_parquet(frame, path, order)  # one object, complete when the upload completes
             return path
         tmp = path.with_suffix(".tmp")
-        _write_parquet(frame, tmp)
+        _write_parquet(frame, tmp, order)
         _local(tmp).replace(_local(path))
         return path
 
@@ -218,6 +234,13 @@ class RunStaging:
         if not path.exists():
             raise FileNotFoundError(f"staging has no {name} for {system}: did the earlier task of this run succeed?")
         return _read_whole_frame(path, columns, categories)
+
+    def rows(self, system: str, name: str) -> StagedRows:
+        """A staged frame to be read a slice of rows at a time (the erase step's plan)."""
+        path = self.system_dir(system) / f"{name}.parquet"
+        if not path.exists():
+            raise FileNotFoundError(f"staging has no {name} for {system}: did the earlier task of this run succeed?")
+        return StagedRows(path)
 
     def iter_batches(self, system: str, name: str, columns: list[str], batch_rows: int = 50_000) -> Iterator[pa.RecordBatch]:
         """A staged frame's ``columns`` in Arrow record batches of at most ``batch_rows`` rows:
@@ -245,6 +268,63 @@ class RunStaging:
 
     def remove(self) -> None:
         _remove_tree(self.root)
+
+
+class StagedRows:
+    """A staged frame read a slice of rows at a time, in pandas, as :func:`_read_whole_frame`
+    reads it whole (the same dtypes; ``categories`` as categoricals): the erase step takes its
+    plan this way, a batch's rows at a time, and holds a batch rather than the plan."""
+
+    def __init__(self, path: ObjectStoragePath):
+        self.path = path
+        with self._open() as file:
+            self.columns: list[str] = list(file.schema_arrow.names)
+            meta = file.metadata
+            self.num_rows = meta.num_rows
+            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+    @contextlib.contextmanager
+    def _open(self, categories: Sequence[str] = ()) -> Iterator[pq.ParquetFile]:
+        def parquet(source) -> pq.ParquetFile:
+            names = pq.ParquetFile(source).schema_arrow.names
+            if hasattr(source, "seek"):
+                source.seek(0)
+            return pq.ParquetFile(source, read_dictionary=[c for c in categories if c in names] or None, pre_buffer=False)
+
+        if _is_local(self.path):
+            yield parquet(_local(self.path))
+            return
+        with self.path.open("rb") as src:  # ranged reads: the footer, then the column chunks
+            yield parquet(src)
+
+    def chunks(
+        self, columns: Sequence[str], start: int = 0, stop: int | None = None, rows: int = 50_000,
+        categories: Sequence[str] = (),
+    ) -> Iterator[pd.DataFrame]:
+        """Rows ``start`` to ``stop`` (the end when ``None``) of ``columns`` (those the frame has),
+        in frames of at most ``rows`` rows, reading only the row groups that hold them."""
+        stop = self.num_rows if stop is None else min(stop, self.num_rows)
+        if start >= stop:
+            return
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        last = int(np.searchsorted(self._starts, stop, side="left"))  # row groups [first, last)
+        with self._open(categories) as file:
+            metadata = file.schema_arrow.metadata  # pandas' own: the frame's dtypes
+            wanted = [c for c in columns if c in self.columns]
+            at = int(self._starts[first])
+            batches = file.iter_batches(batch_size=rows, row_groups=range(first, last), columns=wanted, use_threads=False)
+            for batch in batches:
+                a, b = max(start - at, 0), min(stop - at, batch.num_rows)
+                at += batch.num_rows
+                if a < b:
+                    table = pa.Table.from_batches([batch.slice(a, b - a)]).replace_schema_metadata(metadata)
+                    yield table.to_pandas()
+                if at >= stop:
+                    return
+
+    def whole(self, columns: Sequence[str] | None = None, categories: Sequence[str] = ()) -> pd.DataFrame:
+        return _read_whole_frame(self.path, columns, categories)
 
 
 def _newest_change(run_dir: ObjectStoragePath) -> float:
