@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 import pandas as pd
+import pyarrow as pa
 
 from retention import config
 from retention.domain.conform import conform
@@ -42,6 +44,23 @@ def task_ledger() -> Iterator[Ledger]:
         yield ledger
     finally:
         ledger.engine.dispose()
+
+
+def lean_arrow_memory() -> None:
+    """Arrow allocates from jemalloc (the C library's allocator where a build has no jemalloc)
+    rather than from its default, mimalloc, unless ``ARROW_DEFAULT_MEMORY_POOL`` says otherwise.
+    A step reads and converts its staged frames a slice at a time in several threads (the
+    erase step: its loop and the write-ahead beside it), and mimalloc kept what each thread
+    freed for that thread: the erase engine alone, on the CRM's plan at 250,000 and 1,000,000
+    contacts, peaked at 396 and 433 MB with mimalloc, 333 and 350 MB with jemalloc."""
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        pool = pa.system_memory_pool()
+    if pa.default_memory_pool().backend_name != pool.backend_name:
+        pa.set_memory_pool(pool)
 
 
 def pseudonymizer() -> Pseudonymizer:

@@ -29,7 +29,7 @@ from retention.domain.planning import erase_order, plan_system
 from retention.domain.quarantine import reason_category
 from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import DESTRUCTIVE, Status
-from retention.runs.context import RunInfo, Stopwatch, open_run, pseudonymizer, task_ledger
+from retention.runs.context import RunInfo, Stopwatch, lean_arrow_memory, open_run, pseudonymizer, task_ledger
 from retention.runs.erasing import ErasureEngine, StateCheck
 from retention.store.record_index import GONE_SUFFIX, RecordIndex
 from retention.store.reports import ledger_counts, report_stem, status_line, write_report
@@ -60,6 +60,7 @@ def extract(
     policy's conditions, with ``extracted`` still counting every record. Otherwise, and whenever
     ``reconcile`` is asked (the replay asks: it looks for restored copies, not for what is due),
     every record is read."""
+    lean_arrow_memory()
     last_note = [0.0]
 
     def waiting(holder: str) -> None:
@@ -212,6 +213,7 @@ def _drift_text(drift: dict[str, dict[str, int]]) -> str:
 
 def plan(run: RunInfo, system: str) -> dict:
     """Quarantine malformed records, evaluate the rules, pseudonymise, apply every hold."""
+    lean_arrow_memory()
     policy = run.policy()
     staging = run.staging
     clock = Stopwatch()
@@ -280,6 +282,7 @@ def quarantine_alarm(ledger, policy, systems: tuple[str, ...]) -> dict | None:
 
 def validate(run: RunInfo, system: str) -> dict:
     """Great Expectations on the extract and the plan, and the plan-size guard."""
+    lean_arrow_memory()
     policy = run.policy()
     staging = run.staging
     clock = Stopwatch()
@@ -472,6 +475,7 @@ def _failed_suite(outcome) -> str:
 
 def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     """Hand the validated plan to the erasure engine. Resumable and idempotent."""
+    lean_arrow_memory()
     staging = run.staging
     validation = staging.read_json(system, "validation")
     over_guard = bool(validation and validation.get("needs_approval"))
@@ -546,6 +550,7 @@ def refuse_an_old_plan(system: str, extracted_at: datetime) -> None:
 
 def verify(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     """Every record this run erased is gone from the source; the system is free again."""
+    lean_arrow_memory()
     staging = run.staging
     with task_ledger() as ledger:
         if run.dry_run:
