@@ -271,3 +271,28 @@ def test_a_staged_frame_is_read_in_batches_from_object_storage(s3, s3_staging):
     batches = list(staging.iter_batches("crm", "plan", ["record_id"], batch_rows=2))
     assert [b.num_rows for b in batches] == [2, 2, 1]
     assert [i for b in batches for i in b.column("record_id").to_pylist()] == frame["record_id"].tolist()
+
+
+def test_steps_allocate_arrow_memory_from_jemalloc_unless_told_otherwise(monkeypatch):
+    """A step's Arrow buffers come from jemalloc (the C library's allocator where a build has
+    none), not mimalloc, which kept what each thread freed; ``ARROW_DEFAULT_MEMORY_POOL`` set
+    by the operator is left alone."""
+    import pyarrow as pa
+
+    from retention.runs.context import lean_arrow_memory
+
+    before = pa.default_memory_pool()
+    try:
+        pa.set_memory_pool(pa.mimalloc_memory_pool())
+        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+        lean_arrow_memory()
+        assert pa.default_memory_pool().backend_name == "mimalloc"
+        monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL")
+        lean_arrow_memory()
+        try:
+            expected = pa.jemalloc_memory_pool().backend_name
+        except NotImplementedError:  # a build without jemalloc
+            expected = "system"
+        assert pa.default_memory_pool().backend_name == expected
+    finally:
+        pa.set_memory_pool(before)
