@@ -903,3 +903,26 @@ def test_a_staged_plan_is_erased_a_slice_at_a_time_as_the_same_plan_in_memory(le
     assert "not in erase order" in caplog.text
     assert result.statuses == expected.statuses
     assert sent_ids(backlog)[:5] == ["4", "17", "1", "2", "3"]
+
+
+def test_a_plan_that_changes_under_the_engine_stops_it_before_a_batch_goes(ledger):
+    """The engine finds where each record type and action is in the plan once, then reads the
+    rows when their batch goes: rows that are no longer what it found there (a hold where an
+    erasure was, a staged plan rewritten meanwhile) stop the step, and none of them is erased."""
+    from retention.runs.plan_rows import FramePlan
+
+    class Rewritten(FramePlan):
+        """The plan the layout saw, then every row a hold."""
+
+        reads = 0
+
+        def chunks(self, columns, start=0, stop=None, rows=50_000, categories=()):
+            self.reads += 1
+            for chunk in super().chunks(columns, start, stop, rows, categories):
+                yield chunk.assign(action="hold") if self.reads > 1 and "action" in chunk else chunk
+
+    system = MemorySystem(TICKETS)
+    plan = Rewritten(plan_of([("support_ticket", i, "erase") for i in ("1", "2", "3")]), MemorySystem.record_types)
+    with pytest.raises(RuntimeError, match="no longer all erase: the plan changed while it was erased"):
+        ErasureEngine(ledger, "run-17", "ticketing", system, "v1").erase(plan)
+    assert system.calls == [] and system.records == TICKETS

@@ -405,9 +405,13 @@ class ErasureEngine:
         write-ahead's alike): what earlier runs carried over first (a backlog is cleared oldest
         first, whatever new work each night brings), then the rest, each part in the plan's (id)
         order; rows an earlier attempt finished left out."""
-        wanted = list(dict.fromkeys((*columns, "record_key")))
+        wanted = list(dict.fromkeys((*columns, "record_key", "action")))
         for first in (True, False) if group.carried else (None,):
             for chunk in rows.chunks(wanted, group.start, group.stop, rows=_ROWS):
+                if not (chunk["action"].astype(str) == str(group.action)).all():
+                    # The rows are not those the layout found (the staged plan changed since):
+                    # a hold among them would be erased. Stop before any of them goes.
+                    raise RuntimeError(f"the plan's rows {group.start} to {group.stop} are no longer all {group.action}: the plan changed while it was erased")
                 keys = chunk["record_key"]
                 keep = np.ones(len(chunk), dtype=bool)
                 if group.done:

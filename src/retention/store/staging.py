@@ -147,10 +147,8 @@ def _read_whole_frame(path: ObjectStoragePath, columns: Sequence[str] | None = N
     116 MB (82 MB at 250,000 rows against 50)."""
 
     def read(source) -> pd.DataFrame:
-        names = pq.ParquetFile(source).schema_arrow.names
-        if hasattr(source, "seek"):
-            source.seek(0)
-        file = pq.ParquetFile(source, read_dictionary=[c for c in categories if c in names] or None, pre_buffer=False)
+        file = _parquet(source, categories)
+        names = file.schema_arrow.names
         parts = {}
         for name in names if columns is None else [c for c in columns if c in names]:
             table = file.read(columns=[name], use_threads=False, use_pandas_metadata=True).combine_chunks()
@@ -163,6 +161,15 @@ def _read_whole_frame(path: ObjectStoragePath, columns: Sequence[str] | None = N
         return read(_local(path))
     with path.open("rb") as src:
         return read(src)
+
+
+def _parquet(source, categories: Sequence[str] = ()) -> pq.ParquetFile:
+    """A staged Parquet file, its ``categories`` (those it has) read as dictionaries (pandas
+    categoricals), its column chunks read when asked for (no buffering ahead)."""
+    names = pq.ParquetFile(source).schema_arrow.names
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return pq.ParquetFile(source, read_dictionary=[c for c in categories if c in names] or None, pre_buffer=False)
 
 
 def _write_text(path: ObjectStoragePath, text: str) -> None:
@@ -286,17 +293,11 @@ class StagedRows:
 
     @contextlib.contextmanager
     def _open(self, categories: Sequence[str] = ()) -> Iterator[pq.ParquetFile]:
-        def parquet(source) -> pq.ParquetFile:
-            names = pq.ParquetFile(source).schema_arrow.names
-            if hasattr(source, "seek"):
-                source.seek(0)
-            return pq.ParquetFile(source, read_dictionary=[c for c in categories if c in names] or None, pre_buffer=False)
-
         if _is_local(self.path):
-            yield parquet(_local(self.path))
+            yield _parquet(_local(self.path), categories)
             return
         with self.path.open("rb") as src:  # ranged reads: the footer, then the column chunks
-            yield parquet(src)
+            yield _parquet(src, categories)
 
     def chunks(
         self, columns: Sequence[str], start: int = 0, stop: int | None = None, rows: int = 50_000,
