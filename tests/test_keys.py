@@ -37,6 +37,28 @@ def test_colliding_fingerprints_are_told_apart(monkeypatch):
     assert keys.duplicated(series).tolist() == [True, False, True, False]
 
 
+def _in_parts(series: pd.Series, cuts: list[int]):
+    bounds = [0, *sorted(min(c, len(series)) for c in cuts), len(series)]
+    return lambda: (series.iloc[a:b] for a, b in zip(bounds, bounds[1:]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(key_text, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=5))
+def test_duplicated_in_parts_matches_pandas_over_the_whole(values, cuts):
+    """The plan step finds duplicate keys over a record type read a part at a time: a key twice
+    in one part, in two parts, missing (read whole), or merely colliding."""
+    series = pd.Series(values, dtype="string")
+    expected = series.duplicated(keep=False).to_numpy()
+    assert (keys.duplicated_in_parts(_in_parts(series, cuts)) == expected).all()
+
+
+def test_colliding_fingerprints_in_different_parts_are_told_apart(monkeypatch):
+    monkeypatch.setattr(keys, "_mix", lambda z: np.zeros_like(z))
+    series = pd.Series(["a" * 32, "b" * 32, "c" * 32, "a" * 32, "d" * 32], dtype="string")
+    assert keys.duplicated_in_parts(_in_parts(series, [2, 4])).tolist() == [True, False, False, True, False]
+    assert keys.duplicated_in_parts(_in_parts(series.iloc[:0], [])).tolist() == []
+
+
 def test_fingerprints_for_present_ascii_keys_up_to_64_bytes():
     assert keys.fingerprints(pd.Series(["a" * 32, "b" * 32], dtype="string")) is not None
     assert keys.fingerprints(pd.Series(["12345", "678", "9"], dtype="string")) is not None  # CRM ids

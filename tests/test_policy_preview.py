@@ -284,16 +284,23 @@ def test_broken_new_policy_fails_before_any_system_is_read(zendesk, tmp_path, re
 # --- the pipeline and the preview plan alike --------------------------------------------------------
 
 
-def test_plan_system_matches_the_pipeline_plan(zendesk, retention_home):
-    """Until pipeline.plan calls planning.plan_system itself: the same staged extract, the same plan."""
+@pytest.mark.parametrize("part_rows", [None, 7])
+def test_plan_system_matches_the_pipeline_plan(zendesk, retention_home, monkeypatch, part_rows):
+    """The pipeline plans the staged extract a part at a time and merges the parts' sorted plans
+    (``nightly.plan``); the preview plans it whole (``planning.plan_system``): the same plan, row
+    for row in erase order, and the same frames judged. With parts of 7 rows and slices of 5 the
+    merge takes every path: many runs, a slice across them."""
     from retention import config
-    from retention.domain.planning import plan_system
+    from retention.domain.planning import erase_order, plan_system
     from retention.domain.policy import load_policy
     from retention.domain.pseudonyms import Pseudonymizer
     from retention.domain.records import record_types_of
     from retention.runs import nightly as pipeline
     from retention.systems import adapter_for
 
+    if part_rows:
+        monkeypatch.setattr(pipeline, "PLAN_PART_ROWS", part_rows)
+        monkeypatch.setattr(pipeline._PlanWriter, "SLICE", 5)
     run = pipeline.RunInfo.from_dict(pipeline.open_run("parity", "parity_1", AS_OF, dry_run=True, max_plan_share=1.0))
     adapter = adapter_for("ticketing")
     try:
@@ -305,11 +312,15 @@ def test_plan_system_matches_the_pipeline_plan(zendesk, retention_home):
     frames = {rt: run.staging.read_extract("ticketing", rt) for rt in record_types_of("ticketing")}
     now = pd.Timestamp(run.staging.read_json("ticketing", "extract")["extracted_at"])
     mine = plan_system("ticketing", frames, load_policy(DEFAULT_POLICY), AS_OF, now=now, pseudonymizer=Pseudonymizer(config.pseudonym_key())).plan
-    order = ["record_type", "record_id"]
-    pd.testing.assert_frame_equal(
-        staged.sort_values(order).reset_index(drop=True), mine[staged.columns].sort_values(order).reset_index(drop=True),
-        check_dtype=False,
-    )
+    in_order = mine.iloc[erase_order(mine, record_types_of("ticketing"))].reset_index(drop=True)
+    assert len(staged) > 20
+    pd.testing.assert_frame_equal(staged, in_order[staged.columns], check_dtype=False)
+    assert list(erase_order(staged, record_types_of("ticketing"))) == list(range(len(staged)))
+    sp = plan_system("ticketing", frames, load_policy(DEFAULT_POLICY), AS_OF, now=now, pseudonymizer=Pseudonymizer(config.pseudonym_key()))
+    for record_type, clean in sp.clean.items():
+        pd.testing.assert_frame_equal(run.staging.read_frame("ticketing", f"clean_{record_type}"), clean.reset_index(drop=True), check_dtype=False)
+    assert run.staging.read_json("ticketing", "plan")["planned"] == sp.planned_counts()
+    assert not (run.staging.system_dir("ticketing") / "plan_runs.parquet").exists()
     run.staging.remove()
 
 

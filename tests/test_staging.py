@@ -165,6 +165,45 @@ def test_a_staged_frame_is_read_a_slice_of_rows_at_a_time_as_it_is_read_whole(tm
         staging.rows("crm", "quarantine")
 
 
+def _parts_frame(n: int) -> pd.DataFrame:
+    return pd.DataFrame({
+        "record_id": pd.Series([str(i) for i in range(n)], dtype="string"),
+        "hold": pd.Series([None, "case 7", None] * (n // 3) + [None] * (n % 3), dtype="string"),
+        "clock": pd.Series(pd.date_range("2020-01-01", periods=n, freq="min", tz="UTC")),
+        "fallback_clock": [i % 2 == 0 for i in range(n)],
+    })
+
+
+def test_a_frame_staged_a_part_at_a_time_reads_as_the_frame_staged_whole(tmp_path, monkeypatch):
+    """The plan step stages the frames the engine judged and the plan a part at a time
+    (``RunStaging.frame_writer``): the same rows, dtypes and row groups as ``write_frame``, a
+    part whose column is all missing cast to the first part's types, an empty part adding
+    nothing; the file appears only once closed, and an error leaves nothing behind."""
+    monkeypatch.setattr(staging_module, "ROW_GROUP_ROWS", 7)
+    staging = RunStaging("retention_nightly", "manual__1", root=tmp_path / "staging")
+    frame = _parts_frame(30)
+    staging.write_frame("crm", "whole", frame)
+    with staging.frame_writer("crm", "parts") as out:
+        for start, stop in [(0, 12), (12, 12), (12, 13), (13, 30)]:
+            part = frame.iloc[start:stop]
+            if start == 13:
+                part = part.assign(hold=None)  # all missing: no type of its own
+            out.write(part)
+            assert not (staging.system_dir("crm") / "parts.parquet").exists()
+    assert out.rows == 30
+    expected = frame.assign(hold=frame["hold"].where(frame.index < 13, None))
+    pd.testing.assert_frame_equal(staging.read_frame("crm", "parts"), expected)
+    pd.testing.assert_frame_equal(staging.read_frame("crm", "whole").iloc[:13], expected.iloc[:13])
+    whole = pq.ParquetFile(str((staging.system_dir("crm") / "whole.parquet").path)).metadata
+    parts = pq.ParquetFile(str((staging.system_dir("crm") / "parts.parquet").path)).metadata
+    assert max(parts.row_group(i).num_rows for i in range(parts.num_row_groups)) == 7 == whole.row_group(0).num_rows
+    with pytest.raises(RuntimeError, match="stopped"):
+        with staging.frame_writer("crm", "broken") as out:
+            out.write(frame)
+            raise RuntimeError("stopped")
+    assert sorted(p.name for p in staging.system_dir("crm").iterdir()) == ["parts.parquet", "whole.parquet"]
+
+
 # --- on object storage ---------------------------------------------------------------------------
 
 MEMBER = {"status": "unsubscribed", "last_changed": pd.Timestamp("2026-01-01", tz="UTC"), "timestamp_signup": pd.NaT, "has_email": True}
@@ -271,6 +310,20 @@ def test_a_staged_frame_is_read_in_batches_from_object_storage(s3, s3_staging):
     batches = list(staging.iter_batches("crm", "plan", ["record_id"], batch_rows=2))
     assert [b.num_rows for b in batches] == [2, 2, 1]
     assert [i for b in batches for i in b.column("record_id").to_pylist()] == frame["record_id"].tolist()
+
+
+def test_a_frame_is_staged_a_part_at_a_time_on_object_storage(s3, s3_staging):
+    staging = RunStaging("retention_nightly", "manual__1")
+    frame = _parts_frame(10)
+    with staging.frame_writer("crm", "plan") as out:
+        out.write(frame.iloc[:4])
+        out.write(frame.iloc[4:])
+    pd.testing.assert_frame_equal(staging.read_frame("crm", "plan"), frame)
+    with pytest.raises(RuntimeError, match="stopped"):
+        with staging.frame_writer("crm", "broken") as out:
+            out.write(frame)
+            raise RuntimeError("stopped")
+    assert [k for k in s3.keys(s3_staging) if "broken" in k] == []
 
 
 def test_steps_allocate_arrow_memory_from_jemalloc_unless_told_otherwise(monkeypatch):

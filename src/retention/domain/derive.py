@@ -6,25 +6,54 @@ plans tickets first, then completes the users' frame from that plan here: ``tick
 ``last_ticket_gone_at`` and ``had_ticket`` (the schema's derived columns of ``ticket_user``). A
 user no ticket names (a new account that has not filed one yet) is judged by the policy's rule
 for users without tickets, from the account's creation.
+
+Planning may take a record type a part of its extract at a time (``planning.plan_parts``), so
+what needs every row is split from what a part needs: which rows are judged at all
+(``kept_rows``, over the ids alone), and the tickets' parties (``TicketParties``, gathered a
+part of the tickets and their plan at a time, compact, and summed up once for the users).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from retention.domain.statuses import DESTRUCTIVE
 
+TICKETS = "support_ticket"
+USERS = "ticket_user"
+# The record types the incremental export lists again each time one changes (``kept_rows``).
+LISTED_AGAIN = (TICKETS, USERS)
+
+
+def kept_rows(record_type: str, ids: pd.Series) -> np.ndarray | None:
+    """Which rows of a record type's extract are judged (None: all), from its ids alone. The
+    incremental export lists a ticket or a user again each time it changes: the last listing is
+    kept. (Tickets only when every one has an id: a ticket without one is quarantined, and its
+    listings are not told apart.)"""
+    if record_type == TICKETS:
+        return ~ids.duplicated(keep="last").to_numpy(dtype=bool) if ids.notna().all() else None
+    if record_type == USERS:
+        return ~ids.duplicated(keep="last").to_numpy(dtype=bool)
+    return None
+
+
+def with_parties(tickets: pd.DataFrame) -> pd.DataFrame:
+    """Name each ticket's parties (``party_ids``: requester, CCs, followers), the users who may
+    be erased only once it is gone."""
+    requester = tickets["requester_id"].astype("string").fillna("")
+    cc = tickets["cc_ids"].astype("string").fillna("") if "cc_ids" in tickets else ""
+    return tickets.assign(party_ids=(requester + " " + cc).str.strip().astype("string"))
+
 
 def latest_tickets(frame: pd.DataFrame) -> pd.DataFrame:
-    """The incremental export lists a ticket again each time it changes: keep the last. And
-    name the ticket's parties (``party_ids``: requester, CCs, followers), the users who may be
-    erased only once it is gone."""
-    frame = frame.drop_duplicates("record_id", keep="last") if frame["record_id"].notna().all() else frame
-    requester = frame["requester_id"].astype("string").fillna("")
-    cc = frame["cc_ids"].astype("string").fillna("") if "cc_ids" in frame else ""
-    return frame.assign(party_ids=(requester + " " + cc).str.strip().astype("string"))
+    """The tickets judged, each with its parties: the last listing of each (``kept_rows``)."""
+    keep = kept_rows(TICKETS, frame["record_id"])
+    return with_parties(frame.loc[keep] if keep is not None else frame)
 
 
 def cc_pairs(tickets: pd.DataFrame) -> pd.DataFrame:
@@ -37,47 +66,116 @@ def cc_pairs(tickets: pd.DataFrame) -> pd.DataFrame:
     return pairs.astype({"record_id": "string", "user_id": "string"}).drop_duplicates()
 
 
-def derive_ticket_users(users: pd.DataFrame, plan_so_far: pd.DataFrame, frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """Add ``tickets_remaining``, ``last_ticket_gone_at`` and ``had_ticket`` to the users frame.
+def _text(values: pd.Series) -> pa.Array:
+    return pa.array(values.astype("string"), type=pa.string(), from_pandas=True)
+
+
+class TicketParties:
+    """Every ticket's parties and which tickets this run's plan erases, gathered a part of the
+    tickets at a time as Arrow columns (a few bytes a pair, where a frame of texts took a
+    hundred), then summed up per user for ``derive_ticket_users``.
 
     A ticket a user requested, is CC'd on or follows remains unless this run's plan erases it
-    (the engine then erases the user only once it is confirmed gone). ``last_ticket_gone_at`` is
-    the latest of the erased tickets' deadlines and the user's own last update, so a user touched
-    after their last ticket went is judged from that touch. ``had_ticket``: some ticket of the
-    extract names the user (requester, CC or follower).
-    """
-    users = users.drop_duplicates("record_id", keep="last")
-    tickets = frames.get("support_ticket")
-    if tickets is None:
-        tickets = pd.DataFrame({"record_id": pd.Series(dtype="string"), "requester_id": pd.Series(dtype="string")})
-    planned = plan_so_far[(plan_so_far["record_type"] == "support_ticket") & plan_so_far["action"].isin(DESTRUCTIVE)]
-    deadline = planned.set_index("record_id")["deadline"] if len(planned) else pd.Series(dtype="datetime64[us, UTC]")
-    ccs = cc_pairs(tickets).rename(columns={"user_id": "requester_id"})
-    # One row per (ticket, party): the requester, and each CC or follower.
-    t = pd.concat([tickets[["record_id", "requester_id"]].astype("string"), ccs], ignore_index=True).drop_duplicates()
-    t["gone"] = t["record_id"].isin(deadline.index)
-    remaining = t.loc[~t["gone"]].groupby("requester_id").size()
-    out = users.copy()
-    ids = out["record_id"].astype("string")
-    out["tickets_remaining"] = ids.map(remaining).fillna(0).astype("int64").to_numpy()
-    out["had_ticket"] = ids.astype(str).isin(set(t["requester_id"].dropna().astype(str))).to_numpy()
-    updated = pd.to_datetime(out["updated_at"], utc=True)
-    gone = t.loc[t["gone"], ["record_id", "requester_id"]]
-    if len(gone):
-        gone = gone.assign(deadline=gone["record_id"].map(deadline).to_numpy())
-        gone_at = gone.groupby("requester_id")["deadline"].max()
-        last = out[["record_id"]].merge(gone_at.rename("last").reset_index(), left_on="record_id", right_on="requester_id", how="left")["last"]
-        last.index = out.index
-        out["last_ticket_gone_at"] = pd.concat([pd.to_datetime(last, utc=True), updated], axis=1).max(axis=1)
-    else:
-        out["last_ticket_gone_at"] = updated
-    return out
+    (the engine then erases the user only once it is confirmed gone). Quarantined and held
+    tickets remain."""
+
+    def __init__(self, unique_tickets: bool = True) -> None:
+        # ``unique_tickets``: no ticket id comes twice (``kept_rows`` kept one listing of each),
+        # so a part's (ticket, party) pairs are told apart within the part. Otherwise (tickets
+        # without ids, every listing kept) they are told apart over all the parts, at several
+        # times the memory.
+        self.unique_tickets = unique_tickets
+        self._pairs: list[pa.Table] = []
+        self._gone: list[pa.Table] = []
+        self._summed: tuple | None = None
+
+    def add_tickets(self, tickets: pd.DataFrame) -> None:
+        """A part of the judged tickets (``latest_tickets``' rows, before quarantine)."""
+        ccs = cc_pairs(tickets).rename(columns={"user_id": "party"})
+        pairs = pd.concat([tickets[["record_id", "requester_id"]].astype("string").set_axis(["record_id", "party"], axis=1), ccs])
+        if self.unique_tickets:
+            pairs = pairs.drop_duplicates()  # a requester also CC'd counts once
+        if len(pairs):
+            self._pairs.append(pa.table({"record_id": _text(pairs["record_id"]), "party": _text(pairs["party"])}))
+        self._summed = None
+
+    def add_plan(self, plan: pd.DataFrame) -> None:
+        """A part of the tickets' plan (holds applied): the rows it erases, with their deadlines."""
+        planned = plan.loc[(plan["record_type"] == TICKETS).to_numpy(dtype=bool) & plan["action"].isin(DESTRUCTIVE).to_numpy()]
+        if len(planned):
+            deadline = pd.to_datetime(planned["deadline"], utc=True)
+            self._gone.append(pa.table({"record_id": _text(planned["record_id"]), "deadline": pa.array(deadline, from_pandas=True)}))
+        self._summed = None
+
+    def _sum(self) -> tuple:
+        if self._summed is None:
+            empty = pa.table({"record_id": pa.array([], pa.string()), "party": pa.array([], pa.string())})
+            # One row per (ticket, party): a party named twice on a ticket counts once.
+            pairs = pa.concat_tables([empty, *self._pairs])
+            if not self.unique_tickets:
+                pairs = pairs.group_by(["record_id", "party"], use_threads=False).aggregate([])
+            erased = pa.concat_tables(self._gone) if self._gone else pa.table(
+                {"record_id": pa.array([], pa.string()), "deadline": pa.array([], pa.timestamp("us", tz="UTC"))}
+            )
+            gone = pc.fill_null(pc.is_in(pairs["record_id"], value_set=erased["record_id"].combine_chunks()), False)
+            named = pc.is_valid(pairs["party"])
+            remaining = (
+                pairs.filter(pc.and_(named, pc.invert(gone)))
+                .group_by("party", use_threads=False)
+                .aggregate([("record_id", "count", pc.CountOptions(mode="all"))])
+            )
+            gone_at = (
+                pairs.filter(pc.and_(named, gone))
+                .join(erased, keys="record_id", join_type="inner", use_threads=False)
+                .group_by("party", use_threads=False)
+                .aggregate([("deadline", "max")])
+            )
+            # Every named party is in one of them: a party of a remaining or of an erased ticket.
+            parties = (remaining["party"].combine_chunks(), gone_at["party"].combine_chunks())
+            self._summed = (remaining, gone_at, parties, bool(pc.any(gone).as_py()))
+        return self._summed
+
+    def derive_users(self, users: pd.DataFrame) -> pd.DataFrame:
+        """``users`` with ``tickets_remaining``, ``last_ticket_gone_at`` and ``had_ticket``.
+        ``last_ticket_gone_at`` is the latest of the erased tickets' deadlines and the user's
+        own last update, so a user touched after their last ticket went is judged from that
+        touch. ``had_ticket``: some ticket names the user (requester, CC or follower)."""
+        remaining, gone_at, parties, any_gone = self._sum()
+        out = users.copy()
+        ids = _text(out["record_id"])
+        at = pc.index_in(ids, value_set=remaining["party"].combine_chunks())
+        counts = pc.take(remaining["record_id_count"].combine_chunks(), at)
+        out["tickets_remaining"] = np.asarray(pc.fill_null(counts, 0).to_numpy(zero_copy_only=False), dtype="int64")
+        had = pc.or_(*(pc.fill_null(pc.is_in(ids, value_set=p), False) for p in parties))
+        out["had_ticket"] = had.to_numpy(zero_copy_only=False)
+        updated = pd.to_datetime(out["updated_at"], utc=True)
+        if any_gone:
+            at = pc.index_in(ids, value_set=gone_at["party"].combine_chunks())
+            last = pc.take(gone_at["deadline_max"].combine_chunks(), at).to_pandas()
+            last.index = out.index
+            out["last_ticket_gone_at"] = pd.concat([pd.to_datetime(last, utc=True), updated], axis=1).max(axis=1)
+        else:
+            out["last_ticket_gone_at"] = updated
+        return out
+
+
+def derive_ticket_users(users: pd.DataFrame, plan_so_far: pd.DataFrame, frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Add ``tickets_remaining``, ``last_ticket_gone_at`` and ``had_ticket`` to the users frame
+    (the last listing of each user), from ``frames``' tickets and the plan so far."""
+    keep = kept_rows(USERS, users["record_id"])
+    users = users.loc[keep] if keep is not None else users
+    tickets = frames.get(TICKETS)
+    parties = TicketParties(unique_tickets=tickets is None or bool(tickets["record_id"].notna().all() and tickets["record_id"].is_unique))
+    if tickets is not None:
+        parties.add_tickets(tickets)
+    parties.add_plan(plan_so_far)
+    return parties.derive_users(users)
 
 
 def derive_frame(record_type: str, frame: pd.DataFrame, plan_so_far: pd.DataFrame, frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """Complete a frame from the frames and plan of the record types planned before it."""
-    if record_type == "support_ticket":
+    if record_type == TICKETS:
         return latest_tickets(frame)
-    if record_type == "ticket_user":
+    if record_type == USERS:
         return derive_ticket_users(frame, plan_so_far, frames)
     return frame

@@ -11,6 +11,8 @@ told apart by comparing the keys themselves. Other keys take pandas' ordinary pa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -40,9 +42,10 @@ def _fixed_width(arr: pa.Array, width: int) -> np.ndarray | None:
     return data.reshape(n, width)
 
 
-def fingerprints(keys: pd.Series) -> np.ndarray | None:
+def fingerprints(keys: pd.Series, width: int | None = None) -> np.ndarray | None:
     """A 64-bit fingerprint per key; None if a key is missing, or the keys are longer than
-    64 bytes or not ASCII. Equal keys have equal fingerprints."""
+    64 bytes (or ``width``) or not ASCII. Equal keys have equal fingerprints, if taken at the same
+    ``width`` (keys padded to it; default: their longest rounded up to 8 bytes)."""
     try:
         arr = pa.chunked_array(pa.array(keys)) if not isinstance(keys, pa.ChunkedArray) else keys
     except (pa.ArrowTypeError, pa.ArrowInvalid):
@@ -53,9 +56,9 @@ def fingerprints(keys: pd.Series) -> np.ndarray | None:
         return None
     lengths = pc.binary_length(arr)
     shortest, longest = (int(v.as_py()) for v in pc.min_max(lengths).values())
-    if longest == 0 or longest > 64:
+    if longest == 0 or longest > (width or 64):
         return None
-    width = -(-longest // 8) * 8
+    width = width or -(-longest // 8) * 8
     parts = []
     for chunk in arr.chunks:  # chunk by chunk: no copy of all the keys into one buffer
         if shortest != width or longest != width:
@@ -90,4 +93,44 @@ def duplicated(keys: pd.Series) -> np.ndarray:
     rows = np.flatnonzero(candidates)
     out = np.zeros(len(keys), dtype=bool)
     out[rows] = keys.iloc[rows].duplicated(keep=False).to_numpy(dtype=bool)
+    return out
+
+
+def duplicated_in_parts(parts: Callable[[], Iterable[pd.Series]]) -> np.ndarray:
+    """``duplicated`` over the keys of ``parts()`` one after another, holding 8 bytes a key (its
+    fingerprint) instead of every key: the plan step reads a record type's ids a staged part at a
+    time. ``parts`` is called again to read the keys of the rows whose fingerprints repeat (the
+    duplicates, and the rare mere collisions), which are then compared as keys. Keys that have no
+    fingerprint (missing, long, not ASCII) are read whole and judged by ``duplicated``."""
+    # Parts of keys of different lengths are padded to one width (of the longest key), or the
+    # same key would have a fingerprint per width.
+    longest = 0
+    for part in parts():
+        try:
+            text = pa.array(part)
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            return duplicated(pd.concat(list(parts()), ignore_index=True))
+        if len(text) and (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+            longest = max(longest, int(pc.max(pc.binary_length(text)).as_py() or 0))
+    width = -(-longest // 8) * 8
+    prints = []
+    for part in parts():
+        fp = fingerprints(part, width) if len(part) else np.empty(0, dtype=np.uint64)
+        if fp is None:
+            return duplicated(pd.concat(list(parts()), ignore_index=True))
+        prints.append(fp)
+    fp = np.concatenate(prints) if prints else np.empty(0, dtype=np.uint64)
+    del prints
+    ordered = np.sort(fp)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    out = np.zeros(len(fp), dtype=bool)
+    if not len(repeated):
+        return out
+    rows = np.flatnonzero(np.isin(fp, repeated))
+    keys, at = [], 0
+    for part in parts():
+        mine = rows[(rows >= at) & (rows < at + len(part))] - at
+        keys.append(part.iloc[mine].reset_index(drop=True))
+        at += len(part)
+    out[rows] = pd.concat(keys, ignore_index=True).duplicated(keep=False).to_numpy(dtype=bool)
     return out

@@ -46,8 +46,12 @@ def unreadable_reason(columns: str) -> str:
     return "unreadable " + ", ".join(c.strip() for c in columns.split(","))
 
 
-def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, now: datetime) -> pd.Series:
-    """One reason per row (the first that applies), or <NA> for a clean row."""
+def quarantine_reasons(
+    frame: pd.DataFrame, record_type: str, policy: Policy, now: datetime, duplicates: np.ndarray | None = None
+) -> pd.Series:
+    """One reason per row (the first that applies), or <NA> for a clean row. ``duplicates``:
+    which rows share their key with another, found over the whole record type when ``frame`` is
+    a part of it (default: within ``frame``)."""
     rt = RECORD_TYPES[record_type]
     reason = pd.Series(pd.NA, index=frame.index, dtype="string")
 
@@ -63,7 +67,7 @@ def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, no
             mark((cols == which).fillna(False).to_numpy(dtype=bool), unreadable_reason(which))
     key = frame["record_id"]
     mark(_blank(key), "missing key")
-    mark(duplicated(key), "duplicate key")
+    mark(duplicated(key) if duplicates is None else duplicates, "duplicate key")
     for col in rt.required:
         mark(frame[col].isna().to_numpy(), f"missing or invalid {col}")
     for col, why in rt.must_be_true.items():
@@ -91,9 +95,9 @@ def quarantine_reasons(frame: pd.DataFrame, record_type: str, policy: Policy, no
     return reason
 
 
-def split_quarantine(frame: pd.DataFrame, record_type: str, policy: Policy, now: datetime):
+def split_quarantine(frame: pd.DataFrame, record_type: str, policy: Policy, now: datetime, duplicates: np.ndarray | None = None):
     """(clean frame, quarantined record ids with reasons, counts per reason)."""
-    reason = quarantine_reasons(frame, record_type, policy, now)
+    reason = quarantine_reasons(frame, record_type, policy, now, duplicates)
     bad = reason.notna().to_numpy()
     quarantined = pd.DataFrame({"record_id": frame["record_id"][bad].astype("string"), "reason": reason[bad]})
     counts = quarantined["reason"].value_counts().to_dict()

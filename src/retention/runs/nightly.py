@@ -24,10 +24,11 @@ from retention import config
 from retention.checks import data_docs
 from retention.checks.validation import PlanRejected, plan_check_frame, run_guard, validate_extract, validate_plan
 from retention.domain import approval as approvals
+from retention.domain.engine import empty_plan
 from retention.domain.holds import Holds
-from retention.domain.planning import erase_order, plan_system
+from retention.domain.planning import PlanTally, erase_order, plan_parts
 from retention.domain.quarantine import reason_category
-from retention.domain.records import SOURCE_HOLDS, record_types_of
+from retention.domain.records import RECORD_TYPES, SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import DESTRUCTIVE, Status
 from retention.runs.context import RunInfo, Stopwatch, lean_arrow_memory, open_run, pseudonymizer, task_ledger
 from retention.runs.erasing import ErasureEngine, StateCheck
@@ -211,40 +212,182 @@ def _drift_text(drift: dict[str, dict[str, int]]) -> str:
     )
 
 
+# The rows planned at a time. The same at any size of extract (the extract's own parts are
+# 200,000 rows, more than a small extract's record type has), so the plan step's memory is flat.
+PLAN_PART_ROWS = 50_000
+
+
+class StagedExtract:
+    """The run's staged extract of ``system`` as planning's ``ExtractParts``: ids read alone,
+    rows a staged part at a time."""
+
+    def __init__(self, staging, system: str):
+        self.staging, self.system = staging, system
+
+    def has(self, record_type: str) -> bool:
+        return self.staging.has_extract(self.system, record_type)
+
+    def ids(self, record_type: str) -> Iterator[pd.Series]:
+        for frame in self.staging.iter_extract(self.system, record_type, columns=["record_id"], rows=PLAN_PART_ROWS):
+            yield frame["record_id"]
+            del frame
+            pa.default_memory_pool().release_unused()  # see ``plan``
+
+    def parts(self, record_type: str) -> Iterator[pd.DataFrame]:
+        return self.staging.iter_extract(self.system, record_type, rows=PLAN_PART_ROWS)
+
+    def whole(self, record_type: str) -> pd.DataFrame | None:
+        return self.staging.read_extract(self.system, record_type)
+
+
+class _PlanWriter:
+    """Stages the plan in erase order (``erase_order``) a part at a time, an external merge sort
+    a record type at a time (the types come in the system's order, so each type sorted on its
+    own is the whole plan sorted):
+    - each part's plan is sorted on its own and staged as a run (``plan_runs``);
+    - once a type's last part is in, the order of the whole type is found from its sort columns
+      alone (record type and action as codes, record id), a few bytes a row;
+    - the plan is then written a slice of that order at a time. The runs being sorted, a slice's
+      rows are one range of rows in each run: those ranges are read, and the slice taken from them.
+      (Actions outside ``ERASE_ACTIONS`` are ranked as they first appear, so two runs could rank
+      two such actions apart: a range then holds rows of other slices too, read and not taken.)
+    So the step holds a part, a slice and the sort columns, never a type's whole plan."""
+
+    RUNS = "plan_runs"
+    SLICE = 50_000
+    # A slice reads a range of rows from each run, and Arrow decodes a whole row group for it:
+    # small row groups keep that near the rows read.
+    RUN_ROW_GROUP = 8_192
+
+    def __init__(self, staging, system: str, writer, record_types: list[str]):
+        self.staging, self.system, self.writer, self.record_types = staging, system, writer, record_types
+        self._record_type: str | None = None
+        self._runs = None
+        self._starts = [0]
+
+    def add(self, record_type: str, plan: pd.DataFrame) -> None:
+        if record_type != self._record_type:
+            self.flush()
+            self._record_type = record_type
+        if not len(plan):
+            return
+        if self._runs is None:
+            self._runs = self.staging.frame_writer(self.system, self.RUNS, row_group_rows=self.RUN_ROW_GROUP)
+        self._runs.write(plan.iloc[erase_order(plan, self.record_types)])
+        self._starts.append(self._starts[-1] + len(plan))
+
+    def abandon(self) -> None:
+        """Leave no runs behind (the plan step failed)."""
+        if self._runs is not None:
+            self._runs.abandon()
+            self._runs = None
+
+    def flush(self) -> None:
+        if self._runs is None:
+            return
+        self._runs.close()
+        self._runs, starts, self._starts = None, np.asarray(self._starts, dtype=np.int64), [0]
+        rows = self.staging.rows(self.system, self.RUNS)
+        keys = rows.whole(["record_type", "action", "record_id"], categories=["record_type", "action"])
+        order = erase_order(keys, self.record_types)
+        del keys
+        runs = len(starts) - 1
+        for at in range(0, len(order), self.SLICE):
+            positions = order[at : at + self.SLICE]
+            run = np.searchsorted(starts, positions, side="right") - 1
+            low = np.full(runs, np.iinfo(np.int64).max, dtype=np.int64)
+            high = np.full(runs, -1, dtype=np.int64)
+            np.minimum.at(low, run, positions)
+            np.maximum.at(high, run, positions)
+            base = np.zeros(runs, dtype=np.int64)
+            frames, read = [], 0
+            for r in np.flatnonzero(high >= 0):
+                base[r] = read
+                frames.extend(rows.chunks(rows.columns, int(low[r]), int(high[r]) + 1, rows=self.SLICE))
+                read += int(high[r] - low[r] + 1)
+            taken = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+            self.writer.write(taken.iloc[base[run] + positions - low[run]])
+            del frames, taken
+        (self.staging.system_dir(self.system) / f"{self.RUNS}.parquet").unlink()
+
+
 def plan(run: RunInfo, system: str) -> dict:
-    """Quarantine malformed records, evaluate the rules, pseudonymise, apply every hold."""
+    """Quarantine malformed records, evaluate the rules, pseudonymise, apply every hold: a part
+    of the staged extract at a time (``planning.plan_parts``), so the step's memory is that of a
+    part and the compact plan of one record type, whatever the size of the extract."""
     lean_arrow_memory()
     policy = run.policy()
     staging = run.staging
     clock = Stopwatch()
-    frames = {rt: f for rt in (*record_types_of(system), SOURCE_HOLDS) if (f := staging.read_extract(system, rt)) is not None}
     with task_ledger() as ledger:
         ledger_holds = ledger.holds()
     clock.lap("read")
-    sp = plan_system(
-        system, frames, policy, run.as_of_ts, now=_extracted_at(run, system),
-        ledger_holds=ledger_holds, pseudonymizer=pseudonymizer(),
-    )
-    clock.lap("rules")
+    record_types = record_types_of(system)
+    tally = PlanTally()
+    quarantined: list[pd.DataFrame] = []
+    with staging.frame_writer(system, "plan") as plan_file:
+        plan_out = _PlanWriter(staging, system, plan_file, record_types)
+        clean_file, clean_type = None, None
+        try:
+            parts = plan_parts(
+                system, StagedExtract(staging, system), policy, run.as_of_ts, now=_extracted_at(run, system),
+                ledger_holds=ledger_holds, pseudonymizer=pseudonymizer(),
+            )
+            for part in parts:  # each part read from staging, then judged
+                clock.lap("read")
+                tally.add(part)
+                if part.record_type != clean_type:  # the frames the engine judged, for validation
+                    if clean_file is not None:
+                        clean_file.close()
+                    clean_file, clean_type = staging.frame_writer(system, f"clean_{part.record_type}"), part.record_type
+                clean_file.write(part.clean)
+                plan_out.add(part.record_type, part.plan)
+                if len(part.quarantined):
+                    quarantined.append(part.quarantined)
+                del part
+                # What a part's Arrow buffers took goes back now, not when jemalloc's decay
+                # comes round: else each part takes fresh pages and the step's peak grows with
+                # the number of parts.
+                pa.default_memory_pool().release_unused()
+                clock.lap("write")
+            plan_out.flush()
+            if clean_file is not None:
+                clean_file.close()
+            clock.lap("write")
+        except BaseException:
+            if clean_file is not None:
+                clean_file.abandon()
+            plan_out.abandon()
+            raise
+        if not plan_file.rows:
+            plan_file.write(_empty_plan())
+    clock.lap("write")
+    # The parts' judging was timed on its own (``PlanPart.seconds``): the rules' lap, apart
+    # from the staging reads it came between.
+    judged = round(sum(tally.seconds.values()), 3)
+    clock.laps["read"] = round(max(clock.laps.get("read", 0.0) - judged, 0.0), 3)
+    clock.laps["rules"] = judged
+    quarantine = pd.concat(quarantined, ignore_index=True) if quarantined else pd.DataFrame()
     # Which records sit in quarantine tonight, by pseudonym: the stuck-quarantine alarm's count.
     with task_ledger() as ledger:
-        ledger.observe_quarantine(system, run.run_id, night_of(run, policy), quarantined_keys(sp.quarantined))
+        ledger.observe_quarantine(system, run.run_id, night_of(run, policy), quarantined_keys(quarantine))
     clock.lap("quarantine_ledger")
-    for record_type, clean in sp.clean.items():
-        staging.write_frame(system, f"clean_{record_type}", clean)
-    # In the order the erase step takes it: each record type and action one run of rows, in id
-    # order, read a batch at a time there (``runs.plan_rows``).
-    staging.write_frame(system, "plan", sp.plan, order=erase_order(sp.plan, record_types_of(system)))
-    if len(sp.quarantined):
-        staging.write_frame(system, "quarantine", sp.quarantined)
+    if len(quarantine):
+        staging.write_frame(system, "quarantine", quarantine)
     clock.lap("write")
-    summary = {**sp.summary(), "as_of": run.as_of, "seconds": clock.laps, "rules_seconds": sp.seconds}
+    summary = {**tally.summary(), "as_of": run.as_of, "seconds": clock.laps, "rules_seconds": tally.seconds}
     staging.write_json(system, "plan", summary)
     log.info(
         "%s: plan %s; quarantined %s (%s)",
         system, summary["planned"] or "empty", summary["quarantined"] or "none", clock,
     )
     return summary
+
+
+def _empty_plan() -> pd.DataFrame:
+    plan = empty_plan()
+    plan["record_key"] = pd.Series(dtype="string")
+    return plan
 
 
 def night_of(run: RunInfo, policy) -> date:
@@ -280,13 +423,27 @@ def quarantine_alarm(ledger, policy, systems: tuple[str, ...]) -> dict | None:
     return {"after_nights": after, "total": total, "stuck": stuck, "message": line}
 
 
+# The plan columns the validate step reads: the suites', the hold check's and the backlog's.
+VALIDATED_PLAN_COLUMNS = ("record_type", "record_id", "record_key", "action", "rule_id", "deadline")
+
+
+def validated_columns(record_type: str) -> list[str]:
+    """The columns of a record type's clean extract its suite and the plan's check read."""
+    rt = RECORD_TYPES[record_type]
+    return list(dict.fromkeys((
+        "record_id", *rt.required, *rt.past_only, *rt.must_be_true, *rt.protected, *rt.unprotected_when,
+    )))
+
+
 def validate(run: RunInfo, system: str) -> dict:
     """Great Expectations on the extract and the plan, and the plan-size guard."""
     lean_arrow_memory()
     policy = run.policy()
     staging = run.staging
     clock = Stopwatch()
-    plan_frame = staging.read_frame(system, "plan")
+    # Only what the checks read, few-valued texts as codes: the whole plan (its hash) is read
+    # only for a plan that needs an approval.
+    plan_frame = staging.read_frame(system, "plan", columns=VALIDATED_PLAN_COLUMNS, categories=("record_type",))
     extracted = staging.read_json(system, "extract") or {}
     now = _extracted_at(run, system)
     with task_ledger() as ledger:
@@ -296,7 +453,7 @@ def validate(run: RunInfo, system: str) -> dict:
     clock.lap("read")
     for record_type in record_types_of(system):
         try:
-            clean = staging.read_frame(system, f"clean_{record_type}")
+            clean = staging.read_frame(system, f"clean_{record_type}", columns=validated_columns(record_type))
         except FileNotFoundError:
             continue
         clock.lap("read")
@@ -333,7 +490,7 @@ def validate(run: RunInfo, system: str) -> dict:
     if ask:
         numbers = guard.checks[0]
         summary.update(
-            needs_approval=True, plan_hash=approvals.plan_hash(plan_frame), guard_line=_failed_suite(guard),
+            needs_approval=True, plan_hash=approvals.plan_hash(staging.read_frame(system, "plan")), guard_line=_failed_suite(guard),
             planned=int(numbers["planned"]), allowed=int(numbers["allowed"]), extracted=int(numbers["extracted"]),
         )
     staging.write_json(system, "validation", summary)

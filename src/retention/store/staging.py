@@ -123,11 +123,11 @@ def _write_parquet(frame: pd.DataFrame, path: ObjectStoragePath, order: np.ndarr
         write(out)
 
 
-def _read_parquet(path: ObjectStoragePath) -> pd.DataFrame:
+def _read_parquet(path: ObjectStoragePath, columns: Sequence[str] | None = None) -> pd.DataFrame:
     if _is_local(path):
-        return pd.read_parquet(_local(path))
+        return pd.read_parquet(_local(path), columns=columns)
     with path.open("rb") as src:  # ranged reads: the footer, then the column chunks
-        return pd.read_parquet(src)
+        return pd.read_parquet(src, columns=columns)
 
 
 def _read_whole_frame(path: ObjectStoragePath, columns: Sequence[str] | None = None, categories: Sequence[str] = ()) -> pd.DataFrame:
@@ -216,12 +216,30 @@ class RunStaging:
         frames = list(self.iter_extract(system, record_type))
         return pd.concat(frames, ignore_index=True) if frames else None
 
-    def iter_extract(self, system: str, record_type: str) -> Iterator[pd.DataFrame]:
+    def iter_extract(
+        self, system: str, record_type: str, columns: Sequence[str] | None = None, rows: int | None = None
+    ) -> Iterator[pd.DataFrame]:
         """The staged extract of ``record_type`` a part at a time (at most ``ExtractWriter``'s
-        ``chunk_rows``), in the order it was written: bounded memory for a step that reads it all."""
+        ``chunk_rows``, or ``rows``), in the order it was written: bounded memory for a step that
+        reads it all. ``columns``: only those (all when ``None``)."""
+        for part in self._extract_parts(system, record_type):
+            if rows is None:
+                yield _read_parquet(part, columns)
+                continue
+            with contextlib.ExitStack() as stack:
+                source = _local(part) if _is_local(part) else stack.enter_context(part.open("rb"))
+                file = _parquet(source)
+                metadata = file.schema_arrow.metadata  # pandas' own: the frame's dtypes
+                for batch in file.iter_batches(batch_size=rows, columns=columns, use_threads=False):
+                    yield pa.Table.from_batches([batch]).replace_schema_metadata(metadata).to_pandas()
+
+    def has_extract(self, system: str, record_type: str) -> bool:
+        """Whether the extract step staged rows of ``record_type``."""
+        return bool(self._extract_parts(system, record_type))
+
+    def _extract_parts(self, system: str, record_type: str) -> list[ObjectStoragePath]:
         path = self.system_dir(system) / "extract" / record_type
-        for part in sorted(path.glob("part-*.parquet"), key=str) if path.exists() else []:
-            yield _read_parquet(part)
+        return sorted(path.glob("part-*.parquet"), key=str) if path.exists() else []
 
     # -- whole frames ---------------------------------------------------------------------
     def write_frame(self, system: str, name: str, frame: pd.DataFrame, order: np.ndarray | None = None) -> ObjectStoragePath:
@@ -234,6 +252,11 @@ class RunStaging:
         _write_parquet(frame, tmp, order)
         _local(tmp).replace(_local(path))
         return path
+
+    def frame_writer(self, system: str, name: str, row_group_rows: int | None = None) -> FrameWriter:
+        """Stage a frame a part at a time (``FrameWriter``); complete once closed. ``row_group_rows``:
+        smaller row groups for a frame read in many small slices (default ``ROW_GROUP_ROWS``)."""
+        return FrameWriter(self.system_dir(system) / f"{name}.parquet", row_group_rows)
 
     def read_frame(self, system: str, name: str, columns: Sequence[str] | None = None, categories: Sequence[str] = ()) -> pd.DataFrame:
         """A staged frame whole (see :func:`_read_whole_frame` for ``columns`` and ``categories``)."""
@@ -375,6 +398,77 @@ def purge_older_than(days: float, *, keep: RunStaging | None = None, root: Root 
     if purged:
         log.info("staging: purged what %d earlier run(s) left, unchanged for more than %g days", purged, days)
     return purged
+
+
+class FrameWriter:
+    """A staged frame written a part at a time, as ``RunStaging.write_frame`` writes it whole:
+    one Parquet file, row groups of at most ``ROW_GROUP_ROWS`` (or ``row_group_rows``), pandas' dtypes those of the first
+    part (later parts are cast to its columns). Locally the file takes its name only once closed
+    (a half-written frame is never read as the whole); on an object store it is one object,
+    complete when its upload completes. Use it as a context manager: an error leaves nothing
+    behind."""
+
+    def __init__(self, path: ObjectStoragePath, row_group_rows: int | None = None):
+        self.path = path
+        self.row_group_rows = row_group_rows or ROW_GROUP_ROWS
+        self.rows = 0
+        self._schema: pa.Schema | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._out = None
+        self._target = path.with_suffix(".tmp") if _is_local(path) else path
+
+    def write(self, part: pd.DataFrame | pa.Table) -> None:
+        table = part if isinstance(part, pa.Table) else pa.Table.from_pandas(part, preserve_index=False)
+        if self._writer is None:
+            self._schema = table.schema
+            if _is_local(self._target):
+                _private_file(self._target)
+                self._writer = pq.ParquetWriter(str(_local(self._target)), table.schema, **PARQUET_OPTIONS)
+            else:
+                self._out = self._target.open("wb")
+                self._writer = pq.ParquetWriter(self._out, table.schema, **PARQUET_OPTIONS)
+        elif table.schema != self._schema:
+            table = table.select(self._schema.names).cast(self._schema)
+        for start in range(0, table.num_rows, self.row_group_rows):  # an empty part: its columns only
+            self._writer.write_table(table.slice(start, self.row_group_rows))
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        if self._out is not None:
+            self._out.close()
+        if _is_local(self.path):
+            _local(self._target).replace(_local(self.path))
+        self._writer = None
+
+    def abandon(self) -> None:
+        """Leave nothing behind (a local temporary file is removed; an upload is not completed)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - what was written is thrown away
+                pass
+            out = getattr(self._out, "_obj", self._out)  # Airflow wraps the store's file for lineage
+            if out is not None and hasattr(out, "discard"):
+                out.discard()  # fsspec: the upload is aborted, its buffer dropped ...
+                out.closed = True  # ... and the file must not upload when it is closed
+            elif out is not None:
+                out.close()
+                self._target.unlink(missing_ok=True)
+            if _is_local(self._target):
+                _local(self._target).unlink(missing_ok=True)
+        self._writer = None
+
+    def __enter__(self) -> FrameWriter:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abandon()
 
 
 class ExtractWriter:
