@@ -170,12 +170,3 @@ def derive_ticket_users(users: pd.DataFrame, plan_so_far: pd.DataFrame, frames: 
         parties.add_tickets(tickets)
     parties.add_plan(plan_so_far)
     return parties.derive_users(users)
-
-
-def derive_frame(record_type: str, frame: pd.DataFrame, plan_so_far: pd.DataFrame, frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """Complete a frame from the frames and plan of the record types planned before it."""
-    if record_type == TICKETS:
-        return latest_tickets(frame)
-    if record_type == USERS:
-        return derive_ticket_users(frame, plan_so_far, frames)
-    return frame

@@ -5,9 +5,9 @@ reads the frames from its staging area) and the policy-change preview (which pla
 in-memory extract under two policies) cannot drift apart. Pure: frames and policy in, plan out;
 nothing is read from or written to any system, staging area or ledger.
 
-Record types are planned in the system's order (``records.record_types_of``): ticket
-requesters are judged after their tickets, because ``derive.derive_frame`` completes a
-requester frame from the tickets planned before it.
+Record types are planned in the system's order (``records.record_types_of``), a part at a time
+(``plan_parts``): ticket requesters are judged after their tickets, because
+``derive.TicketParties`` completes a requester frame from every ticket and its plan.
 """
 
 from __future__ import annotations
