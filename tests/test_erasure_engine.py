@@ -210,6 +210,45 @@ def test_a_cc_or_follower_waits_for_the_ticket_like_its_requester(ledger):
     assert system.records == {"support_ticket": set(), "ticket_user": set()}
 
 
+def test_a_requester_waits_for_tickets_whatever_kept_them(ledger):
+    """Tickets in several batches end every way a ticket can: erased, already gone, failed,
+    kept by a hold in the plan, deferred by the plan. Each requester goes only when all of
+    theirs went (erased or already gone); and what went is not held by key to the end, only
+    what did not."""
+    records = {"support_ticket": {"1", "2", "3", "4", "5", "6", "7"}, "ticket_user": {f"u{i}" for i in range(1, 8)}}
+    system = MemorySystem(records, fail={"3"})
+    system.records["support_ticket"].discard("2")  # already gone
+    engine = ErasureEngine(ledger, "run-why", "ticketing", system, "v1")
+    plan = plan_of([
+        ("support_ticket", "1", "erase", "u1"), ("support_ticket", "2", "erase", "u2 u1"),
+        ("support_ticket", "3", "erase", "u3"), ("support_ticket", "4", "hold", "u4"),
+        ("support_ticket", "5", "defer", "u5"), ("support_ticket", "6", "erase", "u6"),
+        ("support_ticket", "7", "erase", "u6 u7"),
+        *[("ticket_user", f"u{i}", "erase") for i in range(1, 8)],
+    ])
+    result = engine.erase(plan)
+    assert system.records["ticket_user"] == {"u3", "u4", "u5"}, "a requester went before a ticket of theirs"
+    assert result.statuses["support_ticket"] == Counter({"erased": 3, "already_gone": 1, "failed": 1, "held": 1, "deferred": 1})
+    assert result.statuses["ticket_user"] == Counter({"erased": 4, "deferred": 3})
+    key = dict(zip(plan["record_id"], plan["record_key"]))
+    # Of the tickets, only those that did not go are still held by key.
+    assert set(engine._status.by_type["support_ticket"]) == {key["3"], key["4"], key["5"]}
+    rows = entries(ledger, "run-why")
+    assert [rows[("ticket_user", key[f"u{i}"])]["status"] for i in range(1, 8)] == [
+        "erased", "erased", "deferred", "deferred", "deferred", "erased", "erased"]
+
+
+def test_a_requester_waiting_for_a_ticket_erased_after_it_stops_the_run(ledger):
+    """An adapter that would erase requesters before their tickets is refused before anything
+    is written: the check that a requester's tickets are gone relies on that order."""
+    system = MemorySystem(TICKETS)
+    system.record_types = ("ticket_user", "support_ticket")
+    engine = ErasureEngine(ledger, "run-order", "ticketing", system, "v1")
+    with pytest.raises(ValueError, match="ticket_user waits for support_ticket, which the adapter erases after it"):
+        engine.erase(plan_of(PLAN))
+    assert entries(ledger, "run-order") == {} and system.calls == []
+
+
 def test_a_hold_added_after_the_plan_is_kept(ledger):
     plan = plan_of(PLAN)
     ledger.add_hold("support_ticket", plan["record_key"].iloc[0], "dispute after planning", None)

@@ -69,5 +69,5 @@ def test_requesters_go_in_small_batches_tickets_in_large_ones():
 
     adapter = TicketingAdapter(client=None)
     assert batch_size(adapter, "ticket_user") == 1000
-    assert batch_size(adapter, "support_ticket") == adapter.erase_batch == 100_000
+    assert batch_size(adapter, "support_ticket") == adapter.erase_batch == 50_000
     assert batch_size(NewsletterAdapter(client=None, list_id="x"), "newsletter_member") == 1000  # no overrides

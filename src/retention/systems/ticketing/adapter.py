@@ -69,10 +69,11 @@ class TicketingAdapter:
     # Ids per erase call. Each call ends with a drain of about two job durations in which the
     # request budget mostly idles (its last chunks wait for their soft, then their permanent
     # deletion job); at Zendesk's top limit (2500 requests a minute, ~80,000 tickets) a call
-    # of 100,000 is more than a minute of work, so the drain costs under 2% of it. The ledger
-    # hears of a call's outcomes when it returns: a task killed mid-call re-erases that call's
-    # done records on its retry, as "already_gone". Long calls log their own progress.
-    erase_batch = 100_000
+    # of 50,000 is over half a minute of work, so the drain costs a few percent of it. Not
+    # more: what a call holds grows with it (the batch's rows, keys and outcomes in the engine,
+    # the client's), about 2 KB a ticket at its peak: calls of 100,000 took the erase step
+    # from 376 MB at 250,000 tickets to 571 MB at a million. Long calls log their own progress.
+    erase_batch = 50_000
     # Requesters go two requests each and, at Zendesk's own pace (700 permanent deletions per
     # 10 minutes), a call of 100,000 would run for days without a ledger commit.
     erase_batches = {"ticket_user": 1000}
