@@ -321,6 +321,22 @@ def test_plan_system_matches_the_pipeline_plan(zendesk, retention_home, monkeypa
         pd.testing.assert_frame_equal(run.staging.read_frame("ticketing", f"clean_{record_type}"), clean.reset_index(drop=True), check_dtype=False)
     assert run.staging.read_json("ticketing", "plan")["planned"] == sp.planned_counts()
     assert not (run.staging.system_dir("ticketing") / "plan_runs.parquet").exists()
+
+    # The validate step over that staged plan: each record type whole, then in partitions of
+    # about 7 rows (``runs.validating``): the same suites, the same verdicts.
+    from retention.runs import validating
+
+    def suites() -> list:
+        return sorted(
+            (s["name"], s["success"], sorted((c["expectation"], str(c["column"]), c["success"], c["unexpected_count"]) for c in s["checks"]))
+            for s in run.staging.read_json("ticketing", "validation")["suites"]
+        )
+
+    assert pipeline.validate(run, "ticketing")["success"]
+    whole = suites()
+    monkeypatch.setattr(validating, "PART_ROWS", 7)
+    assert pipeline.validate(run, "ticketing")["success"]
+    assert suites() == whole and len(whole) == 5
     run.staging.remove()
 
 

@@ -161,6 +161,94 @@ def _run_suite(name: str, frame: pd.DataFrame, expectations: list) -> Validation
     return ValidationOutcome(name, bool(result.success), checks, suite=suite, result=result)
 
 
+# -- a suite over parts -------------------------------------------------------------------------
+
+def _slot(check: dict) -> tuple[str, str | None]:
+    """What a check is across parts: its expectation and column (the uniqueness of ids, however
+    a part checked it: fingerprints or text, is one check)."""
+    column = check["column"]
+    return check["expectation"], "record_id" if column == "record_id_fingerprint" else column
+
+
+def _total(values: list) -> int | None:
+    counted = [v for v in values if v is not None]
+    return sum(counted) if counted else None
+
+
+def combine(name: str, parts: list[ValidationOutcome]) -> ValidationOutcome:
+    """One suite's outcome over a record type checked a part at a time: each part the same
+    suite over some of the rows, the rows split so that equal ids fall in one part
+    (``keys.partitions``), so a part's uniqueness counts are the whole's.
+
+    A check passes when it passes in every part that ran it; its counts are the parts' sums,
+    an aggregate's observed value (a column's maximum) the largest of the parts' that report
+    one. A part runs a check over a column with values only (``validate_extract``'s clocks, the
+    plan's deadline) and the whole ran it when any part did. A passing part reports no counts
+    (``_run_suite``): a passing check of a failing suite reports the failing parts' counts and
+    observed values, theirs only, which for a count is the whole's (the passing parts had none).
+    The GX result kept for Data Docs is the first part's, its expectation results those of the
+    first part that failed each check (else that ran it), with the combined counts."""
+    if len(parts) == 1:
+        return parts[0]
+    seen: dict[tuple, list[tuple[dict, object]]] = {}
+    for part in parts:
+        results = part.result.results if part.result is not None else [None] * len(part.checks)
+        for check, result in zip(part.checks, results):
+            seen.setdefault(_slot(check), []).append((check, result))
+    checks, results = [], []
+    for runs in seen.values():
+        success = all(c["success"] for c, _ in runs)
+        first = next(((c, r) for c, r in runs if not c["success"]), runs[0])
+        check = dict(first[0], success=success, unexpected_count=_total([c["unexpected_count"] for c, _ in runs]))
+        if any(c["column"] == "record_id" for c, _ in runs):
+            check["column"] = "record_id"
+        observed = [r.result.get("observed_value") for _, r in runs if r is not None and isinstance(r.result, dict)]
+        observed = [o for o in observed if o is not None and not pd.isna(o)]
+        comparable = observed and all(isinstance(o, (pd.Timestamp, datetime, int, float)) for o in observed)
+        if comparable:
+            top = max(observed)
+            check["observed"] = top.isoformat() if isinstance(top, (pd.Timestamp, datetime)) else top
+        checks.append(check)
+        result = first[1]
+        if result is not None:
+            result.success = success
+            if isinstance(result.result, dict) and result.result:
+                totals = {
+                    key: _total([r.result.get(key) for _, r in runs if r is not None and isinstance(r.result, dict)])
+                    for key in ("element_count", "unexpected_count", "missing_count")
+                    if key in result.result
+                }
+                merged = dict(result.result, **{k: v for k, v in totals.items() if v is not None})
+                if comparable:
+                    merged["observed_value"] = top
+                elements, missing = merged.get("element_count"), merged.get("missing_count") or 0
+                if elements and merged.get("unexpected_count") is not None:
+                    unexpected = merged["unexpected_count"]
+                    for key, share in (
+                        ("unexpected_percent", unexpected / max(elements - missing, 1) * 100),
+                        ("unexpected_percent_total", unexpected / elements * 100),
+                        ("unexpected_percent_nonmissing", unexpected / max(elements - missing, 1) * 100),
+                        ("missing_percent", missing / elements * 100),
+                    ):
+                        if key in merged:
+                            merged[key] = share
+                result.result = merged
+            results.append(result)
+    success = all(c["success"] for c in checks)
+    widest = max(parts, key=lambda p: len(p.checks))
+    result = parts[0].result
+    if result is not None and len(results) == len(checks):
+        result.results = results
+        result.success = success
+        passed = sum(1 for c in checks if c["success"])
+        result.statistics = {
+            "evaluated_expectations": len(checks), "successful_expectations": passed,
+            "unsuccessful_expectations": len(checks) - passed,
+            "success_percent": passed / len(checks) * 100 if checks else None,
+        }
+    return ValidationOutcome(name, success, checks, suite=widest.suite, result=result)
+
+
 def validate_extract(frame: pd.DataFrame, record_type: str, now: datetime) -> ValidationOutcome:
     """The clean extract: unique keys, required values present, no past event in the future."""
     gx, _ = _gx()
@@ -245,7 +333,11 @@ def validate_plan(check: pd.DataFrame, record_type: str, policy: Policy, as_of: 
         E.ExpectColumnValuesToBeInSet(column="rule_id", value_set=[r.id for r in policy.rules_for(record_type)]),
         E.ExpectColumnValuesToBeInSet(column="erases_held_record", value_set=[False]),
     ]
-    if len(check):
+    # Nothing early: every row has its deadline, and the latest is not after the as-of time. The
+    # maximum is taken over a column with values only (GX fails it over none): over one
+    # partition of a record type's rows as over the whole (``runs.validating``).
+    exps.append(E.ExpectColumnValuesToNotBeNull(column="deadline"))
+    if check["deadline"].notna().any():
         exps.append(E.ExpectColumnMaxToBeBetween(column="deadline", max_value=pd.Timestamp(as_of)))
     for column, values in rt.protected.items():
         if column in check:

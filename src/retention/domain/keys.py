@@ -134,3 +134,16 @@ def duplicated_in_parts(parts: Callable[[], Iterable[pd.Series]]) -> np.ndarray:
         at += len(part)
     out[rows] = pd.concat(keys, ignore_index=True).duplicated(keep=False).to_numpy(dtype=bool)
     return out
+
+
+def partitions(keys: pd.Series, parts: int) -> np.ndarray:
+    """Which of ``parts`` partitions each key falls in (0 to ``parts - 1``), by a hash of the
+    key as text: equal keys fall in the same partition whichever frame they come from (an
+    extract's ids, the plan's), so what compares keys (a uniqueness check, a join by id) can
+    run a partition at a time and find what it would over the whole. Missing keys share one."""
+    # A byte a key for up to 256 partitions: a million keys' partitions take a megabyte.
+    dtype = np.uint8 if parts <= 256 else np.uint16 if parts <= 65536 else np.uint32
+    if parts <= 1:
+        return np.zeros(len(keys), dtype=dtype)
+    text = keys.astype("string").fillna("\x00").to_numpy(dtype=object)
+    return (pd.util.hash_array(text, categorize=False) % np.uint64(parts)).astype(dtype)

@@ -22,16 +22,18 @@ import pyarrow.compute as pc
 
 from retention import config
 from retention.checks import data_docs
-from retention.checks.validation import PlanRejected, plan_check_frame, run_guard, validate_extract, validate_plan
+from retention.checks.validation import PlanRejected, run_guard
 from retention.domain import approval as approvals
 from retention.domain.engine import empty_plan
 from retention.domain.holds import Holds
 from retention.domain.planning import PlanTally, erase_order, plan_parts
 from retention.domain.quarantine import reason_category
-from retention.domain.records import RECORD_TYPES, SOURCE_HOLDS, record_types_of
+from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import DESTRUCTIVE, Status
 from retention.runs.context import RunInfo, Stopwatch, lean_arrow_memory, open_run, pseudonymizer, task_ledger
 from retention.runs.erasing import ErasureEngine, StateCheck
+from retention.runs.plan_rows import layout
+from retention.runs.validating import carried_over_rows, destructive_rows, validate_record_type
 from retention.store.record_index import GONE_SUFFIX, RecordIndex
 from retention.store.reports import ledger_counts, report_stem, status_line, write_report
 from retention.store.staging import purge_older_than
@@ -423,27 +425,17 @@ def quarantine_alarm(ledger, policy, systems: tuple[str, ...]) -> dict | None:
     return {"after_nights": after, "total": total, "stuck": stuck, "message": line}
 
 
-# The plan columns the validate step reads: the suites', the hold check's and the backlog's.
-VALIDATED_PLAN_COLUMNS = ("record_type", "record_id", "record_key", "action", "rule_id", "deadline")
-
-
-def validated_columns(record_type: str) -> list[str]:
-    """The columns of a record type's clean extract its suite and the plan's check read."""
-    rt = RECORD_TYPES[record_type]
-    return list(dict.fromkeys((
-        "record_id", *rt.required, *rt.past_only, *rt.must_be_true, *rt.protected, *rt.unprotected_when,
-    )))
-
-
 def validate(run: RunInfo, system: str) -> dict:
     """Great Expectations on the extract and the plan, and the plan-size guard."""
     lean_arrow_memory()
     policy = run.policy()
     staging = run.staging
     clock = Stopwatch()
-    # Only what the checks read, few-valued texts as codes: the whole plan (its hash) is read
-    # only for a plan that needs an approval.
-    plan_frame = staging.read_frame(system, "plan", columns=VALIDATED_PLAN_COLUMNS, categories=("record_type",))
+    # The plan and the clean extracts are read a slice at a time, only what the checks read: a
+    # record type is checked a partition at a time (``runs.validating``). The whole plan is read
+    # only for a plan that needs an approval (its hash).
+    plan_rows = staging.rows(system, "plan")
+    shape = layout(plan_rows)  # None: staged out of erase order (an older version): every row read per type
     extracted = staging.read_json(system, "extract") or {}
     now = _extracted_at(run, system)
     with task_ledger() as ledger:
@@ -453,27 +445,21 @@ def validate(run: RunInfo, system: str) -> dict:
     clock.lap("read")
     for record_type in record_types_of(system):
         try:
-            clean = staging.read_frame(system, f"clean_{record_type}", columns=validated_columns(record_type))
+            clean_rows = staging.rows(system, f"clean_{record_type}")
         except FileNotFoundError:
             continue
-        clock.lap("read")
-        outcomes.append(validate_extract(clean, record_type, now))
-        check = plan_check_frame(plan_frame, clean, record_type, holds.ids(record_type))
-        held_keys = holds.keys(record_type)
-        if held_keys:
-            destructive = check["action"].isin(DESTRUCTIVE).to_numpy()
-            check["erases_held_record"] |= destructive & check["record_key"].isin(held_keys).to_numpy()
-        outcomes.append(validate_plan(check, record_type, policy, run.as_of_ts))
-        clock.lap("checks")
-        # One record type's frames at a time: let go of these before reading the next, and
-        # hand Arrow's freed buffers back, so peak memory is that of the largest type.
-        del clean, check
-        pa.default_memory_pool().release_unused()
-    is_destructive = plan_frame["action"].isin(DESTRUCTIVE).to_numpy()
-    destructive = int(is_destructive.sum())
+        if shape is None:
+            ranges, count = [(0, plan_rows.num_rows)], plan_rows.num_rows
+        else:
+            ranges, count = [(r.start, r.stop) for r in shape.of(record_type)], shape.rows(record_type)
+        outcomes.extend(validate_record_type(
+            clean_rows, plan_rows, ranges, count, record_type, now, policy, run.as_of_ts, holds, clock,
+        ))
+    destructive, by_type = destructive_rows(plan_rows)
     # Work an earlier run validated and started but carried over for lack of time is not new:
     # the guard weighs only the rest, so a backlog does not trip it night after night.
-    carried = carried_over_in(plan_frame, is_destructive, system)
+    with task_ledger() as ledger:
+        carried = carried_over_rows(plan_rows, {t: ledger.carried_over(system, t) for t in by_type})
     guard = run_guard(destructive - carried, total_extracted, run.max_plan_share)
     outcomes.append(guard)
     clock.lap("checks")
@@ -511,21 +497,6 @@ def validate(run: RunInfo, system: str) -> dict:
         "success": True, "suites": len(outcomes), "destructive": destructive, "carried_over": carried,
         "extracted": total_extracted, "seconds": clock.laps, "data_docs": docs,
     }
-
-
-def carried_over_in(plan: pd.DataFrame, is_destructive: np.ndarray, system: str) -> int:
-    """How many of the plan's destructive rows earlier runs carried over (the backlog). The
-    ledger is asked first, per record type; the plan's keys are looked at only for a record type
-    with a backlog (a copy of the destructive rows cost 140 MB at the validate step's peak for a
-    million contacts)."""
-    n = 0
-    with task_ledger() as ledger:
-        for record_type in plan["record_type"].astype(str).unique():
-            carried = ledger.carried_over(system, str(record_type))
-            if carried:
-                mine = is_destructive & (plan["record_type"] == record_type).to_numpy(dtype=bool)
-                n += int(plan["record_key"][mine].isin(carried).sum())
-    return n
 
 
 def keep_data_docs(run: RunInfo, system: str, outcomes) -> str | None:
