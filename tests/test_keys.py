@@ -59,6 +59,26 @@ def test_colliding_fingerprints_in_different_parts_are_told_apart(monkeypatch):
     assert keys.duplicated_in_parts(_in_parts(series.iloc[:0], [])).tolist() == []
 
 
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(key_text, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=5))
+def test_last_listed_in_parts_matches_pandas_over_the_whole(values, cuts):
+    """The last listing of each key (Zendesk's export lists a ticket again as it changes), over
+    the keys a part at a time; None (read them whole) when a key has no fingerprint."""
+    series = pd.Series(values, dtype="string")
+    got = keys.last_listed_in_parts(_in_parts(series, cuts))
+    if got is not None:
+        assert (got == ~series.duplicated(keep="last").to_numpy()).all()
+    # Present, non-empty ASCII keys of up to 64 bytes always have fingerprints.
+    assert got is not None or not all(v and v.isascii() and len(v) <= 64 for v in values)
+
+
+def test_colliding_fingerprints_of_listings_are_told_apart(monkeypatch):
+    monkeypatch.setattr(keys, "_mix", lambda z: np.zeros_like(z))
+    series = pd.Series(["a" * 32, "b" * 32, "c" * 32, "a" * 32, "d" * 32, "b" * 32], dtype="string")
+    assert keys.last_listed_in_parts(_in_parts(series, [2, 4])).tolist() == [False, False, True, True, True, True]
+    assert keys.last_listed_in_parts(_in_parts(series.iloc[:0], [])).tolist() == []
+
+
 def test_fingerprints_for_present_ascii_keys_up_to_64_bytes():
     assert keys.fingerprints(pd.Series(["a" * 32, "b" * 32], dtype="string")) is not None
     assert keys.fingerprints(pd.Series(["12345", "678", "9"], dtype="string")) is not None  # CRM ids

@@ -96,12 +96,9 @@ def duplicated(keys: pd.Series) -> np.ndarray:
     return out
 
 
-def duplicated_in_parts(parts: Callable[[], Iterable[pd.Series]]) -> np.ndarray:
-    """``duplicated`` over the keys of ``parts()`` one after another, holding 8 bytes a key (its
-    fingerprint) instead of every key: the plan step reads a record type's ids a staged part at a
-    time. ``parts`` is called again to read the keys of the rows whose fingerprints repeat (the
-    duplicates, and the rare mere collisions), which are then compared as keys. Keys that have no
-    fingerprint (missing, long, not ASCII) are read whole and judged by ``duplicated``."""
+def _fingerprints_in_parts(parts: Callable[[], Iterable[pd.Series]]) -> np.ndarray | None:
+    """The fingerprints of the keys of ``parts()`` one after another, at one width (two passes);
+    None when a key has none (missing, long, not ASCII)."""
     # Parts of keys of different lengths are padded to one width (of the longest key), or the
     # same key would have a fingerprint per width.
     longest = 0
@@ -109,7 +106,7 @@ def duplicated_in_parts(parts: Callable[[], Iterable[pd.Series]]) -> np.ndarray:
         try:
             text = pa.array(part)
         except (pa.ArrowTypeError, pa.ArrowInvalid):
-            return duplicated(pd.concat(list(parts()), ignore_index=True))
+            return None
         if len(text) and (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
             longest = max(longest, int(pc.max(pc.binary_length(text)).as_py() or 0))
     width = -(-longest // 8) * 8
@@ -117,22 +114,55 @@ def duplicated_in_parts(parts: Callable[[], Iterable[pd.Series]]) -> np.ndarray:
     for part in parts():
         fp = fingerprints(part, width) if len(part) else np.empty(0, dtype=np.uint64)
         if fp is None:
-            return duplicated(pd.concat(list(parts()), ignore_index=True))
+            return None
         prints.append(fp)
-    fp = np.concatenate(prints) if prints else np.empty(0, dtype=np.uint64)
-    del prints
+    return np.concatenate(prints) if prints else np.empty(0, dtype=np.uint64)
+
+
+def _repeated_rows(parts: Callable[[], Iterable[pd.Series]], fp: np.ndarray) -> tuple[np.ndarray, pd.Series]:
+    """The rows whose fingerprints repeat (duplicates, and the rare mere collisions) and their
+    keys, read again from ``parts()`` (a third pass, only when some repeat)."""
     ordered = np.sort(fp)
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-    out = np.zeros(len(fp), dtype=bool)
     if not len(repeated):
-        return out
+        return np.empty(0, dtype=np.int64), pd.Series([], dtype="string")
     rows = np.flatnonzero(np.isin(fp, repeated))
     keys, at = [], 0
     for part in parts():
         mine = rows[(rows >= at) & (rows < at + len(part))] - at
         keys.append(part.iloc[mine].reset_index(drop=True))
         at += len(part)
-    out[rows] = pd.concat(keys, ignore_index=True).duplicated(keep=False).to_numpy(dtype=bool)
+    return rows, pd.concat(keys, ignore_index=True)
+
+
+def duplicated_in_parts(parts: Callable[[], Iterable[pd.Series]]) -> np.ndarray:
+    """``duplicated`` over the keys of ``parts()`` one after another, holding 8 bytes a key (its
+    fingerprint) instead of every key: the plan step reads a record type's ids a staged part at a
+    time. ``parts`` is called again to read the keys of the rows whose fingerprints repeat (the
+    duplicates, and the rare mere collisions), which are then compared as keys. Keys that have no
+    fingerprint (missing, long, not ASCII) are read whole and judged by ``duplicated``."""
+    fp = _fingerprints_in_parts(parts)
+    if fp is None:
+        return duplicated(pd.concat(list(parts()), ignore_index=True))
+    out = np.zeros(len(fp), dtype=bool)
+    rows, keys = _repeated_rows(parts, fp)
+    if len(rows):
+        out[rows] = keys.duplicated(keep=False).to_numpy(dtype=bool)
+    return out
+
+
+def last_listed_in_parts(parts: Callable[[], Iterable[pd.Series]]) -> np.ndarray | None:
+    """The last listing of each key: ``~Series.duplicated(keep="last")`` over the keys of
+    ``parts()`` one after another, holding a fingerprint a key (as :func:`duplicated_in_parts`).
+    None when a key has no fingerprint (missing, long, not ASCII): the caller reads them whole.
+    Zendesk's incremental export lists a ticket or a user again each time it changes."""
+    fp = _fingerprints_in_parts(parts)
+    if fp is None:
+        return None
+    out = np.ones(len(fp), dtype=bool)
+    rows, keys = _repeated_rows(parts, fp)
+    if len(rows):
+        out[rows] = ~keys.duplicated(keep="last").to_numpy(dtype=bool)
     return out
 
 

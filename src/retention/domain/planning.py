@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from retention.domain.derive import LISTED_AGAIN, TICKETS, USERS, TicketParties, kept_rows, with_parties
 from retention.domain.engine import empty_plan, plan_record_type
 from retention.domain.holds import Holds
-from retention.domain.keys import duplicated, duplicated_in_parts
+from retention.domain.keys import duplicated, duplicated_in_parts, last_listed_in_parts
 from retention.domain.policy import Policy
 from retention.domain.pseudonyms import Pseudonymizer
 from retention.domain.quarantine import split_quarantine
@@ -246,11 +246,15 @@ def plan_parts(
             continue
         # Duplicate keys over the whole record type (the rows judged), not within a part.
         started = time.perf_counter()
-        if record_type in LISTED_AGAIN:  # which listing is judged: the ids whole
-            ids = pd.concat(list(extract.ids(record_type)), ignore_index=True)
-            keep = kept_rows(record_type, ids)
-            duplicates = duplicated(ids[keep].reset_index(drop=True) if keep is not None else ids)
-            del ids
+        if record_type in LISTED_AGAIN:  # which listing is judged: the last of each id
+            keep = last_listed_in_parts(lambda record_type=record_type: extract.ids(record_type))
+            if keep is not None:  # a fingerprint an id: one listing of each kept, so none twice
+                duplicates = np.zeros(int(keep.sum()), dtype=bool)
+            else:  # an id without a fingerprint (missing, not ASCII): the ids whole
+                ids = pd.concat(list(extract.ids(record_type)), ignore_index=True)
+                keep = kept_rows(record_type, ids)
+                duplicates = duplicated(ids[keep].reset_index(drop=True) if keep is not None else ids)
+                del ids
         else:  # a fingerprint a key, the ids read a part at a time
             keep = None
             duplicates = duplicated_in_parts(lambda record_type=record_type: extract.ids(record_type))
