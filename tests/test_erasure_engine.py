@@ -159,6 +159,21 @@ def test_verify_takes_the_plan_a_chunk_at_a_time_with_the_same_answer(ledger):
     assert engine.verify(iter(batches)) == (12, 3)
     assert max(n for _, n in system.looked_up) <= 5 and sum(n for _, n in system.looked_up) == 12
 
+    # A system checked in one pass (a large ``verify_batch``) gets a chunk's ids at once, while
+    # the ledger is asked a ``verify_chunk`` of them at a time.
+    asked: list[int] = []
+    statuses_of = ledger.statuses_of
+    ledger.statuses_of = lambda run, system_, record_type, keys: asked.append(len(keys)) or statuses_of(run, system_, record_type, keys)
+    system.verify_batch, engine.verify_chunk = 100, 4
+    system.looked_up.clear()
+    assert engine.verify(plan) == (12, 3)
+    assert system.looked_up == [("support_ticket", 10), ("ticket_user", 2)]
+    assert max(asked) <= 4 and sum(asked) == 12
+    batches = pa.Table.from_pandas(plan[["record_type", "record_id", "record_key", "action"]], preserve_index=False).to_batches(max_chunksize=100)
+    asked.clear()
+    assert engine.verify(iter(batches)) == (12, 3)
+    assert max(asked) <= 4 and sum(asked) == 12
+
 
 def test_statuses_of_reads_only_the_keys_asked(ledger):
     system = MemorySystem(TICKETS)
