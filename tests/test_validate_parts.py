@@ -106,7 +106,7 @@ def _validated(staging: RunStaging, holds: Holds, parts_of: int):
     try:
         return validating.validate_record_type(
             clean_rows, plan_rows, [(0, plan_rows.num_rows)], plan_rows.num_rows, "newsletter_member",
-            NOW, POLICY, AS_OF, holds, Stopwatch(),
+            NOW, POLICY, AS_OF, holds, Stopwatch(), (staging, "newsletter"),
         )
     finally:
         validating.PART_ROWS = old
@@ -134,6 +134,8 @@ def test_suites_in_partitions_judge_as_the_suites_over_the_whole(tmp_path_factor
     assert [o.name for o in parts] == [o.name for o in whole] == ["extract_newsletter_member", "plan_newsletter_member"]
     for w, p in zip(whole, parts):
         assert _judged(p) == _judged(w), w.name
+    # The partitions staged while they were checked are gone.
+    assert sorted(p.name for p in staging.system_dir("newsletter").iterdir()) == ["clean_newsletter_member.parquet", "plan.parquet"]
 
 
 def test_a_duplicate_id_and_a_protected_record_are_found_in_partitions(tmp_path):

@@ -453,7 +453,7 @@ def validate(run: RunInfo, system: str) -> dict:
         else:
             ranges, count = [(r.start, r.stop) for r in shape.of(record_type)], shape.rows(record_type)
         outcomes.extend(validate_record_type(
-            clean_rows, plan_rows, ranges, count, record_type, now, policy, run.as_of_ts, holds, clock,
+            clean_rows, plan_rows, ranges, count, record_type, now, policy, run.as_of_ts, holds, clock, (staging, system),
         ))
     destructive, by_type = destructive_rows(plan_rows)
     # Work an earlier run validated and started but carried over for lack of time is not new:
