@@ -188,3 +188,20 @@ def test_partitions_are_by_id_whatever_the_frame(parts):
     pa_, pb = partitions(a, parts), partitions(b, parts)
     assert pa_.max() < parts
     assert dict(zip(a.fillna("<none>"), pa_)) == dict(zip(b.fillna("<none>"), pb))
+
+
+def test_the_guards_counts_from_the_plans_layout_or_read_alike(tmp_path):
+    """The guard's destructive rows per record type: from the layout of a plan in erase order,
+    or read a slice at a time (a plan staged out of order), the same."""
+    from retention.runs.plan_rows import FramePlan, layout
+
+    plan = pd.DataFrame({
+        "record_type": ["crm_contact", "crm_contact", "crm_invoice", "crm_contact", "crm_invoice"],
+        "action": ["erase", "hold", "minimise", "erase", "hold"],
+        "record_key": list("abcde"), "record_id": ["1", "2", "3", "4", "5"],
+    })
+    rows = FramePlan(plan, ["crm_invoice", "crm_contact"])
+    expected = (3, {"crm_contact": 2, "crm_invoice": 1})
+    assert validating.destructive_rows(rows, layout(rows)) == expected
+    assert validating.destructive_rows(rows) == expected
+    assert validating.carried_over_rows(rows, {"crm_contact": {"a", "b"}, "crm_invoice": set()}) == 1  # b is held

@@ -455,7 +455,7 @@ def validate(run: RunInfo, system: str) -> dict:
         outcomes.extend(validate_record_type(
             clean_rows, plan_rows, ranges, count, record_type, now, policy, run.as_of_ts, holds, clock, (staging, system),
         ))
-    destructive, by_type = destructive_rows(plan_rows)
+    destructive, by_type = destructive_rows(plan_rows, shape)
     # Work an earlier run validated and started but carried over for lack of time is not new:
     # the guard weighs only the rest, so a backlog does not trip it night after night.
     with task_ledger() as ledger:

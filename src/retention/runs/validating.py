@@ -36,7 +36,7 @@ from retention.domain.policy import Policy
 from retention.domain.records import RECORD_TYPES
 from retention.domain.statuses import DESTRUCTIVE
 from retention.runs.context import Stopwatch
-from retention.runs.plan_rows import PlanRows
+from retention.runs.plan_rows import Layout, PlanRows
 from retention.store.staging import RunStaging
 
 # Rows of a record type (its clean extract's or its plan's) checked at a time, at most about.
@@ -199,10 +199,17 @@ def validate_record_type(
     return combine(f"extract_{record_type}", extract_outcomes), combine(f"plan_{record_type}", plan_outcomes)
 
 
-def destructive_rows(plan_rows: PlanRows) -> tuple[int, dict[str, int]]:
-    """How many of the plan's rows erase or minimise, and how many per record type."""
+def destructive_rows(plan_rows: PlanRows, shape: Layout | None = None) -> tuple[int, dict[str, int]]:
+    """How many of the plan's rows erase or minimise, and how many per record type: from the
+    plan's layout where it has one (found already, no read), else a slice at a time."""
     by_type: dict[str, int] = {}
     destructive = [str(a) for a in DESTRUCTIVE]
+    if shape is not None:
+        for record_type in shape.types:
+            n = shape.rows(record_type, actions=destructive)
+            if n:
+                by_type[record_type] = n
+        return sum(by_type.values()), by_type
     for chunk in plan_rows.chunks(["record_type", "action"], rows=200_000, categories=("record_type", "action")):
         mine = chunk["action"].astype(str).isin(destructive).to_numpy(dtype=bool)
         for record_type, n in chunk["record_type"][mine].astype(str).value_counts().items():
