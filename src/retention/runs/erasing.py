@@ -162,18 +162,6 @@ class _Statuses:
             counted[Status.PLANNED] += planned
         return counted
 
-    def get(self, tk: tuple[str, str], default=None):
-        return self.by_type.get(tk[0], {}).get(tk[1], default)
-
-    def __contains__(self, tk: tuple[str, str]) -> bool:
-        return tk[1] in self.by_type.get(tk[0], ())
-
-    def __getitem__(self, tk: tuple[str, str]):
-        return self.by_type[tk[0]][tk[1]]
-
-    def __setitem__(self, tk: tuple[str, str], status) -> None:
-        self.by_type.setdefault(tk[0], {})[tk[1]] = status
-
     def items(self) -> Iterator[tuple[tuple[str, str], str]]:
         for t, statuses in self.by_type.items():
             for k, s in statuses.items():
