@@ -71,3 +71,16 @@ def test_requesters_go_in_small_batches_tickets_in_large_ones():
     assert batch_size(adapter, "ticket_user") == 1000
     assert batch_size(adapter, "support_ticket") == adapter.erase_batch == 50_000
     assert batch_size(NewsletterAdapter(client=None, list_id="x"), "newsletter_member") == 1000  # no overrides
+
+
+def test_a_ticket_planned_twice_counts_its_latest_deadline():
+    """Two plan rows for one ticket (with unique tickets): the requester's last ticket went at the
+    later deadline, whichever row comes first (the parties are looked up by their first row)."""
+    tickets = latest_tickets(_tickets())
+    plan = plan_record_type(tickets, "support_ticket", POLICY, AS_OF)[["record_type", "record_id", "action", "deadline"]]
+    one = plan[plan["record_id"] == "1"]
+    later = one.assign(deadline=one["deadline"] + pd.Timedelta(days=30))
+    for twice in (pd.concat([plan, later]), pd.concat([later, plan])):
+        users = derive_ticket_users(_users(), twice.reset_index(drop=True), {"support_ticket": tickets})
+        assert users.set_index("record_id").loc["10", "last_ticket_gone_at"] == later["deadline"].iloc[0]
+        assert dict(zip(users["record_id"], users["tickets_remaining"]))["10"] == 0
