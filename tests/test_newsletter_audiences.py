@@ -348,3 +348,75 @@ def test_record_ids_of_an_arrow_page_are_those_of_its_values(lists, hashes):
     for list_id in lists:
         got = audiences.record_id_array(list_id, pa.array(hashes, pa.string())).to_pylist()
         assert got == audiences.record_ids(list_id, hashes)
+
+
+@given(
+    lists=st.lists(st.text("abcdef0123456789-", min_size=1, max_size=12), min_size=1, max_size=3, unique=True),
+    ids=st.lists(
+        st.one_of(
+            st.text("0123456789abcdef", min_size=32, max_size=32),
+            st.tuples(st.sampled_from(["", "not-ours", "x:y"]), st.text(min_size=0, max_size=34)).map(":".join),
+            st.text(min_size=0, max_size=40),
+        ),
+        max_size=40,
+    ),
+    slice_rows=st.integers(1, 7),
+)
+def test_sorted_hashes_group_as_by_audience_does(lists, ids, slice_rows):
+    """``sorted_hashes`` (verify's compact form) groups the ids as ``by_audience`` does: the same
+    audiences in the same order, each with the same hashes, sorted, and each hash's position
+    leading back to its id; ids of no audience of ours are left out."""
+    from retention.systems.newsletter.audiences import Audiences, hash_text
+
+    audiences = Audiences(lists)
+    # some ids of the further audiences too, as the engine would hand them
+    ids = ids + [audiences.record_id(a, i) for a in lists for i in ids[:3] if ":" not in i]
+    groups, _unknown = audiences.by_audience(ids)
+    table = audiences.sorted_hashes(ids, slice_rows=slice_rows)
+    assert list(table) == list(groups)
+    for list_id, (hashes, positions) in table.items():
+        assert list(hashes) == sorted(hashes.tolist())
+        assert all(audiences.by_audience([ids[p]])[0][list_id] == {hash_text(h): ids[p]} for h, p in zip(hashes, positions))
+        assert {hash_text(h) for h in hashes} == set(groups[list_id])
+
+
+def test_still_present_over_many_ids_pages_the_list_once():
+    """More than 2,000 ids of an audience: one pass over the list's pages, each page's ids
+    looked up in the sorted hashes; fewer: one lookup each. Present or not is exactly the
+    list's membership, for ids handed as a list or as the engine's Arrow texts."""
+    import random
+
+    import pyarrow as pa
+
+    from retention.runs.erasing import TextIds
+    from retention.systems.newsletter.adapter import NewsletterAdapter
+
+    rng = random.Random(7)
+    listed = {a: {f"{rng.getrandbits(128):032x}" for _ in range(3000)} for a in (FIRST, SECOND)}
+
+    class Client:
+        def __init__(self):
+            self.paged, self.looked_up = [], []
+
+        def iter_member_pages(self, list_id, fields):
+            self.paged.append(list_id)
+            members = sorted(listed[list_id])
+            rng.shuffle(members)
+            for start in range(0, len(members), 1000):
+                yield [{"id": h} for h in members[start : start + 1000]]
+
+        def exists_many(self, list_id, hashes):
+            hashes = list(hashes)
+            self.looked_up.append((list_id, len(hashes)))
+            return {h: h in listed[list_id] for h in hashes}
+
+    client = Client()
+    adapter = NewsletterAdapter(client, [FIRST, SECOND])
+    first = sorted(listed[FIRST])[:1500] + [f"{rng.getrandbits(128):032x}" for _ in range(1500)]
+    second = [f"{SECOND}:{h}" for h in sorted(listed[SECOND])[:10]] + [f"{SECOND}:{'0' * 32}"]
+    ids = first + second + ["not-ours:" + first[0]]
+    expected = set(sorted(listed[FIRST])[:1500]) | {f"{SECOND}:{h}" for h in sorted(listed[SECOND])[:10]}
+    for given_ids in (ids, TextIds(pa.array(ids, pa.string()))):
+        client.paged.clear(), client.looked_up.clear()
+        assert adapter.still_present("newsletter_member", given_ids) == expected
+        assert client.paged == [FIRST] and client.looked_up == [(SECOND, 11)]

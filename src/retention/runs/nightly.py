@@ -685,7 +685,7 @@ def verify(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
             summary = {"dry_run": True, "checked": 0, "still_present": 0}
         else:
             engine = ErasureEngine(ledger, run.run_id, system, adapter, run.policy_version)
-            checked, still = engine.verify(_destructive_chunks(run, system, engine.verify_rows))
+            checked, still = engine.verify(_destructive_chunks(run, system, engine.verify_chunk))
             summary = {"dry_run": False, "checked": checked, "still_present": still}
         staging.write_json(system, "verify", summary)
         ledger.release_system(system, run.run_id)

@@ -12,8 +12,9 @@ would give the first audience's members other ids (and so other pseudonyms).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -37,6 +38,17 @@ def checked_list_ids(value: object, where: str) -> tuple[str, ...]:
             raise SettingError(f"{where}: extra 'list_ids' names audience {item!r} twice")
         ids.append(item)
     return tuple(ids)
+
+
+def hash_bytes(subscriber_hash: str) -> bytes:
+    """A hash as ``Audiences.sorted_hashes`` holds it: its UTF-8 with one byte after it, since
+    numpy's fixed-width bytes drop trailing NULs (``"a\\0"`` would be ``"a"``)."""
+    return subscriber_hash.encode() + b"."
+
+
+def hash_text(held: bytes) -> str:
+    """The hash ``hash_bytes`` holds."""
+    return held[:-1].decode()
 
 
 class Audiences:
@@ -82,6 +94,37 @@ class Audiences:
             groups.setdefault(list_id, {})[subscriber_hash] = rid
         return {a: groups[a] for a in self.list_ids if a in groups}, unknown
 
+    def sorted_hashes(self, record_ids: Sequence[str], slice_rows: int = 20_000) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{list_id: (the subscriber hashes of its members among ``record_ids``, sorted, as
+        fixed-width bytes (``hash_bytes``); each one's position in ``record_ids``)} in the audiences' order; ids of
+        no audience configured now are left out, as ``by_audience`` leaves them. For a large
+        batch (a verify of 200,000 erasures): a few bytes an id where ``by_audience`` keeps a
+        dictionary of Python texts, and the ids read a slice at a time."""
+        parts: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        for start in range(0, len(record_ids), slice_rows):
+            found: dict[str, tuple[list[bytes], list[int]]] = {}
+            for at, rid in enumerate(record_ids[start : start + slice_rows], start):
+                list_id, sep, subscriber_hash = str(rid).rpartition(SEPARATOR)
+                if not sep:
+                    list_id = self.first
+                if list_id not in self.list_ids or list_id == self.first and sep:
+                    continue
+                hashes, positions = found.setdefault(list_id, ([], []))
+                hashes.append(hash_bytes(subscriber_hash))
+                positions.append(at)
+            for list_id, (hashes, positions) in found.items():
+                all_hashes, all_positions = parts.setdefault(list_id, ([], []))
+                all_hashes.append(np.array(hashes, dtype=bytes))
+                all_positions.append(np.array(positions, dtype=np.int64))
+            del found
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for list_id in self.list_ids:
+            if list_id in parts:
+                hashes, positions = (np.concatenate(a) for a in parts.pop(list_id))
+                order = np.argsort(hashes, kind="stable")
+                out[list_id] = (hashes[order], positions[order])
+        return out
+
     def named(self, list_id: str | None, subscriber_hash: str) -> str:
         """The record id an operator means by ``[<list_id>:]<subscriber hash>``: with several
         audiences the audience must be named; a ``ValueError`` (one line, listing them) otherwise."""
@@ -98,4 +141,4 @@ class Audiences:
         return self.record_id(list_id, subscriber_hash)
 
 
-__all__ = ["SEPARATOR", "Audiences", "checked_list_ids"]
+__all__ = ["SEPARATOR", "Audiences", "checked_list_ids", "hash_bytes", "hash_text"]
