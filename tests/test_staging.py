@@ -349,3 +349,59 @@ def test_steps_allocate_arrow_memory_from_jemalloc_unless_told_otherwise(monkeyp
         assert pa.default_memory_pool().backend_name == expected
     finally:
         pa.set_memory_pool(before)
+
+
+def test_the_extract_is_written_as_it_comes_in_parts_of_chunk_rows(tmp_path):
+    """Each frame is a row group of its type's open part (nothing buffered); a part closes at
+    ``chunk_rows`` or more; a frame with other columns (one flagging unreadable values) starts a
+    new part. Read back, the rows and dtypes are those of the frames concatenated, as the writer
+    that buffered them staged them; an empty type still has its columns."""
+    from retention.domain.conform import conform
+    from retention.domain.records import UNREADABLE
+
+    staging = RunStaging("retention_nightly", "manual__parts", root=tmp_path / "staging")
+    writer = staging.extract_writer("newsletter")
+    writer.chunk_rows = 4
+    frames = [
+        _members(["a", "b"]),
+        _members(["c"]),
+        _members(["d", "e"]).assign(**{UNREADABLE: [None, "last_changed"]}),
+        _members(["f"]),
+        _members(["x"]).iloc[:0],
+        _members(["g", "h", "i", "j", "k"]),
+    ]
+    for frame in frames:
+        writer.write("newsletter_member", frame)
+    assert writer.close() == {"newsletter_member": 11}
+    parts = sorted(p.name for p in (Path(staging.root.path) / "newsletter" / "extract" / "newsletter_member").iterdir())
+    # a+b+c (the next frame's columns differ), d+e (then f has none), f+g..k (at 4 rows or more)
+    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [pq.ParquetFile(Path(staging.root.path) / "newsletter" / "extract" / "newsletter_member" / p).metadata.num_rows for p in parts] == [3, 2, 6]
+    expected = pd.concat([conform("newsletter_member", f) for f in frames], ignore_index=True)
+    got = staging.read_extract("newsletter", "newsletter_member")
+    pd.testing.assert_frame_equal(got[expected.columns], expected, check_dtype=True)
+    sliced = pd.concat(list(staging.iter_extract("newsletter", "newsletter_member", rows=2)), ignore_index=True)
+    pd.testing.assert_frame_equal(sliced[expected.columns], expected, check_dtype=True)
+
+    staging.reset_extract("newsletter")
+    with staging.extract_writer("newsletter") as writer:
+        writer.write("newsletter_member", _members(["x"]).iloc[:0])
+    empty = staging.read_extract("newsletter", "newsletter_member")
+    assert len(empty) == 0 and list(empty.columns) == [c for c in expected.columns if c != UNREADABLE]
+
+
+def test_an_extract_that_fails_leaves_no_part_half_written(tmp_path):
+    staging = RunStaging("retention_nightly", "manual__abandon", root=tmp_path / "staging")
+    with pytest.raises(RuntimeError, match="the source went away"):
+        with staging.extract_writer("newsletter") as writer:
+            writer.chunk_rows = 2
+            writer.write("newsletter_member", _members(["a", "b"]))  # a part, closed
+            writer.write("newsletter_member", _members(["c"]))  # open
+            raise RuntimeError("the source went away")
+    folder = Path(staging.root.path) / "newsletter" / "extract" / "newsletter_member"
+    assert sorted(p.name for p in folder.iterdir()) == ["part-00000.parquet"]
+    assert staging.read_extract("newsletter", "newsletter_member")["record_id"].tolist() == ["a", "b"]
+    staging.reset_extract("newsletter")
+    with staging.extract_writer("newsletter") as writer:
+        writer.write("newsletter_member", _members(["x"]).iloc[:0])
+    assert staging.has_extract("newsletter", "newsletter_member")

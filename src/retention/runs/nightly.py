@@ -75,22 +75,22 @@ def extract(
         ledger.acquire_system(system, run.run_id, wait_seconds=lock_wait_seconds, on_wait=waiting)
     staging = run.staging
     staging.reset_extract(system)
-    writer = staging.extract_writer(system)
     started = time.monotonic()
     now = datetime.now(UTC)
-    for record_type in adapter.record_types:
-        writer.declare(record_type)
     totals = None
-    if isinstance(adapter, ChangeFeed):
-        feed = _extract_through_index(system, adapter, writer, now, reconcile=reconcile)
-    elif getattr(adapter, "narrows_extract", False) and not reconcile:
-        # Only the records a plan as of this run could touch; ``totals``: every record type's
-        # size, what the guard weighs.
-        totals = adapter.extract(writer.write, now, policy=run.policy(), as_of=run.as_of_ts)
-        feed = {"mode": str(ExtractMode.CANDIDATES)}
-    else:
-        adapter.extract(writer.write, now)
-        feed = {"mode": str(ExtractMode.FULL)}
+    with staging.extract_writer(system) as writer:  # an error leaves no part half written
+        for record_type in adapter.record_types:
+            writer.declare(record_type)
+        if isinstance(adapter, ChangeFeed):
+            feed = _extract_through_index(system, adapter, writer, now, reconcile=reconcile)
+        elif getattr(adapter, "narrows_extract", False) and not reconcile:
+            # Only the records a plan as of this run could touch; ``totals``: every record type's
+            # size, what the guard weighs.
+            totals = adapter.extract(writer.write, now, policy=run.policy(), as_of=run.as_of_ts)
+            feed = {"mode": str(ExtractMode.CANDIDATES)}
+        else:
+            adapter.extract(writer.write, now)
+            feed = {"mode": str(ExtractMode.FULL)}
     counts = writer.close()
     summary = {
         "extracted": {**counts, **(totals or {})}, "read": counts,
