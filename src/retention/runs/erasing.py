@@ -701,25 +701,24 @@ class ErasureEngine:
 
         for chunk in _chunks_of(plan, self.verify_chunk):
             for at in range(0, _rows_in(chunk), self.verify_chunk):
-                by_type: dict[str, tuple[list[str], list[str], list[bool]]] = {}
-                for t, i, k, a in zip(*_plan_columns(_rows_of(chunk, at, self.verify_chunk))):
-                    ids, keys, erased = by_type.setdefault(t, ([], [], []))
-                    ids.append(i)
-                    keys.append(k)
-                    erased.append(a == erase)
+                # Arrow columns: only the keys become Python texts (the ledger is asked by them).
+                types, ids, keys, actions = _plan_arrays(_rows_of(chunk, at, self.verify_chunk))
                 for record_type in self.adapter.record_types:
-                    if record_type not in by_type:
+                    mine = pc.fill_null(pc.equal(types, record_type), False)
+                    if not pc.any(mine).as_py():
                         continue
-                    ids, keys, erased = by_type.pop(record_type)
-                    statuses = self.ledger.statuses_of(self.run_id, self.system, record_type, keys)
-                    found = np.fromiter((statuses.get(k) in GONE for k in keys), dtype=bool, count=len(keys))
-                    del statuses, keys
+                    its_keys = keys.filter(mine).to_pylist()
+                    statuses = self.ledger.statuses_of(self.run_id, self.system, record_type, its_keys)
+                    found = np.fromiter((statuses.get(k) in GONE for k in its_keys), dtype=bool, count=len(its_keys))
+                    del statuses, its_keys
                     if found.any():
                         arrays, flags = gone.setdefault(record_type, ([], []))
-                        arrays.append(pa.array(ids, pa.string()).filter(pa.array(found)))
-                        flags.append(np.asarray(erased, dtype=bool)[found])
+                        arrays.append(ids.filter(mine).filter(pa.array(found)))
+                        erased = pc.fill_null(pc.equal(actions.filter(mine), erase), False)
+                        flags.append(np.asarray(erased.to_numpy(zero_copy_only=False), dtype=bool)[found])
                         waiting += int(found.sum())
-                    del ids, erased, found
+                    del found
+                del types, ids, keys, actions
                 if waiting >= self.verify_rows:
                     check_in_system()
                     waiting = 0
@@ -922,6 +921,14 @@ def _plan_columns(chunk: pd.DataFrame | pa.RecordBatch) -> tuple[list[str], ...]
         columns = [chunk[c].astype(str).tolist() for c in ("record_type", "record_id")] + [chunk["record_key"].tolist()]
         return (*columns, chunk["action"].astype(str).tolist())
     return tuple(pc.cast(chunk.column(c), pa.string()).to_pylist() for c in ("record_type", "record_id", "record_key", "action"))
+
+
+def _plan_arrays(chunk: pd.DataFrame | pa.RecordBatch) -> tuple[pa.Array, ...]:
+    """A plan chunk's record types, ids, keys and actions as Arrow texts (``_plan_columns`` as
+    Arrow arrays: a verify of a million erasures makes no Python text of an id)."""
+    if isinstance(chunk, pd.DataFrame):
+        return tuple(pa.array(column, pa.string()) for column in _plan_columns(chunk))
+    return tuple(pc.cast(chunk.column(c), pa.string()) for c in ("record_type", "record_id", "record_key", "action"))
 
 
 def _arrow(plan: pd.DataFrame) -> pa.Table:
