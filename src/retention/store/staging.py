@@ -400,7 +400,21 @@ def purge_older_than(days: float, *, keep: RunStaging | None = None, root: Root 
     return purged
 
 
-class FrameWriter:
+class _Written:
+    """A writer used as a context manager: closed when the block ends, abandoned (nothing left
+    behind) when it ends by an error. Its subclasses have ``close`` and ``abandon``."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+class FrameWriter(_Written):
     """A staged frame written a part at a time, as ``RunStaging.write_frame`` writes it whole:
     one Parquet file, row groups of at most ``ROW_GROUP_ROWS`` (or ``row_group_rows``), pandas' dtypes those of the first
     part (later parts are cast to its columns). Locally the file takes its name only once closed
@@ -466,17 +480,9 @@ class FrameWriter:
                 _local(self._target).unlink(missing_ok=True)
         self._writer = None
 
-    def __enter__(self) -> FrameWriter:
-        return self
-
-    def __exit__(self, kind, error, tb) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.abandon()
 
 
-class ExtractWriter:
+class ExtractWriter(_Written):
     """Writes each record type's rows to Parquet parts of ``chunk_rows`` rows or a little more,
     as they come: a frame written is a row group of its type's open part, nothing is buffered.
     (It buffered a part's frames in pandas and concatenated them: the CRM's extract step held
@@ -527,12 +533,3 @@ class ExtractWriter:
         """Drop the parts not yet closed (an extract that failed is read again from the start)."""
         for record_type in list(self.open):
             self.open.pop(record_type).abandon()
-
-    def __enter__(self) -> ExtractWriter:
-        return self
-
-    def __exit__(self, kind, error, tb) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.abandon()
