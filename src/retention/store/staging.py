@@ -481,7 +481,6 @@ class FrameWriter(_Written):
         self._writer = None
 
 
-
 class ExtractWriter(_Written):
     """Writes each record type's rows to Parquet parts of ``chunk_rows`` rows or a little more,
     as they come: a frame written is a row group of its type's open part, nothing is buffered.

@@ -79,18 +79,30 @@ class Audiences:
     def record_id(self, list_id: str, subscriber_hash: str) -> str:
         return self.record_ids(list_id, [subscriber_hash])[0]
 
+    def _member(self, record_id: str) -> tuple[str, str] | None:
+        """(audience, subscriber hash) a record id names, or None for an id of no audience
+        configured now. The one place the spelling is read back (``by_audience`` and
+        ``sorted_hashes`` must never disagree about a member's audience): split at the last
+        separator; a bare hash is a member of the first audience, which is never spelt with
+        its prefix."""
+        list_id, sep, subscriber_hash = str(record_id).rpartition(SEPARATOR)
+        if not sep:
+            return self.first, subscriber_hash
+        if list_id not in self.list_ids or list_id == self.first:
+            return None
+        return list_id, subscriber_hash
+
     def by_audience(self, record_ids: Iterable[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
         """({list_id: {subscriber hash: record id}} in the audiences' order, record ids of no audience
         configured now, e.g. from a plan made under another Connection)."""
         groups: dict[str, dict[str, str]] = {}
         unknown: list[str] = []
         for rid in record_ids:
-            list_id, sep, subscriber_hash = str(rid).rpartition(SEPARATOR)
-            if not sep:
-                list_id = self.first
-            if list_id not in self.list_ids or list_id == self.first and sep:
+            member = self._member(rid)
+            if member is None:
                 unknown.append(rid)
                 continue
+            list_id, subscriber_hash = member
             groups.setdefault(list_id, {})[subscriber_hash] = rid
         return {a: groups[a] for a in self.list_ids if a in groups}, unknown
 
@@ -104,11 +116,10 @@ class Audiences:
         for start in range(0, len(record_ids), slice_rows):
             found: dict[str, tuple[list[bytes], list[int]]] = {}
             for at, rid in enumerate(record_ids[start : start + slice_rows], start):
-                list_id, sep, subscriber_hash = str(rid).rpartition(SEPARATOR)
-                if not sep:
-                    list_id = self.first
-                if list_id not in self.list_ids or list_id == self.first and sep:
+                member = self._member(rid)
+                if member is None:
                     continue
+                list_id, subscriber_hash = member
                 hashes, positions = found.setdefault(list_id, ([], []))
                 hashes.append(hash_bytes(subscriber_hash))
                 positions.append(at)
