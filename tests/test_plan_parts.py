@@ -42,6 +42,10 @@ def _when(draw, *, missing: bool = True) -> str | None:
 def zendesks(draw):
     users = draw(st.integers(1, 12))
     pool = [str(10 + i) for i in range(users)]
+    if draw(st.integers(0, 3)) == 0:
+        # Now and then an id that is not an integer's canonical text: "010" is not "10", and
+        # the requesters' sums leave their integer path for exact texts.
+        pool.append("010")
     party = st.one_of(st.sampled_from(pool), st.just("99"))  # 99: named on a ticket, no account
     tickets = []
     for _ in range(draw(st.integers(0, 30))):
@@ -155,6 +159,69 @@ def test_requesters_derived_as_before_planning_took_parts(frames):
     so_far = plan[["record_type", "record_id", "action", "deadline"]]
     mine = derive_ticket_users(frames["ticket_user"], so_far, {"support_ticket": tickets})
     pd.testing.assert_frame_equal(mine, _reference_users(frames["ticket_user"], so_far, tickets))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(zendesks(), st.integers(1, 7))
+def test_requesters_summed_as_integers_as_texts(frames, part_rows):
+    """``TicketParties`` sums canonical integer ids as int64 and anything else as texts: the two
+    paths give every user the same derivation, whatever the parts."""
+    from retention.domain.derive import TicketParties, latest_tickets
+    from retention.domain.engine import plan_record_type
+    from retention.domain.quarantine import split_quarantine
+
+    tickets = latest_tickets(frames["support_ticket"])
+    clean, _, _ = split_quarantine(tickets, "support_ticket", POLICY, AS_OF)
+    plan = plan_record_type(clean, "support_ticket", POLICY, AS_OF)[["record_type", "record_id", "action", "deadline"]]
+    plan = pd.concat([plan, plan.iloc[::2]], ignore_index=True)  # a ticket planned twice counts its latest deadline
+    plan.loc[plan.index[len(plan) // 2 :], "deadline"] += pd.Timedelta(days=1)
+    unique = bool(tickets["record_id"].notna().all() and tickets["record_id"].is_unique)
+    users = frames["ticket_user"].drop_duplicates("record_id", keep="last")
+    derived = []
+    for int_ids in (True, False):
+        parties = TicketParties(unique_tickets=unique, int_ids=int_ids)
+        for start in range(0, max(len(tickets), 1), part_rows):
+            parties.add_tickets(tickets.iloc[start : start + part_rows])
+        for start in range(0, max(len(plan), 1), part_rows):
+            parties.add_plan(plan.iloc[start : start + part_rows])
+        derived.append(pd.concat([parties.derive_users(users.iloc[s : s + part_rows]) for s in range(0, max(len(users), 1), part_rows)]))
+    pd.testing.assert_frame_equal(derived[0], derived[1])
+
+
+def test_requesters_sum_integer_ids_exactly():
+    """The integer path: a party "10" is not the user "010"; a ticket erased twice counts its
+    latest deadline; a requester with a ticket left is not done; an id that is not canonical
+    turns the gathering to texts with the same answer."""
+    from retention.domain.derive import TicketParties
+
+    tickets = pd.DataFrame({
+        "record_id": pd.Series(["1", "2", "3"], dtype="string"),
+        "requester_id": pd.Series(["10", "10", "11"], dtype="string"),
+        "cc_ids": pd.Series(["11", "", "12 12"], dtype="string"),
+    })
+    day = pd.Timestamp("2026-01-01T00:00:00Z")
+    plan = pd.DataFrame({
+        "record_type": "support_ticket", "record_id": pd.Series(["1", "3", "1"], dtype="string"),
+        "action": "erase", "deadline": [day, day + pd.Timedelta(days=1), day + pd.Timedelta(days=5)],
+    })
+    users = pd.DataFrame({
+        "record_id": pd.Series(["10", "11", "12", "010", "13"], dtype="string"),
+        "updated_at": pd.to_datetime(["2020-01-01"] * 5, utc=True),
+    })
+    answers = []
+    for extra in (None, "u7"):
+        parties = TicketParties()
+        parties.add_tickets(tickets)
+        if extra is not None:  # a party that is not an integer: the rest follow as texts
+            parties.add_tickets(pd.DataFrame({"record_id": pd.Series(["4"], dtype="string"), "requester_id": pd.Series([extra], dtype="string")}))
+        parties.add_plan(plan)
+        assert parties._ints is (extra is None)
+        out = parties.derive_users(users)
+        assert out["tickets_remaining"].tolist() == [1, 0, 0, 0, 0]
+        assert out["had_ticket"].tolist() == [True, True, True, False, False]
+        assert out["last_ticket_gone_at"].tolist()[:3] == [day + pd.Timedelta(days=5)] * 2 + [day + pd.Timedelta(days=1)]
+        answers.append(out)
+    pd.testing.assert_frame_equal(answers[0], answers[1])
 
 
 def test_a_key_duplicated_across_parts_is_quarantined_in_both():
