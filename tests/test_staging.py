@@ -4,7 +4,9 @@ on object storage (s3:// on an S3-compatible server the test starts)."""
 from __future__ import annotations
 
 import os
+import platform
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -332,16 +334,16 @@ def test_steps_allocate_arrow_memory_from_jemalloc_unless_told_otherwise(monkeyp
     by the operator is left alone."""
     import pyarrow as pa
 
-    from retention.runs.context import lean_arrow_memory
+    from retention.runs.context import lean_memory
 
     before = pa.default_memory_pool()
     try:
         pa.set_memory_pool(pa.mimalloc_memory_pool())
         monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
-        lean_arrow_memory()
+        lean_memory()
         assert pa.default_memory_pool().backend_name == "mimalloc"
         monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL")
-        lean_arrow_memory()
+        lean_memory()
         try:
             expected = pa.jemalloc_memory_pool().backend_name
         except NotImplementedError:  # a build without jemalloc
@@ -349,6 +351,68 @@ def test_steps_allocate_arrow_memory_from_jemalloc_unless_told_otherwise(monkeyp
         assert pa.default_memory_pool().backend_name == expected
     finally:
         pa.set_memory_pool(before)
+
+
+_MALLOC_PROBE = """
+import sys, numpy as np
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+if sys.argv[1] == "lean":
+    from retention.runs.context import lean_memory
+    lean_memory()
+big = np.ones(16 * 2**20 // 8)
+del big  # a large block freed: by default glibc raises its mmap threshold to its size
+start = rss()
+held, kept = [], []
+for _ in range(10):  # each array with a small one after it: a freed array is not the heap's top
+    held.append(np.ones(8 * 2**20 // 8))
+    kept.append(np.ones(1000))
+del held
+print(round(rss() - start))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_a_step_gives_back_the_large_arrays_it_frees():
+    """After ``lean_memory`` a step's large arrays are given back when freed (glibc's mmap
+    threshold kept fixed); without it, once a large block was freed, arrays of that size came
+    from the heap and stayed with the process (80 MB here)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
+    kept = {
+        how: int(subprocess.run([sys.executable, "-c", _MALLOC_PROBE, how], env=env, capture_output=True, text=True, check=True).stdout)
+        for how in ("plain", "lean")
+    }
+    assert kept["plain"] >= 40, kept  # the probe shows what it is for
+    assert kept["lean"] <= 8, kept
+
+
+def test_an_operators_malloc_setting_wins(monkeypatch):
+    """``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or either threshold in
+    ``GLIBC_TUNABLES``: ``lean_memory`` leaves glibc's malloc as the operator set it."""
+    import ctypes
+
+    from retention.runs import context
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    for name, value in (("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "65536"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=65536")):
+        monkeypatch.setenv(name, value)
+        context._static_malloc_thresholds()
+        monkeypatch.delenv(name)
+    assert calls == []
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")  # another tunable: not a threshold
+    context._static_malloc_thresholds()
+    assert calls == [(-3, 128 * 1024), (-1, 128 * 1024)]
 
 
 def test_the_extract_is_written_as_it_comes_in_parts_of_chunk_rows(tmp_path):

@@ -30,7 +30,7 @@ from retention.domain.planning import PlanTally, erase_order, plan_parts
 from retention.domain.quarantine import reason_category
 from retention.domain.records import SOURCE_HOLDS, record_types_of
 from retention.domain.statuses import DESTRUCTIVE, Status
-from retention.runs.context import RunInfo, Stopwatch, lean_arrow_memory, open_run, pseudonymizer, task_ledger
+from retention.runs.context import RunInfo, Stopwatch, lean_memory, open_run, pseudonymizer, task_ledger
 from retention.runs.erasing import ErasureEngine, StateCheck
 from retention.runs.plan_rows import layout
 from retention.runs.validating import carried_over_rows, destructive_rows, validate_record_type
@@ -63,7 +63,7 @@ def extract(
     policy's conditions, with ``extracted`` still counting every record. Otherwise, and whenever
     ``reconcile`` is asked (the replay asks: it looks for restored copies, not for what is due),
     every record is read."""
-    lean_arrow_memory()
+    lean_memory()
     last_note = [0.0]
 
     def waiting(holder: str) -> None:
@@ -317,7 +317,7 @@ def plan(run: RunInfo, system: str) -> dict:
     """Quarantine malformed records, evaluate the rules, pseudonymise, apply every hold: a part
     of the staged extract at a time (``planning.plan_parts``), so the step's memory is that of a
     part and the compact plan of one record type, whatever the size of the extract."""
-    lean_arrow_memory()
+    lean_memory()
     policy = run.policy()
     staging = run.staging
     clock = Stopwatch()
@@ -427,7 +427,7 @@ def quarantine_alarm(ledger, policy, systems: tuple[str, ...]) -> dict | None:
 
 def validate(run: RunInfo, system: str) -> dict:
     """Great Expectations on the extract and the plan, and the plan-size guard."""
-    lean_arrow_memory()
+    lean_memory()
     policy = run.policy()
     staging = run.staging
     clock = Stopwatch()
@@ -603,7 +603,7 @@ def _failed_suite(outcome) -> str:
 
 def erase(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     """Hand the validated plan to the erasure engine. Resumable and idempotent."""
-    lean_arrow_memory()
+    lean_memory()
     staging = run.staging
     validation = staging.read_json(system, "validation")
     over_guard = bool(validation and validation.get("needs_approval"))
@@ -678,7 +678,7 @@ def refuse_an_old_plan(system: str, extracted_at: datetime) -> None:
 
 def verify(run: RunInfo, system: str, adapter: SourceSystem) -> dict:
     """Every record this run erased is gone from the source; the system is free again."""
-    lean_arrow_memory()
+    lean_memory()
     staging = run.staging
     with task_ledger() as ledger:
         if run.dry_run:
