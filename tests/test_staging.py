@@ -412,7 +412,11 @@ def test_an_operators_malloc_setting_wins(monkeypatch):
     assert calls == []
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")  # another tunable: not a threshold
     context._static_malloc_thresholds()
-    assert calls == [(-3, 128 * 1024), (-1, 128 * 1024)]
+    assert calls == [(-3, 128 * 1024), (-1, 16 * 2**20)]
+    calls.clear()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    context.lean_memory(fixed_malloc=False)  # the validate step: glibc's own
+    assert calls == []
 
 
 def test_the_extract_is_written_as_it_comes_in_parts_of_chunk_rows(tmp_path):
