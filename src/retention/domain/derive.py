@@ -76,13 +76,13 @@ _CANONICAL = r"^(0|[1-9][0-9]{0,17})$"
 _NO_DEADLINE = np.iinfo(np.int64).min  # a gone ticket without a deadline (as NaT's integer)
 
 
-def canonical_ints(ids: pa.Array) -> bool:
+def _canonical_ints(ids: pa.Array) -> bool:
     """Every id is an integer's canonical text (none missing)."""
-    return ids.null_count == 0 and bool(pc.all(pc.match_substring_regex(ids, _CANONICAL)).as_py() is not False)
+    return ids.null_count == 0 and (len(ids) == 0 or pc.all(pc.match_substring_regex(ids, _CANONICAL)).as_py())
 
 
-def int_ids(ids: pa.Array) -> np.ndarray:
-    """Canonical integer texts (``canonical_ints``) as an int64 numpy array of its own."""
+def _int_ids(ids: pa.Array) -> np.ndarray:
+    """Canonical integer texts (``_canonical_ints``) as an int64 numpy array of its own."""
     return np.asarray(pc.cast(ids, pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64).copy()
 
 
@@ -141,9 +141,9 @@ class TicketParties:
 
     def _ids(self, *columns: pa.Array) -> list:
         """The ids as int64 numpy arrays while every id is canonical, else as the texts."""
-        if self._ints and not all(canonical_ints(c) for c in columns):
+        if self._ints and not all(_canonical_ints(c) for c in columns):
             self._as_texts()
-        return [int_ids(c) for c in columns] if self._ints else list(columns)
+        return [_int_ids(c) for c in columns] if self._ints else list(columns)
 
     def add_tickets(self, tickets: pd.DataFrame) -> None:
         """A part of the judged tickets (``latest_tickets``' rows, before quarantine)."""
