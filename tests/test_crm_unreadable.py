@@ -208,6 +208,32 @@ def test_unreadable_values_are_quarantined_and_the_rest_erased(crm_url, caplog, 
     assert SECRET not in text and "LEGACY-7" not in text and "soon" not in text
 
 
+def test_frames_fetched_in_pieces_are_the_frames_of_one_fetch(crm_url, monkeypatch):
+    """A frame is made of fetches of ``FETCH_ROWS`` rows (the rows as Python values are the
+    largest thing a read holds): each frame is what one fetch of ``chunk_size`` rows gives,
+    unreadable values included, whichever pieces they fell in."""
+    import pandas as pd
+
+    from retention.domain.records import UNREADABLE
+    from retention.systems.crm import reads
+
+    build_crm(crm_url)
+    engine = sa.create_engine(crm_url)
+    try:
+        con = CrmConnector(engine, chunk_size=4)
+        whole = {rt: list(con.iter_frames(rt, now=NOW)) for rt in ("crm_contact", "crm_survey_response")}
+        monkeypatch.setattr(reads, "FETCH_ROWS", 3)
+        for rt, expected in whole.items():
+            frames = list(con.iter_frames(rt, now=NOW))
+            assert [len(f) for f in frames] == [len(f) for f in expected], rt
+            assert all(len(f) <= 4 for f in frames)
+            assert any(UNREADABLE in f for f in frames), rt
+            for got, want in zip(frames, expected, strict=True):
+                pd.testing.assert_frame_equal(got, want)
+    finally:
+        engine.dispose()
+
+
 def test_a_value_unreadable_since_the_plan_defers_the_erasure(crm_url):
     """Inside the erasing transaction the records are read again: a planned contact whose
     opt-out became unreadable, or whose kind became bytes that are not UTF-8, is left alone
