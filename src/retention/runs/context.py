@@ -48,13 +48,14 @@ def task_ledger() -> Iterator[Ledger]:
 
 
 def lean_memory(*, fixed_malloc: bool = True) -> None:
-    """A step's allocators set to give back what it frees (``_static_malloc_thresholds``; not
-    where ``fixed_malloc`` is False), and Arrow allocating from jemalloc (the C library's allocator where a build has no jemalloc)
-    rather than from its default, mimalloc, unless ``ARROW_DEFAULT_MEMORY_POOL`` says otherwise.
-    A step reads and converts its staged frames a slice at a time in several threads (the
-    erase step: its loop and the write-ahead beside it), and mimalloc kept what each thread
-    freed for that thread: the erase engine alone, on the CRM's plan at 250,000 and 1,000,000
-    contacts, peaked at 396 and 433 MB with mimalloc, 333 and 350 MB with jemalloc."""
+    """Set a step's allocators to give back what it frees: glibc's malloc thresholds fixed
+    (``_static_malloc_thresholds``; not with ``fixed_malloc=False``), and Arrow allocating from
+    jemalloc (the C library's allocator where a build has no jemalloc) rather than from its
+    default, mimalloc, unless ``ARROW_DEFAULT_MEMORY_POOL`` names one. A step converts its staged
+    frames in several threads (the erase step: its loop and the write-ahead beside it), and
+    mimalloc kept what each thread freed for that thread: the erase engine alone, on the CRM's
+    plan at 250,000 and 1,000,000 contacts, peaked at 396 and 433 MB with mimalloc, 333 and 350
+    MB with jemalloc."""
     if fixed_malloc:
         _static_malloc_thresholds()
     if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
@@ -68,23 +69,27 @@ def lean_memory(*, fixed_malloc: bool = True) -> None:
 
 
 _MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
+TRIM_THRESHOLD = 16 * 1024 * 1024
 
 
-def _static_malloc_thresholds(threshold: int = 128 * 1024) -> None:
-    """glibc's malloc (numpy's and pandas' arrays) keeps its mmap threshold fixed at its
-    starting 128 KiB (and its trim threshold at 16 MiB). By default glibc raises the mmap
-    threshold to the size of each large block freed (up to 32 MB): after a step's first large
-    arrays are freed, arrays of that size come from the heap, and what they leave there stays
-    with the process, so a step's memory grew with its arrays' size and not only with what it
-    held at once (the ticketing plan step at a million tickets, step alone: 406 MB with the
-    raised threshold, 382 MB with it fixed; 340 and 339 at 250,000). Fixed, a large array is
-    mapped on its own and given back when freed. The trim threshold is kept well above it: at
-    128 KiB the heap was given back and taken again so often that rules + validation ran 5%
-    slower (901,000 against 956,000 records a second), at 16 MiB as fast as without (948,000).
-    The validate step keeps glibc's own: GX's work peaked 11 to 25 MB higher at a million
-    members with the thresholds fixed. An operator's own setting (``MALLOC_MMAP_THRESHOLD_``,
-    ``MALLOC_TRIM_THRESHOLD_``, or either threshold in ``GLIBC_TUNABLES``) wins; elsewhere than
-    glibc nothing changes."""
+def _static_malloc_thresholds() -> None:
+    """Keep glibc's mmap threshold fixed at its starting ``MMAP_THRESHOLD`` (numpy's and pandas'
+    arrays come from malloc), and its trim threshold at ``TRIM_THRESHOLD``.
+
+    By default glibc raises the mmap threshold to the size of each large block freed (up to
+    32 MB): after a step's first large arrays are freed, arrays of that size come from the heap,
+    and what they leave there stays with the process, so a step's memory grew with its arrays'
+    size and not only with what it held at once (the ticketing plan step at a million tickets,
+    step alone: 406 MB with the raised threshold, 382 MB with it fixed; 340 and 339 at 250,000).
+    Fixed, a large array is mapped on its own and given back when freed. The trim threshold is
+    kept well above it: at 128 KiB the heap was given back and taken again so often that rules +
+    validation ran 5% slower (901,000 against 956,000 records a second), at 16 MiB as fast as
+    without (948,000). The validate step keeps glibc's own: GX's work peaked 11 to 25 MB higher
+    at a million members with the thresholds fixed. An operator's own setting
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or either threshold in
+    ``GLIBC_TUNABLES``) wins; elsewhere than glibc nothing changes."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(os.environ.get(name) for name in _MALLOC_SETTINGS) or "malloc.mmap_threshold" in tunables or "malloc.trim_threshold" in tunables:
         return
@@ -92,8 +97,8 @@ def _static_malloc_thresholds(threshold: int = 128 * 1024) -> None:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
         return
-    mallopt(-3, threshold)  # M_MMAP_THRESHOLD: setting it stops glibc raising it
-    mallopt(-1, 128 * threshold)  # M_TRIM_THRESHOLD: 16 MiB
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)  # setting it stops glibc raising it
+    mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def pseudonymizer() -> Pseudonymizer:
