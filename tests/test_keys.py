@@ -59,6 +59,17 @@ def test_colliding_fingerprints_in_different_parts_are_told_apart(monkeypatch):
     assert keys.duplicated_in_parts(_in_parts(series.iloc[:0], [])).tolist() == []
 
 
+def test_a_key_has_one_fingerprint_whatever_the_longest_key_beside_it():
+    """The plan step fingerprints a record type's ids a part at a time, each part padded to its
+    own longest key: the CRM's "7" in a part of one-digit ids and in a part of 12-digit ids (and
+    a Zendesk id beside 40-character ones) must still be found twice."""
+    alone = keys.fingerprints(pd.Series(["7", "8"], dtype="string"))
+    beside = keys.fingerprints(pd.Series(["7", "123456789012", "x" * 40], dtype="string"))
+    assert alone[0] == beside[0]
+    series = pd.Series(["7", "8", "123456789012", "7", "x" * 40, "123456789012"], dtype="string")
+    assert keys.duplicated_in_parts(_in_parts(series, [2, 4])).tolist() == [True, False, True, True, False, True]
+
+
 @settings(max_examples=300, deadline=None)
 @given(values=st.lists(key_text, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=5))
 def test_last_listed_in_parts_matches_pandas_over_the_whole(values, cuts):

@@ -4,7 +4,9 @@ Finding duplicate keys means hashing every key, and hashing a million 32-charact
 (Mailchimp's subscriber hashes) costs a quarter of a second, twice per run: in the quarantine
 and in the validation. ASCII keys of up to 64 bytes are instead padded with NUL to one width
 (a multiple of 8 bytes) and folded, eight bytes at a time, into a 64-bit fingerprint with
-numpy, about five times faster and with a fraction of the memory. Equal keys always have
+numpy, about five times faster and with a fraction of the memory. A word of padding leaves the
+fingerprint as it was, so a key has one fingerprint at any width: keys read a part at a time
+are fingerprinted in one pass, each part at its own width. Equal keys always have
 equal fingerprints, so every duplicate is found; keys whose fingerprints merely collide are
 told apart by comparing the keys themselves. Other keys take pandas' ordinary path.
 """
@@ -42,10 +44,10 @@ def _fixed_width(arr: pa.Array, width: int) -> np.ndarray | None:
     return data.reshape(n, width)
 
 
-def fingerprints(keys: pd.Series, width: int | None = None) -> np.ndarray | None:
+def fingerprints(keys: pd.Series) -> np.ndarray | None:
     """A 64-bit fingerprint per key; None if a key is missing, or the keys are longer than
-    64 bytes (or ``width``) or not ASCII. Equal keys have equal fingerprints, if taken at the same
-    ``width`` (keys padded to it; default: their longest rounded up to 8 bytes)."""
+    64 bytes or not ASCII. Equal keys have equal fingerprints, in one call or in two (the keys
+    are padded to their longest, rounded up to 8 bytes, and the padding does not count)."""
     try:
         arr = pa.chunked_array(pa.array(keys)) if not isinstance(keys, pa.ChunkedArray) else keys
     except (pa.ArrowTypeError, pa.ArrowInvalid):
@@ -56,9 +58,9 @@ def fingerprints(keys: pd.Series, width: int | None = None) -> np.ndarray | None
         return None
     lengths = pc.binary_length(arr)
     shortest, longest = (int(v.as_py()) for v in pc.min_max(lengths).values())
-    if longest == 0 or longest > (width or 64):
+    if longest == 0 or longest > 64:
         return None
-    width = width or -(-longest // 8) * 8
+    width = -(-longest // 8) * 8
     parts = []
     for chunk in arr.chunks:  # chunk by chunk: no copy of all the keys into one buffer
         if shortest != width or longest != width:
@@ -74,7 +76,10 @@ def fingerprints(keys: pd.Series, width: int | None = None) -> np.ndarray | None
         words = rows.reshape(-1).view(np.uint64).reshape(len(rows), width // 8)
         h = np.zeros(len(rows), dtype=np.uint64)
         for j in range(words.shape[1]):
-            h = _mix(h ^ words[:, j])
+            word = words[:, j]
+            # A word of NULs leaves the fingerprint as it was: a key padded to any width has
+            # the fingerprint of its own bytes, so parts padded to their own widths agree.
+            h = np.where(word != 0, _mix(h ^ word), h) if j else _mix(word)
         fp.append(h)
     return np.concatenate(fp) if len(fp) > 1 else fp[0]
 
@@ -97,22 +102,12 @@ def duplicated(keys: pd.Series) -> np.ndarray:
 
 
 def _fingerprints_in_parts(parts: Callable[[], Iterable[pd.Series]]) -> np.ndarray | None:
-    """The fingerprints of the keys of ``parts()`` one after another, at one width (two passes);
-    None when a key has none (missing, long, not ASCII)."""
-    # Parts of keys of different lengths are padded to one width (of the longest key), or the
-    # same key would have a fingerprint per width.
-    longest = 0
-    for part in parts():
-        try:
-            text = pa.array(part)
-        except (pa.ArrowTypeError, pa.ArrowInvalid):
-            return None
-        if len(text) and (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
-            longest = max(longest, int(pc.max(pc.binary_length(text)).as_py() or 0))
-    width = -(-longest // 8) * 8
+    """The fingerprints of the keys of ``parts()`` one after another, in one pass (a part's
+    keys padded to its own width: the fingerprint of a key is the same at any width); None
+    when a key has none (missing, long, not ASCII)."""
     prints = []
     for part in parts():
-        fp = fingerprints(part, width) if len(part) else np.empty(0, dtype=np.uint64)
+        fp = fingerprints(part) if len(part) else np.empty(0, dtype=np.uint64)
         if fp is None:
             return None
         prints.append(fp)
