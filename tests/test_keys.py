@@ -153,3 +153,32 @@ def test_blank_keys_are_what_stripping_leaves_empty(values):
     series = pd.Series(values, dtype="string")
     expected = series.isna().to_numpy() | (series.str.strip() == "").fillna(True).to_numpy()
     assert _blank(series).tolist() == expected.tolist()
+
+
+def _index_in(values: pd.Series, among: pd.Series) -> list[int]:
+    """The reference: Arrow's index_in over the keys as text, -1 for not found."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = lambda s: pa.array(s.astype("string"), type=pa.large_string())  # noqa: E731
+    return pc.fill_null(pc.index_in(text(values), value_set=text(among)), -1).to_numpy().tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(key_text, max_size=30), among=st.lists(key_text, max_size=30))
+def test_positions_in_matches_index_in_over_the_keys(values, among):
+    """The validate step finds each plan row's record in the clean extract by fingerprint: the
+    same first position as a lookup of the keys as text, or -1, whatever the keys' widths."""
+    values, among = pd.Series(values, dtype="string"), pd.Series(among, dtype="string")
+    assert keys.positions_in(values, among).tolist() == _index_in(values, among)
+    prints = keys.fingerprints(among)
+    assert keys.positions_in(values, among, prints).tolist() == _index_in(values, among)
+
+
+def test_positions_in_tells_colliding_fingerprints_apart(monkeypatch):
+    # Every key gets the same fingerprint: the first key of the extract is found for every
+    # value by fingerprint, and only the comparison of the keys finds the right one.
+    monkeypatch.setattr(keys, "_mix", lambda z: np.zeros_like(z))
+    among = pd.Series(["a" * 32, "b" * 32, "c" * 32, "b" * 32], dtype="string")
+    values = pd.Series(["c" * 32, "d" * 32, "a" * 32, "b" * 32], dtype="string")
+    assert keys.positions_in(values, among).tolist() == [2, -1, 0, 1]

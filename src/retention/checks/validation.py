@@ -21,10 +21,8 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from retention.domain.keys import fingerprints
+from retention.domain.keys import fingerprints, positions_in
 from retention.domain.policy import Policy
 from retention.domain.quarantine import FUTURE_TOLERANCE
 from retention.domain.records import RECORD_TYPES
@@ -249,13 +247,14 @@ def combine(name: str, parts: list[ValidationOutcome]) -> ValidationOutcome:
     return ValidationOutcome(name, success, checks, suite=widest.suite, result=result)
 
 
-def validate_extract(frame: pd.DataFrame, record_type: str, now: datetime) -> ValidationOutcome:
-    """The clean extract: unique keys, required values present, no past event in the future."""
+def validate_extract(frame: pd.DataFrame, record_type: str, now: datetime, prints: np.ndarray | None = None) -> ValidationOutcome:
+    """The clean extract: unique keys, required values present, no past event in the future.
+    ``prints``: the fingerprints of its ids, when already taken."""
     gx, _ = _gx()
     E = gx.expectations
     rt = RECORD_TYPES[record_type]
     exps = [E.ExpectColumnValuesToNotBeNull(column="record_id")]
-    fp = fingerprints(frame["record_id"])
+    fp = fingerprints(frame["record_id"]) if prints is None else prints
     if fp is None:
         exps.append(E.ExpectColumnValuesToBeUnique(column="record_id"))
     else:
@@ -278,8 +277,11 @@ def validate_extract(frame: pd.DataFrame, record_type: str, now: datetime) -> Va
 _PLAN_CHECK_COLUMNS = ("record_id", "record_key", "action", "rule_id", "deadline")
 
 
-def plan_check_frame(plan: pd.DataFrame, clean: pd.DataFrame, record_type: str, live_hold_ids: set[str]) -> pd.DataFrame:
-    """The plan rows of one record type, with the columns that protect records joined back in."""
+def plan_check_frame(
+    plan: pd.DataFrame, clean: pd.DataFrame, record_type: str, live_hold_ids: set[str], clean_prints: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """The plan rows of one record type, with the columns that protect records joined back in.
+    ``clean_prints``: the fingerprints of the clean extract's ids, when already taken."""
     rt = RECORD_TYPES[record_type]
     # Only the plan columns the suite and the hold check read: the record type's rows are
     # copied here and again by the join below.
@@ -287,16 +289,15 @@ def plan_check_frame(plan: pd.DataFrame, clean: pd.DataFrame, record_type: str, 
     mine = plan.loc[(plan["record_type"] == record_type).to_numpy(dtype=bool), wanted]
     cols = [c for c in (*rt.protected, *rt.unprotected_when) if c in clean]
     if cols:
-        # Each plan row's record in the clean extract, found by Arrow's index_in, and its
-        # protecting values taken by position: a join of the frames (a left merge on the ids)
+        # Each plan row's record in the clean extract, found by its id (``keys.positions_in``),
+        # and its protecting values taken by position: a join of the frames (a left merge on the ids)
         # cost 128 MB more at its peak for the CRM's 504,000 planned event participations. A plan
         # row whose record is not in the extract gets no values (null), as the join gave it. An id
         # twice in the extract is found once here (the join gave the row twice); the extract's
         # own suite fails on it, and with it the validation.
-        ids = pa.array(clean["record_id"].astype("string"), type=pa.large_string())
-        at = pc.index_in(pa.array(mine["record_id"].astype("string"), type=pa.large_string()), value_set=ids)
-        found = pd.Series(at.is_valid().to_numpy(zero_copy_only=False), index=mine.index)
-        positions = pc.fill_null(at, 0).to_numpy()
+        at = positions_in(mine["record_id"], clean["record_id"], clean_prints)
+        found = pd.Series(at >= 0, index=mine.index)
+        positions = np.maximum(at, 0)
         taken = {}
         for c in cols:
             if len(clean):

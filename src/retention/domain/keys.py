@@ -172,3 +172,25 @@ def partitions(keys: pd.Series, parts: int) -> np.ndarray:
         return np.zeros(len(keys), dtype=dtype)
     text = keys.astype("string").fillna("\x00").to_numpy(dtype=object)
     return (pd.util.hash_array(text, categorize=False) % np.uint64(parts)).astype(dtype)
+
+
+def positions_in(values: pd.Series, among: pd.Series, among_prints: np.ndarray | None = None) -> np.ndarray:
+    """Where each of ``values`` first occurs in ``among``, -1 where it does not
+    (``pyarrow.compute.index_in`` over the keys as text). Found by fingerprint, a table of
+    integers rather than of strings (about half the time for 250,000 subscriber hashes), and
+    every find confirmed by comparing the keys: a value whose fingerprint merely collides is
+    looked up as text. ``among_prints``: ``fingerprints(among)`` when already taken."""
+    among_text = pa.array(among.astype("string"), type=pa.large_string())
+    value_text = pa.array(values.astype("string"), type=pa.large_string())
+    among_prints = fingerprints(among) if among_prints is None else among_prints
+    value_prints = fingerprints(values) if among_prints is not None else None
+    if among_prints is None or value_prints is None:  # a key without a fingerprint: as text
+        return pc.fill_null(pc.index_in(value_text, value_set=among_text), -1).to_numpy().astype(np.int64)
+    at = pc.fill_null(pc.index_in(pa.array(value_prints), value_set=pa.array(among_prints)), -1).to_numpy().astype(np.int64)
+    hit = np.flatnonzero(at >= 0)
+    same = pc.equal(among_text.take(pa.array(at[hit])), value_text.take(pa.array(hit))).to_numpy(zero_copy_only=False)
+    wrong = hit[~same]
+    if len(wrong):  # the first key with that fingerprint is another key: the text decides
+        found = pc.index_in(value_text.take(pa.array(wrong)), value_set=among_text)
+        at[wrong] = pc.fill_null(found, -1).to_numpy().astype(np.int64)
+    return at

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from retention.checks.validation import ValidationOutcome, combine, plan_check_frame, validate_extract, validate_plan
 from retention.domain.holds import Holds
-from retention.domain.keys import partitions
+from retention.domain.keys import fingerprints, partitions
 from retention.domain.policy import Policy
 from retention.domain.records import RECORD_TYPES
 from retention.domain.statuses import DESTRUCTIVE
@@ -179,8 +179,10 @@ def validate_record_type(
         for _ in range(parts):
             clean, plan = next(cleans), next(plans)
             clock.lap("read")
-            extract_outcomes.append(validate_extract(clean, record_type, now))
-            check = plan_check_frame(plan, clean, record_type, hold_ids)
+            # The ids' fingerprints serve the extract's uniqueness check and the plan's lookup.
+            prints = fingerprints(clean["record_id"]) if len(clean) else None
+            extract_outcomes.append(validate_extract(clean, record_type, now, prints))
+            check = plan_check_frame(plan, clean, record_type, hold_ids, prints)
             if held_keys:
                 destructive = check["action"].isin(DESTRUCTIVE).to_numpy()
                 check["erases_held_record"] |= destructive & check["record_key"].isin(held_keys).to_numpy()
@@ -189,7 +191,7 @@ def validate_record_type(
             checked.append(check)
             clock.lap("checks")
             # A partition's frames go before the next is read, Arrow's freed buffers with them.
-            del clean, plan, check
+            del clean, plan, check, prints
             pa.default_memory_pool().release_unused()
         run_plan_suite()
         clock.lap("checks")
