@@ -41,8 +41,9 @@ from retention.store.staging import RunStaging
 
 # Rows of a record type (its clean extract's or its plan's) checked at a time, at most about.
 PART_ROWS = 250_000
-# Rows read from staging at a time while a partition is gathered.
-_READ_ROWS = 50_000
+# Rows read from staging at a time while a partition is gathered; the plan step writes the
+# clean extract in row groups of as many (a read takes whole row groups).
+READ_ROWS = 50_000
 
 # The plan columns the suites and the hold check read (and the record type, to pick a type's rows).
 VALIDATED_PLAN_COLUMNS = ("record_type", "record_id", "record_key", "action", "rule_id", "deadline")
@@ -63,7 +64,7 @@ def _chunks(
     """``columns`` of rows ``ranges``, a slice at a time; of ``record_type`` only when given."""
     wanted = list(dict.fromkeys((*columns, *(("record_type",) if record_type else ()))))
     for start, stop in ranges:
-        for chunk in rows.chunks(wanted, start, stop, rows=_READ_ROWS, categories=categories):
+        for chunk in rows.chunks(wanted, start, stop, rows=READ_ROWS, categories=categories):
             if record_type is not None:
                 mine = (chunk["record_type"].astype(str) == record_type).to_numpy(dtype=bool)
                 if not mine.all():
@@ -227,7 +228,7 @@ def carried_over_rows(plan_rows: PlanRows, carried: dict[str, set[str]]) -> int:
         return 0
     destructive = [str(a) for a in DESTRUCTIVE]
     n = 0
-    for chunk in plan_rows.chunks(["record_type", "action", "record_key"], rows=_READ_ROWS, categories=("record_type", "action")):
+    for chunk in plan_rows.chunks(["record_type", "action", "record_key"], rows=READ_ROWS, categories=("record_type", "action")):
         is_destructive = chunk["action"].astype(str).isin(destructive).to_numpy(dtype=bool)
         types = chunk["record_type"].astype(str)
         for record_type, keys in carried.items():
