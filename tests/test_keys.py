@@ -182,3 +182,23 @@ def test_positions_in_tells_colliding_fingerprints_apart(monkeypatch):
     among = pd.Series(["a" * 32, "b" * 32, "c" * 32, "b" * 32], dtype="string")
     values = pd.Series(["c" * 32, "d" * 32, "a" * 32, "b" * 32], dtype="string")
     assert keys.positions_in(values, among).tolist() == [2, -1, 0, 1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.lists(key_text, max_size=20), b=st.lists(key_text, max_size=20), parts=st.sampled_from([2, 3, 7, 300]))
+def test_a_key_falls_in_one_partition_whatever_the_keys_beside_it(a, b, parts):
+    """The validate step splits the extract's ids and the plan's into partitions apart: a key
+    must fall in the same partition in both, whatever else each frame holds (keys with and
+    without fingerprints, of other widths, missing ones)."""
+    ka, kb = pd.Series(a, dtype="string"), pd.Series(b, dtype="string")
+    pa_, pb = keys.partitions(ka, parts), keys.partitions(kb, parts)
+    assert all(p < parts for p in [*pa_, *pb])
+    seen = {}
+    for key, part in [*zip(a, pa_), *zip(b, pb)]:
+        assert seen.setdefault(key, part) == part
+
+
+def test_keys_spread_over_the_partitions():
+    ids = pd.Series([f"{i:032x}" for i in range(4000)], dtype="string")
+    counts = np.bincount(keys.partitions(ids, 4), minlength=4)
+    assert counts.min() > 800  # about 1,000 each
