@@ -114,3 +114,24 @@ def test_the_plan_check_frame_carries_each_rows_protecting_values_or_none():
     assert everything_in_extract["opted_out"].tolist() == [False, True, False]
     none_in_extract = validation.plan_check_frame(plan, clean.iloc[:0], "crm_event_participation", set())
     assert none_in_extract["membership_active"].isna().all() and len(none_in_extract) == 4
+
+
+def test_a_suite_keeps_no_frame_alive_once_it_has_run():
+    """GX's execution engine keeps the last frame it checked; the validate step checks a
+    partition at a time and must not hold the last one while it reads the next."""
+    import gc
+    import weakref
+
+    check = pd.DataFrame({
+        "record_id": pd.Series([f"{i:032x}" for i in range(100)], dtype="string"),
+        "action": "erase",
+        "rule_id": "newsletter-unsubscribed",
+        "deadline": pd.Timestamp("2025-01-01", tz="UTC"),
+        "status": pd.Series(["unsubscribed"] * 100, dtype="string"),
+        "erases_held_record": False,
+    })
+    alive = weakref.ref(check)
+    assert validation.validate_plan(check, "newsletter_member", POLICY, NOW).success  # the frame GX is given
+    del check
+    gc.collect()
+    assert alive() is None
