@@ -205,3 +205,40 @@ def test_the_guards_counts_from_the_plans_layout_or_read_alike(tmp_path):
     assert validating.destructive_rows(rows, layout(rows)) == expected
     assert validating.destructive_rows(rows) == expected
     assert validating.carried_over_rows(rows, {"crm_contact": {"a", "b"}, "crm_invoice": set()}) == 1  # b is held
+
+
+@pytest.mark.parametrize("fails", ["the plan's spill", "a suite"])
+def test_a_validation_that_stops_on_the_way_leaves_no_partition_behind(tmp_path, monkeypatch, fails):
+    """Both frames are staged in partitions before the first is read back: whether the plan's
+    spill or a suite stops the step, the extract's partitions staged already are removed."""
+    ids = [f"{i:032x}" for i in range(30)]
+    clean = pd.DataFrame({
+        "record_id": pd.Series(ids, dtype="string"), "status": pd.Series(["unsubscribed"] * 30, dtype="string"),
+        "last_changed": [NOW - pd.Timedelta(days=400)] * 30, "timestamp_signup": [pd.NaT] * 30, "has_email": [True] * 30,
+    })
+    plan = pd.DataFrame({
+        "record_type": pd.Series(["newsletter_member"] * 10, dtype="string"), "record_id": pd.Series(ids[:10], dtype="string"),
+        "action": pd.Series(["erase"] * 10, dtype="string"), "rule_id": pd.Series(["newsletter-unsubscribed"] * 10, dtype="string"),
+        "deadline": [NOW - pd.Timedelta(days=1)] * 10,
+    })
+    plan["record_key"] = PSEUDO.column(plan["record_type"], plan["record_id"]).astype("string")
+    staging = _staged(tmp_path, clean, plan)
+    spills = []
+
+    def spill(*args, **kwargs):
+        spills.append(args[-1].name)
+        if fails == "the plan's spill" and args[-1].name.startswith("validating_plan"):
+            raise OSError("disk full")
+        return real_spill(*args, **kwargs)
+
+    def suite(*args, **kwargs):
+        raise RuntimeError("GX broke")
+
+    real_spill = validating._spill
+    monkeypatch.setattr(validating, "_spill", spill)
+    if fails == "a suite":
+        monkeypatch.setattr(validating, "validate_extract", suite)
+    with pytest.raises((OSError, RuntimeError)):
+        _validated(staging, Holds(), 8)
+    assert spills == ["validating_clean_newsletter_member", "validating_plan_newsletter_member"]
+    assert sorted(p.name for p in staging.system_dir("newsletter").iterdir()) == ["clean_newsletter_member.parquet", "plan.parquet"]
