@@ -216,10 +216,13 @@ def _drift_text(drift: dict[str, dict[str, int]]) -> str:
 
 # The rows planned at a time. The same at any size of extract (the extract's own parts are
 # 200,000 rows, more than a small extract's record type has), so the plan step's memory is flat.
-# Each part has a fixed cost (a rule's columns, its deadlines, the quarantine's checks): at a
-# million newsletter members, parts of 50,000 rows took 0.75 s to judge, of 100,000 0.54-0.62 s
-# for 5 MB more at the peak (200,000: 0.51-0.55 s for 25 MB more).
-PLAN_PART_ROWS = 100_000
+PLAN_PART_ROWS = 50_000
+# Larger parts where they were measured to pay. Each part has a fixed cost (a rule's columns,
+# its deadlines, the quarantine's checks): at a million newsletter members, parts of 100,000
+# rows took 0.54-0.62 s to judge against 0.75 s, for 5 MB more at the peak (200,000: 0.51-0.55 s
+# for 25 MB more). The tickets' judging took as long either way (4.9-5.5 s at a million) and
+# their peak grew from 326-330 to 345-348 MB (1.09x the 250,000 figure, against 1.05x).
+PLAN_PART_ROWS_BY_SYSTEM = {"newsletter": 100_000}
 
 
 class StagedExtract:
@@ -228,18 +231,19 @@ class StagedExtract:
 
     def __init__(self, staging, system: str):
         self.staging, self.system = staging, system
+        self.part_rows = PLAN_PART_ROWS_BY_SYSTEM.get(system, PLAN_PART_ROWS)
 
     def has(self, record_type: str) -> bool:
         return self.staging.has_extract(self.system, record_type)
 
     def ids(self, record_type: str) -> Iterator[pd.Series]:
-        for frame in self.staging.iter_extract(self.system, record_type, columns=["record_id"], rows=PLAN_PART_ROWS):
+        for frame in self.staging.iter_extract(self.system, record_type, columns=["record_id"], rows=self.part_rows):
             yield frame["record_id"]
             del frame
             pa.default_memory_pool().release_unused()  # see ``plan``
 
     def parts(self, record_type: str) -> Iterator[pd.DataFrame]:
-        return self.staging.iter_extract(self.system, record_type, rows=PLAN_PART_ROWS)
+        return self.staging.iter_extract(self.system, record_type, rows=self.part_rows)
 
     def whole(self, record_type: str) -> pd.DataFrame | None:
         return self.staging.read_extract(self.system, record_type)
