@@ -87,6 +87,39 @@ def test_a_staged_frame_is_read_in_batches_of_the_columns_asked(tmp_path):
         next(staging.iter_batches("newsletter", "plan", ["record_id"]))
 
 
+def _arrow_bytes() -> int:
+    """Bytes allocated in every Arrow pool (pyarrow's default, and Arrow C++'s own: a reader's
+    buffers come from either)."""
+    import pyarrow as pa
+
+    pools = [pa.system_memory_pool(), pa.mimalloc_memory_pool()]
+    try:
+        pools.append(pa.jemalloc_memory_pool())
+    except NotImplementedError:
+        pass
+    return sum(pool.bytes_allocated() for pool in pools)
+
+
+def test_reading_a_staged_frame_in_batches_holds_one_batch_not_what_was_read(tmp_path):
+    """A step that reads a large staged frame a batch at a time (the verify step: a million
+    rows of plan) holds about a batch: Arrow's read-ahead cache, which kept every column chunk
+    read until the end of the file, is off."""
+    staging = RunStaging("retention_nightly", "manual__1", root=tmp_path / "staging")
+    n, rows = 400_000, 10_000
+    keys = pd.Series([os.urandom(16).hex() for _ in range(n)])  # incompressible, 6 MB as Parquet
+    with staging.frame_writer("crm", "plan", row_group_rows=rows) as out:
+        for start in range(0, n, 100_000):
+            out.write(pd.DataFrame({"record_key": keys[start : start + 100_000].reset_index(drop=True)}))
+    before, held, read = _arrow_bytes(), [], 0
+    for batch in staging.iter_batches("crm", "plan", ["record_key"], batch_rows=rows):
+        held.append(_arrow_bytes())
+        read += batch.num_rows
+        del batch
+    assert read == n
+    one_batch = rows * (32 + 8)
+    assert max(held) - before < 3 * one_batch, f"Arrow held {max(held) - before} bytes while reading a batch at a time"
+
+
 def test_a_staged_frame_is_read_as_pandas_reads_it_with_each_column_in_one_piece(tmp_path):
     staging = RunStaging("retention_nightly", "manual__1", root=tmp_path / "staging")
     n = 200_000  # more than one piece of pd.read_parquet's (about 130,000 rows)
