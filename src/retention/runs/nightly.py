@@ -351,8 +351,9 @@ def plan(run: RunInfo, system: str) -> dict:
                 if part.record_type != clean_type:  # the frames the engine judged, for validation
                     if clean_file is not None:
                         clean_file.close()
-                    # Row groups of what the validate step reads at a time (not a part's 100,000
-                    # rows): its reads take whole row groups of every column they read.
+                    # Row groups of what the validate step reads at a time (not a part's rows,
+                    # 100,000 for the newsletter): its reads take whole row groups of every
+                    # column they read.
                     clean_file = staging.frame_writer(system, f"clean_{part.record_type}", row_group_rows=READ_ROWS)
                     clean_type = part.record_type
                 clean_file.write(part.clean)

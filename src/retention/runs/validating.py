@@ -180,7 +180,8 @@ def validate_record_type(
         plan_scratch = Scratch(*staging, f"validating_plan_{record_type}")
     hold_ids, held_keys = holds.ids(record_type), holds.keys(record_type)
     # Both are staged in partitions before the first is read back: the plan's spill ran beside
-    # the extract's first partition, 25 MB more at a million newsletter members.
+    # the extract's first partition, about 12 MB more at a million newsletter members (a stack
+    # sampler's figure).
     cleans = partitioned(clean_rows, validated_columns(record_type), [(0, clean_rows.num_rows)], parts, scratch=clean_scratch)
     try:
         plans = partitioned(
