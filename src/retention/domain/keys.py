@@ -24,13 +24,23 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-    # SplitMix64's finaliser: every input bit affects every output bit.
-    z = z ^ (z >> np.uint64(30))
-    z = z * _M1
-    z = z ^ (z >> np.uint64(27))
-    z = z * _M2
-    return z ^ (z >> np.uint64(31))
+def _mix(z: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
+    """SplitMix64's finaliser, in place: every input bit affects every output bit. ``z`` is
+    overwritten and returned; ``spare`` (as large) is scratch space. In place because each
+    array a step allocates beyond glibc's mmap threshold (fixed at 128 KiB: ``runs.context``)
+    is mapped afresh and its pages faulted in. With the eight temporaries a word of 100,000
+    keys made, the plan step's quarantine at a million members took 0.32 to 0.38 s (the step
+    alone, six runs); in place, 0.25 to 0.26 s (two runs)."""
+    spare = np.empty_like(z) if spare is None else spare
+    np.right_shift(z, np.uint64(30), out=spare)
+    z ^= spare
+    z *= _M1
+    np.right_shift(z, np.uint64(27), out=spare)
+    z ^= spare
+    z *= _M2
+    np.right_shift(z, np.uint64(31), out=spare)
+    z ^= spare
+    return z
 
 
 def _fixed_width(arr: pa.Array, width: int) -> np.ndarray | None:
@@ -74,12 +84,18 @@ def fingerprints(keys: pd.Series) -> np.ndarray | None:
     fp = []
     for rows in parts:
         words = rows.reshape(-1).view(np.uint64).reshape(len(rows), width // 8)
-        h = np.zeros(len(rows), dtype=np.uint64)
-        for j in range(words.shape[1]):
+        h = _mix(words[:, 0].copy())
+        spare = np.empty_like(h)
+        for j in range(1, words.shape[1]):
             word = words[:, j]
             # A word of NULs leaves the fingerprint as it was: a key padded to any width has
             # the fingerprint of its own bytes, so parts padded to their own widths agree.
-            h = np.where(word != 0, _mix(h ^ word), h) if j else _mix(word)
+            nonzero = word != 0
+            if nonzero.all():  # no padding in this word (keys all of one width): no selection
+                h ^= word
+                h = _mix(h, spare)
+            else:
+                np.copyto(h, _mix(h ^ word, spare), where=nonzero)
         fp.append(h)
     return np.concatenate(fp) if len(fp) > 1 else fp[0]
 
