@@ -25,6 +25,7 @@ from retention.domain.pseudonyms import Pseudonymizer
 from retention.runs import validating
 from retention.runs.context import Stopwatch
 from retention.store.staging import RunStaging
+from s3_server import s3_server
 
 POLICY = load_policy(DEFAULT_POLICY)
 NOW = pd.Timestamp("2026-06-01", tz="UTC")
@@ -87,6 +88,8 @@ def members(draw):
 
 
 def _staged(tmp_path, clean: pd.DataFrame, plan: pd.DataFrame) -> RunStaging:
+    """The frames staged under ``tmp_path``, or where the run stages (``RETENTION_STAGING_URL``)
+    when it is None."""
     staging = RunStaging("retention_nightly", "manual__parts", root=tmp_path)
     staging.write_frame("newsletter", "clean_newsletter_member", clean)
     # A row of another record type among the plan's: never the member suites' business.
@@ -142,6 +145,35 @@ def test_a_duplicate_id_and_a_protected_record_are_found_in_partitions(tmp_path)
     """The ids that matter land in different partitions from their neighbours; the duplicates
     and the plan row whose record is subscribed are still found, and the Data Docs of the
     combined outcomes are written."""
+    clean, plan, ids = _duplicate_case()
+    assert len(set(partitions(pd.Series([ids[3], ids[50], ids[59]]), 6))) > 1  # not all in one partition
+    staging = _staged(tmp_path, clean, plan)
+    extract, planned = _validated(staging, Holds(), 10)
+    failed = {(c["expectation"], c["column"]): c["unexpected_count"] for o in (extract, planned) for c in o.failures()}
+    assert failed == DUPLICATE_CASE_FAILURES
+    observed = {c["column"]: c["observed"] for c in extract.failures()}
+    assert observed["last_changed"].startswith(str((NOW + pd.Timedelta(days=10)).date()))
+    # timestamp_signup has no values: checked nowhere, as over the whole.
+    assert not any(c["column"] == "timestamp_signup" for c in extract.checks)
+    # The GX result kept for Data Docs says what the combined outcome says.
+    statistics = planned.result.statistics
+    assert statistics["unsuccessful_expectations"] == len(planned.failures()) == 2
+    assert [r.success for r in planned.result.results] == [c["success"] for c in planned.checks]
+    page = data_docs.keep([extract, planned], tmp_path / "docs", "manual__parts", "newsletter")
+    assert (tmp_path / "docs" / page).is_file()
+
+
+DUPLICATE_CASE_FAILURES = {
+    ("expect_column_values_to_be_unique", "record_id_fingerprint"): 2,
+    ("expect_column_max_to_be_between", "last_changed"): None,
+    ("expect_column_values_to_be_unique", "record_id"): 2,
+    ("expect_column_values_to_not_be_in_set", "status"): 1,
+}
+
+
+def _duplicate_case() -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """60 members, one id twice, the last subscribed and changed in the future; a plan of 21
+    rows, one id twice, one row the subscribed member's."""
     ids = [f"{i:032x}" for i in range(60)]
     ids[41] = ids[3]  # an id twice in the extract
     clean = pd.DataFrame({
@@ -159,26 +191,44 @@ def test_a_duplicate_id_and_a_protected_record_are_found_in_partitions(tmp_path)
         "deadline": [NOW - pd.Timedelta(days=1)] * 21,
     })
     plan["record_key"] = PSEUDO.column(plan["record_type"], plan["record_id"]).astype("string")
-    assert len(set(partitions(pd.Series([ids[3], ids[50], ids[59]]), 6))) > 1  # not all in one partition
-    staging = _staged(tmp_path, clean, plan)
-    extract, planned = _validated(staging, Holds(), 10)
-    failed = {(c["expectation"], c["column"]): c["unexpected_count"] for o in (extract, planned) for c in o.failures()}
-    assert failed == {
-        ("expect_column_values_to_be_unique", "record_id_fingerprint"): 2,
-        ("expect_column_max_to_be_between", "last_changed"): None,
-        ("expect_column_values_to_be_unique", "record_id"): 2,
-        ("expect_column_values_to_not_be_in_set", "status"): 1,
-    }
-    observed = {c["column"]: c["observed"] for c in extract.failures()}
-    assert observed["last_changed"].startswith(str((NOW + pd.Timedelta(days=10)).date()))
-    # timestamp_signup has no values: checked nowhere, as over the whole.
-    assert not any(c["column"] == "timestamp_signup" for c in extract.checks)
-    # The GX result kept for Data Docs says what the combined outcome says.
-    statistics = planned.result.statistics
-    assert statistics["unsuccessful_expectations"] == len(planned.failures()) == 2
-    assert [r.success for r in planned.result.results] == [c["success"] for c in planned.checks]
-    page = data_docs.keep([extract, planned], tmp_path / "docs", "manual__parts", "newsletter")
-    assert (tmp_path / "docs" / page).is_file()
+    return clean, plan, ids
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as store:
+        yield store
+
+
+def test_partitions_are_staged_on_object_storage_and_removed(s3, monkeypatch, retention_home):
+    """A run staging on S3 (workers beyond one machine) stages the validate step's partitions
+    there too: the suites in partitions find what they find over the whole, and no partition
+    is left in the bucket."""
+    monkeypatch.setenv("AIRFLOW_CONN_STAGING_STORE", s3.connection())
+    monkeypatch.setenv("RETENTION_STAGING_URL", f"s3://{s3.bucket}/validate-parts")
+    monkeypatch.setenv("RETENTION_STAGING_CONN_ID", "staging_store")
+    clean, plan, _ = _duplicate_case()
+    staging = _staged(None, clean, plan)
+    assert staging.root.protocol == "s3"
+    staged = s3.keys("validate-parts")
+    spilled = []
+    real_spill = validating._spill
+
+    def spill(*args, **kwargs):
+        out = real_spill(*args, **kwargs)
+        spilled.append([k for k in s3.keys("validate-parts") if "validating_" in k])
+        return out
+
+    monkeypatch.setattr(validating, "_spill", spill)
+    whole = _validated(staging, Holds(), 10_000)
+    parts = _validated(staging, Holds(), 10)
+    failed = {(c["expectation"], c["column"]): c["unexpected_count"] for o in parts for c in o.failures()}
+    assert failed == DUPLICATE_CASE_FAILURES
+    for w, p in zip(whole, parts):
+        assert _judged(p) == _judged(w), w.name
+    # Six partitions of each frame were in the bucket while checked, and none is left.
+    assert [len(keys) for keys in spilled] == [6, 12]
+    assert s3.keys("validate-parts") == staged
 
 
 @pytest.mark.parametrize("parts", [1, 2, 7])
