@@ -92,18 +92,19 @@ def _arrow_bytes() -> int:
     buffers come from either)."""
     import pyarrow as pa
 
-    pools = [pa.system_memory_pool(), pa.mimalloc_memory_pool()]
-    try:
-        pools.append(pa.jemalloc_memory_pool())
-    except NotImplementedError:
-        pass
+    pools = [pa.system_memory_pool()]
+    for pool in (pa.mimalloc_memory_pool, pa.jemalloc_memory_pool):
+        try:
+            pools.append(pool())
+        except NotImplementedError:  # a build without that allocator
+            pass
     return sum(pool.bytes_allocated() for pool in pools)
 
 
 def test_reading_a_staged_frame_in_batches_holds_one_batch_not_what_was_read(tmp_path):
     """A step that reads a large staged frame a batch at a time (the verify step: a million
-    rows of plan) holds about a batch: Arrow's read-ahead cache, which kept every column chunk
-    read until the end of the file, is off."""
+    rows of plan) holds about a batch: Arrow's read-ahead cache, which kept the column chunks it
+    had read ahead (here the whole file's at the first batch) until the end of the file, is off."""
     staging = RunStaging("retention_nightly", "manual__1", root=tmp_path / "staging")
     n, rows = 400_000, 10_000
     keys = pd.Series([os.urandom(16).hex() for _ in range(n)])  # incompressible, 6 MB as Parquet

@@ -278,9 +278,10 @@ class RunStaging:
         Decoded in this thread: Arrow's decoding threads each kept memory of their own (the CRM's
         verify step at a million contacts peaked 27 MB higher with them), and a batch of a few
         columns gains little from them. Opened as every staged read is (:func:`_parquet`), with
-        no buffering ahead: Arrow's read-ahead cache (``pre_buffer``, on by default) kept every
-        column chunk read until the whole file was (in Arrow C++'s own allocator, out of reach
-        of the step's), and the CRM's verify step grew by 30 MB over a million contacts' plan."""
+        no buffering ahead: Arrow's read-ahead cache (``pre_buffer``, on by default) kept the
+        column chunks it had read ahead until the end of the file (in Arrow C++'s own allocator,
+        out of reach of the step's), and the CRM's verify step grew by 30 MB over a million
+        contacts' plan."""
         path = self.system_dir(system) / f"{name}.parquet"
         if not path.exists():
             raise FileNotFoundError(f"staging has no {name} for {system}: did the earlier task of this run succeed?")
