@@ -204,9 +204,11 @@ def test_partitions_are_staged_on_object_storage_and_removed(s3, monkeypatch, re
     """A run staging on S3 (workers beyond one machine) stages the validate step's partitions
     there too: the suites in partitions find what they find over the whole, and no partition
     is left in the bucket."""
-    monkeypatch.setenv("AIRFLOW_CONN_STAGING_STORE", s3.connection())
+    # A Connection of this module's own: Airflow keeps a store per connection id, and another
+    # module's, made for its own S3 server (gone by now), would be used again.
+    monkeypatch.setenv("AIRFLOW_CONN_VALIDATE_PARTS_STORE", s3.connection())
     monkeypatch.setenv("RETENTION_STAGING_URL", f"s3://{s3.bucket}/validate-parts")
-    monkeypatch.setenv("RETENTION_STAGING_CONN_ID", "staging_store")
+    monkeypatch.setenv("RETENTION_STAGING_CONN_ID", "validate_parts_store")
     clean, plan, _ = _duplicate_case()
     staging = _staged(None, clean, plan)
     assert staging.root.protocol == "s3"
